@@ -1,0 +1,810 @@
+"""The store actor: the one owner of lokid's SQLite database.
+
+Theory of operation:
+
+* **One writer, group commit.** Every change goes through `write(fn)`, an
+  `ask` of a `Write(fn)` message. The actor takes the first write from its
+  mailbox, gathers whatever else arrives within `group_window` seconds (at
+  most `max_batch` writes), and runs the whole batch in one transaction on a
+  worker thread: `BEGIN IMMEDIATE`, each `fn(db)` inside its own `SAVEPOINT`,
+  `COMMIT`. Only after `COMMIT` returned does any caller get its answer, so
+  an acknowledged write is a committed write. With `synchronous=FULL` in WAL
+  mode that commit is on disk (one fsync of the WAL per batch, shared by
+  every write in it): a crash or power loss after the answer loses nothing.
+* **A failing write rolls back only itself.** Its savepoint is rolled back,
+  its caller gets the exception, the rest of the batch commits. SQLite errors
+  are turned into `LokiError`s so the store keeps running: a constraint
+  violation is `Conflict`, a disk/I/O failure is `StoreUnavailable`, any
+  other SQLite error (bad SQL, missing table) is `StoreError`, a bug in the
+  caller. Exceptions that are not SQLite's reach the caller unchanged.
+* **If COMMIT fails** (disk full, I/O error, file made read-only) nothing of
+  the batch was written: every caller whose write had succeeded gets
+  `StoreUnavailable`, `writable` turns False, and the actor keeps serving; the
+  next batch that commits turns it True again.
+* **Write functions do not control the transaction.** While `fn` runs, an
+  SQLite authorizer refuses BEGIN, COMMIT and ROLLBACK (and touching the
+  batch's savepoint); `fn` gets `StoreError` instead of silently committing
+  or discarding its neighbours' work. Nested `db.atomic()` blocks are fine
+  (they are savepoints). If a write destroys the transaction anyway (a
+  trigger's `RAISE(ROLLBACK)`), that write fails and the batch is run again
+  without it - so `fn` may be called more than once and must do database
+  work only. A storage failure that destroys the transaction fails the batch.
+* **Reads do not queue behind writes.** `read(fn)` runs on one of `readers`
+  read-only connections (`PRAGMA query_only`) in a worker thread, bounded by
+  a `trio.CapacityLimiter`; WAL lets readers run while the writer holds its
+  transaction. Each read is one transaction, so `fn` sees one consistent
+  snapshot containing every write acknowledged before `read` was called.
+* **Nothing blocks the trio loop.** Opening, migrating, checking, batches,
+  reads and closing all run in worker threads. The writer has a private
+  one-token limiter and reads have theirs, so the store never waits for
+  threads used by the rest of the daemon.
+* `fn` must return plain data: a generator or a cursor with pending rows
+  would be consumed outside its transaction, so returning one is a
+  `StoreError` (return `list(db.query(...))`). `fn` must not keep `db`.
+
+Start (`setup`, before the supervisor hears "started"): create the folder
+(0700), open the writer, `PRAGMA quick_check`, refuse a schema newer than
+`lokid.migrations` knows, switch to WAL, `synchronous=FULL`,
+`foreign_keys=ON`, `busy_timeout`, apply pending migrations. Every failure
+is a `StoreOpenError` whose one-line message names the file and what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import sqlite3
+import threading
+import time
+import types
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, TypeVar, cast
+
+import attrs
+import sqlite_utils
+import trio
+
+from lokid import migrations as _migrations
+from lokid.actor import Actor, ActorStatistics, Call, Reply, WhenFull
+from lokid.errors import Conflict, LokiError, NotFound, StoreOpenError, Unavailable
+from lokid.migrations import Migration
+from lokid.timefmt import utc_now_iso
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_MS = 5000
+"""How long a statement waits for a lock held by another connection or process."""
+
+# Distinct statement texts: Python's sqlite3 caches prepared statements by
+# text, and the authorizer only sees a statement when it is prepared. A
+# caller's plain "COMMIT" is never one of these, so it is always checked.
+_BEGIN = "BEGIN IMMEDIATE /* lokid batch */"
+_COMMIT = "COMMIT /* lokid batch */"
+_ROLLBACK = "ROLLBACK /* lokid batch */"
+_SAVEPOINT_NAME = "lokid_write"
+_SAVEPOINT = f"SAVEPOINT {_SAVEPOINT_NAME}"
+_RELEASE = f"RELEASE {_SAVEPOINT_NAME}"
+_ROLLBACK_TO = f"ROLLBACK TO {_SAVEPOINT_NAME}"
+
+# Primary result codes (the low byte of `sqlite_errorcode`).
+_SQLITE_BUSY = 5
+_SQLITE_LOCKED = 6
+_SQLITE_NOMEM = 7
+_SQLITE_READONLY = 8
+_SQLITE_IOERR = 10
+_SQLITE_CORRUPT = 11
+_SQLITE_FULL = 13
+_SQLITE_CANTOPEN = 14
+_SQLITE_PROTOCOL = 15
+_SQLITE_AUTH = 23
+_SQLITE_NOTADB = 26
+
+# Failures of the file, the disk or the lock, not of the SQL.
+_STORAGE_CODES = frozenset(
+    {
+        _SQLITE_BUSY,
+        _SQLITE_LOCKED,
+        _SQLITE_NOMEM,
+        _SQLITE_READONLY,
+        _SQLITE_IOERR,
+        _SQLITE_CORRUPT,
+        _SQLITE_FULL,
+        _SQLITE_CANTOPEN,
+        _SQLITE_PROTOCOL,
+        _SQLITE_NOTADB,
+    }
+)
+
+
+# -- errors ----------------------------------------------------------------------
+
+
+class StoreError(LokiError):
+    """A store function failed with an SQLite error that is a bug in its SQL.
+
+    Bad syntax, a missing table or column, a write inside `read`, a write
+    function that tries to end the transaction, a lazy result. Code
+    `INTERNAL_ERROR`: the API answers 500, which is always a bug.
+    """
+
+
+class StoreUnavailable(Unavailable):
+    """The database cannot do this now: disk full, I/O error, read-only, locked, closed.
+
+    For a write, nothing of it was committed. Code `UNAVAILABLE` (503).
+    """
+
+
+# -- messages and records ----------------------------------------------------------
+
+
+@attrs.frozen
+class Write:
+    """Run `fn(db)` in the next batch; the answer is its return value once committed."""
+
+    fn: Callable[[sqlite_utils.Database], Any]
+
+
+@attrs.frozen
+class StoreStatistics(ActorStatistics):
+    """`ActorStatistics` plus the store's own counters.
+
+    `handled`/`failed` count writes answered with a value / an error;
+    `writes` counts writes run (a write re-run after its batch was restarted
+    counts once); `batches` counts transactions attempted, `commit_failures`
+    those whose COMMIT (or BEGIN) failed. `writes_abandoned` are writes whose
+    caller gave up (timed out) before the batch started: they are not run.
+    Commit latency is the time of the COMMIT statement (the WAL fsync).
+    """
+
+    path: str
+    schema_version: int | None
+    writable: bool
+    batches: int
+    writes: int
+    writes_abandoned: int
+    commit_failures: int
+    last_batch_size: int
+    max_batch_seen: int
+    commit_latency_ms_last: float | None
+    commit_latency_ms_avg: float | None
+    read_count: int
+    readers_busy: int
+    readers_open: int
+
+
+@attrs.frozen
+class _BatchResult:
+    replies: list[Reply]
+    runs: int
+    committed: bool
+    commit_seconds: float | None
+    failure: str | None
+    storage_failed: bool
+
+
+class _TransactionLost(Exception):
+    """Internal: a write ended the batch's transaction; `cause` is why."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+# -- the actor ---------------------------------------------------------------------
+
+
+class StoreActor(Actor[Any]):
+    """Owner of the SQLite database: single writer with group commit, pooled readers.
+
+    Mailbox: `mailbox_size = 1024`, `when_full = WhenFull.BLOCK`. A full
+    mailbox makes writers wait (back-pressure); `write(timeout=...)` bounds
+    the wait for enqueue and commit together. A write that times out in the
+    mailbox is not run; one that times out later may still commit (the
+    answer `AskTimeout` means "outcome unknown"). Reads do not use the
+    mailbox.
+
+    On a graceful stop the actor runs every write already in its mailbox,
+    then closes the connections (`teardown`).
+    """
+
+    mailbox_size: ClassVar[int] = 1024
+    when_full: ClassVar[WhenFull] = WhenFull.BLOCK
+
+    def __init__(
+        self,
+        path: pathlib.Path,
+        *,
+        group_window: float = 0.002,
+        max_batch: int = 256,
+        readers: int = 4,
+        name: str = "store",
+        migrations: Sequence[Migration] = _migrations.MIGRATIONS,
+    ) -> None:
+        if group_window < 0:
+            raise ValueError("group_window must be >= 0")
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        if readers < 1:
+            raise ValueError("readers must be >= 1")
+        _migrations.check_sequence(migrations)
+        super().__init__(name)
+        self.path = pathlib.Path(path)
+        self.group_window = group_window
+        self.max_batch = max_batch
+        self.readers = readers
+        self._migrations = tuple(migrations)
+        self._db: sqlite_utils.Database | None = None
+        self._schema_version: int | None = None
+        self._writable = False
+        self._guard = False  # read by the authorizer, on the writer thread
+        self._writer_limiter = trio.CapacityLimiter(1)
+        self._read_limiter = trio.CapacityLimiter(readers)
+        self._pool_lock = threading.Lock()
+        self._idle_readers: list[sqlite_utils.Database] = []
+        self._readers_open = 0
+        self._generation = 0
+        # statistics
+        self._batches = 0
+        self._writes = 0
+        self._abandoned = 0
+        self._commit_failures = 0
+        self._last_batch_size = 0
+        self._max_batch_seen = 0
+        self._commit_ms_last: float | None = None
+        self._commit_seconds_total = 0.0
+        self._commits = 0
+        self._reads = 0
+
+    # -- callers ---------------------------------------------------------------
+
+    async def write(self, fn: Callable[[sqlite_utils.Database], T], *, timeout: float = 10.0) -> T:
+        """Run `fn(db)` in the writer's next batch; return its result once committed.
+
+        Raises what `fn` raised (SQLite errors as `Conflict`, `StoreUnavailable`
+        or `StoreError`), `StoreUnavailable` if the batch's COMMIT failed, and
+        `AskTimeout` after `timeout` seconds (mailbox wait included).
+        """
+        return cast(T, await self.ask(Write(fn), timeout=timeout))
+
+    async def read(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+        """Run `fn(db)` on a read-only connection in a worker thread; return its result.
+
+        `fn` runs in one read transaction (one snapshot). It waits only for a
+        free reader (at most `readers` at once), never for the writer.
+        """
+        if self._db is None:
+            raise StoreUnavailable(f"{self.name}: the database {self.path} is not open")
+        generation = self._generation
+        try:
+            return await trio.to_thread.run_sync(
+                self._read_sync, fn, generation, limiter=self._read_limiter
+            )
+        finally:
+            self._reads += 1
+
+    @property
+    def writable(self) -> bool:
+        """The store is open and its last batch did not fail for the disk or the file."""
+        return self._db is not None and self._writable
+
+    @property
+    def schema_version(self) -> int | None:
+        return self._schema_version
+
+    # -- daemon runs -----------------------------------------------------------
+
+    async def record_start(self, pid: int, version: str) -> int:
+        """Record a daemon start; return the run id for `record_stop`.
+
+        Runs still without a stop (the daemon died) are marked `clean = 0`.
+        """
+        started_at = utc_now_iso()
+
+        def insert(db: sqlite_utils.Database) -> int:
+            db.execute(
+                "UPDATE daemon_runs SET clean = 0 WHERE clean IS NULL AND stopped_at IS NULL"
+            )
+            cursor = db.execute(
+                "INSERT INTO daemon_runs (pid, started_at, version) VALUES (?, ?, ?)",
+                (pid, started_at, version),
+            )
+            return int(cast(int, cursor.lastrowid))
+
+        return await self.write(insert)
+
+    async def record_stop(self, run_id: int) -> None:
+        """Record the clean stop of run `run_id` (`stopped_at`, `clean = 1`)."""
+        stopped_at = utc_now_iso()
+
+        def update(db: sqlite_utils.Database) -> int:
+            cursor = db.execute(
+                "UPDATE daemon_runs SET stopped_at = ?, clean = 1 WHERE id = ?",
+                (stopped_at, run_id),
+            )
+            return cursor.rowcount
+
+        if await self.write(update) == 0:
+            raise NotFound(f"no daemon run {run_id}")
+
+    async def previous_run_unclean(self, run_id: int | None = None) -> bool:
+        """True if the newest run before `run_id` (or the newest at all) did not stop cleanly."""
+
+        def query(db: sqlite_utils.Database) -> bool:
+            row = db.execute(
+                "SELECT clean FROM daemon_runs WHERE ? IS NULL OR id < ? ORDER BY id DESC LIMIT 1",
+                (run_id, run_id),
+            ).fetchone()
+            return row is not None and row[0] != 1
+
+        return await self.read(query)
+
+    # -- the task: start and stop ------------------------------------------------
+
+    async def setup(self) -> None:
+        db, version = await trio.to_thread.run_sync(self._open_sync, limiter=self._writer_limiter)
+        self._generation += 1
+        self._schema_version = version
+        self._writable = True
+        self._db = db
+
+    async def teardown(self) -> None:
+        db, self._db = self._db, None
+        self._writable = False
+        self._generation += 1
+        with self._pool_lock:
+            idle, self._idle_readers = self._idle_readers, []
+            self._readers_open -= len(idle)
+        await trio.to_thread.run_sync(_close_all, [*idle, db], limiter=self._writer_limiter)
+
+    def _open_sync(self) -> tuple[sqlite_utils.Database, int]:
+        path = self.path
+        _check_path(path)
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            problems = [str(row[0]) for row in conn.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise StoreOpenError(
+                    f"{path} is corrupt (quick_check: {_one_line(problems)}): {_MOVE_ASIDE}"
+                )
+            known = _migrations.latest_version(self._migrations)
+            found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if found > known:
+                raise StoreOpenError(_too_new(path, found, known))
+            mode = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            if mode.lower() != "wal":
+                raise StoreOpenError(
+                    f"cannot put {path} in WAL mode (it stays in {mode!r} mode): keep the data "
+                    "directory on a local file system that supports shared memory and locks"
+                )
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            db = sqlite_utils.Database(conn)
+            _migrations.migrate(db, self._migrations)
+            version = _migrations.current_version(db)
+            conn.set_authorizer(self._authorize)
+            _fsync_dir(path.parent)
+        except BaseException as exc:
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            if isinstance(exc, StoreOpenError):
+                raise
+            if isinstance(exc, _migrations.SchemaTooNew):
+                raise StoreOpenError(_too_new(path, exc.found, exc.known)) from exc
+            if isinstance(exc, _migrations.MigrationFailed):
+                raise StoreOpenError(
+                    f"cannot upgrade {path}: {exc}; nothing of it was written (the file stays "
+                    f"at schema version {exc.migration.version - 1}): this is a lokid bug, "
+                    "report it, and run the previous lokid version meanwhile"
+                ) from exc
+            if isinstance(exc, sqlite3.Error):
+                raise StoreOpenError(_describe_open_error(path, exc)) from exc
+            if isinstance(exc, OSError):
+                raise StoreOpenError(f"cannot open {path}: {exc.strerror or exc}") from exc
+            raise
+        return db, version
+
+    # -- the task: the writer ----------------------------------------------------
+
+    async def serve(self) -> None:
+        while (first := await self.next_message()) is not None:
+            batch = [first]
+            try:
+                await self._gather(batch)
+            finally:
+                # Also when cancelled while gathering: messages taken from the
+                # mailbox are answered, never dropped.
+                await self._run_batch(batch)
+
+    async def _gather(self, batch: list[Any]) -> None:
+        """Add to `batch` what arrives within `group_window`, up to `max_batch`."""
+        deadline = trio.current_time() + self.group_window
+        while len(batch) < self.max_batch:
+            message = self.next_message_nowait()
+            if message is None:
+                with trio.move_on_at(deadline):
+                    message = await self.next_message()
+                if message is None:  # the window closed, or stopping and empty
+                    return
+            batch.append(message)
+
+    async def _run_batch(self, batch: list[Any]) -> None:
+        with trio.CancelScope(shield=True):
+            jobs: list[tuple[Callable[[sqlite_utils.Database], Any], Any]] = []
+            for message in batch:
+                payload, reply = (
+                    (message.message, message.reply)
+                    if isinstance(message, Call)
+                    else (message, None)
+                )
+                if reply is not None and reply.statistics().open_receive_channels == 0:
+                    reply.close()
+                    self._abandoned += 1
+                elif not isinstance(payload, Write):
+                    self._answer(
+                        reply, Reply(error=TypeError(f"{self.name} cannot handle {payload!r}"))
+                    )
+                else:
+                    jobs.append((payload.fn, reply))
+            if not jobs:
+                return
+            try:
+                result = await trio.to_thread.run_sync(
+                    self._execute_batch, [fn for fn, _ in jobs], limiter=self._writer_limiter
+                )
+            except BaseException:
+                # A bug in the store: the actor crashes. Closing the reply
+                # channels tells these callers at once (`ActorUnavailable`).
+                for _, reply in jobs:
+                    if reply is not None:
+                        reply.close()
+                raise
+            self._account(result)
+            for (_, reply), answer in zip(jobs, result.replies, strict=True):
+                self._answer(reply, answer)
+
+    def _answer(self, reply: trio.MemorySendChannel[Reply] | None, answer: Reply) -> None:
+        if answer.error is None:
+            self._handled += 1
+        else:
+            self._failed += 1
+            self._last_error = f"{type(answer.error).__name__}: {answer.error}"
+        if reply is None:
+            return
+        # The caller may have given up (AskTimeout) in the meantime.
+        with reply, contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            reply.send_nowait(answer)
+
+    def _account(self, result: _BatchResult) -> None:
+        size = len(result.replies)
+        self._batches += result.runs
+        self._writes += size
+        self._last_batch_size = size
+        self._max_batch_seen = max(self._max_batch_seen, size)
+        if result.committed:
+            self._writable = True
+            assert result.commit_seconds is not None
+            self._commits += 1
+            self._commit_seconds_total += result.commit_seconds
+            self._commit_ms_last = result.commit_seconds * 1000
+        else:
+            self._commit_failures += 1
+            self._writable = self._writable and not result.storage_failed
+            self._last_error = f"batch of {size} not committed: {result.failure}"
+
+    # -- the writer thread ---------------------------------------------------------
+
+    def _authorize(
+        self,
+        action: int,
+        arg1: str | None,
+        arg2: str | None,
+        dbname: str | None,
+        source: str | None,
+    ) -> int:
+        if self._guard and (
+            action == sqlite3.SQLITE_TRANSACTION
+            or (action == sqlite3.SQLITE_SAVEPOINT and arg2 == _SAVEPOINT_NAME)
+        ):
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK
+
+    def _execute_batch(self, fns: list[Callable[[sqlite_utils.Database], Any]]) -> _BatchResult:
+        db = self._db
+        if db is None:  # pragma: no cover - serve only runs between setup and teardown
+            raise RuntimeError("the store is not open")
+        conn = db.conn
+        failed: dict[int, BaseException] = {}  # writes that failed on their own
+        pending = list(range(len(fns)))
+        runs = 0
+        while True:
+            runs += 1
+            answers: dict[int, Reply] = {}
+            try:
+                conn.execute(_BEGIN)
+                for index in pending:
+                    try:
+                        answers[index] = self._run_one(db, fns[index])
+                    except _TransactionLost as lost:
+                        if _is_storage_error(lost.cause):
+                            raise lost.cause from None
+                        failed[index] = _caller_error(lost.cause, reading=False)
+                        break
+                    if answers[index].error is not None:
+                        failed[index] = cast(BaseException, answers[index].error)
+                else:
+                    started = time.perf_counter()
+                    conn.execute(_COMMIT)
+                    commit_seconds = time.perf_counter() - started
+                    replies = [answers.get(i) or Reply(error=failed[i]) for i in range(len(fns))]
+                    return _BatchResult(replies, runs, True, commit_seconds, None, False)
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute(_ROLLBACK)
+                replies = [
+                    Reply(error=failed[i]) if i in failed else Reply(error=self._not_committed(exc))
+                    for i in range(len(fns))
+                ]
+                failure = f"{exc} ({_error_name(exc)})"
+                return _BatchResult(replies, runs, False, None, failure, _is_storage_error(exc))
+            # A write destroyed the transaction: what ran before it was rolled
+            # back with it. Run the batch again without the writes that failed.
+            if conn.in_transaction:  # pragma: no cover - _TransactionLost means it is gone
+                conn.execute(_ROLLBACK)
+            pending = [i for i in pending if i not in failed]
+
+    def _not_committed(self, exc: sqlite3.Error) -> LokiError:
+        message = f"{self.name}: nothing of this write was committed: {exc}"
+        details = {"sqlite_error": _error_name(exc)}
+        if _is_storage_error(exc):
+            return StoreUnavailable(message, details=details)
+        # Not the disk: e.g. a deferred constraint that failed at COMMIT (a bug).
+        return StoreError(message, details=details)
+
+    def _run_one(
+        self, db: sqlite_utils.Database, fn: Callable[[sqlite_utils.Database], Any]
+    ) -> Reply:
+        """Run one write in its own savepoint; a failure rolls back only that savepoint.
+
+        Raises `_TransactionLost` if the write ended the batch's transaction,
+        and `sqlite3.Error` if the savepoint itself cannot be handled.
+        """
+        conn = db.conn
+        conn.execute(_SAVEPOINT)
+        self._guard = True
+        try:
+            value = fn(db)
+            _reject_lazy(value, "write")
+        except Exception as exc:
+            self._guard = False
+            if not conn.in_transaction:
+                raise _TransactionLost(exc) from exc
+            conn.execute(_ROLLBACK_TO)
+            conn.execute(_RELEASE)
+            return Reply(error=_caller_error(exc, reading=False))
+        finally:
+            self._guard = False
+        if not conn.in_transaction:
+            raise _TransactionLost(
+                StoreError("the write function ended the batch's transaction; it must not")
+            )
+        conn.execute(_RELEASE)
+        return Reply(value=value)
+
+    # -- readers -----------------------------------------------------------------
+
+    def _read_sync(self, fn: Callable[[sqlite_utils.Database], T], generation: int) -> T:
+        db = self._checkout_reader()
+        conn = db.conn
+        healthy = True
+        try:
+            try:
+                conn.execute("BEGIN")
+            except sqlite3.Error as exc:
+                healthy = False
+                raise _caller_error(exc, reading=True) from exc
+            try:
+                value = fn(db)
+                _reject_lazy(value, "read")
+            except Exception as exc:
+                error = _caller_error(exc, reading=True)
+                if error is exc:
+                    raise
+                raise error from exc
+            finally:
+                # A read-only transaction: ending it releases the snapshot.
+                if conn.in_transaction:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        healthy = False
+            return value
+        finally:
+            self._checkin_reader(db, generation, healthy)
+
+    def _checkout_reader(self) -> sqlite_utils.Database:
+        with self._pool_lock:
+            if self._idle_readers:
+                return self._idle_readers.pop()
+            self._readers_open += 1
+        try:
+            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                conn.execute("PRAGMA query_only = ON")
+                return sqlite_utils.Database(conn)
+            except BaseException:
+                conn.close()
+                raise
+        except sqlite3.Error as exc:
+            with self._pool_lock:
+                self._readers_open -= 1
+            raise StoreUnavailable(
+                f"{self.name}: cannot open a reader on {self.path}: {exc}",
+                details={"sqlite_error": _error_name(exc)},
+            ) from exc
+
+    def _checkin_reader(self, db: sqlite_utils.Database, generation: int, healthy: bool) -> None:
+        with self._pool_lock:
+            keep = healthy and generation == self._generation and self._db is not None
+            if keep:
+                self._idle_readers.append(db)
+                return
+            self._readers_open -= 1
+        _close_all([db])
+
+    # -- introspection -------------------------------------------------------------
+
+    def statistics(self) -> StoreStatistics:
+        base = super().statistics()
+        return StoreStatistics(
+            **attrs.asdict(base, recurse=False),
+            path=str(self.path),
+            schema_version=self._schema_version,
+            writable=self.writable,
+            batches=self._batches,
+            writes=self._writes,
+            writes_abandoned=self._abandoned,
+            commit_failures=self._commit_failures,
+            last_batch_size=self._last_batch_size,
+            max_batch_seen=self._max_batch_seen,
+            commit_latency_ms_last=self._commit_ms_last,
+            commit_latency_ms_avg=(
+                self._commit_seconds_total * 1000 / self._commits if self._commits else None
+            ),
+            read_count=self._reads,
+            readers_busy=self._read_limiter.borrowed_tokens,
+            readers_open=self._readers_open,
+        )
+
+
+# -- helpers -----------------------------------------------------------------------
+
+_MOVE_ASIDE = (
+    "restore it from a backup, or move it aside (with its -wal and -shm files) "
+    "and lokid starts with an empty store"
+)
+
+
+def _one_line(problems: list[str], limit: int = 160) -> str:
+    lines = [line.strip() for text in problems for line in text.splitlines()]
+    text = "; ".join(line for line in lines if line and not line.startswith("***"))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _too_new(path: pathlib.Path, found: int, known: int) -> str:
+    return (
+        f"{path} has schema version {found}, newer than this lokid knows ({known}): "
+        "run the lokid version that wrote it, or restore a backup made by this version"
+    )
+
+
+def _check_path(path: pathlib.Path) -> None:
+    folder = path.parent
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreOpenError(
+            f"cannot create the folder {folder} for the database: {exc.strerror or exc}: "
+            "create it (mode 0700) or choose another data directory"
+        ) from None
+    if path.is_dir():
+        raise StoreOpenError(
+            f"{path} is a directory, not a database file: move it aside "
+            "or choose another data directory"
+        )
+    uid = os.geteuid()
+    if not os.access(folder, os.R_OK | os.W_OK | os.X_OK):
+        raise StoreOpenError(
+            f"cannot open {path}: its folder is not writable by uid {uid} (SQLite keeps its "
+            "-wal and -shm files there): fix the folder's owner or mode"
+        )
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise StoreOpenError(
+            f"cannot open {path}: permission denied for uid {uid}: fix the file's owner or "
+            "mode, or run lokid as its owner"
+        )
+
+
+def _describe_open_error(path: pathlib.Path, exc: sqlite3.Error) -> str:
+    code = _primary_code(exc)
+    if code == _SQLITE_NOTADB:
+        return f"{path} is not a SQLite database (or its header is damaged): {_MOVE_ASIDE}"
+    if code == _SQLITE_CORRUPT:
+        return f"{path} is corrupt ({exc}): {_MOVE_ASIDE}"
+    if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
+        return f"{path} is locked by another process: stop the other program using it"
+    if code == _SQLITE_FULL:
+        return f"no space left on the device of {path}: free some disk space"
+    if code == _SQLITE_READONLY:
+        return f"{path} is read-only (file, folder or mount): make it writable for lokid"
+    if code == _SQLITE_IOERR:
+        return f"I/O error on {path} ({exc}): check the disk; {_MOVE_ASIDE}"
+    if code == _SQLITE_CANTOPEN:
+        return f"cannot open {path} ({exc}): check that it is a file lokid may read and write"
+    return f"cannot open {path}: {exc} ({_error_name(exc)})"
+
+
+def _primary_code(exc: BaseException) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
+def _error_name(exc: BaseException) -> str:
+    return str(getattr(exc, "sqlite_errorname", None) or type(exc).__name__)
+
+
+def _is_storage_error(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.Error) and _primary_code(exc) in _STORAGE_CODES
+
+
+def _caller_error(exc: BaseException, *, reading: bool) -> BaseException:
+    """What a caller gets for an exception raised while its function ran."""
+    if not isinstance(exc, sqlite3.Error):
+        return exc  # a LokiError, or the caller's own exception
+    details = {"sqlite_error": _error_name(exc)}
+    code = _primary_code(exc)
+    if isinstance(exc, sqlite3.IntegrityError):
+        return Conflict(f"constraint failed: {exc}", details=details)
+    if code == _SQLITE_AUTH:
+        return StoreError(
+            "a write function must not BEGIN, COMMIT or ROLLBACK: the store commits each batch",
+            details=details,
+        )
+    if reading and code == _SQLITE_READONLY:
+        return StoreError(f"a read function tried to write ({exc}): use write()", details=details)
+    if code in _STORAGE_CODES:
+        return StoreUnavailable(f"the database cannot do this now: {exc}", details=details)
+    return StoreError(f"SQLite error: {exc}", details=details)
+
+
+def _reject_lazy(value: object, kind: str) -> None:
+    lazy = isinstance(value, types.GeneratorType) or (
+        isinstance(value, sqlite3.Cursor) and value.description is not None
+    )
+    if lazy:
+        raise StoreError(
+            f"a {kind} function returned {type(value).__name__}, which would be consumed "
+            "outside its transaction: return a list (e.g. list(db.query(...)))"
+        )
+
+
+def _close_all(databases: Sequence[sqlite_utils.Database | None]) -> None:
+    for db in databases:
+        if db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+
+
+def _fsync_dir(folder: pathlib.Path) -> None:
+    """Make the database's directory entry durable (the file may be new)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,169 @@
+"""Versioned schema migrations for the lokid database.
+
+Rules of operation:
+
+* `MIGRATIONS` is an ordered tuple; versions are 1, 2, 3, ... with no gap.
+  A migration, once released, is never edited or removed: a later change to
+  the schema is a new migration appended at the end.
+* The version a database is at lives in `PRAGMA user_version` (in the file
+  header, so it is read without any table). `schema_migrations` keeps one
+  row per applied migration (`version`, `name`, `applied_at`) for people.
+* `migrate` applies every pending migration in its own `BEGIN IMMEDIATE`
+  transaction: the migration's statements, its `schema_migrations` row and
+  the new `user_version` commit together or not at all. A database is
+  therefore always exactly at one known version.
+* A database at a version newer than the last migration this code knows
+  was written by a newer lokid: `migrate` refuses it (`SchemaTooNew`)
+  instead of guessing.
+* A migration's `apply` receives the `sqlite_utils.Database` with the
+  transaction already open. It must not BEGIN, COMMIT or ROLLBACK; it may
+  use `db.execute`, `db.executescript` (sqlite-utils runs a script inside the
+  open transaction) and the table API (`db[name].create(...)`).
+
+This module does blocking I/O and knows nothing about trio: the store actor
+calls it from a worker thread.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable, Sequence
+
+import attrs
+import sqlite_utils
+
+
+@attrs.frozen
+class Migration:
+    """One step of the schema: `apply` takes the database from `version - 1` to `version`."""
+
+    version: int
+    name: str
+    apply: Callable[[sqlite_utils.Database], None]
+
+
+class MigrationError(Exception):
+    """Base of the failures of `migrate`; the store turns them into `StoreOpenError`."""
+
+
+class SchemaTooNew(MigrationError):
+    """The database is at a version newer than the last migration this code knows."""
+
+    def __init__(self, found: int, known: int) -> None:
+        super().__init__(f"schema version {found} is newer than this code knows ({known})")
+        self.found = found
+        self.known = known
+
+
+class MigrationFailed(MigrationError):
+    """A migration raised; its transaction was rolled back."""
+
+    def __init__(self, migration: Migration, cause: BaseException) -> None:
+        super().__init__(
+            f"migration {migration.version} ({migration.name}) failed: "
+            f"{type(cause).__name__}: {cause}"
+        )
+        self.migration = migration
+
+
+# -- the migrations --------------------------------------------------------
+
+
+def _m0001_meta_and_daemon_runs(db: sqlite_utils.Database) -> None:
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    db.execute(
+        "CREATE TABLE daemon_runs ("
+        " id INTEGER PRIMARY KEY,"
+        " pid INTEGER,"
+        " started_at TEXT,"
+        " stopped_at TEXT,"
+        " clean INTEGER,"
+        " version TEXT"
+        ")"
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "meta and daemon_runs", _m0001_meta_and_daemon_runs),
+)
+
+
+# -- applying them -------------------------------------------------------------
+
+
+def check_sequence(migrations: Sequence[Migration]) -> None:
+    """Raise `ValueError` unless the versions are exactly 1, 2, ..., N."""
+    versions = [m.version for m in migrations]
+    if versions != list(range(1, len(versions) + 1)):
+        raise ValueError(f"migration versions must be 1..N in order, got {versions}")
+
+
+def latest_version(migrations: Sequence[Migration] = MIGRATIONS) -> int:
+    return migrations[-1].version if migrations else 0
+
+
+def current_version(db: sqlite_utils.Database) -> int:
+    row = db.execute("PRAGMA user_version").fetchone()
+    return int(row[0])
+
+
+def _utc_now() -> str:
+    now = datetime.datetime.now(datetime.UTC)
+    return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def migrate(
+    db: sqlite_utils.Database, migrations: Sequence[Migration] = MIGRATIONS
+) -> list[Migration]:
+    """Apply the pending migrations, each in its own transaction; return those applied.
+
+    `db` must be in driver autocommit mode (`isolation_level=None`) with no
+    transaction open. Raises `SchemaTooNew` or `MigrationFailed`; sqlite3
+    errors that are not the migration's fault (the disk, a lock) propagate
+    as they are.
+    """
+    check_sequence(migrations)
+    known = latest_version(migrations)
+    version = current_version(db)
+    if version > known:
+        raise SchemaTooNew(version, known)
+    applied: list[Migration] = []
+    for migration in migrations[version:]:
+        _apply_one(db, migration)
+        applied.append(migration)
+    return applied
+
+
+def _apply_one(db: sqlite_utils.Database, migration: Migration) -> None:
+    conn = db.conn
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version INTEGER PRIMARY KEY,"
+            " name TEXT NOT NULL,"
+            " applied_at TEXT NOT NULL"
+            ")"
+        )
+        try:
+            migration.apply(db)
+        except Exception as exc:
+            raise MigrationFailed(migration, exc) from exc
+        if not conn.in_transaction:
+            raise MigrationFailed(
+                migration, RuntimeError("it ended the transaction (COMMIT or ROLLBACK)")
+            )
+        conn.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+            (migration.version, migration.name, _utc_now()),
+        )
+        # PRAGMA takes no parameters; the version is an int we own.
+        conn.execute(f"PRAGMA user_version = {int(migration.version)}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+check_sequence(MIGRATIONS)

@@ -1,0 +1,524 @@
+"""The store actor on real SQLite files: open, migrations, group commit, reads, failures."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import pathlib
+import resource
+import signal
+import sqlite3
+import stat
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import attrs
+import pytest
+import sqlite_utils
+import trio
+import trio.testing
+
+from lokid.actors import StoreActor, StoreStatistics
+from lokid.actors.store import StoreError, StoreUnavailable
+from lokid.errors import AskTimeout, Conflict, StoreOpenError
+from lokid.migrations import MIGRATIONS, Migration, check_sequence
+
+WAIT = 5.0  # the bound of every wait in this file
+
+
+@attrs.define
+class _Status:
+    """What a supervisor hands an actor's `run`: a stop request and `started()`."""
+
+    shutdown_requested: trio.Event = attrs.Factory(trio.Event)
+    started_event: trio.Event = attrs.Factory(trio.Event)
+
+    def started(self, value: Any = None) -> None:
+        self.started_event.set()
+
+
+@contextlib.asynccontextmanager
+async def running(store: StoreActor, status: _Status | None = None) -> AsyncIterator[StoreActor]:
+    """Run `store` until the block ends, then stop it gracefully and wait for it."""
+    status = status or _Status()
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(store.run, task_status=status))
+            await status.started_event.wait()
+            yield store
+            status.shutdown_requested.set()
+
+
+def db_path(tmp_path: pathlib.Path) -> pathlib.Path:
+    return tmp_path / "data" / "lokid.db"
+
+
+def raw(path: pathlib.Path) -> sqlite3.Connection:
+    """A plain connection to inspect a file behind the store's back."""
+    return sqlite3.connect(path, isolation_level=None)
+
+
+def create_items(db: sqlite_utils.Database) -> None:
+    db.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)")
+
+
+MIGRATION_ITEMS = Migration(2, "items", create_items)
+
+
+def insert(name: str) -> Callable[[sqlite_utils.Database], int]:
+    def fn(db: sqlite_utils.Database) -> int:
+        cursor = db.execute("INSERT INTO items (name) VALUES (?)", (name,))
+        return int(cursor.lastrowid or 0)
+
+    return fn
+
+
+def names(db: sqlite_utils.Database) -> list[str]:
+    return [row[0] for row in db.execute("SELECT name FROM items ORDER BY id")]
+
+
+def items_store(tmp_path: pathlib.Path, **kwargs: Any) -> StoreActor:
+    return StoreActor(db_path(tmp_path), migrations=(*MIGRATIONS, MIGRATION_ITEMS), **kwargs)
+
+
+async def queue_writes(
+    nursery: trio.Nursery, store: StoreActor, fns: list[Callable[[sqlite_utils.Database], Any]]
+) -> list[Any]:
+    """Put `fns` in the mailbox (in order) and collect each caller's value or exception."""
+    outcomes: list[Any] = [None] * len(fns)
+
+    async def one(index: int) -> None:
+        try:
+            outcomes[index] = await store.write(fns[index], timeout=WAIT)
+        except Exception as exc:
+            outcomes[index] = exc
+
+    for index in range(len(fns)):
+        nursery.start_soon(one, index)
+        await trio.testing.wait_all_tasks_blocked()  # keeps the mailbox order
+    return outcomes
+
+
+@contextlib.asynccontextmanager
+async def one_batch(
+    store: StoreActor, fns: list[Callable[[sqlite_utils.Database], Any]]
+) -> AsyncIterator[list[Any]]:
+    """Queue `fns` before the actor runs (so they form one batch), run it, yield the outcomes."""
+    status = _Status()
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as callers:
+                outcomes = await queue_writes(callers, store, fns)
+                nursery.start_soon(functools.partial(store.run, task_status=status))
+            yield outcomes
+            status.shutdown_requested.set()
+
+
+# -- open and migrations -------------------------------------------------------------
+
+
+async def test_open_creates_folder_and_applies_migrations(tmp_path: pathlib.Path) -> None:
+    path = db_path(tmp_path)
+    async with running(StoreActor(path)) as store:
+        stats = store.statistics()
+        assert isinstance(stats, StoreStatistics)
+        assert stats.writable
+        assert (stats.running, stats.schema_version, stats.path) == (True, 1, str(path))
+        tables = await store.read(lambda db: sorted(db.table_names()))
+    assert tables == ["daemon_runs", "meta", "schema_migrations"]
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    with contextlib.closing(raw(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (1,)
+        rows = conn.execute("SELECT version, name FROM schema_migrations").fetchall()
+        assert rows == [(1, "meta and daemon_runs")]
+    assert not store.writable
+    assert not store.statistics().running
+
+
+async def test_reopen_is_idempotent(tmp_path: pathlib.Path) -> None:
+    path = db_path(tmp_path)
+    async with running(StoreActor(path)):
+        pass
+    with contextlib.closing(raw(path)) as conn:
+        first = conn.execute("SELECT * FROM schema_migrations").fetchall()
+    store = StoreActor(path)
+    for _ in range(2):  # also the same actor object twice (a supervisor restart)
+        async with running(store):
+            assert store.statistics().schema_version == 1
+    with contextlib.closing(raw(path)) as conn:
+        assert conn.execute("SELECT * FROM schema_migrations").fetchall() == first
+        assert conn.execute("PRAGMA user_version").fetchone() == (1,)
+
+
+async def test_appended_migration_is_applied_once(tmp_path: pathlib.Path) -> None:
+    async with running(StoreActor(db_path(tmp_path))):
+        pass
+    calls: list[int] = []
+
+    def counted(db: sqlite_utils.Database) -> None:
+        calls.append(1)
+        create_items(db)
+
+    migrations = (*MIGRATIONS, Migration(2, "items", counted))
+    for _ in range(2):
+        async with running(StoreActor(db_path(tmp_path), migrations=migrations)) as store:
+            assert store.statistics().schema_version == 2
+            assert await store.read(lambda db: db["items"].exists())
+    assert calls == [1]
+    with contextlib.closing(raw(db_path(tmp_path))) as conn:
+        rows = conn.execute("SELECT version, name FROM schema_migrations ORDER BY version")
+        assert rows.fetchall() == [(1, "meta and daemon_runs"), (2, "items")]
+
+
+async def test_failing_migration_leaves_the_previous_version(tmp_path: pathlib.Path) -> None:
+    def broken(db: sqlite_utils.Database) -> None:
+        create_items(db)
+        raise RuntimeError("boom")
+
+    path = db_path(tmp_path)
+    store = StoreActor(path, migrations=(*MIGRATIONS, Migration(2, "broken", broken)))
+    with trio.fail_after(WAIT), pytest.raises(StoreOpenError) as info:
+        await store.run()
+    assert str(path) in info.value.message
+    assert "migration 2 (broken) failed: RuntimeError: boom" in info.value.message
+    with contextlib.closing(raw(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (1,)
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    assert "items" not in tables
+
+
+def test_migration_versions_must_be_1_to_n() -> None:
+    check_sequence(MIGRATIONS)
+    with pytest.raises(ValueError, match=r"1\.\.N"):
+        check_sequence((*MIGRATIONS, Migration(3, "gap", create_items)))
+
+
+async def test_wal_synchronous_full_and_foreign_keys(tmp_path: pathlib.Path) -> None:
+    path = db_path(tmp_path)
+    async with running(StoreActor(path)) as store:
+
+        def pragmas(db: sqlite_utils.Database) -> tuple[Any, ...]:
+            return tuple(
+                db.execute(f"PRAGMA {name}").fetchone()[0]
+                for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+            )
+
+        # On the writer connection, where it matters (synchronous is per connection).
+        assert await store.write(pragmas) == ("wal", 2, 1, 5000)  # 2 = FULL
+    # WAL is recorded in the file header: bytes 18 and 19 are 2 for WAL.
+    assert path.read_bytes()[18:20] == b"\x02\x02"
+
+
+# -- errors at start -------------------------------------------------------------------
+
+
+async def open_error(store: StoreActor) -> str:
+    with trio.fail_after(WAIT), pytest.raises(StoreOpenError) as info:
+        await store.run()
+    message = info.value.message
+    assert "\n" not in message
+    assert str(store.path) in message
+    assert not store.statistics().running
+    return message
+
+
+async def test_garbage_file_is_refused(tmp_path: pathlib.Path) -> None:
+    path = db_path(tmp_path)
+    path.parent.mkdir()
+    garbage = bytes(range(256)) * 64
+    path.write_bytes(garbage)
+    message = await open_error(StoreActor(path))
+    assert "is not a SQLite database" in message
+    assert "restore it from a backup, or move it aside" in message
+    assert path.read_bytes() == garbage  # refused without touching it
+
+
+async def test_corrupt_pages_are_refused(tmp_path: pathlib.Path) -> None:
+    path = db_path(tmp_path)
+    path.parent.mkdir()
+    with contextlib.closing(raw(path)) as conn:
+        conn.execute("BEGIN")
+        conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, s TEXT)")
+        conn.executemany("INSERT INTO t (s) VALUES (?)", [(f"row {i} " * 5,) for i in range(2000)])
+        conn.execute("CREATE INDEX t_s ON t (s)")
+        conn.execute("COMMIT")
+    with path.open("r+b") as file:
+        file.seek(4096 * 30)
+        file.write(b"\xa5" * 4096 * 2)
+    message = await open_error(StoreActor(path))
+    assert "is corrupt" in message
+    assert "restore it from a backup" in message
+
+
+async def test_directory_is_refused(tmp_path: pathlib.Path) -> None:
+    path = db_path(tmp_path)
+    path.mkdir(parents=True)
+    assert "is a directory" in await open_error(StoreActor(path))
+
+
+async def test_schema_from_the_future_is_refused(tmp_path: pathlib.Path) -> None:
+    path = db_path(tmp_path)
+    async with running(StoreActor(path)):
+        pass
+    with contextlib.closing(raw(path)) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    message = await open_error(StoreActor(path))
+    assert "schema version 99, newer than this lokid knows (1)" in message
+
+
+# -- group commit ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group_window", [0.002, 0.0])
+async def test_concurrent_writes_are_grouped(tmp_path: pathlib.Path, group_window: float) -> None:
+    # With no window, batches form from what queued up during the previous commit.
+    async with running(items_store(tmp_path, group_window=group_window)) as store:
+
+        async def writer(task: int) -> None:
+            for n in range(10):
+                await store.write(insert(f"{task}-{n}"), timeout=WAIT)
+
+        async with trio.open_nursery() as nursery:
+            for task in range(50):
+                nursery.start_soon(writer, task)
+        stats = store.statistics()
+        assert len(await store.read(names)) == 500
+    assert (stats.writes, stats.handled, stats.failed) == (500, 500, 0)
+    assert stats.batches < 500
+    assert stats.max_batch_seen > 1
+    assert stats.commit_latency_ms_avg is not None
+
+
+async def test_failing_write_rolls_back_only_itself(tmp_path: pathlib.Path) -> None:
+    def fails(db: sqlite_utils.Database) -> None:
+        insert("doomed")(db)
+        raise ValueError("not this one")
+
+    store = items_store(tmp_path)
+    async with one_batch(store, [insert("a"), fails, insert("b")]) as outcomes:
+        assert await store.read(names) == ["a", "b"]
+        stats = store.statistics()
+    assert outcomes[0] == 1
+    assert isinstance(outcomes[1], ValueError)
+    assert outcomes[2] == 2
+    assert (stats.batches, stats.last_batch_size, stats.handled, stats.failed) == (1, 3, 2, 1)
+
+
+async def test_integrity_error_is_conflict_and_the_store_keeps_serving(
+    tmp_path: pathlib.Path,
+) -> None:
+    async with running(items_store(tmp_path)) as store:
+        await store.write(insert("a"))
+        with pytest.raises(Conflict) as info:
+            await store.write(insert("a"))
+        assert info.value.code == "CONFLICT"
+        assert info.value.details["sqlite_error"] == "SQLITE_CONSTRAINT_UNIQUE"
+        with pytest.raises(StoreError, match="no such table"):
+            await store.write(lambda db: db.execute("INSERT INTO nowhere VALUES (1)"))
+        await store.write(insert("b"))
+        assert await store.read(names) == ["a", "b"]
+        stats = store.statistics()
+    assert (stats.crashes, stats.failed, stats.handled) == (0, 2, 2)
+    assert stats.writable
+
+
+async def test_a_write_cannot_end_the_batch_transaction(tmp_path: pathlib.Path) -> None:
+    def commits(db: sqlite_utils.Database) -> None:
+        insert("sneaky")(db)
+        db.conn.commit()
+
+    store = items_store(tmp_path)
+    async with one_batch(store, [insert("a"), commits, insert("b")]) as outcomes:
+        assert await store.read(names) == ["a", "b"]
+    assert isinstance(outcomes[1], StoreError)
+    assert "must not BEGIN, COMMIT or ROLLBACK" in str(outcomes[1])
+
+
+async def test_trigger_rollback_fails_its_write_and_reruns_the_others(
+    tmp_path: pathlib.Path,
+) -> None:
+    def forbid(db: sqlite_utils.Database) -> None:
+        create_items(db)
+        db.execute(
+            "CREATE TRIGGER no_x BEFORE INSERT ON items WHEN NEW.name = 'x' "
+            "BEGIN SELECT RAISE(ROLLBACK, 'x is forbidden'); END"
+        )
+
+    store = StoreActor(db_path(tmp_path), migrations=(*MIGRATIONS, Migration(2, "items", forbid)))
+    async with one_batch(store, [insert("a"), insert("x"), insert("b")]) as outcomes:
+        assert await store.read(names) == ["a", "b"]
+        stats = store.statistics()
+    assert isinstance(outcomes[1], Conflict)
+    assert "x is forbidden" in str(outcomes[1])
+    assert outcomes[0] == 1 and outcomes[2] == 2
+    assert (stats.batches, stats.writes, stats.failed) == (2, 3, 1)
+
+
+async def test_lazy_results_are_refused(tmp_path: pathlib.Path) -> None:
+    async with running(items_store(tmp_path)) as store:
+
+        def lazy(db: sqlite_utils.Database) -> Iterator[dict[str, Any]]:
+            insert("a")(db)
+            return db.query("SELECT * FROM items")
+
+        with pytest.raises(StoreError, match="return a list"):
+            await store.write(lazy)
+        with pytest.raises(StoreError, match="return a list"):
+            await store.read(lambda db: db.execute("SELECT * FROM items"))
+        assert await store.read(names) == []
+
+
+async def test_timed_out_write_in_the_mailbox_is_not_run(tmp_path: pathlib.Path) -> None:
+    ran: list[str] = []
+
+    def record(db: sqlite_utils.Database) -> None:
+        ran.append("ran")
+
+    store = items_store(tmp_path)
+    with pytest.raises(AskTimeout):
+        await store.write(record, timeout=0.01)  # nobody serves the mailbox yet
+    async with running(store):
+        await store.write(insert("a"))
+        stats = store.statistics()
+    assert ran == []
+    assert (stats.writes_abandoned, stats.writes) == (1, 1)
+
+
+# -- reads -------------------------------------------------------------------------------
+
+
+async def test_reads_run_while_a_write_is_in_progress(tmp_path: pathlib.Path) -> None:
+    inside = threading.Event()
+    release = threading.Event()
+
+    def slow(db: sqlite_utils.Database) -> int:
+        value = insert("slow")(db)
+        inside.set()
+        assert release.wait(WAIT)
+        return value
+
+    async with running(items_store(tmp_path, readers=2)) as store:
+        await store.write(insert("a"))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.write, slow)
+            assert await trio.to_thread.run_sync(inside.wait, WAIT)
+            # The writer is inside its transaction; reads neither wait for it nor see it.
+            seen: list[list[str]] = []
+
+            async def reader() -> None:
+                seen.append(await store.read(names))
+
+            async with trio.open_nursery() as readers:
+                for _ in range(4):
+                    readers.start_soon(reader)
+            assert seen == [["a"]] * 4
+            assert not release.is_set()
+            release.set()
+        assert await store.read(names) == ["a", "slow"]
+        stats = store.statistics()
+    assert stats.read_count == 5
+    assert stats.readers_busy == 0
+    assert 1 <= stats.readers_open <= 2
+
+
+async def test_read_functions_cannot_write(tmp_path: pathlib.Path) -> None:
+    async with running(items_store(tmp_path)) as store:
+        with pytest.raises(StoreError, match="read function tried to write"):
+            await store.read(insert("a"))
+        assert await store.read(names) == []
+
+
+async def test_read_when_not_open_is_unavailable(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(StoreUnavailable):
+        await StoreActor(db_path(tmp_path)).read(names)
+
+
+# -- stop, failures, daemon runs ----------------------------------------------------------
+
+
+async def test_graceful_stop_runs_every_queued_write(tmp_path: pathlib.Path) -> None:
+    inside = threading.Event()
+    release = threading.Event()
+
+    def slow(db: sqlite_utils.Database) -> None:
+        inside.set()
+        assert release.wait(WAIT)
+
+    store = items_store(tmp_path, max_batch=4)
+    status = _Status()
+    outcomes: list[Any] = []
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(store.run, task_status=status))
+            await status.started_event.wait()
+            nursery.start_soon(store.write, slow)
+            assert await trio.to_thread.run_sync(inside.wait, WAIT)
+            async with trio.open_nursery() as callers:
+                outcomes = await queue_writes(callers, store, [insert(f"q{i}") for i in range(20)])
+                assert store.statistics().mailbox_used == 20
+                status.shutdown_requested.set()
+                await trio.testing.wait_all_tasks_blocked()
+                release.set()
+        # Here the actor's run has returned.
+    assert outcomes == list(range(1, 21))
+    assert not store.writable
+    with contextlib.closing(raw(store.path)) as conn:
+        assert conn.execute("SELECT count(*) FROM items").fetchone() == (20,)
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """Make every write past `limit` bytes into a file fail with EFBIG (a real I/O error)."""
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old_limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+async def test_commit_failure_fails_the_batch_and_clears_writable(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = db_path(tmp_path)
+    async with running(items_store(tmp_path)) as store:
+        await store.write(insert("before"))
+        files = [path, path.with_name(path.name + "-wal")]
+        limit = max(f.stat().st_size for f in files) + 64 * 1024
+        big = "x" * (limit + 256 * 1024)  # fits SQLite's page cache: written at COMMIT
+        with file_size_limit(limit), pytest.raises(StoreUnavailable) as info:
+            await store.write(insert(big))
+        assert info.value.code == "UNAVAILABLE"
+        assert "nothing of this write was committed" in info.value.message
+        stats = store.statistics()
+        assert (stats.commit_failures, stats.writable, stats.running) == (1, False, True)
+        assert not store.writable
+        # The disk is fine again: the next commit succeeds and says so.
+        await store.write(insert("after"))
+        assert store.statistics().writable
+        assert await store.read(names) == ["before", "after"]
+
+
+async def test_daemon_runs_are_recorded(tmp_path: pathlib.Path) -> None:
+    path = db_path(tmp_path)
+    async with running(StoreActor(path)) as store:
+        assert not await store.previous_run_unclean()
+        first = await store.record_start(os.getpid(), "0.1.0")
+    async with running(StoreActor(path)) as store:  # the first run never said stop
+        assert await store.previous_run_unclean()
+        second = await store.record_start(4242, "0.1.1")
+        assert await store.previous_run_unclean(second)
+        await store.record_stop(second)
+    async with running(StoreActor(path)) as store:
+        assert not await store.previous_run_unclean()
+        rows = await store.read(
+            lambda db: list(db.query("SELECT id, pid, version, clean FROM daemon_runs"))
+        )
+    assert rows == [
+        {"id": first, "pid": os.getpid(), "version": "0.1.0", "clean": 0},
+        {"id": second, "pid": 4242, "version": "0.1.1", "clean": 1},
+    ]
