@@ -1,0 +1,3 @@
+from lokid.cli import main
+
+raise SystemExit(main())

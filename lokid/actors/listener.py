@@ -1,0 +1,195 @@
+"""HttpListener: serves one ASGI app on listening sockets with Hypercorn's trio stack.
+
+We use Hypercorn's per-connection `TCPServer` (its HTTP/1.1, h2 and WebSocket
+protocol code) under our own accept loop rather than `hypercorn.trio.serve`,
+because we need three things it does not offer:
+
+* sockets bound by us or passed by systemd, kept across listener restarts;
+* the Unix control socket's peer check: each connection's SO_PEERCRED uid is
+  read once at accept; the owner (our uid) and root get the app, with
+  `scope["lokid.peer"] = {"pid", "uid", "gid"}`; anyone else gets 403 for
+  every request on that connection;
+* a bound on open connections (`max_connections`): at the bound the accept
+  loop waits and new connections queue in the kernel backlog.
+
+Graceful stop (supervisor shutdown request): stop accepting, tell Hypercorn's
+protocols to close idle keep-alive connections, give open requests
+`graceful_timeout` seconds, then cancel what is left (e.g. SSE streams).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+from typing import Any
+
+import attrs
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import wrap_app
+
+from lokid.http.errors import ApiError
+from lokid.http.surface import ASGIApp, Receive, Scope, Send, send_error
+from lokid.sockets import peer_credentials, socket_url
+
+log = logging.getLogger("lokid.listener")
+
+# accept() errors that mean "out of resources, try again soon" (as trio.serve_listeners).
+ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+ACCEPT_BACKOFF = 0.1
+
+
+@attrs.frozen
+class ListenerStatistics:
+    name: str
+    addresses: tuple[str, ...]
+    running: bool
+    connections_open: int
+    connections_total: int
+    max_connections: int
+    peers_refused: int
+
+
+def hypercorn_config(graceful_timeout: float) -> HypercornConfig:
+    config = HypercornConfig()
+    config.graceful_timeout = graceful_timeout
+    config.keep_alive_timeout = 75.0  # longer than common client pools' idle time
+    config.accesslog = None
+    config.errorlog = logging.getLogger("lokid.hypercorn")
+    config.include_server_header = False
+    return config
+
+
+class HttpListener:
+    def __init__(
+        self,
+        name: str,
+        app: ASGIApp,
+        sockets: list[socket.socket],
+        *,
+        check_peer: bool = False,
+        max_connections: int = 4096,
+        graceful_timeout: float = 5.0,
+    ) -> None:
+        self.name = name
+        self.app = app
+        self.sockets = sockets
+        self.check_peer = check_peer
+        self.max_connections = max_connections
+        self.graceful_timeout = graceful_timeout
+        self.addresses = tuple(socket_url(s) for s in sockets)
+        self._config = hypercorn_config(graceful_timeout)
+        self._wrapped = wrap_app(app, self._config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
+        self._running = False
+        self._open = 0
+        self._total = 0
+        self._refused = 0
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        stop: trio.Event | None = getattr(task_status, "shutdown_requested", None)
+        context = WorkerContext(None)
+        slots = trio.Semaphore(self.max_connections)
+        listeners = [
+            # dup: the trio socket owns (and closes) its fd; the original stays ours for restarts.
+            trio.SocketListener(trio.socket.from_stdlib_socket(s.dup()))
+            for s in self.sockets
+        ]
+        self._running = True
+        try:
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as acceptors:
+                    for listener in listeners:
+                        acceptors.start_soon(
+                            self._accept_loop, listener, connections, slots, context
+                        )
+                    task_status.started(self)
+                    if stop is None:
+                        await trio.sleep_forever()
+                    await stop.wait()
+                    acceptors.cancel_scope.cancel()
+                for listener in listeners:
+                    await listener.aclose()
+                await context.terminated.set()
+                connections.cancel_scope.deadline = trio.current_time() + self.graceful_timeout
+        finally:
+            self._running = False
+            with trio.CancelScope(shield=True):
+                for listener in listeners:
+                    await listener.aclose()
+
+    async def _accept_loop(
+        self,
+        listener: trio.SocketListener,
+        connections: trio.Nursery,
+        slots: trio.Semaphore,
+        context: WorkerContext,
+    ) -> None:
+        while True:
+            await slots.acquire()
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                slots.release()
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.warning("%s: accept failed (%s); retrying", self.name, os.strerror(exc.errno))
+                await trio.sleep(ACCEPT_BACKOFF)
+                continue
+            connections.start_soon(self._serve_connection, stream, slots, context)
+
+    async def _serve_connection(
+        self, stream: trio.SocketStream, slots: trio.Semaphore, context: WorkerContext
+    ) -> None:
+        self._open += 1
+        self._total += 1
+        try:
+            app = self._wrapped
+            if self.check_peer:
+                app = wrap_app(self._peer_app(stream), self._config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
+            server = TCPServer(app, self._config, context, ConnectionState({}), stream)  # type: ignore[arg-type]
+            await server.run()
+        finally:
+            self._open -= 1
+            slots.release()
+
+    def _peer_app(self, stream: trio.SocketStream) -> ASGIApp:
+        try:
+            pid, uid, gid = peer_credentials(stream.socket)  # type: ignore[arg-type]
+        except OSError:
+            pid, uid, gid = 0, -1, -1
+        if uid in (os.getuid(), 0):
+            peer = {"pid": pid, "uid": uid, "gid": gid}
+
+            async def owner_app(scope: Scope, receive: Receive, send: Send) -> None:
+                scope["lokid.peer"] = peer
+                await self.app(scope, receive, send)
+
+            return owner_app
+        self._refused += 1
+        log.warning("%s: refusing peer uid %s (pid %s)", self.name, uid, pid)
+        error = ApiError(
+            "FORBIDDEN",
+            f"uid {uid} may not use the control socket (only uid {os.getuid()} and root)",
+        )
+
+        async def refuse_app(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http":
+                await send_error(send, error)
+
+        return refuse_app
+
+    def statistics(self) -> ListenerStatistics:
+        return ListenerStatistics(
+            name=self.name,
+            addresses=self.addresses,
+            running=self._running,
+            connections_open=self._open,
+            connections_total=self._total,
+            max_connections=self.max_connections,
+            peers_refused=self._refused,
+        )

@@ -1,0 +1,68 @@
+"""A small client for the control socket (HTTP over a Unix socket), used by the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from lokid.errors import LokiError
+
+
+class DaemonNotRunning(LokiError):
+    """Nothing answers on the control socket."""
+
+
+class ApiCallFailed(LokiError):
+    """The daemon answered with an error body."""
+
+    def __init__(self, status: int, code: str, message: str, details: dict[str, Any]) -> None:
+        super().__init__(f"{message} ({status} {code})", details=details)
+        self.status = status
+        self.code = code
+
+
+class ControlClient:
+    def __init__(self, socket_path: Path, *, timeout: float = 10.0) -> None:
+        self.socket_path = socket_path
+        self._http = httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(socket_path)),
+            base_url="http://lokid",
+            timeout=timeout,
+        )
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        if not self.socket_path.exists():
+            raise DaemonNotRunning(
+                f"lokid is not running (no control socket at {self.socket_path})"
+            )
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except (httpx.ConnectError, httpx.RemoteProtocolError, FileNotFoundError) as exc:
+            raise DaemonNotRunning(
+                f"lokid is not running (nothing answers on {self.socket_path}: {exc})"
+            ) from None
+        if response.status_code >= 400:
+            try:
+                error = response.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                error = {"code": "UNKNOWN", "message": response.text[:200], "details": {}}
+            raise ApiCallFailed(
+                response.status_code, error["code"], error["message"], error.get("details", {})
+            )
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self.request("GET", path, **kwargs)

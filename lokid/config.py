@@ -1,0 +1,265 @@
+"""One typed configuration object, loaded with the precedence of DESIGN.md §2.
+
+    command-line flag  >  environment  >  TOML file  >  default
+
+Every setting is a field of `Config` and has exactly one environment name and
+one TOML key (the field name), so `loki config show` can say where each value
+came from. Values are validated once, here; a bad value from any source is a
+`ConfigError` naming the source, never a traceback later.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from lokid.errors import ConfigError
+
+PROVIDERS = ("claude", "codex", "gemini", "aider", "cline", "opencode", "command")
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
+
+
+@attrs.frozen
+class Setting:
+    """How one field is read from the environment and described."""
+
+    env: str | None
+    help: str
+
+
+# field name -> (environment variable, description). Field order = display order.
+SETTINGS: dict[str, Setting] = {
+    "api_host": Setting("LOKI_API_HOST", "HTTP API listen address"),
+    "api_port": Setting("LOKI_API_PORT", "HTTP API port"),
+    "dashboard_host": Setting("LOKI_DASHBOARD_HOST", "Dashboard API listen address"),
+    "dashboard_port": Setting(
+        "LOKI_DASHBOARD_PORT", "Dashboard port; taken -> next free port; 0 = any free"
+    ),
+    "socket_path": Setting("LOKI_SOCKET", "Unix control socket (HTTP over the socket)"),
+    "data_dir": Setting("LOKI_DATA_DIR", "Database, pid file and logs"),
+    "allow_insecure_remote": Setting(
+        "LOKI_ALLOW_INSECURE_REMOTE", "Allow a non-loopback listener while auth is off"
+    ),
+    "auth_enabled": Setting("LOKI_ENTERPRISE_AUTH", "Require bearer tokens"),
+    "default_provider": Setting("LOKI_PROVIDER", "Provider used when a session names none"),
+    "max_agents": Setting("LOKI_MAX_AGENTS", "Global cap on concurrent agent processes"),
+    "shutdown_grace": Setting(
+        "LOKI_SHUTDOWN_GRACE", "Seconds a graceful shutdown may take before work is cancelled"
+    ),
+    "log_level": Setting("LOKI_LOG_LEVEL", "debug, info, warning or error"),
+}
+
+
+def _port(value: Any) -> int:
+    port = _int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{port} is not a TCP port (0-65535)")
+    return port
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected an integer, not a boolean")
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an integer") from None
+
+
+def _positive_int(value: Any) -> int:
+    number = _int(value)
+    if number < 1:
+        raise ValueError(f"{number} must be at least 1")
+    return number
+
+
+def _positive_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not a number") from None
+    if not number > 0 or number == float("inf"):
+        raise ValueError(f"{value!r} must be a positive, finite number")
+    return number
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE_WORDS:
+        return True
+    if text in FALSE_WORDS:
+        return False
+    raise ValueError(f"{value!r} is not a boolean (true/false, 1/0, yes/no, on/off)")
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{value!r} must be a non-empty string")
+    return value.strip()
+
+
+def _path(value: Any) -> Path:
+    return Path(_text(value)).expanduser()
+
+
+def _provider(value: Any) -> str:
+    text = _text(value)
+    if text not in PROVIDERS:
+        raise ValueError(f"{text!r} is not one of {', '.join(PROVIDERS)}")
+    return text
+
+
+def _log_level(value: Any) -> str:
+    text = _text(value).lower()
+    if text not in ("debug", "info", "warning", "error"):
+        raise ValueError(f"{text!r} is not one of debug, info, warning, error")
+    return text
+
+
+PARSERS: dict[str, Callable[[Any], Any]] = {
+    "api_host": _text,
+    "api_port": _port,
+    "dashboard_host": _text,
+    "dashboard_port": _port,
+    "socket_path": _path,
+    "data_dir": _path,
+    "allow_insecure_remote": _bool,
+    "auth_enabled": _bool,
+    "default_provider": _provider,
+    "max_agents": _positive_int,
+    "shutdown_grace": _positive_float,
+    "log_level": _log_level,
+}
+
+
+@attrs.frozen
+class Config:
+    """The effective configuration of one daemon (or CLI) process."""
+
+    loki_home: Path
+    api_host: str = "127.0.0.1"
+    api_port: int = 8420
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 57374
+    socket_path: Path | None = None  # None -> data_dir / "lokid.sock"
+    data_dir: Path | None = None  # None -> loki_home / "lokid"
+    allow_insecure_remote: bool = False
+    auth_enabled: bool = False
+    default_provider: str = "claude"
+    max_agents: int = 10
+    shutdown_grace: float = 10.0
+    log_level: str = "info"
+    config_file: Path | None = None
+    sources: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False)
+
+    @property
+    def data_path(self) -> Path:
+        return self.data_dir or self.loki_home / "lokid"
+
+    @property
+    def socket(self) -> Path:
+        return self.socket_path or self.data_path / "lokid.sock"
+
+    @property
+    def database(self) -> Path:
+        return self.data_path / "lokid.db"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.data_path / "lokid.pid"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.data_path / "lokid.lock"
+
+    @property
+    def log_file(self) -> Path:
+        """Where `loki api start` sends the output of a background daemon."""
+        return self.data_path / "lokid.log"
+
+    def show(self) -> list[tuple[str, str, str]]:
+        """(key, value, source) rows for `loki config show`."""
+        rows = [("loki_home", str(self.loki_home), "LOKI_HOME or default")]
+        rows.append(("config_file", str(self.config_file or "-"), "search"))
+        for name in SETTINGS:
+            value = getattr(self, name)
+            if name == "socket_path":
+                value = self.socket
+            elif name == "data_dir":
+                value = self.data_path
+            rows.append((name, str(value), self.sources.get(name, "default")))
+        return rows
+
+
+def find_config_file(loki_home: Path) -> Path | None:
+    for candidate in (loki_home / "lokid.toml", Path("/etc/lokid/lokid.toml")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - set(SETTINGS))
+    if unknown:
+        raise ConfigError(
+            f"config file {path}: unknown key(s) {', '.join(unknown)}; "
+            f"known keys: {', '.join(SETTINGS)}"
+        )
+    return data
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> Config:
+    """Build the effective `Config`; `flags` holds only the flags actually given."""
+    env = os.environ if environ is None else environ
+    home_text = env.get("LOKI_HOME")
+    loki_home = Path(home_text).expanduser() if home_text else Path.home() / ".loki"
+    file_path = config_file if config_file is not None else find_config_file(loki_home)
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if file_path is not None:
+        layers.append((f"file {file_path}", read_toml(file_path)))
+    env_values = {
+        name: env[setting.env]
+        for name, setting in SETTINGS.items()
+        if setting.env is not None and setting.env in env
+    }
+    layers.append(("env", env_values))
+    layers.append(("flag", {k: v for k, v in (flags or {}).items() if v is not None}))
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for source, layer in layers:
+        for name, raw in layer.items():
+            where = f"env {SETTINGS[name].env}" if source == "env" else source
+            try:
+                values[name] = PARSERS[name](raw)
+            except ValueError as exc:
+                raise ConfigError(f"invalid {name} from {where}: {exc}") from None
+            sources[name] = where
+    return Config(loki_home=loki_home, config_file=file_path, sources=sources, **values)

@@ -1,0 +1,389 @@
+"""The daemon: builds the supervisor tree, serves the listeners, stops cleanly.
+
+`serve(config, task_status=...)` is the one way to run lokid: `loki serve`,
+the systemd unit and the in-process tests all come through it.
+
+The tree (start order; stop is the reverse):
+
+    lokid (rest_for_one)            a store restart restarts what follows it
+    ├── store                       SQLite owner, group commit
+    └── listeners (one_for_one)
+        ├── api                     HTTP API, 127.0.0.1:8420
+        ├── dashboard               Dashboard API, 57374 or the next free port
+        └── control                 Unix socket, HTTP API + /dashboard
+
+Life of a daemon: take the data directory lock, bind the sockets (or take
+them from systemd), start the tree, record the run in the store, tell
+systemd `READY=1`, serve until SIGTERM/SIGINT or `request_shutdown()`, then
+`STOPPING=1`, stop the tree in reverse order within `shutdown_grace`
+seconds, release the lock. A restart intensity escalation at the root ends
+the daemon with `DaemonFailed`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import shutil
+import signal
+import socket
+import time
+from typing import Any
+
+import attrs
+import trio
+
+from lokid import __version__
+from lokid.actor import exception_leaves
+from lokid.actors.listener import HttpListener
+from lokid.actors.store import StoreActor
+from lokid.config import PROVIDERS, Config
+from lokid.errors import LokiError, StartupError
+from lokid.http.api import create_api_surface
+from lokid.http.control import control_app
+from lokid.http.dashboard import create_dashboard_surface
+from lokid.pidfile import DaemonLock
+from lokid.sockets import bind_tcp, bind_unix, is_loopback_socket, socket_url
+from lokid.supervisor import (
+    ChildSpec,
+    RestartIntensityExceeded,
+    Strategy,
+    Supervisor,
+    SupervisorStartError,
+)
+from lokid.systemd import (
+    Notifier,
+    clear_activation_environment,
+    inherited_sockets,
+    watchdog_interval,
+)
+from lokid.timefmt import iso, utc_now
+
+log = logging.getLogger("lokid")
+
+PROVIDER_CACHE_SECONDS = 30.0
+STORE_SHUTDOWN_SECONDS = 10.0
+
+
+class DaemonFailed(LokiError):
+    """The daemon stopped because its supervisor tree gave up (restart intensity)."""
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+
+
+@attrs.frozen
+class Listeners:
+    api: socket.socket
+    dashboard: socket.socket
+    control: socket.socket
+    from_systemd: frozenset[str]
+
+    def urls(self) -> dict[str, str]:
+        return {
+            "api": socket_url(self.api),
+            "dashboard": socket_url(self.dashboard),
+            "socket": self.control.getsockname(),
+        }
+
+    def close(self) -> None:
+        for sock in (self.api, self.dashboard, self.control):
+            sock.close()
+
+
+class Daemon:
+    def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.phase = Phase.STARTING
+        self.started_at = utc_now()
+        self._t0 = time.monotonic()
+        self.notifier = notifier or Notifier()
+        self.store = StoreActor(config.database)
+        self.api = create_api_surface(self)
+        self.dashboard = create_dashboard_surface(self)
+        self.root = Supervisor("lokid")  # replaced by the real tree in `_build_tree`
+        self.listeners: Listeners | None = None
+        self.failure: BaseException | None = None
+        self.run_id: int | None = None
+        self._stop = trio.Event()
+        self._hurry = trio.Event()
+        self._root_done = trio.Event()
+        self._providers: dict[str, bool] = {}
+        self._providers_at = -PROVIDER_CACHE_SECONDS
+
+    # -- control ------------------------------------------------------------------
+
+    def request_shutdown(self) -> None:
+        """Begin a graceful shutdown (what SIGTERM does); a second call hurries it."""
+        if self._stop.is_set():
+            self._hurry.set()
+        self._stop.set()
+
+    async def run(
+        self, *, handle_signals: bool = False, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        data = self.config.data_path
+        try:
+            data.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"cannot create data dir {data}: {exc.strerror}") from None
+        lock = DaemonLock(self.config.lock_file, self.config.pid_file)
+        lock.acquire()
+        try:
+            self.listeners = self._open_listeners()
+            try:
+                await self._serve(handle_signals, task_status)
+            finally:
+                self.listeners.close()
+                if "control" not in self.listeners.from_systemd:
+                    self.config.socket.unlink(missing_ok=True)
+        finally:
+            lock.release()
+        if self.failure is not None:
+            raise DaemonFailed(f"the supervisor tree gave up: {self.failure}")
+
+    async def _serve(self, handle_signals: bool, task_status: Any) -> None:
+        assert self.listeners is not None
+        self._build_tree(self.listeners)
+        async with trio.open_nursery() as nursery:
+            if handle_signals:
+                await nursery.start(self._watch_signals)
+            self.notifier.status("starting")
+            try:
+                await nursery.start(self._run_root)
+            except SupervisorStartError as exc:
+                raise StartupError(_startup_message(exc)) from None
+            self.run_id = await self.store.record_start(os.getpid(), __version__)
+            interval = watchdog_interval()
+            if interval is not None:
+                nursery.start_soon(self._watchdog, interval)
+            self.phase = Phase.RUNNING
+            urls = self.listeners.urls()
+            summary = f"api {urls['api']}, dashboard {urls['dashboard']}, socket {urls['socket']}"
+            log.info("lokid %s ready: %s", __version__, summary)
+            self.notifier.ready(f"serving {summary}")
+            task_status.started(self)
+
+            await self._stop.wait()
+            self.phase = Phase.STOPPING
+            log.info("shutting down")
+            self.notifier.stopping("stopping: closing listeners, flushing the store")
+            with trio.move_on_after(self.config.shutdown_grace) as grace:
+                await self._stop_tree()
+            if grace.cancelled_caught:
+                log.warning("shutdown took longer than %gs; cancelling", self.config.shutdown_grace)
+            nursery.cancel_scope.cancel()
+
+    async def _stop_tree(self) -> None:
+        if self._root_done.is_set():
+            return
+        if self.run_id is not None:
+            try:
+                await self.store.record_stop(self.run_id)
+            except LokiError as exc:
+                log.warning("could not record the clean stop: %s", exc)
+        self.root.request_stop()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._root_done.wait)
+            await self._hurry_or(self._root_done)
+            nursery.cancel_scope.cancel()
+
+    async def _hurry_or(self, done: trio.Event) -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def hurry() -> None:
+                await self._hurry.wait()
+                log.warning("second stop request: cancelling remaining work")
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(hurry)
+            await done.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _run_root(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self.root.run(task_status=task_status)
+        except RestartIntensityExceeded as exc:
+            log.error("supervisor escalation: %s", exc)
+            self.failure = exc
+        finally:
+            self._root_done.set()
+            self._stop.set()
+
+    async def _watch_signals(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
+            async for signum in signals:
+                log.info("received %s", signal.Signals(signum).name)
+                self.request_shutdown()
+
+    async def _watchdog(self, interval: float) -> None:
+        # Runs on the trio loop on purpose: a frozen loop stops the pings and systemd restarts us.
+        while True:
+            self.notifier.watchdog()
+            await trio.sleep(interval)
+
+    # -- building -----------------------------------------------------------------
+
+    def _open_listeners(self) -> Listeners:
+        config = self.config
+        passed = inherited_sockets()
+        clear_activation_environment()
+        opened: list[socket.socket] = []
+        try:
+            api = passed.get("api") or _track(
+                opened, bind_tcp(config.api_host, config.api_port, what="HTTP API")
+            )
+            dashboard = passed.get("dashboard") or _track(
+                opened,
+                bind_tcp(
+                    config.dashboard_host, config.dashboard_port, what="dashboard", fallback=True
+                ),
+            )
+            control = passed.get("control") or _track(opened, bind_unix(config.socket))
+            listeners = Listeners(api, dashboard, control, frozenset(passed))
+            self._refuse_insecure_remote(listeners)
+        except BaseException:
+            for sock in [*opened, *passed.values()]:
+                sock.close()
+            raise
+        if (
+            "dashboard" not in passed
+            and config.dashboard_port
+            and dashboard.getsockname()[1] != config.dashboard_port
+        ):
+            log.warning(
+                "dashboard port %d is taken; using %d",
+                config.dashboard_port,
+                dashboard.getsockname()[1],
+            )
+        return listeners
+
+    def _refuse_insecure_remote(self, listeners: Listeners) -> None:
+        if self.config.auth_enabled or self.config.allow_insecure_remote:
+            return
+        for name, sock in (("HTTP API", listeners.api), ("dashboard", listeners.dashboard)):
+            if not is_loopback_socket(sock):
+                raise StartupError(
+                    f"refusing to serve the {name} on {socket_url(sock)} without authentication: "
+                    "anyone who can reach it could run agents on this machine. Enable auth "
+                    "(LOKI_ENTERPRISE_AUTH=true), bind to 127.0.0.1, or pass "
+                    "--allow-insecure-remote if you really mean it"
+                )
+
+    def _build_tree(self, listeners: Listeners) -> None:
+        grace = max(self.config.shutdown_grace - 1.0, 0.5)
+        listener_specs = []
+        for name, app, sock, check in (
+            ("api", self.api, listeners.api, False),
+            ("dashboard", self.dashboard, listeners.dashboard, False),
+            ("control", control_app(self.api, self.dashboard), listeners.control, True),
+        ):
+            listener = HttpListener(name, app, [sock], check_peer=check, graceful_timeout=grace)
+            listener_specs.append(
+                ChildSpec(
+                    name,
+                    listener.run,
+                    shutdown=grace + 1.0,
+                    traps_shutdown=True,
+                    statistics=listener.statistics,
+                )
+            )
+        servers = Supervisor(
+            "listeners", listener_specs, strategy=Strategy.ONE_FOR_ONE, max_restarts=5, period=30.0
+        )
+        store = ChildSpec(
+            "store",
+            self.store.run,
+            shutdown=STORE_SHUTDOWN_SECONDS,
+            traps_shutdown=True,
+            statistics=self.store.statistics,
+        )
+        self.root = Supervisor(
+            "lokid",
+            [store, servers.as_child()],
+            strategy=Strategy.REST_FOR_ONE,
+            max_restarts=5,
+            period=30.0,
+        )
+
+    # -- what the probes and /api/status read --------------------------------------
+
+    def uptime_seconds(self) -> float:
+        return time.monotonic() - self._t0
+
+    def core_problems(self) -> dict[str, str]:
+        problems: dict[str, str] = {}
+        if not self.store.statistics().running:
+            problems["store"] = "not running"
+        elif not self.store.writable:
+            problems["store"] = "not writable (see the daemon log)"
+        return problems
+
+    def readiness_problems(self) -> dict[str, str]:
+        problems = self.core_problems()
+        if self.phase is not Phase.RUNNING:
+            problems["daemon"] = self.phase.value
+        return problems
+
+    def providers(self) -> dict[str, bool]:
+        now = time.monotonic()
+        if now - self._providers_at > PROVIDER_CACHE_SECONDS:
+            self._providers = {
+                name: name == "command" or shutil.which(name) is not None for name in PROVIDERS
+            }
+            self._providers_at = now
+        return self._providers
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "status": "idle",
+            "version": __version__,
+            "provider": self.config.default_provider,
+            "session": None,
+            "agents": {"active": 0, "total": self.config.max_agents},
+            "sessions": {},
+            "phase": self.phase.value,
+            "pid": os.getpid(),
+            "startedAt": iso(self.started_at),
+            "uptimeSeconds": round(self.uptime_seconds(), 3),
+            "providers": self.providers(),
+            "listeners": self.listeners.urls() if self.listeners else {},
+            "supervisor": self.root.statistics(),
+        }
+
+
+def _track(opened: list[socket.socket], sock: socket.socket) -> socket.socket:
+    opened.append(sock)
+    return sock
+
+
+def _startup_message(exc: SupervisorStartError) -> str:
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, StartupError):
+            return cause.message
+        cause = cause.__cause__
+    return str(exc)
+
+
+async def serve(
+    config: Config, *, handle_signals: bool = False, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run a daemon until it is asked to stop; `task_status.started(daemon)` once ready.
+
+    Raises `StartupError` (with the operator's message) when it cannot start
+    and `DaemonFailed` when the tree gave up; trio's exception groups around
+    a single such error are unwrapped so callers can catch them plainly.
+    """
+    try:
+        await Daemon(config).run(handle_signals=handle_signals, task_status=task_status)
+    except BaseExceptionGroup as group:
+        leaves = list(exception_leaves(group))
+        if len(leaves) == 1 and isinstance(leaves[0], LokiError):
+            raise leaves[0] from None
+        raise

@@ -1,0 +1,17 @@
+"""The HTTP API surface (port 8420): seed "HTTP API Server"."""
+
+from __future__ import annotations
+
+from lokid import __version__
+from lokid.http.health import HealthSource, install_health
+from lokid.http.surface import Surface
+
+
+def create_api_surface(daemon: HealthSource) -> Surface:
+    surface = Surface(
+        "lokid HTTP API",
+        __version__,
+        description="Sessions, tasks, events and status (seed: HTTP API Server, port 8420).",
+    )
+    install_health(surface, daemon)
+    return surface

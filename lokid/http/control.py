@@ -1,0 +1,28 @@
+"""The control socket's application: the HTTP API, with the Dashboard API under /dashboard.
+
+Docker-style HTTP over a Unix socket (DESIGN.md §2). The listener has
+already checked the peer's uid (see `lokid.actors.listener`).
+"""
+
+from __future__ import annotations
+
+from lokid.http.surface import ASGIApp, Receive, Scope, Send
+
+DASHBOARD_PREFIX = "/dashboard"
+
+
+def control_app(api: ASGIApp, dashboard: ASGIApp) -> ASGIApp:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if path == DASHBOARD_PREFIX or path.startswith(DASHBOARD_PREFIX + "/"):
+            inner = dict(scope)
+            inner["path"] = path[len(DASHBOARD_PREFIX) :] or "/"
+            raw = scope.get("raw_path")
+            if raw is not None:
+                inner["raw_path"] = raw[len(DASHBOARD_PREFIX) :] or b"/"
+            inner["root_path"] = scope.get("root_path", "") + DASHBOARD_PREFIX
+            await dashboard(inner, receive, send)
+        else:
+            await api(scope, receive, send)
+
+    return app

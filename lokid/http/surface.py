@@ -1,0 +1,407 @@
+"""One API surface: a route table, a lean ASGI path and a Quart-Trio app behind it.
+
+Why two paths: Quart costs roughly 40 % of a trivial request (request and
+response objects, context locals, signals). Routes on the hot path (health
+probes, status, and later the SSE stream) are *lean*: plain ASGI handlers
+looked up in a dict by (method, path) before Quart is entered. Everything
+else is an ordinary Quart view. Both kinds are declared through the same
+`RouteTable`, which is also the single source of `/openapi.json`, so a route
+cannot exist without being documented (a test walks Quart's URL map and the
+lean table against the document).
+
+Error bodies are the seed's on both paths (see `lokid.http.errors`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
+
+import attrs
+from quart import Quart, Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from lokid.errors import LokiError
+from lokid.http.convert import dumps
+from lokid.http.errors import ApiError
+
+log = logging.getLogger("lokid.http")
+
+MAX_BODY_BYTES = 1024 * 1024  # DESIGN.md §4: larger bodies are 413
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+JSON_HEADERS = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
+
+
+@attrs.frozen
+class Param:
+    name: str
+    location: str  # "query" | "path" | "header"
+    schema: Mapping[str, Any] = attrs.field(factory=lambda: {"type": "string"})
+    required: bool = False
+    description: str = ""
+
+
+@attrs.frozen
+class Route:
+    """What the OpenAPI document says about one (method, path)."""
+
+    method: str
+    path: str  # OpenAPI style: /api/sessions/{id}
+    summary: str
+    responses: Mapping[int, str]
+    params: tuple[Param, ...] = ()
+    request_body: Mapping[str, Any] | None = None
+    response_schema: Mapping[str, Any] | None = None
+    tags: tuple[str, ...] = ()
+    lean: bool = False
+
+    @property
+    def operation_id(self) -> str:
+        words = re.sub(r"[{}]", "", self.path).strip("/").replace("/", "_").replace("-", "_")
+        return f"{self.method.lower()}_{words or 'root'}"
+
+
+@attrs.frozen
+class LeanResponse:
+    status: int
+    body: bytes
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+LeanHandler = Callable[[Scope], Awaitable[LeanResponse]]
+
+
+def json_response(status: int, payload: Any) -> LeanResponse:
+    return LeanResponse(status, dumps(payload))
+
+
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message", "details"],
+            "properties": {
+                "code": {"type": "string"},
+                "message": {"type": "string"},
+                "details": {"type": "object"},
+            },
+        }
+    },
+}
+
+
+class Surface:
+    """An ASGI application for one listener (HTTP API or Dashboard API)."""
+
+    def __init__(self, title: str, version: str, *, description: str = "") -> None:
+        self.title = title
+        self.version = version
+        self.description = description
+        self.routes: list[Route] = []
+        self._lean: dict[tuple[str, str], LeanHandler] = {}
+        self._lean_paths: dict[str, list[str]] = {}
+        self.quart: Quart = QuartTrio(f"lokid-{title.lower().replace(' ', '-')}")
+        self._configure_quart(self.quart)
+        self._openapi_bytes: bytes | None = None
+        self.lean(
+            "GET",
+            "/openapi.json",
+            "This listener's OpenAPI 3.1 document",
+            responses={200: "The document"},
+            tags=("meta",),
+        )(self._openapi_handler)
+
+    # -- declaring routes -------------------------------------------------------
+
+    def lean(
+        self,
+        method: str,
+        path: str,
+        summary: str,
+        *,
+        responses: Mapping[int, str],
+        params: Iterable[Param] = (),
+        response_schema: Mapping[str, Any] | None = None,
+        tags: Iterable[str] = (),
+    ) -> Callable[[LeanHandler], LeanHandler]:
+        def register(handler: LeanHandler) -> LeanHandler:
+            self._add(
+                Route(
+                    method,
+                    path,
+                    summary,
+                    responses,
+                    tuple(params),
+                    None,
+                    response_schema,
+                    tuple(tags),
+                    lean=True,
+                )
+            )
+            self._lean[(method, path)] = handler
+            self._lean_paths.setdefault(path, []).append(method)
+            return handler
+
+        return register
+
+    def route(
+        self,
+        method: str,
+        path: str,
+        summary: str,
+        *,
+        responses: Mapping[int, str],
+        params: Iterable[Param] = (),
+        request_body: Mapping[str, Any] | None = None,
+        response_schema: Mapping[str, Any] | None = None,
+        tags: Iterable[str] = (),
+    ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
+        def register(view: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            self._add(
+                Route(
+                    method,
+                    path,
+                    summary,
+                    responses,
+                    tuple(params),
+                    request_body,
+                    response_schema,
+                    tuple(tags),
+                )
+            )
+            rule = re.sub(r"{(\w+)}", r"<\1>", path)
+            endpoint = f"{method.lower()}:{path}"
+            self.quart.add_url_rule(rule, endpoint, view, methods=[method])
+            return view
+
+        return register
+
+    def _add(self, route: Route) -> None:
+        if any(r.method == route.method and r.path == route.path for r in self.routes):
+            raise ValueError(f"route {route.method} {route.path} declared twice")
+        self.routes.append(route)
+        self._openapi_bytes = None
+
+    # -- ASGI -------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            handler = self._lean.get((scope["method"], path))
+            if handler is not None:
+                await self._serve_lean(handler, scope, send)
+                return
+            methods = self._lean_paths.get(path)
+            if methods is not None:
+                allowed = ", ".join(sorted({*methods, "HEAD"} if "GET" in methods else methods))
+                if scope["method"] == "HEAD" and "GET" in methods:
+                    await self._serve_lean(self._lean[("GET", path)], scope, send, head=True)
+                    return
+                error = ApiError(
+                    "METHOD_NOT_ALLOWED",
+                    f"{scope['method']} is not allowed on {path}; allowed: {allowed}",
+                    {"allowed": allowed.split(", ")},
+                )
+                await send_error(send, error, [(b"allow", allowed.encode())])
+                return
+        await self.quart(scope, receive, send)  # type: ignore[arg-type]
+
+    async def _serve_lean(
+        self, handler: LeanHandler, scope: Scope, send: Send, *, head: bool = False
+    ) -> None:
+        try:
+            response = await handler(scope)
+        except ApiError as exc:
+            await send_error(send, exc)
+            return
+        except LokiError as exc:
+            await send_error(send, ApiError.from_loki(exc))
+            return
+        except Exception:
+            log.exception("lean handler %s %s failed", scope["method"], scope["path"])
+            await send_error(send, ApiError("INTERNAL_ERROR", "internal error; see the daemon log"))
+            return
+        headers = [
+            *JSON_HEADERS,
+            *response.headers,
+            (b"content-length", str(len(response.body)).encode()),
+        ]
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if head else response.body})
+
+    # -- OpenAPI ------------------------------------------------------------------
+
+    async def _openapi_handler(self, scope: Scope) -> LeanResponse:
+        if self._openapi_bytes is None:
+            self._openapi_bytes = dumps(self.openapi())
+        return LeanResponse(200, self._openapi_bytes)
+
+    def openapi(self) -> dict[str, Any]:
+        paths: dict[str, dict[str, Any]] = {}
+        for route in self.routes:
+            operation: dict[str, Any] = {
+                "operationId": route.operation_id,
+                "summary": route.summary,
+                "tags": list(route.tags),
+                "responses": {
+                    str(status): _response_doc(status, text, route.response_schema)
+                    for status, text in sorted({**route.responses, **_COMMON_ERRORS}.items())
+                },
+            }
+            params = list(route.params) + [
+                Param(name, "path", required=True)
+                for name in re.findall(r"{(\w+)}", route.path)
+                if all(p.name != name for p in route.params)
+            ]
+            if params:
+                operation["parameters"] = [
+                    {
+                        "name": p.name,
+                        "in": p.location,
+                        "required": p.required or p.location == "path",
+                        "schema": dict(p.schema),
+                        **({"description": p.description} if p.description else {}),
+                    }
+                    for p in params
+                ]
+            if route.request_body is not None:
+                operation["requestBody"] = {
+                    "required": True,
+                    "content": {"application/json": {"schema": dict(route.request_body)}},
+                }
+            paths.setdefault(route.path, {})[route.method.lower()] = operation
+        return {
+            "openapi": "3.1.0",
+            "info": {"title": self.title, "version": self.version, "description": self.description},
+            "paths": paths,
+            "components": {"schemas": {"Error": ERROR_SCHEMA}},
+        }
+
+    # -- Quart set-up -------------------------------------------------------------
+
+    @staticmethod
+    def _configure_quart(app: Quart) -> None:
+        app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+        app.config["PROPAGATE_EXCEPTIONS"] = False
+        app.json.sort_keys = False  # type: ignore[attr-defined]
+        app.json.compact = True  # type: ignore[attr-defined]
+        app.url_map.strict_slashes = True
+
+        @app.errorhandler(ApiError)
+        async def _api_error(exc: ApiError) -> Response:
+            return quart_error(exc)
+
+        @app.errorhandler(LokiError)
+        async def _loki_error(exc: LokiError) -> Response:
+            return quart_error(ApiError.from_loki(exc))
+
+        @app.errorhandler(HTTPException)
+        async def _http_error(exc: HTTPException) -> Response:
+            return quart_error(_from_werkzeug(exc))
+
+        @app.errorhandler(Exception)
+        async def _crash(exc: Exception) -> Response:
+            log.error("%s %s failed", request.method, request.path, exc_info=exc)
+            return quart_error(ApiError("INTERNAL_ERROR", "internal error; see the daemon log"))
+
+
+_COMMON_ERRORS = {
+    400: "Malformed request (bad JSON or query value)",
+    404: "No such route or resource",
+    405: "Method not allowed on this path",
+    413: "Request body larger than 1 MiB",
+    500: "Internal error (a bug; details are in the daemon log)",
+    503: "Unavailable (starting, stopping or the store is down)",
+}
+
+
+def _response_doc(status: int, text: str, schema: Mapping[str, Any] | None) -> dict[str, Any]:
+    if status >= 400:
+        body_schema: Mapping[str, Any] = {"$ref": "#/components/schemas/Error"}
+    else:
+        body_schema = schema or {"type": "object"}
+    if status == 204:
+        return {"description": text}
+    return {"description": text, "content": {"application/json": {"schema": dict(body_schema)}}}
+
+
+def _from_werkzeug(exc: HTTPException) -> ApiError:
+    status = exc.code or 500
+    if status == 404:
+        return ApiError("NOT_FOUND", f"No route for {request.method} {request.path}")
+    if status == 405:
+        allowed = sorted(getattr(exc, "valid_methods", None) or [])
+        return ApiError(
+            "METHOD_NOT_ALLOWED",
+            f"{request.method} is not allowed on {request.path}; allowed: {', '.join(allowed)}",
+            {"allowed": allowed},
+            headers={"Allow": ", ".join(allowed)},
+        )
+    if status == 413:
+        return ApiError(
+            "PAYLOAD_TOO_LARGE",
+            f"Request body is larger than the limit of {MAX_BODY_BYTES} bytes",
+            {"limit": MAX_BODY_BYTES},
+        )
+    return ApiError.for_status(status, exc.description or exc.name)
+
+
+def quart_error(exc: ApiError) -> Response:
+    response = Response(exc.body_bytes(), status=exc.status, content_type="application/json")
+    for name, value in exc.headers.items():
+        response.headers[name] = value
+    return response
+
+
+async def send_error(
+    send: Send, exc: ApiError, headers: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
+    body = exc.body_bytes()
+    extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+    await send(
+        {
+            "type": "http.response.start",
+            "status": exc.status,
+            "headers": [
+                *JSON_HEADERS,
+                *extra,
+                *headers,
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def json_body() -> dict[str, Any]:
+    """The request body as a JSON object, or a 400/413/415 in the seed's shape.
+
+    An empty body counts as `{}` so that `POST /x` without a body works for
+    routes whose fields are all optional.
+    """
+    raw: bytes = await request.get_data(cache=True, as_text=False)  # type: ignore[assignment]
+    if not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ApiError("BAD_REQUEST", "Request body is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise ApiError(
+            "BAD_REQUEST",
+            f"Request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+        ) from None
+    if not isinstance(value, dict):
+        raise ApiError("BAD_REQUEST", "Request body must be a JSON object")
+    return value

@@ -1,0 +1,59 @@
+"""Process identity: a pid is only trusted together with its start time.
+
+Pids are reused. Whenever lokid records a process to signal it later (the
+daemon in its pid file, agent process groups in the store) it records the
+pair (pid, start time in clock ticks since boot, field 22 of
+/proc/<pid>/stat), and `is_same_process` checks both before any signal.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import attrs
+
+
+@attrs.frozen
+class ProcessIdentity:
+    pid: int
+    start_ticks: int
+
+    def render(self) -> str:
+        return f"{self.pid} {self.start_ticks}"
+
+    @classmethod
+    def parse(cls, text: str) -> ProcessIdentity | None:
+        parts = text.split()
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            return None
+        return cls(int(parts[0]), int(parts[1]))
+
+
+def start_ticks(pid: int) -> int | None:
+    """The start time of `pid`, or None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[19])
+
+
+def identity(pid: int | None = None) -> ProcessIdentity | None:
+    pid = os.getpid() if pid is None else pid
+    ticks = start_ticks(pid)
+    return None if ticks is None else ProcessIdentity(pid, ticks)
+
+
+def is_same_process(recorded: ProcessIdentity) -> bool:
+    return start_ticks(recorded.pid) == recorded.start_ticks
+
+
+def is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    return stat[stat.rindex(")") + 2 :].split()[0] == "Z"

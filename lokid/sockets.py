@@ -1,0 +1,139 @@
+"""Listening sockets: TCP with the dashboard's "next free port" rule, and the control socket.
+
+lokid binds its sockets itself (or takes them from systemd) and hands them to
+the listeners, so that a listener restarted by its supervisor keeps the same
+port, and socket activation needs no special path in the listeners.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import stat
+import struct
+from pathlib import Path
+
+from lokid.errors import StartupError
+
+BACKLOG = 1024
+PORT_FALLBACK_ATTEMPTS = 100  # how far past a taken dashboard port we look
+
+
+def bind_tcp(host: str, port: int, *, what: str, fallback: bool = False) -> socket.socket:
+    """Bind and listen on host:port; with `fallback`, a taken port moves to the next one."""
+    attempts = PORT_FALLBACK_ATTEMPTS if fallback and port != 0 else 1
+    last_error: OSError | None = None
+    for candidate in range(port, min(port + attempts, 65536)):
+        try:
+            return _bind_one(host, candidate)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise StartupError(
+                    f"cannot listen for the {what} on {host}:{candidate}: {exc.strerror}"
+                ) from None
+            last_error = exc
+    assert last_error is not None
+    if attempts == 1:
+        raise StartupError(
+            f"cannot listen for the {what} on {host}:{port}: the port is in use "
+            "(another lokid? choose another port)"
+        )
+    raise StartupError(f"no free port for the {what} in {port}-{port + attempts - 1} on {host}")
+
+
+def _bind_one(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot resolve listen address {host!r}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(False)
+    return sock
+
+
+def bind_unix(path: Path) -> socket.socket:
+    """The control socket: mode 0600 inside a folder that is ours and not open to others.
+
+    The caller holds the data directory lock, so a socket file left at `path`
+    by a crashed daemon is stale and is replaced.
+    """
+    folder = path.parent
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = folder.stat()
+    except OSError as exc:
+        raise StartupError(
+            f"cannot create the control socket folder {folder}: {exc.strerror}"
+        ) from None
+    if info.st_uid != os.getuid():
+        raise StartupError(
+            f"the control socket folder {folder} belongs to uid {info.st_uid}, not to us"
+        )
+    if info.st_mode & 0o077:
+        os.chmod(folder, 0o700)
+    if len(os.fsencode(path)) >= 104:
+        raise StartupError(
+            f"control socket path {path} is too long for a Unix socket (max 103 bytes)"
+        )
+    try:
+        existing = path.lstat()
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(existing.st_mode):
+            raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(os.fspath(path))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot create the control socket {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(BACKLOG)
+    sock.set_inheritable(False)
+    return sock
+
+
+def is_loopback_socket(sock: socket.socket) -> bool:
+    if sock.family == socket.AF_UNIX:
+        return True
+    host = sock.getsockname()[0]
+    try:
+        address = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def socket_url(sock: socket.socket) -> str:
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{sock.getsockname()}"
+    host, port = sock.getsockname()[:2]
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket (SO_PEERCRED)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid

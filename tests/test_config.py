@@ -1,0 +1,96 @@
+"""Configuration precedence (flag > env > file > default) and validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lokid.config import SETTINGS, load_config
+from lokid.errors import ConfigError
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_defaults_follow_the_design(tmp_path: Path) -> None:
+    config = load_config({}, environ={"LOKI_HOME": str(tmp_path)})
+    assert (config.api_host, config.api_port) == ("127.0.0.1", 8420)
+    assert config.dashboard_port == 57374
+    assert config.data_path == tmp_path / "lokid"
+    assert config.socket == tmp_path / "lokid" / "lokid.sock"
+    assert config.database == tmp_path / "lokid" / "lokid.db"
+    assert config.auth_enabled is False
+    assert config.max_agents == 10
+    assert all(source == "default" for _, _, source in config.show()[2:])
+
+
+def test_flag_beats_env_beats_file_beats_default(tmp_path: Path) -> None:
+    file = write(
+        tmp_path / "lokid.toml", "api_port = 1111\ndashboard_port = 2222\nmax_agents = 3\n"
+    )
+    env = {"LOKI_HOME": str(tmp_path), "LOKI_API_PORT": "3333", "LOKI_DASHBOARD_PORT": "4444"}
+    config = load_config({"api_port": 5555}, environ=env)
+    assert config.config_file == file  # found in LOKI_HOME without --config
+    assert config.api_port == 5555
+    assert config.dashboard_port == 4444
+    assert config.max_agents == 3
+    assert config.sources["api_port"] == "flag"
+    assert config.sources["dashboard_port"] == "env LOKI_DASHBOARD_PORT"
+    assert config.sources["max_agents"] == f"file {file}"
+    assert "api_host" not in config.sources
+
+
+def test_explicit_config_file_is_used(tmp_path: Path) -> None:
+    file = write(tmp_path / "other.toml", 'api_host = "::1"\n')
+    config = load_config({}, environ={"LOKI_HOME": str(tmp_path)}, config_file=file)
+    assert config.api_host == "::1"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"LOKI_API_PORT": "http"},
+            "invalid api_port from env LOKI_API_PORT: 'http' is not an integer",
+        ),
+        ({"LOKI_API_PORT": "70000"}, "70000 is not a TCP port"),
+        ({"LOKI_ENTERPRISE_AUTH": "maybe"}, "'maybe' is not a boolean"),
+        ({"LOKI_MAX_AGENTS": "0"}, "0 must be at least 1"),
+        ({"LOKI_PROVIDER": "gpt"}, "'gpt' is not one of claude"),
+        ({"LOKI_SHUTDOWN_GRACE": "inf"}, "must be a positive, finite number"),
+    ],
+)
+def test_bad_values_name_their_source(tmp_path: Path, env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config({}, environ={"LOKI_HOME": str(tmp_path), **env})
+
+
+@pytest.mark.parametrize("word", ["1", "true", "YES", "on"])
+def test_auth_env_accepts_true_words(tmp_path: Path, word: str) -> None:
+    config = load_config({}, environ={"LOKI_HOME": str(tmp_path), "LOKI_ENTERPRISE_AUTH": word})
+    assert config.auth_enabled is True
+
+
+def test_bad_toml_and_unknown_keys_are_clear_errors(tmp_path: Path) -> None:
+    broken = write(tmp_path / "a.toml", "api_port = \n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_config({}, environ={}, config_file=broken)
+    unknown = write(tmp_path / "b.toml", "api_prot = 1\n")
+    with pytest.raises(ConfigError, match="unknown key\\(s\\) api_prot"):
+        load_config({}, environ={}, config_file=unknown)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config({}, environ={}, config_file=tmp_path / "missing.toml")
+    wrong_type = write(tmp_path / "c.toml", "auth_enabled = 3\n")
+    with pytest.raises(ConfigError, match="auth_enabled from file"):
+        load_config({}, environ={}, config_file=wrong_type)
+
+
+def test_every_setting_has_a_parser_and_a_field(tmp_path: Path) -> None:
+    from lokid.config import PARSERS, Config
+
+    fields = {f.name for f in Config.__attrs_attrs__}
+    assert set(SETTINGS) == set(PARSERS)
+    assert set(SETTINGS) <= fields

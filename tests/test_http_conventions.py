@@ -1,0 +1,191 @@
+"""Every error of every route is the seed's error body (DESIGN.md §4), on both paths."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from lokid.errors import Unavailable, ValidationFailed
+from lokid.http.surface import (
+    MAX_BODY_BYTES,
+    LeanResponse,
+    Scope,
+    Surface,
+    json_body,
+    json_response,
+)
+
+from .asgi import Answer, call
+
+
+def make_surface() -> Surface:
+    surface = Surface("Test API", "0")
+
+    @surface.lean("GET", "/fast", "lean route", responses={200: "ok"})
+    async def fast(scope: Scope) -> LeanResponse:
+        return json_response(200, {"fast": True})
+
+    @surface.lean("GET", "/fast/broken", "lean route that crashes", responses={200: "ok"})
+    async def fast_broken(scope: Scope) -> LeanResponse:
+        raise RuntimeError("secret internals")
+
+    @surface.route("POST", "/things", "create a thing", responses={201: "created"})
+    async def create() -> tuple[dict[str, Any], int]:
+        body = await json_body()
+        if "name" not in body:
+            raise ValidationFailed("name is required", field="name")
+        return {"name": body["name"]}, 201
+
+    @surface.route("GET", "/things/{thing_id}", "one thing", responses={200: "ok"})
+    async def get_thing(thing_id: str) -> dict[str, Any]:
+        if thing_id == "boom":
+            raise RuntimeError("Traceback secret")
+        if thing_id == "busy":
+            raise Unavailable("store is down")
+        return {"id": thing_id}
+
+    return surface
+
+
+def assert_error(answer: Answer, status: int, code: str) -> dict[str, Any]:
+    assert answer.status == status, answer.body
+    assert answer.headers["content-type"].startswith("application/json")
+    body = answer.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) >= {"code", "message", "details"}
+    assert body["error"]["code"] == code
+    assert isinstance(body["error"]["details"], dict)
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+async def test_lean_and_quart_routes_answer() -> None:
+    surface = make_surface()
+    assert (await call(surface, "GET", "/fast")).json() == {"fast": True}
+    created = await call(surface, "POST", "/things", body=b'{"name": "x"}')
+    assert (created.status, created.json()) == (201, {"name": "x"})
+    assert (await call(surface, "GET", "/things/7")).json() == {"id": "7"}
+
+
+async def test_unknown_route_is_404() -> None:
+    error = assert_error(await call(make_surface(), "GET", "/nope"), 404, "NOT_FOUND")
+    assert error["message"] == "No route for GET /nope"
+
+
+async def test_trailing_slash_is_not_a_redirect() -> None:
+    assert_error(await call(make_surface(), "GET", "/things/7/"), 404, "NOT_FOUND")
+
+
+async def test_wrong_method_on_quart_route_is_405_with_allow() -> None:
+    answer = await call(make_surface(), "DELETE", "/things")
+    error = assert_error(answer, 405, "METHOD_NOT_ALLOWED")
+    assert "POST" in error["details"]["allowed"]
+    assert "POST" in answer.headers["allow"]
+
+
+async def test_wrong_method_on_lean_route_is_405_with_allow() -> None:
+    answer = await call(make_surface(), "POST", "/fast")
+    error = assert_error(answer, 405, "METHOD_NOT_ALLOWED")
+    assert error["details"]["allowed"] == ["GET", "HEAD"]
+    assert answer.headers["allow"] == "GET, HEAD"
+
+
+async def test_head_on_lean_route_has_no_body() -> None:
+    answer = await call(make_surface(), "HEAD", "/fast")
+    assert answer.status == 200
+    assert answer.body == b""
+    assert answer.headers["content-length"] == str(len(b'{"fast":true}'))
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{not json", "Request body is not valid JSON: Expecting property name"),
+        (b"[1, 2]", "Request body must be a JSON object"),
+        (b'"text"', "Request body must be a JSON object"),
+        (b"\xff\xfe", "Request body is not UTF-8 text"),
+    ],
+)
+async def test_malformed_json_is_400(body: bytes, message: str) -> None:
+    answer = await call(make_surface(), "POST", "/things", body=body)
+    error = assert_error(answer, 400, "BAD_REQUEST")
+    assert error["message"].startswith(message)
+
+
+async def test_empty_body_counts_as_empty_object() -> None:
+    error = assert_error(await call(make_surface(), "POST", "/things"), 422, "VALIDATION_ERROR")
+    assert error["details"] == {"field": "name"}
+
+
+@pytest.mark.parametrize("declared", [True, False])
+async def test_oversized_body_is_413(declared: bool) -> None:
+    body = b'{"name": "' + b"x" * MAX_BODY_BYTES + b'"}'
+    # declared: content-length announces the size; else the body arrives chunked, unannounced.
+    headers = {} if declared else {"transfer-encoding": "chunked"}
+    answer = await call(
+        make_surface(), "POST", "/things", body=body, headers=headers, send_length=declared
+    )
+    error = assert_error(answer, 413, "PAYLOAD_TOO_LARGE")
+    assert error["details"]["limit"] == MAX_BODY_BYTES
+
+
+@pytest.mark.parametrize("path", ["/things/boom", "/fast/broken"])
+async def test_crash_is_500_without_internals(path: str) -> None:
+    answer = await call(make_surface(), "GET", path)
+    error = assert_error(answer, 500, "INTERNAL_ERROR")
+    assert "secret" not in answer.body.decode()
+    assert "Traceback" not in answer.body.decode()
+    assert error["message"] == "internal error; see the daemon log"
+
+
+async def test_unavailable_is_503() -> None:
+    error = assert_error(await call(make_surface(), "GET", "/things/busy"), 503, "UNAVAILABLE")
+    assert error["message"] == "store is down"
+
+
+def documented(surface: Surface) -> set[tuple[str, str]]:
+    doc = surface.openapi()
+    return {(method.upper(), path) for path, ops in doc["paths"].items() for method in ops}
+
+
+def implemented(surface: Surface) -> set[tuple[str, str]]:
+    """Every (method, path) the app really answers: Quart's URL map plus the lean table."""
+    import re
+
+    routes = {(m, p) for (m, p) in surface._lean}
+    for rule in surface.quart.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+        routes |= {(m, path) for m in rule.methods or () if m not in ("HEAD", "OPTIONS")}
+    return routes
+
+
+def test_openapi_documents_exactly_the_implemented_routes() -> None:
+    surface = make_surface()
+    assert implemented(surface) == documented(surface)
+    # A route added behind the table's back is caught:
+    surface.quart.add_url_rule("/sneaky", "sneaky", lambda: "x", methods=["GET"])
+    assert ("GET", "/sneaky") in implemented(surface) - documented(surface)
+
+
+async def test_openapi_json_is_served_and_valid_shape() -> None:
+    answer = await call(make_surface(), "GET", "/openapi.json")
+    doc = answer.json()
+    assert doc["openapi"] == "3.1.0"
+    thing = doc["paths"]["/things/{thing_id}"]["get"]
+    assert thing["parameters"] == [
+        {"name": "thing_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    ]
+    assert thing["responses"]["404"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Error"
+    }
+
+
+def test_route_declared_twice_is_refused() -> None:
+    surface = make_surface()
+    with pytest.raises(ValueError, match="declared twice"):
+        surface.lean("GET", "/fast", "again", responses={200: "ok"})(
+            make_surface()._lean[("GET", "/fast")]
+        )
