@@ -30,7 +30,9 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
+# wrk (a Debian package) is the load generator when present; else a Python one.
 bench: $(STAMP)
+	@command -v wrk >/dev/null || [ "$$(id -u)" != 0 ] || apt-get install -y wrk >/dev/null 2>&1 || true
 	$(BIN)/python -m bench health
 
 clean:

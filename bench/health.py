@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import trio
 
-from bench.loadgen import LoadResult, run_load
+from bench.loadgen import LoadResult, run_load, run_wrk, wrk_available
 
 SERVER_CPU = 0
 DRIVER_CPU = 1
@@ -86,7 +86,10 @@ def _wait_for_port(socket_path: Path, process: subprocess.Popen[bytes]) -> int:
     raise SystemExit("lokid did not become ready")
 
 
-def measure(port: int, path: str, concurrency: int, duration: float) -> LoadResult:
+def measure(port: int, path: str, concurrency: int, duration: float, driver: str) -> LoadResult:
+    if driver == "wrk":
+        run_wrk("127.0.0.1", port, path, concurrency=concurrency, duration=1)  # warm-up
+        return run_wrk("127.0.0.1", port, path, concurrency=concurrency, duration=duration)
     trio.run(lambda: run_load("127.0.0.1", port, path, concurrency=concurrency, duration=0.5))
     return trio.run(
         lambda: run_load("127.0.0.1", port, path, concurrency=concurrency, duration=duration)
@@ -100,7 +103,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--path", default="/health")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--driver",
+        choices=["auto", "wrk", "python"],
+        default="auto",
+        help="load generator: wrk (Debian package) when installed, else the Python one",
+    )
     args = parser.parse_args(argv)
+    driver = args.driver
+    if driver == "auto":
+        driver = "wrk" if wrk_available() else "python"
     if len(os.sched_getaffinity(0)) > 1:
         os.sched_setaffinity(0, {DRIVER_CPU})
 
@@ -109,7 +121,7 @@ def main(argv: list[str]) -> int:
         for concurrency in args.concurrency:
             for _ in range(args.rounds):
                 for name, port in (("raw", raw_port), ("lokid", lokid_port)):
-                    result = measure(port, args.path, concurrency, args.duration)
+                    result = measure(port, args.path, concurrency, args.duration, driver)
                     results[name].setdefault(concurrency, []).append(result)
 
     report: list[dict[str, Any]] = []
@@ -124,6 +136,7 @@ def main(argv: list[str]) -> int:
             "raw_p99_ms": statistics.median(r.p99 for r in raw),
             "lokid_p99_ms": statistics.median(r.p99 for r in ours),
             "errors": sum(r.errors for r in raw + ours),
+            "driver": driver,
         }
         row["rps_ratio"] = row["lokid_rps"] / row["raw_rps"]
         row["p99_ratio"] = row["lokid_p99_ms"] / row["raw_p99_ms"]
@@ -133,7 +146,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"GET {args.path}: lokid vs a raw ASGI app on the same Hypercorn trio listener")
-    print(f"{args.rounds} alternating rounds of {args.duration:g}s; medians")
+    print(f"{args.rounds} alternating rounds of {args.duration:g}s; medians; driver: {driver}")
     print(
         f"{'c':>3} {'raw req/s':>10} {'lokid req/s':>12} {'ratio':>6} "
         f"{'raw p99':>9} {'lokid p99':>10} {'ratio':>6} {'errors':>6}"

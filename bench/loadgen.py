@@ -1,4 +1,7 @@
-"""A small HTTP/1.1 keep-alive load generator on trio raw sockets (loopback only).
+"""HTTP/1.1 keep-alive load generators (loopback only): wrk when installed, else pure Python.
+
+`run_wrk` runs Debian's `wrk` and reads its summary; `run_load` is the
+fallback: a small generator on trio raw sockets.
 
 Each of `concurrency` connections sends one request, reads the whole
 response (Content-Length framing), records the latency, and repeats until
@@ -9,7 +12,10 @@ baseline in the same run shows its ceiling).
 
 from __future__ import annotations
 
+import re
+import shutil
 import statistics
+import subprocess
 import time
 
 import attrs
@@ -84,3 +90,63 @@ async def run_load(
             nursery.start_soon(_connection, host, port, request, deadline, latencies, errors)
     seconds = time.perf_counter() - start
     return LoadResult(len(latencies), len(errors), seconds, tuple(latencies))
+
+
+def wrk_available() -> bool:
+    return shutil.which("wrk") is not None
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def run_wrk(host: str, port: int, path: str, *, concurrency: int, duration: float) -> LoadResult:
+    """One wrk run; latencies holds only its p50 and p99 (what wrk reports)."""
+    output = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{max(1, round(duration))}s",
+            "--latency",
+            f"http://{host}:{port}{path}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=duration + 30,
+    ).stdout
+
+    def latency(label: str) -> float:
+        found = re.search(rf"^\s*{label}\s+([\d.]+)(us|ms|s)\s*$", output, re.M)
+        if found is None:
+            raise RuntimeError(f"no {label} latency in wrk output:\n{output}")
+        return float(found.group(1)) * _UNITS[found.group(2)]
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    done = re.search(r"(\d+) requests in ([\d.]+)(s|ms)", output)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    if rps is None or done is None:
+        raise RuntimeError(f"unexpected wrk output:\n{output}")
+    seconds = float(done.group(2)) / (1000 if done.group(3) == "ms" else 1)
+    return WrkResult(
+        requests=int(done.group(1)),
+        errors=int(errors.group(1)) if errors else 0,
+        seconds=seconds,
+        latencies_ms=(),
+        p50_ms=latency("50%"),
+        p99_ms=latency("99%"),
+    )
+
+
+@attrs.frozen
+class WrkResult(LoadResult):
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+
+    @property
+    def p50(self) -> float:
+        return self.p50_ms
+
+    @property
+    def p99(self) -> float:
+        return self.p99_ms

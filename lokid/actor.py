@@ -229,6 +229,11 @@ class Actor(Generic[M]):
 
     # -- introspection --------------------------------------------------------
 
+    @property
+    def running(self) -> bool:
+        """An incarnation of the task is serving (cheap; for health probes)."""
+        return self._running
+
     def statistics(self) -> ActorStatistics:
         channel = self._send.statistics()
         return ActorStatistics(

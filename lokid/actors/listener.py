@@ -19,6 +19,7 @@ protocols to close idle keep-alive connections, give open requests
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -53,6 +54,32 @@ class ListenerStatistics:
     connections_total: int
     max_connections: int
     peers_refused: int
+
+
+class _TCPServer(TCPServer):
+    """Hypercorn's connection handler with a close that cannot collide with a write.
+
+    Hypercorn's `_close` sends EOF without the lock its `protocol_send`
+    holds; a client hanging up while a response was being written made the
+    app's write fail with `BusyResourceError` ("Error in ASGI Framework" in
+    the log). Here EOF is sent only when no write is in flight (taken
+    without waiting, so a stuck write cannot stall the close), and the
+    stream is closed in every case, even when cancelled.
+    """
+
+    async def _close(self) -> None:
+        try:
+            if not self.send_lock.locked():
+                self.send_lock.acquire_nowait()
+                try:
+                    with contextlib.suppress(
+                        trio.BrokenResourceError, trio.ClosedResourceError, AttributeError
+                    ):
+                        await self.stream.send_eof()
+                finally:
+                    self.send_lock.release()
+        finally:
+            await self.stream.aclose()
 
 
 def hypercorn_config(graceful_timeout: float) -> HypercornConfig:
@@ -151,7 +178,7 @@ class HttpListener:
             app = self._wrapped
             if self.check_peer:
                 app = wrap_app(self._peer_app(stream), self._config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
-            server = TCPServer(app, self._config, context, ConnectionState({}), stream)  # type: ignore[arg-type]
+            server = _TCPServer(app, self._config, context, ConnectionState({}), stream)  # type: ignore[arg-type]
             await server.run()
         finally:
             self._open -= 1
