@@ -189,3 +189,36 @@ def test_route_declared_twice_is_refused() -> None:
         surface.lean("GET", "/fast", "again", responses={200: "ok"})(
             make_surface()._lean[("GET", "/fast")]
         )
+
+
+class FakeDaemon:
+    def core_problems(self) -> dict[str, str]:
+        return {}
+
+    def readiness_problems(self) -> dict[str, str]:
+        return {"daemon": "starting"}
+
+    def uptime_seconds(self) -> float:
+        return 1.0
+
+    def status(self) -> dict[str, Any]:
+        return {"status": "idle"}
+
+
+@pytest.mark.parametrize("which", ["api", "dashboard"])
+def test_daemon_surfaces_document_every_route(which: str) -> None:
+    from lokid.http.api import create_api_surface
+    from lokid.http.dashboard import create_dashboard_surface
+
+    create = create_api_surface if which == "api" else create_dashboard_surface
+    surface = create(FakeDaemon())
+    assert implemented(surface) == documented(surface)
+    assert ("GET", "/health") in documented(surface)
+
+
+async def test_not_ready_is_503_with_the_reason() -> None:
+    from lokid.http.api import create_api_surface
+
+    answer = await call(create_api_surface(FakeDaemon()), "GET", "/health/ready")
+    assert answer.status == 503
+    assert answer.json() == {"ready": False, "details": {"daemon": "starting"}}

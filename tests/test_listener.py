@@ -1,0 +1,138 @@
+"""HttpListener and the process-identity helpers it relies on."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+import trio.testing
+
+from lokid.actors.listener import HttpListener, _TCPServer
+from lokid.http.surface import Scope
+from lokid.pidfile import DaemonLock, read_pid_file, running_daemon
+from lokid.process import ProcessIdentity, identity, is_same_process
+from lokid.supervisor import ChildStatus
+from lokid.timefmt import utc_now_iso
+
+
+async def hello_app(scope: Scope, receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    body = utc_now_iso().encode()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+def loopback_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+async def test_listener_serves_and_stops_gracefully() -> None:
+    sock = loopback_socket()
+    port = sock.getsockname()[1]
+    listener = HttpListener("t", hello_app, [sock], graceful_timeout=1)
+    stop = trio.Event()
+
+    async def run_supervised(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        await listener.run(task_status=ChildStatus(task_status, shutdown_requested=stop))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_supervised)
+            async with httpx.AsyncClient() as client:
+                answer = await client.get(f"http://127.0.0.1:{port}/")
+                assert answer.status_code == 200
+                assert listener.statistics().connections_total == 1
+            stop.set()
+    stats = listener.statistics()
+    assert not stats.running
+    assert stats.connections_open == 0
+    # The listener worked on a duplicate: our socket is still open for a restart.
+    assert sock.fileno() != -1
+    sock.close()
+
+
+async def test_listener_restart_reuses_the_same_socket() -> None:
+    sock = loopback_socket()
+    port = sock.getsockname()[1]
+    listener = HttpListener("t", hello_app, [sock], graceful_timeout=1)
+    with trio.fail_after(10):
+        for _ in range(2):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(listener.run)
+                async with httpx.AsyncClient() as client:
+                    assert (await client.get(f"http://127.0.0.1:{port}/")).status_code == 200
+                nursery.cancel_scope.cancel()
+    sock.close()
+
+
+class FakeStream:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def send_eof(self) -> None:
+        self.calls.append("send_eof")
+
+    async def aclose(self) -> None:
+        self.calls.append("aclose")
+
+
+async def test_close_during_a_write_skips_eof_but_closes() -> None:
+    """Regression: Hypercorn sent EOF while the app wrote (BusyResourceError in the app)."""
+    server = _TCPServer.__new__(_TCPServer)
+    server.stream = FakeStream()
+    server.send_lock = trio.Lock()
+    async with server.send_lock:  # a write is in flight
+        await server._close()
+    assert server.stream.calls == ["aclose"]
+    server.stream = FakeStream()
+    await server._close()  # no write in flight: EOF first, then close
+    assert server.stream.calls == ["send_eof", "aclose"]
+    assert not server.send_lock.locked()
+
+
+def test_process_identity_needs_pid_and_start_time() -> None:
+    me = identity()
+    assert me is not None and me.pid == os.getpid()
+    assert is_same_process(me)
+    assert not is_same_process(ProcessIdentity(me.pid, me.start_ticks + 1))
+    assert ProcessIdentity.parse(me.render()) == me
+    assert ProcessIdentity.parse("12") is None
+    assert ProcessIdentity.parse("a b") is None
+
+
+def test_pid_file_of_a_dead_or_reused_pid_is_not_a_running_daemon(tmp_path: Path) -> None:
+    pid_file = tmp_path / "lokid.pid"
+    me = identity()
+    assert me is not None
+    pid_file.write_text(f"{me.pid} {me.start_ticks + 7}\n")  # same pid, another process
+    assert running_daemon(pid_file) is None
+    pid_file.write_text("garbage\n")
+    assert running_daemon(pid_file) is None
+
+
+def test_lock_excludes_a_second_holder_and_release_removes_pid_file(tmp_path: Path) -> None:
+    from lokid.errors import AlreadyRunning
+
+    first = DaemonLock(tmp_path / "lokid.lock", tmp_path / "lokid.pid")
+    first.acquire()
+    assert read_pid_file(tmp_path / "lokid.pid") == identity()
+    second = DaemonLock(tmp_path / "lokid.lock", tmp_path / "lokid.pid")
+    try:
+        second.acquire()
+    except AlreadyRunning as exc:
+        assert f"pid {os.getpid()}" in exc.message
+    else:
+        raise AssertionError("second lock holder was admitted")
+    first.release()
+    assert not (tmp_path / "lokid.pid").exists()
+    assert (tmp_path / "lokid.lock").exists()  # never deleted
+    second.acquire()
+    second.release()
