@@ -102,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=cmd_status)
 
+    events = commands.add_parser("events", help="event history, or follow the live stream")
+    events.add_argument("--follow", "-f", action="store_true", help="stream live events (SSE)")
+    events.add_argument("--session", metavar="ID", help="only this session's events")
+    events.add_argument("--types", metavar="LIST", help="comma list; `task.*` matches a family")
+    events.add_argument("--min-level", metavar="LEVEL", help="debug, info, warning, error")
+    events.add_argument("--limit", type=int, default=50, help="history size (default 50)")
+    events.add_argument("--json", action="store_true", help="one envelope (JSON) per line")
+    events.set_defaults(handler=cmd_events)
+
     config = commands.add_parser("config", help="configuration")
     config_actions = config.add_subparsers(dest="action", required=True, metavar="ACTION")
     show = config_actions.add_parser("show", help="the effective configuration and its sources")
@@ -311,6 +320,41 @@ def _duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m {secs}s"
     return f"{secs}s"
+
+
+def cmd_events(args: argparse.Namespace, config: Config) -> int:
+    query = {
+        key: value
+        for key, value in (
+            ("sessionId", args.session),
+            ("types", args.types),
+            ("minLevel", args.min_level),
+        )
+        if value is not None
+    }
+    with ControlClient(config.socket, timeout=10.0) as client:
+        if not args.follow:
+            answer = client.get("/api/events/history", params={**query, "limit": args.limit})
+            for event in answer["events"]:
+                _print_event(event, as_json=args.json)
+            return 0
+        for event in client.stream_events(params={**query, "history": str(args.limit)}):
+            _print_event(event, as_json=args.json)
+    return 0
+
+
+def _print_event(event: dict[str, Any], *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(event, separators=(",", ":")), flush=True)
+        return
+    session = f" [{event['sessionId']}]" if event.get("sessionId") else ""
+    data = event.get("data") or {}
+    text = data.get("message") if isinstance(data.get("message"), str) else json.dumps(data)
+    level = event.get("level", "info")
+    print(
+        f"{event['timestamp']} {event['id']:>6} {level:<7} {event['type']}{session} {text}",
+        flush=True,
+    )
 
 
 def cmd_config_show(args: argparse.Namespace, config: Config) -> int:

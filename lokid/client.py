@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,3 +68,39 @@ class ControlClient:
 
     def get(self, path: str, **kwargs: Any) -> Any:
         return self.request("GET", path, **kwargs)
+
+    def stream_events(self, params: dict[str, str]) -> Iterator[dict[str, Any]]:
+        """Follow `/api/events`, resuming with Last-Event-ID when the stream ends."""
+        last_id: int | None = None
+        while True:
+            headers = {} if last_id is None else {"Last-Event-ID": str(last_id)}
+            if last_id is not None:
+                params = {k: v for k, v in params.items() if k != "history"}
+            try:
+                with self._http.stream(
+                    "GET", "/api/events", params=params, headers=headers, timeout=None
+                ) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        error = response.json()["error"]
+                        raise ApiCallFailed(
+                            response.status_code, error["code"], error["message"], error["details"]
+                        )
+                    for event in parse_sse(response.iter_lines()):
+                        if isinstance(event.get("id"), int):
+                            last_id = event["id"]
+                        yield event
+            except (httpx.ConnectError, httpx.RemoteProtocolError, FileNotFoundError) as exc:
+                raise DaemonNotRunning(f"lokid is not running ({exc})") from None
+
+
+def parse_sse(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """The `data:` payloads of an event stream, decoded (comments and other fields skipped)."""
+    data: list[str] = []
+    for line in lines:
+        if line == "":
+            if data:
+                yield json.loads("\n".join(data))
+                data = []
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))

@@ -53,6 +53,13 @@ SETTINGS: dict[str, Setting] = {
         "LOKI_SHUTDOWN_GRACE", "Seconds a graceful shutdown may take before work is cancelled"
     ),
     "log_level": Setting("LOKI_LOG_LEVEL", "debug, info, warning or error"),
+    "sse_heartbeat": Setting(
+        "LOKI_SSE_HEARTBEAT", "Seconds of silence before an SSE keep-alive comment (>= 0.5)"
+    ),
+    "event_retention_count": Setting(
+        "LOKI_EVENT_RETENTION_COUNT", "Events kept in the store (the newest N)"
+    ),
+    "event_retention_days": Setting("LOKI_EVENT_RETENTION_DAYS", "Events older than this go"),
 }
 
 
@@ -92,6 +99,13 @@ def _positive_float(value: Any) -> float:
     if not number > 0 or number == float("inf"):
         raise ValueError(f"{value!r} must be a positive, finite number")
     return number
+
+
+def _heartbeat(value: Any) -> float:
+    seconds = _positive_float(value)
+    if seconds < 0.5:
+        raise ValueError(f"{seconds:g} is below the minimum of 0.5 seconds")
+    return seconds
 
 
 def _bool(value: Any) -> bool:
@@ -142,6 +156,9 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "max_agents": _positive_int,
     "shutdown_grace": _positive_float,
     "log_level": _log_level,
+    "sse_heartbeat": _heartbeat,
+    "event_retention_count": _positive_int,
+    "event_retention_days": _positive_float,
 }
 
 
@@ -162,6 +179,9 @@ class Config:
     max_agents: int = 10
     shutdown_grace: float = 10.0
     log_level: str = "info"
+    sse_heartbeat: float = 15.0
+    event_retention_count: int = 100_000
+    event_retention_days: float = 7.0
     config_file: Path | None = None
     sources: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False)
 

@@ -37,13 +37,16 @@ import trio
 
 from lokid import __version__
 from lokid.actor import exception_leaves
+from lokid.actors.event_bus import EventBus
 from lokid.actors.listener import HttpListener
 from lokid.actors.store import StoreActor
 from lokid.config import PROVIDERS, Config
 from lokid.errors import LokiError, StartupError
+from lokid.events import Level
 from lokid.http.api import create_api_surface
 from lokid.http.control import control_app
 from lokid.http.dashboard import create_dashboard_surface
+from lokid.http.events import install_events
 from lokid.pidfile import DaemonLock
 from lokid.sockets import bind_tcp, bind_unix, is_loopback_socket, socket_url
 from lokid.supervisor import (
@@ -104,8 +107,15 @@ class Daemon:
         self._t0 = time.monotonic()
         self.notifier = notifier or Notifier()
         self.store = StoreActor(config.database)
+        self.bus = EventBus(
+            self.store,
+            retention_count=config.event_retention_count,
+            retention_seconds=config.event_retention_days * 86400,
+        )
         self.api = create_api_surface(self)
         self.dashboard = create_dashboard_surface(self)
+        for surface in (self.api, self.dashboard):
+            install_events(surface, self.bus, heartbeat=config.sse_heartbeat)
         self.root = Supervisor("lokid")  # replaced by the real tree in `_build_tree`
         self.listeners: Listeners | None = None
         self.failure: BaseException | None = None
@@ -159,6 +169,12 @@ class Daemon:
             except SupervisorStartError as exc:
                 raise StartupError(_startup_message(exc)) from None
             self.run_id = await self.store.record_start(os.getpid(), __version__)
+            await self.bus.publish(
+                "log",
+                None,
+                Level.INFO,
+                {"message": f"lokid {__version__} started", "pid": os.getpid()},
+            )
             interval = watchdog_interval()
             if interval is not None:
                 nursery.start_soon(self._watchdog, interval)
@@ -187,6 +203,7 @@ class Daemon:
             return
         if self.run_id is not None:
             try:
+                await self.bus.publish("log", None, Level.INFO, {"message": "lokid stopping"})
                 await self.store.record_stop(self.run_id)
             except LokiError as exc:
                 log.warning("could not record the clean stop: %s", exc)
@@ -307,9 +324,16 @@ class Daemon:
             traps_shutdown=True,
             statistics=self.store.statistics,
         )
+        bus = ChildSpec(
+            "event_bus",
+            self.bus.run,
+            shutdown=STORE_SHUTDOWN_SECONDS,
+            traps_shutdown=True,
+            statistics=self.bus.statistics,
+        )
         self.root = Supervisor(
             "lokid",
-            [store, servers.as_child()],
+            [store, bus, servers.as_child()],
             strategy=Strategy.REST_FOR_ONE,
             max_restarts=5,
             period=30.0,
@@ -326,6 +350,8 @@ class Daemon:
             problems["store"] = "not running"
         elif not self.store.writable:
             problems["store"] = "not writable (see the daemon log)"
+        if not self.bus.running:
+            problems["event_bus"] = "not running"
         return problems
 
     def readiness_problems(self) -> dict[str, str]:

@@ -53,6 +53,14 @@ class BadRequest(LokiError):
     code = "BAD_REQUEST"
 
 
+class InvalidQuery(BadRequest):
+    """A query-string value that cannot be used; names the parameter (DESIGN.md §4: 400)."""
+
+    def __init__(self, message: str, *, field: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message, details={"field": field, **(details or {})})
+        self.field = field
+
+
 class NotFound(LokiError):
     code = "NOT_FOUND"
 

@@ -83,8 +83,28 @@ def _m0001_meta_and_daemon_runs(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m0002_events(db: sqlite_utils.Database) -> None:
+    # AUTOINCREMENT: sqlite_sequence remembers the highest id ever used, so ids
+    # stay strictly increasing across restarts even after retention deleted
+    # every row. The bus assigns ids itself; explicit ids update the sequence.
+    db.execute(
+        "CREATE TABLE events ("
+        " id INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " type TEXT NOT NULL,"
+        " session_id TEXT,"
+        " level INTEGER NOT NULL,"
+        " timestamp TEXT NOT NULL,"
+        " data TEXT NOT NULL"
+        ")"
+    )
+    db.execute("CREATE INDEX events_session ON events (session_id, id)")
+    db.execute("CREATE INDEX events_type ON events (type, id)")
+    db.execute("CREATE INDEX events_timestamp ON events (timestamp)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "meta and daemon_runs", _m0001_meta_and_daemon_runs),
+    Migration(2, "events", _m0002_events),
 )
 
 

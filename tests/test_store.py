@@ -23,7 +23,11 @@ import trio.testing
 from lokid.actors import StoreActor, StoreStatistics
 from lokid.actors.store import StoreError, StoreUnavailable
 from lokid.errors import AskTimeout, Conflict, StoreOpenError
-from lokid.migrations import MIGRATIONS, Migration, check_sequence
+from lokid.migrations import MIGRATIONS, Migration, check_sequence, latest_version
+
+# The store's mechanism is tested against the first migration only, so that
+# later issues' migrations (events, sessions, ...) do not change these tests.
+BASE_MIGRATIONS = MIGRATIONS[:1]
 
 WAIT = 5.0  # the bound of every wait in this file
 
@@ -80,7 +84,7 @@ def names(db: sqlite_utils.Database) -> list[str]:
 
 
 def items_store(tmp_path: pathlib.Path, **kwargs: Any) -> StoreActor:
-    return StoreActor(db_path(tmp_path), migrations=(*MIGRATIONS, MIGRATION_ITEMS), **kwargs)
+    return StoreActor(db_path(tmp_path), migrations=(*BASE_MIGRATIONS, MIGRATION_ITEMS), **kwargs)
 
 
 async def queue_writes(
@@ -121,7 +125,7 @@ async def one_batch(
 
 async def test_open_creates_folder_and_applies_migrations(tmp_path: pathlib.Path) -> None:
     path = db_path(tmp_path)
-    async with running(StoreActor(path)) as store:
+    async with running(StoreActor(path, migrations=BASE_MIGRATIONS)) as store:
         stats = store.statistics()
         assert isinstance(stats, StoreStatistics)
         assert stats.writable
@@ -139,11 +143,11 @@ async def test_open_creates_folder_and_applies_migrations(tmp_path: pathlib.Path
 
 async def test_reopen_is_idempotent(tmp_path: pathlib.Path) -> None:
     path = db_path(tmp_path)
-    async with running(StoreActor(path)):
+    async with running(StoreActor(path, migrations=BASE_MIGRATIONS)):
         pass
     with contextlib.closing(raw(path)) as conn:
         first = conn.execute("SELECT * FROM schema_migrations").fetchall()
-    store = StoreActor(path)
+    store = StoreActor(path, migrations=BASE_MIGRATIONS)
     for _ in range(2):  # also the same actor object twice (a supervisor restart)
         async with running(store):
             assert store.statistics().schema_version == 1
@@ -153,7 +157,7 @@ async def test_reopen_is_idempotent(tmp_path: pathlib.Path) -> None:
 
 
 async def test_appended_migration_is_applied_once(tmp_path: pathlib.Path) -> None:
-    async with running(StoreActor(db_path(tmp_path))):
+    async with running(StoreActor(db_path(tmp_path), migrations=BASE_MIGRATIONS)):
         pass
     calls: list[int] = []
 
@@ -161,7 +165,7 @@ async def test_appended_migration_is_applied_once(tmp_path: pathlib.Path) -> Non
         calls.append(1)
         create_items(db)
 
-    migrations = (*MIGRATIONS, Migration(2, "items", counted))
+    migrations = (*BASE_MIGRATIONS, Migration(2, "items", counted))
     for _ in range(2):
         async with running(StoreActor(db_path(tmp_path), migrations=migrations)) as store:
             assert store.statistics().schema_version == 2
@@ -178,7 +182,7 @@ async def test_failing_migration_leaves_the_previous_version(tmp_path: pathlib.P
         raise RuntimeError("boom")
 
     path = db_path(tmp_path)
-    store = StoreActor(path, migrations=(*MIGRATIONS, Migration(2, "broken", broken)))
+    store = StoreActor(path, migrations=(*BASE_MIGRATIONS, Migration(2, "broken", broken)))
     with trio.fail_after(WAIT), pytest.raises(StoreOpenError) as info:
         await store.run()
     assert str(path) in info.value.message
@@ -192,12 +196,12 @@ async def test_failing_migration_leaves_the_previous_version(tmp_path: pathlib.P
 def test_migration_versions_must_be_1_to_n() -> None:
     check_sequence(MIGRATIONS)
     with pytest.raises(ValueError, match=r"1\.\.N"):
-        check_sequence((*MIGRATIONS, Migration(3, "gap", create_items)))
+        check_sequence((*BASE_MIGRATIONS, Migration(3, "gap", create_items)))
 
 
 async def test_wal_synchronous_full_and_foreign_keys(tmp_path: pathlib.Path) -> None:
     path = db_path(tmp_path)
-    async with running(StoreActor(path)) as store:
+    async with running(StoreActor(path, migrations=BASE_MIGRATIONS)) as store:
 
         def pragmas(db: sqlite_utils.Database) -> tuple[Any, ...]:
             return tuple(
@@ -229,7 +233,7 @@ async def test_garbage_file_is_refused(tmp_path: pathlib.Path) -> None:
     path.parent.mkdir()
     garbage = bytes(range(256)) * 64
     path.write_bytes(garbage)
-    message = await open_error(StoreActor(path))
+    message = await open_error(StoreActor(path, migrations=BASE_MIGRATIONS))
     assert "is not a SQLite database" in message
     assert "restore it from a backup, or move it aside" in message
     assert path.read_bytes() == garbage  # refused without touching it
@@ -247,7 +251,7 @@ async def test_corrupt_pages_are_refused(tmp_path: pathlib.Path) -> None:
     with path.open("r+b") as file:
         file.seek(4096 * 30)
         file.write(b"\xa5" * 4096 * 2)
-    message = await open_error(StoreActor(path))
+    message = await open_error(StoreActor(path, migrations=BASE_MIGRATIONS))
     assert "is corrupt" in message
     assert "restore it from a backup" in message
 
@@ -255,16 +259,16 @@ async def test_corrupt_pages_are_refused(tmp_path: pathlib.Path) -> None:
 async def test_directory_is_refused(tmp_path: pathlib.Path) -> None:
     path = db_path(tmp_path)
     path.mkdir(parents=True)
-    assert "is a directory" in await open_error(StoreActor(path))
+    assert "is a directory" in await open_error(StoreActor(path, migrations=BASE_MIGRATIONS))
 
 
 async def test_schema_from_the_future_is_refused(tmp_path: pathlib.Path) -> None:
     path = db_path(tmp_path)
-    async with running(StoreActor(path)):
+    async with running(StoreActor(path, migrations=BASE_MIGRATIONS)):
         pass
     with contextlib.closing(raw(path)) as conn:
         conn.execute("PRAGMA user_version = 99")
-    message = await open_error(StoreActor(path))
+    message = await open_error(StoreActor(path, migrations=BASE_MIGRATIONS))
     assert "schema version 99, newer than this lokid knows (1)" in message
 
 
@@ -346,7 +350,9 @@ async def test_trigger_rollback_fails_its_write_and_reruns_the_others(
             "BEGIN SELECT RAISE(ROLLBACK, 'x is forbidden'); END"
         )
 
-    store = StoreActor(db_path(tmp_path), migrations=(*MIGRATIONS, Migration(2, "items", forbid)))
+    store = StoreActor(
+        db_path(tmp_path), migrations=(*BASE_MIGRATIONS, Migration(2, "items", forbid))
+    )
     async with one_batch(store, [insert("a"), insert("x"), insert("b")]) as outcomes:
         assert await store.read(names) == ["a", "b"]
         stats = store.statistics()
@@ -432,7 +438,7 @@ async def test_read_functions_cannot_write(tmp_path: pathlib.Path) -> None:
 
 async def test_read_when_not_open_is_unavailable(tmp_path: pathlib.Path) -> None:
     with pytest.raises(StoreUnavailable):
-        await StoreActor(db_path(tmp_path)).read(names)
+        await StoreActor(db_path(tmp_path), migrations=BASE_MIGRATIONS).read(names)
 
 
 # -- stop, failures, daemon runs ----------------------------------------------------------
@@ -505,15 +511,17 @@ async def test_commit_failure_fails_the_batch_and_clears_writable(
 
 async def test_daemon_runs_are_recorded(tmp_path: pathlib.Path) -> None:
     path = db_path(tmp_path)
-    async with running(StoreActor(path)) as store:
+    async with running(StoreActor(path, migrations=BASE_MIGRATIONS)) as store:
         assert not await store.previous_run_unclean()
         first = await store.record_start(os.getpid(), "0.1.0")
-    async with running(StoreActor(path)) as store:  # the first run never said stop
+    async with running(
+        StoreActor(path, migrations=BASE_MIGRATIONS)
+    ) as store:  # the first run never said stop
         assert await store.previous_run_unclean()
         second = await store.record_start(4242, "0.1.1")
         assert await store.previous_run_unclean(second)
         await store.record_stop(second)
-    async with running(StoreActor(path)) as store:
+    async with running(StoreActor(path, migrations=BASE_MIGRATIONS)) as store:
         assert not await store.previous_run_unclean()
         rows = await store.read(
             lambda db: list(db.query("SELECT id, pid, version, clean FROM daemon_runs"))
@@ -522,3 +530,10 @@ async def test_daemon_runs_are_recorded(tmp_path: pathlib.Path) -> None:
         {"id": first, "pid": os.getpid(), "version": "0.1.0", "clean": 0},
         {"id": second, "pid": 4242, "version": "0.1.1", "clean": 1},
     ]
+
+
+async def test_every_released_migration_applies_to_a_new_database(tmp_path: pathlib.Path) -> None:
+    async with running(StoreActor(db_path(tmp_path))) as store:
+        assert store.statistics().schema_version == latest_version()
+        tables = await store.read(lambda db: set(db.table_names()))
+    assert {"daemon_runs", "meta", "schema_migrations", "events"} <= tables

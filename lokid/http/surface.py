@@ -19,13 +19,14 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
+from urllib.parse import parse_qsl
 
 import attrs
 from quart import Quart, Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from lokid.errors import LokiError
+from lokid.errors import InvalidQuery, LokiError
 from lokid.http.convert import dumps
 from lokid.http.errors import ApiError
 
@@ -63,6 +64,7 @@ class Route:
     response_schema: Mapping[str, Any] | None = None
     tags: tuple[str, ...] = ()
     lean: bool = False
+    media_type: str = "application/json"
 
     @property
     def operation_id(self) -> str:
@@ -110,6 +112,7 @@ class Surface:
         self.description = description
         self.routes: list[Route] = []
         self._lean: dict[tuple[str, str], LeanHandler] = {}
+        self._raw: dict[tuple[str, str], ASGIApp] = {}
         self._lean_paths: dict[str, list[str]] = {}
         self.quart: Quart = QuartTrio(f"lokid-{title.lower().replace(' ', '-')}")
         self._configure_quart(self.quart)
@@ -150,6 +153,40 @@ class Surface:
                 )
             )
             self._lean[(method, path)] = handler
+            self._lean_paths.setdefault(path, []).append(method)
+            return handler
+
+        return register
+
+    def stream(
+        self,
+        method: str,
+        path: str,
+        summary: str,
+        *,
+        responses: Mapping[int, str],
+        params: Iterable[Param] = (),
+        media_type: str = "text/event-stream",
+        tags: Iterable[str] = (),
+    ) -> Callable[[ASGIApp], ASGIApp]:
+        """A raw ASGI handler for a long-lived response (no framework on the hot path)."""
+
+        def register(handler: ASGIApp) -> ASGIApp:
+            self._add(
+                Route(
+                    method,
+                    path,
+                    summary,
+                    responses,
+                    tuple(params),
+                    None,
+                    {"type": "string", "x-media-type": media_type},
+                    tuple(tags),
+                    lean=True,
+                    media_type=media_type,
+                )
+            )
+            self._raw[(method, path)] = handler
             self._lean_paths.setdefault(path, []).append(method)
             return handler
 
@@ -202,10 +239,15 @@ class Surface:
             if handler is not None:
                 await self._serve_lean(handler, scope, send)
                 return
+            raw = self._raw.get((scope["method"], path))
+            if raw is not None:
+                await raw(scope, receive, send)
+                return
             methods = self._lean_paths.get(path)
             if methods is not None:
-                allowed = ", ".join(sorted({*methods, "HEAD"} if "GET" in methods else methods))
-                if scope["method"] == "HEAD" and "GET" in methods:
+                has_lean_get = ("GET", path) in self._lean
+                allowed = ", ".join(sorted({*methods, "HEAD"} if has_lean_get else methods))
+                if scope["method"] == "HEAD" and has_lean_get:
                     await self._serve_lean(self._lean[("GET", path)], scope, send, head=True)
                     return
                 error = ApiError(
@@ -255,7 +297,9 @@ class Surface:
                 "summary": route.summary,
                 "tags": list(route.tags),
                 "responses": {
-                    str(status): _response_doc(status, text, route.response_schema)
+                    str(status): _response_doc(
+                        status, text, route.response_schema, route.media_type
+                    )
                     for status, text in sorted({**route.responses, **_COMMON_ERRORS}.items())
                 },
             }
@@ -326,14 +370,17 @@ _COMMON_ERRORS = {
 }
 
 
-def _response_doc(status: int, text: str, schema: Mapping[str, Any] | None) -> dict[str, Any]:
+def _response_doc(
+    status: int, text: str, schema: Mapping[str, Any] | None, media_type: str
+) -> dict[str, Any]:
     if status >= 400:
         body_schema: Mapping[str, Any] = {"$ref": "#/components/schemas/Error"}
+        media_type = "application/json"
     else:
         body_schema = schema or {"type": "object"}
     if status == 204:
         return {"description": text}
-    return {"description": text, "content": {"application/json": {"schema": dict(body_schema)}}}
+    return {"description": text, "content": {media_type: {"schema": dict(body_schema)}}}
 
 
 def _from_werkzeug(exc: HTTPException) -> ApiError:
@@ -405,3 +452,41 @@ async def json_body() -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ApiError("BAD_REQUEST", "Request body must be a JSON object")
     return value
+
+
+# -- query strings (lean and raw handlers) ------------------------------------------
+
+
+def query_params(scope: Scope) -> dict[str, str]:
+    """The query string as a dict (a repeated key: the last value wins)."""
+    raw: bytes = scope.get("query_string", b"")
+    return dict(parse_qsl(raw.decode("latin-1"), keep_blank_values=True))
+
+
+def int_param(
+    params: Mapping[str, str], name: str, default: int | None, *, minimum: int, maximum: int
+) -> int | None:
+    value = params.get(name)
+    if value is None:
+        return default
+    try:
+        number = int(value.strip())
+    except ValueError:
+        raise InvalidQuery(f"{name} must be an integer, got {value!r}", field=name) from None
+    if not minimum <= number <= maximum:
+        raise InvalidQuery(
+            f"{name} must be between {minimum} and {maximum}, got {number}", field=name
+        )
+    return number
+
+
+def bool_param(params: Mapping[str, str], name: str, default: bool) -> bool:
+    value = params.get(name)
+    if value is None:
+        return default
+    word = value.strip().lower()
+    if word in ("1", "true", "yes", "on", ""):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise InvalidQuery(f"{name} must be true or false, got {value!r}", field=name)

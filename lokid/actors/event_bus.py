@@ -1,0 +1,521 @@
+"""EventBus: ids, persistence, a bounded in-memory tail, and fan-out to subscribers.
+
+Theory of operation:
+
+* **Publish = durable, then delivered.** Publishers `ask` the bus. The bus
+  takes every publish waiting in its mailbox (up to `max_batch`), assigns
+  consecutive ids, writes the batch through the store in one write (one
+  group-committed transaction), and only after the commit appends it to
+  the tail and offers it to subscribers. So an event a client received is
+  always in history, and a crash loses only events nobody saw and whose
+  publisher was not answered.
+* **Ids survive restarts**: the table is AUTOINCREMENT and the bus starts
+  from `sqlite_sequence`, the highest id ever stored, even after retention
+  deleted every row.
+* **Subscribers never slow anything down.** Each has a bounded queue of
+  pre-encoded frames (shared bytes, encoded once per event). Offering is a
+  plain append; a subscriber whose queue is full is closed with reason
+  `slow` (the client reconnects with Last-Event-ID and replays from the
+  store). Fan-out checkpoints every `FANOUT_CHECKPOINT` subscribers so
+  thousands of streams never hold the event loop for long.
+* **No gap, no duplicate across replay -> live.** `subscribe` (synchronous,
+  so atomic on the trio loop) records `live_from`, the last id already
+  handed to fan-out; the queue receives exactly the ids above it, and the
+  stream replays from the store up to and including it.
+* **Retention** by count and age runs every `retention_interval` seconds in
+  bounded deletes (`RETENTION_CHUNK` rows per transaction).
+
+Mailbox: 4096 messages, BLOCK: a publisher burst back-pressures the
+publishers (internal actors) instead of growing memory or dropping events.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import datetime as dt
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, ClassVar
+
+import attrs
+import sqlite_utils
+import trio
+
+from lokid.actor import Actor, ActorStatistics, Call, Reply, WhenFull
+from lokid.actors.store import StoreActor
+from lokid.errors import LokiError, Unavailable
+from lokid.events import EncodedEvent, Event, EventFilter, Level, check_publishable, event_from_row
+from lokid.timefmt import iso, utc_now, utc_now_iso
+
+log = logging.getLogger("lokid.events")
+
+FANOUT_CHECKPOINT = 256  # subscribers offered between two checkpoints
+RETENTION_CHUNK = 5000  # rows deleted per retention transaction
+REPLAY_PAGE = 500  # events read from the store per replay page
+
+
+@attrs.frozen
+class Publish:
+    type: str
+    session_id: str | None
+    level: Level
+    data: Mapping[str, Any]
+
+
+class SubscriberClosed(LokiError):
+    """The stream must end: the bus closed this subscriber (slow, or shutting down)."""
+
+
+class Subscriber:
+    """One live stream: a filter and a bounded queue of SSE frames."""
+
+    def __init__(
+        self, bus: EventBus, event_filter: EventFilter, named: bool, capacity: int
+    ) -> None:
+        self.bus = bus
+        self.filter = event_filter
+        self.named = named
+        self.capacity = capacity
+        self.live_from = 0
+        self.closed_reason: str | None = None
+        self.delivered = 0
+        self._frames: collections.deque[bytes] = collections.deque()
+        self._last_id = 0
+        self._wakeup = trio.Event()
+
+    def offer(self, encoded: EncodedEvent) -> None:
+        if self.closed_reason is not None or not self.filter.matches(encoded.event):
+            return
+        if len(self._frames) >= self.capacity:
+            self.close("slow")
+            return
+        self._frames.append(encoded.sse(self.named))
+        self._last_id = encoded.event.id
+        self._wakeup.set()
+
+    async def next_frames(self) -> list[bytes]:
+        """Everything queued (at least one frame); raises SubscriberClosed when closed."""
+        while not self._frames:
+            if self.closed_reason is not None:
+                raise SubscriberClosed(f"stream closed: {self.closed_reason}")
+            self._wakeup = trio.Event()
+            await self._wakeup.wait()
+        if self.closed_reason is not None:
+            raise SubscriberClosed(f"stream closed: {self.closed_reason}")
+        frames = list(self._frames)
+        self._frames.clear()
+        self.delivered += len(frames)
+        return frames
+
+    def close(self, reason: str) -> None:
+        if self.closed_reason is None:
+            self.closed_reason = reason
+            self._frames.clear()
+            self._wakeup.set()
+            self.bus.unsubscribe(self)
+
+    @property
+    def queued(self) -> int:
+        return len(self._frames)
+
+
+@attrs.frozen
+class EventBusStatistics(ActorStatistics):
+    last_id: int
+    subscribers: int
+    subscribers_peak: int
+    subscribers_cut_slow: int
+    published: int
+    batches: int
+    tail_size: int
+    retention_deleted: int
+
+
+@attrs.frozen
+class ReplayPlan:
+    """What a stream sends before going live."""
+
+    reset: dict[str, Any] | None  # payload of a stream.reset frame, if one is due
+    after_id: int  # replay ids > after_id ...
+    upto_id: int  # ... and <= upto_id
+    last: int | None  # only the last N of those (history=N), else all
+
+
+class EventBus(Actor[Any]):
+    mailbox_size: ClassVar[int] = 4096
+    when_full: ClassVar[WhenFull] = WhenFull.BLOCK
+
+    def __init__(
+        self,
+        store: StoreActor,
+        *,
+        tail_size: int = 4096,
+        subscriber_queue: int = 1024,
+        max_subscribers: int = 10_000,
+        max_batch: int = 512,
+        retention_count: int = 100_000,
+        retention_seconds: float = 7 * 86400,
+        retention_interval: float = 60.0,
+    ) -> None:
+        super().__init__("event_bus")
+        self.store = store
+        self.tail_size = tail_size
+        self.subscriber_queue = subscriber_queue
+        self.max_subscribers = max_subscribers
+        self.max_batch = max_batch
+        self.retention_count = retention_count
+        self.retention_seconds = retention_seconds
+        self.retention_interval = retention_interval
+        self._tail: collections.deque[EncodedEvent] = collections.deque(maxlen=tail_size)
+        self._subscribers: set[Subscriber] = set()
+        self._last_id = 0  # highest id assigned and committed
+        self._first_id: int | None = None  # lowest id still stored (None: table empty)
+        self._peak = 0
+        self._cut_slow = 0
+        self._published = 0
+        self._batches = 0
+        self._retention_deleted = 0
+
+    # -- publishing ---------------------------------------------------------------
+
+    async def publish(
+        self,
+        type: str,
+        session_id: str | None = None,
+        level: Level = Level.INFO,
+        data: Mapping[str, Any] | None = None,
+        *,
+        timeout: float = 30.0,
+    ) -> Event:
+        """Store and deliver one event; returns it with its id once it is durable."""
+        payload = dict(data or {})
+        check_publishable(type, payload)
+        event: Event = await self.ask(Publish(type, session_id, level, payload), timeout=timeout)
+        return event
+
+    # -- subscribing --------------------------------------------------------------
+
+    def subscribe(self, event_filter: EventFilter, *, named: bool = False) -> Subscriber:
+        if len(self._subscribers) >= self.max_subscribers:
+            raise Unavailable(f"too many event streams open ({self.max_subscribers}); try later")
+        subscriber = Subscriber(self, event_filter, named, self.subscriber_queue)
+        subscriber.live_from = self._last_id
+        self._subscribers.add(subscriber)
+        self._peak = max(self._peak, len(self._subscribers))
+        return subscriber
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        if subscriber in self._subscribers:
+            self._subscribers.discard(subscriber)
+            if subscriber.closed_reason == "slow":
+                self._cut_slow += 1
+            if subscriber.closed_reason is None:
+                subscriber.closed_reason = "unsubscribed"
+
+    @property
+    def last_id(self) -> int:
+        return self._last_id
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    def plan_replay(
+        self, subscriber: Subscriber, *, last_event_id: int | None, history: int | None
+    ) -> ReplayPlan:
+        """Decide the replay of a new stream (see the module rules)."""
+        upto = subscriber.live_from
+        if last_event_id is None:
+            return ReplayPlan(None, 0, upto, history if history else 0)
+        if last_event_id > upto:
+            reset = {
+                "reason": "unknown",
+                "lastEventId": last_event_id,
+                "latestId": upto,
+                "message": "this daemon has no event with that id; continuing with new events",
+            }
+            return ReplayPlan(reset, upto, upto, None)
+        first = self._first_id
+        if last_event_id < upto and (first is None or last_event_id + 1 < first):
+            reset = {
+                "reason": "expired",
+                "lastEventId": last_event_id,
+                "firstAvailableId": first,
+                "message": "events after that id were removed by retention; replaying what is left",
+            }
+            return ReplayPlan(reset, last_event_id, upto, None)
+        return ReplayPlan(None, last_event_id, upto, None)
+
+    async def replay(
+        self, event_filter: EventFilter, plan: ReplayPlan
+    ) -> AsyncIterator[list[EncodedEvent]]:
+        """Pages of stored events matching the filter in (after_id, upto_id], oldest first."""
+        if plan.last == 0 or plan.after_id >= plan.upto_id:
+            return
+        if plan.last is not None:
+            events = await self.history(
+                event_filter, after=plan.after_id, before=plan.upto_id + 1, limit=plan.last
+            )
+            yield [EncodedEvent.of(e) for e in events]
+            return
+        tail = self._tail
+        if tail and tail[0].event.id <= plan.after_id + 1:
+            page = [
+                e
+                for e in list(tail)
+                if plan.after_id < e.event.id <= plan.upto_id and event_filter.matches(e.event)
+            ]
+            if page:
+                yield page
+            return
+        after = plan.after_id
+        while after < plan.upto_id:
+            events = await self._read_page(event_filter, after, plan.upto_id, REPLAY_PAGE)
+            if not events:
+                return
+            yield [EncodedEvent.of(e) for e in events]
+            after = events[-1].id
+
+    async def _read_page(
+        self, event_filter: EventFilter, after: int, upto: int, limit: int
+    ) -> list[Event]:
+        where, params = event_filter.sql()
+
+        def read(db: sqlite_utils.Database) -> list[Event]:
+            rows = db.execute(
+                f"SELECT * FROM events WHERE id > ? AND id <= ? AND {where} ORDER BY id LIMIT ?",
+                [after, upto, *params, limit],
+            ).fetchall()
+            return [_row_event(row) for row in rows]
+
+        return await self.store.read(read)
+
+    async def history(
+        self,
+        event_filter: EventFilter,
+        *,
+        after: int | None = None,
+        before: int | None = None,
+        limit: int = 100,
+    ) -> list[Event]:
+        """Matching stored events, oldest first.
+
+        With `after`: the first `limit` events after it (paging forward);
+        without: the last `limit` (the most recent).
+        """
+        where, params = event_filter.sql()
+        clauses = [where]
+        values: list[Any] = []
+        if after is not None:
+            clauses.append("id > ?")
+            values.append(after)
+        if before is not None:
+            clauses.append("id < ?")
+            values.append(before)
+        order = "ASC" if after is not None else "DESC"
+        sql = f"SELECT * FROM events WHERE {' AND '.join(clauses)} ORDER BY id {order} LIMIT ?"
+
+        def read(db: sqlite_utils.Database) -> list[Event]:
+            rows = db.execute(sql, [*params, *values, limit]).fetchall()
+            events = [_row_event(row) for row in rows]
+            return events if order == "ASC" else events[::-1]
+
+        return await self.store.read(read)
+
+    async def counts(self) -> dict[str, Any]:
+        since = iso(utc_now() - dt.timedelta(minutes=5))
+
+        def read(db: sqlite_utils.Database) -> dict[str, Any]:
+            by_type: dict[str, int] = {}
+            by_level: dict[str, int] = {}
+            for type_, level, count in db.execute(
+                "SELECT type, level, COUNT(*) FROM events GROUP BY type, level"
+            ).fetchall():
+                by_type[type_] = by_type.get(type_, 0) + count
+                label = Level(level).label
+                by_level[label] = by_level.get(label, 0) + count
+            first, last, total = db.execute(
+                "SELECT MIN(id), MAX(id), COUNT(*) FROM events"
+            ).fetchone()
+            recent = db.execute(
+                "SELECT COUNT(*) FROM events WHERE timestamp >= ?", [since]
+            ).fetchone()[0]
+            return {
+                "total": total,
+                "byType": by_type,
+                "byLevel": by_level,
+                "firstId": first,
+                "latestId": last,
+                "eventsPerMinute": round(recent / 5, 2),
+            }
+
+        answer = await self.store.read(read)
+        answer["subscribers"] = len(self._subscribers)
+        return answer
+
+    # -- the actor ----------------------------------------------------------------
+
+    async def setup(self) -> None:
+        def load(db: sqlite_utils.Database) -> tuple[int, int | None, list[Event]]:
+            seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+            first = db.execute("SELECT MIN(id) FROM events").fetchone()[0]
+            rows = db.execute(
+                "SELECT * FROM events ORDER BY id DESC LIMIT ?", [self.tail_size]
+            ).fetchall()
+            return (seq[0] if seq else 0), first, [_row_event(r) for r in reversed(rows)]
+
+        last, first, tail = await self.store.read(load)
+        self._last_id = max(self._last_id, last)
+        self._first_id = first
+        self._tail.clear()
+        self._tail.extend(EncodedEvent.of(e) for e in tail)
+
+    async def teardown(self) -> None:
+        for subscriber in list(self._subscribers):
+            subscriber.close("shutdown")
+
+    async def serve(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._retention_loop)
+            while (message := await self.next_message()) is not None:
+                batch = [message]
+                while (
+                    len(batch) < self.max_batch and (more := self.next_message_nowait()) is not None
+                ):
+                    batch.append(more)
+                await self._publish_batch(batch)
+            nursery.cancel_scope.cancel()
+
+    async def _publish_batch(self, batch: list[Any]) -> None:
+        calls: list[Call] = []
+        for message in batch:
+            if isinstance(message, Call) and isinstance(message.message, Publish):
+                calls.append(message)
+            else:
+                await self.dispatch(message)
+        if not calls:
+            return
+        start = self._last_id
+        events = [
+            Event(
+                start + n,
+                c.message.type,
+                utc_now_iso(),
+                c.message.session_id,
+                c.message.level,
+                c.message.data,
+            )
+            for n, c in enumerate(calls, start=1)
+        ]
+        rows = [
+            (
+                e.id,
+                e.type,
+                e.session_id,
+                int(e.level),
+                e.timestamp,
+                json.dumps(e.data, separators=(",", ":")),
+            )
+            for e in events
+        ]
+
+        def insert(db: sqlite_utils.Database) -> None:
+            db.conn.executemany(
+                "INSERT INTO events (id, type, session_id, level, timestamp, data)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+        try:
+            await self.store.write(insert)
+        except LokiError as exc:
+            for call in calls:
+                _answer(call, Reply(error=exc))
+            return
+        self._last_id = events[-1].id
+        if self._first_id is None:
+            self._first_id = events[0].id
+        self._batches += 1
+        self._published += len(events)
+        encoded = [EncodedEvent.of(e) for e in events]
+        self._tail.extend(encoded)
+        for call, event in zip(calls, events, strict=True):
+            _answer(call, Reply(value=event))
+        await self._fan_out(encoded)
+
+    async def _fan_out(self, encoded: list[EncodedEvent]) -> None:
+        subscribers = list(self._subscribers)
+        for index, subscriber in enumerate(subscribers, start=1):
+            for item in encoded:
+                if item.event.id > subscriber.live_from:
+                    subscriber.offer(item)
+            if index % FANOUT_CHECKPOINT == 0:
+                await trio.lowlevel.checkpoint()
+
+    async def _retention_loop(self) -> None:
+        while True:
+            try:
+                await self.prune()
+            except LokiError as exc:
+                log.warning("event retention failed: %s", exc)
+            await trio.sleep(self.retention_interval)
+
+    async def prune(self) -> int:
+        """Delete events beyond the count and age bounds; returns how many went."""
+        cutoff = iso(utc_now() - dt.timedelta(seconds=self.retention_seconds))
+        keep_from = self._last_id - self.retention_count + 1
+        deleted_total = 0
+        while True:
+
+            def delete(db: sqlite_utils.Database) -> int:
+                cursor = db.execute(
+                    "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE id < ? OR "
+                    "timestamp < ? ORDER BY id LIMIT ?)",
+                    [keep_from, cutoff, RETENTION_CHUNK],
+                )
+                return cursor.rowcount
+
+            deleted = await self.store.write(delete)
+            deleted_total += deleted
+            if deleted < RETENTION_CHUNK:
+                break
+        if deleted_total:
+            self._first_id = await self.store.read(
+                lambda db: db.execute("SELECT MIN(id) FROM events").fetchone()[0]
+            )
+            self._retention_deleted += deleted_total
+        return deleted_total
+
+    def statistics(self) -> EventBusStatistics:
+        base = super().statistics()
+        return EventBusStatistics(
+            **attrs.asdict(base, recurse=False),
+            last_id=self._last_id,
+            subscribers=len(self._subscribers),
+            subscribers_peak=self._peak,
+            subscribers_cut_slow=self._cut_slow,
+            published=self._published,
+            batches=self._batches,
+            tail_size=len(self._tail),
+            retention_deleted=self._retention_deleted,
+        )
+
+
+def _answer(call: Call, reply: Reply) -> None:
+    with call.reply, contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        call.reply.send_nowait(reply)
+
+
+def _row_event(row: Any) -> Event:
+    return event_from_row(
+        {
+            "id": row[0],
+            "type": row[1],
+            "session_id": row[2],
+            "level": row[3],
+            "timestamp": row[4],
+            "data": row[5],
+        }
+    )
