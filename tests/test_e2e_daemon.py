@@ -380,3 +380,32 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat[stat.rindex(")") + 2 :].split()[0] != "Z"
+
+
+def test_cli_events_history_and_follow(daemon: DaemonProcess) -> None:
+    import json
+
+    listed = run_cli(["events", "--json"], daemon.home)
+    assert listed.returncode == 0, listed.stderr
+    first = json.loads(listed.stdout.splitlines()[0])
+    assert first["type"] == "log"
+    assert first["data"]["message"].startswith("lokid ")
+    table = run_cli(["events", "--types", "log"], daemon.home)
+    assert " log " in table.stdout and "lokid" in table.stdout
+    bad = run_cli(["events", "--types", "nope"], daemon.home)
+    assert bad.returncode == 1
+    assert "unknown event type(s) in types: nope" in bad.stderr
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "lokid", "events", "--follow", "--json"],
+        env={**os.environ, "LOKI_HOME": str(daemon.home)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert follower.stdout is not None
+        replayed = json.loads(follower.stdout.readline())  # history first, then live
+        assert replayed["id"] == first["id"]
+    finally:
+        follower.kill()
+        follower.wait(timeout=10)

@@ -255,10 +255,9 @@ class EventBus(Actor[Any]):
         if plan.last == 0 or plan.after_id >= plan.upto_id:
             return
         if plan.last is not None:
-            events = await self.history(
-                event_filter, after=plan.after_id, before=plan.upto_id + 1, limit=plan.last
-            )
-            yield [EncodedEvent.of(e) for e in events]
+            # The last N matching events at or before the live boundary.
+            events = await self.history(event_filter, before=plan.upto_id + 1, limit=plan.last)
+            yield [EncodedEvent.of(e) for e in events if e.id > plan.after_id]
             return
         tail = self._tail
         if tail and tail[0].event.id <= plan.after_id + 1:
@@ -486,6 +485,10 @@ class EventBus(Actor[Any]):
                 lambda db: db.execute("SELECT MIN(id) FROM events").fetchone()[0]
             )
             self._retention_deleted += deleted_total
+            # The tail is a cache of the store: it must not resurrect what retention removed.
+            first = self._first_id if self._first_id is not None else self._last_id + 1
+            while self._tail and self._tail[0].event.id < first:
+                self._tail.popleft()
         return deleted_total
 
     def statistics(self) -> EventBusStatistics:

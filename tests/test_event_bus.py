@@ -1,0 +1,255 @@
+"""The event bus on a real SQLite store: ids, durability, fan-out, replay, retention."""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from lokid.actors.event_bus import EventBus, Subscriber, SubscriberClosed
+from lokid.actors.store import StoreActor
+from lokid.errors import Unavailable
+from lokid.events import EncodedEvent, EventFilter, Level, make_filter
+
+
+@contextlib.asynccontextmanager
+async def running_bus(path: pathlib.Path, **options: Any) -> AsyncIterator[EventBus]:
+    store = StoreActor(path / "lokid.db")
+    bus = EventBus(store, **options)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            await nursery.start(bus.run)
+            yield bus
+            nursery.cancel_scope.cancel()
+
+
+async def drain(subscriber: Subscriber, count: int) -> list[int]:
+    """Ids of the next `count` frames delivered to the subscriber."""
+    ids: list[int] = []
+    while len(ids) < count:
+        for frame in await subscriber.next_frames():
+            ids.append(int(frame.split(b"\n", 1)[0].removeprefix(b"id: ")))
+    return ids
+
+
+async def test_ids_are_consecutive_and_survive_a_restart(tmp_path: pathlib.Path) -> None:
+    async with running_bus(tmp_path) as bus:
+        first = [(await bus.publish("log", None, Level.INFO, {"n": n})).id for n in range(3)]
+    assert first == [1, 2, 3]
+    async with running_bus(tmp_path) as bus:
+        assert bus.last_id == 3
+        assert (await bus.publish("log")).id == 4
+        stored = await bus.history(EventFilter())
+    assert [e.id for e in stored] == [1, 2, 3, 4]
+    assert stored[0].data == {"n": 0}
+
+
+async def test_ids_keep_increasing_after_retention_emptied_the_table(
+    tmp_path: pathlib.Path,
+) -> None:
+    async with running_bus(tmp_path, retention_count=1) as bus:
+        for _ in range(5):
+            await bus.publish("log")
+        await bus.prune()
+        assert [e.id for e in await bus.history(EventFilter())] == [5]
+        await bus.store.write(lambda db: db.execute("DELETE FROM events"))
+    async with running_bus(tmp_path) as bus:
+        assert (await bus.publish("log")).id == 6
+
+
+async def test_concurrent_publishers_get_distinct_increasing_ids(tmp_path: pathlib.Path) -> None:
+    ids: list[int] = []
+    async with running_bus(tmp_path) as bus:
+
+        async def publisher() -> None:
+            for _ in range(20):
+                ids.append((await bus.publish("log")).id)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(publisher)
+        stats = bus.statistics()
+    assert sorted(ids) == list(range(1, 201))
+    assert stats.published == 200
+    assert stats.batches < 200  # publishes were grouped
+
+
+async def test_subscriber_receives_only_matching_events_in_order(tmp_path: pathlib.Path) -> None:
+    async with running_bus(tmp_path) as bus:
+        everything = bus.subscribe(EventFilter())
+        tasks = bus.subscribe(make_filter(types="task.*", session_id="s1"))
+        await bus.publish("task.started", "s1")
+        await bus.publish("task.started", "s2")
+        await bus.publish("log")
+        await bus.publish("task.completed", "s1")
+        assert await drain(everything, 4) == [1, 2, 3, 4]
+        assert await drain(tasks, 2) == [1, 4]
+        assert tasks.queued == 0
+
+
+async def test_a_subscriber_that_never_reads_is_cut_off_and_slows_nobody(
+    tmp_path: pathlib.Path,
+) -> None:
+    async with running_bus(tmp_path, subscriber_queue=10) as bus:
+        stuck = bus.subscribe(EventFilter())
+        reader = bus.subscribe(EventFilter())
+        received: list[int] = []
+        for _ in range(30):
+            await bus.publish("log")
+            received += await drain(reader, 1)
+        assert received == list(range(1, 31))
+        assert stuck.closed_reason == "slow"
+        with pytest.raises(SubscriberClosed, match="slow"):
+            await stuck.next_frames()
+        stats = bus.statistics()
+        assert stats.subscribers == 1
+        assert stats.subscribers_cut_slow == 1
+
+
+async def test_subscriber_limit_is_a_clear_503(tmp_path: pathlib.Path) -> None:
+    async with running_bus(tmp_path, max_subscribers=2) as bus:
+        bus.subscribe(EventFilter())
+        second = bus.subscribe(EventFilter())
+        with pytest.raises(Unavailable, match="too many event streams"):
+            bus.subscribe(EventFilter())
+        bus.unsubscribe(second)
+        bus.subscribe(EventFilter())
+
+
+async def collect_replay(
+    bus: EventBus, flt: EventFilter, subscriber: Subscriber, **plan: Any
+) -> list[int]:
+    replay = bus.plan_replay(subscriber, **plan)
+    ids: list[int] = []
+    async for page in bus.replay(flt, replay):
+        ids += [item.event.id for item in page]
+    return ids
+
+
+@pytest.mark.parametrize("tail_size", [4096, 3])  # replay from the tail, and from the store
+async def test_replay_then_live_has_no_gap_and_no_duplicate(
+    tmp_path: pathlib.Path, tail_size: int
+) -> None:
+    async with running_bus(tmp_path, tail_size=tail_size) as bus:
+        for _ in range(10):
+            await bus.publish("log")
+        seen: list[int] = []
+
+        async def keep_publishing() -> None:
+            for _ in range(20):
+                await bus.publish("log")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_publishing)
+            await trio.lowlevel.checkpoint()  # publishing is under way when the client connects
+            subscriber = bus.subscribe(EventFilter())
+            seen += await collect_replay(
+                bus, EventFilter(), subscriber, last_event_id=4, history=None
+            )
+        seen += await drain(subscriber, 30 - subscriber.live_from)
+    assert seen == list(range(5, 31))
+
+
+async def test_history_n_replays_the_last_n_matching(tmp_path: pathlib.Path) -> None:
+    async with running_bus(tmp_path) as bus:
+        for n in range(10):
+            await bus.publish("task.started" if n % 2 else "log")
+        flt = make_filter(types="task.started")
+        subscriber = bus.subscribe(flt)
+        ids = await collect_replay(bus, flt, subscriber, last_event_id=None, history=3)
+    assert ids == [6, 8, 10]
+
+
+async def test_stream_reset_when_the_id_is_past_retention(tmp_path: pathlib.Path) -> None:
+    async with running_bus(tmp_path, retention_count=5) as bus:
+        for _ in range(12):
+            await bus.publish("log")
+        assert await bus.prune() == 7
+        subscriber = bus.subscribe(EventFilter())
+        plan = bus.plan_replay(subscriber, last_event_id=3, history=None)
+        assert plan.reset is not None
+        assert plan.reset["reason"] == "expired"
+        assert plan.reset["firstAvailableId"] == 8
+        assert await collect_replay(
+            bus, EventFilter(), subscriber, last_event_id=3, history=None
+        ) == [
+            8,
+            9,
+            10,
+            11,
+            12,
+        ]
+        # Up to date, or just before the oldest kept id: no reset.
+        assert bus.plan_replay(subscriber, last_event_id=7, history=None).reset is None
+        assert bus.plan_replay(subscriber, last_event_id=12, history=None).reset is None
+        ahead = bus.plan_replay(subscriber, last_event_id=99, history=None)
+        assert ahead.reset is not None and ahead.reset["reason"] == "unknown"
+
+
+async def test_retention_by_age(tmp_path: pathlib.Path) -> None:
+    async with running_bus(tmp_path) as bus:
+        for _ in range(3):
+            await bus.publish("log")
+        await bus.store.write(
+            lambda db: db.execute(
+                "UPDATE events SET timestamp = '2000-01-01T00:00:00.000Z' WHERE id < 3"
+            )
+        )
+        assert await bus.prune() == 2
+        assert [e.id for e in await bus.history(EventFilter())] == [3]
+
+
+async def test_history_pages_forward_with_after_and_limit(tmp_path: pathlib.Path) -> None:
+    async with running_bus(tmp_path) as bus:
+        for _ in range(10):
+            await bus.publish("log")
+        latest = await bus.history(EventFilter(), limit=3)
+        forward = await bus.history(EventFilter(), after=2, limit=3)
+        window = await bus.history(EventFilter(), after=2, before=5)
+    assert [e.id for e in latest] == [8, 9, 10]
+    assert [e.id for e in forward] == [3, 4, 5]
+    assert [e.id for e in window] == [3, 4]
+
+
+async def test_a_burst_with_many_subscribers_loses_nothing(tmp_path: pathlib.Path) -> None:
+    async with running_bus(tmp_path, subscriber_queue=5000) as bus:
+        subscribers = [bus.subscribe(EventFilter()) for _ in range(200)]
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+
+                async def burst() -> None:
+                    for _ in range(300):
+                        await bus.publish("agent.output", "s", Level.DEBUG, {"line": "x"})
+
+                nursery.start_soon(burst)
+        assert bus.last_id == 3000
+        for subscriber in subscribers[::50]:
+            assert await drain(subscriber, 3000) == list(range(1, 3001))
+        assert (await bus.counts())["total"] == 3000
+
+
+async def test_counts_by_type_and_level(tmp_path: pathlib.Path) -> None:
+    async with running_bus(tmp_path) as bus:
+        await bus.publish("error", None, Level.ERROR, {})
+        await bus.publish("log", None, Level.INFO, {})
+        await bus.publish("log", None, Level.INFO, {})
+        bus.subscribe(EventFilter())
+        counts = await bus.counts()
+    assert counts["total"] == 3
+    assert counts["byType"] == {"error": 1, "log": 2}
+    assert counts["byLevel"] == {"error": 1, "info": 2}
+    assert (counts["firstId"], counts["latestId"], counts["subscribers"]) == (1, 3, 1)
+    assert counts["eventsPerMinute"] == pytest.approx(0.6)
+
+
+def test_encoded_frames_are_shared_between_subscribers() -> None:
+    from lokid.events import Event
+
+    encoded = EncodedEvent.of(Event(1, "log", "t", None, Level.INFO, {}))
+    assert encoded.sse(False) is encoded.sse(False)
