@@ -253,3 +253,15 @@ def test_encoded_frames_are_shared_between_subscribers() -> None:
 
     encoded = EncodedEvent.of(Event(1, "log", "t", None, Level.INFO, {}))
     assert encoded.sse(False) is encoded.sse(False)
+
+
+async def test_emit_is_stored_and_delivered_in_order_with_publishes(tmp_path: pathlib.Path) -> None:
+    async with running_bus(tmp_path) as bus:
+        subscriber = bus.subscribe(EventFilter())
+        for n in range(50):
+            await bus.emit("agent.output", "s", Level.DEBUG, {"n": n})
+        last = await bus.publish("log")  # answered after everything emitted before it
+        assert last.id == 51
+        assert await drain(subscriber, 51) == list(range(1, 52))
+        stored = await bus.history(make_filter(types="agent.output"), limit=1000)
+    assert [e.data["n"] for e in stored] == list(range(50))

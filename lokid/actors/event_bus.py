@@ -195,6 +195,23 @@ class EventBus(Actor[Any]):
         event: Event = await self.ask(Publish(type, session_id, level, payload), timeout=timeout)
         return event
 
+    async def emit(
+        self,
+        type: str,
+        session_id: str | None = None,
+        level: Level = Level.INFO,
+        data: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Publish without waiting for the commit (high-rate sources, e.g. agent output).
+
+        Waits only while the mailbox is full (back-pressure). The event is
+        stored and delivered in order with every other publish; if the store
+        refuses the batch it is logged, since nobody is waiting to be told.
+        """
+        payload = dict(data or {})
+        check_publishable(type, payload)
+        await self.tell(Publish(type, session_id, level, payload))
+
     # -- subscribing --------------------------------------------------------------
 
     def subscribe(self, event_filter: EventFilter, *, named: bool = False) -> Subscriber:
@@ -388,35 +405,24 @@ class EventBus(Actor[Any]):
             nursery.cancel_scope.cancel()
 
     async def _publish_batch(self, batch: list[Any]) -> None:
-        calls: list[Call] = []
+        # (reply channel or None for `emit`, what to publish), in mailbox order.
+        pending: list[tuple[Call | None, Publish]] = []
         for message in batch:
-            if isinstance(message, Call) and isinstance(message.message, Publish):
-                calls.append(message)
+            if isinstance(message, Publish):
+                pending.append((None, message))
+            elif isinstance(message, Call) and isinstance(message.message, Publish):
+                pending.append((message, message.message))
             else:
                 await self.dispatch(message)
-        if not calls:
+        if not pending:
             return
-        start = self._last_id
+        now = utc_now_iso()
         events = [
-            Event(
-                start + n,
-                c.message.type,
-                utc_now_iso(),
-                c.message.session_id,
-                c.message.level,
-                c.message.data,
-            )
-            for n, c in enumerate(calls, start=1)
+            Event(self._last_id + n, p.type, now, p.session_id, p.level, p.data)
+            for n, (_, p) in enumerate(pending, start=1)
         ]
         rows = [
-            (
-                e.id,
-                e.type,
-                e.session_id,
-                int(e.level),
-                e.timestamp,
-                json.dumps(e.data, separators=(",", ":")),
-            )
+            (e.id, e.type, e.session_id, int(e.level), e.timestamp, _compact(e.data))
             for e in events
         ]
 
@@ -430,8 +436,13 @@ class EventBus(Actor[Any]):
         try:
             await self.store.write(insert)
         except LokiError as exc:
-            for call in calls:
-                _answer(call, Reply(error=exc))
+            # Nothing was stored: the ids are not used, callers hear why, emits are logged.
+            failed = sum(1 for call, _ in pending if call is None)
+            if failed:
+                log.error("%d emitted events were not stored: %s", failed, exc)
+            for call, _ in pending:
+                if call is not None:
+                    _answer(call, Reply(error=exc))
             return
         self._last_id = events[-1].id
         if self._first_id is None:
@@ -440,8 +451,9 @@ class EventBus(Actor[Any]):
         self._published += len(events)
         encoded = [EncodedEvent.of(e) for e in events]
         self._tail.extend(encoded)
-        for call, event in zip(calls, events, strict=True):
-            _answer(call, Reply(value=event))
+        for (call, _), event in zip(pending, events, strict=True):
+            if call is not None:
+                _answer(call, Reply(value=event))
         await self._fan_out(encoded)
 
     async def _fan_out(self, encoded: list[EncodedEvent]) -> None:
@@ -509,6 +521,10 @@ class EventBus(Actor[Any]):
 def _answer(call: Call, reply: Reply) -> None:
     with call.reply, contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         call.reply.send_nowait(reply)
+
+
+def _compact(data: Mapping[str, Any]) -> str:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
 
 def _row_event(row: Any) -> Event:
