@@ -1,0 +1,297 @@
+"""Where agent processes run: the narrow seam of DESIGN.md §10, and the local implementation.
+
+A session talks to an agent run through four things only - start it, read
+its output lines, stop it, learn how it exited - so that running agents
+elsewhere (the planned Temporal workers) is a new `AgentHost`, not a new
+session actor.
+
+Rules of the local implementation:
+
+* Every agent is started in **its own session and process group**
+  (`start_new_session=True`, so pgid == pid); whatever it forks stays in
+  that group unless it calls setsid itself.
+* Its identity is **(pid, start time)**, read right after spawn; the caller
+  records it in the store before waiting on the run (a restarted daemon
+  kills what a crashed one left, and never a reused pid).
+* **Signals only go to a group whose leader we have not reaped.** The
+  leader's exit is detected through a pidfd without reaping it, so its pid -
+  the group id - cannot be reused while we may still signal the group. The
+  leader is reaped only once the group is empty.
+* **Stop** = SIGTERM to the group, up to `grace` seconds for the group to
+  empty, SIGKILL to the group, then a bounded wait until no member is left;
+  survivors (only possible in uninterruptible sleep) are reported, not
+  ignored.
+* Output: stdout and stderr lines, in arrival order per stream, through a
+  bounded channel (`OUTPUT_BUFFER_LINES`): a slow consumer makes the agent
+  block on its pipe, nothing is dropped. A line longer than
+  `MAX_LINE_BYTES` is cut there and flagged `truncated`.
+* Timeouts: `idle_timeout` (no output) and `hard_timeout` (total) stop the
+  run with that reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import math
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from lokid.process import ProcessIdentity, group_members, start_ticks
+
+MAX_LINE_BYTES = 1024 * 1024
+OUTPUT_BUFFER_LINES = 256
+GROUP_POLL_SECONDS = 0.02
+KILL_WAIT_SECONDS = 5.0  # after SIGKILL, how long members may take to disappear
+
+
+class Stream(enum.Enum):
+    STDOUT = "stdout"
+    STDERR = "stderr"
+
+
+@attrs.frozen
+class OutputLine:
+    stream: Stream
+    data: bytes  # without the line ending
+    truncated: bool = False
+
+
+class EndReason(enum.Enum):
+    EXITED = "exited"
+    STOPPED = "stopped"
+    IDLE_TIMEOUT = "idle-timeout"
+    HARD_TIMEOUT = "hard-timeout"
+
+
+@attrs.frozen
+class RunResult:
+    exit_code: int  # negative: killed by that signal
+    reason: EndReason
+    survivors: tuple[int, ...] = ()  # pids still in the group after SIGKILL (should be none)
+    escalated: bool = False  # SIGKILL was needed
+
+
+@attrs.frozen
+class AgentSpec:
+    argv: tuple[str, ...]
+    cwd: Path
+    env: Mapping[str, str] = attrs.field(factory=dict)
+    stdin: bytes | None = None
+    idle_timeout: float = math.inf
+    hard_timeout: float = math.inf
+    stop_grace: float = 5.0  # SIGTERM -> SIGKILL after a timeout, or for leftovers of an exit
+
+
+class AgentRun(Protocol):
+    """One running agent, as the session sees it."""
+
+    identity: ProcessIdentity
+
+    def lines(self) -> AsyncIterator[OutputLine]: ...
+
+    async def stop(self, grace: float) -> RunResult: ...
+
+    async def wait(self) -> RunResult: ...
+
+
+class AgentHost(Protocol):
+    async def start(self, spec: AgentSpec) -> AgentRun: ...
+
+
+class LocalAgentHost:
+    """Agents as trio subprocesses on this machine. Construct runs inside a nursery."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+
+    async def start(self, spec: AgentSpec) -> LocalAgentRun:
+        run = LocalAgentRun(spec)
+        await self._nursery.start(run._run)
+        return run
+
+
+class LocalAgentRun:
+    def __init__(self, spec: AgentSpec) -> None:
+        self.spec = spec
+        self.identity = ProcessIdentity(0, 0)
+        self._send, self._receive = trio.open_memory_channel[OutputLine](OUTPUT_BUFFER_LINES)
+        self._done = trio.Event()
+        self._result: RunResult | None = None
+        self._stop_requested: tuple[float, EndReason] | None = None
+        self._stop_wakeup = trio.Event()
+        self._last_output = 0.0
+        self._escalated = False
+
+    # -- what the session uses ----------------------------------------------------
+
+    async def lines(self) -> AsyncIterator[OutputLine]:
+        async with self._receive.clone() as receive:
+            async for line in receive:
+                yield line
+
+    async def stop(self, grace: float) -> RunResult:
+        self._request_stop(grace, EndReason.STOPPED)
+        return await self.wait()
+
+    async def wait(self) -> RunResult:
+        await self._done.wait()
+        assert self._result is not None
+        return self._result
+
+    @property
+    def result(self) -> RunResult | None:
+        return self._result
+
+    # -- the supervising task -----------------------------------------------------
+
+    def _request_stop(self, grace: float, reason: EndReason) -> None:
+        if self._stop_requested is None:
+            self._stop_requested = (grace, reason)
+            self._stop_wakeup.set()
+
+    async def _run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        spec = self.spec
+        process = await trio.lowlevel.open_process(
+            list(spec.argv),
+            cwd=os.fspath(spec.cwd),
+            env={**os.environ, **spec.env} if spec.env else None,
+            stdin=subprocess.PIPE if spec.stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        pid = process.pid
+        # The child is not reaped before we say so: its /proc entry is there.
+        self.identity = ProcessIdentity(pid, start_ticks(pid) or 0)
+        pidfd = os.pidfd_open(pid)
+        self._last_output = trio.current_time()
+        reason = EndReason.EXITED
+        try:
+            task_status.started(self)
+            async with trio.open_nursery() as nursery:
+                if spec.stdin is not None and process.stdin is not None:
+                    nursery.start_soon(_feed, process.stdin, spec.stdin)
+                readers_done = trio.Event()
+                nursery.start_soon(self._read_all, process, readers_done)
+                nursery.start_soon(self._watch_timeouts)
+                # Wait for the leader to exit (without reaping) or a stop request.
+                async with trio.open_nursery() as race:
+
+                    async def leader_exit() -> None:
+                        await trio.lowlevel.wait_readable(pidfd)
+                        race.cancel_scope.cancel()
+
+                    async def stop_request() -> None:
+                        await self._stop_wakeup.wait()
+                        race.cancel_scope.cancel()
+
+                    race.start_soon(leader_exit)
+                    race.start_soon(stop_request)
+                if self._stop_requested is not None:
+                    grace, reason = self._stop_requested
+                    await self._terminate_group(pid, grace)
+                else:
+                    # The leader is gone; helpers it left in the group go too.
+                    await self._terminate_group(pid, spec.stop_grace, quiet_if_empty=True)
+                with trio.move_on_after(KILL_WAIT_SECONDS):
+                    await readers_done.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                survivors = tuple(p for p, state in group_members(pid) if p != pid and state != "Z")
+                exit_code = await process.wait()  # reap only now: the group is empty
+                os.close(pidfd)
+                self._send.close()
+                self._result = RunResult(exit_code, reason, survivors, self._escalated)
+                self._done.set()
+
+    async def _terminate_group(
+        self, pgid: int, grace: float, *, quiet_if_empty: bool = False
+    ) -> None:
+        """TERM the group, wait `grace` for it to empty, KILL, wait until it is empty."""
+        if quiet_if_empty and not _live_members(pgid):
+            return
+        _signal_group(pgid, signal.SIGTERM)
+        # Polling /proc: the kernel offers no event for "this group is now empty".
+        with trio.move_on_after(grace):
+            while _live_members(pgid):  # noqa: ASYNC110
+                await trio.sleep(GROUP_POLL_SECONDS)
+        if _live_members(pgid):
+            self._escalated = True
+            _signal_group(pgid, signal.SIGKILL)
+            with trio.move_on_after(KILL_WAIT_SECONDS):
+                while _live_members(pgid):  # noqa: ASYNC110
+                    await trio.sleep(GROUP_POLL_SECONDS)
+
+    async def _read_all(self, process: trio.Process, done: trio.Event) -> None:
+        async with trio.open_nursery() as nursery:
+            for stream, pipe in ((Stream.STDOUT, process.stdout), (Stream.STDERR, process.stderr)):
+                if pipe is not None:
+                    nursery.start_soon(self._read_lines, stream, pipe)
+        done.set()
+
+    async def _read_lines(self, stream: Stream, pipe: trio.abc.ReceiveStream) -> None:
+        buffer = bytearray()
+        async with pipe:
+            while True:
+                try:
+                    chunk = await pipe.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    chunk = b""
+                if not chunk:
+                    break
+                self._last_output = trio.current_time()
+                buffer += chunk
+                while (end := buffer.find(b"\n")) >= 0:
+                    line = bytes(buffer[:end]).removesuffix(b"\r")
+                    del buffer[: end + 1]
+                    await self._emit(stream, line)
+                if len(buffer) > MAX_LINE_BYTES:
+                    await self._emit(stream, bytes(buffer[:MAX_LINE_BYTES]), truncated=True)
+                    buffer.clear()
+        if buffer:
+            await self._emit(stream, bytes(buffer))
+
+    async def _emit(self, stream: Stream, data: bytes, *, truncated: bool = False) -> None:
+        line = OutputLine(stream, data[:MAX_LINE_BYTES], truncated or len(data) > MAX_LINE_BYTES)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._send.send(line)
+
+    async def _watch_timeouts(self) -> None:
+        spec = self.spec
+        started = trio.current_time()
+        while True:
+            now = trio.current_time()
+            hard_left = started + spec.hard_timeout - now
+            idle_left = self._last_output + spec.idle_timeout - now
+            if hard_left <= 0:
+                self._request_stop(spec.stop_grace, EndReason.HARD_TIMEOUT)
+                return
+            if idle_left <= 0:
+                self._request_stop(spec.stop_grace, EndReason.IDLE_TIMEOUT)
+                return
+            await trio.sleep(min(hard_left, idle_left))
+
+
+def _live_members(pgid: int) -> list[int]:
+    return [pid for pid, state in group_members(pgid) if state != "Z"]
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    # Safe: the caller holds the unreaped leader, so `pgid` is still our group.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signum)
+
+
+async def _feed(stdin: trio.abc.SendStream, data: bytes) -> None:
+    async with stdin:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stdin.send_all(data)

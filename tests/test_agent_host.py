@@ -1,0 +1,139 @@
+"""LocalAgentHost with real processes: groups, stop escalation, output, timeouts."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+import textwrap
+
+import pytest
+import trio
+
+from lokid.agent_host import AgentSpec, EndReason, LocalAgentHost, OutputLine, Stream
+from lokid.process import group_members, is_same_process
+
+PY = sys.executable
+
+# A process that ignores SIGTERM and leaves a grandchild (same group) that ignores it too.
+STUBBORN = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if os.fork() == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(300)
+        os._exit(0)
+    print("ready", flush=True)
+    time.sleep(300)
+    """
+)
+
+
+def live(pgid: int) -> list[int]:
+    return [pid for pid, state in group_members(pgid) if state != "Z"]
+
+
+async def run_host(spec: AgentSpec) -> tuple[list[OutputLine], object]:
+    lines: list[OutputLine] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            run = await LocalAgentHost(nursery).start(spec)
+            async for line in run.lines():
+                lines.append(line)
+            result = await run.wait()
+    return lines, result
+
+
+async def test_output_lines_exit_code_and_stdin(tmp_path: pathlib.Path) -> None:
+    script = (
+        "import sys; data = sys.stdin.read(); print('got', data);"
+        "print('oops', file=sys.stderr); sys.exit(3)"
+    )
+    spec = AgentSpec((PY, "-c", script), tmp_path, stdin=b"hello")
+    lines, result = await run_host(spec)
+    assert OutputLine(Stream.STDOUT, b"got hello") in lines
+    assert OutputLine(Stream.STDERR, b"oops") in lines
+    assert result.exit_code == 3  # type: ignore[attr-defined]
+    assert result.reason is EndReason.EXITED  # type: ignore[attr-defined]
+
+
+async def test_long_lines_are_cut_and_flagged(tmp_path: pathlib.Path) -> None:
+    script = "import sys; sys.stdout.write('x' * (2 * 1024 * 1024) + '\\nshort\\n')"
+    lines, _ = await run_host(AgentSpec((PY, "-c", script), tmp_path))
+    stdout = [line for line in lines if line.stream is Stream.STDOUT]
+    assert stdout[0].truncated and len(stdout[0].data) == 1024 * 1024
+    assert stdout[-1] == OutputLine(Stream.STDOUT, b"short")
+
+
+async def test_agent_runs_in_its_own_group_with_a_verified_identity(tmp_path: pathlib.Path) -> None:
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            run = await LocalAgentHost(nursery).start(AgentSpec(("sleep", "30"), tmp_path))
+            assert os.getpgid(run.identity.pid) == run.identity.pid
+            assert os.getpgid(run.identity.pid) != os.getpgid(0)
+            assert is_same_process(run.identity)
+            result = await run.stop(grace=2)
+    assert result.reason is EndReason.STOPPED
+    assert result.exit_code == -15  # SIGTERM was enough
+    assert not result.escalated
+    assert live(run.identity.pid) == []
+
+
+async def test_stop_escalates_to_kill_and_leaves_no_process(tmp_path: pathlib.Path) -> None:
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            run = await LocalAgentHost(nursery).start(AgentSpec((PY, "-c", STUBBORN), tmp_path))
+            async for line in run.lines():
+                assert line.data == b"ready"
+                break
+            pgid = run.identity.pid
+            assert len(live(pgid)) == 2  # the agent and its grandchild
+            started = trio.current_time()
+            result = await run.stop(grace=0.5)
+            assert trio.current_time() - started >= 0.5
+    assert result.escalated
+    assert result.exit_code == -9
+    assert result.survivors == ()
+    assert live(pgid) == []
+
+
+async def test_leftovers_of_an_agent_that_exited_are_stopped(tmp_path: pathlib.Path) -> None:
+    script = "import os, time\nif os.fork() == 0:\n    time.sleep(300)\nprint('bye')"
+    spec = AgentSpec((PY, "-c", script), tmp_path, stop_grace=1)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            run = await LocalAgentHost(nursery).start(spec)
+            result = await run.wait()
+    assert result.reason is EndReason.EXITED
+    assert result.exit_code == 0
+    assert live(run.identity.pid) == []
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ({"idle_timeout": 0.5}, EndReason.IDLE_TIMEOUT),
+        ({"hard_timeout": 0.5}, EndReason.HARD_TIMEOUT),
+    ],
+)
+async def test_timeouts_stop_the_run(
+    tmp_path: pathlib.Path, options: dict[str, float], reason: EndReason
+) -> None:
+    # Prints every 0.2 s: never idle for 0.5 s, but runs longer than 0.5 s.
+    script = "import time\nwhile True:\n    print('tick', flush=True); time.sleep(0.2)"
+    if reason is EndReason.IDLE_TIMEOUT:
+        script = "import time; time.sleep(300)"
+    spec = AgentSpec((PY, "-c", script), tmp_path, stop_grace=1, **options)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            run = await LocalAgentHost(nursery).start(spec)
+            result = await run.wait()
+    assert result.reason is reason
+    assert live(run.identity.pid) == []
+
+
+async def test_missing_executable_fails_at_start(tmp_path: pathlib.Path) -> None:
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(FileNotFoundError):
+            await LocalAgentHost(nursery).start(AgentSpec(("/nonexistent/agent",), tmp_path))
