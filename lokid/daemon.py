@@ -207,13 +207,13 @@ class Daemon:
                 await self.store.record_stop(self.run_id)
             except LokiError as exc:
                 log.warning("could not record the clean stop: %s", exc)
+        # Open event streams would otherwise keep the listeners draining until their timeout.
+        self.bus.close_all("shutdown")
         self.root.request_stop()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._root_done.wait)
-            await self._hurry_or(self._root_done)
-            nursery.cancel_scope.cancel()
+        await self._until_or_hurried(self._root_done)
 
-    async def _hurry_or(self, done: trio.Event) -> None:
+    async def _until_or_hurried(self, done: trio.Event) -> None:
+        """Wait for `done`, or less if a second stop request says to hurry."""
         async with trio.open_nursery() as nursery:
 
             async def hurry() -> None:

@@ -409,3 +409,34 @@ def test_cli_events_history_and_follow(daemon: DaemonProcess) -> None:
     finally:
         follower.kill()
         follower.wait(timeout=10)
+
+
+def test_sigterm_with_open_event_streams_exits_promptly(daemon: DaemonProcess) -> None:
+    assert daemon.process is not None
+    ended = threading.Event()
+    tail: list[str] = []
+
+    def follow() -> None:
+        with (
+            httpx.Client(timeout=30) as client,
+            client.stream("GET", f"{daemon.api_url}/api/events") as r,
+        ):
+            for line in r.iter_lines():
+                tail.append(line)
+        ended.set()
+
+    readers = [threading.Thread(target=follow) for _ in range(3)]
+    for reader in readers:
+        reader.start()
+    deadline = time.monotonic() + 10
+    while sum(": connected" in line for line in tail) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    started = time.monotonic()
+    code, err = daemon.terminate()
+    assert code == 0, err
+    # Streams are ended at once instead of holding the listeners' drain (grace 10 s).
+    assert time.monotonic() - started < 5
+    for reader in readers:
+        reader.join(timeout=10)
+    assert ended.is_set()
+    assert ": closed: shutdown" in tail

@@ -388,9 +388,15 @@ class EventBus(Actor[Any]):
         self._tail.clear()
         self._tail.extend(EncodedEvent.of(e) for e in tail)
 
+    def close_all(self, reason: str) -> int:
+        """End every stream (e.g. the daemon is stopping: streams must not hold up the drain)."""
+        subscribers = list(self._subscribers)
+        for subscriber in subscribers:
+            subscriber.close(reason)
+        return len(subscribers)
+
     async def teardown(self) -> None:
-        for subscriber in list(self._subscribers):
-            subscriber.close("shutdown")
+        self.close_all("shutdown")
 
     async def serve(self) -> None:
         async with trio.open_nursery() as nursery:
