@@ -6,6 +6,7 @@ import sys
 
 BENCHMARKS = {
     "health": "bench.health",
+    "events": "bench.events",
 }
 
 

@@ -29,10 +29,12 @@ from bench.loadgen import LoadResult, run_load, run_wrk, wrk_available
 
 SERVER_CPU = 0
 DRIVER_CPU = 1
+TWO_CPUS = {SERVER_CPU, DRIVER_CPU} <= os.sched_getaffinity(0)  # read before the driver pins
 
 
 def _pin_server() -> None:
-    if len(os.sched_getaffinity(0)) > 1:
+    # Not `len(sched_getaffinity(0)) > 1`: the child inherits the driver's pin to CPU 1.
+    if TWO_CPUS:
         os.sched_setaffinity(0, {SERVER_CPU})
 
 
@@ -113,7 +115,7 @@ def main(argv: list[str]) -> int:
     driver = args.driver
     if driver == "auto":
         driver = "wrk" if wrk_available() else "python"
-    if len(os.sched_getaffinity(0)) > 1:
+    if TWO_CPUS:
         os.sched_setaffinity(0, {DRIVER_CPU})
 
     results: dict[str, dict[int, list[LoadResult]]] = {"raw": {}, "lokid": {}}
