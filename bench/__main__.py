@@ -7,6 +7,7 @@ import sys
 BENCHMARKS = {
     "health": "bench.health",
     "events": "bench.events",
+    "burst": "bench.burst",
 }
 
 
