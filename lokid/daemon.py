@@ -47,6 +47,7 @@ from lokid.http.api import create_api_surface
 from lokid.http.control import control_app
 from lokid.http.dashboard import create_dashboard_surface
 from lokid.http.events import install_events
+from lokid.http.surface import Surface
 from lokid.pidfile import DaemonLock
 from lokid.sockets import bind_tcp, bind_unix, is_loopback_socket, socket_url
 from lokid.supervisor import (
@@ -308,7 +309,10 @@ class Daemon:
             ("dashboard", self.dashboard, listeners.dashboard, False),
             ("control", control_app(self.api, self.dashboard), listeners.control, True),
         ):
-            listener = HttpListener(name, app, [sock], check_peer=check, graceful_timeout=grace)
+            inline = app if isinstance(app, Surface) else None
+            listener = HttpListener(
+                name, app, [sock], check_peer=check, inline=inline, graceful_timeout=grace
+            )
             listener_specs.append(
                 ChildSpec(
                     name,

@@ -36,7 +36,8 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 
 from lokid.http.errors import ApiError
-from lokid.http.surface import ASGIApp, Receive, Scope, Send, send_error
+from lokid.http.fastpath import InlineConnection
+from lokid.http.surface import ASGIApp, Receive, Scope, Send, Surface, send_error
 from lokid.sockets import peer_credentials, socket_url
 
 log = logging.getLogger("lokid.listener")
@@ -123,6 +124,7 @@ class HttpListener:
         sockets: list[socket.socket],
         *,
         check_peer: bool = False,
+        inline: Surface | None = None,
         max_connections: int = 4096,
         graceful_timeout: float = 5.0,
     ) -> None:
@@ -130,6 +132,8 @@ class HttpListener:
         self.app = app
         self.sockets = sockets
         self.check_peer = check_peer
+        self.inline = inline if not check_peer else None
+        self._idle_scopes: set[trio.CancelScope] = set()
         self.max_connections = max_connections
         self.graceful_timeout = graceful_timeout
         self.addresses = tuple(socket_url(s) for s in sockets)
@@ -162,6 +166,8 @@ class HttpListener:
                         await trio.sleep_forever()
                     await stop.wait()
                     acceptors.cancel_scope.cancel()
+                for scope in list(self._idle_scopes):  # idle inline keep-alive connections
+                    scope.cancel()
                 for listener in listeners:
                     await listener.aclose()
                 await context.terminated.set()
@@ -201,8 +207,22 @@ class HttpListener:
             app = self._wrapped
             if self.check_peer:
                 app = wrap_app(self._peer_app(stream), self._config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
-            server = _TCPServer(app, self._config, context, ConnectionState({}), stream)  # type: ignore[arg-type]
-            await server.run()
+
+            async def hypercorn(connection: trio.abc.HalfCloseableStream) -> None:
+                server = _TCPServer(app, self._config, context, ConnectionState({}), connection)  # type: ignore[arg-type]
+                await server.run()
+
+            if self.inline is not None:
+                inline = InlineConnection(
+                    self.inline,
+                    stream,
+                    hypercorn,
+                    keep_alive=self._config.keep_alive_timeout,
+                    idle_scopes=self._idle_scopes,
+                )
+                await inline.serve()
+            else:
+                await hypercorn(stream)
         finally:
             self._open -= 1
             slots.release()

@@ -262,25 +262,37 @@ class Surface:
     async def _serve_lean(
         self, handler: LeanHandler, scope: Scope, send: Send, *, head: bool = False
     ) -> None:
+        status, headers, body = await self.lean_answer(handler, scope)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if head else body})
+
+    async def lean_answer(
+        self, handler: LeanHandler, scope: Scope
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Run a lean handler: (status, headers, body), errors in the seed's body."""
         try:
             response = await handler(scope)
         except ApiError as exc:
-            await send_error(send, exc)
-            return
+            return _error_answer(exc)
         except LokiError as exc:
-            await send_error(send, ApiError.from_loki(exc))
-            return
+            return _error_answer(ApiError.from_loki(exc))
         except Exception:
             log.exception("lean handler %s %s failed", scope["method"], scope["path"])
-            await send_error(send, ApiError("INTERNAL_ERROR", "internal error; see the daemon log"))
-            return
+            return _error_answer(ApiError("INTERNAL_ERROR", "internal error; see the daemon log"))
         headers = [
             *JSON_HEADERS,
             *response.headers,
             (b"content-length", str(len(response.body)).encode()),
         ]
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        await send({"type": "http.response.body", "body": b"" if head else response.body})
+        return response.status, headers, response.body
+
+    def lean_route(self, method: str, path: str) -> LeanHandler | None:
+        """The lean handler of (method, path) (HEAD uses GET's), for the inline path."""
+        return self._lean.get(("GET" if method == "HEAD" else method, path))
+
+    def stream_route(self, method: str, path: str) -> ASGIApp | None:
+        """The streaming (raw) handler of (method, path), for the inline path."""
+        return self._raw.get((method, path))
 
     # -- OpenAPI ------------------------------------------------------------------
 
@@ -409,6 +421,13 @@ def quart_error(exc: ApiError) -> Response:
     for name, value in exc.headers.items():
         response.headers[name] = value
     return response
+
+
+def _error_answer(exc: ApiError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    body = exc.body_bytes()
+    extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+    headers = [*JSON_HEADERS, *extra, (b"content-length", str(len(body)).encode())]
+    return exc.status, headers, body
 
 
 async def send_error(

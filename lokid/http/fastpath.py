@@ -1,0 +1,289 @@
+"""An inline HTTP/1.1 path for the hottest routes, in front of Hypercorn.
+
+Why: under SSE fan-out, trio (which has no priorities) makes every task step
+of a request wait a whole pass of the run queue. Hypercorn spends ~15 task
+steps on a `/health` request (a task per request, an idle-timeout task
+restarted per request, a lock per write); a request answered inline by the
+connection's own task takes 2 (read, write). See docs/performance.md.
+
+Rules:
+
+* Only what is certainly simple is served here: `GET`/`HEAD` of a lean or
+  streaming route of the listener's `Surface`, HTTP/1.1, `Host` present, no
+  body (`Content-Length` absent or 0, no `Transfer-Encoding`), no `Expect`,
+  no `Upgrade`, no obs-fold, origin-form target without percent escapes,
+  head under 16 KiB. Anything else - the first time it is seen on a
+  connection - hands the connection, with every byte already read, to
+  Hypercorn for good. Correctness beyond the simple case is Hypercorn's.
+* Handlers are the very same as on the ASGI path (`Surface.lean_answer`,
+  the raw stream handlers), so both paths give identical answers; tests
+  compare them.
+* Keep-alive between requests is bounded by `keep_alive` seconds; the
+  listener cancels idle connections when it stops.
+* A streaming response is sent with chunked encoding; the connection
+  closes when the stream ends. A client that goes away is seen as
+  `http.disconnect` by the handler (its socket reads EOF or an error);
+  writes after that are dropped.
+"""
+
+from __future__ import annotations
+
+import http
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import trio
+
+from lokid.http.surface import ASGIApp, LeanHandler, Scope, Surface
+
+MAX_HEAD_BYTES = 16 * 1024
+RECEIVE_BYTES = 65536
+
+Handoff = Callable[[trio.abc.HalfCloseableStream], Awaitable[None]]
+
+
+@attrs.frozen
+class SimpleRequest:
+    method: str
+    path: str
+    query: bytes
+    headers: list[tuple[bytes, bytes]]
+    close: bool
+
+
+def parse_simple_request(head: bytes) -> SimpleRequest | None:
+    """The request if it is one the inline path may serve, else None (hand over)."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] not in (b"GET", b"HEAD"):
+        return None
+    target = parts[1]
+    if not target.startswith(b"/"):
+        return None
+    headers: list[tuple[bytes, bytes]] = []
+    for line in lines[1:]:
+        if not line or line[:1] in (b" ", b"\t"):
+            return None
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name.strip() != name:
+            return None
+        headers.append((name.lower(), value.strip()))
+    close = False
+    has_host = False
+    for name, value in headers:
+        if name in (b"transfer-encoding", b"upgrade", b"expect"):
+            return None
+        if name == b"content-length" and value != b"0":
+            return None
+        if name == b"host":
+            has_host = True
+        if name == b"connection" and b"close" in value.lower():
+            close = True
+    path, _, query = target.partition(b"?")
+    if not has_host or b"%" in path or b"#" in path:
+        return None
+    try:
+        text = path.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return SimpleRequest(parts[0].decode(), text, query, headers, close)
+
+
+class ReplayStream(trio.abc.HalfCloseableStream):
+    """A socket stream that first gives back bytes already read (for the hand-over)."""
+
+    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
+        self.stream = stream
+        self.socket = stream.socket  # Hypercorn reads peer and local addresses from it
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            data, self._prefix = self._prefix, b""
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class InlineConnection:
+    """Serves one TCP connection: simple requests inline, the rest via `handoff`."""
+
+    def __init__(
+        self,
+        surface: Surface,
+        stream: trio.SocketStream,
+        handoff: Handoff,
+        *,
+        keep_alive: float,
+        idle_scopes: set[trio.CancelScope],
+    ) -> None:
+        self.surface = surface
+        self.stream = stream
+        self.handoff = handoff
+        self.keep_alive = keep_alive
+        self.idle_scopes = idle_scopes
+        self.buffer = bytearray()
+        sock = stream.socket
+        self.client = _address(sock.getpeername())
+        self.server = _address(sock.getsockname())
+
+    async def serve(self) -> None:
+        try:
+            while True:
+                head = await self._read_head()
+                if head is None:
+                    return
+                request = parse_simple_request(head)
+                lean = stream = None
+                if request is not None:
+                    lean = self.surface.lean_route(request.method, request.path)
+                    stream = self.surface.stream_route(request.method, request.path)
+                if request is None or (lean is None and stream is None):
+                    await self.handoff(ReplayStream(self.stream, head + b"\r\n\r\n" + self.buffer))
+                    return
+                if lean is not None:
+                    if not await self._answer(request, lean):
+                        return
+                elif stream is not None:
+                    await self._stream(request, stream)
+                    return
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+
+    async def _read_head(self) -> bytes | None:
+        """The next request head (without the blank line), or None: closed, idle, stopped."""
+        with trio.move_on_after(self.keep_alive) as idle:
+            self.idle_scopes.add(idle)
+            try:
+                while (end := self.buffer.find(b"\r\n\r\n")) < 0:
+                    if len(self.buffer) > MAX_HEAD_BYTES:
+                        # Too big for us: Hypercorn answers it properly (431/400).
+                        await self.handoff(ReplayStream(self.stream, bytes(self.buffer)))
+                        return None
+                    try:
+                        chunk = await self.stream.receive_some(RECEIVE_BYTES)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return None
+                    if not chunk:
+                        return None
+                    idle.deadline = trio.current_time() + self.keep_alive
+                    self.buffer += chunk
+            finally:
+                self.idle_scopes.discard(idle)
+        if idle.cancelled_caught and self.buffer.find(b"\r\n\r\n") < 0:
+            return None
+        head = bytes(self.buffer[:end])
+        del self.buffer[: end + 4]
+        return head
+
+    def _scope(self, request: SimpleRequest) -> Scope:
+        return {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "method": request.method,
+            "scheme": "http",
+            "path": request.path,
+            "raw_path": request.path.encode(),
+            "query_string": request.query,
+            "root_path": "",
+            "headers": request.headers,
+            "client": self.client,
+            "server": self.server,
+            "extensions": {},
+        }
+
+    async def _answer(self, request: SimpleRequest, handler: LeanHandler) -> bool:
+        """One lean response; False when the connection is to be closed."""
+        status, headers, body = await self.surface.lean_answer(handler, self._scope(request))
+        if request.close:
+            headers = [*headers, (b"connection", b"close")]
+        payload = _status_line(status, headers) + (b"" if request.method == "HEAD" else body)
+        try:
+            await self.stream.send_all(payload)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return not request.close
+
+    async def _stream(self, request: SimpleRequest, app: ASGIApp) -> None:
+        """Run a streaming handler on this connection; it closes when the handler returns."""
+        state = _StreamState()
+
+        async def receive() -> dict[str, Any]:
+            if not state.request_delivered:
+                state.request_delivered = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            while not state.gone:  # the client sends nothing more; EOF or an error = gone
+                try:
+                    chunk = await self.stream.receive_some(RECEIVE_BYTES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    chunk = b""
+                state.gone = not chunk
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if state.gone or state.finished:
+                return
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                state.chunked = all(name.lower() != b"content-length" for name, _ in headers)
+                if state.chunked:
+                    headers.append((b"transfer-encoding", b"chunked"))
+                headers.append((b"connection", b"close"))
+                await self._write(_status_line(message["status"], headers), state)
+            elif message["type"] == "http.response.body":
+                body = message.get("body", b"")
+                more = message.get("more_body", False)
+                data = body
+                if state.chunked:
+                    data = (f"{len(body):x}\r\n".encode() + body + b"\r\n") if body else b""
+                    if not more:
+                        data += b"0\r\n\r\n"
+                state.finished = not more
+                await self._write(data, state)
+
+        await app(self._scope(request), receive, send)
+
+    async def _write(self, data: bytes, state: _StreamState) -> None:
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            state.gone = True
+
+
+@attrs.define
+class _StreamState:
+    request_delivered: bool = False
+    chunked: bool = True
+    finished: bool = False
+    gone: bool = False
+
+
+def _status_line(status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
+    try:
+        reason = http.HTTPStatus(status).phrase
+    except ValueError:
+        reason = ""
+    lines = [f"HTTP/1.1 {status} {reason}".encode()]
+    lines.extend(name + b": " + value for name, value in headers)
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def _address(address: Any) -> tuple[str, int] | None:
+    if isinstance(address, tuple) and len(address) >= 2:
+        return str(address[0]), int(address[1])
+    return None

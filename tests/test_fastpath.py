@@ -1,0 +1,140 @@
+"""The inline HTTP/1.1 path: what it serves, what it hands to Hypercorn, and same answers."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest
+import trio
+
+from lokid.actors.listener import HttpListener
+from lokid.http.fastpath import parse_simple_request
+from lokid.http.surface import LeanResponse, Receive, Scope, Send, Surface, json_response
+
+
+@pytest.mark.parametrize(
+    ("head", "simple"),
+    [
+        (b"GET /health HTTP/1.1\r\nHost: x", True),
+        (b"HEAD /health?x=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 0", True),
+        (b"GET /health HTTP/1.0\r\nHost: x", False),  # only HTTP/1.1
+        (b"POST /health HTTP/1.1\r\nHost: x", False),
+        (b"GET /health HTTP/1.1", False),  # no Host
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 3", False),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked", False),
+        (b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket", False),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\n folded", False),  # obs-fold
+        (b"GET /he%61lth HTTP/1.1\r\nHost: x", False),  # escapes: Hypercorn decodes
+        (b"GET http://x/health HTTP/1.1\r\nHost: x", False),  # absolute form
+        (b"GET /health HTTP/1.1\r\nHost : x", False),  # space before the colon
+    ],
+)
+def test_only_certainly_simple_requests_are_inline(head: bytes, simple: bool) -> None:
+    assert (parse_simple_request(head) is not None) is simple
+
+
+def test_connection_close_and_query_are_kept() -> None:
+    request = parse_simple_request(b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\nConnection: Close")
+    assert request is not None
+    assert (request.path, request.query, request.close) == ("/a", b"b=1", True)
+
+
+def make_surface() -> Surface:
+    surface = Surface("t", "0")
+
+    @surface.lean("GET", "/fast", "lean", responses={200: "ok"})
+    async def fast(scope: Scope) -> LeanResponse:
+        return json_response(200, {"path": scope["path"], "query": scope["query_string"].decode()})
+
+    @surface.stream("GET", "/stream", "stream", responses={200: "ok"})
+    async def stream(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for n in range(3):
+            await send({"type": "http.response.body", "body": f"{n}\n".encode(), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    @surface.route("POST", "/slow", "quart", responses={200: "ok"})
+    async def slow() -> dict[str, Any]:
+        return {"quart": True}
+
+    return surface
+
+
+async def exchange(port: int, data: bytes) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(data)
+        chunks = []
+        with trio.move_on_after(3):
+            while chunk := await stream.receive_some(65536):
+                chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def with_listener(inline: bool, data: bytes) -> bytes:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    surface = make_surface()
+    listener = HttpListener("t", surface, [sock], inline=surface if inline else None)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(listener.run)
+            answer = await exchange(sock.getsockname()[1], data)
+            nursery.cancel_scope.cancel()
+    sock.close()
+    return answer
+
+
+def split(raw: bytes, heads: list[bool]) -> list[tuple[str, bytes]]:
+    """(status, body) of each response of a keep-alive exchange; `heads`: answers to HEAD."""
+    answers = []
+    for is_head in heads:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        length = next(
+            int(v)
+            for k, _, v in (line.partition(b": ") for line in lines[1:])
+            if k.lower() == b"content-length"
+        )
+        length = 0 if is_head else length
+        answers.append((lines[0].decode().split(" ", 2)[1], rest[:length]))
+        raw = rest[length:]
+    assert raw == b"", raw
+    return answers
+
+
+CLOSE = b"GET /fast HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "requests",
+    [
+        [b"GET /fast?q=1 HTTP/1.1\r\nHost: x\r\n\r\n"],
+        [b"HEAD /fast HTTP/1.1\r\nHost: x\r\n\r\n"],
+        [b"POST /fast HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"],  # 405, via hand-over
+        [b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"],  # 404 from Quart, via hand-over
+        # pipelined: inline, inline, then a hand-over on the same connection
+        [
+            b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /fast?2 HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+        ],
+    ],
+)
+async def test_inline_and_hypercorn_give_the_same_answers(requests: list[bytes]) -> None:
+    data = b"".join(requests) + CLOSE
+    heads = [r.startswith(b"HEAD") for r in requests] + [False]
+    inline = split(await with_listener(True, data), heads)
+    plain = split(await with_listener(False, data), heads)
+    assert inline == plain
+    assert len(inline) == len(requests) + 1
+
+
+async def test_stream_route_is_chunked_and_closes() -> None:
+    raw = await with_listener(True, b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert body == b"2\r\n0\n\r\n2\r\n1\n\r\n2\r\n2\n\r\n0\r\n\r\n"
