@@ -7,6 +7,8 @@ The tree (start order; stop is the reverse):
 
     lokid (rest_for_one)            a store restart restarts what follows it
     ├── store                       SQLite owner, group commit
+    ├── event_bus                   event ids, persistence, SSE fan-out
+    ├── agent_pool                  agent process cap, records, reconciliation
     └── listeners (one_for_one)
         ├── api                     HTTP API, 127.0.0.1:8420
         ├── dashboard               Dashboard API, 57374 or the next free port
@@ -37,6 +39,7 @@ import trio
 
 from lokid import __version__
 from lokid.actor import exception_leaves
+from lokid.actors.agent_pool import AgentPool
 from lokid.actors.event_bus import EventBus
 from lokid.actors.listener import HttpListener
 from lokid.actors.store import StoreActor
@@ -114,6 +117,7 @@ class Daemon:
             retention_count=config.event_retention_count,
             retention_seconds=config.event_retention_days * 86400,
         )
+        self.pool = AgentPool(self.store, max_agents=config.max_agents)
         self.api = create_api_surface(self)
         self.dashboard = create_dashboard_surface(self)
         for surface in (self.api, self.dashboard):
@@ -339,9 +343,16 @@ class Daemon:
             traps_shutdown=True,
             statistics=self.bus.statistics,
         )
+        pool = ChildSpec(
+            "agent_pool",
+            self.pool.run,
+            shutdown=self.pool.grace + 15.0,
+            traps_shutdown=True,
+            statistics=self.pool.statistics,
+        )
         self.root = Supervisor(
             "lokid",
-            [store, bus, servers.as_child()],
+            [store, bus, pool, servers.as_child()],
             strategy=Strategy.REST_FOR_ONE,
             max_restarts=5,
             period=30.0,
@@ -360,6 +371,8 @@ class Daemon:
             problems["store"] = "not writable (see the daemon log)"
         if not self.bus.running:
             problems["event_bus"] = "not running"
+        if not self.pool.running:
+            problems["agent_pool"] = "not running"
         return problems
 
     def readiness_problems(self) -> dict[str, str]:
@@ -383,7 +396,7 @@ class Daemon:
             "version": __version__,
             "provider": self.config.default_provider,
             "session": None,
-            "agents": {"active": 0, "total": self.config.max_agents},
+            "agents": {"active": self.pool.active, "total": self.pool.capacity},
             "sessions": {},
             "phase": self.phase.value,
             "pid": os.getpid(),

@@ -102,9 +102,35 @@ def _m0002_events(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX events_timestamp ON events (timestamp)")
 
 
+def _m0003_agents(db: sqlite_utils.Database) -> None:
+    # One row per agent process the pool started. Identity is (pid,
+    # start_ticks) of the group leader, within the boot `boot_id`: a restarted
+    # daemon signals a recorded group only after checking all of them.
+    db.execute(
+        "CREATE TABLE agents ("
+        " id INTEGER PRIMARY KEY,"
+        " session_id TEXT NOT NULL,"
+        " task_id TEXT,"
+        " pid INTEGER NOT NULL,"
+        " start_ticks INTEGER NOT NULL,"
+        " argv TEXT,"
+        " started_at TEXT NOT NULL,"
+        " ended_at TEXT,"
+        " exit_code INTEGER,"
+        " end_reason TEXT,"
+        " boot_id TEXT"
+        ")"
+    )
+    # Reconciliation reads the open rows: a partial index keeps that cheap
+    # however many ended rows accumulate.
+    db.execute("CREATE INDEX agents_open ON agents (id) WHERE ended_at IS NULL")
+    db.execute("CREATE INDEX agents_session ON agents (session_id, id)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "meta and daemon_runs", _m0001_meta_and_daemon_runs),
     Migration(2, "events", _m0002_events),
+    Migration(3, "agents", _m0003_agents),
 )
 
 

@@ -50,11 +50,11 @@ def test_status_shows_the_supervisor_tree(daemon: DaemonProcess) -> None:
     status = httpx.get(f"{daemon.api_url}/api/status", timeout=5).json()
     tree = status["supervisor"]
     assert tree["name"] == "lokid"
-    assert [c["id"] for c in tree["children"]] == ["store", "event_bus", "listeners"]
+    assert [c["id"] for c in tree["children"]] == ["store", "event_bus", "agent_pool", "listeners"]
     store = tree["children"][0]
     assert store["running"] is True
     assert store["detail"]["mailboxSize"] > 0
-    listeners = tree["children"][2]["detail"]
+    listeners = tree["children"][3]["detail"]
     assert [c["id"] for c in listeners["children"]] == ["api", "dashboard", "control"]
 
 
