@@ -38,7 +38,7 @@ import attrs
 import trio
 
 from lokid import __version__
-from lokid.actor import exception_leaves
+from lokid.actor import Actor, exception_leaves
 from lokid.actors.agent_pool import AgentPool
 from lokid.actors.event_bus import EventBus
 from lokid.actors.listener import HttpListener
@@ -329,30 +329,14 @@ class Daemon:
         servers = Supervisor(
             "listeners", listener_specs, strategy=Strategy.ONE_FOR_ONE, max_restarts=5, period=30.0
         )
-        store = ChildSpec(
-            "store",
-            self.store.run,
-            shutdown=STORE_SHUTDOWN_SECONDS,
-            traps_shutdown=True,
-            statistics=self.store.statistics,
-        )
-        bus = ChildSpec(
-            "event_bus",
-            self.bus.run,
-            shutdown=STORE_SHUTDOWN_SECONDS,
-            traps_shutdown=True,
-            statistics=self.bus.statistics,
-        )
-        pool = ChildSpec(
-            "agent_pool",
-            self.pool.run,
-            shutdown=self.pool.grace + 15.0,
-            traps_shutdown=True,
-            statistics=self.pool.statistics,
-        )
+        actors = [
+            _actor_spec("store", self.store, STORE_SHUTDOWN_SECONDS),
+            _actor_spec("event_bus", self.bus, STORE_SHUTDOWN_SECONDS),
+            _actor_spec("agent_pool", self.pool, self.pool.grace + 15.0),
+        ]
         self.root = Supervisor(
             "lokid",
-            [store, bus, pool, servers.as_child()],
+            [*actors, servers.as_child()],
             strategy=Strategy.REST_FOR_ONE,
             max_restarts=5,
             period=30.0,
@@ -406,6 +390,13 @@ class Daemon:
             "listeners": self.listeners.urls() if self.listeners else {},
             "supervisor": self.root.statistics(),
         }
+
+
+def _actor_spec(name: str, actor: Actor[Any], shutdown: float) -> ChildSpec:
+    """Actors trap shutdown: they finish what is in their mailbox, then return."""
+    return ChildSpec(
+        name, actor.run, shutdown=shutdown, traps_shutdown=True, statistics=actor.statistics
+    )
 
 
 def _track(opened: list[socket.socket], sock: socket.socket) -> socket.socket:

@@ -59,9 +59,11 @@ def is_zombie(pid: int) -> bool:
     return stat[stat.rindex(")") + 2 :].split()[0] == "Z"
 
 
-def group_members(pgid: int) -> list[tuple[int, str]]:
-    """(pid, state) of every process in process group `pgid`, zombies included, from /proc."""
-    members = []
+def scan_groups(pgids: set[int]) -> dict[int, list[tuple[int, str]]]:
+    """(pid, state) of every process in each of `pgids`, zombies included: one pass over /proc."""
+    found: dict[int, list[tuple[int, str]]] = {}
+    if not pgids:
+        return found
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -71,6 +73,12 @@ def group_members(pgid: int) -> list[tuple[int, str]]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[2]) == pgid:
-            members.append((int(entry.name), fields[0]))
-    return members
+        pgid = int(fields[2])
+        if pgid in pgids:
+            found.setdefault(pgid, []).append((int(entry.name), fields[0]))
+    return found
+
+
+def group_members(pgid: int) -> list[tuple[int, str]]:
+    """(pid, state) of every process in process group `pgid`, zombies included."""
+    return scan_groups({pgid}).get(pgid, [])

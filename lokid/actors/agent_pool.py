@@ -93,7 +93,7 @@ from lokid.actor import Actor, ActorStatistics, WhenFull
 from lokid.actors.store import StoreActor
 from lokid.agent_host import AgentRun, AgentSpec, LocalAgentHost, LocalAgentRun, RunResult
 from lokid.errors import BadRequest, LokiError, Unavailable
-from lokid.process import ProcessIdentity, start_ticks
+from lokid.process import ProcessIdentity, scan_groups, start_ticks
 from lokid.timefmt import utc_now_iso
 
 log = logging.getLogger("lokid.agents")
@@ -867,22 +867,12 @@ def _close_reconciled(
 
 
 def _scan_groups(pgids: set[int]) -> dict[int, list[int]]:
-    """Live (not zombie) members of each of `pgids` that has any, from one pass over /proc."""
+    """Live (not zombie) members of each of `pgids` that has any."""
     found: dict[int, list[int]] = {}
-    if not pgids:
-        return found
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        pgid = int(fields[2])
-        if pgid in pgids and fields[0] not in ("Z", "X"):
-            found.setdefault(pgid, []).append(int(entry.name))
+    for pgid, members in scan_groups(pgids).items():
+        live = [pid for pid, state in members if state not in ("Z", "X")]
+        if live:
+            found[pgid] = live
     return found
 
 
