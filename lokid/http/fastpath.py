@@ -180,7 +180,10 @@ class InlineConnection:
                         return None
                     if not chunk:
                         return None
-                    idle.deadline = trio.current_time() + self.keep_alive
+                    if not self.buffer:
+                        # A request began: its whole head must arrive within one more period
+                        # (a byte now and then does not keep a connection forever).
+                        idle.deadline = trio.current_time() + self.keep_alive
                     self.buffer += chunk
             finally:
                 self.idle_scopes.discard(idle)
