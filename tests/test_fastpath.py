@@ -115,6 +115,8 @@ CLOSE = b"GET /fast HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         [b"HEAD /fast HTTP/1.1\r\nHost: x\r\n\r\n"],
         [b"POST /fast HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"],  # 405, via hand-over
         [b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"],  # 404 from Quart, via hand-over
+        # a head over 16 KiB (Hypercorn answers it), in one piece
+        [b"GET /fast HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 17000 + b"\r\n\r\n"],
         # pipelined: inline, inline, then a hand-over on the same connection
         [
             b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n",

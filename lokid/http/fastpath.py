@@ -143,16 +143,18 @@ class InlineConnection:
     async def serve(self) -> None:
         try:
             while True:
-                head = await self._read_head()
-                if head is None:
+                got = await self._read_head()
+                if got is None:
                     return
-                request = parse_simple_request(head)
+                head, complete = got
+                request = parse_simple_request(head) if complete else None
                 lean = stream = None
                 if request is not None:
                     lean = self.surface.lean_route(request.method, request.path)
                     stream = self.surface.stream_route(request.method, request.path)
                 if request is None or (lean is None and stream is None):
-                    await self.handoff(ReplayStream(self.stream, head + b"\r\n\r\n" + self.buffer))
+                    replay = head + b"\r\n\r\n" + self.buffer if complete else head
+                    await self.handoff(ReplayStream(self.stream, replay))
                     return
                 if lean is not None:
                     if not await self._answer(request, lean):
@@ -164,16 +166,21 @@ class InlineConnection:
             with trio.CancelScope(shield=True):
                 await self.stream.aclose()
 
-    async def _read_head(self) -> bytes | None:
-        """The next request head (without the blank line), or None: closed, idle, stopped."""
+    async def _read_head(self) -> tuple[bytes, bool] | None:
+        """(the next request head without its blank line, True), or None: closed, idle, stopped.
+
+        A head that grows past `MAX_HEAD_BYTES` comes back as (all bytes read so
+        far, False): the caller hands it to Hypercorn, which answers properly.
+        """
+        end = -1
         with trio.move_on_after(self.keep_alive) as idle:
             self.idle_scopes.add(idle)
             try:
                 while (end := self.buffer.find(b"\r\n\r\n")) < 0:
                     if len(self.buffer) > MAX_HEAD_BYTES:
-                        # Too big for us: Hypercorn answers it properly (431/400).
-                        await self.handoff(ReplayStream(self.stream, bytes(self.buffer)))
-                        return None
+                        partial = bytes(self.buffer)
+                        self.buffer.clear()
+                        return partial, False
                     try:
                         chunk = await self.stream.receive_some(RECEIVE_BYTES)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -187,11 +194,11 @@ class InlineConnection:
                     self.buffer += chunk
             finally:
                 self.idle_scopes.discard(idle)
-        if idle.cancelled_caught and self.buffer.find(b"\r\n\r\n") < 0:
+        if end < 0:  # idle, or stopped, before a whole head arrived
             return None
         head = bytes(self.buffer[:end])
         del self.buffer[: end + 4]
-        return head
+        return head, True
 
     def _scope(self, request: SimpleRequest) -> Scope:
         return {
