@@ -127,10 +127,78 @@ def _m0003_agents(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX agents_session ON agents (session_id, id)")
 
 
+def _m0004_sessions_and_tasks(db: sqlite_utils.Database) -> None:
+    db.execute(
+        "CREATE TABLE sessions ("
+        " id TEXT PRIMARY KEY,"
+        " status TEXT NOT NULL,"
+        " provider TEXT NOT NULL,"
+        " prd TEXT NOT NULL,"
+        " project_dir TEXT NOT NULL,"
+        " options TEXT NOT NULL,"  # JSON, camelCase keys
+        " phase TEXT,"
+        " iteration INTEGER NOT NULL DEFAULT 0,"
+        " created_at TEXT NOT NULL,"
+        " started_at TEXT,"
+        " updated_at TEXT NOT NULL,"
+        " ended_at TEXT,"
+        " exit_reason TEXT,"
+        " cost_usd REAL NOT NULL DEFAULT 0,"
+        " last_error TEXT"
+        ")"
+    )
+    # Listing newest first, all or by status.
+    db.execute("CREATE INDEX sessions_created ON sessions (created_at DESC, id DESC)")
+    db.execute("CREATE INDEX sessions_status ON sessions (status, created_at DESC, id DESC)")
+    # One active session per project folder: the record functions check it in
+    # the writing transaction (to name the other session); this is the backstop.
+    # The statuses are session_state.ACTIVE as of this migration.
+    db.execute(
+        "CREATE UNIQUE INDEX sessions_one_active ON sessions (project_dir)"
+        " WHERE status IN ('starting', 'running', 'paused', 'stopping')"
+    )
+    db.execute(
+        "CREATE TABLE tasks ("
+        " session_id TEXT NOT NULL,"
+        " id TEXT NOT NULL,"
+        " title TEXT NOT NULL,"
+        " description TEXT NOT NULL DEFAULT '',"
+        " status TEXT NOT NULL,"
+        " priority INTEGER NOT NULL,"
+        " attempts INTEGER NOT NULL DEFAULT 0,"
+        " agent TEXT,"
+        " created_at TEXT NOT NULL,"
+        " started_at TEXT,"
+        " completed_at TEXT,"
+        " error TEXT,"
+        " source TEXT NOT NULL,"
+        " position INTEGER NOT NULL,"
+        " PRIMARY KEY (session_id, id)"
+        ")"
+    )
+    # A session's tasks in order, by status (counts, the queue: priority then position).
+    db.execute(
+        "CREATE INDEX tasks_session_status ON tasks (session_id, status, priority, position)"
+    )
+    db.execute("CREATE INDEX tasks_status ON tasks (status, priority, position)")
+    db.execute(
+        "CREATE TABLE session_inputs ("
+        " id TEXT PRIMARY KEY,"
+        " session_id TEXT NOT NULL,"
+        " message TEXT NOT NULL,"
+        " status TEXT NOT NULL,"
+        " created_at TEXT NOT NULL,"
+        " applied_at TEXT"
+        ")"
+    )
+    db.execute("CREATE INDEX session_inputs_session ON session_inputs (session_id, status, id)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "meta and daemon_runs", _m0001_meta_and_daemon_runs),
     Migration(2, "events", _m0002_events),
     Migration(3, "agents", _m0003_agents),
+    Migration(4, "sessions and tasks", _m0004_sessions_and_tasks),
 )
 
 
