@@ -134,6 +134,7 @@ class HttpListener:
         self.check_peer = check_peer
         self.inline = inline if not check_peer else None
         self._idle_scopes: set[trio.CancelScope] = set()
+        self._stopping = False
         self.max_connections = max_connections
         self.graceful_timeout = graceful_timeout
         self.addresses = tuple(socket_url(s) for s in sockets)
@@ -154,6 +155,7 @@ class HttpListener:
             for s in self.sockets
         ]
         self._running = True
+        self._stopping = False
         try:
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as acceptors:
@@ -166,6 +168,7 @@ class HttpListener:
                         await trio.sleep_forever()
                     await stop.wait()
                     acceptors.cancel_scope.cancel()
+                self._stopping = True
                 for scope in list(self._idle_scopes):  # idle inline keep-alive connections
                     scope.cancel()
                 for listener in listeners:
@@ -219,6 +222,7 @@ class HttpListener:
                     hypercorn,
                     keep_alive=self._config.keep_alive_timeout,
                     idle_scopes=self._idle_scopes,
+                    stopping=lambda: self._stopping,
                 )
                 await inline.serve()
             else:

@@ -129,12 +129,14 @@ class InlineConnection:
         *,
         keep_alive: float,
         idle_scopes: set[trio.CancelScope],
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.surface = surface
         self.stream = stream
         self.handoff = handoff
         self.keep_alive = keep_alive
         self.idle_scopes = idle_scopes
+        self.stopping = stopping
         self.buffer = bytearray()
         sock = stream.socket
         self.client = _address(sock.getpeername())
@@ -142,7 +144,7 @@ class InlineConnection:
 
     async def serve(self) -> None:
         try:
-            while True:
+            while not self.stopping():  # a stopping listener takes no further request
                 got = await self._read_head()
                 if got is None:
                     return
