@@ -24,6 +24,7 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+	$(BIN)/mypy tests bench
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 BENCHMARKS = {
@@ -14,10 +15,11 @@ BENCHMARKS = {
 def main() -> int:
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help") or sys.argv[1] not in BENCHMARKS:
         print("usage: python -m bench {" + ",".join(BENCHMARKS) + "} [options]")
-        for name, module in BENCHMARKS.items():
-            print(f"  {name:<8} {__import__(module, fromlist=['x']).__doc__.splitlines()[0]}")
+        for name, path in BENCHMARKS.items():
+            doc = importlib.import_module(path).__doc__ or ""
+            print(f"  {name:<8} {doc.splitlines()[0] if doc else ''}")
         return 0 if len(sys.argv) >= 2 and sys.argv[1] in ("-h", "--help") else 2
-    module = __import__(BENCHMARKS[sys.argv[1]], fromlist=["main"])
+    module = importlib.import_module(BENCHMARKS[sys.argv[1]])
     return int(module.main(sys.argv[2:]))
 
 

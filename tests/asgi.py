@@ -36,7 +36,7 @@ async def call(
         path, raw_query = path.split("?", 1)
         query = raw_query.encode()
     header_list = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    if send_length and body and "content-length" not in {k for k, _ in header_list}:
+    if send_length and body and b"content-length" not in {k for k, _ in header_list}:
         header_list.append((b"content-length", str(len(body)).encode()))
     scope = {
         "type": "http",

@@ -207,7 +207,7 @@ class Agent:
         return tid
 
     def tool_result(self, tid: str, output: str, *, is_error: bool = False) -> None:
-        block = {
+        block: dict[str, object] = {
             "tool_use_id": tid,
             "type": "tool_result",
             "content": [{"type": "text", "text": output}],

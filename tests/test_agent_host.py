@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import sys
@@ -124,7 +125,13 @@ async def test_timeouts_stop_the_run(
     script = "import time\nwhile True:\n    print('tick', flush=True); time.sleep(0.2)"
     if reason is EndReason.IDLE_TIMEOUT:
         script = "import time; time.sleep(300)"
-    spec = AgentSpec((PY, "-c", script), tmp_path, stop_grace=1, **options)
+    spec = AgentSpec(
+        (PY, "-c", script),
+        tmp_path,
+        stop_grace=1,
+        idle_timeout=options.get("idle_timeout", math.inf),
+        hard_timeout=options.get("hard_timeout", math.inf),
+    )
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             run = await LocalAgentHost(nursery).start(spec)

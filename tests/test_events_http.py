@@ -63,7 +63,7 @@ class Stream:
         raise EOFError("stream ended")
 
     async def events(self, count: int) -> list[dict[str, Any]]:
-        found = []
+        found: list[dict[str, Any]] = []
         while len(found) < count:
             frame = await self.frame()
             if "data" in frame:

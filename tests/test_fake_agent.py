@@ -117,7 +117,7 @@ def run_agent(
     chunk_times: list[float] = []
     deadline = time.monotonic() + timeout
     rng = random.Random(5)
-    while chunk := proc.stdout.read1(rng.choice([7, 100, 4096, 65536])):
+    while chunk := proc.stdout.read1(rng.choice([7, 100, 4096, 65536])):  # type: ignore[attr-defined]
         chunk_times.append(time.monotonic())
         for line in splitter.feed(chunk):
             events += parser.feed(line)

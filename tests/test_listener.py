@@ -86,7 +86,7 @@ class FakeStream:
 
 async def test_close_during_a_write_skips_eof_but_closes() -> None:
     """Regression: Hypercorn sent EOF while the app wrote (BusyResourceError in the app)."""
-    server = _TCPServer.__new__(_TCPServer)
+    server: Any = _TCPServer.__new__(_TCPServer)
     server.stream = FakeStream()
     server.send_lock = trio.Lock()
     async with server.send_lock:  # a write is in flight

@@ -8,6 +8,7 @@ import random
 import statistics
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -26,6 +27,7 @@ from lokid.providers import (
     RATE_LIMIT_FLOOR_CAP,
     RESET_JITTER,
     RESET_MARGIN,
+    AgentCommand,
     ApiError,
     AssistantText,
     Failure,
@@ -64,7 +66,9 @@ BERLIN = ZoneInfo("Europe/Berlin")
 NOW = datetime(2026, 11, 28, 22, 0, tzinfo=BERLIN)
 
 
-def cmd(provider: str, prompt: str = "Build the login page", model: str | None = None, **options):
+def cmd(
+    provider: str, prompt: str = "Build the login page", model: str | None = None, **options: Any
+) -> AgentCommand:
     return build_command(provider, prompt, model=model, project_dir=PROJECT, options=options)
 
 
@@ -165,7 +169,7 @@ def test_command_env_is_an_immutable_no_color_extra() -> None:
     command = cmd("claude")
     assert dict(command.env) == {"NO_COLOR": "1"}
     with pytest.raises(TypeError):
-        command.env["X"] = "1"  # type: ignore[index]
+        command.env["X"] = "1"  # type: ignore[index,unused-ignore]
 
 
 def test_model_argument_wins_over_options_model() -> None:
@@ -256,7 +260,7 @@ def test_command_provider_uses_the_template_and_stdin() -> None:
 
 
 def test_command_provider_relative_program_is_the_project_folders() -> None:
-    options = {"command": ["scripts/agent.sh", "-x"]}
+    options: dict[str, Any] = {"command": ["scripts/agent.sh", "-x"]}
     assert cmd("command", **options).argv[0] == str(PROJECT / "scripts/agent.sh")
     assert executable("command", options, project_dir=PROJECT) == str(PROJECT / "scripts/agent.sh")
     assert executable("command", options) == "scripts/agent.sh"
@@ -339,7 +343,7 @@ def test_missing_command_message_names_the_option() -> None:
 
 @given(st.lists(st.binary(max_size=40), max_size=20), st.data())
 @settings(max_examples=150, deadline=None)
-def test_splitter_is_independent_of_chunk_boundaries(pieces: list[bytes], data) -> None:
+def test_splitter_is_independent_of_chunk_boundaries(pieces: list[bytes], data: Any) -> None:
     stream = b"\n".join(pieces)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
     splitter = LineSplitter(max_line_bytes=16)
@@ -400,7 +404,9 @@ INIT = j(
 )
 
 
-def assistant(content: list[dict[str, object]] | str, parent: str | None = None, **extra) -> bytes:
+def assistant(
+    content: list[dict[str, object]] | str, parent: str | None = None, **extra: Any
+) -> bytes:
     message = {
         "type": "assistant",
         "message": {
@@ -961,7 +967,7 @@ def test_exec_failures_are_permanent() -> None:
 
 
 def at(tz: str, *args: int) -> datetime:
-    return datetime(*args, tzinfo=ZoneInfo(tz)).astimezone(UTC)  # type: ignore[misc]
+    return datetime(*args, tzinfo=ZoneInfo(tz)).astimezone(UTC)  # type: ignore[misc,arg-type]
 
 
 RATE_SAMPLES = [

@@ -399,11 +399,9 @@ def test_project_dir_must_be_writable(tmp_path: Path, monkeypatch: pytest.Monkey
     project = tmp_path / "ro"
     prd = write_prd(project / "prd.md")
     if os.geteuid() == 0:  # root writes everywhere: answer access() as it would for a user
-        import lokid.session_records as records
-
         real_access = os.access
         monkeypatch.setattr(
-            records.os,
+            os,
             "access",
             lambda p, mode, **kw: False if Path(p) == project else real_access(p, mode, **kw),
         )
