@@ -118,7 +118,7 @@ class Daemon:
             retention_seconds=config.event_retention_days * 86400,
         )
         self.pool = AgentPool(self.store, max_agents=config.max_agents)
-        self.api = create_api_surface(self)
+        self.api = create_api_surface(self, self.store)
         self.dashboard = create_dashboard_surface(self)
         for surface in (self.api, self.dashboard):
             install_events(surface, self.bus, heartbeat=config.sse_heartbeat)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -207,11 +208,14 @@ class FakeDaemon:
 
 @pytest.mark.parametrize("which", ["api", "dashboard"])
 def test_daemon_surfaces_document_every_route(which: str) -> None:
+    from lokid.actors.store import StoreActor
     from lokid.http.api import create_api_surface
     from lokid.http.dashboard import create_dashboard_surface
 
-    create = create_api_surface if which == "api" else create_dashboard_surface
-    surface = create(FakeDaemon())
+    if which == "api":
+        surface = create_api_surface(FakeDaemon(), StoreActor(Path("unused.db")))
+    else:
+        surface = create_dashboard_surface(FakeDaemon())
     assert implemented(surface) == documented(surface)
     assert ("GET", "/health") in documented(surface)
 

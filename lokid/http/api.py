@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from lokid import __version__
+from lokid.actors.store import StoreActor
 from lokid.http.health import HealthSource, install_health
+from lokid.http.sessions import install_session_reads
 from lokid.http.surface import Surface
 
 
-def create_api_surface(daemon: HealthSource) -> Surface:
+def create_api_surface(daemon: HealthSource, store: StoreActor | None = None) -> Surface:
     surface = Surface(
         "lokid HTTP API",
         __version__,
         description="Sessions, tasks, events and status (seed: HTTP API Server, port 8420).",
     )
     install_health(surface, daemon)
+    if store is not None:
+        install_session_reads(surface, store)
     return surface
