@@ -98,8 +98,13 @@ class Event:
         }
 
 
+def compact_json(value: Any) -> str:
+    """The one JSON form of events: compact, UTF-8 kept as is (stored and sent alike)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
 def envelope_json(event: Event) -> str:
-    return json.dumps(event.envelope(), separators=(",", ":"), ensure_ascii=False)
+    return compact_json(event.envelope())
 
 
 @attrs.frozen
@@ -132,7 +137,7 @@ def sse_retry(milliseconds: int) -> bytes:
 
 def sse_unnumbered(event_type: str, payload: Mapping[str, Any], named: bool) -> bytes:
     """A frame without `id:` (so the client's Last-Event-ID is kept), e.g. stream.reset."""
-    text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    text = compact_json(payload)
     head = f"event: {event_type}\n" if named else ""
     return f"{head}data: {text}\n\n".encode()
 

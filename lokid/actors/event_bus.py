@@ -34,7 +34,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime as dt
-import json
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, ClassVar
@@ -46,7 +45,15 @@ import trio
 from lokid.actor import Actor, ActorStatistics, Call, Reply, WhenFull
 from lokid.actors.store import StoreActor
 from lokid.errors import LokiError, Unavailable
-from lokid.events import EncodedEvent, Event, EventFilter, Level, check_publishable, event_from_row
+from lokid.events import (
+    EncodedEvent,
+    Event,
+    EventFilter,
+    Level,
+    check_publishable,
+    compact_json,
+    event_from_row,
+)
 from lokid.timefmt import iso, utc_now, utc_now_iso
 
 log = logging.getLogger("lokid.events")
@@ -428,7 +435,7 @@ class EventBus(Actor[Any]):
             for n, (_, p) in enumerate(pending, start=1)
         ]
         rows = [
-            (e.id, e.type, e.session_id, int(e.level), e.timestamp, _compact(e.data))
+            (e.id, e.type, e.session_id, int(e.level), e.timestamp, compact_json(e.data))
             for e in events
         ]
 
@@ -527,10 +534,6 @@ class EventBus(Actor[Any]):
 def _answer(call: Call, reply: Reply) -> None:
     with call.reply, contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         call.reply.send_nowait(reply)
-
-
-def _compact(data: Mapping[str, Any]) -> str:
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
 
 def _row_event(row: Any) -> Event:
