@@ -59,6 +59,7 @@ from typing import Any
 import attrs
 
 from lokid.errors import LokiError
+from lokid.jsontypes import json_type_name
 from lokid.prd import (
     MAX_ACCEPTANCE_ITEMS,
     MAX_CRITERION_CHARS,
@@ -476,20 +477,6 @@ def _dumps(value: Any) -> bytes:
     return (json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
 
 
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
 class _Shape(Exception):
     """A field of a known name has the wrong type (internal; becomes an error or a warning)."""
 
@@ -507,7 +494,7 @@ class _Fields:
         return self.obj.get(key)
 
     def fail(self, key: str, expected: str, value: Any) -> _Shape:
-        return _Shape(f"{self.where}{key}: expected {expected}, got {_type_name(value)}")
+        return _Shape(f"{self.where}{key}: expected {expected}, got {json_type_name(value)}")
 
     def str_(self, key: str, default: str | None = None) -> str | None:
         value = self._get(key)
@@ -580,7 +567,9 @@ def _put(out: dict[str, Any], key: str, value: Any) -> None:
 
 def _object(value: Any, path: Path | None, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise LokiDirFormatError(path, f"expected {what} (a JSON object), got {_type_name(value)}")
+        raise LokiDirFormatError(
+            path, f"expected {what} (a JSON object), got {json_type_name(value)}"
+        )
     return value
 
 
@@ -862,7 +851,7 @@ def _decode_task(entry: Any, index: int) -> QueueTask:
     """One queue entry; `_Shape` names what is wrong with it."""
     where = f"entry {index}: "
     if not isinstance(entry, dict):
-        raise _Shape(f"{where}expected an object, got {_type_name(entry)}")
+        raise _Shape(f"{where}expected an object, got {json_type_name(entry)}")
     fields = _Fields(entry, where)
     task_id = fields.str_("id")
     if not task_id:
@@ -896,13 +885,13 @@ def _entries(value: Any, path: Path | None) -> tuple[list[Any], dict[str, Any] |
     if isinstance(value, dict):
         tasks = value.get("tasks")
         if not isinstance(tasks, list):
-            found = f"tasks is {_type_name(tasks)}" if "tasks" in value else 'no "tasks" key'
+            found = f"tasks is {json_type_name(tasks)}" if "tasks" in value else 'no "tasks" key'
             raise LokiDirFormatError(
                 path, f'expected an array or an object with a "tasks" array; {found}'
             )
         return tasks, {k: v for k, v in value.items() if k != "tasks"}
     raise LokiDirFormatError(
-        path, f'expected an array or an object with a "tasks" array, got {_type_name(value)}'
+        path, f'expected an array or an object with a "tasks" array, got {json_type_name(value)}'
     )
 
 
@@ -1008,7 +997,7 @@ def ingest_pending(
     for index, entry in enumerate(entries):
         where = f"entry {index}"
         if not isinstance(entry, dict):
-            warnings.append(f"{where}: expected an object, got {_type_name(entry)}; rejected")
+            warnings.append(f"{where}: expected an object, got {json_type_name(entry)}; rejected")
             continue
         raw_id = entry.get("id")
         if raw_id is None:
@@ -1051,7 +1040,7 @@ def ingest_pending(
             title = _bounded(title, MAX_TITLE_CHARS)
         description = entry.get("description", "")
         if not isinstance(description, str):
-            warnings.append(f"{where}: description is {_type_name(description)}; ignored")
+            warnings.append(f"{where}: description is {json_type_name(description)}; ignored")
             description = ""
         if len(description) > MAX_DESCRIPTION_CHARS:
             warnings.append(f"{where}: description cut to {MAX_DESCRIPTION_CHARS} characters")
@@ -1085,7 +1074,7 @@ def _agent_criteria(value: Any, where: str, warnings: list[str]) -> tuple[str, .
     if value is None:
         return ()
     if not isinstance(value, list):
-        warnings.append(f"{where}: acceptance_criteria is {_type_name(value)}; ignored")
+        warnings.append(f"{where}: acceptance_criteria is {json_type_name(value)}; ignored")
         return ()
     strings = [" ".join(v.split()) for v in value if isinstance(v, str)]
     if len(strings) != len(value):
@@ -1362,7 +1351,7 @@ def consume_completion_request(paths: LokiPaths) -> CompletionRequest | None:
         for key in ("statement", "evidence", "confidence"):
             value = claim.get(key)
             if value is not None and not isinstance(value, str):
-                warnings.append(f"{name}: {key} is {_type_name(value)}; ignored")
+                warnings.append(f"{name}: {key} is {json_type_name(value)}; ignored")
         statement = _str_or(claim.get("statement"), statement)
         evidence = _str_or(claim.get("evidence"), evidence)
         confidence = _str_or(claim.get("confidence"), confidence)

@@ -55,6 +55,7 @@ import sqlite_utils
 from lokid import providers
 from lokid.config import PROVIDERS
 from lokid.errors import Conflict, InvalidQuery, NotFound, ValidationFailed
+from lokid.jsontypes import json_type_name
 from lokid.prd import MAX_PRD_BYTES, PrdTask, validate_prd_bytes
 from lokid.session_state import ACTIVE, Status, Trigger, is_active, next_status
 from lokid.timefmt import utc_now_iso
@@ -226,25 +227,9 @@ def _fail(message: str, field: str, **details: Any) -> ValidationFailed:
     return ValidationFailed(message, field=field, details=details or None)
 
 
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, Mapping):
-        return "an object"
-    return type(value).__name__
-
-
 def _string(value: Any, field: str, limit: int) -> str:
     if not isinstance(value, str):
-        raise _fail(f"{field} must be a string, not {_type_name(value)}", field)
+        raise _fail(f"{field} must be a string, not {json_type_name(value)}", field)
     if not value:
         raise _fail(f"{field} must not be empty", field)
     if len(value) > limit:
@@ -256,13 +241,13 @@ def _string(value: Any, field: str, limit: int) -> str:
 
 def _bool(value: Any, field: str) -> bool:
     if not isinstance(value, bool):
-        raise _fail(f"{field} must be true or false, not {_type_name(value)}", field)
+        raise _fail(f"{field} must be true or false, not {json_type_name(value)}", field)
     return value
 
 
 def _int(value: Any, field: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _fail(f"{field} must be an integer, not {_type_name(value)}", field)
+        raise _fail(f"{field} must be an integer, not {json_type_name(value)}", field)
     if isinstance(value, float) and not value.is_integer():
         raise _fail(f"{field} must be an integer, not {value!r}", field)
     number = int(value)
@@ -276,7 +261,7 @@ def _parse_options(raw: Any) -> tuple[SessionOptions, dict[str, Any]]:
     if raw is None:
         return SessionOptions(), {}
     if not isinstance(raw, Mapping):
-        raise _fail(f"options must be an object, not {_type_name(raw)}", "options")
+        raise _fail(f"options must be an object, not {json_type_name(raw)}", "options")
     for key in raw:
         if key not in _OPTION_ATTRS:
             raise _fail(
@@ -302,7 +287,7 @@ def _parse_options(raw: Any) -> tuple[SessionOptions, dict[str, Any]]:
         budget = given["budgetUsd"]
         field = "options.budgetUsd"
         if isinstance(budget, bool) or not isinstance(budget, int | float):
-            raise _fail(f"{field} must be a number, not {_type_name(budget)}", field)
+            raise _fail(f"{field} must be a number, not {json_type_name(budget)}", field)
         if not math.isfinite(budget) or budget <= 0:
             raise _fail(f"{field} must be a finite number greater than 0, got {budget!r}", field)
         values["budget_usd"] = float(budget)
@@ -406,7 +391,7 @@ def parse_session_request(
 ) -> SessionRequest:
     """Validate the body of `POST /api/sessions` (DESIGN.md §5); 422 names the field."""
     if not isinstance(body, Mapping):
-        raise _fail(f"the request body must be a JSON object, not {_type_name(body)}", "body")
+        raise _fail(f"the request body must be a JSON object, not {json_type_name(body)}", "body")
     for key in body:
         if key not in _TOP_KEYS:
             raise _fail(f"unknown key {key!r}; known keys: {', '.join(_TOP_KEYS)}", str(key))
@@ -418,7 +403,7 @@ def parse_session_request(
     if "prdText" in given:
         value = given["prdText"]
         if not isinstance(value, str):
-            raise _fail(f"prdText must be a string, not {_type_name(value)}", "prdText")
+            raise _fail(f"prdText must be a string, not {json_type_name(value)}", "prdText")
         prd_text_raw = value
     if (prd_raw is None) == (prd_text_raw is None):
         if prd_raw is None:
@@ -953,7 +938,7 @@ def validate_input_message(body: Mapping[str, Any]) -> str:
             raise _fail(f"unknown key {key!r}; known keys: message", str(key))
     message = body.get("message")
     if not isinstance(message, str):
-        raise _fail(f"message must be a string, not {_type_name(message)}", "message")
+        raise _fail(f"message must be a string, not {json_type_name(message)}", "message")
     if not message.strip():
         raise _fail("message must not be empty", "message")
     size = len(message.encode("utf-8", errors="surrogatepass"))
