@@ -12,6 +12,8 @@ import trio.testing
 from lokid.actor import Actor, WhenFull
 from lokid.errors import ActorUnavailable, AskTimeout, MailboxFull, NotFound
 
+from .child_status import StubChildStatus
+
 
 @attrs.frozen
 class Add:
@@ -77,17 +79,6 @@ class Rejecting(Counter):
 
     mailbox_size = 2
     when_full = WhenFull.REJECT
-
-
-class Status:
-    """A stand-in for the supervisor's ChildStatus."""
-
-    def __init__(self) -> None:
-        self.shutdown_requested = trio.Event()
-        self.value: Any = None
-
-    def started(self, value: Any = None) -> None:
-        self.value = value
 
 
 async def test_tell_and_ask() -> None:
@@ -188,7 +179,7 @@ async def test_full_mailbox_rejects_when_policy_says_so() -> None:
 
 async def test_graceful_stop_drains_the_mailbox_then_returns() -> None:
     counter = Counter()
-    status = Status()
+    status = StubChildStatus()
     for _ in range(4):
         counter.tell_nowait(Add(1))
     status.shutdown_requested.set()  # asked to stop before it even started
@@ -201,7 +192,7 @@ async def test_graceful_stop_drains_the_mailbox_then_returns() -> None:
 
 async def test_graceful_stop_while_idle_returns_promptly() -> None:
     counter = Counter()
-    status = Status()
+    status = StubChildStatus()
 
     async def run() -> None:
         await counter.run(task_status=status)

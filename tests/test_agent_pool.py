@@ -33,6 +33,8 @@ from lokid.actors.store import StoreActor, StoreError
 from lokid.agent_host import AgentSpec, EndReason, RunResult
 from lokid.process import ProcessIdentity, group_members, is_same_process, start_ticks
 
+from .child_status import StubChildStatus
+
 PY = sys.executable
 WAIT = 30
 # Agents the pool must stop live 20 s at most: the pool's stops are shielded (they
@@ -65,17 +67,6 @@ ORPHANING = textwrap.dedent(
 )
 
 
-@attrs.define
-class _Status:
-    """What a supervisor hands an actor's `run`: a stop request and `started()`."""
-
-    shutdown_requested: trio.Event = attrs.Factory(trio.Event)
-    started_event: trio.Event = attrs.Factory(trio.Event)
-
-    def started(self, value: Any = None) -> None:
-        self.started_event.set()
-
-
 @contextlib.asynccontextmanager
 async def running_store(tmp_path: pathlib.Path) -> AsyncIterator[StoreActor]:
     store = StoreActor(tmp_path / "lokid.db")
@@ -87,10 +78,10 @@ async def running_store(tmp_path: pathlib.Path) -> AsyncIterator[StoreActor]:
 
 @contextlib.asynccontextmanager
 async def running_pool(
-    store: StoreActor, status: _Status | None = None, **options: Any
+    store: StoreActor, status: StubChildStatus | None = None, **options: Any
 ) -> AsyncIterator[AgentPool]:
     """Run a pool until the block ends, then stop it the way the supervisor does."""
-    status = status or _Status()
+    status = status or StubChildStatus()
     pool = AgentPool(store, **options)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(functools.partial(pool.run, task_status=status))
@@ -552,7 +543,7 @@ async def test_graceful_stop_restart_opens_the_pool_again(tmp_path: pathlib.Path
                 async with pool.slot("s-1"):
                     pass  # pragma: no cover
             async with trio.open_nursery() as nursery:
-                status = _Status()
+                status = StubChildStatus()
                 nursery.start_soon(functools.partial(pool.run, task_status=status))
                 await status.started_event.wait()
                 async with pool.slot("s-1") as slot:

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import attrs
 import pytest
 import sqlite_utils
 import trio
@@ -21,6 +20,8 @@ from lokid.errors import Conflict, InvalidQuery, NotFound, ValidationFailed
 from lokid.migrations import latest_version
 from lokid.prd import MAX_PRD_BYTES, PrdTask
 from lokid.session_state import IllegalTransition
+
+from .child_status import StubChildStatus
 
 WAIT = 5.0
 PRD = "# Shop\n\n## Features\n\n- Add a cart\n- Add a checkout\n"
@@ -476,18 +477,9 @@ async def test_ids_have_prefix_and_sort_by_time() -> None:
 # -- the store ------------------------------------------------------------------
 
 
-@attrs.define
-class _Status:
-    shutdown_requested: trio.Event = attrs.Factory(trio.Event)
-    started_event: trio.Event = attrs.Factory(trio.Event)
-
-    def started(self, value: Any = None) -> None:
-        self.started_event.set()
-
-
 @contextlib.asynccontextmanager
 async def running(store: StoreActor) -> AsyncIterator[StoreActor]:
-    status = _Status()
+    status = StubChildStatus()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(functools.partial(store.run, task_status=status))
         with trio.fail_after(WAIT):

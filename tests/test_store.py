@@ -14,7 +14,6 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-import attrs
 import pytest
 import sqlite_utils
 import trio
@@ -25,6 +24,8 @@ from lokid.actors.store import StoreError, StoreUnavailable
 from lokid.errors import AskTimeout, Conflict, StoreOpenError
 from lokid.migrations import MIGRATIONS, Migration, check_sequence, latest_version
 
+from .child_status import StubChildStatus
+
 # The store's mechanism is tested against the first migration only, so that
 # later issues' migrations (events, sessions, ...) do not change these tests.
 BASE_MIGRATIONS = MIGRATIONS[:1]
@@ -32,21 +33,12 @@ BASE_MIGRATIONS = MIGRATIONS[:1]
 WAIT = 5.0  # the bound of every wait in this file
 
 
-@attrs.define
-class _Status:
-    """What a supervisor hands an actor's `run`: a stop request and `started()`."""
-
-    shutdown_requested: trio.Event = attrs.Factory(trio.Event)
-    started_event: trio.Event = attrs.Factory(trio.Event)
-
-    def started(self, value: Any = None) -> None:
-        self.started_event.set()
-
-
 @contextlib.asynccontextmanager
-async def running(store: StoreActor, status: _Status | None = None) -> AsyncIterator[StoreActor]:
+async def running(
+    store: StoreActor, status: StubChildStatus | None = None
+) -> AsyncIterator[StoreActor]:
     """Run `store` until the block ends, then stop it gracefully and wait for it."""
-    status = status or _Status()
+    status = status or StubChildStatus()
     with trio.fail_after(WAIT):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(functools.partial(store.run, task_status=status))
@@ -110,7 +102,7 @@ async def one_batch(
     store: StoreActor, fns: list[Callable[[sqlite_utils.Database], Any]]
 ) -> AsyncIterator[list[Any]]:
     """Queue `fns` before the actor runs (so they form one batch), run it, yield the outcomes."""
-    status = _Status()
+    status = StubChildStatus()
     with trio.fail_after(WAIT):
         async with trio.open_nursery() as nursery:
             async with trio.open_nursery() as callers:
@@ -453,7 +445,7 @@ async def test_graceful_stop_runs_every_queued_write(tmp_path: pathlib.Path) -> 
         assert release.wait(WAIT)
 
     store = items_store(tmp_path, max_batch=4)
-    status = _Status()
+    status = StubChildStatus()
     outcomes: list[Any] = []
     with trio.fail_after(WAIT):
         async with trio.open_nursery() as nursery:
