@@ -18,7 +18,7 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 import attrs
@@ -80,6 +80,7 @@ class LeanResponse:
 
 
 LeanHandler = Callable[[Scope], Awaitable[LeanResponse]]
+H = TypeVar("H")
 
 
 def json_response(status: int, payload: Any) -> LeanResponse:
@@ -138,25 +139,18 @@ class Surface:
         response_schema: Mapping[str, Any] | None = None,
         tags: Iterable[str] = (),
     ) -> Callable[[LeanHandler], LeanHandler]:
-        def register(handler: LeanHandler) -> LeanHandler:
-            self._add(
-                Route(
-                    method,
-                    path,
-                    summary,
-                    responses,
-                    tuple(params),
-                    None,
-                    response_schema,
-                    tuple(tags),
-                    lean=True,
-                )
-            )
-            self._lean[(method, path)] = handler
-            self._lean_paths.setdefault(path, []).append(method)
-            return handler
-
-        return register
+        """A handler answered before Quart: `scope -> LeanResponse`."""
+        route = Route(
+            method,
+            path,
+            summary,
+            responses,
+            tuple(params),
+            response_schema=response_schema,
+            tags=tuple(tags),
+            lean=True,
+        )
+        return self._declare(route, self._lean)
 
     def stream(
         self,
@@ -170,27 +164,18 @@ class Surface:
         tags: Iterable[str] = (),
     ) -> Callable[[ASGIApp], ASGIApp]:
         """A raw ASGI handler for a long-lived response (no framework on the hot path)."""
-
-        def register(handler: ASGIApp) -> ASGIApp:
-            self._add(
-                Route(
-                    method,
-                    path,
-                    summary,
-                    responses,
-                    tuple(params),
-                    None,
-                    {"type": "string", "x-media-type": media_type},
-                    tuple(tags),
-                    lean=True,
-                    media_type=media_type,
-                )
-            )
-            self._raw[(method, path)] = handler
-            self._lean_paths.setdefault(path, []).append(method)
-            return handler
-
-        return register
+        route = Route(
+            method,
+            path,
+            summary,
+            responses,
+            tuple(params),
+            response_schema={"type": "string", "x-media-type": media_type},
+            tags=tuple(tags),
+            lean=True,
+            media_type=media_type,
+        )
+        return self._declare(route, self._raw)
 
     def route(
         self,
@@ -204,23 +189,34 @@ class Surface:
         response_schema: Mapping[str, Any] | None = None,
         tags: Iterable[str] = (),
     ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
+        """An ordinary Quart view; `{name}` path segments become its arguments."""
+        route = Route(
+            method,
+            path,
+            summary,
+            responses,
+            tuple(params),
+            request_body,
+            response_schema,
+            tuple(tags),
+        )
+
         def register(view: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-            self._add(
-                Route(
-                    method,
-                    path,
-                    summary,
-                    responses,
-                    tuple(params),
-                    request_body,
-                    response_schema,
-                    tuple(tags),
-                )
-            )
+            self._add(route)
             rule = re.sub(r"{(\w+)}", r"<\1>", path)
-            endpoint = f"{method.lower()}:{path}"
-            self.quart.add_url_rule(rule, endpoint, view, methods=[method])
+            self.quart.add_url_rule(rule, f"{method.lower()}:{path}", view, methods=[method])
             return view
+
+        return register
+
+    def _declare(self, route: Route, table: dict[tuple[str, str], H]) -> Callable[[H], H]:
+        """Register a lean or raw handler: documented, looked up by (method, path)."""
+
+        def register(handler: H) -> H:
+            self._add(route)
+            table[(route.method, route.path)] = handler
+            self._lean_paths.setdefault(route.path, []).append(route.method)
+            return handler
 
         return register
 
