@@ -10,9 +10,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# Reinstall when the project metadata changes.
+# Reinstall when the project metadata changes. bubblewrap (a Debian package) is for
+# options.sandbox and its tests; installed only when missing, as root, with apt-get.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@command -v bwrap >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || apt-get install -y bubblewrap >/dev/null 2>&1 || true
 	touch $(STAMP)
 
 serve: $(STAMP)

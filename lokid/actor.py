@@ -166,6 +166,7 @@ class Actor(Generic[M]):
         self._stop_requested = True
         if self._receive_scope is not None:
             self._receive_scope.cancel()
+        self.on_stop_requested()
 
     async def next_message(self) -> Any | None:
         """The next message, or None once a stop was requested and the mailbox is empty."""
@@ -223,6 +224,10 @@ class Actor(Generic[M]):
 
     async def teardown(self) -> None:
         """Release what `setup` acquired (runs shielded, also after a crash)."""
+
+    def on_stop_requested(self) -> None:
+        """The supervisor asked for a graceful stop (for actors whose `serve` does more
+        than take messages: start winding that work down here)."""
 
     async def handle(self, message: Any) -> Any:
         raise TypeError(f"{self.name} has no handler for {type(message).__name__}")

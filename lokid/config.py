@@ -60,6 +60,23 @@ SETTINGS: dict[str, Setting] = {
         "LOKI_EVENT_RETENTION_COUNT", "Events kept in the store (the newest N)"
     ),
     "event_retention_days": Setting("LOKI_EVENT_RETENTION_DAYS", "Events older than this go"),
+    "resume_on_start": Setting(
+        "LOKI_RESUME_ON_START", "Resume sessions interrupted by a daemon restart, at start"
+    ),
+    "agent_grace": Setting(
+        "LOKI_AGENT_GRACE", "Seconds between SIGTERM and SIGKILL when an agent is stopped"
+    ),
+    "agent_idle_timeout": Setting(
+        "LOKI_AGENT_IDLE_TIMEOUT", "Seconds an agent run may print nothing before it is stopped"
+    ),
+    "agent_hard_timeout": Setting(
+        "LOKI_AGENT_HARD_TIMEOUT", "Seconds one agent run may take at most"
+    ),
+    "retry_base": Setting(
+        "LOKI_RETRY_BASE", "Seconds of the first retry backoff (doubles per failure, jittered)"
+    ),
+    "retry_cap": Setting("LOKI_RETRY_CAP", "Longest backoff between retries, seconds"),
+    "max_sessions": Setting("LOKI_MAX_SESSIONS", "Sessions that may be active at once"),
 }
 
 
@@ -159,6 +176,13 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "sse_heartbeat": _heartbeat,
     "event_retention_count": _positive_int,
     "event_retention_days": _positive_float,
+    "resume_on_start": _bool,
+    "agent_grace": _positive_float,
+    "agent_idle_timeout": _positive_float,
+    "agent_hard_timeout": _positive_float,
+    "retry_base": _positive_float,
+    "retry_cap": _positive_float,
+    "max_sessions": _positive_int,
 }
 
 
@@ -182,6 +206,13 @@ class Config:
     sse_heartbeat: float = 15.0
     event_retention_count: int = 100_000
     event_retention_days: float = 7.0
+    resume_on_start: bool = False
+    agent_grace: float = 5.0
+    agent_idle_timeout: float = 900.0
+    agent_hard_timeout: float = 7200.0
+    retry_base: float = 2.0
+    retry_cap: float = 300.0
+    max_sessions: int = 1000
     config_file: Path | None = None
     sources: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False)
 

@@ -9,6 +9,8 @@ The tree (start order; stop is the reverse):
     ├── store                       SQLite owner, group commit
     ├── event_bus                   event ids, persistence, SSE fan-out
     ├── agent_pool                  agent process cap, records, reconciliation
+    ├── sessions                    session manager; its session_supervisor runs
+    │                               one transient SessionActor per live session
     └── listeners (one_for_one)
         ├── api                     HTTP API, 127.0.0.1:8420
         ├── dashboard               Dashboard API, 57374 or the next free port
@@ -42,6 +44,8 @@ from lokid.actor import Actor, exception_leaves
 from lokid.actors.agent_pool import AgentPool
 from lokid.actors.event_bus import EventBus
 from lokid.actors.listener import HttpListener
+from lokid.actors.session import RunnerSettings
+from lokid.actors.session_manager import SessionManager
 from lokid.actors.store import StoreActor
 from lokid.config import PROVIDERS, Config
 from lokid.errors import LokiError, StartupError
@@ -117,8 +121,23 @@ class Daemon:
             retention_count=config.event_retention_count,
             retention_seconds=config.event_retention_days * 86400,
         )
-        self.pool = AgentPool(self.store, max_agents=config.max_agents)
-        self.api = create_api_surface(self, self.store)
+        self.pool = AgentPool(self.store, max_agents=config.max_agents, grace=config.agent_grace)
+        self.sessions = SessionManager(
+            self.store,
+            self.bus,
+            self.pool,
+            settings=RunnerSettings(
+                grace=config.agent_grace,
+                idle_timeout=config.agent_idle_timeout,
+                hard_timeout=config.agent_hard_timeout,
+                retry_base=config.retry_base,
+                retry_cap=config.retry_cap,
+            ),
+            default_provider=config.default_provider,
+            max_sessions=config.max_sessions,
+            resume_on_start=config.resume_on_start,
+        )
+        self.api = create_api_surface(self, self.store, self.sessions)
         self.dashboard = create_dashboard_surface(self)
         for surface in (self.api, self.dashboard):
             install_events(surface, self.bus, heartbeat=config.sse_heartbeat)
@@ -333,6 +352,7 @@ class Daemon:
             _actor_spec("store", self.store, STORE_SHUTDOWN_SECONDS),
             _actor_spec("event_bus", self.bus, STORE_SHUTDOWN_SECONDS),
             _actor_spec("agent_pool", self.pool, self.pool.grace + 15.0),
+            _actor_spec("sessions", self.sessions, self.pool.grace + 30.0),
         ]
         self.root = Supervisor(
             "lokid",
@@ -357,6 +377,8 @@ class Daemon:
             problems["event_bus"] = "not running"
         if not self.pool.running:
             problems["agent_pool"] = "not running"
+        if not self.sessions.running:
+            problems["sessions"] = "not running"
         return problems
 
     def readiness_problems(self) -> dict[str, str]:
@@ -374,14 +396,19 @@ class Daemon:
             self._providers_at = now
         return self._providers
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
+        current = self.sessions.current()
+        try:
+            counts = await self.sessions.counts()
+        except LokiError:
+            counts = {}
         return {
-            "status": "idle",
+            "status": "running" if current is not None else "idle",
             "version": __version__,
-            "provider": self.config.default_provider,
-            "session": None,
+            "provider": current.provider if current else self.config.default_provider,
+            "session": current.summary() if current else None,
             "agents": {"active": self.pool.active, "total": self.pool.capacity},
-            "sessions": {},
+            "sessions": counts,
             "phase": self.phase.value,
             "pid": os.getpid(),
             "startedAt": iso(self.started_at),

@@ -194,11 +194,31 @@ def _m0004_sessions_and_tasks(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX session_inputs_session ON session_inputs (session_id, status, id)")
 
 
+def _m0005_session_runner(db: sqlite_utils.Database) -> None:
+    # What the runner needs to continue a session after a restart, and
+    # Idempotency-Key answers of create routes (DESIGN.md §4: 24 h).
+    db.execute("ALTER TABLE tasks ADD COLUMN acceptance TEXT NOT NULL DEFAULT '[]'")  # JSON list
+    db.execute("ALTER TABLE tasks ADD COLUMN resume_id TEXT")  # provider session of a cut run
+    db.execute(
+        "CREATE TABLE idempotency_keys ("
+        " route TEXT NOT NULL,"
+        " key TEXT NOT NULL,"
+        " body_sha256 TEXT NOT NULL,"
+        " status INTEGER NOT NULL,"
+        " response TEXT NOT NULL,"
+        " created_at REAL NOT NULL,"  # unix seconds
+        " PRIMARY KEY (route, key)"
+        ")"
+    )
+    db.execute("CREATE INDEX idempotency_keys_age ON idempotency_keys (created_at)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "meta and daemon_runs", _m0001_meta_and_daemon_runs),
     Migration(2, "events", _m0002_events),
     Migration(3, "agents", _m0003_agents),
     Migration(4, "sessions and tasks", _m0004_sessions_and_tasks),
+    Migration(5, "session runner", _m0005_session_runner),
 )
 
 

@@ -47,7 +47,7 @@ import stat
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import attrs
 import sqlite_utils
@@ -56,7 +56,7 @@ from lokid import providers
 from lokid.config import PROVIDERS
 from lokid.errors import Conflict, InvalidQuery, NotFound, ValidationFailed
 from lokid.jsontypes import json_type_name
-from lokid.prd import MAX_PRD_BYTES, PrdTask, validate_prd_bytes
+from lokid.prd import MAX_PRD_BYTES, validate_prd_bytes
 from lokid.session_state import ACTIVE, Status, Trigger, is_active, next_status
 from lokid.timefmt import utc_now_iso
 
@@ -66,10 +66,12 @@ __all__ = [
     "MAX_LIMIT",
     "MAX_PATH_CHARS",
     "ListQuery",
+    "RunnerTask",
     "SessionOptions",
     "SessionRequest",
     "TaskSource",
     "TaskStatus",
+    "active_session_ids",
     "active_tasks",
     "add_input",
     "delete_session",
@@ -86,6 +88,9 @@ __all__ = [
     "parse_session_request",
     "pending_inputs",
     "queued_tasks",
+    "requeue_active_tasks",
+    "runner_tasks",
+    "session_counts",
     "task_counts",
     "update_session",
     "update_task",
@@ -745,6 +750,7 @@ _TASK_COLUMNS = frozenset(
         "started_at",
         "completed_at",
         "error",
+        "resume_id",
     }
 )
 
@@ -767,10 +773,25 @@ def _task_json(row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+class NewTask(Protocol):
+    """What `insert_tasks` needs of a task (`PrdTask`, `lokidir.AgentTask`, ...)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def title(self) -> str: ...
+    @property
+    def description(self) -> str: ...
+    @property
+    def priority(self) -> int: ...
+    @property
+    def acceptance(self) -> tuple[str, ...]: ...
+
+
 def insert_tasks(
     db: sqlite_utils.Database,
     session_id: str,
-    tasks: Sequence[PrdTask],
+    tasks: Sequence[NewTask],
     *,
     source: str = TaskSource.PRD,
     now: str | None = None,
@@ -792,8 +813,8 @@ def insert_tasks(
     for offset, task in enumerate(tasks):
         db.execute(
             "INSERT INTO tasks (session_id, id, title, description, status, priority, attempts,"
-            " agent, created_at, started_at, completed_at, error, source, position)"
-            " VALUES (?, ?, ?, ?, ?, ?, 0, NULL, ?, NULL, NULL, NULL, ?, ?)",
+            " agent, created_at, started_at, completed_at, error, source, position, acceptance)"
+            " VALUES (?, ?, ?, ?, ?, ?, 0, NULL, ?, NULL, NULL, NULL, ?, ?, ?)",
             (
                 session_id,
                 task.id,
@@ -804,6 +825,7 @@ def insert_tasks(
                 now,
                 source,
                 position + offset,
+                json.dumps(list(task.acceptance)),
             ),
         )
     return [get_task(db, session_id, task.id) for task in tasks]
@@ -1002,3 +1024,80 @@ def mark_inputs_applied(
         )
         changed += cursor.rowcount
     return changed
+
+
+# -- records: what the runner reads -----------------------------------------------
+
+
+@attrs.frozen
+class RunnerTask:
+    """A task as the session runner sees it (more than the API shows)."""
+
+    id: str
+    title: str
+    description: str
+    status: str
+    priority: int
+    attempts: int
+    error: str | None
+    source: str
+    position: int
+    acceptance: tuple[str, ...]
+    resume_id: str | None
+    created_at: str
+    started_at: str | None
+    completed_at: str | None
+
+
+def runner_tasks(db: sqlite_utils.Database, session_id: str) -> list[RunnerTask]:
+    """Every task of the session in run order: priority, then position."""
+    return [
+        RunnerTask(
+            id=row["id"],
+            title=row["title"],
+            description=row["description"],
+            status=row["status"],
+            priority=row["priority"],
+            attempts=row["attempts"],
+            error=row["error"],
+            source=row["source"],
+            position=row["position"],
+            acceptance=tuple(json.loads(row["acceptance"] or "[]")),
+            resume_id=row["resume_id"],
+            created_at=row["created_at"],
+            started_at=row["started_at"],
+            completed_at=row["completed_at"],
+        )
+        for row in db.query(
+            "SELECT * FROM tasks WHERE session_id = ? ORDER BY priority, position", (session_id,)
+        )
+    ]
+
+
+def requeue_active_tasks(db: sqlite_utils.Database, session_id: str, note: str) -> int:
+    """Put the session's `active` tasks back to `pending` (their run was cut off)."""
+    cursor = db.execute(
+        "UPDATE tasks SET status = 'pending', error = ? WHERE session_id = ? AND status = 'active'",
+        (note, session_id),
+    )
+    return cursor.rowcount
+
+
+def session_counts(db: sqlite_utils.Database) -> dict[str, int]:
+    """How many sessions are in each status (statuses with none are left out)."""
+    return {
+        row["status"]: int(row["n"])
+        for row in db.query("SELECT status, COUNT(*) AS n FROM sessions GROUP BY status")
+    }
+
+
+def active_session_ids(db: sqlite_utils.Database) -> list[tuple[str, str]]:
+    """(id, status) of every active session, oldest first (start-up reconciliation)."""
+    return [
+        (row["id"], row["status"])
+        for row in db.query(
+            f"SELECT id, status FROM sessions WHERE status IN ({_ACTIVE_SQL})"
+            " ORDER BY created_at, id",
+            _ACTIVE_VALUES,
+        )
+    ]

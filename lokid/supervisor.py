@@ -438,7 +438,12 @@ class Supervisor:
         max_restarts: int = 3,
         period: float = 5.0,
         max_children: int = 10_000,
+        forget_finished: bool = False,
     ) -> None:
+        """`forget_finished`: remove the spec of a child that exited and will not be
+        restarted (a transient child's normal exit), as OTP's `simple_one_for_one`
+        does, so that a supervisor of many short-lived dynamic children (one per
+        session) does not keep a spec per finished child."""
         if not isinstance(strategy, Strategy):
             raise TypeError(f"strategy must be a Strategy, not {strategy!r}")
         if max_restarts < 0:
@@ -452,6 +457,7 @@ class Supervisor:
         self.max_restarts = max_restarts
         self.period = period
         self.max_children = max_children
+        self.forget_finished = forget_finished
         if len(children) > max_children:
             raise TooManyChildren(
                 f"supervisor {name!r}: {len(children)} child specs, max_children={max_children}"
@@ -754,6 +760,8 @@ class Supervisor:
             self._remove(child)
         elif not stopped_by_us and (restart is Restart.PERMANENT or child.last_exit != NORMAL):
             await self._restart(child)
+        elif self.forget_finished:
+            self._remove(child)
 
     def _add_restart(self) -> bool:
         """Stamp one restart attempt; False when that is one too many (OTP's add_restart)."""

@@ -50,11 +50,17 @@ def test_status_shows_the_supervisor_tree(daemon: DaemonProcess) -> None:
     status = httpx.get(f"{daemon.api_url}/api/status", timeout=5).json()
     tree = status["supervisor"]
     assert tree["name"] == "lokid"
-    assert [c["id"] for c in tree["children"]] == ["store", "event_bus", "agent_pool", "listeners"]
+    assert [c["id"] for c in tree["children"]] == [
+        "store",
+        "event_bus",
+        "agent_pool",
+        "sessions",
+        "listeners",
+    ]
     store = tree["children"][0]
     assert store["running"] is True
     assert store["detail"]["mailboxSize"] > 0
-    listeners = tree["children"][3]["detail"]
+    listeners = tree["children"][4]["detail"]
     assert [c["id"] for c in listeners["children"]] == ["api", "dashboard", "control"]
 
 

@@ -202,7 +202,7 @@ class FakeDaemon:
     def uptime_seconds(self) -> float:
         return 1.0
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
         return {"status": "idle"}
 
 

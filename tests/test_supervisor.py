@@ -960,3 +960,22 @@ async def test_child_status_outside_a_supervisor(autojump_clock: MockClock) -> N
     with pytest.raises(RuntimeError, match="twice"):
         status.started("y")
     assert not status.shutdown_requested.is_set()
+
+
+async def test_forget_finished_drops_specs_of_children_that_will_not_restart(
+    autojump_clock: MockClock,
+) -> None:
+    h = Harness()
+    sup = Supervisor("s", forget_finished=True, max_children=2)
+    async with trio.open_nursery() as nursery:
+        await start(nursery, sup)
+        await sup.start_child(h.spec("done", TRANSIENT))
+        await sup.start_child(h.spec("crashes", TRANSIENT))
+        await h.exit("done", "normal")
+        await h.exit("crashes", "crash")
+        # the normal exit is forgotten (its slot is free again); the crash is restarted
+        assert ids(sup) == ["crashes"]
+        assert h.starts["crashes"] == 2
+        await sup.start_child(h.spec("next", TRANSIENT))
+        sup.request_stop()
+    assert ids(sup) == ["crashes", "next"]  # stopped by the supervisor: kept, as OTP does

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from lokid import __version__
+from lokid.actors.session_manager import SessionManager
 from lokid.actors.store import StoreActor
 from lokid.http.health import HealthSource, install_health
-from lokid.http.sessions import install_session_reads
+from lokid.http.sessions import install_session_reads, install_session_writes
 from lokid.http.surface import Surface
 
 
-def create_api_surface(daemon: HealthSource, store: StoreActor | None = None) -> Surface:
+def create_api_surface(
+    daemon: HealthSource,
+    store: StoreActor | None = None,
+    sessions: SessionManager | None = None,
+) -> Surface:
     surface = Surface(
         "lokid HTTP API",
         __version__,
@@ -18,4 +23,6 @@ def create_api_surface(daemon: HealthSource, store: StoreActor | None = None) ->
     install_health(surface, daemon)
     if store is not None:
         install_session_reads(surface, store)
+    if sessions is not None:
+        install_session_writes(surface, sessions)
     return surface

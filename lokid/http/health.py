@@ -56,7 +56,7 @@ class HealthSource(Protocol):
 
     def uptime_seconds(self) -> float: ...
 
-    def status(self) -> dict[str, Any]: ...
+    async def status(self) -> dict[str, Any]: ...
 
 
 def install_health(surface: Surface, daemon: HealthSource) -> None:
@@ -106,4 +106,4 @@ def install_health(surface: Surface, daemon: HealthSource) -> None:
         tags=("status",),
     )
     async def status(scope: Scope) -> LeanResponse:
-        return json_response(200, api_converter.unstructure(daemon.status()))
+        return json_response(200, api_converter.unstructure(await daemon.status()))

@@ -1,9 +1,9 @@
-"""Session and task routes of the HTTP API that read the store (seed "Session/Task Endpoints").
+"""Session and task routes of the HTTP API (seed "Session/Task Endpoints", DESIGN.md §5).
 
-Reading needs no actor beyond the store: each view runs one read-only
-transaction in a worker thread (`StoreActor.read`). The routes that change
-a session (create, stop, pause, resume, input, delete) arrive with the
-session actor, which owns those transitions.
+Reads need no actor beyond the store: each view runs one read-only
+transaction in a worker thread (`StoreActor.read`). Changes go to the
+session manager, which hands each command to the session's actor (or, for
+a session without one, decides it against the store).
 """
 
 from __future__ import annotations
@@ -12,8 +12,11 @@ from typing import Any
 
 from quart import request
 
+from lokid import idempotency
+from lokid.actors.session import Input, Pause, Resume, Stop
+from lokid.actors.session_manager import SessionManager
 from lokid.actors.store import StoreActor
-from lokid.http.surface import Param, Surface
+from lokid.http.surface import Param, Surface, bool_param, json_body
 from lokid.session_records import (
     TASK_STATUSES,
     active_tasks,
@@ -23,6 +26,7 @@ from lokid.session_records import (
     list_tasks,
     parse_list_query,
     queued_tasks,
+    validate_input_message,
 )
 
 PAGE_PARAMS = (
@@ -125,3 +129,122 @@ def install_session_reads(surface: Surface, store: StoreActor) -> None:
     async def tasks_queue() -> dict[str, Any]:
         query = parse_list_query(request.args)
         return await store.read(lambda db: queued_tasks(db, limit=query.limit, offset=query.offset))
+
+
+SESSION_BODY = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "prd": {"type": "string", "description": "path of the PRD (absolute, or under projectDir)"},
+        "prdText": {"type": "string", "description": "the PRD itself, instead of prd"},
+        "projectDir": {"type": "string"},
+        "provider": {
+            "type": "string",
+            "enum": ["claude", "codex", "gemini", "aider", "cline", "opencode", "command"],
+        },
+        "options": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "parallel": {"type": "boolean"},
+                "sandbox": {"type": "boolean"},
+                "maxAgents": {"type": "integer", "minimum": 1},
+                "maxIterations": {"type": "integer", "minimum": 1},
+                "maxDurationSeconds": {"type": "integer", "minimum": 1},
+                "budgetUsd": {"type": "number", "exclusiveMinimum": 0},
+                "model": {"type": "string"},
+                "verify": {"type": "string"},
+                "command": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+    },
+}
+INPUT_BODY = {
+    "type": "object",
+    "required": ["message"],
+    "additionalProperties": False,
+    "properties": {"message": {"type": "string", "maxLength": 65536}},
+}
+IDEMPOTENCY = Param(
+    idempotency.HEADER, "header", description="the same key and body within 24 h: the first answer"
+)
+NOW = Param("now", "query", {"type": "boolean"}, description="stop running agents too")
+
+
+def install_session_writes(surface: Surface, manager: SessionManager) -> None:
+    tags = ("sessions",)
+
+    @surface.route(
+        "POST",
+        "/api/sessions",
+        "Start a session",
+        responses={
+            201: "Created (status starting)",
+            400: "Malformed JSON or Idempotency-Key",
+            409: "projectDir has an active session, or the key was used for another body",
+            422: "Invalid field (details.field)",
+        },
+        params=(IDEMPOTENCY,),
+        request_body=SESSION_BODY,
+        tags=tags,
+    )
+    async def session_create() -> tuple[dict[str, Any], int]:
+        key = idempotency.validate_key(request.headers.get(idempotency.HEADER))
+        status, answer = await manager.create(await json_body(), idempotency_key=key)
+        return answer, status
+
+    def command_route(name: str, summary: str, make: Any, params: tuple[Param, ...] = ()) -> None:
+        @surface.route(
+            "POST",
+            f"/api/sessions/{{id}}/{name}",
+            summary,
+            responses={
+                200: "The session after the transition",
+                404: "No such session",
+                409: "Illegal in the current status (details.status)",
+            },
+            params=params,
+            tags=tags,
+        )
+        async def view(id: str) -> dict[str, Any]:
+            await json_body()  # a body is optional, but must be JSON if given
+            return await manager.command(id, make())
+
+        view.__name__ = f"session_{name}"
+
+    command_route("stop", "Stop a session", Stop)
+    command_route(
+        "pause",
+        "Pause a session (between agent runs; ?now=true also stops running agents)",
+        lambda: Pause(now=bool_param(request.args, "now", False)),
+        (NOW,),
+    )
+    command_route("resume", "Resume a paused or interrupted session", Resume)
+
+    @surface.route(
+        "POST",
+        "/api/sessions/{id}/input",
+        "Send human input into the next agent prompt",
+        responses={
+            202: "Queued",
+            404: "No such session",
+            409: "Not running or paused",
+            422: "Invalid message",
+        },
+        request_body=INPUT_BODY,
+        tags=tags,
+    )
+    async def session_input(id: str) -> tuple[dict[str, Any], int]:
+        message = validate_input_message(await json_body())
+        return await manager.command(id, Input(message)), 202
+
+    @surface.route(
+        "DELETE",
+        "/api/sessions/{id}",
+        "Delete a session that is not active (its record, tasks and events)",
+        responses={204: "Deleted", 404: "No such session", 409: "Active"},
+        tags=tags,
+    )
+    async def session_delete(id: str) -> tuple[str, int]:
+        await manager.delete(id)
+        return "", 204

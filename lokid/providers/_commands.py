@@ -53,6 +53,7 @@ PLACEHOLDERS = ("{model}", "{projectDir}")
 # Extra environment for every provider: no ANSI colours in captured output.
 BASE_ENV: Mapping[str, str] = types.MappingProxyType({"NO_COLOR": "1"})
 
+_RESUME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # claude session ids are UUIDs
 _MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@\[\]+-]*")
 
 PromptRoute: TypeAlias = Literal["argv", "stdin"]
@@ -276,11 +277,15 @@ def build_command(
     model: str | None,
     project_dir: Path,
     options: Mapping[str, Any],
+    resume: str | None = None,
 ) -> AgentCommand:
     """The process to start for one agent run of `provider` on `prompt`.
 
     `model` wins over `options["model"]`; without either the CLI's own
     default model is used (no `--model`). `project_dir` must be absolute.
+    `resume`: the provider's own session id of a run that was cut off
+    (daemon restart); claude continues it with `--resume <id>`, the other
+    providers have no such flag and start afresh.
     """
     info = provider_info(provider)
     if model is not None:
@@ -302,7 +307,8 @@ def build_command(
         return [flag, model] if model else []
 
     if provider == "claude":
-        argv = ["claude", "--dangerously-skip-permissions", *model_args(), "-p"]
+        resume_args = ["--resume", resume] if resume and _RESUME_RE.fullmatch(resume) else []
+        argv = ["claude", "--dangerously-skip-permissions", *resume_args, *model_args(), "-p"]
         argv += [prompt] if fits else []
         argv += ["--output-format", "stream-json", "--verbose"]
         stdin = None if fits else data

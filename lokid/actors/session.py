@@ -1,0 +1,1134 @@
+"""SessionActor: one session's run over its PRD (DESIGN.md §6), and its controls.
+
+One actor per live session, a transient child of the session supervisor
+(`lokid.actors.session_manager`). Its task runs two things side by side:
+the **mailbox** (pause, resume, stop, input from the API) and the **runner**
+(the phases). Both change the session only through `_fire`, which asks the
+state machine (`lokid.session_state`), writes the store, then publishes the
+event - under one lock, so the store, the events and the in-memory status
+always agree on the order of transitions.
+
+Theory of operation:
+
+* **bootstrap**: create `.loki/`, read and parse the PRD, insert its tasks
+  (`prd-001`, ...; ids already stored are skipped, so a bootstrap cut off
+  by a restart is finished, not repeated), then `bootstrapped` ->
+  `running` (`session.started`).
+* **development**: a scheduler loop starts one worker per task, at most
+  one at a time, or with `options.parallel` at most `maxAgents` (else the
+  pool's cap). A worker takes an agent slot from the pool, marks the task
+  active, builds the prompt (with queued human input), spawns the provider
+  CLI and turns its output into events. The verdict of the run
+  (`providers.classify`) completes the task, retries it later (exponential
+  backoff with jitter; a rate limit holds the whole session until the
+  provider's reset), fails it after `max_task_attempts`, or - for a
+  permanent error (bad credentials, unknown model) - fails the session.
+* **qa**: nothing pending and nothing running: `options.verify` runs as a
+  process of the pool (own process group, recorded); a failure becomes a
+  new task (`verify-001`, ...) and development goes on.
+* **completion**: every task completed and verify passed, or the agent
+  wrote `.loki/signals/COMPLETION_REQUESTED`: `complete` -> `completed`.
+* Limits end the session `failed` with `exitReason`: `maxIterations`
+  (agent runs), `maxDurationSeconds` (since `startedAt`; a running agent's
+  hard timeout is cut to what is left), `budgetUsd` (sum of the provider's
+  reported cost), `maxConsecutiveFailures`, `tasksFailed` (a task used up
+  its attempts), `permanentError`, `bootstrapFailed`.
+* **pause** takes effect between runs: no new worker starts; running agents
+  finish (`?now=true` stops them, and their tasks go back to `pending`
+  without counting a failure). **stop** cancels the work: each slot stops
+  its agent (group SIGTERM, grace, SIGKILL, and a check that nothing of the
+  group is left), active tasks go back to `pending`, then `agents_gone` ->
+  `stopped`, with the survivors (none, unless a process sits in
+  uninterruptible sleep) in the event.
+* **daemon shutdown** (`on_stop_requested`): like stop, but the session
+  ends `interrupted` (`daemon_restart`; a paused one stays paused), so the
+  next daemon continues it on `resume` or with `LOKI_RESUME_ON_START`.
+* `.loki/` files: `PAUSE` appearing pauses, its removal resumes a session
+  paused by it; API pause/resume create/remove it (other tools see the
+  state). `STOP` is consumed and stops. `HUMAN_INPUT.md` is consumed as
+  input. Tasks the agent appends to `queue/pending.json` are ingested.
+  The state files are rewritten after changes, at most every
+  `mirror_interval` seconds. A malformed file is a `warning` event, once
+  per distinct problem, never a crash.
+
+Bounds: mailbox 64 (`WhenFull.REJECT`: a burst of commands beyond it gets
+503 at once); workers <= the parallel limit; per-run output is bounded by
+the agent host and the parser; repeated warnings are remembered up to
+`MAX_REMEMBERED_WARNINGS`; waits (backoff, rate limits) are in ticks of at
+most `control_poll` seconds so that stop, pause and control files are
+noticed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import os
+import random
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import attrs
+import sqlite_utils
+import trio
+
+from lokid import __version__, lokidir, providers, sandbox, worktree
+from lokid.actor import Actor, ActorStatistics, WhenFull
+from lokid.actors.agent_pool import AgentPool
+from lokid.actors.event_bus import EventBus
+from lokid.actors.store import StoreActor
+from lokid.agent_host import AgentRun, AgentSpec, EndReason, RunResult, Stream
+from lokid.errors import LokiError
+from lokid.events import Level
+from lokid.loki_mirror import MirrorState, write_mirror
+from lokid.prd import MAX_PRD_BYTES, parse_prd_detailed, validate_prd_bytes
+from lokid.prompt import PromptTask, build_prompt
+from lokid.session_records import (
+    RunnerTask,
+    add_input,
+    get_session,
+    insert_tasks,
+    mark_inputs_applied,
+    pending_inputs,
+    requeue_active_tasks,
+    runner_tasks,
+    update_session,
+    update_task,
+)
+from lokid.session_state import IllegalTransition, Lifecycle, Status, Trigger, step
+from lokid.timefmt import utc_now_iso
+
+log = logging.getLogger("lokid.sessions")
+
+MAX_REMEMBERED_WARNINGS = 256
+VERIFY_OUTPUT_CHARS = 4000
+
+_LEVEL_FOR_EVENT = {
+    "session.failed": Level.ERROR,
+    "session.interrupted": Level.WARNING,
+}
+
+
+# -- settings and messages ------------------------------------------------------------
+
+
+@attrs.frozen
+class RunnerSettings:
+    """How sessions run; one value for the daemon (from `Config`)."""
+
+    grace: float = 5.0
+    idle_timeout: float = 900.0
+    hard_timeout: float = 7200.0
+    retry_base: float = 2.0
+    retry_cap: float = 300.0
+    max_task_attempts: int = 3
+    max_consecutive_failures: int = 5
+    control_poll: float = 1.0
+    mirror_interval: float = 0.25
+    verify_timeout: float = 1800.0
+    env: Mapping[str, str] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Pause:
+    now: bool = False
+
+
+@attrs.frozen
+class Resume:
+    pass
+
+
+@attrs.frozen
+class Stop:
+    pass
+
+
+@attrs.frozen
+class Input:
+    message: str
+    source: str = "api"
+
+
+@attrs.frozen
+class Ending:
+    """How the runner ends the session: `complete` or `fail` with an exit reason."""
+
+    trigger: Trigger
+    reason: str
+    detail: str | None = None
+
+
+@attrs.define
+class _Worker:
+    task_id: str
+    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    cut_by_pause: bool = False
+
+
+@attrs.frozen
+class SessionStatistics(ActorStatistics):
+    session_status: str
+    phase: str | None
+    iteration: int
+    workers: int
+    runs: int
+    cost_usd: float
+
+
+# -- the actor --------------------------------------------------------------------------
+
+
+class SessionActor(Actor[Any]):
+    """One session. Mailbox 64, `WhenFull.REJECT`. See the module docstring."""
+
+    mailbox_size: ClassVar[int] = 64
+    when_full: ClassVar[WhenFull] = WhenFull.REJECT
+
+    def __init__(
+        self,
+        session: Mapping[str, Any],
+        *,
+        store: StoreActor,
+        bus: EventBus,
+        pool: AgentPool,
+        settings: RunnerSettings,
+        on_finished: Callable[[SessionActor], None] = lambda actor: None,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(f"session {session['id']}")
+        self.id: str = session["id"]
+        self.store = store
+        self.bus = bus
+        self.pool = pool
+        self.settings = settings
+        self.on_finished = on_finished
+        self.rng = rng or random.Random()
+        self.lifecycle = Lifecycle(Status(session["status"]))
+        self.provider: str = session["provider"]
+        self.prd_path = Path(session["prd"])
+        self.project_dir = Path(session["projectDir"])
+        self.options: dict[str, Any] = dict(session["options"])
+        self.phase: str | None = session["phase"]
+        self.iteration: int = session["iteration"]
+        self.created_at: str = session["createdAt"]
+        self.started_at: str | None = session["startedAt"]
+        self.cost_usd: float = float(session["costUsd"] or 0.0)
+        self.paths = lokidir.LokiPaths.for_project(self.project_dir)
+        self.prd_title: str | None = None
+        self._lock = trio.Lock()
+        self._wakeup = trio.Event()
+        self._workers: dict[str, _Worker] = {}
+        self._not_before: dict[str, float] = {}  # task id -> trio time of its next attempt
+        self._hold_until = -math.inf  # rate limit: no run before this trio time
+        self._consecutive_failures = 0
+        self._ending: Ending | None = None
+        self._completion: str | None = None
+        self._stop_wanted = False
+        self._stop_source = "api"
+        self._shutdown = False
+        self._work_scope: trio.CancelScope | None = None
+        self._pause_file_seen = False
+        self._warnings_seen: set[str] = set()
+        self._mirror = MirrorState()
+        self._mirror_dirty = trio.Event()
+        self._sync_lock = trio.Lock()
+        self._survivors: list[int] = []
+        self._runs = 0
+        self._retries = 0
+        self._last_exit_code = 0
+        self._finished = False
+
+    # -- what the manager reads ------------------------------------------------------
+
+    @property
+    def status(self) -> Status:
+        return self.lifecycle.status
+
+    def summary(self) -> dict[str, Any]:
+        """`{id, phase, iteration, startedAt}` for `/api/status`."""
+        return {
+            "id": self.id,
+            "phase": self.phase,
+            "iteration": self.iteration,
+            "startedAt": self.started_at,
+        }
+
+    def statistics(self) -> SessionStatistics:
+        base = super().statistics()
+        return SessionStatistics(
+            **attrs.asdict(base, recurse=False),
+            session_status=self.status.value,
+            phase=self.phase,
+            iteration=self.iteration,
+            workers=len(self._workers),
+            runs=self._runs,
+            cost_usd=self.cost_usd,
+        )
+
+    # -- the task -------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._mailbox)
+            nursery.start_soon(self._mirror_loop)
+            try:
+                await self._run()
+            finally:
+                self._finished = True
+                self.on_finished(self)
+            with trio.CancelScope(shield=True), trio.move_on_after(30):
+                try:
+                    await self._sync_loki(ingest=False)
+                except LokiError as exc:  # the store went first (a cancelled daemon)
+                    log.warning("%s: last .loki/ update skipped: %s", self.name, exc)
+            nursery.cancel_scope.cancel()
+        # Commands that arrived before the manager forgot us are answered by the
+        # state machine (a finished session refuses them with a 409).
+        while (message := self.next_message_nowait()) is not None:
+            await self.dispatch(message)
+
+    def on_stop_requested(self) -> None:
+        self._shutdown = True
+        if self._work_scope is not None:
+            self._work_scope.cancel()
+        self._poke()
+
+    async def _mailbox(self) -> None:
+        while (message := await self.next_message()) is not None:
+            await self.dispatch(message)
+
+    async def handle(self, message: Any) -> Any:
+        match message:
+            case Pause(now=now):
+                session = await self._fire(Trigger.PAUSE, data={"source": "api", "now": now})
+                await self._control_file(self.paths.pause, present=True)
+                if now:
+                    for worker in self._workers.values():
+                        worker.cut_by_pause = True
+                        worker.scope.cancel()
+                return session
+            case Resume():
+                await self._control_file(self.paths.pause, present=False)
+                return await self._fire(Trigger.RESUME, data={"source": "api"})
+            case Stop():
+                return await self._stop("api")
+            case Input(message=text, source=source):
+                return await self._add_input(text, source)
+        raise TypeError(f"{self.name}: unexpected message {message!r}")
+
+    # -- transitions -----------------------------------------------------------------
+
+    async def _fire(
+        self, trigger: Trigger, *, data: Mapping[str, Any] | None = None, **fields: Any
+    ) -> dict[str, Any]:
+        """Apply `trigger`: state machine, store, event - in that order, under the lock."""
+        async with self._lock:
+            transition = step(self.lifecycle.status, trigger)  # IllegalTransition: nothing changed
+            now = utc_now_iso()
+            update = dict(fields)
+            if transition.changed:
+                update["status"] = transition.after.value
+                if transition.after is Status.RUNNING and self.started_at is None:
+                    update["started_at"] = self.started_at = now
+                if transition.after in (Status.STOPPED, Status.COMPLETED, Status.FAILED):
+                    update["ended_at"] = now
+            requeue = trigger is Trigger.DAEMON_RESTART or transition.after in (
+                Status.STOPPED,
+                Status.FAILED,
+            )
+
+            def write(db: sqlite_utils.Database) -> dict[str, Any]:
+                if requeue:
+                    requeue_active_tasks(db, self.id, f"run cut off: session {trigger.value}")
+                return update_session(db, self.id, **update)
+
+            session = await self.store.write(write)
+            self.lifecycle.fire(trigger)
+            if transition.event is not None:
+                payload = {"status": transition.after.value, **(data or {})}
+                await self.bus.publish(
+                    transition.event,
+                    self.id,
+                    _LEVEL_FOR_EVENT.get(transition.event, Level.INFO),
+                    payload,
+                )
+        self._poke()
+        self._mirror_dirty.set()
+        return session
+
+    async def _stop(self, source: str) -> dict[str, Any]:
+        session = await self._fire(Trigger.STOP, data={"source": source})
+        self._stop_wanted = True
+        self._stop_source = source
+        if self._work_scope is not None:
+            self._work_scope.cancel()
+        self._poke()
+        return session
+
+    async def _add_input(self, text: str, source: str) -> dict[str, Any]:
+        step(self.lifecycle.status, Trigger.INPUT)  # 409 unless running or paused
+        answer: dict[str, Any] = await self.store.write(lambda db: add_input(db, self.id, text))
+        await self.bus.publish(
+            "input.received",
+            self.id,
+            Level.INFO,
+            {"inputId": answer["id"], "source": source, "chars": len(text)},
+        )
+        self._poke()
+        return answer
+
+    def _poke(self) -> None:
+        self._wakeup.set()
+        self._wakeup = trio.Event()
+
+    async def _wait_change(self, timeout: float) -> None:
+        with trio.move_on_after(max(0.0, min(timeout, self.settings.control_poll))):
+            await self._wakeup.wait()
+
+    async def _set_phase(self, phase: str) -> None:
+        if self.phase == phase:
+            return
+        previous = self.phase
+        self.phase = phase
+        await self.store.write(lambda db: update_session(db, self.id, phase=phase))
+        if previous is not None:
+            await self.bus.publish("phase.completed", self.id, Level.INFO, {"phase": previous})
+        await self.bus.publish("phase.started", self.id, Level.INFO, {"phase": phase})
+        self._mirror_dirty.set()
+
+    async def _warn(self, reason: str, message: str, **data: Any) -> None:
+        key = f"{reason}:{message}"
+        if key in self._warnings_seen:
+            return
+        if len(self._warnings_seen) < MAX_REMEMBERED_WARNINGS:
+            self._warnings_seen.add(key)
+        await self.bus.publish(
+            "warning", self.id, Level.WARNING, {"reason": reason, "message": message, **data}
+        )
+
+    # -- the runner --------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        ending: Ending | None = None
+        with trio.CancelScope() as self._work_scope:
+            if self._stop_wanted or self._shutdown:
+                self._work_scope.cancel()
+            if self.status is Status.STARTING:
+                ending = await self._bootstrap()
+            if ending is None:
+                ending = await self._develop()
+        with trio.CancelScope(shield=True):
+            await self._end(ending)
+
+    async def _end(self, ending: Ending | None) -> None:
+        """The final transition. A stop may land while it is decided: then it wins."""
+        for _ in range(3):
+            try:
+                await self._end_once(ending)
+                return
+            except IllegalTransition:
+                if self.status is not Status.STOPPING:
+                    raise
+
+    async def _end_once(self, ending: Ending | None) -> None:
+        if self.status is Status.STOPPING:
+            await self._fire(
+                Trigger.AGENTS_GONE,
+                data={"survivors": self._survivors, "source": self._stop_source},
+                exit_reason="stopped",
+            )
+        elif ending is not None and not self._shutdown:
+            if ending.trigger is Trigger.COMPLETE:
+                await self._set_phase("completion")
+            await self._fire(
+                ending.trigger,
+                data={"exitReason": ending.reason, "detail": ending.detail},
+                exit_reason=ending.reason,
+                last_error=ending.detail if ending.trigger is Trigger.FAIL else None,
+            )
+        elif self.status in (Status.STARTING, Status.RUNNING, Status.PAUSED):
+            await self._fire(Trigger.DAEMON_RESTART, data={"reason": "daemon shutdown"})
+
+    async def _bootstrap(self) -> Ending | None:
+        await self._set_phase("bootstrap")
+        try:
+            paths = await trio.to_thread.run_sync(lokidir.init_loki_dir, self.project_dir)
+            if self.iteration == 0:
+                await trio.to_thread.run_sync(lokidir.clear_stale_controls, paths)
+            data = await trio.to_thread.run_sync(_read_bounded, self.prd_path)
+            text = validate_prd_bytes(data)
+        except (LokiError, OSError) as exc:
+            message = exc.message if isinstance(exc, LokiError) else f"{exc.strerror}"
+            return Ending(Trigger.FAIL, "bootstrapFailed", f"{self.prd_path}: {message}")
+        parsed = parse_prd_detailed(text)
+        self.prd_title = parsed.title
+
+        def insert(db: sqlite_utils.Database) -> list[dict[str, Any]]:
+            known = {task.id for task in runner_tasks(db, self.id)}
+            new = [task for task in parsed.tasks if task.id not in known]
+            return insert_tasks(db, self.id, new)
+
+        created = await self.store.write(insert)
+        for task in created:
+            await self.bus.emit(
+                "task.created",
+                self.id,
+                Level.INFO,
+                {"taskId": task["id"], "title": task["title"], "source": "prd"},
+            )
+        for warning in parsed.warnings:
+            await self._warn("prd", warning.message, code=warning.code, line=warning.line)
+        await self.bus.publish("phase.completed", self.id, Level.INFO, {"phase": "bootstrap"})
+        self.phase = "development"
+        await self._fire(
+            Trigger.BOOTSTRAPPED,
+            data={
+                "provider": self.provider,
+                "projectDir": str(self.project_dir),
+                "prd": str(self.prd_path),
+                "tasks": len(parsed.tasks),
+            },
+            phase="development",
+        )
+        await self.bus.publish("phase.started", self.id, Level.INFO, {"phase": "development"})
+        return None
+
+    async def _develop(self) -> Ending | None:
+        if self.phase != "development":
+            await self._set_phase("development")
+        async with trio.open_nursery() as workers:
+            ending = await self._schedule(workers)
+            workers.cancel_scope.cancel()
+        return ending
+
+    async def _schedule(self, workers: trio.Nursery) -> Ending | None:
+        """Start workers until the session ends; return how it ends."""
+        while True:
+            await self._check_controls()
+            if self._ending is not None:
+                return self._ending
+            if self.status is not Status.RUNNING:
+                await self._wait_change(self.settings.control_poll)
+                continue
+            limit = self._limit_reached()
+            if limit is not None:
+                return limit
+            if self._completion is not None:
+                if not self._workers:
+                    return Ending(Trigger.COMPLETE, "completionRequested", self._completion)
+                await self._wait_change(self.settings.control_poll)
+                continue
+            if len(self._workers) >= self._parallel_limit():
+                await self._wait_change(self.settings.control_poll)
+                continue
+            now = trio.current_time()
+            if now < self._hold_until:
+                await self._wait_change(self._hold_until - now)
+                continue
+            await self._sync_loki(ingest=True)
+            tasks = await self.store.read(lambda db: runner_tasks(db, self.id))
+            task = self._next_task(tasks, now)
+            if task is None:
+                pending = [t for t in tasks if t.status == "pending"]
+                if self._workers or pending:
+                    waits = [self._not_before.get(t.id, now) - now for t in pending]
+                    await self._wait_change(min(waits, default=self.settings.control_poll))
+                    continue
+                failed = [t.id for t in tasks if t.status == "failed"]
+                if failed:
+                    return Ending(Trigger.FAIL, "tasksFailed", ", ".join(failed[:20]))
+                if await self._verify():
+                    return Ending(Trigger.COMPLETE, "allTasksCompleted")
+                continue
+            if self.iteration >= int(self.options.get("maxIterations") or 50):
+                if self._workers:
+                    await self._wait_change(self.settings.control_poll)
+                    continue
+                return Ending(Trigger.FAIL, "maxIterations", f"{self.iteration} agent runs")
+            self.iteration += 1
+            worker = _Worker(task.id)
+            self._workers[task.id] = worker
+            workers.start_soon(self._work_on, worker, task, self.iteration)
+
+    def _parallel_limit(self) -> int:
+        if not self.options.get("parallel"):
+            return 1
+        return int(self.options.get("maxAgents") or self.pool.capacity)
+
+    def _next_task(self, tasks: list[RunnerTask], now: float) -> RunnerTask | None:
+        for task in tasks:  # already in run order
+            if (
+                task.status == "pending"
+                and task.id not in self._workers
+                and self._not_before.get(task.id, now) <= now
+            ):
+                return task
+        return None
+
+    def _deadline_left(self) -> float:
+        """Seconds until `maxDurationSeconds` runs out (inf without the limit)."""
+        limit = self.options.get("maxDurationSeconds")
+        if not limit or self.started_at is None:
+            return math.inf
+        started = dt.datetime.fromisoformat(self.started_at.replace("Z", "+00:00"))
+        elapsed = (dt.datetime.now(dt.UTC) - started).total_seconds()
+        return float(limit) - elapsed
+
+    def _limit_reached(self) -> Ending | None:
+        if self._deadline_left() <= 0:
+            return Ending(
+                Trigger.FAIL, "maxDurationSeconds", f"{self.options['maxDurationSeconds']} s"
+            )
+        budget = self.options.get("budgetUsd")
+        if budget is not None and self.cost_usd >= float(budget):
+            return Ending(Trigger.FAIL, "budgetUsd", f"${self.cost_usd:.4f} of ${budget}")
+        return None
+
+    # -- control files and the mirror ----------------------------------------------------
+
+    async def _check_controls(self) -> None:
+        controls = lokidir.read_controls(self.paths)  # four lstat calls
+        if (
+            controls.stop
+            and self.status in (Status.STARTING, Status.RUNNING, Status.PAUSED)
+            and lokidir.consume_control(self.paths.stop)
+        ):
+            await self._stop(".loki/STOP")
+            return
+        appeared = controls.pause and not self._pause_file_seen
+        vanished = self._pause_file_seen and not controls.pause
+        self._pause_file_seen = controls.pause
+        if appeared and self.status is Status.RUNNING:
+            await self._fire(Trigger.PAUSE, data={"source": ".loki/PAUSE"})
+        elif vanished and self.status is Status.PAUSED:
+            await self._fire(Trigger.RESUME, data={"source": ".loki/PAUSE"})
+        if controls.human_input and self.status in (Status.RUNNING, Status.PAUSED):
+            try:
+                note = await trio.to_thread.run_sync(lokidir.consume_human_input, self.paths)
+            except lokidir.LokiDirFormatError as exc:
+                await self._warn("malformed_file", exc.message, file="HUMAN_INPUT.md")
+            else:
+                if note is not None:
+                    await self._add_input(note.text, ".loki/HUMAN_INPUT.md")
+        if controls.completion_requested and self._completion is None:
+            try:
+                request = await trio.to_thread.run_sync(
+                    lokidir.consume_completion_request, self.paths
+                )
+            except lokidir.LokiDirFormatError as exc:
+                await self._warn("malformed_file", exc.message, file="signals")
+            else:
+                if request is not None:
+                    self._completion = request.statement or "the agent requested completion"
+
+    async def _control_file(self, path: Path, *, present: bool) -> None:
+        try:
+            if present:
+                await trio.to_thread.run_sync(lokidir.create_control, path)
+            else:
+                await trio.to_thread.run_sync(lokidir.consume_control, path)
+        except (LokiError, OSError) as exc:
+            await self._warn("loki_dir", f"cannot update {path}: {exc}")
+        else:
+            self._pause_file_seen = present
+
+    async def _mirror_loop(self) -> None:
+        while True:
+            await self._mirror_dirty.wait()
+            self._mirror_dirty = trio.Event()
+            await self._sync_loki(ingest=True)
+            await trio.sleep(self.settings.mirror_interval)
+
+    async def _sync_loki(self, *, ingest: bool) -> None:
+        """Ingest agent-added tasks, then write the state files (one at a time)."""
+        if not self.paths.root.is_dir():
+            return  # not bootstrapped (yet), or the project is gone
+        async with self._sync_lock:
+            stamp: lokidir.FileStamp | None = None
+            tasks = await self.store.read(lambda db: runner_tasks(db, self.id))
+            if ingest:
+                known = {task.id for task in tasks}
+                try:
+                    result, stamp = await trio.to_thread.run_sync(
+                        lokidir.ingest_pending_file, self.paths.pending, known
+                    )
+                except lokidir.LokiDirFormatError as exc:
+                    await self._warn("malformed_file", exc.message, file="queue/pending.json")
+                    result = None
+                    stamp = lokidir.file_stamp(self.paths.pending)
+                if result is not None:
+                    for line in result.warnings:
+                        await self._warn("malformed_file", line, file="queue/pending.json")
+                    if result.tasks:
+                        await self._add_agent_tasks(result.tasks)
+                        tasks = await self.store.read(lambda db: runner_tasks(db, self.id))
+            else:
+                stamp = lokidir.file_stamp(self.paths.pending)
+            session = await self.store.read(lambda db: get_session(db, self.id))
+            try:
+                await trio.to_thread.run_sync(
+                    lambda: write_mirror(
+                        self.paths,
+                        session,
+                        tasks,
+                        pending_stamp=stamp,
+                        pid=os.getpid(),
+                        version=__version__,
+                        retries=self._retries,
+                        last_exit_code=self._last_exit_code,
+                        state=self._mirror,
+                    )
+                )
+            except LokiError as exc:
+                await self._warn("loki_dir", exc.message)
+
+    async def _add_agent_tasks(self, new: tuple[lokidir.AgentTask, ...]) -> None:
+        created = await self.store.write(
+            lambda db: insert_tasks(db, self.id, list(new), source="agent")
+        )
+        for task in created:
+            await self.bus.emit(
+                "task.created",
+                self.id,
+                Level.INFO,
+                {"taskId": task["id"], "title": task["title"], "source": "agent"},
+            )
+        self._poke()
+
+    # -- one task -----------------------------------------------------------------------
+
+    async def _work_on(self, worker: _Worker, task: RunnerTask, iteration: int) -> None:
+        try:
+            async with self.pool.slot(
+                self.id, max_for_session=self.options.get("maxAgents")
+            ) as slot:
+                if self.status is not Status.RUNNING or self._ending is not None:
+                    return  # paused or ending while we waited: the task stays pending
+                await self._run_task(worker, slot, task, iteration)
+        finally:
+            self._workers.pop(task.id, None)
+            self._poke()
+
+    async def _run_task(self, worker: _Worker, slot: Any, task: RunnerTask, iteration: int) -> None:
+        cwd = self.project_dir
+        tree: worktree.Worktree | None = None
+        if self.options.get("parallel") and await worktree.is_git_repo(self.project_dir):
+            try:
+                tree = await worktree.create_worktree(
+                    self.project_dir, session_id=self.id, task_id=task.id
+                )
+                cwd = tree.path
+            except LokiError as exc:
+                await self._warn("worktree", exc.message, taskId=task.id)
+        try:
+            await self._run_agent(worker, slot, task, iteration, cwd, tree)
+        finally:
+            if tree is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(60):
+                    try:
+                        await worktree.remove_worktree(self.project_dir, tree)
+                    except LokiError as exc:
+                        await self._warn("worktree", exc.message, taskId=task.id)
+
+    async def _run_agent(
+        self,
+        worker: _Worker,
+        slot: Any,
+        task: RunnerTask,
+        iteration: int,
+        cwd: Path,
+        tree: worktree.Worktree | None,
+    ) -> None:
+        inputs = await self.store.read(lambda db: pending_inputs(db, self.id))
+        attempt = task.attempts + 1
+        prompt = build_prompt(
+            PromptTask(task.id, task.title, task.description, task.acceptance, attempt),
+            prd_path=str(self.prd_path),
+            prd_title=self.prd_title,
+            human_input=[item["message"] for item in inputs],
+            previous_error=task.error,
+            iteration=iteration,
+        )
+        command = providers.build_command(
+            self.provider,
+            prompt,
+            model=None,
+            project_dir=cwd,
+            options={key: value for key, value in self.options.items() if value is not None},
+            resume=task.resume_id,
+        )
+        argv: tuple[str, ...] = command.argv
+        if self.options.get("sandbox"):
+            writable = [self.project_dir, *_provider_state_dirs()]
+            argv = sandbox.bwrap_argv(argv, writable=writable, cwd=cwd)
+        spec = AgentSpec(
+            argv=argv,
+            cwd=cwd,
+            env={
+                **command.env,
+                **self.settings.env,
+                "LOKI_SESSION_ID": self.id,
+                "LOKI_TASK_ID": task.id,
+            },
+            stdin=command.stdin,
+            idle_timeout=self.settings.idle_timeout,
+            hard_timeout=max(1.0, min(self.settings.hard_timeout, self._deadline_left())),
+            stop_grace=self.settings.grace,
+        )
+        now = utc_now_iso()
+
+        def start_task(db: sqlite_utils.Database) -> None:
+            update_task(
+                db,
+                self.id,
+                task.id,
+                status="active",
+                attempts=attempt,
+                started_at=now,
+                completed_at=None,
+            )
+            update_session(db, self.id, iteration=iteration)
+
+        await self.store.write(start_task)
+        await self.bus.publish(
+            "task.started",
+            self.id,
+            Level.INFO,
+            {"taskId": task.id, "title": task.title, "attempt": attempt, "iteration": iteration},
+        )
+        self._mirror_dirty.set()
+        run: AgentRun | None = None
+        result: RunResult | None = None
+        parser = providers.parser_for(command.output_format)
+        stderr = providers.TailBuffer()
+        resume_id: list[str] = []
+        try:
+            with worker.scope:
+                try:
+                    run = await slot.start(spec, task.id)
+                except OSError as exc:
+                    await self._task_failed(
+                        task,
+                        attempt,
+                        providers.Failure(
+                            providers.FailureKind.PERMANENT,
+                            "cli_missing",
+                            f"cannot start {argv[0]}: {exc.strerror}",
+                        ),
+                    )
+                    return
+                self._runs += 1
+                agent_id = f"agent-{slot.row_id}"
+                await self.bus.publish(
+                    "agent.spawned",
+                    self.id,
+                    Level.INFO,
+                    {
+                        "agentId": agent_id,
+                        "kind": "process",
+                        "pid": run.identity.pid,
+                        "taskId": task.id,
+                        "provider": self.provider,
+                        "command": command.display(),
+                        "iteration": iteration,
+                    },
+                )
+                if inputs:
+                    await self._inputs_applied([item["id"] for item in inputs], task.id)
+                await self._read_output(run, parser, stderr, task.id, resume_id)
+                result = await run.wait()
+        finally:
+            if run is not None and result is None:  # cut off: stop it before the slot goes
+                with trio.CancelScope(shield=True):
+                    result = await run.stop(self.settings.grace)
+            if result is not None:
+                self._survivors.extend(result.survivors)
+        if result is None or run is None:
+            return
+        outcome = parser.finish()
+        if outcome.result is not None and outcome.result.cost_usd:
+            self.cost_usd += outcome.result.cost_usd
+        self._last_exit_code = result.exit_code
+        failure = self._verdict(result, outcome, stderr)
+        await self.bus.publish(
+            "agent.completed" if failure.ok else "agent.failed",
+            self.id,
+            Level.INFO if failure.ok else Level.WARNING,
+            {
+                "agentId": agent_id,
+                "kind": "process",
+                "taskId": task.id,
+                "exitCode": result.exit_code,
+                "endReason": result.reason.value,
+                "summary": outcome.summary,
+                "costUsd": outcome.result.cost_usd if outcome.result else None,
+                "survivors": list(result.survivors),
+                **({} if failure.ok else {"code": failure.code, "error": failure.reason}),
+            },
+        )
+        if self._stop_wanted or self._shutdown:
+            return  # the end transition puts the task back
+        if worker.cut_by_pause:
+            await self._requeue(task, "stopped by pause ?now=true", resume_id)
+            return
+        if not failure.ok:
+            await self._task_failed(task, attempt, failure, resume_id)
+            return
+        if tree is not None and not await self._merge(task, tree):
+            return
+        await self._task_completed(task, attempt)
+
+    async def _merge(self, task: RunnerTask, tree: worktree.Worktree) -> bool:
+        """Merge a parallel run's worktree; False (task back to pending) when it did not."""
+        try:
+            merged = await worktree.merge_worktree(
+                self.project_dir, tree, message=f"loki: {task.id} {task.title}"
+            )
+        except worktree.GitError as exc:
+            await self._warn("worktree", exc.message, taskId=task.id)
+            await self._requeue(task, f"merge failed: {exc.message}", [])
+            return False
+        if merged.outcome in (worktree.MergeOutcome.CONFLICT, worktree.MergeOutcome.BLOCKED):
+            # The task runs again, on the merged work of the others (a new worktree).
+            await self._requeue(task, f"not merged: {merged.message}", [])
+            await self._warn("merge", merged.message, taskId=task.id, branch=tree.branch)
+            return False
+        return True
+
+    def _verdict(
+        self, result: RunResult, outcome: providers.Outcome, stderr: providers.TailBuffer
+    ) -> providers.Failure:
+        if result.reason is EndReason.IDLE_TIMEOUT:
+            return providers.timeout_failure("idle", self.settings.idle_timeout)
+        if result.reason is EndReason.HARD_TIMEOUT:
+            return providers.timeout_failure("hard", self.settings.hard_timeout)
+        return outcome.failure(result.exit_code, stderr.text())
+
+    async def _read_output(
+        self,
+        run: AgentRun,
+        parser: providers.OutputParser,
+        stderr: providers.TailBuffer,
+        task_id: str,
+        resume_id: list[str],
+    ) -> None:
+        async for line in run.lines():
+            if line.stream is Stream.STDERR:
+                stderr.feed(line.data + b"\n")
+                continue
+            for record in parser.feed(line.data):
+                if isinstance(record, providers.SystemInit) and record.session_id:
+                    resume_id[:] = [record.session_id]
+                    await self._remember_resume_id(task_id, record.session_id)
+                spec = providers.to_event(record)
+                if spec is not None:
+                    await self.bus.emit(
+                        spec.type,
+                        self.id,
+                        spec.level,
+                        {**spec.data, "taskId": task_id, "provider": self.provider},
+                    )
+
+    async def _remember_resume_id(self, task_id: str, provider_session: str) -> None:
+        """Kept so that a run cut off by a daemon crash is continued, not restarted."""
+        await self.store.write(
+            lambda db: update_task(db, self.id, task_id, resume_id=provider_session)
+        )
+
+    async def _inputs_applied(self, input_ids: list[str], task_id: str) -> None:
+        await self.store.write(lambda db: mark_inputs_applied(db, input_ids))
+        for input_id in input_ids:
+            await self.bus.publish(
+                "input.applied", self.id, Level.INFO, {"inputId": input_id, "taskId": task_id}
+            )
+
+    async def _task_completed(self, task: RunnerTask, attempt: int) -> None:
+        self._consecutive_failures = 0
+        self._not_before.pop(task.id, None)
+        now = utc_now_iso()
+
+        def write(db: sqlite_utils.Database) -> None:
+            update_task(
+                db,
+                self.id,
+                task.id,
+                status="completed",
+                completed_at=now,
+                error=None,
+                resume_id=None,
+            )
+            update_session(db, self.id, cost_usd=self.cost_usd)
+
+        await self.store.write(write)
+        await self.bus.publish(
+            "task.completed",
+            self.id,
+            Level.INFO,
+            {"taskId": task.id, "title": task.title, "attempts": attempt},
+        )
+        self._mirror_dirty.set()
+        if self._limit_reached() is not None and self._ending is None:
+            self._ending = self._limit_reached()
+
+    async def _requeue(self, task: RunnerTask, note: str, resume_id: list[str]) -> None:
+        await self.store.write(
+            lambda db: update_task(
+                db,
+                self.id,
+                task.id,
+                status="pending",
+                error=note,
+                resume_id=resume_id[0] if resume_id else None,
+            )
+        )
+        self._mirror_dirty.set()
+
+    async def _task_failed(
+        self,
+        task: RunnerTask,
+        attempt: int,
+        failure: providers.Failure,
+        resume_id: list[str] | None = None,
+    ) -> None:
+        self._consecutive_failures += 1
+        self._retries += 1
+        now_wall = dt.datetime.now(dt.UTC)
+        delay = providers.retry_delay(
+            failure,
+            self._consecutive_failures,
+            rng=self.rng,
+            now=now_wall,
+            base=self.settings.retry_base,
+            cap=self.settings.retry_cap,
+        )
+        final = delay is None or attempt >= self.settings.max_task_attempts
+        await self.store.write(
+            lambda db: (
+                update_task(
+                    db,
+                    self.id,
+                    task.id,
+                    status="failed" if final else "pending",
+                    error=failure.reason,
+                    completed_at=utc_now_iso() if final else None,
+                    resume_id=None,
+                ),
+                update_session(db, self.id, cost_usd=self.cost_usd, last_error=failure.reason),
+            )
+        )
+        data = {
+            "taskId": task.id,
+            "title": task.title,
+            "attempt": attempt,
+            "code": failure.code,
+            "error": failure.reason,
+            "retryInSeconds": None if final or delay is None else round(delay, 3),
+        }
+        await self.bus.publish(
+            "task.failed", self.id, Level.ERROR if final else Level.WARNING, data
+        )
+        self._mirror_dirty.set()
+        if failure.kind is providers.FailureKind.PERMANENT:
+            self._ending = Ending(Trigger.FAIL, "permanentError", failure.reason)
+        elif self._consecutive_failures >= self.settings.max_consecutive_failures:
+            self._ending = Ending(
+                Trigger.FAIL,
+                "maxConsecutiveFailures",
+                f"{self._consecutive_failures} failed runs in a row; last: {failure.reason}",
+            )
+        elif delay is not None and not final:
+            if delay > self._deadline_left():
+                self._ending = Ending(
+                    Trigger.FAIL, "maxDurationSeconds", f"the next retry is {delay:.0f} s away"
+                )
+            elif failure.kind is providers.FailureKind.RATE_LIMIT:
+                self._hold_until = trio.current_time() + delay
+            else:
+                self._not_before[task.id] = trio.current_time() + delay
+        if self._ending is None:
+            self._ending = self._limit_reached()
+        self._poke()
+
+    # -- qa ------------------------------------------------------------------------------
+
+    async def _verify(self) -> bool:
+        """Run `options.verify`; True if it passed (or there is none)."""
+        command = self.options.get("verify")
+        if not command:
+            return True
+        await self._set_phase("qa")
+        spec = AgentSpec(
+            argv=("/bin/sh", "-c", command),
+            cwd=self.project_dir,
+            env={"LOKI_SESSION_ID": self.id},
+            hard_timeout=self.settings.verify_timeout,
+            stop_grace=self.settings.grace,
+        )
+        output = providers.TailBuffer(VERIFY_OUTPUT_CHARS)
+        async with self.pool.slot(self.id) as slot:
+            run = await slot.start(spec, None)
+            async for line in run.lines():
+                output.feed(line.data + b"\n")
+            result = await run.wait()
+        passed = result.exit_code == 0 and result.reason is EndReason.EXITED
+        await self.bus.publish(
+            "log",
+            self.id,
+            Level.INFO if passed else Level.WARNING,
+            {
+                "message": "verify passed" if passed else "verify failed",
+                "verify": command,
+                "exitCode": result.exit_code,
+                "endReason": result.reason.value,
+            },
+        )
+        if passed:
+            return True
+        tail = output.text()[-VERIFY_OUTPUT_CHARS:]
+
+        def add_fix(db: sqlite_utils.Database) -> list[dict[str, Any]]:
+            count = sum(1 for t in runner_tasks(db, self.id) if t.id.startswith("verify-"))
+            fix = _FixTask(
+                id=f"verify-{count + 1:03d}",
+                title=f"Make the verification pass: {command}"[:200],
+                description=f"`{command}` exited with {result.exit_code}. Output (end):\n{tail}",
+                priority=0,
+                acceptance=(f"`{command}` exits with status 0",),
+            )
+            return insert_tasks(db, self.id, [fix], source="agent")
+
+        for task in await self.store.write(add_fix):
+            await self.bus.publish(
+                "task.created",
+                self.id,
+                Level.INFO,
+                {"taskId": task["id"], "title": task["title"], "source": "agent"},
+            )
+        await self._set_phase("development")
+        return False
+
+
+@attrs.frozen
+class _FixTask:
+    id: str
+    title: str
+    description: str
+    priority: int
+    acceptance: tuple[str, ...]
+
+
+PROVIDER_STATE_DIRS = (".claude", ".codex", ".gemini", ".aider", ".cline", ".config", ".cache")
+
+
+def _provider_state_dirs() -> list[Path]:
+    """Folders in $HOME where provider CLIs keep logins and state: writable in the sandbox."""
+    home = Path.home()
+    return [home / name for name in PROVIDER_STATE_DIRS if (home / name).is_dir()]
+
+
+def _read_bounded(path: Path) -> bytes:
+    with path.open("rb") as handle:
+        return handle.read(MAX_PRD_BYTES + 1)

@@ -1,0 +1,129 @@
+"""`Idempotency-Key` for routes that create something (DESIGN.md §4).
+
+Rules:
+
+* A create request with an `Idempotency-Key` header is answered once: the
+  first answer (status and body) is stored with the key, in the same store
+  transaction as what it created, so a client that retries after a lost
+  response - or after a daemon crash - gets the first answer again and no
+  second session.
+* The same key with a different body is a 409 (`details.idempotencyKey`):
+  the client reused a key by mistake, and guessing which request it meant
+  would lose one of them.
+* Keys are scoped by route (`POST /api/sessions` and a future create route
+  may share a key) and kept for `RETENTION_SECONDS` (24 h); older rows are
+  pruned by the writer that checks them, at most `PRUNE_BATCH` at a time.
+* Only successful answers are stored: a 4xx is not "the first response" a
+  retry must repeat (the client may fix the PRD and retry with the same key).
+* A key is 1-255 printable ASCII characters; anything else is a 400 naming
+  the header.
+
+The functions take a `sqlite_utils.Database` and run inside
+`StoreActor.write` (one transaction with the create itself).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+import attrs
+import sqlite_utils
+
+from lokid.errors import Conflict, InvalidQuery
+
+__all__ = [
+    "HEADER",
+    "MAX_KEY_CHARS",
+    "RETENTION_SECONDS",
+    "Remembered",
+    "body_digest",
+    "lookup",
+    "remember",
+    "validate_key",
+]
+
+HEADER = "Idempotency-Key"
+MAX_KEY_CHARS = 255
+RETENTION_SECONDS = 24 * 3600
+PRUNE_BATCH = 100
+
+
+@attrs.frozen
+class Remembered:
+    """A stored first answer."""
+
+    status: int
+    body: Any
+
+
+def validate_key(raw: str | None) -> str | None:
+    """The header's value, or None when absent; `InvalidQuery` (400) when unusable."""
+    if raw is None:
+        return None
+    key = raw.strip()
+    if not key or len(key) > MAX_KEY_CHARS or not key.isascii() or not key.isprintable():
+        raise InvalidQuery(
+            f"{HEADER} must be 1-{MAX_KEY_CHARS} printable ASCII characters",
+            field=HEADER,
+        )
+    return key
+
+
+def body_digest(body: Any) -> str:
+    """A digest of the parsed JSON body; key order and whitespace do not matter."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _prune(db: sqlite_utils.Database, now: float) -> None:
+    db.execute(
+        "DELETE FROM idempotency_keys WHERE rowid IN (SELECT rowid FROM idempotency_keys"
+        " WHERE created_at < ? ORDER BY created_at LIMIT ?)",
+        (now - RETENTION_SECONDS, PRUNE_BATCH),
+    )
+
+
+def lookup(
+    db: sqlite_utils.Database, route: str, key: str, digest: str, *, now: float | None = None
+) -> Remembered | None:
+    """The first answer for (`route`, `key`), or None; `Conflict` if the body differs."""
+    now = time.time() if now is None else now
+    _prune(db, now)
+    rows = list(
+        db.query(
+            "SELECT body_sha256, status, response FROM idempotency_keys"
+            " WHERE route = ? AND key = ? AND created_at >= ?",
+            (route, key, now - RETENTION_SECONDS),
+        )
+    )
+    if not rows:
+        return None
+    row = rows[0]
+    if row["body_sha256"] != digest:
+        raise Conflict(
+            f"{HEADER} {key!r} was used for a different request body in the last 24 h; "
+            "use a new key for a new request",
+            details={"idempotencyKey": key},
+        )
+    return Remembered(int(row["status"]), json.loads(row["response"]))
+
+
+def remember(
+    db: sqlite_utils.Database,
+    route: str,
+    key: str,
+    digest: str,
+    status: int,
+    body: Any,
+    *,
+    now: float | None = None,
+) -> None:
+    """Store the first answer (call in the transaction that created the thing)."""
+    db.execute(
+        "INSERT OR REPLACE INTO idempotency_keys"
+        " (route, key, body_sha256, status, response, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        (route, key, digest, status, json.dumps(body), time.time() if now is None else now),
+    )

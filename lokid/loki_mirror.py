@@ -1,0 +1,145 @@
+"""Write a session's state into its `.loki/` folder in the reference formats (blocking I/O).
+
+The store is the source of truth; these files are a mirror for other Loki
+tools, the registry and agents (DESIGN.md §6, docs/loki-dir.md). The session
+runner calls `write_mirror` from a worker thread after changes, coalesced
+(at most one write per `SessionActor` mirror interval), and once more when
+the session ends.
+
+Rules:
+
+* Every file is written atomically (`lokidir.atomic_write_bytes`).
+* `queue/pending.json` is shared with the agent: it is replaced only if it
+  still has the stamp the runner's last ingest saw (`replace_if_unchanged`),
+  so a task the agent appended meanwhile is never overwritten; it is
+  ingested on the next round instead.
+* A file whose content would not change is not rewritten (fewer writes,
+  and readers polling mtimes see only real changes).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lokid import lokidir as ld
+from lokid.session_records import RunnerTask
+
+__all__ = ["MirrorState", "write_mirror"]
+
+
+def _time(text: str | None) -> dt.datetime | None:
+    if not text:
+        return None
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _queue_task(task: RunnerTask, project: str) -> ld.QueueTask:
+    return ld.QueueTask(
+        id=task.id,
+        title=task.title,
+        description=task.description,
+        status=ld.QUEUE_STATUS[task.status],
+        priority=ld.queue_priority(task.priority),
+        source=task.source,
+        project=project,
+        acceptance_criteria=task.acceptance,
+        created_at=_time(task.created_at),
+        started_at=_time(task.started_at),
+        completed_at=_time(task.completed_at),
+        error=task.error,
+    )
+
+
+class MirrorState:
+    """What the last write put into each file (to skip unchanged rewrites)."""
+
+    def __init__(self) -> None:
+        self.written: dict[Path, bytes] = {}
+
+    def write(self, path: Path, data: bytes) -> None:
+        if self.written.get(path) == data:
+            return
+        ld.atomic_write_bytes(path, data)
+        self.written[path] = data
+
+
+def write_mirror(
+    paths: ld.LokiPaths,
+    session: Mapping[str, Any],
+    tasks: Sequence[RunnerTask],
+    *,
+    pending_stamp: ld.FileStamp | None,
+    pid: int,
+    version: str,
+    retries: int,
+    last_exit_code: int,
+    state: MirrorState,
+) -> bool:
+    """Write orchestrator, autonomy state, queues and the current task.
+
+    Returns False when `pending.json` was left alone because someone wrote it
+    after the stamp was taken. Raises `LokiDirWriteError` when a write fails.
+    """
+    project = Path(session["projectDir"]).name
+    by_status: dict[str, list[ld.QueueTask]] = {status: [] for status in ld.QUEUE_FOR_STATUS}
+    for task in tasks:
+        by_status[task.status].append(_queue_task(task, project))
+    active = by_status["active"]
+    phase = session["phase"] or "bootstrap"
+    status = session["status"]
+    if status in ("completed", "failed"):
+        phase = status
+    state.write(
+        paths.orchestrator,
+        ld.encode_orchestrator(
+            ld.OrchestratorState(
+                current_phase=ld.orchestrator_phase(phase),
+                version=f"lokid {version}",
+                started_at=_time(session["startedAt"]) or _time(session["createdAt"]),
+                tasks_completed=len(by_status["completed"]),
+                tasks_failed=len(by_status["failed"]),
+                retries=retries,
+                current_task=active[0].id if active else None,
+                iteration=session["iteration"],
+                extra={"sessionId": session["id"], "status": status},
+            )
+        ),
+    )
+    state.write(
+        paths.autonomy_state,
+        ld.encode_autonomy_state(
+            ld.AutonomyState(
+                status=ld.autonomy_status(status, session["exitReason"]),
+                iteration_count=session["iteration"],
+                retry_count=retries,
+                last_exit_code=last_exit_code,
+                last_run=_time(session["updatedAt"]),
+                prd_path=session["prd"],
+                pid=pid,
+                max_retries=session["options"].get("maxIterations"),
+                extra={"sessionId": session["id"]},
+            )
+        ),
+    )
+    for status_name in ("active", "completed", "failed"):
+        state.write(
+            paths.queue(ld.QUEUE_FOR_STATUS[status_name]),
+            ld.encode_queue(by_status[status_name]),
+        )
+    state.write(paths.current_task, ld.encode_current_task(active[0] if active else None))
+    return _write_pending(paths.pending, by_status["pending"], pending_stamp, state)
+
+
+def _write_pending(
+    path: Path, pending: Iterable[ld.QueueTask], stamp: ld.FileStamp | None, state: MirrorState
+) -> bool:
+    data = ld.encode_queue(pending)
+    if state.written.get(path) == data:
+        return True
+    if not ld.replace_if_unchanged(path, data, stamp):
+        return False
+    state.written[path] = data
+    return True

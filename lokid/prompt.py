@@ -1,0 +1,79 @@
+"""The prompt of one agent run (DESIGN.md §6). Pure: text in, text out.
+
+What goes in, in this order, each part only when there is something to say:
+where the PRD is and what it is called, the task (id, title, description,
+acceptance criteria), the human input queued since the last run, the
+previous failure of this task, and the house rules (`.loki/` conventions
+an agent may use: add tasks to `queue/pending.json`, request completion).
+
+The PRD itself is not pasted: the agent runs in the project folder and
+reads it (a PRD may be 5 MiB; a prompt argument is limited). Every part is
+bounded so the prompt stays far below `providers.MAX_ARGV_PROMPT_BYTES`
+(the command builder moves a larger one to stdin anyway).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+
+MAX_DESCRIPTION_CHARS = 8000
+MAX_INPUT_CHARS = 16_000  # all human input of one prompt together
+MAX_ERROR_CHARS = 2000
+
+RULES = """\
+How to work:
+- Work in the current folder (the project). Make the change, run the relevant tests.
+- Stay on this task; do not rewrite unrelated code.
+- If you find more work that must be done, append a task to .loki/queue/pending.json
+  ({"id": "...", "title": "...", "description": "...", "priority": "medium"}).
+- If the whole project is finished, write .loki/signals/COMPLETION_REQUESTED."""
+
+
+@attrs.frozen
+class PromptTask:
+    id: str
+    title: str
+    description: str
+    acceptance: tuple[str, ...] = ()
+    attempt: int = 1
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def build_prompt(
+    task: PromptTask,
+    *,
+    prd_path: str,
+    prd_title: str | None = None,
+    human_input: Sequence[str] = (),
+    previous_error: str | None = None,
+    iteration: int = 1,
+) -> str:
+    """The whole prompt for one run of `task`."""
+    about = f" ({prd_title})" if prd_title else ""
+    parts = [
+        f"You are implementing the product described in the PRD at {prd_path}{about}.",
+        f"Iteration {iteration}. Your task is {task.id}: {task.title}",
+    ]
+    description = task.description.strip()
+    if description and description != task.title:
+        parts.append("Details:\n" + _clip(description, MAX_DESCRIPTION_CHARS))
+    if task.acceptance:
+        parts.append("Acceptance criteria:\n" + "\n".join(f"- {item}" for item in task.acceptance))
+    if human_input:
+        joined = "\n\n".join(message.strip() for message in human_input)
+        parts.append(
+            "Instructions from the human operator (they override the plan where they differ):\n"
+            + _clip(joined, MAX_INPUT_CHARS)
+        )
+    if previous_error and task.attempt > 1:
+        parts.append(
+            f"This is attempt {task.attempt}. The previous attempt failed: "
+            + _clip(previous_error.strip(), MAX_ERROR_CHARS)
+        )
+    parts.append(RULES)
+    return "\n\n".join(parts) + "\n"

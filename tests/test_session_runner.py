@@ -1,0 +1,373 @@
+"""The session runner end to end in one process: a real daemon, the fake Claude CLI as agent.
+
+Each test creates a session over HTTP against a temporary project and checks
+what the runner did: events, task states, `.loki/` files, the prompts the
+agent received (the fake logs every invocation) and the processes left.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import trio
+
+from .sessions_kit import (
+    eventually,
+    install_fake_agent,
+    invocations,
+    lab,
+    live_members,
+    make_project,
+)
+
+
+@pytest.fixture
+def agent_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    return install_fake_agent(tmp_path, monkeypatch)
+
+
+async def test_a_session_runs_every_task_and_completes(tmp_path: Path, agent_log: Path) -> None:
+    project = make_project(tmp_path)
+    async with lab(tmp_path / "home") as lab_:
+        created = await lab_.create({"prd": str(project / "prd.md")})
+        session = await lab_.wait_status(created["id"], "completed", "failed")
+        assert session["status"] == "completed"
+        assert session["exitReason"] == "allTasksCompleted"
+        assert session["tasks"] == {
+            "total": 3,
+            "pending": 0,
+            "active": 0,
+            "completed": 3,
+            "failed": 0,
+        }
+        assert session["iteration"] == 3
+        assert session["agents"] == {"active": 0, "total": 3}
+        assert session["costUsd"] == pytest.approx(3 * 0.0123)
+        assert session["phase"] == "completion"
+        tasks = await lab_.tasks(created["id"])
+        assert [t["id"] for t in tasks] == ["prd-001", "prd-002", "prd-003"]
+        assert all(t["status"] == "completed" and t["attempts"] == 1 for t in tasks)
+        assert all(t["source"] == "prd" for t in tasks)
+
+        types = [e["type"] for e in await lab_.events(created["id"])]
+        lifecycle = [t for t in types if t.startswith(("session.", "task.", "phase."))]
+        assert lifecycle[:6] == [
+            "phase.started",
+            "task.created",
+            "task.created",
+            "task.created",
+            "phase.completed",
+            "session.started",
+        ]
+        assert lifecycle[-1] == "session.completed"
+        assert lifecycle.count("task.started") == lifecycle.count("task.completed") == 3
+        assert types.count("agent.spawned") >= 3  # the processes, plus the fake's sub-agents
+        assert "agent.output" in types
+
+    calls = invocations(agent_log)
+    assert len(calls) == 3
+    assert "Your task is prd-001: Add a todo item" in calls[0]["prompt"]
+    assert all(call["cwd"] == str(project) for call in calls)
+    assert len({call["pgid"] for call in calls}) == 3
+    assert all(call["pgid"] == call["pid"] for call in calls)  # each its own group
+
+    loki = project / ".loki"
+    completed = json.loads((loki / "queue" / "completed.json").read_text())
+    assert [t["id"] for t in completed] == ["prd-001", "prd-002", "prd-003"]
+    assert json.loads((loki / "queue" / "pending.json").read_text()) == []
+    orchestrator = json.loads((loki / "state" / "orchestrator.json").read_text())
+    assert orchestrator["currentPhase"] == "COMPLETED"
+    assert orchestrator["metrics"]["tasksCompleted"] == 3
+    autonomy = json.loads((loki / "autonomy-state.json").read_text())
+    assert autonomy["status"] == "completion_promise_fulfilled"
+
+
+async def test_a_failing_task_is_retried_then_fails_the_session(
+    tmp_path: Path, agent_log: Path
+) -> None:
+    project = make_project(tmp_path, "# App\n\n## Features\n- Build it [mode:fail]\n")
+    async with lab(tmp_path / "home") as lab_:
+        created = await lab_.create({"prd": str(project / "prd.md")})
+        session = await lab_.wait_status(created["id"], "completed", "failed")
+        assert session["status"] == "failed"
+        assert session["exitReason"] == "tasksFailed"
+        (task,) = await lab_.tasks(created["id"])
+        assert task["status"] == "failed" and task["attempts"] == 3
+        assert "error_during_execution" in task["error"] or "simulated" in task["error"]
+        failures = await lab_.events(created["id"], "task.failed")
+        assert [e["data"]["attempt"] for e in failures] == [1, 2, 3]
+        assert failures[0]["data"]["retryInSeconds"] is not None
+        assert failures[-1]["data"]["retryInSeconds"] is None
+    assert len(invocations(agent_log)) == 3
+
+
+async def test_a_permanent_error_fails_the_session_at_once(tmp_path: Path, agent_log: Path) -> None:
+    project = make_project(tmp_path)
+    script = "echo 'Error: Invalid API key - please run /login' >&2; exit 1"
+    async with lab(tmp_path / "home") as lab_:
+        created = await lab_.create(
+            {
+                "prd": str(project / "prd.md"),
+                "provider": "command",
+                "options": {"command": ["/bin/sh", "-c", script]},
+            }
+        )
+        session = await lab_.wait_status(created["id"], "completed", "failed")
+        assert session["status"] == "failed"
+        assert session["exitReason"] == "permanentError"
+        assert session["iteration"] == 1  # no retry
+        tasks = await lab_.tasks(created["id"])
+        assert [t["status"] for t in tasks] == ["failed", "pending", "pending"]
+        (failed,) = await lab_.events(created["id"], "session.failed")
+        assert "invalid api key" in failed["data"]["detail"].lower()
+
+
+async def test_limits_end_the_session(tmp_path: Path, agent_log: Path) -> None:
+    project = make_project(tmp_path)
+    async with lab(tmp_path / "home") as lab_:
+        by_iterations = await lab_.create(
+            {"prd": str(project / "prd.md"), "options": {"maxIterations": 2}}
+        )
+        session = await lab_.wait_status(by_iterations["id"], "completed", "failed")
+        assert (session["status"], session["exitReason"]) == ("failed", "maxIterations")
+        assert session["tasks"]["completed"] == 2
+
+        other = make_project(tmp_path, name="other")
+        by_budget = await lab_.create(
+            {"prd": str(other / "prd.md"), "options": {"budgetUsd": 0.02}}
+        )
+        session = await lab_.wait_status(by_budget["id"], "completed", "failed")
+        assert (session["status"], session["exitReason"]) == ("failed", "budgetUsd")
+        assert session["costUsd"] == pytest.approx(2 * 0.0123)
+        autonomy = other / ".loki" / "autonomy-state.json"
+        await eventually(  # the mirror follows the store
+            lambda: json.loads(autonomy.read_text())["status"] == "budget_exceeded",
+            "autonomy-state.json says budget_exceeded",
+        )
+
+
+async def test_pause_waits_for_the_running_agent_and_resume_goes_on(
+    tmp_path: Path, agent_log: Path
+) -> None:
+    prd = "# App\n\n## Features\n- First [mode:slow] [seconds:1.5]\n- Second\n"
+    project = make_project(tmp_path, prd)
+    async with lab(tmp_path / "home") as lab_:
+        created = await lab_.create({"prd": str(project / "prd.md")})
+        sid = created["id"]
+        await lab_.wait_event(sid, "task.started")
+        answer = await lab_.post(f"/api/sessions/{sid}/pause")
+        assert answer.status_code == 200 and answer.json()["status"] == "paused"
+        assert (project / ".loki" / "PAUSE").exists()
+        again = await lab_.post(f"/api/sessions/{sid}/pause")
+        assert again.status_code == 409
+        assert again.json()["error"]["details"]["status"] == "paused"
+        await lab_.wait_event(sid, "task.completed")  # the running agent finished
+        await trio.sleep(0.5)
+        tasks = await lab_.tasks(sid)
+        assert [t["status"] for t in tasks] == ["completed", "pending"]  # nothing new started
+        assert (await lab_.session(sid))["status"] == "paused"
+        answer = await lab_.post(f"/api/sessions/{sid}/resume")
+        assert answer.status_code == 200 and answer.json()["status"] == "running"
+        assert not (project / ".loki" / "PAUSE").exists()
+        session = await lab_.wait_status(sid, "completed", "failed")
+        assert session["status"] == "completed"
+        types = [e["type"] for e in await lab_.events(sid, "session.*")]
+        assert types == [
+            "session.started",
+            "session.paused",
+            "session.resumed",
+            "session.completed",
+        ]
+
+
+async def test_pause_now_stops_the_agent_and_requeues_its_task(
+    tmp_path: Path, agent_log: Path
+) -> None:
+    project = make_project(tmp_path, "# App\n\n## Features\n- Forever [mode:hang]\n")
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        (spawned,) = await lab_.wait_event(sid, "agent.spawned")
+        answer = await lab_.client.post(f"/api/sessions/{sid}/pause", params={"now": "true"})
+        assert answer.status_code == 200
+        (ended,) = await lab_.wait_event(sid, "agent.failed")
+        assert ended["data"]["endReason"] == "stopped"
+
+        async def requeued() -> bool:
+            return bool((await lab_.tasks(sid))[0]["status"] == "pending")
+
+        await eventually(requeued, "the task is pending again")
+        (task,) = await lab_.tasks(sid)
+        assert task["attempts"] == 1 and "pause" in task["error"]
+        assert not live_members(spawned["data"]["pid"])  # the group id is the agent's pid
+        assert (await lab_.session(sid))["status"] == "paused"
+        assert not [e for e in await lab_.events(sid, "task.failed")]
+
+
+async def test_stop_kills_the_whole_process_group(tmp_path: Path, agent_log: Path) -> None:
+    prd = "# App\n\n## Features\n- Stubborn [mode:ignore-term]\n- Never reached\n"
+    project = make_project(tmp_path, prd)
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        await lab_.wait_event(sid, "agent.spawned")
+        await eventually(lambda: bool(invocations(agent_log)), "the agent logged its start")
+        pgid = invocations(agent_log)[0]["pgid"]
+        await eventually(lambda: len(live_members(pgid)) >= 2, "the agent forked its grandchild")
+        answer = await lab_.post(f"/api/sessions/{sid}/stop")
+        assert answer.status_code == 200 and answer.json()["status"] == "stopping"
+        session = await lab_.wait_status(sid, "stopped")
+        assert session["exitReason"] == "stopped" and session["endedAt"] is not None
+        assert live_members(pgid) == []
+        (stopped,) = await lab_.events(sid, "session.stopped")
+        assert stopped["data"]["survivors"] == []
+        tasks = await lab_.tasks(sid)
+        assert [t["status"] for t in tasks] == ["pending", "pending"]
+        assert (await lab_.post(f"/api/sessions/{sid}/stop")).status_code == 409
+    assert len(invocations(agent_log)) == 1
+
+
+async def test_input_goes_into_the_next_prompt(tmp_path: Path, agent_log: Path) -> None:
+    prd = "# App\n\n## Features\n- First [mode:slow] [seconds:1]\n- Second\n"
+    project = make_project(tmp_path, prd)
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        await lab_.wait_event(sid, "task.started")
+        answer = await lab_.post(f"/api/sessions/{sid}/input", {"message": "Use SQLite please"})
+        assert answer.status_code == 202
+        body = answer.json()
+        assert body["status"] == "queued" and body["id"].startswith("input-")
+        (project / ".loki" / "HUMAN_INPUT.md").write_text("Also add tests.\n")
+        await lab_.wait_status(sid, "completed", "failed")
+        received = await lab_.events(sid, "input.received")
+        applied = await lab_.events(sid, "input.applied")
+        assert {e["data"]["source"] for e in received} == {"api", ".loki/HUMAN_INPUT.md"}
+        assert {e["data"]["inputId"] for e in applied} == {e["data"]["inputId"] for e in received}
+        assert all(e["data"]["taskId"] == "prd-002" for e in applied)
+    prompts = [call["prompt"] for call in invocations(agent_log)]
+    assert "Use SQLite please" not in prompts[0]
+    assert "Use SQLite please" in prompts[1] and "Also add tests." in prompts[1]
+    assert not (project / ".loki" / "HUMAN_INPUT.md").exists()
+
+
+async def test_control_files_of_other_tools_are_honoured(tmp_path: Path, agent_log: Path) -> None:
+    prd = "# App\n\n## Features\n- First [mode:slow] [seconds:30]\n"
+    project = make_project(tmp_path, prd)
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        await lab_.wait_event(sid, "task.started")
+        (project / ".loki" / "PAUSE").write_text("")
+        await lab_.wait_status(sid, "paused")
+        (project / ".loki" / "PAUSE").unlink()
+        await lab_.wait_status(sid, "running")
+        (project / ".loki" / "STOP").write_text("")
+        await lab_.wait_status(sid, "stopped")
+        assert not (project / ".loki" / "STOP").exists()
+        sources = [
+            e["data"]["source"]
+            for e in await lab_.events(sid, "session.*")
+            if "source" in e["data"]
+        ]
+        assert sources == [".loki/PAUSE", ".loki/PAUSE", ".loki/STOP"]
+
+
+async def test_tasks_the_agent_adds_are_run(tmp_path: Path, agent_log: Path) -> None:
+    prd = "# App\n\n## Features\n- Explore [mode:add-task] [task:Write the docs]\n"
+    project = make_project(tmp_path, prd)
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        session = await lab_.wait_status(sid, "completed", "failed")
+        assert session["status"] == "completed"
+        tasks = await lab_.tasks(sid)
+        assert [(t["title"], t["source"], t["status"]) for t in tasks] == [
+            ("Explore [mode:add-task] [task:Write the docs]", "prd", "completed"),
+            ("Write the docs", "agent", "completed"),
+        ]
+
+
+async def test_the_agent_may_request_completion(tmp_path: Path, agent_log: Path) -> None:
+    prd = "# App\n\n## Features\n- Everything [mode:complete]\n- Never needed\n"
+    project = make_project(tmp_path, prd)
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        session = await lab_.wait_status(sid, "completed", "failed")
+        assert (session["status"], session["exitReason"]) == ("completed", "completionRequested")
+        assert session["tasks"]["pending"] == 1
+    assert not (project / ".loki" / "signals" / "COMPLETION_REQUESTED").exists()
+
+
+async def test_a_failing_verify_becomes_a_task(tmp_path: Path, agent_log: Path) -> None:
+    project = make_project(tmp_path, "# App\n\n## Features\n- Build it\n")
+    verify = "test -f .verified-once && exit 0; touch .verified-once; echo 'FAILED: 1 test'; exit 1"
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md"), "options": {"verify": verify}}))[
+            "id"
+        ]
+        session = await lab_.wait_status(sid, "completed", "failed")
+        assert session["status"] == "completed"
+        tasks = await lab_.tasks(sid)
+        assert [t["id"] for t in tasks] == ["prd-001", "verify-001"]
+        assert "FAILED: 1 test" in tasks[1]["description"]
+        phases = [e["data"]["phase"] for e in await lab_.events(sid, "phase.started")]
+        assert phases == ["bootstrap", "development", "qa", "development", "qa", "completion"]
+    assert len(invocations(agent_log)) == 2
+
+
+async def test_malformed_output_is_a_warning_not_a_failure(tmp_path: Path, agent_log: Path) -> None:
+    project = make_project(tmp_path, "# App\n\n## Features\n- Build it [mode:malformed]\n")
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        session = await lab_.wait_status(sid, "completed", "failed")
+        assert session["status"] == "completed"
+        warnings = await lab_.events(sid, "warning")
+        assert any(w["data"]["reason"] == "malformed_output" for w in warnings)
+
+
+async def test_a_malformed_pending_queue_is_reported_once(tmp_path: Path, agent_log: Path) -> None:
+    prd = "# App\n\n## Features\n- First [mode:slow] [seconds:1]\n- Second\n"
+    project = make_project(tmp_path, prd)
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        await lab_.wait_event(sid, "task.started")
+        (project / ".loki" / "queue" / "pending.json").write_text("{not json")
+        session = await lab_.wait_status(sid, "completed", "failed")
+        assert session["status"] == "completed"
+        warnings = [
+            w for w in await lab_.events(sid, "warning") if w["data"]["reason"] == "malformed_file"
+        ]
+        assert len(warnings) == 1
+        assert warnings[0]["data"]["file"] == "queue/pending.json"
+
+
+async def test_daemon_shutdown_interrupts_and_resume_continues(
+    tmp_path: Path, agent_log: Path
+) -> None:
+    prd = "# App\n\n## Features\n- First\n- Second [mode:slow] [seconds:3]\n- Third\n"
+    project = make_project(tmp_path, prd)
+    home = tmp_path / "home"
+    async with lab(home) as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        await lab_.wait_event(sid, "task.started", count=2)
+        await eventually(lambda: len(invocations(agent_log)) >= 2, "the second agent started")
+    hung = invocations(agent_log)[1]
+    assert live_members(hung["pgid"]) == []
+    async with lab(home) as lab_:
+        session = await lab_.session(sid)
+        assert session["status"] == "interrupted"
+        assert [t["status"] for t in await lab_.tasks(sid)] == ["completed", "pending", "pending"]
+        assert (await lab_.post(f"/api/sessions/{sid}/pause")).status_code == 409
+        answer = await lab_.post(f"/api/sessions/{sid}/resume")
+        assert answer.status_code == 200 and answer.json()["status"] == "running"
+        session = await lab_.wait_status(sid, "completed", "failed")
+        assert session["status"] == "completed"
+        tasks = await lab_.tasks(sid)
+        assert [t["attempts"] for t in tasks] == [1, 2, 1]  # the cut run counted, not failed
+        types = [e["type"] for e in await lab_.events(sid, "session.*")]
+        assert types == [
+            "session.started",
+            "session.interrupted",
+            "session.resumed",
+            "session.completed",
+        ]
+    calls = invocations(agent_log)
+    assert [call["prompt"].count("Second") > 0 for call in calls] == [False, True, True, False]
