@@ -79,6 +79,7 @@ __all__ = [
     "get_task",
     "insert_session",
     "insert_tasks",
+    "interrupted_session_ids",
     "list_sessions",
     "list_tasks",
     "mark_inputs_applied",
@@ -1099,5 +1100,16 @@ def active_session_ids(db: sqlite_utils.Database) -> list[tuple[str, str]]:
             f"SELECT id, status FROM sessions WHERE status IN ({_ACTIVE_SQL})"
             " ORDER BY created_at, id",
             _ACTIVE_VALUES,
+        )
+    ]
+
+
+def interrupted_session_ids(db: sqlite_utils.Database) -> list[str]:
+    """Ids of `interrupted` sessions, oldest first (`LOKI_RESUME_ON_START`)."""
+    return [
+        row["id"]
+        for row in db.query(
+            "SELECT id FROM sessions WHERE status = ? ORDER BY created_at, id",
+            (Status.INTERRUPTED.value,),
         )
     ]

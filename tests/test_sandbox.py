@@ -23,7 +23,12 @@ from lokid.agent_host import AgentSpec, EndReason, LocalAgentHost
 from lokid.process import group_members
 from lokid.sandbox import bwrap_argv, sandbox_problem
 
-PY = sys.executable
+# Inside the sandbox /tmp is a private tmpfs: an interpreter living under /tmp (a
+# checkout's venv in CI) would vanish there. The sandboxed side uses the system's.
+PY = next(
+    (p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.path.exists(p)),
+    sys.executable,
+)
 
 
 @pytest.fixture

@@ -371,3 +371,87 @@ async def test_daemon_shutdown_interrupts_and_resume_continues(
         ]
     calls = invocations(agent_log)
     assert [call["prompt"].count("Second") > 0 for call in calls] == [False, True, True, False]
+
+
+def git(project: Path, *args: str) -> str:
+    import subprocess
+
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", *args],
+        cwd=project,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+
+
+async def test_parallel_tasks_run_in_worktrees_and_are_merged(
+    tmp_path: Path, agent_log: Path
+) -> None:
+    prd = "# App\n\n## Features\n- Alpha\n- Beta\n- Gamma\n"
+    project = make_project(tmp_path, prd)
+    git(project, "init", "-q", "-b", "main")
+    git(project, "add", "prd.md")
+    git(project, "commit", "-qm", "start")
+    script = (
+        'cat >/dev/null; echo "$LOKI_TASK_ID" > "$LOKI_TASK_ID.txt"; pwd > "$LOKI_TASK_ID.cwd";'
+        " sleep 0.5; echo done"
+    )
+    async with lab(tmp_path / "home") as lab_:
+        sid = (
+            await lab_.create(
+                {
+                    "prd": str(project / "prd.md"),
+                    "provider": "command",
+                    "options": {"parallel": True, "command": ["/bin/sh", "-c", script]},
+                }
+            )
+        )["id"]
+        session = await lab_.wait_status(sid, "completed", "failed")
+        assert session["status"] == "completed", session
+        events = await lab_.events(sid, "agent.spawned", "agent.completed")
+        first_end = next(i for i, e in enumerate(events) if e["type"] == "agent.completed")
+        assert first_end >= 3  # all three ran at once
+    for task_id in ("prd-001", "prd-002", "prd-003"):
+        assert (project / f"{task_id}.txt").read_text().strip() == task_id
+        ran_in = (project / f"{task_id}.cwd").read_text().strip()
+        assert ran_in == str(project / ".loki" / "worktrees" / task_id)
+    assert git(project, "status", "--porcelain").strip() == ""
+    assert git(project, "log", "--merges", "--oneline").count("loki: prd-") == 3
+    assert git(project, "worktree", "list").count("\n") == 1  # the worktrees are gone
+
+
+async def test_sandboxed_agents_write_only_the_project(tmp_path: Path, agent_log: Path) -> None:
+    from lokid.sandbox import sandbox_problem
+
+    problem = sandbox_problem()
+    if problem is not None:
+        pytest.skip(problem)
+    escape = Path("/usr") / f"lokid-escape-{tmp_path.name}"
+    script = (
+        f"cat >/dev/null; echo inside > inside.txt; touch {escape} 2>/dev/null || echo refused"
+        " > refused.txt; echo done"
+    )
+    project = make_project(tmp_path, "# App\n\n## Features\n- Only task\n")
+    try:
+        async with lab(tmp_path / "home") as lab_:
+            sid = (
+                await lab_.create(
+                    {
+                        "prd": str(project / "prd.md"),
+                        "provider": "command",
+                        "options": {"sandbox": True, "command": ["/bin/sh", "-c", script]},
+                    }
+                )
+            )["id"]
+            session = await lab_.wait_status(sid, "completed", "failed")
+            assert session["status"] == "completed", session
+            (spawned,) = [
+                e for e in await lab_.events(sid, "agent.spawned") if e["data"]["kind"] == "process"
+            ]
+            assert spawned["data"]["sandbox"] is True
+        assert (project / "inside.txt").read_text() == "inside\n"
+        assert (project / "refused.txt").exists()
+        assert not escape.exists()
+    finally:
+        escape.unlink(missing_ok=True)

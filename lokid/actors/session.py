@@ -833,6 +833,7 @@ class SessionActor(Actor[Any]):
                         "taskId": task.id,
                         "provider": self.provider,
                         "command": command.display(),
+                        "sandbox": bool(self.options.get("sandbox")),
                         "iteration": iteration,
                     },
                 )

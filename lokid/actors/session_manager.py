@@ -26,7 +26,9 @@ Theory of operation:
   (`starting`/`running` -> `interrupted`, `stopping` -> `stopped`, `paused`
   stays `paused`), its active tasks go back to `pending`. Paused sessions
   get their actor again (so resume, stop and input work); with
-  `resume_on_start` the sessions interrupted now are resumed.
+  `resume_on_start` every `interrupted` session is resumed, oldest first
+  (by a crash or a graceful shutdown alike; one whose `projectDir` is taken
+  meanwhile is left interrupted, with a log line).
 * **Shutdown**: every live actor is told to wind down at once (their agents
   stop in parallel), then the supervisor stops them in order.
 
@@ -62,6 +64,7 @@ from lokid.session_records import (
     delete_session,
     get_session,
     insert_session,
+    interrupted_session_ids,
     parse_session_request,
     requeue_active_tasks,
     session_counts,
@@ -150,8 +153,8 @@ class SessionManager(Actor[Any]):
         self._to_restore, self._to_resume = await self._reconcile()
 
     async def _reconcile(self) -> tuple[list[str], list[str]]:
+        """Fire `daemon_restart` on every active session; (paused to restore, to resume)."""
         restore: list[str] = []
-        resume: list[str] = []
         for session_id, status_text in await self.store.read(active_session_ids):
             status = Status(status_text)
             transition = step(status, Trigger.DAEMON_RESTART)
@@ -177,8 +180,9 @@ class SessionManager(Actor[Any]):
                 )
             if transition.after is Status.PAUSED:
                 restore.append(session_id)
-            elif transition.after is Status.INTERRUPTED and self.resume_on_start:
-                resume.append(session_id)
+        # Interrupted now or by an earlier shutdown: a session the user did not want
+        # continued would have been stopped.
+        resume = await self.store.read(interrupted_session_ids) if self.resume_on_start else []
         return restore, resume
 
     async def serve(self) -> None:

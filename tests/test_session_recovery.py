@@ -1,0 +1,145 @@
+"""Recovery end to end: `loki serve` as a subprocess, SIGKILLed while an agent runs.
+
+The agent runs in its own session and process group, so it outlives the
+killed daemon. The next daemon must kill it (identity checked by pid and
+start time), mark the session `interrupted`, and continue it on resume -
+passing `--resume <provider session id>` to claude - or at start with
+`LOKI_RESUME_ON_START=true`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from . import fake_agent
+from .daemon_proc import DaemonProcess
+from .sessions_kit import invocations, live_members, make_project
+
+WAIT = 30.0
+
+
+def wait_until(check: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+def events(client: httpx.Client, session_id: str, type: str) -> list[dict[str, Any]]:
+    answer = client.get(
+        "/api/events/history", params={"sessionId": session_id, "types": type, "limit": 1000}
+    )
+    assert answer.status_code == 200, answer.text
+    found: list[dict[str, Any]] = answer.json()["events"]
+    return found
+
+
+def agent_env(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    bin_dir = tmp_path / "bin"
+    fake_agent.install(bin_dir, ("claude",))
+    log = tmp_path / "agent-log.jsonl"
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "FAKE_AGENT_LOG": str(log),
+        "FAKE_AGENT_LIFETIME": "120",
+        "LOKI_AGENT_GRACE": "1",
+    }
+    return env, log
+
+
+def start_hanging_session(
+    daemon: DaemonProcess, project: Path, log: Path
+) -> tuple[str, dict[str, Any]]:
+    with httpx.Client(base_url=daemon.api_url, timeout=10) as client:
+        answer = client.post("/api/sessions", json={"prd": str(project / "prd.md")})
+        assert answer.status_code == 201, answer.text
+        session_id: str = answer.json()["id"]
+        wait_until(lambda: events(client, session_id, "agent.spawned"), "the agent started")
+    call = wait_until(lambda: invocations(log), "the agent logged its start")[0]
+    # the provider session id is stored once the agent printed its init line
+    time.sleep(0.5)
+    return session_id, call
+
+
+def test_sigkill_then_restart_kills_the_orphan_and_resume_continues(
+    tmp_path: Path, daemon_factory: Callable[..., DaemonProcess]
+) -> None:
+    env, log = agent_env(tmp_path)
+    project = make_project(tmp_path, "# App\n\n## Features\n- Long job [mode:slow] [seconds:60]\n")
+    home = tmp_path / "home"
+    first = daemon_factory(home, extra_env=env).start()
+    session_id, call = start_hanging_session(first, project, log)
+    pgid = call["pgid"]
+    assert live_members(pgid)
+
+    first.kill()  # SIGKILL to the daemon's group: the agent's own group survives it
+    assert live_members(pgid), "the agent should outlive the SIGKILLed daemon"
+
+    second = daemon_factory(home, extra_env=env).start()
+    assert live_members(pgid) == []
+    with httpx.Client(base_url=second.api_url, timeout=10) as client:
+        session = client.get(f"/api/sessions/{session_id}").json()
+        assert session["status"] == "interrupted"
+        (task,) = client.get(f"/api/sessions/{session_id}/tasks").json()["tasks"]
+        assert task["status"] == "pending"
+        (interrupted,) = events(client, session_id, "session.interrupted")
+        assert interrupted["data"]["reason"] == "daemon restart"
+
+        answer = client.post(f"/api/sessions/{session_id}/resume")
+        assert answer.status_code == 200 and answer.json()["status"] == "running"
+        wait_until(lambda: len(invocations(log)) >= 2, "the agent was started again")
+        resumed = invocations(log)[1]
+        argv = resumed["argv"]
+        assert "--resume" in argv
+        provider_session = argv[argv.index("--resume") + 1]
+        assert len(provider_session) == 36  # the fake's uuid from its first init line
+
+        answer = client.post(f"/api/sessions/{session_id}/stop")
+        assert answer.status_code == 200
+        wait_until(
+            lambda: client.get(f"/api/sessions/{session_id}").json()["status"] == "stopped",
+            "the session stopped",
+        )
+    assert live_members(resumed["pgid"]) == []
+    code, _ = second.terminate()
+    assert code == 0
+
+
+def test_resume_on_start_continues_interrupted_sessions(
+    tmp_path: Path, daemon_factory: Callable[..., DaemonProcess]
+) -> None:
+    env, log = agent_env(tmp_path)
+    project = make_project(tmp_path, "# App\n\n## Features\n- Job [mode:slow] [seconds:2]\n")
+    home = tmp_path / "home"
+    first = daemon_factory(home, extra_env=env).start()
+    session_id, call = start_hanging_session(first, project, log)
+    code, _ = first.terminate()
+    assert code == 0
+    assert live_members(call["pgid"]) == []  # a graceful stop stops its agents
+
+    second = daemon_factory(home, extra_env={**env, "LOKI_RESUME_ON_START": "true"}).start()
+    with httpx.Client(base_url=second.api_url, timeout=10) as client:
+        wait_until(
+            lambda: client.get(f"/api/sessions/{session_id}").json()["status"] == "completed",
+            "the resumed session completed",
+        )
+        (resumed,) = events(client, session_id, "session.resumed")
+        assert resumed["data"]["source"] == "LOKI_RESUME_ON_START"
+        kinds = [e["type"] for e in events(client, session_id, "session.*")]
+        assert kinds == [
+            "session.started",
+            "session.interrupted",
+            "session.resumed",
+            "session.completed",
+        ]
+    code, _ = second.terminate()
+    assert code == 0
