@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import webbrowser
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,8 +26,10 @@ from lokid.client import ApiCallFailed, ControlClient, DaemonNotRunning
 from lokid.config import Config, load_config
 from lokid.errors import ConfigError, LokiError, StartupError
 from lokid.pidfile import running_daemon
+from lokid.session_state import Status
 
 START_TIMEOUT = 30.0
+COMMAND_TIMEOUT = 40.0  # the daemon answers a session command within 30 s
 POLL_INTERVAL = 0.1
 
 
@@ -111,12 +114,90 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("--json", action="store_true", help="one envelope (JSON) per line")
     events.set_defaults(handler=cmd_events)
 
+    _add_session_commands(commands)
+
     config = commands.add_parser("config", help="configuration")
     config_actions = config.add_subparsers(dest="action", required=True, metavar="ACTION")
     show = config_actions.add_parser("show", help="the effective configuration and its sources")
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=cmd_config_show)
     return parser
+
+
+SESSION_STATUSES = tuple(status.value for status in Status)
+TASK_STATUSES = ("pending", "active", "completed", "failed")
+
+
+def _add_session_commands(commands: Any) -> None:
+    """`loki start`, `loki sessions ...`, `loki tasks` (DESIGN.md §3)."""
+    start = commands.add_parser("start", help="start a session over a PRD")
+    start.add_argument("prd", metavar="PRD", help="the PRD file (relative to this folder)")
+    start.add_argument(
+        "--provider", metavar="P", help="claude, codex, gemini, ... (default: the daemon's)"
+    )
+    start.add_argument("--project", metavar="DIR", help="project folder (default: from the PRD)")
+    start.add_argument("--parallel", action="store_true", help="run independent tasks at once")
+    start.add_argument("--sandbox", action="store_true", help="run agents under bubblewrap")
+    start.add_argument("--max-iterations", type=int, metavar="N", help="agent runs at most")
+    start.add_argument("--verify", metavar="CMD", help="shell command that must pass to complete")
+    start.add_argument("--idempotency-key", metavar="K", help="retry-safe: same key, one session")
+    start.add_argument("--json", action="store_true", help="print the API answer")
+    start.set_defaults(handler=cmd_session_start)
+
+    sessions = commands.add_parser("sessions", help="list, show and steer sessions")
+    _add_list_flags(sessions, argparse.SUPPRESS)
+    sessions.set_defaults(handler=cmd_sessions_ls, status=None, limit=None, json=False)
+    actions = sessions.add_subparsers(dest="action", metavar="ACTION")
+    ls = actions.add_parser("ls", help="sessions, newest first (the default)")
+    _add_list_flags(ls, argparse.SUPPRESS)
+    ls.set_defaults(handler=cmd_sessions_ls)
+    show = actions.add_parser("show", help="one session and its tasks")
+    show.add_argument("id", metavar="ID")
+    show.add_argument("--json", action="store_true", help="print the API answer")
+    show.set_defaults(handler=cmd_sessions_show)
+    for name, summary in (
+        ("stop", "stop a session (its agents are stopped)"),
+        ("pause", "pause a session between agent runs"),
+        ("resume", "resume a paused or interrupted session"),
+    ):
+        command = actions.add_parser(name, help=summary)
+        command.add_argument("id", metavar="ID")
+        if name == "pause":
+            command.add_argument("--now", action="store_true", help="stop running agents too")
+        command.add_argument("--json", action="store_true", help="print the API answer")
+        command.set_defaults(handler=cmd_sessions_command, command_name=name)
+    send = actions.add_parser("input", help="send a message into the next agent prompt")
+    send.add_argument("id", metavar="ID")
+    send.add_argument("message", metavar="MESSAGE", help="the message; `-` reads it from stdin")
+    send.add_argument("--json", action="store_true", help="print the API answer")
+    send.set_defaults(handler=cmd_sessions_input)
+    rm = actions.add_parser("rm", help="delete a session that is not active (not its files)")
+    rm.add_argument("id", metavar="ID")
+    rm.add_argument("--json", action="store_true", help='print {"id", "deleted": true}')
+    rm.set_defaults(handler=cmd_sessions_rm)
+
+    tasks = commands.add_parser("tasks", help="tasks of every session, or of one")
+    tasks.add_argument("--session", metavar="ID", help="only this session's tasks")
+    which = tasks.add_mutually_exclusive_group()
+    which.add_argument("--status", choices=TASK_STATUSES, help="only tasks in this status")
+    which.add_argument("--active", action="store_true", help="tasks an agent works on now")
+    which.add_argument("--queue", action="store_true", help="pending tasks, in run order")
+    tasks.add_argument("--limit", type=int, metavar="N", help="at most N (default 100)")
+    tasks.add_argument("--json", action="store_true", help="print the API answer")
+    tasks.set_defaults(handler=cmd_tasks)
+
+
+def _add_list_flags(parser: argparse.ArgumentParser, default: Any) -> None:
+    # Given on `sessions` or on `sessions ls`; SUPPRESS keeps one from erasing the other.
+    parser.add_argument(
+        "--status",
+        choices=SESSION_STATUSES,
+        default=default,
+        metavar="S",
+        help=f"only sessions in this status ({', '.join(SESSION_STATUSES)})",
+    )
+    parser.add_argument("--limit", type=int, metavar="N", default=default, help="default 100")
+    parser.add_argument("--json", action="store_true", default=default, help="the API answer")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -377,7 +458,232 @@ def _daemon_status(config: Config, *, quiet: bool = False) -> dict[str, Any] | N
     except DaemonNotRunning as exc:
         if quiet:
             return None
-        raise CliError(f"{exc.message}. Start it with `loki serve` or `loki api start`.") from None
+        raise _not_running(exc) from None
+
+
+def _not_running(exc: DaemonNotRunning) -> CliError:
+    return CliError(f"{exc.message}. Start it with `loki serve` or `loki api start`.")
+
+
+def _call(config: Config, method: str, path: str, **kwargs: Any) -> Any:
+    """One request over the control socket; the answer's JSON (None for 204)."""
+    try:
+        with ControlClient(config.socket, timeout=COMMAND_TIMEOUT) as client:
+            return client.request(method, path, **kwargs)
+    except DaemonNotRunning as exc:
+        raise _not_running(exc) from None
+
+
+# -- sessions and tasks ----------------------------------------------------------
+
+
+def cmd_session_start(args: argparse.Namespace, config: Config) -> int:
+    body: dict[str, Any] = {"prd": os.path.abspath(args.prd)}
+    if args.provider is not None:
+        body["provider"] = args.provider
+    if args.project is not None:
+        body["projectDir"] = os.path.abspath(args.project)
+    options: dict[str, Any] = {}
+    if args.parallel:
+        options["parallel"] = True
+    if args.sandbox:
+        options["sandbox"] = True
+    if args.max_iterations is not None:
+        options["maxIterations"] = args.max_iterations
+    if args.verify is not None:
+        options["verify"] = args.verify
+    if options:
+        body["options"] = options
+    headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
+    answer = _call(config, "POST", "/api/sessions", json=body, headers=headers)
+    if args.json:
+        _print_json(answer)
+    else:
+        print(f"{answer['id']} {answer['status']}")
+    return 0
+
+
+def cmd_sessions_ls(args: argparse.Namespace, config: Config) -> int:
+    params = {"status": args.status, "limit": args.limit}
+    answer = _call(
+        config,
+        "GET",
+        "/api/sessions",
+        params={key: value for key, value in params.items() if value is not None},
+    )
+    if args.json:
+        _print_json(answer)
+        return 0
+    rows = [
+        (
+            session["id"],
+            session["status"],
+            session["phase"] or "-",
+            str(session["iteration"]),
+            f"{session['tasks']['completed']}/{session['tasks']['total']}",
+            _cost(session["costUsd"]),
+            session["createdAt"],
+        )
+        for session in answer["sessions"]
+    ]
+    headers = ("ID", "STATUS", "PHASE", "ITER", "TASKS", "COST", "CREATED")
+    _print_table(headers, rows, empty="no sessions")
+    _print_more(answer, "sessions")
+    return 0
+
+
+def cmd_sessions_show(args: argparse.Namespace, config: Config) -> int:
+    session = _call(config, "GET", f"/api/sessions/{_quote(args.id)}")
+    if args.json:
+        _print_json(session)
+        return 0
+    tasks, agents, options = session["tasks"], session["agents"], session["options"]
+    set_options = {key: value for key, value in options.items() if value not in (None, False)}
+    rows = [
+        ("id", session["id"]),
+        ("status", session["status"]),
+        ("provider", session["provider"]),
+        ("prd", session["prd"]),
+        ("project", session["projectDir"]),
+        ("phase", session["phase"] or "-"),
+        ("iteration", str(session["iteration"])),
+        (
+            "tasks",
+            f"{tasks['completed']}/{tasks['total']} completed, {tasks['active']} active, "
+            f"{tasks['pending']} pending, {tasks['failed']} failed",
+        ),
+        ("agents", f"{agents['active']} active, {agents['total']} run"),
+        ("cost", _cost(session["costUsd"])),
+        ("options", ", ".join(f"{k}={_option(v)}" for k, v in set_options.items()) or "-"),
+        ("created", session["createdAt"]),
+        ("started", session["startedAt"] or "-"),
+        ("updated", session["updatedAt"] or "-"),
+        ("ended", session["endedAt"] or "-"),
+        ("exit reason", session["exitReason"] or "-"),
+    ]
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    listed = _call(config, "GET", f"/api/sessions/{_quote(args.id)}/tasks")
+    print()
+    _print_tasks(listed["tasks"], with_session=False)
+    _print_more(listed, "tasks")
+    return 0
+
+
+def cmd_sessions_command(args: argparse.Namespace, config: Config) -> int:
+    params = {"now": "true"} if getattr(args, "now", False) else {}
+    path = f"/api/sessions/{_quote(args.id)}/{args.command_name}"
+    session = _call(config, "POST", path, params=params)
+    if args.json:
+        _print_json(session)
+    else:
+        print(f"{session['id']} {session['status']}")
+    return 0
+
+
+def cmd_sessions_input(args: argparse.Namespace, config: Config) -> int:
+    message = sys.stdin.read() if args.message == "-" else args.message
+    path = f"/api/sessions/{_quote(args.id)}/input"
+    answer = _call(config, "POST", path, json={"message": message})
+    if args.json:
+        _print_json(answer)
+    else:
+        print(f"{answer['id']} {answer['status']} for {answer['sessionId']}")
+    return 0
+
+
+def cmd_sessions_rm(args: argparse.Namespace, config: Config) -> int:
+    _call(config, "DELETE", f"/api/sessions/{_quote(args.id)}")
+    if args.json:
+        _print_json({"id": args.id, "deleted": True})
+    else:
+        print(f"{args.id} deleted")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace, config: Config) -> int:
+    params: dict[str, Any] = {} if args.limit is None else {"limit": args.limit}
+    if args.session is not None:
+        # One session: its list, filtered (the global active/queue routes take no session).
+        status = "active" if args.active else "pending" if args.queue else args.status
+        if status is not None:
+            params["status"] = status
+        answer = _call(config, "GET", f"/api/sessions/{_quote(args.session)}/tasks", params=params)
+        if args.queue:  # run order: priority, then the session's order (a stable sort)
+            answer["tasks"].sort(key=lambda task: task["priority"])
+    elif args.active or args.queue:
+        path = "/api/tasks/active" if args.active else "/api/tasks/queue"
+        answer = _call(config, "GET", path, params=params)
+    else:
+        if args.status is not None:
+            params["status"] = args.status
+        answer = _call(config, "GET", "/api/tasks", params=params)
+    if args.json:
+        _print_json(answer)
+        return 0
+    _print_tasks(answer["tasks"], with_session=args.session is None)
+    _print_more(answer, "tasks")
+    return 0
+
+
+TITLE_WIDTH = 60
+
+
+def _print_tasks(tasks: list[dict[str, Any]], *, with_session: bool) -> None:
+    headers: tuple[str, ...] = ("SESSION",) if with_session else ()
+    headers += ("TASK", "STATUS", "PRI", "TRIES", "TITLE")
+    rows = [
+        ((task["sessionId"],) if with_session else ())
+        + (
+            task["id"],
+            task["status"],
+            str(task["priority"]),
+            str(task["attempts"]),
+            _clip(task["title"], TITLE_WIDTH),
+        )
+        for task in tasks
+    ]
+    _print_table(headers, rows, empty="no tasks")
+
+
+def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, empty: str) -> None:
+    if not rows:
+        print(empty)
+        return
+    widths = [max(len(row[i]) for row in (headers, *rows)) for i in range(len(headers))]
+    for row in (headers, *rows):
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+def _print_more(answer: dict[str, Any], what: str) -> None:
+    shown = len(answer[what])
+    if answer["offset"] + shown < answer["total"]:
+        print(f"({shown} of {answer['total']} {what}; use --limit for more)", file=sys.stderr)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def _cost(value: float | None) -> str:
+    return f"${value or 0.0:.4f}"
+
+
+def _option(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "\u2026"
+
+
+def _quote(segment: str) -> str:
+    """An id as one URL path segment (a stray `/` or `?` cannot reach another route)."""
+    return urllib.parse.quote(segment, safe="")
 
 
 # -- entry points --------------------------------------------------------------
@@ -397,7 +703,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(str(exc), file=sys.stderr)
         return exc.code
     except ApiCallFailed as exc:
-        print(f"loki: {exc.message}", file=sys.stderr)
+        field = f" [field: {exc.field}]" if exc.field else ""
+        print(f"loki: {exc.message}{field}", file=sys.stderr)
         return 1
     except LokiError as exc:
         print(f"loki: {exc.message}", file=sys.stderr)

@@ -24,6 +24,12 @@ class ApiCallFailed(LokiError):
         self.status = status
         self.code = code
 
+    @property
+    def field(self) -> str | None:
+        """`details.field` of a 400/422: the request field the daemon refused."""
+        field = self.details.get("field")
+        return field if isinstance(field, str) else None
+
 
 class ControlClient:
     def __init__(self, socket_path: Path, *, timeout: float = 10.0) -> None:
@@ -68,6 +74,12 @@ class ControlClient:
 
     def get(self, path: str, **kwargs: Any) -> Any:
         return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> Any:
+        return self.request("POST", path, **kwargs)
+
+    def delete(self, path: str, **kwargs: Any) -> Any:
+        return self.request("DELETE", path, **kwargs)
 
     def stream_events(self, params: dict[str, str]) -> Iterator[dict[str, Any]]:
         """Follow `/api/events`, resuming with Last-Event-ID when the stream ends."""

@@ -455,3 +455,26 @@ async def test_sandboxed_agents_write_only_the_project(tmp_path: Path, agent_log
         assert not escape.exists()
     finally:
         escape.unlink(missing_ok=True)
+
+
+async def test_a_new_session_ignores_the_queues_an_earlier_one_left(
+    tmp_path: Path, agent_log: Path
+) -> None:
+    project = make_project(
+        tmp_path, "# App\n\n## Features\n- Old one [mode:slow] [seconds:30]\n- Old two\n"
+    )
+    async with lab(tmp_path / "home") as lab_:
+        first = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        await lab_.wait_event(first, "task.started")
+        assert (await lab_.post(f"/api/sessions/{first}/stop")).status_code == 200
+        await lab_.wait_status(first, "stopped")
+        pending = json.loads((project / ".loki" / "queue" / "pending.json").read_text())
+        assert [t["id"] for t in pending] == ["prd-001", "prd-002"]  # the mirror of the stop
+        (project / "prd.md").write_text("# App\n\n## Features\n- The only feature\n")
+        second = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        session = await lab_.wait_status(second, "completed", "failed")
+        assert session["status"] == "completed"
+        tasks = await lab_.tasks(second)
+        assert [(t["id"], t["title"], t["source"]) for t in tasks] == [
+            ("prd-001", "The only feature", "prd")
+        ]

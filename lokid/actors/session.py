@@ -456,8 +456,8 @@ class SessionActor(Actor[Any]):
         await self._set_phase("bootstrap")
         try:
             paths = await trio.to_thread.run_sync(lokidir.init_loki_dir, self.project_dir)
-            if self.iteration == 0:
-                await trio.to_thread.run_sync(lokidir.clear_stale_controls, paths)
+            if self.iteration == 0:  # a new session: nothing of an earlier run applies
+                await trio.to_thread.run_sync(_fresh_run_files, paths)
             data = await trio.to_thread.run_sync(_read_bounded, self.prd_path)
             text = validate_prd_bytes(data)
         except (LokiError, OSError) as exc:
@@ -649,7 +649,7 @@ class SessionActor(Actor[Any]):
         async with self._sync_lock:
             stamp: lokidir.FileStamp | None = None
             tasks = await self.store.read(lambda db: runner_tasks(db, self.id))
-            if ingest:
+            if ingest and self.status is not Status.STARTING:  # PRD tasks first
                 known = {task.id for task in tasks}
                 try:
                     result, stamp = await trio.to_thread.run_sync(
@@ -1119,6 +1119,14 @@ class _FixTask:
     description: str
     priority: int
     acceptance: tuple[str, ...]
+
+
+def _fresh_run_files(paths: lokidir.LokiPaths) -> None:
+    """Drop an earlier run's control signals and queues (its tasks are not this PRD's)."""
+    lokidir.clear_stale_controls(paths)
+    for name in ("pending", "in-progress", "completed", "failed"):
+        lokidir.write_queue(paths.queue(name), [])
+    lokidir.write_current_task(paths.current_task, None)
 
 
 PROVIDER_STATE_DIRS = (".claude", ".codex", ".gemini", ".aider", ".cline", ".config", ".cache")
