@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -478,3 +479,47 @@ async def test_a_new_session_ignores_the_queues_an_earlier_one_left(
         assert [(t["id"], t["title"], t["source"]) for t in tasks] == [
             ("prd-001", "The only feature", "prd")
         ]
+
+
+async def test_a_crashed_runner_is_restarted_and_continues(
+    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lokid.actors import session as session_module
+
+    real = session_module.build_prompt
+    crashes = {"left": 1}
+
+    def flaky_prompt(*args: Any, **kwargs: Any) -> str:
+        if "Mark an item done" in args[0].title and crashes["left"]:
+            crashes["left"] -= 1
+            raise RuntimeError("a bug in the runner")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(session_module, "build_prompt", flaky_prompt)
+    project = make_project(tmp_path)
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        session = await lab_.wait_status(sid, "completed", "failed")
+        assert session["status"] == "completed"
+        assert [t["status"] for t in await lab_.tasks(sid)] == ["completed"] * 3
+        stats = lab_.daemon.sessions.statistics()
+        assert stats.session_crashes == 1
+
+
+async def test_a_runner_that_keeps_crashing_fails_its_session(
+    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lokid.actors import session as session_module
+
+    def broken(*args: Any, **kwargs: Any) -> str:
+        raise RuntimeError("a bug in the runner")
+
+    monkeypatch.setattr(session_module, "build_prompt", broken)
+    project = make_project(tmp_path)
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        session = await lab_.wait_status(sid, "completed", "failed")
+        assert (session["status"], session["exitReason"]) == ("failed", "runnerCrashed")
+        assert session["tasks"]["active"] == 0
+        assert lab_.daemon.sessions.statistics().session_crashes == 3
+        assert lab_.daemon.core_problems() == {}  # the daemon itself is fine

@@ -226,7 +226,7 @@ class SessionActor(Actor[Any]):
         self._consecutive_failures = 0
         self._ending: Ending | None = None
         self._completion: str | None = None
-        self._stop_wanted = False
+        self._stop_wanted = self.status is Status.STOPPING  # a restart mid-stop finishes it
         self._stop_source = "api"
         self._shutdown = False
         self._work_scope: trio.CancelScope | None = None
@@ -413,6 +413,12 @@ class SessionActor(Actor[Any]):
 
     async def _run(self) -> None:
         ending: Ending | None = None
+        if self.status is not Status.STARTING:
+            # A restarted incarnation (after a crash of this actor): runs of the last
+            # one were stopped with its slots, their tasks run again.
+            await self.store.write(
+                lambda db: requeue_active_tasks(db, self.id, "run cut off: runner restarted")
+            )
         with trio.CancelScope() as self._work_scope:
             if self._stop_wanted or self._shutdown:
                 self._work_scope.cancel()
@@ -706,7 +712,8 @@ class SessionActor(Actor[Any]):
                 self.id, max_for_session=self.options.get("maxAgents")
             ) as slot:
                 if self.status is not Status.RUNNING or self._ending is not None:
-                    return  # paused or ending while we waited: the task stays pending
+                    self.iteration -= 1  # paused or ending while we waited: no run
+                    return
                 await self._run_task(worker, slot, task, iteration)
         finally:
             self._workers.pop(task.id, None)

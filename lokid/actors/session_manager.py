@@ -338,8 +338,9 @@ class SessionManager(Actor[Any]):
         return session
 
     async def _fail_offline(self, session_id: str, reason: str, detail: str) -> None:
-        await self.store.write(
-            lambda db: update_session(
+        def write(db: sqlite_utils.Database) -> None:
+            requeue_active_tasks(db, session_id, f"run cut off: {reason}")
+            update_session(
                 db,
                 session_id,
                 status=Status.FAILED.value,
@@ -347,7 +348,8 @@ class SessionManager(Actor[Any]):
                 exit_reason=reason,
                 last_error=detail,
             )
-        )
+
+        await self.store.write(write)
         await self.bus.publish(
             "session.failed",
             session_id,
