@@ -484,9 +484,7 @@ async def test_a_new_session_ignores_the_queues_an_earlier_one_left(
 async def test_a_crashed_runner_is_restarted_and_continues(
     tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lokid.actors import session as session_module
-
-    real = session_module.build_prompt
+    from lokid.prompt import build_prompt as real
     crashes = {"left": 1}
 
     def flaky_prompt(*args: Any, **kwargs: Any) -> str:
@@ -495,7 +493,7 @@ async def test_a_crashed_runner_is_restarted_and_continues(
             raise RuntimeError("a bug in the runner")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(session_module, "build_prompt", flaky_prompt)
+    monkeypatch.setattr("lokid.actors.session.build_prompt", flaky_prompt)
     project = make_project(tmp_path)
     async with lab(tmp_path / "home") as lab_:
         sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
@@ -509,12 +507,10 @@ async def test_a_crashed_runner_is_restarted_and_continues(
 async def test_a_runner_that_keeps_crashing_fails_its_session(
     tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lokid.actors import session as session_module
-
     def broken(*args: Any, **kwargs: Any) -> str:
         raise RuntimeError("a bug in the runner")
 
-    monkeypatch.setattr(session_module, "build_prompt", broken)
+    monkeypatch.setattr("lokid.actors.session.build_prompt", broken)
     project = make_project(tmp_path)
     async with lab(tmp_path / "home") as lab_:
         sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
