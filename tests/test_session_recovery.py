@@ -9,7 +9,9 @@ passing `--resume <provider session id>` to claude - or at start with
 
 from __future__ import annotations
 
+import json
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -64,7 +66,11 @@ def start_hanging_session(
         assert answer.status_code == 201, answer.text
         session_id: str = answer.json()["id"]
         wait_until(lambda: events(client, session_id, "agent.spawned"), "the agent started")
-    call = wait_until(lambda: invocations(log), "the agent logged its start")[0]
+    calls = wait_until(
+        lambda: [c for c in invocations(log) if c["cwd"] == str(project)],
+        "the agent logged its start",
+    )
+    call = calls[0]
     # the provider session id is stored once the agent printed its init line
     time.sleep(0.5)
     return session_id, call
@@ -143,3 +149,52 @@ def test_resume_on_start_continues_interrupted_sessions(
         ]
     code, _ = second.terminate()
     assert code == 0
+
+
+def test_a_session_end_to_end_over_sse_and_shutdown_leaves_no_agent(
+    tmp_path: Path, daemon_factory: Callable[..., DaemonProcess]
+) -> None:
+    env, log = agent_env(tmp_path)
+    done = make_project(tmp_path, "# App\n\n## Features\n- Add it\n- Test it\n", name="done")
+    busy = make_project(
+        tmp_path, "# App\n\n## Features\n- Forever [mode:ignore-term]\n", name="busy"
+    )
+    daemon = daemon_factory(tmp_path / "home", extra_env=env).start()
+    seen: list[dict[str, Any]] = []
+    with httpx.Client(base_url=daemon.api_url, timeout=10) as client:
+        with client.stream("GET", "/api/events", params={"types": "session.*,task.*"}) as stream:
+            answer = client.post("/api/sessions", json={"prd": str(done / "prd.md")})
+            assert answer.status_code == 201
+            session_id = answer.json()["id"]
+            for line in stream.iter_lines():
+                if line.startswith("data:"):
+                    event = json.loads(line[5:])
+                    seen.append(event)
+                    if event["type"] == "session.completed":
+                        break
+        assert [e["type"] for e in seen if e["sessionId"] == session_id] == [
+            "task.created",
+            "task.created",
+            "session.started",
+            "task.started",
+            "task.completed",
+            "task.started",
+            "task.completed",
+            "session.completed",
+        ]
+        tasks = client.get(f"/api/sessions/{session_id}/tasks").json()["tasks"]
+        assert [t["status"] for t in tasks] == ["completed", "completed"]
+        orchestrator = done / ".loki" / "state" / "orchestrator.json"
+        wait_until(
+            lambda: json.loads(orchestrator.read_text())["currentPhase"] == "COMPLETED",
+            "the mirror shows the end",
+        )
+
+        busy_id, call = start_hanging_session(daemon, busy, log)
+        wait_until(lambda: len(live_members(call["pgid"])) >= 2, "the grandchild was forked")
+    code, _ = daemon.terminate()
+    assert code == 0
+    assert live_members(call["pgid"]) == []  # SIGTERM ignored: KILL after the grace
+    with sqlite3.connect(tmp_path / "home" / "lokid" / "lokid.db") as db:
+        (status,) = db.execute("SELECT status FROM sessions WHERE id = ?", (busy_id,)).fetchone()
+    assert status == "interrupted"

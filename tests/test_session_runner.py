@@ -485,6 +485,7 @@ async def test_a_crashed_runner_is_restarted_and_continues(
     tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from lokid.prompt import build_prompt as real
+
     crashes = {"left": 1}
 
     def flaky_prompt(*args: Any, **kwargs: Any) -> str:
@@ -519,3 +520,36 @@ async def test_a_runner_that_keeps_crashing_fails_its_session(
         assert session["tasks"]["active"] == 0
         assert lab_.daemon.sessions.statistics().session_crashes == 3
         assert lab_.daemon.core_problems() == {}  # the daemon itself is fine
+
+
+async def test_a_rate_limit_holds_the_session_until_the_reset(
+    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_AGENT_RESET_SECONDS", "7200")
+    project = make_project(tmp_path, "# App\n\n## Features\n- Build [mode:rate-limited]\n- Next\n")
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        (failed,) = await lab_.wait_event(sid, "task.failed")
+        assert failed["data"]["code"] == "rate_limit"
+        assert failed["data"]["retryInSeconds"] >= 7200  # the provider's reset, not a backoff
+        warnings = await lab_.events(sid, "warning")
+        assert any(w["data"]["reason"] == "rate_limited" for w in warnings)
+        await trio.sleep(1.0)
+        session = await lab_.session(sid)
+        assert session["status"] == "running"  # waiting, not failed
+        assert [t["status"] for t in await lab_.tasks(sid)] == ["pending", "pending"]
+        assert len(invocations(agent_log)) == 1  # and no other task ran meanwhile
+        assert (await lab_.post(f"/api/sessions/{sid}/stop")).status_code == 200
+        await lab_.wait_status(sid, "stopped", timeout=5)  # a stop ends the wait at once
+
+
+async def test_a_run_without_a_result_is_a_transient_failure(
+    tmp_path: Path, agent_log: Path
+) -> None:
+    project = make_project(tmp_path, "# App\n\n## Features\n- Build [mode:no-result]\n")
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        session = await lab_.wait_status(sid, "completed", "failed")
+        assert (session["status"], session["exitReason"]) == ("failed", "tasksFailed")
+        failures = await lab_.events(sid, "task.failed")
+        assert [f["data"]["code"] for f in failures] == ["no_result"] * 3
