@@ -9,6 +9,7 @@ BENCHMARKS = {
     "health": "bench.health",
     "events": "bench.events",
     "burst": "bench.burst",
+    "sessions": "bench.sessions",
 }
 
 
