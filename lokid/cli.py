@@ -496,11 +496,7 @@ def cmd_session_start(args: argparse.Namespace, config: Config) -> int:
         body["options"] = options
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
     answer = _call(config, "POST", "/api/sessions", json=body, headers=headers)
-    if args.json:
-        _print_json(answer)
-    else:
-        print(f"{answer['id']} {answer['status']}")
-    return 0
+    return _print_id_and_status(args, answer)
 
 
 def cmd_sessions_ls(args: argparse.Namespace, config: Config) -> int:
@@ -575,11 +571,7 @@ def cmd_sessions_command(args: argparse.Namespace, config: Config) -> int:
     params = {"now": "true"} if getattr(args, "now", False) else {}
     path = f"/api/sessions/{_quote(args.id)}/{args.command_name}"
     session = _call(config, "POST", path, params=params)
-    if args.json:
-        _print_json(session)
-    else:
-        print(f"{session['id']} {session['status']}")
-    return 0
+    return _print_id_and_status(args, session)
 
 
 def cmd_sessions_input(args: argparse.Namespace, config: Config) -> int:
@@ -662,6 +654,15 @@ def _print_more(answer: dict[str, Any], what: str) -> None:
     shown = len(answer[what])
     if answer["offset"] + shown < answer["total"]:
         print(f"({shown} of {answer['total']} {what}; use --limit for more)", file=sys.stderr)
+
+
+def _print_id_and_status(args: argparse.Namespace, answer: dict[str, Any]) -> int:
+    """The answer of a command that changed a session: JSON, or `<id> <status>`."""
+    if args.json:
+        _print_json(answer)
+    else:
+        print(f"{answer['id']} {answer['status']}")
+    return 0
 
 
 def _print_json(value: Any) -> None:

@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from lokid.daemon import Daemon
+from lokid.process import group_members
 
 from . import fake_agent
 from .test_events_http import api, running_daemon
@@ -62,19 +63,7 @@ def invocations(log: Path) -> list[dict[str, Any]]:
 
 def live_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes of a process group."""
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(int(entry.name))
-    return found
+    return [pid for pid, state in group_members(pgid) if state != "Z"]
 
 
 async def eventually(

@@ -25,6 +25,7 @@ from lokid.prd import MAX_PRD_BYTES
 from . import fake_agent
 from .daemon_proc import DaemonProcess
 from .sessions_kit import Lab, install_fake_agent, lab, make_project
+from .test_session_records import SESSION_KEYS
 
 SLOW_PRD = """\
 # Slow app
@@ -38,24 +39,6 @@ SLOW_PRD = """\
 READ_ONLY_DIR = "/proc/sys"
 ONE_FEATURE = "# Tiny\n\n## Features\n- The only feature\n"
 
-SESSION_KEYS = {
-    "id",
-    "status",
-    "provider",
-    "prd",
-    "projectDir",
-    "options",
-    "phase",
-    "iteration",
-    "createdAt",
-    "startedAt",
-    "updatedAt",
-    "endedAt",
-    "exitReason",
-    "agents",
-    "tasks",
-    "costUsd",
-}
 OPTION_KEYS = {
     "parallel",
     "sandbox",
