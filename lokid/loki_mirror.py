@@ -15,6 +15,8 @@ Rules:
   ingested on the next round instead.
 * A file whose content would not change is not rewritten (fewer writes,
   and readers polling mtimes see only real changes).
+* Writes are atomic but not fsync'd (`durable=False`): after a power loss
+  a file may be older than the store, which rewrites it on the next change.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class MirrorState:
     def write(self, path: Path, data: bytes) -> None:
         if self.written.get(path) == data:
             return
-        ld.atomic_write_bytes(path, data)
+        ld.atomic_write_bytes(path, data, durable=False)
         self.written[path] = data
 
 
@@ -139,7 +141,7 @@ def _write_pending(
     data = ld.encode_queue(pending)
     if state.written.get(path) == data:
         return True
-    if not ld.replace_if_unchanged(path, data, stamp):
+    if not ld.replace_if_unchanged(path, data, stamp, durable=False):
         return False
     state.written[path] = data
     return True

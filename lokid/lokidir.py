@@ -296,15 +296,16 @@ def _why(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
-def _temp_file(path: Path, data: bytes, mode: int) -> str:
-    """A complete, fsync'd temp file next to `path`; its name."""
+def _temp_file(path: Path, data: bytes, mode: int, *, durable: bool = True) -> str:
+    """A complete (with `durable`: fsync'd) temp file next to `path`; its name."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -325,11 +326,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Replace `path` with `data` atomically and durably (see the module docstring)."""
+def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644, durable: bool = True) -> None:
+    """Replace `path` with `data` atomically and durably (see the module docstring).
+
+    `durable=False` skips both fsyncs: readers still see the old file or the
+    new one, never a mix, but a power loss may lose the write. For mirrors of
+    state kept durably elsewhere (the session's `.loki/` files: the store is
+    the source of truth), where two fsyncs per file would cost more than the
+    file is worth.
+    """
     tmp: str | None = None
     try:
-        tmp = _temp_file(path, data, mode)
+        tmp = _temp_file(path, data, mode, durable=durable)
         os.replace(tmp, path)
     except BaseException as exc:
         if tmp is not None:
@@ -338,7 +346,8 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         if isinstance(exc, OSError):
             raise LokiDirWriteError(path, f"cannot write: {_why(exc)}") from exc
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def _create_if_absent(path: Path, data: bytes) -> bool:
@@ -379,7 +388,9 @@ def file_stamp(path: Path) -> FileStamp | None:
         return None
 
 
-def replace_if_unchanged(path: Path, data: bytes, expected: FileStamp | None) -> bool:
+def replace_if_unchanged(
+    path: Path, data: bytes, expected: FileStamp | None, *, durable: bool = True
+) -> bool:
     """Write `data` only if `path` is still what a read stamped `expected` (None: absent).
 
     False (nothing written) when the file changed in between: re-read, merge,
@@ -388,7 +399,7 @@ def replace_if_unchanged(path: Path, data: bytes, expected: FileStamp | None) ->
     """
     if file_stamp(path) != expected:
         return False
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data, durable=durable)
     return True
 
 

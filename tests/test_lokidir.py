@@ -859,3 +859,19 @@ def test_priority_words_and_phases() -> None:
     ]
     with pytest.raises(ValueError, match="unknown queue"):
         LokiPaths.for_project("/p").queue("done")
+
+
+def test_a_mirror_write_skips_the_fsyncs_but_stays_atomic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    target = tmp_path / "state.json"
+    atomic_write_bytes(target, b"durable\n")
+    assert len(synced) == 2  # the file, then the folder
+    synced.clear()
+    atomic_write_bytes(target, b"mirror\n", durable=False)
+    assert synced == []
+    assert target.read_bytes() == b"mirror\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temp file left

@@ -1131,9 +1131,23 @@ class _FixTask:
 def _fresh_run_files(paths: lokidir.LokiPaths) -> None:
     """Drop an earlier run's control signals and queues (its tasks are not this PRD's)."""
     lokidir.clear_stale_controls(paths)
-    for name in ("pending", "in-progress", "completed", "failed"):
-        lokidir.write_queue(paths.queue(name), [])
-    lokidir.write_current_task(paths.current_task, None)
+    for path in [paths.queue(name) for name in ("pending", "in-progress", "completed", "failed")]:
+        if _has_entries(path):
+            lokidir.atomic_write_bytes(path, lokidir.encode_queue([]), durable=False)
+    if _has_entries(paths.current_task):
+        lokidir.atomic_write_bytes(
+            paths.current_task, lokidir.encode_current_task(None), durable=False
+        )
+
+
+def _has_entries(path: Path) -> bool:
+    """The file holds something other than an empty list or object (cheap: no parse)."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(64).strip()
+    except OSError:
+        return False
+    return head not in (b"", b"[]", b"{}")
 
 
 PROVIDER_STATE_DIRS = (".claude", ".codex", ".gemini", ".aider", ".cline", ".config", ".cache")
