@@ -866,7 +866,12 @@ def test_a_mirror_write_skips_the_fsyncs_but_stays_atomic(
 ) -> None:
     synced: list[int] = []
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
     target = tmp_path / "state.json"
     atomic_write_bytes(target, b"durable\n")
     assert len(synced) == 2  # the file, then the folder
