@@ -7,15 +7,12 @@ set in its environment (else it runs `python -m lokid serve` itself):
 
     BENCH_SESSIONS_PROFILE=DIR        cProfile the daemon's trio thread during the measured parts
                                       only (SIGUSR1 .. SIGUSR2); DIR/<home>.prof at exit
-    BENCH_SESSIONS_GROUP_WINDOW=S     the store's group-commit window (default 0.002 s)
+    BENCH_SESSIONS_GROUP_WINDOW=S     the store's group-commit window (default 0: no window)
     BENCH_SESSIONS_MIRROR_INTERVAL=S  `RunnerSettings.mirror_interval` (default 0.25 s)
     BENCH_SESSIONS_CONTROL_POLL=S     `RunnerSettings.control_poll` (default 1 s): how often
                                       each session's scheduler wakes to check `.loki/` files
     BENCH_SESSIONS_NO_FSYNC=1         `os.fsync` is a no-op: `.loki/` files are written without
                                       it (SQLite's own fsyncs are not Python's: unchanged)
-    BENCH_SESSIONS_FEWER_YIELDS=1     agent output without a scheduler pass per line: the
-                                      reader, `AgentRun.lines()` and `EventBus.emit` use the
-                                      channels' `*_nowait` while they can (see `_fewer_yields`)
     BENCH_SESSIONS_THREAD_STATS=DIR   CPU and wall time of every `trio.to_thread.run_sync`
                                       call, by function; DIR/<home>.threads.txt at exit
     BENCH_SESSIONS_TRIO_STATS=DIR     trio task steps (by task) and run-loop passes
@@ -29,7 +26,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import contextlib
 import cProfile
 import functools
 import os
@@ -37,7 +33,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +47,6 @@ KNOBS = (
     "BENCH_SESSIONS_CONTROL_POLL",
     "BENCH_SESSIONS_THREAD_STATS",
     "BENCH_SESSIONS_TRIO_STATS",
-    "BENCH_SESSIONS_FEWER_YIELDS",
     "BENCH_SESSIONS_NO_FSYNC",
 )
 
@@ -127,74 +121,8 @@ def _name(fn: Any) -> str:
     return f"{getattr(fn, '__qualname__', repr(fn))}{where}"
 
 
-def _fewer_yields() -> None:
-    """What batching agent output would save, approximated without changing its shape.
-
-    Today every output line costs three task steps (the pipe reader's channel
-    send, the session's channel receive, its `bus.emit` mailbox send: each a
-    checkpoint even when the channel has room) and about two run-loop
-    passes. Here each of the three uses the non-blocking call while it
-    succeeds and only awaits when it must (full or empty): same order, same
-    back-pressure, a yield per pipe read instead of per line.
-    """
-    from lokid import agent_host
-    from lokid.actors import event_bus
-    from lokid.errors import MailboxFull
-    from lokid.events import check_publishable
-
-    async def _emit(
-        self: agent_host.LocalAgentRun,
-        stream: agent_host.Stream,
-        data: bytes,
-        *,
-        truncated: bool = False,
-    ) -> None:
-        limit = agent_host.MAX_LINE_BYTES
-        line = agent_host.OutputLine(stream, data[:limit], truncated or len(data) > limit)
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            try:
-                self._send.send_nowait(line)
-            except trio.WouldBlock:
-                await self._send.send(line)
-
-    async def lines(self: agent_host.LocalAgentRun) -> AsyncIterator[agent_host.OutputLine]:
-        async with self._receive.clone() as receive:
-            while True:
-                try:
-                    line = receive.receive_nowait()
-                except trio.WouldBlock:
-                    try:
-                        line = await receive.receive()
-                    except trio.EndOfChannel:
-                        return
-                except trio.EndOfChannel:
-                    return
-                yield line
-
-    async def emit(
-        self: event_bus.EventBus,
-        type: str,
-        session_id: str | None = None,
-        level: Any = None,
-        data: Any = None,
-    ) -> None:
-        payload = dict(data or {})
-        check_publishable(type, payload)
-        message = event_bus.Publish(type, session_id, level, payload)
-        try:
-            self.tell_nowait(message)
-        except MailboxFull:  # wait for room, like `tell`
-            await self.tell(message)
-
-    agent_host.LocalAgentRun._emit = _emit  # type: ignore[method-assign]
-    agent_host.LocalAgentRun.lines = lines  # type: ignore[method-assign]
-    event_bus.EventBus.emit = emit  # type: ignore[method-assign]
-
-
 def main(argv: list[str]) -> int:
     _patch()
-    if os.environ.get("BENCH_SESSIONS_FEWER_YIELDS"):
-        _fewer_yields()
     from lokid.cli import main as loki
 
     home = Path(os.environ.get("LOKI_HOME", "lokid")).name

@@ -83,7 +83,7 @@ from lokid.agent_host import AgentRun, AgentSpec, EndReason, RunResult, Stream
 from lokid.errors import LokiError
 from lokid.events import Level
 from lokid.loki_mirror import MirrorState, write_mirror
-from lokid.prd import MAX_PRD_BYTES, parse_prd_detailed, validate_prd_bytes
+from lokid.prd import MAX_PRD_BYTES, PrdParseResult, parse_prd_detailed, validate_prd_bytes
 from lokid.prompt import PromptTask, build_prompt
 from lokid.session_records import (
     RunnerTask,
@@ -103,6 +103,9 @@ from lokid.timefmt import utc_now_iso
 log = logging.getLogger("lokid.sessions")
 
 MAX_REMEMBERED_WARNINGS = 256
+
+EventArgs = tuple[str, str | None, Level, Mapping[str, Any]]
+"""(type, session id, level, data) of one event for `EventBus.emit_many`."""
 VERIFY_OUTPUT_CHARS = 4000
 
 _LEVEL_FOR_EVENT = {
@@ -322,9 +325,20 @@ class SessionActor(Actor[Any]):
     # -- transitions -----------------------------------------------------------------
 
     async def _fire(
-        self, trigger: Trigger, *, data: Mapping[str, Any] | None = None, **fields: Any
+        self,
+        trigger: Trigger,
+        *,
+        data: Mapping[str, Any] | None = None,
+        also: Callable[[sqlite_utils.Database], list[EventArgs]] | None = None,
+        **fields: Any,
     ) -> dict[str, Any]:
-        """Apply `trigger`: state machine, store, event - in that order, under the lock."""
+        """Apply `trigger`: state machine, store, event - in that order, under the lock.
+
+        `also` runs in the same store write, before the session row changes;
+        the events it returns are emitted just before the transition's event
+        (bootstrap: the tasks, their `task.created` and `session.started` in
+        one commit and one event batch).
+        """
         async with self._lock:
             transition = step(self.lifecycle.status, trigger)  # IllegalTransition: nothing changed
             now = utc_now_iso()
@@ -340,13 +354,19 @@ class SessionActor(Actor[Any]):
                 Status.FAILED,
             )
 
+            before: list[EventArgs] = []
+
             def write(db: sqlite_utils.Database) -> dict[str, Any]:
+                if also is not None:
+                    before[:] = also(db)
                 if requeue:
                     requeue_active_tasks(db, self.id, f"run cut off: session {trigger.value}")
                 return update_session(db, self.id, **update)
 
             session = await self.store.write(write)
             self.lifecycle.fire(trigger)
+            if before:
+                await self.bus.emit_many(before)
             if transition.event is not None:
                 payload = {"status": transition.after.value, **(data or {})}
                 await self.bus.publish(
@@ -459,35 +479,48 @@ class SessionActor(Actor[Any]):
             await self._fire(Trigger.DAEMON_RESTART, data={"reason": "daemon shutdown"})
 
     async def _bootstrap(self) -> Ending | None:
-        await self._set_phase("bootstrap")
+        """Prepare `.loki/`, parse the PRD, then tasks + `running` in one store write."""
+        self.phase = "bootstrap"
+        await self.bus.emit("phase.started", self.id, Level.INFO, {"phase": "bootstrap"})
         try:
-            paths = await trio.to_thread.run_sync(lokidir.init_loki_dir, self.project_dir)
-            if self.iteration == 0:  # a new session: nothing of an earlier run applies
-                await trio.to_thread.run_sync(_fresh_run_files, paths)
-            data = await trio.to_thread.run_sync(_read_bounded, self.prd_path)
-            text = validate_prd_bytes(data)
+            parsed = await trio.to_thread.run_sync(
+                _prepare_project, self.paths, self.prd_path, self.iteration == 0
+            )
         except (LokiError, OSError) as exc:
             message = exc.message if isinstance(exc, LokiError) else f"{exc.strerror}"
             return Ending(Trigger.FAIL, "bootstrapFailed", f"{self.prd_path}: {message}")
-        parsed = parse_prd_detailed(text)
         self.prd_title = parsed.title
 
-        def insert(db: sqlite_utils.Database) -> list[dict[str, Any]]:
+        def insert(db: sqlite_utils.Database) -> list[EventArgs]:
             known = {task.id for task in runner_tasks(db, self.id)}
             new = [task for task in parsed.tasks if task.id not in known]
-            return insert_tasks(db, self.id, new)
+            created = insert_tasks(db, self.id, new)
+            events: list[EventArgs] = [
+                (
+                    "task.created",
+                    self.id,
+                    Level.INFO,
+                    {"taskId": task["id"], "title": task["title"], "source": "prd"},
+                )
+                for task in created
+            ]
+            events += [
+                (
+                    "warning",
+                    self.id,
+                    Level.WARNING,
+                    {
+                        "reason": "prd",
+                        "message": warning.message,
+                        "code": warning.code,
+                        "line": warning.line,
+                    },
+                )
+                for warning in parsed.warnings
+            ]
+            events.append(("phase.completed", self.id, Level.INFO, {"phase": "bootstrap"}))
+            return events
 
-        created = await self.store.write(insert)
-        for task in created:
-            await self.bus.emit(
-                "task.created",
-                self.id,
-                Level.INFO,
-                {"taskId": task["id"], "title": task["title"], "source": "prd"},
-            )
-        for warning in parsed.warnings:
-            await self._warn("prd", warning.message, code=warning.code, line=warning.line)
-        await self.bus.publish("phase.completed", self.id, Level.INFO, {"phase": "bootstrap"})
         self.phase = "development"
         await self._fire(
             Trigger.BOOTSTRAPPED,
@@ -497,9 +530,10 @@ class SessionActor(Actor[Any]):
                 "prd": str(self.prd_path),
                 "tasks": len(parsed.tasks),
             },
+            also=insert,
             phase="development",
         )
-        await self.bus.publish("phase.started", self.id, Level.INFO, {"phase": "development"})
+        await self.bus.emit("phase.started", self.id, Level.INFO, {"phase": "development"})
         return None
 
     async def _develop(self) -> Ending | None:
@@ -923,22 +957,22 @@ class SessionActor(Actor[Any]):
         task_id: str,
         resume_id: list[str],
     ) -> None:
-        async for line in run.lines():
-            if line.stream is Stream.STDERR:
-                stderr.feed(line.data + b"\n")
-                continue
-            for record in parser.feed(line.data):
-                if isinstance(record, providers.SystemInit) and record.session_id:
-                    resume_id[:] = [record.session_id]
-                    await self._remember_resume_id(task_id, record.session_id)
-                spec = providers.to_event(record)
-                if spec is not None:
-                    await self.bus.emit(
-                        spec.type,
-                        self.id,
-                        spec.level,
-                        {**spec.data, "taskId": task_id, "provider": self.provider},
-                    )
+        async for batch in run.batches():
+            events: list[EventArgs] = []
+            for line in batch:
+                if line.stream is Stream.STDERR:
+                    stderr.feed(line.data + b"\n")
+                    continue
+                for record in parser.feed(line.data):
+                    if isinstance(record, providers.SystemInit) and record.session_id:
+                        resume_id[:] = [record.session_id]
+                        await self._remember_resume_id(task_id, record.session_id)
+                    spec = providers.to_event(record)
+                    if spec is not None:
+                        data = {**spec.data, "taskId": task_id, "provider": self.provider}
+                        events.append((spec.type, self.id, spec.level, data))
+            if events:
+                await self.bus.emit_many(events)
 
     async def _remember_resume_id(self, task_id: str, provider_session: str) -> None:
         """Kept so that a run cut off by a daemon crash is continued, not restarted."""
@@ -1126,6 +1160,14 @@ class _FixTask:
     description: str
     priority: int
     acceptance: tuple[str, ...]
+
+
+def _prepare_project(paths: lokidir.LokiPaths, prd_path: Path, new: bool) -> PrdParseResult:
+    """Bootstrap's file work, in one worker thread: `.loki/`, the PRD, its tasks."""
+    lokidir.init_loki_dir(paths.project)
+    if new:  # nothing of an earlier run applies
+        _fresh_run_files(paths)
+    return parse_prd_detailed(validate_prd_bytes(_read_bounded(prd_path)))
 
 
 def _fresh_run_files(paths: lokidir.LokiPaths) -> None:

@@ -4,9 +4,13 @@ Theory of operation:
 
 * **One writer, group commit.** Every change goes through `write(fn)`, an
   `ask` of a `Write(fn)` message. The actor takes the first write from its
-  mailbox, gathers whatever else arrives within `group_window` seconds (at
-  most `max_batch` writes), and runs the whole batch in one transaction on a
-  worker thread: `BEGIN IMMEDIATE`, each `fn(db)` inside its own `SAVEPOINT`,
+  mailbox, gathers whatever else is waiting (and, with `group_window` > 0,
+  what arrives within that many seconds; at most `max_batch` writes), and
+  runs the whole batch in one transaction on a worker thread. The default
+  window is 0: writes that arrive while a batch commits wait in the mailbox
+  and form the next batch, so a lone write commits at once and a busy store
+  still groups (a fixed window added its length to every lone write, e.g.
+  each step of a session start): `BEGIN IMMEDIATE`, each `fn(db)` inside its own `SAVEPOINT`,
   `COMMIT`. Only after `COMMIT` returned does any caller get its answer, so
   an acknowledged write is a committed write. With `synchronous=FULL` in WAL
   mode that commit is on disk (one fsync of the WAL per batch, shared by
@@ -216,7 +220,7 @@ class StoreActor(Actor[Any]):
         self,
         path: pathlib.Path,
         *,
-        group_window: float = 0.002,
+        group_window: float = 0.0,
         max_batch: int = 256,
         readers: int = 4,
         name: str = "store",
