@@ -47,7 +47,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from lokid.process import ProcessIdentity, group_members, start_ticks
+from lokid.process import ProcessIdentity, group_scanner, start_ticks
 
 MAX_LINE_BYTES = 1024 * 1024
 OUTPUT_BUFFER_BATCHES = 16
@@ -219,7 +219,8 @@ class LocalAgentRun:
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                survivors = tuple(p for p, state in group_members(pid) if p != pid and state != "Z")
+                members = await group_scanner().members(pid)
+                survivors = tuple(p for p, state in members if p != pid and state != "Z")
                 exit_code = await process.wait()  # reap only now: the group is empty
                 os.close(pidfd)
                 self._send.close()
@@ -230,18 +231,18 @@ class LocalAgentRun:
         self, pgid: int, grace: float, *, quiet_if_empty: bool = False
     ) -> None:
         """TERM the group, wait `grace` for it to empty, KILL, wait until it is empty."""
-        if quiet_if_empty and not _live_members(pgid):
+        if quiet_if_empty and not await _live_members(pgid):
             return
         _signal_group(pgid, signal.SIGTERM)
         # Polling /proc: the kernel offers no event for "this group is now empty".
         with trio.move_on_after(grace):
-            while _live_members(pgid):  # noqa: ASYNC110
+            while await _live_members(pgid):  # noqa: ASYNC110
                 await trio.sleep(GROUP_POLL_SECONDS)
-        if _live_members(pgid):
+        if await _live_members(pgid):
             self._escalated = True
             _signal_group(pgid, signal.SIGKILL)
             with trio.move_on_after(KILL_WAIT_SECONDS):
-                while _live_members(pgid):  # noqa: ASYNC110
+                while await _live_members(pgid):  # noqa: ASYNC110
                     await trio.sleep(GROUP_POLL_SECONDS)
 
     async def _read_all(self, process: trio.Process, done: trio.Event) -> None:
@@ -303,8 +304,9 @@ def _line(stream: Stream, data: bytes) -> OutputLine:
     return OutputLine(stream, data)
 
 
-def _live_members(pgid: int) -> list[int]:
-    return [pid for pid, state in group_members(pgid) if state != "Z"]
+async def _live_members(pgid: int) -> list[int]:
+    """Members other than zombies (the unreaped leader is one), from a shared /proc pass."""
+    return [pid for pid, state in await group_scanner().members(pgid) if state != "Z"]
 
 
 def _signal_group(pgid: int, signum: int) -> None:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import attrs
+import trio
 
 
 @attrs.frozen
@@ -82,3 +83,55 @@ def scan_groups(pgids: set[int]) -> dict[int, list[tuple[int, str]]]:
 def group_members(pgid: int) -> list[tuple[int, str]]:
     """(pid, state) of every process in process group `pgid`, zombies included."""
     return scan_groups({pgid}).get(pgid, [])
+
+
+class GroupScanner:
+    """`group_members` for many process groups at once: one /proc pass serves them all.
+
+    A pass reads every /proc/<pid>/stat - thousands of files on a busy
+    machine - so when many agents end together (a shutdown, 500 sessions)
+    one pass per agent would cost the trio thread seconds. Callers join the
+    next pass; passes run one at a time in a worker thread; a caller that
+    arrives during a pass waits for the following one (it must not get an
+    answer older than its question).
+    """
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+        self._next: _Round | None = None
+        self.passes = 0
+
+    async def members(self, pgid: int) -> list[tuple[int, str]]:
+        """(pid, state) of every process in group `pgid`, zombies included."""
+        current = self._next
+        if current is None:
+            current = self._next = _Round()
+        current.pgids.add(pgid)
+        async with self._lock:
+            if not current.done:
+                if self._next is current:
+                    self._next = None  # later callers start the next round
+                current.found = await trio.to_thread.run_sync(scan_groups, set(current.pgids))
+                current.done = True
+                self.passes += 1
+        return current.found.get(pgid, [])
+
+
+@attrs.define
+class _Round:
+    pgids: set[int] = attrs.Factory(set)
+    found: dict[int, list[tuple[int, str]]] = attrs.Factory(dict)
+    done: bool = False
+
+
+_SCANNER: trio.lowlevel.RunVar[GroupScanner] = trio.lowlevel.RunVar("group_scanner")
+
+
+def group_scanner() -> GroupScanner:
+    """The scanner of the current trio run."""
+    try:
+        return _SCANNER.get()
+    except LookupError:
+        scanner = GroupScanner()
+        _SCANNER.set(scanner)
+        return scanner

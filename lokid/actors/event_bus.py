@@ -170,7 +170,7 @@ class EventBus(Actor[Any]):
         store: StoreActor,
         *,
         tail_size: int = 4096,
-        subscriber_queue: int = 1024,
+        subscriber_queue: int = 4096,
         max_subscribers: int = 10_000,
         max_batch: int = 512,
         retention_count: int = 100_000,

@@ -220,6 +220,7 @@ class SessionActor(Actor[Any]):
         self.started_at: str | None = session["startedAt"]
         self.cost_usd: float = float(session["costUsd"] or 0.0)
         self.paths = lokidir.LokiPaths.for_project(self.project_dir)
+        self._controls = _ControlWatch(self.paths)
         self.prd_title: str | None = None
         self._lock = trio.Lock()
         self._wakeup = trio.Event()
@@ -630,7 +631,7 @@ class SessionActor(Actor[Any]):
     # -- control files and the mirror ----------------------------------------------------
 
     async def _check_controls(self) -> None:
-        controls = lokidir.read_controls(self.paths)  # four lstat calls
+        controls = self._controls.read()
         if (
             controls.stop
             and self.status in (Status.STARTING, Status.RUNNING, Status.PAUSED)
@@ -1160,6 +1161,29 @@ class _FixTask:
     description: str
     priority: int
     acceptance: tuple[str, ...]
+
+
+class _ControlWatch:
+    """`lokidir.read_controls` with the paths built once: it runs every poll of every
+    live session (five `lstat` calls, no allocation of paths)."""
+
+    def __init__(self, paths: lokidir.LokiPaths) -> None:
+        self._pause = os.fspath(paths.pause)
+        self._stop = os.fspath(paths.stop)
+        self._human_input = os.fspath(paths.human_input)
+        self._completion = (
+            os.fspath(paths.completion_requested),
+            os.fspath(paths.task_completion_claimed),
+        )
+
+    def read(self) -> lokidir.ControlFiles:
+        exists = os.path.lexists
+        return lokidir.ControlFiles(
+            pause=exists(self._pause),
+            stop=exists(self._stop),
+            human_input=exists(self._human_input),
+            completion_requested=exists(self._completion[0]) or exists(self._completion[1]),
+        )
 
 
 def _prepare_project(paths: lokidir.LokiPaths, prd_path: Path, new: bool) -> PrdParseResult:
