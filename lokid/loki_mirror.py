@@ -79,11 +79,13 @@ def write_mirror(
     retries: int,
     last_exit_code: int,
     state: MirrorState,
-) -> bool:
+) -> ld.FileStamp | None:
     """Write orchestrator, autonomy state, queues and the current task.
 
-    Returns False when `pending.json` was left alone because someone wrote it
-    after the stamp was taken. Raises `LokiDirWriteError` when a write fails.
+    Returns the stamp of `pending.json` after this write (for the next
+    ingest to know the file is ours), or `pending_stamp` when it was left
+    alone because someone wrote it after that stamp was taken - it must be
+    read again. Raises `LokiDirWriteError` when a write fails.
     """
     project = Path(session["projectDir"]).name
     by_status: dict[str, list[ld.QueueTask]] = {status: [] for status in ld.QUEUE_FOR_STATUS}
@@ -137,11 +139,12 @@ def write_mirror(
 
 def _write_pending(
     path: Path, pending: Iterable[ld.QueueTask], stamp: ld.FileStamp | None, state: MirrorState
-) -> bool:
+) -> ld.FileStamp | None:
+    """Replace `pending.json` if it still has `stamp`; the stamp the caller has now seen."""
     data = ld.encode_queue(pending)
     if state.written.get(path) == data:
-        return True
+        return stamp  # nothing to write: what the caller saw is still what it saw
     if not ld.replace_if_unchanged(path, data, stamp, durable=False):
-        return False
+        return stamp  # someone wrote it: the caller's stamp is stale, it reads again
     state.written[path] = data
-    return True
+    return ld.file_stamp(path)

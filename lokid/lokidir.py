@@ -351,9 +351,15 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644, durable: b
 
 
 def _create_if_absent(path: Path, data: bytes) -> bool:
-    """Create `path` with `data` unless something already has that name; True if created."""
+    """Create `path` with `data` unless something already has that name; True if created.
+
+    Not fsync'd: it creates empty queue files, which the next `init_loki_dir`
+    creates again if a power loss took them.
+    """
+    if os.path.lexists(path):  # the common case, without a temp file
+        return False
     try:
-        tmp = _temp_file(path, data, 0o644)
+        tmp = _temp_file(path, data, 0o644, durable=False)
     except OSError as exc:
         raise LokiDirWriteError(path, f"cannot write: {_why(exc)}") from exc
     try:
@@ -372,11 +378,9 @@ def _create_if_absent(path: Path, data: bytes) -> bool:
             raise LokiDirWriteError(path, f"cannot create: {_why(inner)}") from inner
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-            os.fsync(handle.fileno())
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-    _fsync_dir(path.parent)
     return True
 
 

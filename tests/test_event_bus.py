@@ -265,3 +265,36 @@ async def test_emit_is_stored_and_delivered_in_order_with_publishes(tmp_path: pa
         assert await drain(subscriber, 51) == list(range(1, 52))
         stored = await bus.history(make_filter(types="agent.output"), limit=1000)
     assert [e.data["n"] for e in stored] == list(range(50))
+
+
+async def test_publish_with_commits_the_change_and_the_event_together(
+    tmp_path: pathlib.Path,
+) -> None:
+    async with running_bus(tmp_path) as bus:
+        subscriber = bus.subscribe(EventFilter())
+
+        def record(db: Any) -> int:
+            db.execute("CREATE TABLE IF NOT EXISTS marks (n INTEGER)")
+            db.execute("INSERT INTO marks (n) VALUES (7)")
+            return 7
+
+        def refuse(db: Any) -> int:
+            db.execute("INSERT INTO marks (n) VALUES (8)")
+            raise Unavailable("no, not this one")
+
+        async def refused() -> None:
+            with pytest.raises(Unavailable, match="not this one"):
+                await bus.publish_with(refuse, "log", None, Level.INFO, {"which": "refused"})
+
+        event, result = await bus.publish_with(record, "log", None, Level.INFO, {"which": "ok"})
+        assert (event.id, result) == (1, 7)
+        async with trio.open_nursery() as nursery:  # one batch: a refused write, an emit
+            nursery.start_soon(refused)
+            nursery.start_soon(bus.emit, "log", None, Level.INFO, {"which": "emitted"})
+        await bus.publish("log", None, Level.INFO, {"which": "last"})
+        stored = await bus.history(EventFilter())
+        marks = await bus.store.read(lambda db: [r["n"] for r in db.query("SELECT n FROM marks")])
+        assert [e.data["which"] for e in stored] == ["ok", "emitted", "last"]
+        assert [e.id for e in stored] == [1, 2, 3]  # no id lost to the refused one
+        assert marks == [7]
+        assert await drain(subscriber, 3) == [1, 2, 3]

@@ -35,8 +35,8 @@ import collections
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import attrs
 import sqlite_utils
@@ -56,6 +56,8 @@ from lokid.events import (
 )
 from lokid.timefmt import iso, utc_now, utc_now_iso
 
+T = TypeVar("T")
+
 log = logging.getLogger("lokid.events")
 
 FANOUT_CHECKPOINT = 256  # subscribers offered between two checkpoints
@@ -69,6 +71,8 @@ class Publish:
     session_id: str | None
     level: Level
     data: Mapping[str, Any]
+    write: Callable[[sqlite_utils.Database], Any] | None = attrs.field(default=None, eq=False)
+    """`publish_with`: a store write committed in the same transaction as the event."""
 
 
 @attrs.frozen
@@ -212,6 +216,30 @@ class EventBus(Actor[Any]):
         check_publishable(type, payload)
         event: Event = await self.ask(Publish(type, session_id, level, payload), timeout=timeout)
         return event
+
+    async def publish_with(
+        self,
+        write: Callable[[sqlite_utils.Database], T],
+        type: str,
+        session_id: str | None = None,
+        level: Level = Level.INFO,
+        data: Mapping[str, Any] | None = None,
+        *,
+        timeout: float = 30.0,
+    ) -> tuple[Event, T]:
+        """Run `write(db)` and store the event in one transaction; deliver it after.
+
+        A change and the event that announces it commit together (one fsync,
+        and no window in which one is stored without the other). If `write`
+        raises, nothing of it and no event is stored and the caller gets the
+        exception; the other events of the batch are not affected.
+        """
+        payload = dict(data or {})
+        check_publishable(type, payload)
+        answer: tuple[Event, T] = await self.ask(
+            Publish(type, session_id, level, payload, write), timeout=timeout
+        )
+        return answer
 
     async def emit(
         self,
@@ -457,20 +485,36 @@ class EventBus(Actor[Any]):
         if not pending:
             return
         now = utc_now_iso()
-        events = [
-            Event(self._last_id + n, p.type, now, p.session_id, p.level, p.data)
-            for n, (_, p) in enumerate(pending, start=1)
-        ]
-        rows = [
-            (e.id, e.type, e.session_id, int(e.level), e.timestamp, compact_json(e.data))
-            for e in events
-        ]
+        first_id = self._last_id + 1
+        outcomes: list[Any] = [None] * len(pending)  # a write's result, or what it raised
+        stored: list[Event] = []
+        where: list[int] = []  # index in `pending` of each stored event
 
         def insert(db: sqlite_utils.Database) -> None:
+            stored.clear()
+            where.clear()
+            for index, (_, p) in enumerate(pending):
+                if p.write is not None:
+                    db.execute("SAVEPOINT lokid_publish_write")
+                    try:
+                        outcomes[index] = p.write(db)
+                    except Exception as exc:
+                        db.execute("ROLLBACK TO lokid_publish_write")
+                        db.execute("RELEASE lokid_publish_write")
+                        outcomes[index] = _Failed(exc)
+                        continue
+                    db.execute("RELEASE lokid_publish_write")
+                stored.append(
+                    Event(first_id + len(stored), p.type, now, p.session_id, p.level, p.data)
+                )
+                where.append(index)
             db.conn.executemany(
                 "INSERT INTO events (id, type, session_id, level, timestamp, data)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                rows,
+                [
+                    (e.id, e.type, e.session_id, int(e.level), e.timestamp, compact_json(e.data))
+                    for e in stored
+                ],
             )
 
         try:
@@ -484,6 +528,13 @@ class EventBus(Actor[Any]):
                 if call is not None:
                     _answer(call, Reply(error=exc))
             return
+        for index, (call, _) in enumerate(pending):
+            outcome = outcomes[index]
+            if call is not None and isinstance(outcome, _Failed):
+                _answer(call, Reply(error=outcome.error))
+        if not stored:
+            return
+        events = stored
         self._last_id = events[-1].id
         if self._first_id is None:
             self._first_id = events[0].id
@@ -491,9 +542,11 @@ class EventBus(Actor[Any]):
         self._published += len(events)
         encoded = [EncodedEvent.of(e) for e in events]
         self._tail.extend(encoded)
-        for (call, _), event in zip(pending, events, strict=True):
+        for index, event in zip(where, events, strict=True):
+            call, p = pending[index]
             if call is not None:
-                _answer(call, Reply(value=event))
+                value = event if p.write is None else (event, outcomes[index])
+                _answer(call, Reply(value=value))
         await self._fan_out(encoded)
 
     async def _fan_out(self, encoded: list[EncodedEvent]) -> None:
@@ -556,6 +609,11 @@ class EventBus(Actor[Any]):
             tail_size=len(self._tail),
             retention_deleted=self._retention_deleted,
         )
+
+
+@attrs.frozen
+class _Failed:
+    error: Exception
 
 
 def _answer(call: Call, reply: Reply) -> None:

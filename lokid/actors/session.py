@@ -66,7 +66,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -104,6 +104,10 @@ log = logging.getLogger("lokid.sessions")
 
 MAX_REMEMBERED_WARNINGS = 256
 
+CONTROL_MIN_INTERVAL = 0.1  # seconds between two looks at the control files
+
+_RNG = random.Random()  # retry jitter; one for all sessions (seeding one each costs ~1 ms)
+
 EventArgs = tuple[str, str | None, Level, Mapping[str, Any]]
 """(type, session id, level, data) of one event for `EventBus.emit_many`."""
 VERIFY_OUTPUT_CHARS = 4000
@@ -129,7 +133,7 @@ class RunnerSettings:
     max_task_attempts: int = 3
     max_consecutive_failures: int = 5
     control_poll: float = 1.0
-    mirror_interval: float = 0.25
+    mirror_interval: float = 1.0
     verify_timeout: float = 1800.0
     env: Mapping[str, str] = attrs.field(factory=dict)
 
@@ -208,7 +212,7 @@ class SessionActor(Actor[Any]):
         self.pool = pool
         self.settings = settings
         self.on_finished = on_finished
-        self.rng = rng or random.Random()
+        self.rng = rng or _RNG
         self.lifecycle = Lifecycle(Status(session["status"]))
         self.provider: str = session["provider"]
         self.prd_path = Path(session["prd"])
@@ -221,6 +225,10 @@ class SessionActor(Actor[Any]):
         self.cost_usd: float = float(session["costUsd"] or 0.0)
         self.paths = lokidir.LokiPaths.for_project(self.project_dir)
         self._controls = _ControlWatch(self.paths)
+        self._controls_checked_at = -math.inf
+        self._controls_due = False  # an agent run ended: it may have written a signal
+        self._ingest_checked_at = -math.inf
+        self._ingest_due = False
         self.prd_title: str | None = None
         self._lock = trio.Lock()
         self._wakeup = trio.Event()
@@ -237,6 +245,7 @@ class SessionActor(Actor[Any]):
         self._pause_file_seen = False
         self._warnings_seen: set[str] = set()
         self._mirror = MirrorState()
+        self._pending_seen: lokidir.FileStamp | None = None
         self._mirror_dirty = trio.Event()
         self._sync_lock = trio.Lock()
         self._survivors: list[int] = []
@@ -330,15 +339,16 @@ class SessionActor(Actor[Any]):
         trigger: Trigger,
         *,
         data: Mapping[str, Any] | None = None,
-        also: Callable[[sqlite_utils.Database], list[EventArgs]] | None = None,
+        also: Callable[[sqlite_utils.Database], object] | None = None,
+        before: Sequence[EventArgs] = (),
         **fields: Any,
     ) -> dict[str, Any]:
-        """Apply `trigger`: state machine, store, event - in that order, under the lock.
+        """Apply `trigger`: the state machine decides, then the change and its event
+        are committed in one transaction (`EventBus.publish_with`), under the lock.
 
-        `also` runs in the same store write, before the session row changes;
-        the events it returns are emitted just before the transition's event
-        (bootstrap: the tasks, their `task.created` and `session.started` in
-        one commit and one event batch).
+        `also` runs in that transaction before the session row changes;
+        `before` are emitted just ahead of the transition's event (bootstrap:
+        the tasks, their `task.created` and `session.started`).
         """
         async with self._lock:
             transition = step(self.lifecycle.status, trigger)  # IllegalTransition: nothing changed
@@ -355,27 +365,26 @@ class SessionActor(Actor[Any]):
                 Status.FAILED,
             )
 
-            before: list[EventArgs] = []
-
             def write(db: sqlite_utils.Database) -> dict[str, Any]:
                 if also is not None:
-                    before[:] = also(db)
+                    also(db)
                 if requeue:
                     requeue_active_tasks(db, self.id, f"run cut off: session {trigger.value}")
                 return update_session(db, self.id, **update)
 
-            session = await self.store.write(write)
-            self.lifecycle.fire(trigger)
             if before:
                 await self.bus.emit_many(before)
-            if transition.event is not None:
-                payload = {"status": transition.after.value, **(data or {})}
-                await self.bus.publish(
+            if transition.event is None:
+                session = await self.store.write(write)
+            else:
+                _, session = await self.bus.publish_with(
+                    write,
                     transition.event,
                     self.id,
                     _LEVEL_FOR_EVENT.get(transition.event, Level.INFO),
-                    payload,
+                    {"status": transition.after.value, **(data or {})},
                 )
+            self.lifecycle.fire(trigger)
         self._poke()
         self._mirror_dirty.set()
         return session
@@ -492,35 +501,23 @@ class SessionActor(Actor[Any]):
             return Ending(Trigger.FAIL, "bootstrapFailed", f"{self.prd_path}: {message}")
         self.prd_title = parsed.title
 
-        def insert(db: sqlite_utils.Database) -> list[EventArgs]:
-            known = {task.id for task in runner_tasks(db, self.id)}
-            new = [task for task in parsed.tasks if task.id not in known]
-            created = insert_tasks(db, self.id, new)
-            events: list[EventArgs] = [
-                (
-                    "task.created",
-                    self.id,
-                    Level.INFO,
-                    {"taskId": task["id"], "title": task["title"], "source": "prd"},
-                )
-                for task in created
-            ]
-            events += [
-                (
-                    "warning",
-                    self.id,
-                    Level.WARNING,
-                    {
-                        "reason": "prd",
-                        "message": warning.message,
-                        "code": warning.code,
-                        "line": warning.line,
-                    },
-                )
-                for warning in parsed.warnings
-            ]
-            events.append(("phase.completed", self.id, Level.INFO, {"phase": "bootstrap"}))
-            return events
+        known = {task.id for task in await self.store.read(lambda db: runner_tasks(db, self.id))}
+        new = [task for task in parsed.tasks if task.id not in known]
+        src = "prd"
+        events: list[EventArgs] = [
+            ("task.created", self.id, Level.INFO, {"taskId": t.id, "title": t.title, "source": src})
+            for t in new
+        ]
+        events += [
+            (
+                "warning",
+                self.id,
+                Level.WARNING,
+                {"reason": "prd", "message": w.message, "code": w.code, "line": w.line},
+            )
+            for w in parsed.warnings
+        ]
+        events.append(("phase.completed", self.id, Level.INFO, {"phase": "bootstrap"}))
 
         self.phase = "development"
         await self._fire(
@@ -531,7 +528,8 @@ class SessionActor(Actor[Any]):
                 "prd": str(self.prd_path),
                 "tasks": len(parsed.tasks),
             },
-            also=insert,
+            also=lambda db: insert_tasks(db, self.id, new),
+            before=events,
             phase="development",
         )
         await self.bus.emit("phase.started", self.id, Level.INFO, {"phase": "development"})
@@ -569,8 +567,9 @@ class SessionActor(Actor[Any]):
             if now < self._hold_until:
                 await self._wait_change(self._hold_until - now)
                 continue
-            await self._sync_loki(ingest=True)
             tasks = await self.store.read(lambda db: runner_tasks(db, self.id))
+            if await self._ingest({t.id for t in tasks}, force=False):
+                continue
             task = self._next_task(tasks, now)
             if task is None:
                 pending = [t for t in tasks if t.status == "pending"]
@@ -578,6 +577,8 @@ class SessionActor(Actor[Any]):
                     waits = [self._not_before.get(t.id, now) - now for t in pending]
                     await self._wait_change(min(waits, default=self.settings.control_poll))
                     continue
+                if await self._ingest({t.id for t in tasks}, force=True):
+                    continue  # the agent left more work
                 failed = [t.id for t in tasks if t.status == "failed"]
                 if failed:
                     return Ending(Trigger.FAIL, "tasksFailed", ", ".join(failed[:20]))
@@ -631,6 +632,11 @@ class SessionActor(Actor[Any]):
     # -- control files and the mirror ----------------------------------------------------
 
     async def _check_controls(self) -> None:
+        now = trio.current_time()
+        if not self._controls_due and now - self._controls_checked_at < CONTROL_MIN_INTERVAL:
+            return  # a burst of scheduling steps shares one look at the files
+        self._controls_checked_at = now
+        self._controls_due = False
         controls = self._controls.read()
         if (
             controls.stop
@@ -679,38 +685,56 @@ class SessionActor(Actor[Any]):
     async def _mirror_loop(self) -> None:
         while True:
             await self._mirror_dirty.wait()
+            # Wait first: the changes of the next interval share one write (a short
+            # session's whole life may fit in it).
+            await trio.sleep(self.settings.mirror_interval)
             self._mirror_dirty = trio.Event()
             await self._sync_loki(ingest=True)
-            await trio.sleep(self.settings.mirror_interval)
+
+    async def _ingest(self, known: set[str], *, force: bool) -> bool:
+        """Take the tasks the agent appended to `queue/pending.json`; True if any.
+
+        Without `force` a file whose stamp is the one seen last (our own write,
+        or the last read) is not read again: one `stat` instead of a thread hop
+        per scheduling step. The scheduler forces a read before it decides
+        that nothing is left to do.
+        """
+        if self.status is Status.STARTING:
+            return False  # the PRD's tasks first
+        if not force:
+            now = trio.current_time()
+            if not self._ingest_due and now - self._ingest_checked_at < CONTROL_MIN_INTERVAL:
+                return False
+            self._ingest_checked_at = now
+            self._ingest_due = False
+            if lokidir.file_stamp(self.paths.pending) == self._pending_seen:
+                return False
+        try:
+            result, stamp = await trio.to_thread.run_sync(
+                lokidir.ingest_pending_file, self.paths.pending, known
+            )
+        except lokidir.LokiDirFormatError as exc:
+            await self._warn("malformed_file", exc.message, file="queue/pending.json")
+            self._pending_seen = lokidir.file_stamp(self.paths.pending)
+            return False
+        self._pending_seen = stamp
+        for line in result.warnings:
+            await self._warn("malformed_file", line, file="queue/pending.json")
+        if result.tasks:
+            await self._add_agent_tasks(result.tasks)
+        return bool(result.tasks)
 
     async def _sync_loki(self, *, ingest: bool) -> None:
         """Ingest agent-added tasks, then write the state files (one at a time)."""
-        if not self.paths.root.is_dir():
-            return  # not bootstrapped (yet), or the project is gone
+        if self.status is Status.STARTING and not self.paths.root.is_dir():
+            return  # not bootstrapped yet
         async with self._sync_lock:
-            stamp: lokidir.FileStamp | None = None
-            tasks = await self.store.read(lambda db: runner_tasks(db, self.id))
-            if ingest and self.status is not Status.STARTING:  # PRD tasks first
-                known = {task.id for task in tasks}
-                try:
-                    result, stamp = await trio.to_thread.run_sync(
-                        lokidir.ingest_pending_file, self.paths.pending, known
-                    )
-                except lokidir.LokiDirFormatError as exc:
-                    await self._warn("malformed_file", exc.message, file="queue/pending.json")
-                    result = None
-                    stamp = lokidir.file_stamp(self.paths.pending)
-                if result is not None:
-                    for line in result.warnings:
-                        await self._warn("malformed_file", line, file="queue/pending.json")
-                    if result.tasks:
-                        await self._add_agent_tasks(result.tasks)
-                        tasks = await self.store.read(lambda db: runner_tasks(db, self.id))
-            else:
-                stamp = lokidir.file_stamp(self.paths.pending)
-            session = await self.store.read(lambda db: get_session(db, self.id))
+            session, tasks = await self.store.read(self._read_state)
+            if ingest and await self._ingest({task.id for task in tasks}, force=True):
+                session, tasks = await self.store.read(self._read_state)
+            stamp = self._pending_seen if ingest else lokidir.file_stamp(self.paths.pending)
             try:
-                await trio.to_thread.run_sync(
+                self._pending_seen = await trio.to_thread.run_sync(
                     lambda: write_mirror(
                         self.paths,
                         session,
@@ -725,6 +749,9 @@ class SessionActor(Actor[Any]):
                 )
             except LokiError as exc:
                 await self._warn("loki_dir", exc.message)
+
+    def _read_state(self, db: sqlite_utils.Database) -> tuple[dict[str, Any], list[RunnerTask]]:
+        return get_session(db, self.id), runner_tasks(db, self.id)
 
     async def _add_agent_tasks(self, new: tuple[lokidir.AgentTask, ...]) -> None:
         created = await self.store.write(
@@ -752,6 +779,7 @@ class SessionActor(Actor[Any]):
                 await self._run_task(worker, slot, task, iteration)
         finally:
             self._workers.pop(task.id, None)
+            self._controls_due = self._ingest_due = True
             self._poke()
 
     async def _run_task(self, worker: _Worker, slot: Any, task: RunnerTask, iteration: int) -> None:
