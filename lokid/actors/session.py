@@ -132,7 +132,7 @@ class RunnerSettings:
     retry_cap: float = 300.0
     max_task_attempts: int = 3
     max_consecutive_failures: int = 5
-    control_poll: float = 1.0
+    control_poll: float = 2.0
     mirror_interval: float = 1.0
     verify_timeout: float = 1800.0
     env: Mapping[str, str] = attrs.field(factory=dict)
