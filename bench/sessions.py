@@ -77,6 +77,7 @@ from typing import Any
 import trio
 
 from bench import sessions_daemon
+from bench.events import _fmt
 from bench.health import _wait_for_port
 from bench.publisher import raise_fd_limit
 
@@ -890,16 +891,6 @@ async def measure_concurrent(
 
 
 # -- the run and the table ------------------------------------------------------------------
-
-
-def _fmt(value: float) -> str:
-    if value != value:
-        return "nan"
-    if abs(value) >= 1000:
-        return f"{value:,.0f}"
-    if abs(value) >= 10:
-        return f"{value:.1f}"
-    return f"{value:.2f}"
 
 
 def run(workspace: Workspace, args: argparse.Namespace) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from lokid.prd import MAX_PRD_BYTES
 from . import fake_agent
 from .daemon_proc import DaemonProcess
 from .sessions_kit import Lab, install_fake_agent, lab, make_project
-from .test_session_records import SESSION_KEYS
+from .test_session_records import SESSION_KEYS, TASK_KEYS
 
 SLOW_PRD = """\
 # Slow app
@@ -49,21 +49,6 @@ OPTION_KEYS = {
     "model",
     "verify",
     "command",
-}
-TASK_KEYS = {
-    "id",
-    "sessionId",
-    "title",
-    "description",
-    "status",
-    "priority",
-    "attempts",
-    "agent",
-    "createdAt",
-    "startedAt",
-    "completedAt",
-    "error",
-    "source",
 }
 
 
