@@ -61,6 +61,7 @@ noticed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import math
@@ -76,7 +77,7 @@ import trio
 
 from lokid import __version__, lokidir, providers, sandbox, worktree
 from lokid.actor import Actor, ActorStatistics, WhenFull
-from lokid.actors.agent_pool import AgentPool
+from lokid.actors.agent_pool import AgentPool, PoolBusy, Slot
 from lokid.actors.event_bus import EventBus
 from lokid.actors.store import StoreActor
 from lokid.agent_host import AgentRun, AgentSpec, EndReason, RunResult, Stream
@@ -324,8 +325,9 @@ class SessionActor(Actor[Any]):
                         worker.scope.cancel()
                 return session
             case Resume():
+                session = await self._fire(Trigger.RESUME, data={"source": "api"})
                 await self._control_file(self.paths.pause, present=False)
-                return await self._fire(Trigger.RESUME, data={"source": "api"})
+                return session
             case Stop():
                 return await self._stop("api")
             case Input(message=text, source=source):
@@ -444,8 +446,10 @@ class SessionActor(Actor[Any]):
     async def _run(self) -> None:
         ending: Ending | None = None
         if self.status is not Status.STARTING:
-            # A restarted incarnation (after a crash of this actor): runs of the last
-            # one were stopped with its slots, their tasks run again.
+            # Not this session's first start (a crash restart of this actor, a resume,
+            # a paused session restored at daemon start): no run of it is alive now
+            # (slots stop their agents; reconciliation killed a dead daemon's), so
+            # tasks still marked active run again.
             await self.store.write(
                 lambda db: requeue_active_tasks(db, self.id, "run cut off: runner restarted")
             )
@@ -598,7 +602,8 @@ class SessionActor(Actor[Any]):
     def _parallel_limit(self) -> int:
         if not self.options.get("parallel"):
             return 1
-        return int(self.options.get("maxAgents") or self.pool.capacity)
+        wanted = int(self.options.get("maxAgents") or self.pool.capacity)
+        return min(wanted, self.pool.max_waiters_per_session)
 
     def _next_task(self, tasks: list[RunnerTask], now: float) -> RunnerTask | None:
         for task in tasks:  # already in run order
@@ -648,10 +653,13 @@ class SessionActor(Actor[Any]):
         appeared = controls.pause and not self._pause_file_seen
         vanished = self._pause_file_seen and not controls.pause
         self._pause_file_seen = controls.pause
-        if appeared and self.status is Status.RUNNING:
-            await self._fire(Trigger.PAUSE, data={"source": ".loki/PAUSE"})
-        elif vanished and self.status is Status.PAUSED:
-            await self._fire(Trigger.RESUME, data={"source": ".loki/PAUSE"})
+        # A command may change the status while we wait for the lock or a thread:
+        # then the file's request is refused like a late API call (it lost the race).
+        with contextlib.suppress(IllegalTransition):
+            if appeared and self.status is Status.RUNNING:
+                await self._fire(Trigger.PAUSE, data={"source": ".loki/PAUSE"})
+            elif vanished and self.status is Status.PAUSED:
+                await self._fire(Trigger.RESUME, data={"source": ".loki/PAUSE"})
         if controls.human_input and self.status in (Status.RUNNING, Status.PAUSED):
             try:
                 note = await trio.to_thread.run_sync(lokidir.consume_human_input, self.paths)
@@ -659,7 +667,14 @@ class SessionActor(Actor[Any]):
                 await self._warn("malformed_file", exc.message, file="HUMAN_INPUT.md")
             else:
                 if note is not None:
-                    await self._add_input(note.text, ".loki/HUMAN_INPUT.md")
+                    try:
+                        await self._add_input(note.text, ".loki/HUMAN_INPUT.md")
+                    except IllegalTransition as exc:
+                        await self._warn(
+                            "input_refused",
+                            f"HUMAN_INPUT.md not delivered: {exc.message}; "
+                            f"it is kept in {note.processed_path}",
+                        )
         if controls.completion_requested and self._completion is None:
             try:
                 request = await trio.to_thread.run_sync(
@@ -777,12 +792,17 @@ class SessionActor(Actor[Any]):
                     self.iteration -= 1  # paused or ending while we waited: no run
                     return
                 await self._run_task(worker, slot, task, iteration)
+        except PoolBusy:  # the pool's queue is full: this task waits for a later round
+            self.iteration -= 1
+            self._not_before[task.id] = trio.current_time() + self.settings.control_poll
         finally:
             self._workers.pop(task.id, None)
             self._controls_due = self._ingest_due = True
             self._poke()
 
-    async def _run_task(self, worker: _Worker, slot: Any, task: RunnerTask, iteration: int) -> None:
+    async def _run_task(
+        self, worker: _Worker, slot: Slot, task: RunnerTask, iteration: int
+    ) -> None:
         cwd = self.project_dir
         tree: worktree.Worktree | None = None
         if self.options.get("parallel") and await worktree.is_git_repo(self.project_dir):
@@ -806,7 +826,7 @@ class SessionActor(Actor[Any]):
     async def _run_agent(
         self,
         worker: _Worker,
-        slot: Any,
+        slot: Slot,
         task: RunnerTask,
         iteration: int,
         cwd: Path,
@@ -822,14 +842,19 @@ class SessionActor(Actor[Any]):
             previous_error=task.error,
             iteration=iteration,
         )
-        command = providers.build_command(
-            self.provider,
-            prompt,
-            model=None,
-            project_dir=cwd,
-            options={key: value for key, value in self.options.items() if value is not None},
-            resume=task.resume_id,
-        )
+        try:
+            command = providers.build_command(
+                self.provider,
+                prompt,
+                model=None,
+                project_dir=cwd,
+                options={key: value for key, value in self.options.items() if value is not None},
+                resume=task.resume_id,
+            )
+        except LokiError as exc:  # e.g. a prompt too large for a CLI that takes it in argv
+            failure = providers.Failure(providers.FailureKind.PERMANENT, "command", exc.message)
+            await self._task_failed(task, attempt, failure)
+            return
         argv: tuple[str, ...] = command.argv
         if self.options.get("sandbox"):
             writable = [self.project_dir, *_provider_state_dirs()]
@@ -918,6 +943,8 @@ class SessionActor(Actor[Any]):
             if result is not None:
                 self._survivors.extend(result.survivors)
         if result is None or run is None:
+            if worker.cut_by_pause:  # paused ?now=true before the agent started
+                await self._requeue(task, "stopped by pause ?now=true", resume_id)
             return
         outcome = parser.finish()
         if outcome.result is not None and outcome.result.cost_usd:
