@@ -149,3 +149,12 @@ async def lab(home: Path, **settings: Any) -> AsyncIterator[Lab]:
         httpx.AsyncClient(base_url=api(daemon), timeout=10) as client,
     ):
         yield Lab(daemon, client)
+
+
+def json_field(path: Path, key: str) -> Any:
+    """`key` of the JSON object in `path`, or None while the file does not exist yet
+    (the `.loki/` mirror follows the store within a second)."""
+    try:
+        return json.loads(path.read_text()).get(key)
+    except FileNotFoundError:
+        return None

@@ -21,7 +21,7 @@ import httpx
 
 from . import fake_agent
 from .daemon_proc import DaemonProcess
-from .sessions_kit import invocations, live_members, make_project
+from .sessions_kit import invocations, json_field, live_members, make_project
 
 WAIT = 30.0
 
@@ -186,7 +186,7 @@ def test_a_session_end_to_end_over_sse_and_shutdown_leaves_no_agent(
         assert [t["status"] for t in tasks] == ["completed", "completed"]
         orchestrator = done / ".loki" / "state" / "orchestrator.json"
         wait_until(
-            lambda: json.loads(orchestrator.read_text())["currentPhase"] == "COMPLETED",
+            lambda: json_field(orchestrator, "currentPhase") == "COMPLETED",
             "the mirror shows the end",
         )
 

@@ -18,6 +18,7 @@ from .sessions_kit import (
     eventually,
     install_fake_agent,
     invocations,
+    json_field,
     lab,
     live_members,
     make_project,
@@ -144,7 +145,7 @@ async def test_limits_end_the_session(tmp_path: Path, agent_log: Path) -> None:
         assert session["costUsd"] == pytest.approx(2 * 0.0123)
         autonomy = other / ".loki" / "autonomy-state.json"
         await eventually(  # the mirror follows the store
-            lambda: json.loads(autonomy.read_text())["status"] == "budget_exceeded",
+            lambda: json_field(autonomy, "status") == "budget_exceeded",
             "autonomy-state.json says budget_exceeded",
         )
 
@@ -469,8 +470,11 @@ async def test_a_new_session_ignores_the_queues_an_earlier_one_left(
         await lab_.wait_event(first, "task.started")
         assert (await lab_.post(f"/api/sessions/{first}/stop")).status_code == 200
         await lab_.wait_status(first, "stopped")
-        pending = json.loads((project / ".loki" / "queue" / "pending.json").read_text())
-        assert [t["id"] for t in pending] == ["prd-001", "prd-002"]  # the mirror of the stop
+        pending = project / ".loki" / "queue" / "pending.json"
+        await eventually(  # the mirror of the stop: both tasks back in the queue
+            lambda: [t["id"] for t in json.loads(pending.read_text())] == ["prd-001", "prd-002"],
+            "pending.json lists both tasks",
+        )
         (project / "prd.md").write_text("# App\n\n## Features\n- The only feature\n")
         second = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
         session = await lab_.wait_status(second, "completed", "failed")
