@@ -213,12 +213,58 @@ def _m0005_session_runner(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX idempotency_keys_age ON idempotency_keys (created_at)")
 
 
+def _m0006_tokens_and_audit(db: sqlite_utils.Database) -> None:
+    # API tokens (DESIGN.md §4): only the SHA-256 of a token is stored.
+    db.execute(
+        "CREATE TABLE api_tokens ("
+        " id TEXT PRIMARY KEY,"  # tok-...
+        " name TEXT NOT NULL,"
+        " token_sha256 TEXT NOT NULL UNIQUE,"
+        " scopes TEXT NOT NULL,"  # JSON list
+        " created_at TEXT NOT NULL,"
+        " expires_at TEXT,"
+        " revoked_at TEXT,"
+        " last_used_at TEXT"
+        ")"
+    )
+    # The hash-chained audit log (DESIGN.md §7); ids are assigned by the writer.
+    db.execute(
+        "CREATE TABLE audit_log ("
+        " id INTEGER PRIMARY KEY,"
+        " timestamp TEXT NOT NULL,"
+        " actor TEXT NOT NULL,"
+        " action TEXT NOT NULL,"
+        " resource TEXT,"
+        " method TEXT,"
+        " path TEXT,"
+        " status INTEGER,"
+        " ip TEXT,"
+        " details TEXT NOT NULL,"  # JSON object
+        " prev_hash TEXT NOT NULL,"
+        " hash TEXT NOT NULL"
+        ")"
+    )
+    db.execute("CREATE INDEX audit_log_timestamp ON audit_log (timestamp, id)")
+    db.execute("CREATE INDEX audit_log_action ON audit_log (action, id)")
+    # The chain's head, kept apart from the entries so that truncating or
+    # deleting entries is detectable (one row, updated with every append).
+    db.execute(
+        "CREATE TABLE audit_anchor ("
+        " one INTEGER PRIMARY KEY CHECK (one = 1),"
+        " last_id INTEGER NOT NULL,"
+        " last_hash TEXT NOT NULL,"
+        " entries INTEGER NOT NULL"
+        ")"
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "meta and daemon_runs", _m0001_meta_and_daemon_runs),
     Migration(2, "events", _m0002_events),
     Migration(3, "agents", _m0003_agents),
     Migration(4, "sessions and tasks", _m0004_sessions_and_tasks),
     Migration(5, "session runner", _m0005_session_runner),
+    Migration(6, "tokens and audit", _m0006_tokens_and_audit),
 )
 
 
