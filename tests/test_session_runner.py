@@ -557,3 +557,26 @@ async def test_a_run_without_a_result_is_a_transient_failure(
         assert (session["status"], session["exitReason"]) == ("failed", "tasksFailed")
         failures = await lab_.events(sid, "task.failed")
         assert [f["data"]["code"] for f in failures] == ["no_result"] * 3
+
+
+async def test_a_start_beyond_max_sessions_is_a_503_and_stores_nothing(
+    tmp_path: Path, agent_log: Path
+) -> None:
+    busy = make_project(tmp_path, "# App\n\n## Features\n- Long [mode:slow] [seconds:30]\n")
+    other = make_project(tmp_path, name="other")
+    async with lab(tmp_path / "home", max_sessions=1) as lab_:
+        first = (await lab_.create({"prd": str(busy / "prd.md")}))["id"]
+        await lab_.wait_event(first, "task.started")
+        answer = await lab_.post("/api/sessions", {"prd": str(other / "prd.md")})
+        assert answer.status_code == 503
+        error = answer.json()["error"]
+        assert error["code"] == "UNAVAILABLE" and "max_sessions" in error["message"]
+        listed = (await lab_.client.get("/api/sessions")).json()
+        assert [s["id"] for s in listed["sessions"]] == [first]
+        assert (await lab_.post(f"/api/sessions/{first}/stop")).status_code == 200
+        await lab_.wait_status(first, "stopped")
+        await eventually(
+            lambda: lab_.daemon.sessions.supervisor.count_children().specs == 0,
+            "the stopped session's child is gone",
+        )
+        assert (await lab_.post("/api/sessions", {"prd": str(other / "prd.md")})).status_code == 201

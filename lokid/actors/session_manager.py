@@ -189,7 +189,10 @@ class SessionManager(Actor[Any]):
         async with trio.open_nursery() as nursery:
             await nursery.start(self.supervisor.run)
             for session_id in self._to_restore:
-                await self._start_actor(session_id)
+                try:
+                    await self._start_actor(session_id)
+                except Unavailable as exc:
+                    log.error("paused session %s has no actor: %s", session_id, exc)
             for session_id in self._to_resume:
                 try:
                     await self._offline(session_id, Resume(), source="LOKI_RESUME_ON_START")
@@ -209,6 +212,7 @@ class SessionManager(Actor[Any]):
         """`POST /api/sessions`: (201, `{id, status, createdAt}`), or a remembered answer."""
         if not self.running:
             raise Unavailable("the session manager is not running")
+        self._check_capacity()
         request: SessionRequest = await trio.to_thread.run_sync(
             functools.partial(
                 parse_session_request,
@@ -247,8 +251,20 @@ class SessionManager(Actor[Any]):
                 self._initial.pop(session_id, None)
                 await self._fail_offline(session_id, "bootstrapFailed", exc.message)
                 return status, answer
-        await self._start_actor(session_id)
+        try:
+            await self._start_actor(session_id)
+        except Unavailable as exc:  # recorded, but it cannot run: say so on the session
+            await self._fail_offline(session_id, "runnerUnavailable", exc.message)
+            raise
         return status, answer
+
+    def _check_capacity(self) -> None:
+        if self.supervisor.count_children().specs >= self.max_sessions:
+            raise Unavailable(
+                f"{self.max_sessions} sessions are live (max_sessions); "
+                "try again when one has ended",
+                details={"maxSessions": self.max_sessions},
+            )
 
     async def _start_actor(self, session_id: str) -> None:
         spec = ChildSpec(
@@ -262,7 +278,6 @@ class SessionManager(Actor[Any]):
             await self.supervisor.start_child(spec)
         except LokiError as exc:
             self._initial.pop(session_id, None)
-            await self._fail_offline(session_id, "runnerUnavailable", exc.message)
             raise Unavailable(f"could not start session {session_id}: {exc.message}") from None
 
     async def _run_session(self, session_id: str, *, task_status: Any) -> None:
@@ -318,6 +333,8 @@ class SessionManager(Actor[Any]):
         if is_active(status):
             # Active without an actor: it is being started or finishing right now.
             raise Unavailable(f"session {session_id} is changing state; retry")
+        if transition.after is Status.RUNNING:
+            self._check_capacity()
         fields: dict[str, Any] = {"status": transition.after.value}
         if transition.after is Status.STOPPED:
             fields.update(ended_at=utc_now_iso(), exit_reason="stopped")
@@ -334,7 +351,19 @@ class SessionManager(Actor[Any]):
                 event, session_id, Level.INFO, {"status": transition.after.value, "source": source}
             )
         if transition.after is Status.RUNNING:
-            await self._start_actor(session_id)
+            try:
+                await self._start_actor(session_id)
+            except Unavailable as exc:  # back to where it was: the resume did not happen
+                await self.store.write(
+                    lambda db: update_session(db, session_id, status=status.value)
+                )
+                await self.bus.publish(
+                    "session.interrupted",
+                    session_id,
+                    Level.WARNING,
+                    {"status": status.value, "reason": exc.message},
+                )
+                raise
         return session
 
     async def _fail_offline(self, session_id: str, reason: str, detail: str) -> None:
