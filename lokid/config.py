@@ -18,7 +18,9 @@ from typing import Any
 
 import attrs
 
+from lokid.cors import CorsPolicy
 from lokid.errors import ConfigError
+from lokid.ratelimit import RateLimit, parse_rate_limit
 
 PROVIDERS = ("claude", "codex", "gemini", "aider", "cline", "opencode", "command")
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
@@ -77,6 +79,12 @@ SETTINGS: dict[str, Setting] = {
     ),
     "retry_cap": Setting("LOKI_RETRY_CAP", "Longest backoff between retries, seconds"),
     "max_sessions": Setting("LOKI_MAX_SESSIONS", "Sessions that may be active at once"),
+    "rate_limit": Setting(
+        "LOKI_RATE_LIMIT", "Requests per window per token or client, e.g. 100/60; off if unset"
+    ),
+    "cors_origins": Setting(
+        "LOKI_CORS_ORIGINS", "Comma-separated origins allowed by CORS; off if unset"
+    ),
 }
 
 
@@ -160,6 +168,18 @@ def _log_level(value: Any) -> str:
     return text
 
 
+def _rate_limit(value: Any) -> RateLimit | None:
+    text = str(value).strip()
+    if text.lower() in ("", "off", "none", "false", "0"):
+        return None
+    return parse_rate_limit(text)
+
+
+def _cors_origins(value: Any) -> tuple[str, ...]:
+    text = ", ".join(value) if isinstance(value, list) else str(value)
+    return tuple(sorted(CorsPolicy.from_setting(text).origins))
+
+
 PARSERS: dict[str, Callable[[Any], Any]] = {
     "api_host": _text,
     "api_port": _port,
@@ -183,6 +203,8 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "retry_base": _positive_float,
     "retry_cap": _positive_float,
     "max_sessions": _positive_int,
+    "rate_limit": _rate_limit,
+    "cors_origins": _cors_origins,
 }
 
 
@@ -213,6 +235,8 @@ class Config:
     retry_base: float = 2.0
     retry_cap: float = 300.0
     max_sessions: int = 1000
+    rate_limit: RateLimit | None = None
+    cors_origins: tuple[str, ...] = ()
     config_file: Path | None = None
     sources: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False)
 

@@ -94,3 +94,21 @@ def test_every_setting_has_a_parser_and_a_field(tmp_path: Path) -> None:
     fields = {f.name for f in Config.__attrs_attrs__}
     assert set(SETTINGS) == set(PARSERS)
     assert set(SETTINGS) <= fields
+
+
+def test_rate_limit_and_cors_origins_are_parsed_and_checked(tmp_path: Path) -> None:
+    env = {
+        "LOKI_HOME": str(tmp_path),
+        "LOKI_RATE_LIMIT": "100/1m",
+        "LOKI_CORS_ORIGINS": "https://A.example:443, http://localhost:3000,",
+    }
+    config = load_config({}, environ=env)
+    assert config.rate_limit is not None
+    assert (config.rate_limit.limit, config.rate_limit.window) == (100, 60.0)
+    assert config.cors_origins == ("http://localhost:3000", "https://a.example")
+    off = load_config({}, environ={"LOKI_HOME": str(tmp_path), "LOKI_RATE_LIMIT": "off"})
+    assert off.rate_limit is None and off.cors_origins == ()
+    with pytest.raises(ConfigError, match="LOKI_RATE_LIMIT"):
+        load_config({}, environ={**env, "LOKI_RATE_LIMIT": "100 per minute"})
+    with pytest.raises(ConfigError, match="never answers arbitrary origins"):
+        load_config({}, environ={**env, "LOKI_CORS_ORIGINS": "*"})
