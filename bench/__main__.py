@@ -10,6 +10,7 @@ BENCHMARKS = {
     "events": "bench.events",
     "burst": "bench.burst",
     "sessions": "bench.sessions",
+    "audit": "bench.audit",
 }
 
 

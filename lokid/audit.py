@@ -1,0 +1,850 @@
+"""The audit log's records, hash chain and queries (DESIGN.md §7). Pure: no I/O, no trio.
+
+Rules:
+
+* An entry is `{"id", "timestamp", "actor", "action", "resource", "method",
+  "path", "status", "ip", "details", "prev_hash", "hash"}`. `id` is assigned
+  by the audit writer: 1, 2, 3, ... with no gap, in commit order.
+* **What is hashed.** `hash = sha256_hex(prev_hash + canonical_json(entry
+  without "hash"))`, UTF-8. The canonical JSON covers the eleven
+  `HASHED_FIELDS` - `id` and `prev_hash` included, so renumbering or moving
+  an entry changes its hash just like editing it - with sorted keys (also
+  inside `details`), no whitespace (`","` and `":"`), non-ASCII kept as is
+  (`ensure_ascii=False`), no NaN or infinity. `None` is JSON `null`, `status`
+  an integer. The first entry's `prev_hash` is `GENESIS` (64 zeros).
+* **An entry is normalised before it is hashed** (`normalise`), so that what
+  is hashed is exactly what is stored and read back: text fields are cut to
+  a stated length (`…` marks the cut) and cleaned of unpaired surrogates,
+  `details` goes through one JSON round trip (keys become strings, tuples
+  lists, unknown objects `str()`); details that cannot be JSON at all (NaN,
+  a cycle) or whose JSON exceeds `MAX_DETAILS_BYTES` are replaced by a small
+  object saying so. Recording a request never fails because of its details.
+* **The chain head is anchored outside the entries** (`Anchor`: last id,
+  last hash, entry count, one row updated in the same transaction as every
+  append). Deleting the newest entries, or all of them, leaves the anchor
+  pointing past the table: `truncated`.
+* **`verify`** walks the entries in id order and reports the first problem,
+  checked in this order for each entry: its id is the next one (else `gap`:
+  the missing id), its hash matches its fields (else `edited`, or
+  `reordered` when the entry is intact but was written under another id),
+  its `prev_hash` is the previous entry's hash (else `broken link`); after
+  the last entry, the anchor: missing while entries exist (`anchor missing`),
+  ahead of the table (`truncated`: the first missing id), or disagreeing
+  with it otherwise (`anchor mismatch`). Only the first problem is reported:
+  later entries are not trusted after it. No anchor and no entry is a valid,
+  empty log.
+* What the chain cannot show: someone who can write the database file can
+  rewrite every entry *and* the anchor consistently. Record the head that
+  `verify` prints (`head_id`, `head_hash`) somewhere else to detect that.
+* **Actions** are `<resource>.<verb>` (`session.create`, `token.revoke`),
+  found from the method and the route template (`ROUTE_ACTIONS`); a request
+  to a route not in the table is `<method lower> <path>`. An `action`
+  filter is exact, or a family `session.*` (everything before the first dot
+  is `session`); `*` alone is not a filter.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from lokid.errors import InvalidQuery
+from lokid.timefmt import iso
+
+__all__ = [
+    "DEFAULT_LIMIT",
+    "GENESIS",
+    "HASHED_FIELDS",
+    "MAX_DETAILS_BYTES",
+    "MAX_LIMIT",
+    "MAX_OFFSET",
+    "ROUTE_ACTIONS",
+    "Anchor",
+    "AuditEntry",
+    "AuditQuery",
+    "ChainReport",
+    "ChainVerifier",
+    "Head",
+    "Problem",
+    "Route",
+    "action_for",
+    "action_matches",
+    "action_sql",
+    "canonical_json",
+    "classify",
+    "details_json",
+    "entry_hash",
+    "normalise",
+    "parse_action_filter",
+    "parse_timestamp",
+    "resume_head",
+    "verify",
+]
+
+GENESIS = "0" * 64
+"""The `prev_hash` of entry 1."""
+
+HASHED_FIELDS: tuple[str, ...] = (
+    "id",
+    "timestamp",
+    "actor",
+    "action",
+    "resource",
+    "method",
+    "path",
+    "status",
+    "ip",
+    "details",
+    "prev_hash",
+)
+"""Every field of an entry but `hash`; all of them are hashed."""
+
+# Bounds of the text fields (characters) and of the details' JSON (UTF-8 bytes).
+MAX_ACTOR = 200
+MAX_ACTION = 200
+MAX_RESOURCE = 500
+MAX_METHOD = 16
+MAX_PATH = 2048
+MAX_IP = 100
+MAX_DETAILS_BYTES = 16 * 1024
+
+# Queries.
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+MAX_OFFSET = 2**62
+MAX_FILTER_CHARS = 200
+
+MAX_REORDER_SEARCH = 10_000_000
+"""Ids tried to find where a displaced entry was written (about 1 µs each)."""
+
+
+# -- records -----------------------------------------------------------------------
+
+
+@attrs.frozen
+class AuditEntry:
+    """One committed audit entry, as stored and as served (snake_case JSON)."""
+
+    id: int
+    timestamp: str
+    actor: str
+    action: str
+    resource: str | None
+    method: str | None
+    path: str | None
+    status: int | None
+    ip: str | None
+    details: Any  # a JSON object; whatever is stored when read back from an edited row
+    prev_hash: str
+    hash: str
+
+    def fields(self) -> dict[str, Any]:
+        """The hashed fields (everything but `hash`)."""
+        return {name: getattr(self, name) for name in HASHED_FIELDS}
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.fields(), "hash": self.hash}
+
+
+@attrs.frozen
+class Anchor:
+    """The chain head kept apart from the entries (table `audit_anchor`)."""
+
+    last_id: int
+    last_hash: str
+    entries: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"last_id": self.last_id, "last_hash": self.last_hash, "entries": self.entries}
+
+
+@attrs.frozen
+class Head:
+    """Where the writer goes on: the next entry is `last_id + 1` with `prev_hash = last_hash`.
+
+    `problem` says why this head is not simply the anchor's (None when the
+    anchor and the newest entry agree).
+    """
+
+    last_id: int
+    last_hash: str
+    problem: str | None = None
+
+
+def resume_head(anchor: Anchor | None, newest: tuple[int, str] | None) -> Head:
+    """Where to continue the chain, from the anchor and the newest entry's (id, hash).
+
+    The writer never repairs: when the two disagree it continues from the
+    anchor's hash (from `GENESIS` if the anchor is missing), with an id past
+    both, so the break found now is still found by every later `verify`
+    (as a `gap` or a `broken link`) instead of being papered over.
+    """
+    if anchor is None:
+        if newest is None:
+            return Head(0, GENESIS)
+        return Head(
+            newest[0],
+            GENESIS,
+            f"anchor missing while the table holds entries up to {newest[0]}: continuing at "
+            f"{newest[0] + 1} from the genesis hash",
+        )
+    head = Head(max(anchor.last_id, newest[0] if newest else 0), anchor.last_hash)
+    if newest is None:
+        if anchor.last_id == 0:
+            return head
+        problem = f"truncated: the anchor's head is entry {anchor.last_id} but the table is empty"
+    elif newest[0] < anchor.last_id:
+        problem = (
+            f"truncated: the anchor's head is entry {anchor.last_id} but the newest entry "
+            f"is {newest[0]}"
+        )
+    elif newest[0] > anchor.last_id:
+        problem = f"entries {anchor.last_id + 1}-{newest[0]} lie beyond the anchor's head"
+    elif newest[1] != anchor.last_hash:
+        problem = f"entry {newest[0]}'s hash differs from the anchor's"
+    elif anchor.entries != anchor.last_id:
+        problem = f"the anchor counts {anchor.entries} entries for head {anchor.last_id}"
+    else:
+        return head
+    return attrs.evolve(head, problem=problem)
+
+
+# -- canonical form and hash ----------------------------------------------------------
+
+
+_DETAILS_ENCODER = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+_encode_text = json.encoder.encode_basestring  # what ensure_ascii=False uses, in C
+
+
+def canonical_json(fields: Mapping[str, Any]) -> str:
+    """The canonical JSON of an entry's `HASHED_FIELDS` (other keys, e.g. `hash`, ignored).
+
+    Equal to `json.dumps({k: fields[k] for k in HASHED_FIELDS}, sort_keys=True,
+    separators=(",", ":"), ensure_ascii=False, allow_nan=False)` - the
+    definition, which the tests check this against - but built by hand for
+    the usual field types (a third of the time). Raises `KeyError` if a
+    hashed field is missing, `ValueError`/`TypeError` for values that are
+    not JSON (entries from `normalise` never are).
+    """
+    return _canonical(fields, _DETAILS_ENCODER.encode(fields["details"]))
+
+
+def _canonical(fields: Mapping[str, Any], details_json: str) -> str:
+    """`canonical_json` with the details' canonical JSON already made."""
+    ident = fields["id"]
+    status = fields["status"]
+    if type(ident) is not int or not (status is None or type(status) is int):
+        return _canonical_slow(fields)
+    try:
+        return (
+            '{"action":'
+            + _encode_text(fields["action"])
+            + ',"actor":'
+            + _encode_text(fields["actor"])
+            + ',"details":'
+            + details_json
+            + ',"id":'
+            + str(ident)
+            + ',"ip":'
+            + _text_or_null(fields["ip"])
+            + ',"method":'
+            + _text_or_null(fields["method"])
+            + ',"path":'
+            + _text_or_null(fields["path"])
+            + ',"prev_hash":'
+            + _encode_text(fields["prev_hash"])
+            + ',"resource":'
+            + _text_or_null(fields["resource"])
+            + ',"status":'
+            + ("null" if status is None else str(status))
+            + ',"timestamp":'
+            + _encode_text(fields["timestamp"])
+            + "}"
+        )
+    except TypeError:  # a text field that is not text (an edited row): the definition
+        return _canonical_slow(fields)
+
+
+def _text_or_null(value: str | None) -> str:
+    return "null" if value is None else _encode_text(value)
+
+
+def _canonical_slow(fields: Mapping[str, Any]) -> str:
+    return json.dumps(
+        {name: fields[name] for name in HASHED_FIELDS},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        allow_nan=False,
+    )
+
+
+def entry_hash(
+    prev_hash: str, fields: Mapping[str, Any], *, details_json: str | None = None
+) -> str:
+    """`sha256_hex(prev_hash + canonical_json(fields))`; `fields` include `prev_hash` too.
+
+    `details_json`: the details' canonical JSON if the caller has it already.
+    """
+    if details_json is None:
+        details_json = _DETAILS_ENCODER.encode(fields["details"])
+    text = prev_hash + _canonical(fields, details_json)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def details_json(details: Any) -> str:
+    """The canonical JSON of a `details` value (sorted keys, compact): how it is stored."""
+    return _DETAILS_ENCODER.encode(details)
+
+
+def normalise(
+    *,
+    actor: str,
+    action: str,
+    resource: str | None = None,
+    method: str | None = None,
+    path: str | None = None,
+    status: int | None = None,
+    ip: str | None = None,
+    details: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The stored form of an entry's caller-given fields (see the module rules).
+
+    Raises `TypeError` for a `status` that is not an integer or None (a bug
+    in the caller: statuses come from the HTTP layer).
+    """
+    if status is not None and (isinstance(status, bool) or not isinstance(status, int)):
+        raise TypeError(f"status must be an int or None, got {status!r}")
+    return {
+        "actor": _text(actor, MAX_ACTOR),
+        "action": _text(action, MAX_ACTION),
+        "resource": _optional_text(resource, MAX_RESOURCE),
+        "method": None if method is None else _text(method, MAX_METHOD).upper(),
+        "path": _optional_text(path, MAX_PATH),
+        "status": status,
+        "ip": _optional_text(ip, MAX_IP),
+        "details": _details(details),
+    }
+
+
+def _text(value: object, limit: int) -> str:
+    text = value if isinstance(value, str) else str(value)
+    if not text.isascii():
+        text = text.encode("utf-8", "replace").decode("utf-8")  # unpaired surrogates -> "?"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _optional_text(value: object, limit: int) -> str | None:
+    return None if value is None else _text(value, limit)
+
+
+def _details(details: Mapping[str, Any] | None) -> dict[str, Any]:
+    if not details:
+        return {}
+    if _plain(details):
+        return dict(details)  # the round trip below would not change it
+    try:
+        text = json.dumps(dict(details), ensure_ascii=False, allow_nan=False, default=str)
+    except (TypeError, ValueError, RecursionError) as exc:
+        return {"_unrecordable": f"{type(exc).__name__}: {exc}"[:200]}
+    raw = text.encode("utf-8", "replace")
+    if len(raw) > MAX_DETAILS_BYTES:
+        return {
+            "_truncated": True,
+            "_bytes": len(raw),
+            "_sha256": hashlib.sha256(raw).hexdigest(),
+        }
+    value: dict[str, Any] = json.loads(raw.decode("utf-8"))
+    return value
+
+
+def _plain(details: Mapping[str, Any]) -> bool:
+    """Small, flat, ASCII text keys and values, ints of 64 bits, bools, None: the
+    common case, whose JSON is certainly under `MAX_DETAILS_BYTES`."""
+    if len(details) > 32:
+        return False
+    for key, value in details.items():
+        if type(key) is not str or len(key) > 64 or not key.isascii():
+            return False
+        kind = type(value)
+        if kind is str:
+            if len(value) > 256 or not value.isascii():
+                return False
+        elif kind is int:
+            if not -(2**63) <= value < 2**63:
+                return False
+        elif kind is not bool and value is not None:
+            return False
+    return True
+
+
+# -- verification -------------------------------------------------------------------
+
+
+class Problem(enum.Enum):
+    """Why a chain is not valid; the value is the word `loki audit verify` prints."""
+
+    EDITED = "edited"
+    BROKEN_LINK = "broken link"
+    GAP = "gap"
+    REORDERED = "reordered"
+    TRUNCATED = "truncated"
+    ANCHOR_MISSING = "anchor missing"
+    ANCHOR_MISMATCH = "anchor mismatch"
+
+
+@attrs.frozen
+class ChainReport:
+    """The verdict on a chain.
+
+    `entries_checked` counts the entries verified up to the verdict (all of
+    them when valid, up to and including the first bad one otherwise).
+    `first_bad_id` is the id of the first bad or missing entry (None when
+    valid, and for `anchor missing`, which names no entry). `head_id` and
+    `head_hash` are the last entry checked and found good (0 and `GENESIS`
+    for an empty log): for a valid chain, its head - worth recording
+    elsewhere.
+    """
+
+    valid: bool
+    entries_checked: int
+    first_bad_id: int | None
+    problem: Problem | None
+    message: str
+    head_id: int
+    head_hash: str
+    anchor: Anchor | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "valid": self.valid,
+            "entries_checked": self.entries_checked,
+            "first_bad_id": self.first_bad_id,
+            "reason": None if self.problem is None else self.problem.value,
+            "message": self.message,
+            "head_id": self.head_id,
+            "head_hash": self.head_hash,
+            "anchor": None if self.anchor is None else self.anchor.to_json(),
+        }
+
+
+@attrs.frozen
+class _Found:
+    problem: Problem
+    entry_id: int | None
+    message: str
+
+
+class ChainVerifier:
+    """Streaming `verify`: `feed` pages of entries in id order, then `finish(anchor)`.
+
+    Memory is constant whatever the length of the chain. After the first
+    problem the verifier needs no more entries (`wants_more` turns False),
+    except when an entry looks displaced: then it reads on (without hashing)
+    to learn the highest id, the range in which `finish` searches the id the
+    entry was written under.
+    """
+
+    def __init__(self) -> None:
+        self._next_id = 1
+        self._prev_hash = GENESIS
+        self._checked = 0
+        self._found: _Found | None = None
+        self._displaced: AuditEntry | None = None  # hash and link both wrong: moved?
+        self._max_id = 0
+
+    @property
+    def wants_more(self) -> bool:
+        return self._found is None or self._displaced is not None
+
+    def feed(self, entries: Iterable[AuditEntry]) -> None:
+        for entry in entries:
+            if self._found is None:
+                self._check(entry)
+            elif self._displaced is None:
+                return
+            self._max_id = max(self._max_id, entry.id)
+
+    def _check(self, entry: AuditEntry) -> None:
+        expected = self._next_id
+        if entry.id != expected:
+            if entry.id > expected:
+                missing = (
+                    f"entry {expected} is missing"
+                    if entry.id == expected + 1
+                    else f"entries {expected}-{entry.id - 1} are missing"
+                )
+                self._found = _Found(Problem.GAP, expected, f"{missing} (next is {entry.id})")
+            else:
+                self._checked += 1
+                self._found = _Found(
+                    Problem.REORDERED, entry.id, f"entry {entry.id} comes after {expected - 1}"
+                )
+            return
+        self._checked += 1
+        try:
+            good = entry_hash(entry.prev_hash, entry.fields()) == entry.hash
+        except (TypeError, ValueError):  # a stored value JSON cannot represent
+            good = False
+        linked = entry.prev_hash == self._prev_hash
+        if not good:
+            self._found = _Found(
+                Problem.EDITED, entry.id, f"entry {entry.id}'s hash does not match its fields"
+            )
+            if not linked:
+                self._displaced = entry
+            return
+        if not linked:
+            self._found = _Found(
+                Problem.BROKEN_LINK,
+                entry.id,
+                f"entry {entry.id}'s prev_hash is not entry {entry.id - 1}'s hash "
+                f"(entry {entry.id - 1} was changed and re-hashed, or {entry.id} was)",
+            )
+            return
+        self._next_id = expected + 1
+        self._prev_hash = entry.hash
+
+    def finish(self, anchor: Anchor | None) -> ChainReport:
+        found = self._found
+        if found is not None and self._displaced is not None:
+            limit = max(self._max_id, anchor.last_id if anchor is not None else 0)
+            written_as = _written_as(self._displaced, limit)
+            if written_as is not None:
+                at = self._displaced.id
+                found = _Found(
+                    Problem.REORDERED, at, f"entry {at} holds the entry written as {written_as}"
+                )
+        if found is None:
+            found = self._check_anchor(anchor)
+        head_id = self._next_id - 1
+        if found is None:
+            message = "empty audit log" if head_id == 0 else f"{head_id} entries, chain valid"
+            return ChainReport(
+                True, self._checked, None, None, message, head_id, self._prev_hash, anchor
+            )
+        return ChainReport(
+            False,
+            self._checked,
+            found.entry_id,
+            found.problem,
+            found.message,
+            head_id,
+            self._prev_hash,
+            anchor,
+        )
+
+    def _check_anchor(self, anchor: Anchor | None) -> _Found | None:
+        last = self._next_id - 1
+        if anchor is None:
+            if last == 0:
+                return None
+            return _Found(
+                Problem.ANCHOR_MISSING,
+                None,
+                f"the table holds {last} entries but the chain head (audit_anchor) is missing",
+            )
+        if anchor.last_id > last:
+            return _Found(
+                Problem.TRUNCATED,
+                last + 1,
+                f"the anchor's head is entry {anchor.last_id} but the last entry is "
+                + (f"{last}" if last else "none: the table is empty"),
+            )
+        if anchor.last_id < last:
+            return _Found(
+                Problem.ANCHOR_MISMATCH,
+                anchor.last_id + 1,
+                f"entries after the anchor's head {anchor.last_id}: written outside the "
+                "audit writer, or the anchor was rolled back",
+            )
+        if anchor.last_hash != self._prev_hash:
+            return _Found(
+                Problem.ANCHOR_MISMATCH,
+                last or None,
+                f"entry {last}'s hash is not the anchor's: the chain was rewritten "
+                "or the anchor edited",
+            )
+        if anchor.entries != last:
+            return _Found(
+                Problem.ANCHOR_MISMATCH,
+                None,
+                f"the anchor counts {anchor.entries} entries for head {last}: it was edited",
+            )
+        return None
+
+
+def _written_as(entry: AuditEntry, limit: int) -> int | None:
+    """The id under which `entry`'s stored hash is valid (other fields unchanged), if any.
+
+    The canonical JSON differs between two ids only where the id is
+    written, so each candidate costs one SHA-256 of a copied prefix state.
+    """
+    try:
+        zero = canonical_json({**entry.fields(), "id": 0})
+        one = canonical_json({**entry.fields(), "id": 1})
+    except (TypeError, ValueError):
+        return None
+    at = next(i for i, (a, b) in enumerate(zip(zero, one, strict=True)) if a != b)
+    prefix = hashlib.sha256((entry.prev_hash + zero[:at]).encode("utf-8", "surrogatepass"))
+    suffix = zero[at + 1 :].encode("utf-8", "surrogatepass")
+    for candidate in range(1, min(limit, MAX_REORDER_SEARCH) + 1):
+        if candidate == entry.id:
+            continue
+        digest = prefix.copy()
+        digest.update(str(candidate).encode())
+        digest.update(suffix)
+        if digest.hexdigest() == entry.hash:
+            return candidate
+    return None
+
+
+def verify(entries: Iterable[AuditEntry], anchor: Anchor | None) -> ChainReport:
+    """Check a whole chain given in id order against its anchor (see the module rules)."""
+    verifier = ChainVerifier()
+    verifier.feed(entries)
+    return verifier.finish(anchor)
+
+
+# -- actions -----------------------------------------------------------------------
+
+
+@attrs.frozen
+class Route:
+    """What an HTTP request is, for the audit log: its action and the id it names."""
+
+    action: str
+    resource: str | None
+
+
+ROUTE_ACTIONS: tuple[tuple[str, str, str], ...] = (
+    # (method, path template, action); `{id}` matches one path segment
+    ("POST", "/api/sessions", "session.create"),
+    ("DELETE", "/api/sessions/{id}", "session.delete"),
+    ("POST", "/api/sessions/{id}/stop", "session.stop"),
+    ("POST", "/api/sessions/{id}/pause", "session.pause"),
+    ("POST", "/api/sessions/{id}/resume", "session.resume"),
+    ("POST", "/api/sessions/{id}/input", "session.input"),
+    ("POST", "/api/projects", "project.create"),
+    ("PUT", "/api/projects/{id}", "project.update"),
+    ("PATCH", "/api/projects/{id}", "project.update"),
+    ("DELETE", "/api/projects/{id}", "project.delete"),
+    ("POST", "/api/tasks", "task.create"),
+    ("PUT", "/api/tasks/{id}", "task.update"),
+    ("PATCH", "/api/tasks/{id}", "task.update"),
+    ("DELETE", "/api/tasks/{id}", "task.delete"),
+    ("POST", "/api/tasks/{id}/move", "task.move"),
+    ("POST", "/api/registry/projects", "registry.add"),
+    ("DELETE", "/api/registry/projects/{id}", "registry.remove"),
+    ("POST", "/api/registry/sync", "registry.sync"),
+    ("POST", "/api/enterprise/tokens", "token.create"),
+    ("DELETE", "/api/enterprise/tokens/{id}", "token.revoke"),
+)
+
+_ROUTES: dict[tuple[str, int], list[tuple[tuple[str, ...], str]]] = {}
+for _method, _template, _action in ROUTE_ACTIONS:
+    _parts = tuple(_template.strip("/").split("/"))
+    _ROUTES.setdefault((_method, len(_parts)), []).append((_parts, _action))
+
+
+def classify(method: str, path: str) -> Route:
+    """The action of a request and the id its path names (the `{id}` segment), if any.
+
+    `path` is the request path; a query string is ignored. Unknown routes
+    get the fallback action `<method lower> <path>` (path cut at `MAX_PATH`).
+    """
+    method = method.upper()
+    path = path.split("?", 1)[0]
+    parts = tuple(path.strip("/").split("/"))
+    for template, action in _ROUTES.get((method, len(parts)), ()):
+        resource = None
+        for want, got in zip(template, parts, strict=True):
+            if want == "{id}":
+                if not got:
+                    break
+                resource = got
+            elif want != got:
+                break
+        else:
+            return Route(action, resource)
+    return Route(_text(f"{method.lower()} {path}", MAX_ACTION), None)
+
+
+def action_for(method: str, path: str) -> str:
+    """`classify(method, path).action`: e.g. `POST /api/sessions/s-1/stop` is `session.stop`."""
+    return classify(method, path).action
+
+
+_FAMILY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def parse_action_filter(value: str | None) -> str | None:
+    """An `action` query value, checked: exact (`session.stop`) or a family (`session.*`)."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not text or len(text) > MAX_FILTER_CHARS:
+        raise InvalidQuery(
+            f"action must be 1-{MAX_FILTER_CHARS} characters, e.g. session.create or session.*",
+            field="action",
+        )
+    if text.endswith(".*"):
+        if not _FAMILY.fullmatch(text[:-2]):
+            raise InvalidQuery(
+                f"action family must be a name followed by .*, e.g. session.*; got {text[:50]!r}",
+                field="action",
+            )
+    elif "*" in text:
+        raise InvalidQuery(
+            f"action takes * only as a family suffix (session.*); got {text[:50]!r}",
+            field="action",
+        )
+    return text
+
+
+def action_matches(pattern: str, action: str) -> bool:
+    """Whether `action` passes the filter `pattern` (exact, or `family.*`)."""
+    if pattern.endswith(".*"):
+        return action.startswith(pattern[:-1])
+    return action == pattern
+
+
+def action_sql(pattern: str) -> tuple[str, list[str]]:
+    """An SQL condition on column `action` for the filter (a range for a family: uses the index)."""
+    if pattern.endswith(".*"):
+        family = pattern[:-1]  # "session."
+        return "action >= ? AND action < ?", [family, family[:-1] + "/"]  # "/" follows "."
+    return "action = ?", [pattern]
+
+
+# -- queries -----------------------------------------------------------------------
+
+_TIMESTAMP = re.compile(  # [0-9], not \d: no other script's digits
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
+    r"(?:T[0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]{1,9})?)?(?:Z|[+-][0-9]{2}:[0-9]{2}))?"
+)
+
+
+def parse_timestamp(value: str, *, field: str, end: bool = False) -> str:
+    """A `start`/`end` bound as a stored timestamp (`...T..:..:..mmmZ`); 400 if not strict ISO.
+
+    Accepted: a date `YYYY-MM-DD` (UTC), or `YYYY-MM-DDTHH:MM[:SS[.fraction]]`
+    with `Z` or `±HH:MM`. A time without zone is refused (which zone?). A
+    bare date means the start of that day for `start` and the start of the
+    next day for `end` (bounds are `start <= timestamp < end`, so
+    `start=end=<day>` is that whole day). Fractions finer than a millisecond
+    are rounded up, which keeps both comparisons exact on stored values.
+    """
+    text = value.strip()
+    if not _TIMESTAMP.fullmatch(text):
+        hint = ""
+        if " " in text:
+            hint = " (a + in a query string reads as a space: write %2B)"
+        raise InvalidQuery(
+            f"{field} must be an ISO-8601 date or time with a zone, e.g. 2026-11-28 or "
+            f"2026-11-28T12:00:00Z; got {value[:50]!r}{hint}",
+            field=field,
+        )
+    date_only = len(text) == 10
+    digits = re.search(r"\.([0-9]+)", text)
+    micros = 0
+    if digits:  # fromisoformat takes at most 6 digits: handle the fraction here
+        fraction = digits.group(1)
+        if len(fraction) <= 6:
+            micros = int(fraction.ljust(6, "0"))
+        else:
+            micros = -(-int(fraction) // 10 ** (len(fraction) - 6))  # rounded up
+        text = text[: digits.start()] + text[digits.end() :]
+    try:
+        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if date_only:
+            moment = moment.replace(tzinfo=dt.UTC)
+            if end:
+                moment += dt.timedelta(days=1)
+        moment += dt.timedelta(microseconds=micros)
+        moment = moment.astimezone(dt.UTC)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidQuery(f"{field} is not a valid time: {exc}", field=field) from None
+    # Round up to the millisecond of the stored form.
+    if moment.microsecond % 1000:
+        moment += dt.timedelta(microseconds=1000 - moment.microsecond % 1000)
+    return iso(moment)
+
+
+@attrs.frozen
+class AuditQuery:
+    """Checked parameters of `GET /api/enterprise/audit` (`AuditQuery.parse`)."""
+
+    start: str | None = None
+    end: str | None = None
+    action: str | None = None
+    limit: int = DEFAULT_LIMIT
+    offset: int = 0
+
+    @classmethod
+    def parse(
+        cls,
+        *,
+        start: str | None = None,
+        end: str | None = None,
+        action: str | None = None,
+        limit: int | str | None = None,
+        offset: int | str | None = None,
+    ) -> AuditQuery:
+        """Raises `InvalidQuery` naming the parameter (HTTP 400)."""
+        start_at = None if start is None else parse_timestamp(start, field="start")
+        end_at = None if end is None else parse_timestamp(end, field="end", end=True)
+        if start_at is not None and end_at is not None and end_at <= start_at:
+            raise InvalidQuery(
+                f"end ({end}) must be after start ({start}); a date as end includes that day",
+                field="end",
+            )
+        return cls(
+            start_at,
+            end_at,
+            parse_action_filter(action),
+            _int(limit, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT),
+            _int(offset, "offset", 0, 0, MAX_OFFSET),
+        )
+
+    def where(self) -> tuple[str, list[Any]]:
+        """The SQL condition on `audit_log` and its parameters."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        if self.start is not None:
+            clauses.append("timestamp >= ?")
+            params.append(self.start)
+        if self.end is not None:
+            clauses.append("timestamp < ?")
+            params.append(self.end)
+        if self.action is not None:
+            sql, values = action_sql(self.action)
+            clauses.append(sql)
+            params.extend(values)
+        return (" AND ".join(clauses) or "1"), params
+
+
+def _int(value: int | str | None, name: str, default: int, low: int, high: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        raise InvalidQuery(f"{name} must be an integer, got {value!r}", field=name)
+    if isinstance(value, int):
+        number = value
+    else:
+        text = value.strip()
+        if not text.isascii() or not text.lstrip("-").isdigit() or len(text) > 20:
+            raise InvalidQuery(f"{name} must be an integer, got {value[:50]!r}", field=name)
+        number = int(text)
+    if not low <= number <= high:
+        raise InvalidQuery(f"{name} must be between {low} and {high}, got {number}", field=name)
+    return number
