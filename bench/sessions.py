@@ -77,7 +77,7 @@ from typing import Any
 import trio
 
 from bench import sessions_daemon
-from bench.events import _fmt
+from bench.events import _fmt, percentile
 from bench.health import _wait_for_port
 from bench.publisher import raise_fd_limit
 
@@ -108,13 +108,6 @@ START_P99_MS = 25.0
 STARTS_PER_S = 200.0
 LINES_PER_S = 20_000.0
 HEALTH_RATIO = 2.0
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
 # -- the temporary folder: fake agents, projects, LOKI_HOME ----------------------------

@@ -25,7 +25,7 @@ from lokid.prd import MAX_PRD_BYTES
 from . import fake_agent
 from .daemon_proc import DaemonProcess
 from .sessions_kit import Lab, install_fake_agent, lab, make_project
-from .test_session_records import SESSION_KEYS, TASK_KEYS
+from .test_session_records import OPTION_KEYS, SESSION_KEYS, TASK_KEYS
 
 SLOW_PRD = """\
 # Slow app
@@ -38,18 +38,6 @@ SLOW_PRD = """\
 
 READ_ONLY_DIR = "/proc/sys"
 ONE_FEATURE = "# Tiny\n\n## Features\n- The only feature\n"
-
-OPTION_KEYS = {
-    "parallel",
-    "sandbox",
-    "maxAgents",
-    "maxIterations",
-    "maxDurationSeconds",
-    "budgetUsd",
-    "model",
-    "verify",
-    "command",
-}
 
 
 @asynccontextmanager
