@@ -41,6 +41,7 @@ __all__ = [
     "Remembered",
     "body_digest",
     "lookup",
+    "lookup_only",
     "remember",
     "validate_key",
 ]
@@ -89,9 +90,20 @@ def _prune(db: sqlite_utils.Database, now: float) -> None:
 def lookup(
     db: sqlite_utils.Database, route: str, key: str, digest: str, *, now: float | None = None
 ) -> Remembered | None:
-    """The first answer for (`route`, `key`), or None; `Conflict` if the body differs."""
+    """The first answer for (`route`, `key`), or None; `Conflict` if the body differs.
+
+    Prunes expired keys too: call it in the writing transaction.
+    """
     now = time.time() if now is None else now
     _prune(db, now)
+    return lookup_only(db, route, key, digest, now=now)
+
+
+def lookup_only(
+    db: sqlite_utils.Database, route: str, key: str, digest: str, *, now: float | None = None
+) -> Remembered | None:
+    """`lookup` without pruning: for a read-only connection (a retry answered early)."""
+    now = time.time() if now is None else now
     rows = list(
         db.query(
             "SELECT body_sha256, status, response FROM idempotency_keys"

@@ -327,6 +327,11 @@ async def test_idempotency_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         assert again.status_code == 201, again.text
         assert again.json() == first.json()
         assert (await listing(the_lab))["total"] == 1
+        # A retry is answered even when the request would no longer validate.
+        (project / "prd.md").rename(project / "prd.moved")
+        late = await the_lab.client.post("/api/sessions", json=body, headers=key)
+        assert late.status_code == 201 and late.json() == first.json()
+        (project / "prd.moved").rename(project / "prd.md")
 
         other = await the_lab.client.post(
             "/api/sessions", json={**body, "options": {"parallel": True}}, headers=key

@@ -212,6 +212,13 @@ class SessionManager(Actor[Any]):
         """`POST /api/sessions`: (201, `{id, status, createdAt}`), or a remembered answer."""
         if not self.running:
             raise Unavailable("the session manager is not running")
+        digest = idempotency.body_digest(body) if idempotency_key else ""
+        if idempotency_key:  # a retry gets the first answer even if the PRD is gone now
+            first = await self.store.read(
+                lambda db: idempotency.lookup_only(db, CREATE_ROUTE, idempotency_key, digest)
+            )
+            if first is not None:
+                return first.status, first.body
         self._check_capacity()
         request: SessionRequest = await trio.to_thread.run_sync(
             functools.partial(
@@ -221,7 +228,6 @@ class SessionManager(Actor[Any]):
                 which=self.which,
             )
         )
-        digest = idempotency.body_digest(body) if idempotency_key else ""
 
         def write(db: sqlite_utils.Database) -> tuple[bool, int, dict[str, Any]]:
             if idempotency_key:
