@@ -1188,15 +1188,33 @@ class ControlFiles:
     completion_requested: bool
 
 
+class ControlWatch:
+    """`read_controls` for one project, its paths built once: a session looks at
+    its control files on every poll (five `lstat` calls, no path allocation)."""
+
+    def __init__(self, paths: LokiPaths) -> None:
+        self._pause = os.fspath(paths.pause)
+        self._stop = os.fspath(paths.stop)
+        self._human_input = os.fspath(paths.human_input)
+        self._completion = (
+            os.fspath(paths.completion_requested),
+            os.fspath(paths.task_completion_claimed),
+        )
+
+    def read(self) -> ControlFiles:
+        """Never raises: a name that cannot be checked counts as absent."""
+        exists = os.path.lexists
+        return ControlFiles(
+            pause=exists(self._pause),
+            stop=exists(self._stop),
+            human_input=exists(self._human_input),
+            completion_requested=exists(self._completion[0]) or exists(self._completion[1]),
+        )
+
+
 def read_controls(paths: LokiPaths) -> ControlFiles:
-    """Never raises: a name that cannot be checked counts as absent."""
-    return ControlFiles(
-        pause=os.path.lexists(paths.pause),
-        stop=os.path.lexists(paths.stop),
-        human_input=os.path.lexists(paths.human_input),
-        completion_requested=os.path.lexists(paths.completion_requested)
-        or os.path.lexists(paths.task_completion_claimed),
-    )
+    """Which control files exist now; never raises (see `ControlWatch`)."""
+    return ControlWatch(paths).read()
 
 
 def create_control(path: Path, content: bytes = b"") -> None:

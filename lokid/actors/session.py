@@ -225,7 +225,7 @@ class SessionActor(Actor[Any]):
         self.started_at: str | None = session["startedAt"]
         self.cost_usd: float = float(session["costUsd"] or 0.0)
         self.paths = lokidir.LokiPaths.for_project(self.project_dir)
-        self._controls = _ControlWatch(self.paths)
+        self._controls = lokidir.ControlWatch(self.paths)
         self._controls_checked_at = -math.inf
         self._controls_due = False  # an agent run ended: it may have written a signal
         self._ingest_checked_at = -math.inf
@@ -253,7 +253,6 @@ class SessionActor(Actor[Any]):
         self._runs = 0
         self._retries = 0
         self._last_exit_code = 0
-        self._finished = False
 
     # -- what the manager reads ------------------------------------------------------
 
@@ -291,7 +290,6 @@ class SessionActor(Actor[Any]):
             try:
                 await self._run()
             finally:
-                self._finished = True
                 self.on_finished(self)
             with trio.CancelScope(shield=True), trio.move_on_after(30):
                 try:
@@ -1216,29 +1214,6 @@ class _FixTask:
     description: str
     priority: int
     acceptance: tuple[str, ...]
-
-
-class _ControlWatch:
-    """`lokidir.read_controls` with the paths built once: it runs every poll of every
-    live session (five `lstat` calls, no allocation of paths)."""
-
-    def __init__(self, paths: lokidir.LokiPaths) -> None:
-        self._pause = os.fspath(paths.pause)
-        self._stop = os.fspath(paths.stop)
-        self._human_input = os.fspath(paths.human_input)
-        self._completion = (
-            os.fspath(paths.completion_requested),
-            os.fspath(paths.task_completion_claimed),
-        )
-
-    def read(self) -> lokidir.ControlFiles:
-        exists = os.path.lexists
-        return lokidir.ControlFiles(
-            pause=exists(self._pause),
-            stop=exists(self._stop),
-            human_input=exists(self._human_input),
-            completion_requested=exists(self._completion[0]) or exists(self._completion[1]),
-        )
 
 
 def _prepare_project(paths: lokidir.LokiPaths, prd_path: Path, new: bool) -> PrdParseResult:
