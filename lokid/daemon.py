@@ -7,6 +7,7 @@ The tree (start order; stop is the reverse):
 
     lokid (rest_for_one)            a store restart restarts what follows it
     ├── store                       SQLite owner, group commit
+    ├── audit_writer                hash-chained audit log (durable group commit)
     ├── event_bus                   event ids, persistence, SSE fan-out
     ├── agent_pool                  agent process cap, records, reconciliation
     ├── sessions                    session manager; its session_supervisor runs
@@ -42,20 +43,25 @@ import trio
 from lokid import __version__
 from lokid.actor import Actor, exception_leaves
 from lokid.actors.agent_pool import AgentPool
+from lokid.actors.audit_writer import AuditWriter
 from lokid.actors.event_bus import EventBus
 from lokid.actors.listener import HttpListener
 from lokid.actors.session import RunnerSettings
 from lokid.actors.session_manager import SessionManager
 from lokid.actors.store import StoreActor
 from lokid.config import PROVIDERS, Config
+from lokid.cors import CorsPolicy
 from lokid.errors import LokiError, StartupError
 from lokid.events import Level
 from lokid.http.api import create_api_surface
 from lokid.http.control import control_app
 from lokid.http.dashboard import create_dashboard_surface
+from lokid.http.enterprise import install_enterprise
 from lokid.http.events import install_events
+from lokid.http.gate import Gate
 from lokid.http.surface import Surface
 from lokid.pidfile import DaemonLock
+from lokid.ratelimit import RateLimiter
 from lokid.sockets import bind_tcp, bind_unix, is_loopback_socket, socket_url
 from lokid.supervisor import (
     ChildSpec,
@@ -116,6 +122,14 @@ class Daemon:
         self._t0 = time.monotonic()
         self.notifier = notifier or Notifier()
         self.store = StoreActor(config.database)
+        self.audit = AuditWriter(self.store)
+        self.gate = Gate(
+            auth_enabled=config.auth_enabled,
+            store=self.store,
+            audit=self.audit,
+            limiter=RateLimiter(config.rate_limit) if config.rate_limit else None,
+            cors=CorsPolicy.from_origins(config.cors_origins),
+        )
         self.bus = EventBus(
             self.store,
             retention_count=config.event_retention_count,
@@ -139,8 +153,16 @@ class Daemon:
         )
         self.api = create_api_surface(self, self.store, self.sessions)
         self.dashboard = create_dashboard_surface(self)
+        install_enterprise(
+            self.dashboard,
+            self.store,
+            self.audit,
+            self.gate,
+            rate_limit=config.rate_limit is not None,
+        )
         for surface in (self.api, self.dashboard):
             install_events(surface, self.bus, heartbeat=config.sse_heartbeat)
+            surface.gate = self.gate
         self.root = Supervisor("lokid")  # replaced by the real tree in `_build_tree`
         self.listeners: Listeners | None = None
         self.failure: BaseException | None = None
@@ -334,7 +356,13 @@ class Daemon:
         ):
             inline = app if isinstance(app, Surface) else None
             listener = HttpListener(
-                name, app, [sock], check_peer=check, inline=inline, graceful_timeout=grace
+                name,
+                app,
+                [sock],
+                check_peer=check,
+                inline=inline,
+                on_refused=self.gate.refuse_stranger,
+                graceful_timeout=grace,
             )
             listener_specs.append(
                 ChildSpec(
@@ -350,6 +378,7 @@ class Daemon:
         )
         actors = [
             _actor_spec("store", self.store, STORE_SHUTDOWN_SECONDS),
+            _actor_spec("audit_writer", self.audit, STORE_SHUTDOWN_SECONDS),
             _actor_spec("event_bus", self.bus, STORE_SHUTDOWN_SECONDS),
             _actor_spec("agent_pool", self.pool, self.pool.grace + 15.0),
             _actor_spec("sessions", self.sessions, self.pool.grace + 30.0),
@@ -373,6 +402,8 @@ class Daemon:
             problems["store"] = "not running"
         elif not self.store.writable:
             problems["store"] = "not writable (see the daemon log)"
+        if not self.audit.running:
+            problems["audit_writer"] = "not running"
         if not self.bus.running:
             problems["event_bus"] = "not running"
         if not self.pool.running:

@@ -52,6 +52,7 @@ def test_status_shows_the_supervisor_tree(daemon: DaemonProcess) -> None:
     assert tree["name"] == "lokid"
     assert [c["id"] for c in tree["children"]] == [
         "store",
+        "audit_writer",
         "event_bus",
         "agent_pool",
         "sessions",
@@ -60,7 +61,7 @@ def test_status_shows_the_supervisor_tree(daemon: DaemonProcess) -> None:
     store = tree["children"][0]
     assert store["running"] is True
     assert store["detail"]["mailboxSize"] > 0
-    listeners = tree["children"][4]["detail"]
+    listeners = tree["children"][5]["detail"]
     assert [c["id"] for c in listeners["children"]] == ["api", "dashboard", "control"]
 
 

@@ -43,18 +43,18 @@ def test_connection_close_and_query_are_kept() -> None:
 def make_surface() -> Surface:
     surface = Surface("t", "0")
 
-    @surface.lean("GET", "/fast", "lean", responses={200: "ok"})
+    @surface.lean("GET", "/fast", "lean", responses={200: "ok"}, requires="read")
     async def fast(scope: Scope) -> LeanResponse:
         return json_response(200, {"path": scope["path"], "query": scope["query_string"].decode()})
 
-    @surface.stream("GET", "/stream", "stream", responses={200: "ok"})
+    @surface.stream("GET", "/stream", "stream", responses={200: "ok"}, requires="read")
     async def stream(scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         for n in range(3):
             await send({"type": "http.response.body", "body": f"{n}\n".encode(), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    @surface.route("POST", "/slow", "quart", responses={200: "ok"})
+    @surface.route("POST", "/slow", "quart", responses={200: "ok"}, requires="write")
     async def slow() -> dict[str, Any]:
         return {"quart": True}
 

@@ -8,7 +8,7 @@ import subprocess
 
 import trio
 
-from lokid.process import GroupScanner, group_members
+from lokid.process import GroupScanner
 
 
 def sleeper() -> subprocess.Popen[bytes]:
@@ -30,7 +30,8 @@ async def test_concurrent_callers_share_passes_and_get_their_own_groups() -> Non
         assert scanner.passes < len(processes)
         for process in processes:
             assert [pid for pid, _ in answers[process.pid]] == [process.pid]
-            assert answers[process.pid] == group_members(process.pid)
+            # (states are not compared with a second read: a sleeper may be running in one)
+            assert [state for _, state in answers[process.pid]] != ["Z"]
     finally:
         for process in processes:
             process.kill()

@@ -23,22 +23,26 @@ from .asgi import Answer, call
 def make_surface() -> Surface:
     surface = Surface("Test API", "0")
 
-    @surface.lean("GET", "/fast", "lean route", responses={200: "ok"})
+    @surface.lean("GET", "/fast", "lean route", responses={200: "ok"}, requires="read")
     async def fast(scope: Scope) -> LeanResponse:
         return json_response(200, {"fast": True})
 
-    @surface.lean("GET", "/fast/broken", "lean route that crashes", responses={200: "ok"})
+    @surface.lean(
+        "GET", "/fast/broken", "lean route that crashes", responses={200: "ok"}, requires="read"
+    )
     async def fast_broken(scope: Scope) -> LeanResponse:
         raise RuntimeError("secret internals")
 
-    @surface.route("POST", "/things", "create a thing", responses={201: "created"})
+    @surface.route(
+        "POST", "/things", "create a thing", responses={201: "created"}, requires="write"
+    )
     async def create() -> tuple[dict[str, Any], int]:
         body = await json_body()
         if "name" not in body:
             raise ValidationFailed("name is required", field="name")
         return {"name": body["name"]}, 201
 
-    @surface.route("GET", "/things/{thing_id}", "one thing", responses={200: "ok"})
+    @surface.route("GET", "/things/{thing_id}", "one thing", responses={200: "ok"}, requires="read")
     async def get_thing(thing_id: str) -> dict[str, Any]:
         if thing_id == "boom":
             raise RuntimeError("Traceback secret")
@@ -187,7 +191,7 @@ async def test_openapi_json_is_served_and_valid_shape() -> None:
 def test_route_declared_twice_is_refused() -> None:
     surface = make_surface()
     with pytest.raises(ValueError, match="declared twice"):
-        surface.lean("GET", "/fast", "again", responses={200: "ok"})(
+        surface.lean("GET", "/fast", "again", responses={200: "ok"}, requires="read")(
             make_surface()._lean[("GET", "/fast")]
         )
 

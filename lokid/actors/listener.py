@@ -8,7 +8,8 @@ because we need three things it does not offer:
 * the Unix control socket's peer check: each connection's SO_PEERCRED uid is
   read once at accept; the owner (our uid) and root get the app, with
   `scope["lokid.peer"] = {"pid", "uid", "gid"}`; anyone else gets 403 for
-  every request on that connection;
+  every request on that connection, each recorded through `on_refused`
+  (the audit log) first;
 * a bound on open connections (`max_connections`): at the bound the accept
   loop waits and new connections queue in the kernel backlog.
 
@@ -24,6 +25,7 @@ import errno
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -45,6 +47,9 @@ log = logging.getLogger("lokid.listener")
 # accept() errors that mean "out of resources, try again soon" (as trio.serve_listeners).
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 ACCEPT_BACKOFF = 0.1
+
+RefusalHook = Callable[[Scope, int, ApiError], Awaitable[ApiError]]
+"""Called for each request of a refused socket peer (uid); answers the error to send."""
 
 
 @attrs.frozen
@@ -125,6 +130,7 @@ class HttpListener:
         *,
         check_peer: bool = False,
         inline: Surface | None = None,
+        on_refused: RefusalHook | None = None,
         max_connections: int = 4096,
         graceful_timeout: float = 5.0,
     ) -> None:
@@ -132,6 +138,7 @@ class HttpListener:
         self.app = app
         self.sockets = sockets
         self.check_peer = check_peer
+        self.on_refused = on_refused
         self.inline = inline if not check_peer else None
         self._idle_scopes: set[trio.CancelScope] = set()
         self._stopping = False
@@ -252,8 +259,12 @@ class HttpListener:
         )
 
         async def refuse_app(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] == "http":
-                await send_error(send, error)
+            if scope["type"] != "http":
+                return
+            answer = error
+            if self.on_refused is not None:
+                answer = await self.on_refused(scope, uid, error)
+            await send_error(send, answer)
 
         return refuse_app
 

@@ -12,14 +12,16 @@ DASHBOARD_PREFIX = "/dashboard"
 
 
 def control_app(api: ASGIApp, dashboard: ASGIApp) -> ASGIApp:
+    """Requests under /dashboard go to the dashboard with `root_path` "/dashboard".
+
+    As ASGI has it (and Quart expects), `path` stays the full path; a
+    `Surface` routes on `local_path(scope)`, the part after `root_path`.
+    """
+
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
         if path == DASHBOARD_PREFIX or path.startswith(DASHBOARD_PREFIX + "/"):
             inner = dict(scope)
-            inner["path"] = path[len(DASHBOARD_PREFIX) :] or "/"
-            raw = scope.get("raw_path")
-            if raw is not None:
-                inner["raw_path"] = raw[len(DASHBOARD_PREFIX) :] or b"/"
             inner["root_path"] = scope.get("root_path", "") + DASHBOARD_PREFIX
             await dashboard(inner, receive, send)
         else:

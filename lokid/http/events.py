@@ -102,6 +102,7 @@ def install_events(surface: Surface, bus: EventBus, *, heartbeat: float) -> None
             Param("Last-Event-ID", "header", {"type": "integer"}, description="resume after"),
         ),
         tags=tags,
+        requires="read",
     )
     async def stream(scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -139,6 +140,7 @@ def install_events(surface: Surface, bus: EventBus, *, heartbeat: float) -> None
             Param("limit", "query", {"type": "integer"}, description="1-1000, default 100"),
         ),
         tags=tags,
+        requires="read",
     )
     async def history(scope: Scope) -> LeanResponse:
         params = query_params(scope)
@@ -159,6 +161,7 @@ def install_events(surface: Surface, bus: EventBus, *, heartbeat: float) -> None
         "Event counts by type and level, subscribers, first/latest id, rate",
         responses={200: "Statistics"},
         tags=tags,
+        requires="read",
     )
     async def stats(scope: Scope) -> LeanResponse:
         answer: dict[str, Any] = await bus.counts()

@@ -35,7 +35,7 @@ from typing import Any
 import attrs
 import trio
 
-from lokid.http.surface import ASGIApp, LeanHandler, Scope, Surface
+from lokid.http.surface import ASGIApp, Scope, Surface
 
 MAX_HEAD_BYTES = 16 * 1024
 RECEIVE_BYTES = 65536
@@ -158,11 +158,20 @@ class InlineConnection:
                     replay = head + b"\r\n\r\n" + self.buffer if complete else head
                     await self.handoff(ReplayStream(self.stream, replay))
                     return
-                if lean is not None:
-                    if not await self._answer(request, lean):
+                scope = self._scope(request)
+                admission = await self.surface.admit(scope)
+                if admission.answer is not None:
+                    if not await self._send_answer(request, *admission.answer):
+                        return
+                elif lean is not None:
+                    answer = await self.surface.lean_answer(lean, scope)
+                    status, headers, body = answer
+                    if not await self._send_answer(
+                        request, status, [*headers, *admission.headers], body
+                    ):
                         return
                 elif stream is not None:
-                    await self._stream(request, stream)
+                    await self._stream(scope, stream, admission.headers)
                     return
         finally:
             with trio.CancelScope(shield=True):
@@ -219,9 +228,10 @@ class InlineConnection:
             "extensions": {},
         }
 
-    async def _answer(self, request: SimpleRequest, handler: LeanHandler) -> bool:
-        """One lean response; False when the connection is to be closed."""
-        status, headers, body = await self.surface.lean_answer(handler, self._scope(request))
+    async def _send_answer(
+        self, request: SimpleRequest, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> bool:
+        """One whole response; False when the connection is to be closed."""
         if request.close:
             headers = [*headers, (b"connection", b"close")]
         payload = _status_line(status, headers) + (b"" if request.method == "HEAD" else body)
@@ -231,7 +241,9 @@ class InlineConnection:
             return False
         return not request.close
 
-    async def _stream(self, request: SimpleRequest, app: ASGIApp) -> None:
+    async def _stream(
+        self, scope: Scope, app: ASGIApp, extra_headers: tuple[tuple[bytes, bytes], ...]
+    ) -> None:
         """Run a streaming handler on this connection; it closes when the handler returns."""
         state = _StreamState()
 
@@ -251,7 +263,7 @@ class InlineConnection:
             if state.gone or state.finished:
                 return
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
+                headers = [*message.get("headers", []), *extra_headers]
                 state.chunked = all(name.lower() != b"content-length" for name, _ in headers)
                 if state.chunked:
                     headers.append((b"transfer-encoding", b"chunked"))
@@ -268,7 +280,7 @@ class InlineConnection:
                 state.finished = not more
                 await self._write(data, state)
 
-        await app(self._scope(request), receive, send)
+        await app(scope, receive, send)
 
     async def _write(self, data: bytes, state: _StreamState) -> None:
         try:

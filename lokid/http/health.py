@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from lokid.http.convert import api_converter
+from lokid.http.gate import OPEN
 from lokid.http.surface import LeanResponse, Scope, Surface, json_response
 from lokid.timefmt import utc_now_iso
 
@@ -69,6 +70,7 @@ def install_health(surface: Surface, daemon: HealthSource) -> None:
         responses={200: "Healthy", 503: "Unhealthy"},
         response_schema=HEALTH_SCHEMA,
         tags=tags,
+        requires=OPEN,
     )
     async def health(scope: Scope) -> LeanResponse:
         problems = daemon.core_problems()
@@ -84,6 +86,7 @@ def install_health(surface: Surface, daemon: HealthSource) -> None:
         "Readiness probe",
         responses={200: "Ready", 503: "Not ready"},
         tags=tags,
+        requires=OPEN,
     )
     async def ready(scope: Scope) -> LeanResponse:
         problems = daemon.readiness_problems()
@@ -91,7 +94,14 @@ def install_health(surface: Surface, daemon: HealthSource) -> None:
             return json_response(503, {"ready": False, "details": problems})
         return json_response(200, {"ready": True})
 
-    @surface.lean("GET", "/health/live", "Liveness probe", responses={200: "Alive"}, tags=tags)
+    @surface.lean(
+        "GET",
+        "/health/live",
+        "Liveness probe",
+        responses={200: "Alive"},
+        tags=tags,
+        requires=OPEN,
+    )
     async def live(scope: Scope) -> LeanResponse:
         return json_response(
             200, {"alive": True, "uptimeSeconds": round(daemon.uptime_seconds(), 3)}
@@ -104,6 +114,7 @@ def install_health(surface: Surface, daemon: HealthSource) -> None:
         responses={200: "Status"},
         response_schema=STATUS_SCHEMA,
         tags=("status",),
+        requires="read",
     )
     async def status(scope: Scope) -> LeanResponse:
         return json_response(200, api_converter.unstructure(await daemon.status()))

@@ -47,6 +47,7 @@ def install_session_reads(surface: Surface, store: StoreActor) -> None:
         responses={200: "A page of sessions"},
         params=(SESSION_STATUS, *PAGE_PARAMS),
         tags=tags,
+        requires="read",
     )
     async def sessions_list() -> dict[str, Any]:
         query = parse_list_query(request.args)
@@ -62,6 +63,7 @@ def install_session_reads(surface: Surface, store: StoreActor) -> None:
         "One session",
         responses={200: "The session", 404: "No such session"},
         tags=tags,
+        requires="read",
     )
     async def session_detail(id: str) -> dict[str, Any]:
         return await store.read(lambda db: get_session(db, id))
@@ -73,6 +75,7 @@ def install_session_reads(surface: Surface, store: StoreActor) -> None:
         responses={200: "A page of tasks", 404: "No such session"},
         params=(TASK_STATUS, *PAGE_PARAMS),
         tags=("tasks",),
+        requires="read",
     )
     async def session_tasks(id: str) -> dict[str, Any]:
         query = parse_list_query(request.args, statuses=TASK_STATUSES)
@@ -88,6 +91,7 @@ def install_session_reads(surface: Surface, store: StoreActor) -> None:
         "One task of a session",
         responses={200: "The task", 404: "No such session or task"},
         tags=("tasks",),
+        requires="read",
     )
     async def session_task(id: str, taskId: str) -> dict[str, Any]:
         return await store.read(lambda db: get_task(db, id, taskId))
@@ -99,6 +103,7 @@ def install_session_reads(surface: Surface, store: StoreActor) -> None:
         responses={200: "A page of tasks"},
         params=(TASK_STATUS, *PAGE_PARAMS),
         tags=("tasks",),
+        requires="read",
     )
     async def tasks_list() -> dict[str, Any]:
         query = parse_list_query(request.args, statuses=TASK_STATUSES)
@@ -113,6 +118,7 @@ def install_session_reads(surface: Surface, store: StoreActor) -> None:
         responses={200: "A page of tasks"},
         params=PAGE_PARAMS,
         tags=("tasks",),
+        requires="read",
     )
     async def tasks_active() -> dict[str, Any]:
         query = parse_list_query(request.args)
@@ -125,6 +131,7 @@ def install_session_reads(surface: Surface, store: StoreActor) -> None:
         responses={200: "A page of tasks"},
         params=PAGE_PARAMS,
         tags=("tasks",),
+        requires="read",
     )
     async def tasks_queue() -> dict[str, Any]:
         query = parse_list_query(request.args)
@@ -187,6 +194,7 @@ def install_session_writes(surface: Surface, manager: SessionManager) -> None:
         params=(IDEMPOTENCY,),
         request_body=SESSION_BODY,
         tags=tags,
+        requires="write",
     )
     async def session_create() -> tuple[dict[str, Any], int]:
         key = idempotency.validate_key(request.headers.get(idempotency.HEADER))
@@ -205,6 +213,7 @@ def install_session_writes(surface: Surface, manager: SessionManager) -> None:
             },
             params=params,
             tags=tags,
+            requires="write",
         )
         async def view(id: str) -> dict[str, Any]:
             await json_body()  # a body is optional, but must be JSON if given
@@ -233,6 +242,7 @@ def install_session_writes(surface: Surface, manager: SessionManager) -> None:
         },
         request_body=INPUT_BODY,
         tags=tags,
+        requires="write",
     )
     async def session_input(id: str) -> tuple[dict[str, Any], int]:
         message = validate_input_message(await json_body())
@@ -244,6 +254,7 @@ def install_session_writes(surface: Surface, manager: SessionManager) -> None:
         "Delete a session that is not active (its record, tasks and events)",
         responses={204: "Deleted", 404: "No such session", 409: "Active"},
         tags=tags,
+        requires="write",
     )
     async def session_delete(id: str) -> tuple[str, int]:
         await manager.delete(id)

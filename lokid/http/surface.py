@@ -29,6 +29,7 @@ from werkzeug.exceptions import HTTPException
 from lokid.errors import InvalidQuery, LokiError
 from lokid.http.convert import dumps
 from lokid.http.errors import ApiError
+from lokid.http.gate import AUTHENTICATED, OPEN, REQUIREMENTS, Admission, Gate, local_path
 
 log = logging.getLogger("lokid.http")
 
@@ -65,6 +66,7 @@ class Route:
     tags: tuple[str, ...] = ()
     lean: bool = False
     media_type: str = "application/json"
+    requires: str = AUTHENTICATED  # what the gate demands: see lokid.http.gate.REQUIREMENTS
 
     @property
     def operation_id(self) -> str:
@@ -112,9 +114,13 @@ class Surface:
         self.version = version
         self.description = description
         self.routes: list[Route] = []
+        self.gate = Gate()  # open; the daemon installs its own (auth, limits, CORS, audit)
+        self._requires: dict[tuple[str, str], str] = {}
+        self._templates: list[tuple[re.Pattern[str], str, str]] = []
         self._lean: dict[tuple[str, str], LeanHandler] = {}
         self._raw: dict[tuple[str, str], ASGIApp] = {}
         self._lean_paths: dict[str, list[str]] = {}
+        self._quart_paths: dict[str, list[str]] = {}
         self.quart: Quart = QuartTrio(f"lokid-{title.lower().replace(' ', '-')}")
         self._configure_quart(self.quart)
         self._openapi_bytes: bytes | None = None
@@ -124,6 +130,7 @@ class Surface:
             "This listener's OpenAPI 3.1 document",
             responses={200: "The document"},
             tags=("meta",),
+            requires="read",
         )(self._openapi_handler)
 
     # -- declaring routes -------------------------------------------------------
@@ -138,6 +145,7 @@ class Surface:
         params: Iterable[Param] = (),
         response_schema: Mapping[str, Any] | None = None,
         tags: Iterable[str] = (),
+        requires: str,
     ) -> Callable[[LeanHandler], LeanHandler]:
         """A handler answered before Quart: `scope -> LeanResponse`."""
         route = Route(
@@ -149,6 +157,7 @@ class Surface:
             response_schema=response_schema,
             tags=tuple(tags),
             lean=True,
+            requires=requires,
         )
         return self._declare(route, self._lean)
 
@@ -162,6 +171,7 @@ class Surface:
         params: Iterable[Param] = (),
         media_type: str = "text/event-stream",
         tags: Iterable[str] = (),
+        requires: str,
     ) -> Callable[[ASGIApp], ASGIApp]:
         """A raw ASGI handler for a long-lived response (no framework on the hot path)."""
         route = Route(
@@ -174,6 +184,7 @@ class Surface:
             tags=tuple(tags),
             lean=True,
             media_type=media_type,
+            requires=requires,
         )
         return self._declare(route, self._raw)
 
@@ -188,6 +199,7 @@ class Surface:
         request_body: Mapping[str, Any] | None = None,
         response_schema: Mapping[str, Any] | None = None,
         tags: Iterable[str] = (),
+        requires: str,
     ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
         """An ordinary Quart view; `{name}` path segments become its arguments."""
         route = Route(
@@ -199,10 +211,13 @@ class Surface:
             request_body,
             response_schema,
             tuple(tags),
+            requires=requires,
         )
 
         def register(view: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
             self._add(route)
+            if "{" not in path:  # a lean route on the same path must not answer 405 for it
+                self._quart_paths.setdefault(path, []).append(method)
             rule = re.sub(r"{(\w+)}", r"<\1>", path)
             self.quart.add_url_rule(rule, f"{method.lower()}:{path}", view, methods=[method])
             return view
@@ -223,14 +238,62 @@ class Surface:
     def _add(self, route: Route) -> None:
         if any(r.method == route.method and r.path == route.path for r in self.routes):
             raise ValueError(f"route {route.method} {route.path} declared twice")
+        if route.requires not in REQUIREMENTS:
+            raise ValueError(
+                f"route {route.method} {route.path}: requires={route.requires!r} is not one of "
+                f"{', '.join(REQUIREMENTS)}"
+            )
         self.routes.append(route)
+        if "{" in route.path:
+            pattern = re.compile(re.sub(r"\\{\w+\\}", "[^/]+", re.escape(route.path)))
+            self._templates.append((pattern, route.method, route.requires))
+        else:
+            self._requires[(route.method, route.path)] = route.requires
         self._openapi_bytes = None
+
+    def requirement(self, method: str, path: str) -> str:
+        """What the gate demands for (method, path): the declared route's `requires`.
+
+        HEAD is GET's. An undeclared route needs any valid token (so that
+        without one, route names are not probed: 401 before 404), except
+        under `/health`, which is open.
+        """
+        if method == "HEAD":
+            method = "GET"
+        found = self._requires.get((method, path))
+        if found is not None:
+            return found
+        for pattern, route_method, requires in self._templates:
+            if route_method == method and pattern.fullmatch(path):
+                return requires
+        return OPEN if path == "/health" or path.startswith("/health/") else AUTHENTICATED
+
+    async def admit(self, scope: Scope) -> Admission:
+        """The gate's verdict on a request to this surface (see `lokid.http.gate`)."""
+        return await self.gate.admit(
+            scope, self.requirement(scope.get("method", "GET"), local_path(scope))
+        )
 
     # -- ASGI -------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            admission = await self.admit(scope)
+            if admission.answer is not None:
+                await send({"type": "websocket.close", "code": 1008})
+                return
         if scope["type"] == "http":
-            path = scope["path"]
+            admission = await self.admit(scope)
+            if admission.answer is not None:
+                status, headers, body = admission.answer
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+            if admission.headers:
+                send = _with_headers(send, admission.headers)
+            if admission.audit:
+                send = self.gate.audited_send(scope, admission, send)
+            path = local_path(scope)
             handler = self._lean.get((scope["method"], path))
             if handler is not None:
                 await self._serve_lean(handler, scope, send)
@@ -240,9 +303,11 @@ class Surface:
                 await raw(scope, receive, send)
                 return
             methods = self._lean_paths.get(path)
-            if methods is not None:
+            quart_methods = self._quart_paths.get(path, ())
+            if methods is not None and scope["method"] not in quart_methods:
                 has_lean_get = ("GET", path) in self._lean
-                allowed = ", ".join(sorted({*methods, "HEAD"} if has_lean_get else methods))
+                every = {*methods, *quart_methods, *(("HEAD",) if has_lean_get else ())}
+                allowed = ", ".join(sorted(every))
                 if scope["method"] == "HEAD" and has_lean_get:
                     await self._serve_lean(self._lean[("GET", path)], scope, send, head=True)
                     return
@@ -308,8 +373,16 @@ class Surface:
                     str(status): _response_doc(
                         status, text, route.response_schema, route.media_type
                     )
-                    for status, text in sorted({**route.responses, **_COMMON_ERRORS}.items())
+                    for status, text in sorted(
+                        {
+                            **route.responses,
+                            **_COMMON_ERRORS,
+                            **({} if route.requires == OPEN else _GATE_ERRORS),
+                        }.items()
+                    )
                 },
+                "security": [] if route.requires == OPEN else [{"bearerAuth": []}],
+                "x-required-scope": route.requires,
             }
             params = list(route.params) + [
                 Param(name, "path", required=True)
@@ -337,7 +410,17 @@ class Surface:
             "openapi": "3.1.0",
             "info": {"title": self.title, "version": self.version, "description": self.description},
             "paths": paths,
-            "components": {"schemas": {"Error": ERROR_SCHEMA}},
+            "components": {
+                "schemas": {"Error": ERROR_SCHEMA},
+                "securitySchemes": {
+                    "bearerAuth": {
+                        "type": "http",
+                        "scheme": "bearer",
+                        "description": "A lokid API token (loki_...); required when "
+                        "LOKI_ENTERPRISE_AUTH is on. Scopes: read, write, audit, admin.",
+                    }
+                },
+            },
         }
 
     # -- Quart set-up -------------------------------------------------------------
@@ -375,6 +458,13 @@ _COMMON_ERRORS = {
     413: "Request body larger than 1 MiB",
     500: "Internal error (a bug; details are in the daemon log)",
     503: "Unavailable (starting, stopping or the store is down)",
+}
+
+
+_GATE_ERRORS = {
+    401: "No valid token (when auth is on)",
+    403: "The token lacks the route's scope (details.required_scope)",
+    429: "Rate limited (when on): retry_after and Retry-After say when to retry",
 }
 
 
@@ -417,6 +507,18 @@ def quart_error(exc: ApiError) -> Response:
     for name, value in exc.headers.items():
         response.headers[name] = value
     return response
+
+
+def _with_headers(send: Send, extra: Iterable[tuple[bytes, bytes]]) -> Send:
+    """`send` adding `extra` headers to the response start (the gate's rate-limit and CORS)."""
+    added = list(extra)
+
+    async def sending(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *added]}
+        await send(message)
+
+    return sending
 
 
 def _error_answer(exc: ApiError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:

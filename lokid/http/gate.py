@@ -1,0 +1,529 @@
+"""The gate: what every request passes before its handler (DESIGN.md §4 and §7).
+
+One `Gate` serves every surface of a daemon (both TCP listeners and the
+control socket, lean, streaming and Quart routes alike), so no route can
+be reached around it. Rules, in order:
+
+1. **CORS preflight** (`OPTIONS` with `Origin` and
+   `Access-Control-Request-Method`) is answered here, before auth (browsers
+   send preflights without credentials): 204 with the CORS headers for a
+   listed origin asking for an allowed method and headers, else 403.
+2. **Who is calling.**
+   * A control-socket peer (`scope["lokid.peer"]`, whose uid the listener
+     checked) is the owner: actor `uid:<n>`, every scope. A token it sends
+     is ignored.
+   * Auth off: the client address (actor = address), every scope.
+   * Auth on: `Authorization: Bearer <token>` (a WebSocket may instead pass
+     `?token=`). Routes that require `open` (`/health*`) skip this.
+3. **Rate limit** (when configured; never `/health*` or the socket), keyed
+   by token id, else by client address. It is checked before the 401/403
+   decision, so guessing tokens is limited too. Refused: 429.
+4. **Authorisation.** No valid token: 401. A valid token without the
+   route's scope: 403 with `details.required_scope`.
+5. **Audit.** A 401 or 403 is recorded before it is sent. A mutating
+   request (any method but GET, HEAD, OPTIONS) that reached its handler is
+   recorded with its final status before its response starts
+   (`audited_send`). If the audit log cannot record it, the answer becomes
+   503: nothing is answered unaudited. 429s and preflights are not
+   recorded (a flood must not become an audit-log flood).
+
+Every response carries the rate-limit headers (when on) and the CORS
+headers (when on); errors use the seed's body.
+
+Token lookups are cached (`TokenCache`: valid tokens only, at most
+`TOKEN_CACHE_SIZE` for `TOKEN_CACHE_SECONDS`); a revoke through the API
+clears the cache, expiry is checked on every use.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import parse_qs
+
+import attrs
+import trio
+
+from lokid import ratelimit
+from lokid.actors.audit_writer import AuditWriter
+from lokid.actors.store import StoreActor
+from lokid.audit import classify
+from lokid.cors import CorsPolicy, is_preflight
+from lokid.errors import LokiError
+from lokid.http.errors import ApiError
+from lokid.ratelimit import RateLimiter
+from lokid.timefmt import iso, utc_now
+from lokid.tokens import SCOPES, AuthFailure, TokenInfo, authenticate, token_sha256, touch_last_used
+
+log = logging.getLogger("lokid.gate")
+
+OPEN = "open"  # no token, no limit, no audit: /health*
+AUTHENTICATED = "authenticated"  # any valid token (unknown routes: 404 only after auth)
+REQUIREMENTS: tuple[str, ...] = (OPEN, AUTHENTICATED, *SCOPES)
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+TOKEN_CACHE_SIZE = 1024
+TOKEN_CACHE_SECONDS = 30.0
+MAX_AUDITED_BODY = 64 * 1024  # a created resource's id is read from at most this much body
+
+Header = tuple[bytes, bytes]
+Answer = tuple[int, list[Header], bytes]  # (status, headers, body), as Surface.lean_answer
+Send = Callable[[dict[str, Any]], Any]
+
+_JSON_HEADERS: list[Header] = [
+    (b"content-type", b"application/json"),
+    (b"cache-control", b"no-store"),
+]
+
+
+@attrs.frozen
+class Principal:
+    """Who a request comes from, as far as the gate could tell."""
+
+    actor: str  # token id, `uid:<n>`, or the client address (`-` when unknown)
+    ip: str | None
+    token: TokenInfo | None = None
+    owner: bool = False  # control-socket peer, or auth off: every scope
+
+
+@attrs.frozen
+class Admission:
+    """The gate's verdict: an `answer` to send instead of the handler, or go ahead.
+
+    When going ahead, `headers` go on the handler's response and `audit`
+    says whether its outcome must be recorded (`Gate.audited_send`).
+    """
+
+    answer: Answer | None
+    headers: tuple[Header, ...] = ()
+    principal: Principal | None = None
+    audit: bool = False
+
+
+PASS = Admission(None)
+
+
+@attrs.frozen
+class GateStatistics:
+    auth_enabled: bool
+    rate_limit: str | None
+    cors_origins: int
+    admitted: int
+    unauthorized: int
+    forbidden: int
+    rate_limited: int
+    preflights: int
+    audited: int
+    audit_failures: int
+    token_cache: int
+
+
+class TokenCache:
+    """Valid tokens by SHA-256, least recently used first; bounded in size and age."""
+
+    def __init__(self, size: int = TOKEN_CACHE_SIZE, ttl: float = TOKEN_CACHE_SECONDS) -> None:
+        self.size = size
+        self.ttl = ttl
+        self._entries: OrderedDict[str, tuple[TokenInfo, float]] = OrderedDict()
+
+    def get(self, digest: str, now: float) -> TokenInfo | None:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        info, stored = entry
+        if now - stored > self.ttl:
+            del self._entries[digest]
+            return None
+        self._entries.move_to_end(digest)
+        return info
+
+    def put(self, digest: str, info: TokenInfo, now: float) -> None:
+        self._entries[digest] = (info, now)
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class Gate:
+    """CORS, authentication, scopes, rate limit and audit for every request (module rules)."""
+
+    def __init__(
+        self,
+        *,
+        auth_enabled: bool = False,
+        store: StoreActor | None = None,
+        audit: AuditWriter | None = None,
+        limiter: RateLimiter | None = None,
+        cors: CorsPolicy | None = None,
+        clock: Callable[[], float] = trio.current_time,
+        wall_clock: Callable[[], float] = time.time,
+        utc_clock: Callable[[], dt.datetime] = utc_now,
+    ) -> None:
+        if auth_enabled and store is None:
+            raise ValueError("a gate with auth on needs the store (tokens live there)")
+        self.auth_enabled = auth_enabled
+        self.store = store
+        self.audit = audit
+        self.limiter = limiter
+        self.cors = cors or CorsPolicy()
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.utc_clock = utc_clock
+        self.tokens = TokenCache()
+        self._counts = dict.fromkeys(
+            (
+                "admitted",
+                "unauthorized",
+                "forbidden",
+                "rate_limited",
+                "preflights",
+                "audited",
+                "audit_failures",
+            ),
+            0,
+        )
+
+    @property
+    def idle(self) -> bool:
+        """True when the gate has nothing to do for a read request (the common fast case)."""
+        return not self.auth_enabled and self.limiter is None and not self.cors.enabled
+
+    # -- the verdict -------------------------------------------------------------
+
+    async def admit(self, scope: dict[str, Any], requires: str) -> Admission:
+        """The verdict for one HTTP request or WebSocket handshake (module rules 1-4)."""
+        method: str = scope.get("method", "GET")
+        mutating = scope["type"] == "http" and method not in READ_METHODS
+        peer = scope.get("lokid.peer")
+        if method == "OPTIONS" and peer is None:
+            headers = _header_map(scope)
+            if is_preflight(
+                method, headers.get("origin"), headers.get("access-control-request-method")
+            ):
+                return self._preflight(headers)  # CORS off: refused like any unlisted origin
+        if self.idle:  # no auth, limit or CORS: only the audit of changes remains
+            self._counts["admitted"] += 1
+            if not mutating or self.audit is None or requires == OPEN:
+                return PASS
+            principal, _ = await self._identify(scope, {}, scope.get("lokid.peer"))
+            return Admission(None, (), principal, audit=True)
+        headers = _header_map(scope)
+        cors_headers: list[Header] = []
+        if peer is None and self.cors.enabled:
+            cors_headers = self.cors.response_headers(headers.get("origin"))
+        if requires == OPEN:
+            self._counts["admitted"] += 1
+            return Admission(None, tuple(cors_headers)) if cors_headers else PASS
+
+        principal, failure = await self._identify(scope, headers, peer)
+        extra = list(cors_headers)
+        if self.limiter is not None and peer is None:
+            key = ratelimit.client_key(
+                principal.token.id if principal.token else None, principal.ip
+            )
+            decision = self.limiter.check(key, self.clock())
+            extra += ratelimit.headers(decision, wall_now=self.wall_clock())
+            if not decision.allowed:
+                self._counts["rate_limited"] += 1
+                error = ApiError(
+                    ratelimit.ERROR_CODE,
+                    ratelimit.ERROR_MESSAGE,
+                    extra=ratelimit.error_details(decision),
+                )
+                return Admission(_answer(error, extra))
+        if failure is not None:
+            self._counts["unauthorized"] += 1
+            return await self._refuse(scope, principal, failure, extra)
+        if not principal.owner and requires != AUTHENTICATED:
+            assert principal.token is not None
+            if not principal.token.grants(requires):
+                self._counts["forbidden"] += 1
+                error = ApiError(
+                    "FORBIDDEN",
+                    f"This token lacks the {requires!r} scope needed for {method} "
+                    f"{_full_path(scope)}",
+                    {"required_scope": requires, "scopes": sorted(principal.token.scopes)},
+                )
+                return await self._refuse(scope, principal, error, extra)
+        self._counts["admitted"] += 1
+        return Admission(None, tuple(extra), principal, audit=mutating and self.audit is not None)
+
+    def _preflight(self, headers: dict[str, str]) -> Admission:
+        self._counts["preflights"] += 1
+        answer = self.cors.preflight(
+            headers.get("origin"),
+            headers.get("access-control-request-method"),
+            headers.get("access-control-request-headers"),
+        )
+        if answer is None:
+            error = ApiError(
+                "FORBIDDEN",
+                "CORS preflight refused: the origin, method or a requested header is not allowed",
+                {"origin": headers.get("origin", "")[:200]},
+            )
+            return Admission(_answer(error, [(b"vary", b"Origin")]))
+        return Admission((answer.status, list(answer.headers), b""))
+
+    async def _identify(
+        self, scope: dict[str, Any], headers: dict[str, str], peer: Any
+    ) -> tuple[Principal, ApiError | None]:
+        ip = _client_ip(scope)
+        if peer is not None:
+            return Principal(f"uid:{peer['uid']}", None, owner=True), None
+        if not self.auth_enabled:
+            return Principal(ip or "-", ip, owner=True), None
+        anonymous = Principal(ip or "-", ip)
+        raw = _presented_token(scope, headers)
+        if raw is None:
+            return anonymous, ApiError(
+                "UNAUTHORIZED",
+                "Authentication required: send Authorization: Bearer <token>",
+                {"reason": "missing"},
+            )
+        if isinstance(raw, ApiError):
+            return anonymous, raw
+        result = await self._lookup(raw)
+        if isinstance(result, AuthFailure):
+            who = Principal(result.token_id or anonymous.actor, ip)
+            return who, ApiError("UNAUTHORIZED", result.message, {"reason": result.reason.value})
+        return Principal(result.id, ip, token=result), None
+
+    async def _lookup(self, raw: str) -> TokenInfo | AuthFailure:
+        assert self.store is not None
+        digest = token_sha256(raw)
+        now = self.clock()
+        utc = self.utc_clock()
+        info = self.tokens.get(digest, now)
+        if info is None:
+            result = await self.store.read(lambda db: authenticate(db, raw, now=utc))
+            if isinstance(result, AuthFailure):
+                return result
+            info = result
+            self.tokens.put(digest, info, now)
+        elif info.expires_at is not None and info.expires_at <= iso(utc):
+            self.tokens.clear()  # re-read: the store says why (expired)
+            return await self.store.read(lambda db: authenticate(db, raw, now=utc))
+        if info.needs_touch(utc):
+            touched = attrs.evolve(info, last_used_at=iso(utc))
+            self.tokens.put(digest, touched, now)  # one touch per interval, not one per request
+            try:
+                await self.store.write(lambda db: touch_last_used(db, info.id, utc))
+            except LokiError as exc:
+                log.warning("could not record last use of token %s: %s", info.id, exc)
+        return info
+
+    async def _refuse(
+        self, scope: dict[str, Any], principal: Principal, error: ApiError, extra: list[Header]
+    ) -> Admission:
+        """A 401/403, recorded in the audit log before it is answered."""
+        details = {k: v for k, v in error.details.items() if k in ("reason", "required_scope")}
+        try:
+            await self._record(scope, principal, error.status, None, details, auth_failure=True)
+        except LokiError as exc:
+            return Admission(_answer(_audit_down(exc, None), extra))
+        return Admission(_answer(error, extra))
+
+    # -- audit -------------------------------------------------------------------
+
+    def audited_send(self, scope: dict[str, Any], admission: Admission, send: Send) -> Send:
+        """Wrap `send` so that the response is recorded before its first byte goes out.
+
+        The response start (and its body, up to `MAX_AUDITED_BODY`, to learn a
+        created resource's id) is held back until the entry is committed.
+        """
+        assert admission.principal is not None
+        principal = admission.principal
+        held: list[dict[str, Any]] = []
+        held_bytes = 0
+        done = False
+
+        async def audited(message: dict[str, Any]) -> None:
+            nonlocal held_bytes, done
+            if done:
+                await send(message)
+                return
+            held.append(message)
+            if message["type"] == "http.response.body":
+                held_bytes += len(message.get("body", b""))
+                if message.get("more_body", False) and held_bytes < MAX_AUDITED_BODY:
+                    return
+            elif message["type"] == "http.response.start":
+                return
+            done = True
+            start = next((m for m in held if m["type"] == "http.response.start"), None)
+            status = int(start["status"]) if start is not None else 500
+            body = b"".join(m.get("body", b"") for m in held if m["type"] == "http.response.body")
+            try:
+                await self._record(scope, principal, status, body, {})
+            except LokiError as exc:
+                error = _audit_down(exc, status)
+                code, headers, payload = _answer(error, list(admission.headers))
+                await send({"type": "http.response.start", "status": code, "headers": headers})
+                await send({"type": "http.response.body", "body": payload})
+                held.clear()
+                return
+            for item in held:
+                await send(item)
+            held.clear()
+
+        return audited
+
+    async def _record(
+        self,
+        scope: dict[str, Any],
+        principal: Principal,
+        status: int,
+        body: bytes | None,
+        details: dict[str, Any],
+        *,
+        auth_failure: bool = False,
+    ) -> None:
+        if self.audit is None:
+            return
+        method = scope.get("method", "WEBSOCKET" if scope["type"] == "websocket" else "GET")
+        path = _full_path(scope)
+        route = classify(method, local_path(scope))
+        action = route.action
+        resource = route.resource
+        if auth_failure:
+            action = "auth.unauthorized" if status == 401 else "auth.forbidden"
+            details = {**details, "action": route.action}
+        elif resource is None and body and 200 <= status < 300:
+            resource = _created_id(body)
+        if scope.get("lokid.peer") is not None:
+            details = {**details, "via": "socket"}
+        try:
+            await self.audit.append(
+                actor=principal.actor,
+                action=action,
+                resource=resource,
+                method=method,
+                path=path,
+                status=status,
+                ip=principal.ip,
+                details=details,
+            )
+        except LokiError:
+            self._counts["audit_failures"] += 1
+            raise
+        self._counts["audited"] += 1
+
+    async def refuse_stranger(self, scope: dict[str, Any], uid: int, error: ApiError) -> ApiError:
+        """Record a control-socket request from a uid that is not the owner's; the answer."""
+        self._counts["forbidden"] += 1
+        principal = Principal(f"uid:{uid}", None)
+        try:
+            await self._record(
+                scope, principal, error.status, None, {"reason": "peer_uid"}, auth_failure=True
+            )
+        except LokiError as exc:
+            return _audit_down(exc, None)
+        return error
+
+    def forget_tokens(self) -> None:
+        """Drop cached token lookups (after a revoke: the next request re-reads the store)."""
+        self.tokens.clear()
+
+    def statistics(self) -> GateStatistics:
+        return GateStatistics(
+            auth_enabled=self.auth_enabled,
+            rate_limit=str(self.limiter.rate) if self.limiter else None,
+            cors_origins=len(self.cors.origins),
+            token_cache=len(self.tokens),
+            **self._counts,
+        )
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def _header_map(scope: dict[str, Any]) -> dict[str, str]:
+    """Request headers by lower-case name (a repeated header: the first wins)."""
+    found: dict[str, str] = {}
+    for name, value in scope.get("headers", ()):
+        key = name.decode("latin-1").lower()
+        if key not in found:
+            found[key] = value.decode("latin-1")
+    return found
+
+
+def _presented_token(scope: dict[str, Any], headers: dict[str, str]) -> str | ApiError | None:
+    """The raw token of a request, None when none was sent, or why the header is unusable."""
+    value = headers.get("authorization")
+    if value is None:
+        if scope["type"] == "websocket":
+            tokens = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token")
+            return tokens[-1] if tokens else None
+        return None
+    scheme, _, credentials = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        return ApiError(
+            "UNAUTHORIZED",
+            "Authorization header must be 'Bearer <token>'",
+            {"reason": "malformed"},
+        )
+    return credentials.strip()
+
+
+def _client_ip(scope: dict[str, Any]) -> str | None:
+    client = scope.get("client")
+    if isinstance(client, (tuple, list)) and client:
+        return str(client[0])
+    return None
+
+
+def _full_path(scope: dict[str, Any]) -> str:
+    return str(scope.get("path", ""))  # ASGI: the full path, root_path included
+
+
+def local_path(scope: dict[str, Any]) -> str:
+    """The request path within its surface: `path` without the mount's `root_path`."""
+    path = _full_path(scope)
+    root = str(scope.get("root_path", ""))
+    if root and (path == root or path.startswith(root + "/")):
+        return path[len(root) :] or "/"
+    return path
+
+
+def _created_id(body: bytes) -> str | None:
+    """The `id` of a JSON object answer (what a create made), else None."""
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(value, dict) and isinstance(value.get("id"), str):
+        return str(value["id"])
+    return None
+
+
+def _audit_down(exc: LokiError, status: int | None) -> ApiError:
+    if status is None:
+        message = "The audit log cannot record this request right now; try again"
+    else:
+        message = (
+            f"The request was carried out (status {status}) but the audit log could not "
+            "record it; see the daemon log"
+        )
+    return ApiError("UNAVAILABLE", message, {"audit": str(exc)[:200]})
+
+
+def _answer(error: ApiError, extra: Iterable[Header]) -> Answer:
+    body = error.body_bytes()
+    headers = [
+        *_JSON_HEADERS,
+        *((k.lower().encode(), v.encode()) for k, v in error.headers.items()),
+        *extra,
+        (b"content-length", str(len(body)).encode()),
+    ]
+    return error.status, headers, body

@@ -1,0 +1,344 @@
+"""The gate over in-memory ASGI: rate limits on the virtual clock, CORS, audit-before-answer.
+
+A real store and audit writer on a temp file; the surface is a small one
+built here, so each rule is seen on its own.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from lokid.actors.audit_writer import AuditWriter, list_audit
+from lokid.actors.store import StoreActor
+from lokid.cors import CorsPolicy
+from lokid.http.control import control_app
+from lokid.http.gate import OPEN, Gate
+from lokid.http.surface import LeanResponse, Scope, Surface, json_body, json_response
+from lokid.ratelimit import RateLimiter, parse_rate_limit
+from lokid.tokens import create_token
+
+from .asgi import Answer, call
+from .test_audit import running
+
+ORIGIN = "https://board.example"
+
+
+def make_surface(gate: Gate) -> Surface:
+    surface = Surface("test", "0")
+    surface.gate = gate
+
+    @surface.lean("GET", "/health", "probe", responses={200: "ok"}, requires=OPEN)
+    async def health(scope: Scope) -> LeanResponse:
+        return json_response(200, {"status": "healthy"})
+
+    @surface.lean("GET", "/things", "list", responses={200: "ok"}, requires="read")
+    async def things(scope: Scope) -> LeanResponse:
+        return json_response(200, {"things": []})
+
+    @surface.route("POST", "/things", "create", responses={201: "ok"}, requires="write")
+    async def create() -> tuple[dict[str, Any], int]:
+        body = await json_body()
+        return {"id": f"thing-{body.get('n', 0)}"}, 201
+
+    @surface.route("DELETE", "/things/{id}", "delete", responses={204: "ok"}, requires="write")
+    async def delete(id: str) -> tuple[str, int]:
+        return "", 204
+
+    return surface
+
+
+async def entries(store: StoreActor) -> list[dict[str, Any]]:
+    answer = await store.read(lambda db: list_audit(db, limit=1000))
+    return list(reversed(answer["entries"]))  # oldest first
+
+
+@pytest.fixture
+async def audited(tmp_path: pathlib.Path) -> AsyncIterator[tuple[StoreActor, AuditWriter]]:
+    async with running(tmp_path / "lokid.db") as pair:
+        yield pair
+
+
+# -- audit ---------------------------------------------------------------------------
+
+
+async def test_a_change_is_recorded_with_its_status_and_created_id_before_the_answer(
+    audited: tuple[StoreActor, AuditWriter],
+) -> None:
+    store, writer = audited
+    surface = make_surface(Gate(store=store, audit=writer))
+    seen_at_answer: list[int] = []
+    app = surface
+
+    async def spy(scope: Scope, receive: Any, send: Any) -> None:
+        async def watching(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                seen_at_answer.append(writer.last_id)
+            await send(message)
+
+        await app(scope, receive, watching)
+
+    answer = await call(spy, "POST", "/things", body=b'{"n": 7}')
+    assert answer.status == 201
+    assert seen_at_answer == [1]  # committed before the response started
+    [entry] = await entries(store)
+    assert entry["action"] == "post /things"  # not in the audit action table: the fallback
+    assert (entry["method"], entry["path"], entry["status"]) == ("POST", "/things", 201)
+    assert entry["resource"] == "thing-7"
+    assert entry["actor"] == "127.0.0.1" and entry["ip"] == "127.0.0.1"
+
+
+async def test_reads_are_not_recorded_and_failed_changes_are(
+    audited: tuple[StoreActor, AuditWriter],
+) -> None:
+    store, writer = audited
+    surface = make_surface(Gate(store=store, audit=writer))
+    assert (await call(surface, "GET", "/things")).status == 200
+    assert (await call(surface, "POST", "/things", body=b"{not json")).status == 400
+    assert (await call(surface, "DELETE", "/things/t-1")).status == 204
+    assert [(e["method"], e["status"]) for e in await entries(store)] == [
+        ("POST", 400),
+        ("DELETE", 204),
+    ]
+
+
+async def test_the_socket_owner_is_recorded_by_uid_under_the_mount(
+    audited: tuple[StoreActor, AuditWriter],
+) -> None:
+    store, writer = audited
+    surface = make_surface(Gate(store=store, audit=writer))
+    app = control_app(make_surface(Gate()), surface)
+
+    async def as_owner(scope: Scope, receive: Any, send: Any) -> None:
+        scope["lokid.peer"] = {"pid": 1, "uid": 1234, "gid": 1234}
+        await app(scope, receive, send)
+
+    assert (await call(as_owner, "DELETE", "/dashboard/things/t-9")).status == 204
+    [entry] = await entries(store)
+    assert entry["actor"] == "uid:1234" and entry["ip"] is None
+    assert entry["path"] == "/dashboard/things/t-9"
+    assert entry["details"] == {"via": "socket"}
+
+
+async def test_an_audit_log_that_cannot_record_turns_the_answer_into_503(
+    tmp_path: pathlib.Path,
+) -> None:
+    async with running(tmp_path / "lokid.db") as (store, writer):
+        surface = make_surface(Gate(store=store, audit=writer))
+    # The writer has stopped: nothing can be recorded, so nothing is answered as done.
+    with trio.fail_after(30):
+        answer = await call(surface, "DELETE", "/things/t-1")
+    assert answer.status == 503
+    error = answer.json()["error"]
+    assert error["code"] == "UNAVAILABLE"
+    assert "status 204" in error["message"] and "audit log" in error["message"]
+
+
+async def test_refusals_are_recorded_with_their_reason(
+    audited: tuple[StoreActor, AuditWriter],
+) -> None:
+    store, writer = audited
+    made = await store.write(lambda db: create_token(db, {"name": "r", "scopes": ["read"]}))
+    surface = make_surface(Gate(auth_enabled=True, store=store, audit=writer))
+    assert (await call(surface, "GET", "/things")).status == 401
+    bearer = {"Authorization": f"Bearer {made['token']}"}
+    assert (await call(surface, "GET", "/things", headers=bearer)).status == 200
+    forbidden = await call(surface, "POST", "/things", headers=bearer)
+    assert forbidden.status == 403
+    assert forbidden.json()["error"]["details"]["required_scope"] == "write"
+    refusals = await entries(store)
+    assert [(e["action"], e["status"], e["actor"]) for e in refusals] == [
+        ("auth.unauthorized", 401, "127.0.0.1"),
+        ("auth.forbidden", 403, made["id"]),
+    ]
+    assert refusals[0]["details"] == {"reason": "missing", "action": "get /things"}
+    assert refusals[1]["details"] == {"required_scope": "write", "action": "post /things"}
+
+
+async def test_a_refused_socket_peer_is_recorded(audited: tuple[StoreActor, AuditWriter]) -> None:
+    from lokid.http.errors import ApiError
+
+    store, writer = audited
+    gate = Gate(store=store, audit=writer)
+    scope: Scope = {"type": "http", "method": "POST", "path": "/api/sessions", "headers": []}
+    error = ApiError("FORBIDDEN", "uid 4242 may not use the control socket")
+    assert await gate.refuse_stranger(scope, 4242, error) is error
+    [entry] = await entries(store)
+    assert (entry["actor"], entry["action"], entry["status"]) == (
+        "uid:4242",
+        "auth.forbidden",
+        403,
+    )
+    assert entry["details"]["reason"] == "peer_uid"
+
+
+async def test_a_websocket_without_a_token_is_closed_with_1008(
+    audited: tuple[StoreActor, AuditWriter],
+) -> None:
+    store, writer = audited
+    made = await store.write(lambda db: create_token(db, {"name": "r", "scopes": ["read"]}))
+    gate = Gate(auth_enabled=True, store=store, audit=writer)
+    scope: Scope = {
+        "type": "websocket",
+        "path": "/ws",
+        "query_string": b"",
+        "headers": [],
+        "client": ("127.0.0.1", 5),
+    }
+    assert (await gate.admit(scope, "read")).answer is not None
+    with_query = {**scope, "query_string": f"token={made['token']}".encode()}
+    assert (await gate.admit(with_query, "read")).answer is None
+    with_header = {**scope, "headers": [(b"authorization", f"Bearer {made['token']}".encode())]}
+    assert (await gate.admit(with_header, "read")).answer is None
+
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await make_surface(gate)(dict(scope), receive, send)
+    assert sent == [{"type": "websocket.close", "code": 1008}]
+    # Both refusals (the direct `admit` and the handshake) are in the log.
+    assert [e["action"] for e in await entries(store)] == ["auth.unauthorized"] * 2
+
+
+# -- rate limit (virtual clock) ------------------------------------------------------
+
+
+def limited_gate(text: str = "3/60") -> Gate:
+    return Gate(limiter=RateLimiter(parse_rate_limit(text)), wall_clock=lambda: 1_000_000.0)
+
+
+async def test_the_limit_counts_down_then_429_with_retry_after(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    surface = make_surface(limited_gate())
+    answers = [await call(surface, "GET", "/things") for _ in range(4)]
+    assert [a.status for a in answers] == [200, 200, 200, 429]
+    assert [a.headers["x-ratelimit-remaining"] for a in answers] == ["2", "1", "0", "0"]
+    assert all(a.headers["x-ratelimit-limit"] == "3" for a in answers)
+    refused = answers[-1]
+    assert refused.headers["retry-after"] == "20"  # one request back every 60/3 s
+    assert refused.json()["error"] == {
+        "code": "RATE_LIMITED",
+        "message": "Too many requests",
+        "details": {},
+        "retry_after": 20,
+    }
+    await trio.sleep(20)
+    assert (await call(surface, "GET", "/things")).status == 200
+    assert (await call(surface, "GET", "/things")).status == 429
+
+
+async def test_health_is_never_limited_and_has_no_headers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    surface = make_surface(limited_gate("1/60"))
+    for _ in range(5):
+        answer = await call(surface, "GET", "/health")
+        assert answer.status == 200 and "x-ratelimit-limit" not in answer.headers
+    assert (await call(surface, "GET", "/things")).status == 200
+    assert (await call(surface, "GET", "/things")).status == 429
+
+
+async def test_clients_are_limited_apart_and_the_socket_owner_not_at_all(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    surface = make_surface(limited_gate("1/60"))
+
+    async def from_address(address: str) -> Answer:
+        async def app(scope: Scope, receive: Any, send: Any) -> None:
+            scope["client"] = (address, 4000)
+            await surface(scope, receive, send)
+
+        return await call(app, "GET", "/things")
+
+    assert (await from_address("10.0.0.1")).status == 200
+    assert (await from_address("10.0.0.1")).status == 429
+    assert (await from_address("10.0.0.2")).status == 200
+
+    async def owner(scope: Scope, receive: Any, send: Any) -> None:
+        scope["lokid.peer"] = {"pid": 1, "uid": 0, "gid": 0}
+        await surface(scope, receive, send)
+
+    for _ in range(3):
+        answer = await call(owner, "GET", "/things")
+        assert answer.status == 200 and "x-ratelimit-limit" not in answer.headers
+
+
+async def test_limits_follow_the_token_not_the_address(
+    audited: tuple[StoreActor, AuditWriter],
+) -> None:
+    store, _ = audited
+    made = await store.write(lambda db: create_token(db, {"name": "r", "scopes": ["read"]}))
+    gate = Gate(
+        auth_enabled=True,
+        store=store,
+        limiter=RateLimiter(parse_rate_limit("2/3600")),
+    )
+    surface = make_surface(gate)
+    bearer = {"Authorization": f"Bearer {made['token']}"}
+    assert (await call(surface, "GET", "/things", headers=bearer)).status == 200
+    assert (await call(surface, "GET", "/things")).status == 401  # the address's own budget
+    assert (await call(surface, "GET", "/things", headers=bearer)).status == 200
+    assert (await call(surface, "GET", "/things", headers=bearer)).status == 429
+    assert (await call(surface, "GET", "/things")).status == 401  # one left for the address
+    assert (await call(surface, "GET", "/things")).status == 429
+
+
+# -- CORS ----------------------------------------------------------------------------
+
+
+def preflight(origin: str, method: str = "POST", headers: str = "content-type") -> dict[str, str]:
+    return {
+        "Origin": origin,
+        "Access-Control-Request-Method": method,
+        "Access-Control-Request-Headers": headers,
+    }
+
+
+async def test_a_preflight_is_answered_before_auth_for_listed_origins_only(
+    audited: tuple[StoreActor, AuditWriter],
+) -> None:
+    store, writer = audited
+    gate = Gate(
+        auth_enabled=True, store=store, audit=writer, cors=CorsPolicy.from_origins([ORIGIN])
+    )
+    surface = make_surface(gate)
+    allowed = await call(surface, "OPTIONS", "/things", headers=preflight(ORIGIN))
+    assert allowed.status == 204 and allowed.body == b""
+    assert allowed.headers["access-control-allow-origin"] == ORIGIN
+    assert "POST" in allowed.headers["access-control-allow-methods"]
+    assert "access-control-allow-credentials" not in allowed.headers
+    stranger = await call(surface, "OPTIONS", "/things", headers=preflight("https://evil.example"))
+    assert stranger.status == 403
+    assert "access-control-allow-origin" not in stranger.headers
+    odd_header = preflight(ORIGIN, headers="x-steal-cookies")
+    assert (await call(surface, "OPTIONS", "/things", headers=odd_header)).status == 403
+    assert await entries(store) == []  # preflights are neither auth failures nor changes
+
+
+async def test_responses_carry_cors_headers_for_listed_origins_only() -> None:
+    surface = make_surface(Gate(cors=CorsPolicy.from_origins([ORIGIN])))
+    listed = await call(surface, "GET", "/things", headers={"Origin": ORIGIN})
+    assert listed.headers["access-control-allow-origin"] == ORIGIN
+    assert listed.headers["vary"] == "Origin"
+    other = await call(surface, "GET", "/things", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+    assert other.headers["vary"] == "Origin"
+
+
+async def test_with_cors_off_no_origin_is_echoed_and_preflights_are_refused() -> None:
+    surface = make_surface(Gate())
+    answer = await call(surface, "GET", "/things", headers={"Origin": ORIGIN})
+    assert answer.status == 200 and "access-control-allow-origin" not in answer.headers
+    refused = await call(surface, "OPTIONS", "/things", headers=preflight(ORIGIN))
+    assert refused.status == 403 and "access-control-allow-origin" not in refused.headers

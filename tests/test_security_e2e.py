@@ -1,0 +1,103 @@
+"""Auth, rate limits, CORS and the audit log on a real `loki serve`, end to end.
+
+The daemon binds `0.0.0.0` in one test (allowed with auth on); every request
+still goes to loopback.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import httpx
+
+from .daemon_proc import DaemonProcess
+
+ORIGIN = "http://localhost:3000"
+
+
+def test_a_remote_listener_is_allowed_with_auth_and_then_guarded(
+    daemon_factory: Callable[..., DaemonProcess],
+) -> None:
+    daemon = daemon_factory(extra_env={"LOKI_ENTERPRISE_AUTH": "true"}).start("--host", "0.0.0.0")
+    port = daemon.api_url.rsplit(":", 1)[1]
+    url = f"http://127.0.0.1:{port}"
+    assert daemon.api_url.startswith("http://0.0.0.0:")
+    assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+    refused = httpx.get(f"{url}/api/status", timeout=5)
+    assert refused.status_code == 401
+    assert refused.json()["error"]["code"] == "UNAUTHORIZED"
+    with daemon.control() as owner:  # the bootstrap path: the owner on the socket
+        made = owner.post(
+            "/dashboard/api/enterprise/tokens", json={"name": "ci", "scopes": ["read"]}
+        ).json()
+    headers = {"Authorization": f"Bearer {made['token']}"}
+    assert httpx.get(f"{url}/api/status", headers=headers, timeout=5).status_code == 200
+    denied = httpx.post(f"{url}/api/sessions", json={}, headers=headers, timeout=5)
+    assert denied.status_code == 403
+    assert denied.json()["error"]["details"]["required_scope"] == "write"
+
+
+def test_rate_limit_headers_on_every_route_kind_and_429(
+    daemon_factory: Callable[..., DaemonProcess],
+) -> None:
+    daemon = daemon_factory(extra_env={"LOKI_RATE_LIMIT": "5/3600"}).start()
+    api = daemon.api_url
+    with httpx.Client(timeout=5) as client:
+        inline = client.get(f"{api}/api/status")  # lean route: the inline HTTP/1.1 path
+        quart = client.get(f"{api}/api/sessions")  # Quart view through Hypercorn
+        change = client.post(f"{api}/api/sessions/nope/stop")
+        for answer, remaining in ((inline, "4"), (quart, "3"), (change, "2")):
+            assert answer.headers["x-ratelimit-limit"] == "5"
+            assert answer.headers["x-ratelimit-remaining"] == remaining
+            assert int(answer.headers["x-ratelimit-reset"]) > 1_700_000_000
+        assert change.status_code == 404
+        statuses = [client.get(f"{api}/api/status").status_code for _ in range(3)]
+        assert statuses == [200, 200, 429]
+        limited = client.get(f"{api}/api/sessions")
+        assert limited.status_code == 429
+        assert int(limited.headers["retry-after"]) >= 700
+        assert limited.json()["error"]["retry_after"] == int(limited.headers["retry-after"])
+        health = client.get(f"{api}/health")
+        assert health.status_code == 200 and "x-ratelimit-limit" not in health.headers
+    with daemon.control() as owner:  # the owner's socket is not limited
+        assert owner.get("/api/status").status_code == 200
+
+
+def test_cors_for_a_listed_origin_on_a_live_daemon(
+    daemon_factory: Callable[..., DaemonProcess],
+) -> None:
+    daemon = daemon_factory(extra_env={"LOKI_CORS_ORIGINS": ORIGIN}).start()
+    url = f"{daemon.dashboard_url}/api/enterprise/status"
+    with httpx.Client(timeout=5) as client:
+        preflight = client.options(
+            url,
+            headers={"Origin": ORIGIN, "Access-Control-Request-Method": "GET"},
+        )
+        assert preflight.status_code == 204
+        assert preflight.headers["access-control-allow-origin"] == ORIGIN
+        answer = client.get(url, headers={"Origin": ORIGIN})
+        assert answer.status_code == 200
+        assert answer.headers["access-control-allow-origin"] == ORIGIN
+        other = client.get(url, headers={"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_changes_on_every_surface_are_audited_and_the_chain_verifies(
+    daemon: DaemonProcess,
+) -> None:
+    with httpx.Client(timeout=5) as client:
+        assert client.post(f"{daemon.api_url}/api/sessions/nope/stop").status_code == 404
+        assert client.delete(f"{daemon.dashboard_url}/api/enterprise/tokens/tok-x").status_code
+    with daemon.control() as owner:
+        assert owner.post("/api/sessions/nope/pause").status_code == 404
+        entries = owner.get("/dashboard/api/enterprise/audit").json()["entries"]
+        summary = owner.get("/dashboard/api/enterprise/audit/summary").json()
+    seen = [(e["action"], e["status"], e["actor"], e["resource"]) for e in reversed(entries)]
+    assert seen[-3:] == [
+        ("session.stop", 404, "127.0.0.1", "nope"),
+        ("token.revoke", 404, "127.0.0.1", "tok-x"),
+        ("session.pause", 404, f"uid:{os.getuid()}", "nope"),
+    ]
+    assert summary["chain_valid"] is True
+    assert summary["by_action"]["session.stop"] == 1
