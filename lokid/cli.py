@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     events.set_defaults(handler=cmd_events)
 
     _add_session_commands(commands)
+    _add_enterprise_commands(commands)
 
     config = commands.add_parser("config", help="configuration")
     config_actions = config.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -125,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 SESSION_STATUSES = tuple(status.value for status in Status)
+# lokid.tokens.SCOPES (a test keeps them equal); importing it costs every command ~65 ms
+TOKEN_SCOPES = ("read", "write", "audit", "admin")
 TASK_STATUSES = ("pending", "active", "completed", "failed")
 
 
@@ -197,6 +201,83 @@ def _add_list_flags(parser: argparse.ArgumentParser, default: Any) -> None:
         help=f"only sessions in this status ({', '.join(SESSION_STATUSES)})",
     )
     parser.add_argument("--limit", type=int, metavar="N", default=default, help="default 100")
+    parser.add_argument("--json", action="store_true", default=default, help="the API answer")
+
+
+def _add_enterprise_commands(commands: Any) -> None:
+    """`loki token ...` and `loki audit ...` (DESIGN.md §3, §4)."""
+    token = commands.add_parser("token", help="create, list and revoke API tokens")
+    actions = token.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = actions.add_parser("create", help="create a token (its secret is shown once)")
+    create.add_argument("--name", required=True, metavar="NAME", help="what the token is for")
+    create.add_argument(
+        "--scopes",
+        required=True,
+        action="append",
+        metavar="LIST",
+        help=f"comma list of {', '.join(TOKEN_SCOPES)} (may be repeated)",
+    )
+    create.add_argument("--expires-days", type=int, metavar="N", help="default: never expires")
+    create.add_argument("--json", action="store_true", help="print the API answer")
+    create.set_defaults(handler=cmd_token_create)
+    ls = actions.add_parser("ls", help="tokens, newest first (never their secrets)")
+    _add_page_flags(ls, None)
+    ls.add_argument("--json", action="store_true", help="print the API answer")
+    ls.set_defaults(handler=cmd_token_ls)
+    revoke = actions.add_parser("revoke", help="revoke a token (it stays listed)")
+    revoke.add_argument("id", metavar="ID")
+    revoke.add_argument("--json", action="store_true", help="print the API answer")
+    revoke.set_defaults(handler=cmd_token_revoke)
+
+    audit = commands.add_parser("audit", help="the audit log: entries, summary, verify")
+    _add_audit_list_flags(audit, argparse.SUPPRESS)
+    audit.set_defaults(
+        handler=cmd_audit_ls,
+        start=None,
+        end=None,
+        audit_action=None,
+        limit=None,
+        offset=None,
+        json=False,
+    )
+    audit_actions = audit.add_subparsers(dest="action", metavar="ACTION")
+    audit_ls = audit_actions.add_parser("ls", help="entries, newest first (the default)")
+    _add_audit_list_flags(audit_ls, argparse.SUPPRESS)
+    audit_ls.set_defaults(handler=cmd_audit_ls)
+    summary = audit_actions.add_parser("summary", help="totals by action, actor and status")
+    summary.add_argument("--json", action="store_true", help="print the API answer")
+    summary.set_defaults(handler=cmd_audit_summary)
+    verify = audit_actions.add_parser("verify", help="check the hash chain; exit 1 on any problem")
+    verify.add_argument(
+        "--offline",
+        action="store_true",
+        help="read the database file, not the daemon (the default when it is not running)",
+    )
+    verify.add_argument("--json", action="store_true", help="print the report")
+    verify.set_defaults(handler=cmd_audit_verify)
+
+
+def _add_page_flags(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--limit", type=int, metavar="N", default=default, help="default 100")
+    parser.add_argument("--offset", type=int, metavar="N", default=default, help="skip N")
+
+
+def _add_audit_list_flags(parser: argparse.ArgumentParser, default: Any) -> None:
+    # Given on `audit` or on `audit ls`; SUPPRESS keeps one from erasing the other.
+    parser.add_argument(
+        "--start", metavar="T", default=default, help="entries at or after (ISO-8601 or date)"
+    )
+    parser.add_argument(
+        "--end", metavar="T", default=default, help="entries before (a date: that whole day)"
+    )
+    parser.add_argument(
+        "--action",
+        dest="audit_action",
+        metavar="A",
+        default=default,
+        help="exact (token.create) or a family (session.*)",
+    )
+    _add_page_flags(parser, default)
     parser.add_argument("--json", action="store_true", default=default, help="the API answer")
 
 
@@ -617,6 +698,233 @@ def cmd_tasks(args: argparse.Namespace, config: Config) -> int:
     _print_tasks(answer["tasks"], with_session=args.session is None)
     _print_more(answer, "tasks")
     return 0
+
+
+# -- tokens and the audit log ------------------------------------------------------
+
+ENTERPRISE = "/dashboard/api/enterprise"  # the Dashboard API, over the control socket
+NAME_WIDTH = 40
+RESOURCE_WIDTH = 40
+
+
+def cmd_token_create(args: argparse.Namespace, config: Config) -> int:
+    scopes = [scope.strip() for given in args.scopes for scope in given.split(",") if scope.strip()]
+    body: dict[str, Any] = {"name": args.name, "scopes": scopes}
+    if args.expires_days is not None:
+        body["expires_days"] = args.expires_days
+    token = _call(config, "POST", f"{ENTERPRISE}/tokens", json=body)
+    if args.json:
+        _print_json(token)
+        return 0
+    _print_fields(
+        [
+            ("id", token["id"]),
+            ("name", token["name"]),
+            ("scopes", ", ".join(token["scopes"])),
+            ("created", token["created_at"]),
+            ("expires", token["expires_at"] or "never"),
+        ]
+    )
+    print()
+    print("token (shown only this once; lokid keeps only its hash, so store it now):")
+    print(token["token"])
+    return 0
+
+
+def cmd_token_ls(args: argparse.Namespace, config: Config) -> int:
+    params = {"limit": args.limit, "offset": args.offset}
+    answer = _call(
+        config,
+        "GET",
+        f"{ENTERPRISE}/tokens",
+        params={key: value for key, value in params.items() if value is not None},
+    )
+    if args.json:
+        _print_json(answer)
+        return 0
+    rows = [
+        (
+            token["id"],
+            _clip(token["name"], NAME_WIDTH),
+            ",".join(token["scopes"]) or "-",
+            token["created_at"],
+            token["expires_at"] or "never",
+            token["last_used_at"] or "never",
+            _token_state(token),
+        )
+        for token in answer["tokens"]
+    ]
+    headers = ("ID", "NAME", "SCOPES", "CREATED", "EXPIRES", "LAST USED", "STATE")
+    _print_table(headers, rows, empty="no tokens")
+    _print_more(answer, "tokens")
+    return 0
+
+
+def _token_state(token: dict[str, Any]) -> str:
+    if token["revoked_at"] is not None:
+        return "revoked"  # revoked and expired: the deliberate act
+    return "expired" if token["expired"] else "active"
+
+
+def cmd_token_revoke(args: argparse.Namespace, config: Config) -> int:
+    token = _call(config, "DELETE", f"{ENTERPRISE}/tokens/{_quote(args.id)}")
+    if args.json:
+        _print_json(token)
+    else:
+        print(f"{token['id']} revoked at {token['revoked_at']}")
+    return 0
+
+
+def cmd_audit_ls(args: argparse.Namespace, config: Config) -> int:
+    params = {
+        "start": args.start,
+        "end": args.end,
+        "action": args.audit_action,
+        "limit": args.limit,
+        "offset": args.offset,
+    }
+    answer = _call(
+        config,
+        "GET",
+        f"{ENTERPRISE}/audit",
+        params={key: value for key, value in params.items() if value is not None},
+    )
+    if args.json:
+        _print_json(answer)
+        return 0
+    rows = [
+        (
+            str(entry["id"]),
+            entry["timestamp"],
+            entry["actor"],
+            entry["action"],
+            _clip(entry["resource"] or "-", RESOURCE_WIDTH),
+            "-" if entry["status"] is None else str(entry["status"]),
+        )
+        for entry in answer["entries"]
+    ]
+    headers = ("ID", "TIME", "ACTOR", "ACTION", "RESOURCE", "STATUS")
+    _print_table(headers, rows, empty="no audit entries")
+    _print_more(answer, "entries")
+    return 0
+
+
+def cmd_audit_summary(args: argparse.Namespace, config: Config) -> int:
+    summary = _call(config, "GET", f"{ENTERPRISE}/audit/summary")
+    if args.json:
+        _print_json(summary)
+        return 0
+    chain = summary["chain"]
+    if summary["chain_valid"]:
+        verdict = "valid"
+    elif not chain["valid"]:
+        verdict = f"INVALID: {_problem(chain)} (run `loki audit verify`)"
+    else:
+        verdict = f"INVALID: {summary.get('head_problem') or 'see the daemon log'}"
+    _print_fields(
+        [
+            ("entries", str(summary["total"])),
+            ("first", summary["first_timestamp"] or "-"),
+            ("last", summary["last_timestamp"] or "-"),
+            ("chain", verdict),
+        ]
+    )
+    omitted = summary.get("omitted", {})
+    for key in ("action", "actor", "status"):
+        counts: dict[str, int] = summary[f"by_{key}"]
+        print(f"\nby {key}:")
+        if not counts:
+            print("  -")
+        width = max((len(name) for name in counts), default=0)
+        for name, count in counts.items():
+            print(f"  {name:<{width}}  {count}")
+        if omitted.get(key):
+            print(f"  ({omitted[key]} more)")
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace, config: Config) -> int:
+    report = None if args.offline else _verify_online(config)
+    if report is None:
+        report = {
+            **_verify_offline(config.database),
+            "verified_by": "database",
+            "database": str(config.database),
+        }
+        how = f"verified offline from {config.database}"
+    else:
+        how = f"verified by the running daemon at {config.socket}"
+    if args.json:
+        _print_json(report)
+    elif report["valid"]:
+        print(f"audit log valid: {report['message']} ({how})")
+        if report["head_id"]:
+            print(f"head: entry {report['head_id']}, hash {report['head_hash']}")
+    else:
+        first_bad = report["first_bad_id"]
+        print(f"audit log INVALID ({how})")
+        _print_fields(
+            [
+                ("problem", report["reason"]),
+                ("first bad", "-" if first_bad is None else f"entry {first_bad}"),
+                ("detail", report["message"]),
+                ("checked", _entries(report["entries_checked"])),
+                ("last good", f"entry {report['head_id']}" if report["head_id"] else "none"),
+            ]
+        )
+    return 0 if report["valid"] else 1
+
+
+def _verify_online(config: Config) -> dict[str, Any] | None:
+    """The daemon's verdict, or None when it is not running."""
+    try:
+        with ControlClient(config.socket, timeout=COMMAND_TIMEOUT) as client:
+            report: dict[str, Any] = client.get(f"{ENTERPRISE}/audit/verify")
+    except DaemonNotRunning:
+        print("lokid is not running; verifying the database file", file=sys.stderr)
+        return None
+    return {**report, "verified_by": "daemon"}
+
+
+def _verify_offline(database: Path) -> dict[str, Any]:
+    """`verify_store` on the database file, read-only, in one read transaction."""
+    import sqlite_utils
+
+    from lokid.actors.audit_writer import verify_store
+
+    if not database.is_file():
+        raise CliError(f"loki: no database to verify at {database} (is LOKI_HOME right?)")
+    uri = database.resolve().as_uri() + "?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise CliError(f"loki: cannot open {database}: {exc}") from None
+    try:
+        conn.execute("BEGIN")  # the entries and the anchor: one snapshot
+        try:
+            report = verify_store(sqlite_utils.Database(conn))
+        finally:
+            conn.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        raise CliError(f"loki: cannot read the audit log in {database}: {exc}") from None
+    finally:
+        conn.close()
+    return report.to_json()
+
+
+def _entries(count: int) -> str:
+    return f"{count} entry" if count == 1 else f"{count} entries"
+
+
+def _problem(report: dict[str, Any]) -> str:
+    where = "" if report["first_bad_id"] is None else f"entry {report['first_bad_id']} "
+    return f"{where}{report['reason']}: {report['message']}"
+
+
+def _print_fields(rows: Sequence[tuple[str, str]]) -> None:
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
 
 
 TITLE_WIDTH = 60
