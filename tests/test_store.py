@@ -428,6 +428,48 @@ async def test_read_functions_cannot_write(tmp_path: pathlib.Path) -> None:
         assert await store.read(names) == []
 
 
+async def test_write_alone_commits_from_the_callers_task_beside_batches(
+    tmp_path: pathlib.Path,
+) -> None:
+    async with running(items_store(tmp_path)) as store:
+        answers: dict[str, Any] = {}
+
+        async def batched(name: str) -> None:
+            answers[name] = await store.write(insert(name))
+
+        async def alone(name: str) -> None:
+            answers[name] = await store.write_alone(insert(name))
+
+        async with trio.open_nursery() as nursery:
+            for n in range(20):  # the two kinds interleave; the writer limiter keeps one writer
+                nursery.start_soon(batched, f"b{n}")
+                nursery.start_soon(alone, f"a{n}")
+        assert sorted(answers.values()) == list(range(1, 41))
+        assert sorted(await store.read(names)) == sorted(answers)
+        with pytest.raises(Conflict):
+            await store.write_alone(insert("a0"))
+        with pytest.raises(ValueError, match="caller's bug"):
+            await store.write_alone(lambda db: (_ for _ in ()).throw(ValueError("caller's bug")))
+        stats = store.statistics()
+    assert (stats.failed, stats.handled) == (2, 40)
+    assert stats.writable and stats.crashes == 0
+
+
+async def test_write_alone_when_not_open_is_unavailable(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(StoreUnavailable):
+        await items_store(tmp_path).write_alone(insert("a"))
+
+
+async def test_write_alone_gives_up_on_a_busy_writer_without_running(
+    tmp_path: pathlib.Path,
+) -> None:
+    async with running(items_store(tmp_path)) as store:
+        async with store._writer_limiter:  # the writer thread is busy (held here)
+            with pytest.raises(AskTimeout):
+                await store.write_alone(insert("late"), timeout=0.2)
+        assert await store.read(names) == []
+
+
 async def test_read_when_not_open_is_unavailable(tmp_path: pathlib.Path) -> None:
     with pytest.raises(StoreUnavailable):
         await StoreActor(db_path(tmp_path), migrations=BASE_MIGRATIONS).read(names)

@@ -205,6 +205,7 @@ class AuditWriter(Actor[Any]):
         self._stale = True  # reload the head before the next batch
         self._head_problem: str | None = None
         self._in_flight: list[_Pending] = []
+        self._commit_lock = trio.Lock()  # one batch at a time: the writer's, or a caller's
         self._appended = 0
         self._batches = 0
         self._last_batch_size = 0
@@ -245,6 +246,23 @@ class AuditWriter(Actor[Any]):
                 details=details,
             )
         )
+        if (
+            self.running
+            and not self._commit_lock.locked()
+            and self._send.statistics().current_buffer_used == 0
+        ):
+            # Nothing queued and nothing committing: commit it from this task
+            # (two task wake-ups fewer than through the writer's task).
+            self._commit_lock.acquire_nowait()
+            try:
+                await self._append_batch([pending], track=False)
+            except Exception as exc:  # a bug: in the writer's task it would crash the actor
+                log.exception("audit append failed")
+                self._stale = True
+                raise AuditUnavailable(f"the audit entry was not recorded: {exc!r}") from exc
+            finally:
+                self._commit_lock.release()
+            return pending.result()
         queued = False
         if self._running:
             try:
@@ -322,9 +340,16 @@ class AuditWriter(Actor[Any]):
             batch = [message]
             while len(batch) < self.max_batch and (more := self.next_message_nowait()) is not None:
                 batch.append(more)
-            await self._append_batch(batch)
+            async with self._commit_lock:
+                await self._append_batch(batch)
 
-    async def _append_batch(self, batch: list[Any]) -> None:
+    async def _append_batch(self, batch: list[Any], *, track: bool = True) -> None:
+        """Commit the appends of `batch` (other messages are dispatched).
+
+        `track`: the appends came from the mailbox, so `teardown` must fail them
+        if this incarnation ends mid-batch; an append committed by its own
+        caller's task (`track=False`) is answered by this call in every case.
+        """
         pending: list[_Pending] = []
         for message in batch:
             if isinstance(message, _Pending):
@@ -333,7 +358,8 @@ class AuditWriter(Actor[Any]):
                 await self.dispatch(message)
         if not pending:
             return
-        self._in_flight = pending
+        if track:
+            self._in_flight = pending
         error: LokiError | None = None
         # Taken from the mailbox: always answered, within `batch_timeout`.
         with trio.CancelScope(shield=True), trio.move_on_after(self.batch_timeout) as deadline:
@@ -356,7 +382,8 @@ class AuditWriter(Actor[Any]):
             error = AuditUnavailable(
                 f"the audit batch did not finish within {self.batch_timeout:g} s (outcome unknown)"
             )
-        self._in_flight = []
+        if track:
+            self._in_flight = []
         if error is not None:
             self._failed += len(pending)
             self._last_error = f"{type(error).__name__}: {error}"
@@ -378,7 +405,7 @@ class AuditWriter(Actor[Any]):
             write = _batch_write(self._anchor, self._head, items, utc_now_iso())
             started = time.perf_counter()
             try:
-                entries = await self.store.write(write, timeout=self.write_timeout)
+                entries = await self.store.write_alone(write, timeout=self.write_timeout)
             except _HeadMoved as moved:
                 log.error("audit chain head moved behind the writer's back: %s; reloading", moved)
                 self._stale = True
