@@ -447,6 +447,7 @@ class Daemon:
             "providers": self.providers(),
             "listeners": self.listeners.urls() if self.listeners else {},
             "supervisor": self.root.statistics(),
+            "gate": self.gate.statistics(),
         }
 
 

@@ -21,12 +21,13 @@ from lokid.http.control import control_app
 from lokid.http.gate import OPEN, Gate
 from lokid.http.surface import LeanResponse, Scope, Surface, json_body, json_response
 from lokid.ratelimit import RateLimiter, parse_rate_limit
-from lokid.tokens import create_token
+from lokid.tokens import create_token, generate_token
 
 from .asgi import Answer, call
 from .test_audit import running
 
 ORIGIN = "https://board.example"
+TOKEN = generate_token()  # well-formed, so the gate must look it up
 
 
 def make_surface(gate: Gate) -> Surface:
@@ -208,6 +209,14 @@ async def test_a_websocket_without_a_token_is_closed_with_1008(
     assert sent == [{"type": "websocket.close", "code": 1008}]
     # Both refusals (the direct `admit` and the handshake) are in the log.
     assert [e["action"] for e in await entries(store)] == ["auth.unauthorized"] * 2
+
+
+async def test_a_store_that_cannot_be_read_lets_nobody_in(tmp_path: pathlib.Path) -> None:
+    store = StoreActor(tmp_path / "never-opened.db")
+    surface = make_surface(Gate(auth_enabled=True, store=store))
+    answer = await call(surface, "GET", "/things", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert answer.status == 503
+    assert answer.json()["error"]["code"] == "UNAVAILABLE"
 
 
 # -- rate limit (virtual clock) ------------------------------------------------------

@@ -226,8 +226,11 @@ class Gate:
             self._counts["admitted"] += 1
             return Admission(None, tuple(cors_headers)) if cors_headers else PASS
 
-        principal, failure = await self._identify(scope, headers, peer)
         extra = list(cors_headers)
+        try:
+            principal, failure = await self._identify(scope, headers, peer)
+        except LokiError as exc:  # the token table cannot be read: nobody is let in
+            return Admission(_answer(ApiError.from_loki(exc), extra))
         if self.limiter is not None and peer is None:
             key = ratelimit.client_key(
                 principal.token.id if principal.token else None, principal.ip
