@@ -129,6 +129,9 @@ class Daemon:
             audit=self.audit,
             limiter=RateLimiter(config.rate_limit) if config.rate_limit else None,
             cors=CorsPolicy.from_origins(config.cors_origins),
+            # Auth off: only loopback names in Host (against DNS rebinding), unless the
+            # operator opened the listeners on purpose.
+            loopback_hosts=not config.auth_enabled and not config.allow_insecure_remote,
         )
         self.bus = EventBus(
             self.store,

@@ -351,3 +351,88 @@ async def test_with_cors_off_no_origin_is_echoed_and_preflights_are_refused() ->
     assert answer.status == 200 and "access-control-allow-origin" not in answer.headers
     refused = await call(surface, "OPTIONS", "/things", headers=preflight(ORIGIN))
     assert refused.status == 403 and "access-control-allow-origin" not in refused.headers
+
+
+# -- what a web page could send on its own -------------------------------------------
+
+
+async def test_with_auth_off_only_loopback_hosts_are_answered(
+    audited: tuple[StoreActor, AuditWriter],
+) -> None:
+    store, writer = audited
+    surface = make_surface(Gate(store=store, audit=writer, loopback_hosts=True))
+    for host in ("localhost:8420", "127.0.0.1:8420", "127.9.9.9", "[::1]:8420", "app.localhost"):
+        assert (await call(with_host(surface, host), "GET", "/things")).status == 200, host
+    rebound = await call(with_host(surface, "attacker.example:8420"), "GET", "/things")
+    assert rebound.status == 403
+    assert rebound.json()["error"]["details"]["reason"] == "host"
+    probe = await call(with_host(surface, "attacker.example"), "GET", "/health")
+    assert probe.status == 200  # probes are open
+    [entry] = await entries(store)
+    assert (entry["action"], entry["details"]["reason"]) == ("auth.forbidden", "host")
+
+
+def with_host(surface: Surface, host: str) -> Any:
+    """`surface` as reached with this `Host` header (tests/asgi.call sends `test`)."""
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        scope["headers"] = [(b"host", host.encode()), *scope["headers"][1:]]
+        await surface(scope, receive, send)
+
+    return app
+
+
+async def test_changes_from_a_foreign_origin_are_refused(
+    audited: tuple[StoreActor, AuditWriter],
+) -> None:
+    store, writer = audited
+    gate = Gate(store=store, audit=writer, cors=CorsPolicy.from_origins([ORIGIN]))
+    app = with_host(make_surface(gate), "127.0.0.1:57374")
+    plain = {"Content-Type": "text/plain"}  # a "simple" request: no preflight in a browser
+    foreign = await call(
+        app, "POST", "/things", body=b"{}", headers={**plain, "Origin": "http://evil.example"}
+    )
+    assert foreign.status == 403
+    assert foreign.json()["error"]["details"] == {"reason": "cross_origin"}
+    same = await call(
+        app, "POST", "/things", body=b"{}", headers={"Origin": "http://127.0.0.1:57374"}
+    )
+    assert same.status == 201
+    listed = await call(app, "POST", "/things", body=b"{}", headers={"Origin": ORIGIN})
+    assert listed.status == 201
+    assert (await call(app, "POST", "/things", body=b"{}")).status == 201  # curl, scripts
+    cross = await call(app, "DELETE", "/things/t-1", headers={"Sec-Fetch-Site": "cross-site"})
+    assert cross.status == 403
+    read = await call(app, "GET", "/things", headers={"Origin": "http://evil.example"})
+    assert read.status == 200 and "access-control-allow-origin" not in read.headers
+    recorded = [(e["action"], e["status"]) for e in await entries(store)]
+    assert recorded == [
+        ("auth.forbidden", 403),
+        ("post /things", 201),
+        ("post /things", 201),
+        ("post /things", 201),
+        ("auth.forbidden", 403),
+    ]
+
+
+async def test_a_websocket_from_a_foreign_origin_is_refused() -> None:
+    gate = Gate()
+    scope: Scope = {
+        "type": "websocket",
+        "path": "/ws",
+        "query_string": b"",
+        "headers": [(b"host", b"localhost:57374"), (b"origin", b"http://evil.example")],
+        "client": ("127.0.0.1", 5),
+    }
+    assert (await gate.admit(scope, "read")).answer is not None
+    scope["headers"] = [(b"host", b"localhost:57374"), (b"origin", b"http://localhost:57374")]
+    assert (await gate.admit(scope, "read")).answer is None
+
+
+async def test_a_401_names_the_bearer_scheme(audited: tuple[StoreActor, AuditWriter]) -> None:
+    store, writer = audited
+    surface = make_surface(Gate(auth_enabled=True, store=store, audit=writer))
+    missing = await call(surface, "GET", "/things")
+    assert missing.headers["www-authenticate"] == 'Bearer realm="lokid"'
+    wrong = await call(surface, "GET", "/things", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert wrong.headers["www-authenticate"] == 'Bearer realm="lokid", error="invalid_token"'

@@ -6,8 +6,10 @@ still goes to loopback.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 
@@ -101,3 +103,21 @@ def test_changes_on_every_surface_are_audited_and_the_chain_verifies(
     ]
     assert summary["chain_valid"] is True
     assert summary["by_action"]["session.stop"] == 1
+
+
+def test_a_web_page_cannot_start_a_session_on_a_daemon_without_auth(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    body = json.dumps({"prdText": "# Build it\n", "projectDir": str(tmp_path)})
+    page = {"Content-Type": "text/plain", "Origin": "http://evil.example"}
+    answer = httpx.post(f"{daemon.api_url}/api/sessions", content=body, headers=page, timeout=5)
+    assert answer.status_code == 403
+    assert answer.json()["error"]["details"]["reason"] == "cross_origin"
+    rebound = httpx.get(
+        f"{daemon.api_url}/api/sessions", headers={"Host": "attacker.example"}, timeout=5
+    )
+    assert rebound.status_code == 403
+    with daemon.control() as owner:
+        assert owner.get("/api/sessions").json()["total"] == 0
+        refusals = owner.get("/dashboard/api/enterprise/audit?action=auth.*").json()["entries"]
+    assert [e["details"]["reason"] for e in refusals] == ["host", "cross_origin"]

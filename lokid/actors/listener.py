@@ -253,10 +253,8 @@ class HttpListener:
             return owner_app
         self._refused += 1
         log.warning("%s: refusing peer uid %s (pid %s)", self.name, uid, pid)
-        error = ApiError(
-            "FORBIDDEN",
-            f"uid {uid} may not use the control socket (only uid {os.getuid()} and root)",
-        )
+        owners = "root" if os.getuid() == 0 else f"uid {os.getuid()} and root"
+        error = ApiError("FORBIDDEN", f"uid {uid} may not use the control socket (only {owners})")
 
         async def refuse_app(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] != "http":

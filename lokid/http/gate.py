@@ -38,6 +38,7 @@ clears the cache, expiry is checked on every use.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
 import logging
 import time
@@ -166,6 +167,7 @@ class Gate:
         audit: AuditWriter | None = None,
         limiter: RateLimiter | None = None,
         cors: CorsPolicy | None = None,
+        loopback_hosts: bool = False,
         clock: Callable[[], float] = trio.current_time,
         wall_clock: Callable[[], float] = time.time,
         utc_clock: Callable[[], dt.datetime] = utc_now,
@@ -177,6 +179,7 @@ class Gate:
         self.audit = audit
         self.limiter = limiter
         self.cors = cors or CorsPolicy()
+        self.loopback_hosts = loopback_hosts
         self.clock = clock
         self.wall_clock = wall_clock
         self.utc_clock = utc_clock
@@ -206,19 +209,28 @@ class Gate:
         method: str = scope.get("method", "GET")
         mutating = scope["type"] == "http" and method not in READ_METHODS
         peer = scope.get("lokid.peer")
-        if method == "OPTIONS" and peer is None:
+        if requires == OPEN and method != "OPTIONS" and not self.cors.enabled:
+            self._counts["admitted"] += 1
+            return PASS  # /health*: nothing to check, nothing to add
+        headers: dict[str, str] = {}
+        if peer is None:  # TCP: reachable by browsers
             headers = _header_map(scope)
-            if is_preflight(
+            if method == "OPTIONS" and is_preflight(
                 method, headers.get("origin"), headers.get("access-control-request-method")
             ):
                 return self._preflight(headers)  # CORS off: refused like any unlisted origin
+            if requires != OPEN:
+                refusal = self._browser_guard(scope, headers, mutating)
+                if refusal is not None:
+                    self._counts["forbidden"] += 1
+                    ip = _client_ip(scope)
+                    return await self._refuse(scope, Principal(ip or "-", ip), refusal, [])
         if self.idle:  # no auth, limit or CORS: only the audit of changes remains
             self._counts["admitted"] += 1
             if not mutating or self.audit is None or requires == OPEN:
                 return PASS
-            principal, _ = await self._identify(scope, {}, scope.get("lokid.peer"))
+            principal, _ = await self._identify(scope, headers, peer)
             return Admission(None, (), principal, audit=True)
-        headers = _header_map(scope)
         cors_headers: list[Header] = []
         if peer is None and self.cors.enabled:
             cors_headers = self.cors.response_headers(headers.get("origin"))
@@ -261,6 +273,48 @@ class Gate:
                 return await self._refuse(scope, principal, error, extra)
         self._counts["admitted"] += 1
         return Admission(None, tuple(extra), principal, audit=mutating and self.audit is not None)
+
+    def _browser_guard(
+        self, scope: dict[str, Any], headers: dict[str, str], mutating: bool
+    ) -> ApiError | None:
+        """Why a request a web page may have made on its own must be refused, or None.
+
+        A page in the user's browser can send simple cross-origin requests
+        (a `POST` without preflight, a WebSocket handshake) to loopback, and
+        with DNS rebinding even read answers. So: a change or a WebSocket
+        from an origin that is neither this listener nor a listed CORS origin
+        is refused; and with auth off (`loopback_hosts`), so is any request
+        whose `Host` is not a loopback name.
+        """
+        host = headers.get("host")
+        if self.loopback_hosts and host is not None and not _is_loopback_host(host):
+            return ApiError(
+                "FORBIDDEN",
+                f"Host {host[:100]!r} is not a loopback name: with auth off lokid answers only "
+                "requests addressed to localhost (a guard against DNS rebinding)",
+                {"reason": "host"},
+            )
+        if not mutating and scope["type"] != "websocket":
+            return None
+        origin = headers.get("origin")
+        if origin is None:
+            if headers.get("sec-fetch-site") == "cross-site":
+                return ApiError(
+                    "FORBIDDEN",
+                    "Cross-site request refused (Sec-Fetch-Site: cross-site)",
+                    {"reason": "cross_origin"},
+                )
+            return None
+        if host is not None and origin.lower() == f"{scope.get('scheme', 'http')}://{host}".lower():
+            return None  # same origin: this listener's own page
+        if self.cors.allowed(origin):
+            return None
+        return ApiError(
+            "FORBIDDEN",
+            f"Cross-origin request refused: origin {origin[:200]!r} is not this listener and "
+            "not in LOKI_CORS_ORIGINS",
+            {"reason": "cross_origin"},
+        )
 
     def _preflight(self, headers: dict[str, str]) -> Admission:
         self._counts["preflights"] += 1
@@ -331,6 +385,11 @@ class Gate:
     ) -> Admission:
         """A 401/403, recorded in the audit log before it is answered."""
         details = {k: v for k, v in error.details.items() if k in ("reason", "required_scope")}
+        if error.status == 401:  # RFC 9110: a 401 names the scheme to use
+            challenge = 'Bearer realm="lokid"'
+            if details.get("reason") not in (None, "missing"):
+                challenge += ', error="invalid_token"'
+            extra = [*extra, (b"www-authenticate", challenge.encode())]
         try:
             await self._record(scope, principal, error.status, None, details, auth_failure=True)
         except LokiError as exc:
@@ -426,10 +485,9 @@ class Gate:
         """Record a control-socket request from a uid that is not the owner's; the answer."""
         self._counts["forbidden"] += 1
         principal = Principal(f"uid:{uid}", None)
+        details = {"reason": "peer_uid", "via": "socket"}
         try:
-            await self._record(
-                scope, principal, error.status, None, {"reason": "peer_uid"}, auth_failure=True
-            )
+            await self._record(scope, principal, error.status, None, details, auth_failure=True)
         except LokiError as exc:
             return _audit_down(exc, None)
         return error
@@ -441,7 +499,7 @@ class Gate:
     def statistics(self) -> GateStatistics:
         return GateStatistics(
             auth_enabled=self.auth_enabled,
-            rate_limit=str(self.limiter.rate) if self.limiter else None,
+            rate_limit=str(self.limiter.rate) if self.limiter is not None else None,
             cors_origins=len(self.cors.origins),
             token_cache=len(self.tokens),
             **self._counts,
@@ -459,6 +517,22 @@ def _header_map(scope: dict[str, Any]) -> dict[str, str]:
         if key not in found:
             found[key] = value.decode("latin-1")
     return found
+
+
+def _is_loopback_host(host: str) -> bool:
+    """Whether a `Host` header names this machine: localhost (and *.localhost), 127/8, ::1."""
+    name = host.strip().lower()
+    if name.startswith("["):  # [v6]:port
+        name = name[1 : name.find("]")] if "]" in name else name
+    elif name.count(":") == 1:
+        name = name.rsplit(":", 1)[0]
+    name = name.rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _presented_token(scope: dict[str, Any], headers: dict[str, str]) -> str | ApiError | None:

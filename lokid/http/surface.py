@@ -30,6 +30,7 @@ from lokid.errors import InvalidQuery, LokiError
 from lokid.http.convert import dumps
 from lokid.http.errors import ApiError
 from lokid.http.gate import AUTHENTICATED, OPEN, REQUIREMENTS, Admission, Gate, local_path
+from lokid.ratelimit import is_exempt
 
 log = logging.getLogger("lokid.http")
 
@@ -266,7 +267,7 @@ class Surface:
         for pattern, route_method, requires in self._templates:
             if route_method == method and pattern.fullmatch(path):
                 return requires
-        return OPEN if path == "/health" or path.startswith("/health/") else AUTHENTICATED
+        return OPEN if is_exempt(path) else AUTHENTICATED
 
     async def admit(self, scope: Scope) -> Admission:
         """The gate's verdict on a request to this surface (see `lokid.http.gate`)."""
