@@ -258,6 +258,51 @@ def _m0006_tokens_and_audit(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m0007_board_and_registry(db: sqlite_utils.Database) -> None:
+    # Dashboard projects and their Kanban board (DESIGN.md §7).
+    db.execute(
+        "CREATE TABLE projects ("
+        " id TEXT PRIMARY KEY,"  # proj-...
+        " name TEXT NOT NULL,"
+        " path TEXT,"
+        " description TEXT NOT NULL DEFAULT '',"
+        " status TEXT NOT NULL DEFAULT 'active',"  # active | archived
+        " created_at TEXT NOT NULL,"
+        " updated_at TEXT NOT NULL"
+        ")"
+    )
+    db.execute("CREATE INDEX projects_created ON projects (created_at, id)")
+    db.execute(
+        "CREATE TABLE board_tasks ("
+        " id TEXT PRIMARY KEY,"  # task-...
+        " project_id TEXT NOT NULL REFERENCES projects (id) ON DELETE CASCADE,"
+        " title TEXT NOT NULL,"
+        " description TEXT NOT NULL DEFAULT '',"
+        " column_name TEXT NOT NULL,"  # backlog | todo | in_progress | review | done
+        " status TEXT NOT NULL,"  # pending | active | completed | failed
+        " priority TEXT NOT NULL DEFAULT 'medium',"  # low | medium | high | critical
+        " position INTEGER NOT NULL,"  # 0..n-1 within (project, column)
+        " created_at TEXT NOT NULL,"
+        " updated_at TEXT NOT NULL"
+        ")"
+    )
+    db.execute("CREATE INDEX board_tasks_column ON board_tasks (project_id, column_name, position)")
+    db.execute("CREATE INDEX board_tasks_column_only ON board_tasks (column_name, position)")
+    # The cross-project registry: folders (usually with .loki/) lokid keeps an eye on.
+    db.execute(
+        "CREATE TABLE registry ("
+        " id TEXT PRIMARY KEY,"  # reg-<12 hex of sha256(realpath)>
+        " name TEXT NOT NULL,"
+        " path TEXT NOT NULL UNIQUE,"  # the real path
+        " status TEXT NOT NULL DEFAULT 'ok',"  # ok | missing
+        " has_loki INTEGER NOT NULL DEFAULT 0,"
+        " registered_at TEXT NOT NULL,"
+        " last_seen TEXT,"
+        " tasks TEXT NOT NULL DEFAULT '{}'"  # JSON: counts by status at the last sync
+        ")"
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "meta and daemon_runs", _m0001_meta_and_daemon_runs),
     Migration(2, "events", _m0002_events),
@@ -265,6 +310,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "sessions and tasks", _m0004_sessions_and_tasks),
     Migration(5, "session runner", _m0005_session_runner),
     Migration(6, "tokens and audit", _m0006_tokens_and_audit),
+    Migration(7, "board and registry", _m0007_board_and_registry),
 )
 
 
