@@ -18,7 +18,8 @@ from lokid.actors.audit_writer import AuditWriter, list_audit
 from lokid.actors.store import StoreActor
 from lokid.cors import CorsPolicy
 from lokid.http.control import control_app
-from lokid.http.gate import OPEN, Gate
+from lokid.http.errors import ApiError
+from lokid.http.gate import OPEN, PRINCIPAL, Gate
 from lokid.http.surface import LeanResponse, Scope, Surface, json_body, json_response
 from lokid.ratelimit import RateLimiter, parse_rate_limit
 from lokid.tokens import create_token, generate_token
@@ -162,8 +163,6 @@ async def test_refusals_are_recorded_with_their_reason(
 
 
 async def test_a_refused_socket_peer_is_recorded(audited: tuple[StoreActor, AuditWriter]) -> None:
-    from lokid.http.errors import ApiError
-
     store, writer = audited
     gate = Gate(store=store, audit=writer)
     scope: Scope = {"type": "http", "method": "POST", "path": "/api/sessions", "headers": []}
@@ -436,3 +435,43 @@ async def test_a_401_names_the_bearer_scheme(audited: tuple[StoreActor, AuditWri
     assert missing.headers["www-authenticate"] == 'Bearer realm="lokid"'
     wrong = await call(surface, "GET", "/things", headers={"Authorization": f"Bearer {TOKEN}"})
     assert wrong.headers["www-authenticate"] == 'Bearer realm="lokid", error="invalid_token"'
+
+
+async def test_demand_and_record_for_a_read_that_changes_something(
+    audited: tuple[StoreActor, AuditWriter],
+) -> None:
+    store, writer = audited
+    gate = Gate(auth_enabled=True, store=store, audit=writer)
+    reader = await store.write(lambda db: create_token(db, {"name": "r", "scopes": ["read"]}))
+    editor = await store.write(lambda db: create_token(db, {"name": "w", "scopes": ["write"]}))
+
+    async def admitted(token: str) -> Scope:
+        scope: Scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/api/registry/discover",
+            "query_string": b"register=true",
+            "headers": [(b"authorization", f"Bearer {token}".encode())],
+            "client": ("127.0.0.1", 5),
+        }
+        admission = await gate.admit(scope, "read")
+        assert admission.answer is None
+        scope[PRINCIPAL] = admission.principal
+        return scope
+
+    with pytest.raises(ApiError) as refused:
+        await gate.demand(await admitted(reader["token"]), "write")
+    assert refused.value.status == 403 and refused.value.details == {"required_scope": "write"}
+    scope = await admitted(editor["token"])
+    await gate.demand(scope, "write")
+    await gate.record(scope, 200, action="registry.discover", details={"registered": 2})
+    recorded = [(e["actor"], e["action"], e["status"], e["details"]) for e in await entries(store)]
+    assert recorded == [
+        (
+            reader["id"],
+            "auth.forbidden",
+            403,
+            {"required_scope": "write", "action": "get /api/registry/discover"},
+        ),
+        (editor["id"], "registry.discover", 200, {"registered": 2}),
+    ]

@@ -67,6 +67,7 @@ OPEN = "open"  # no token, no limit, no audit: /health*
 AUTHENTICATED = "authenticated"  # any valid token (unknown routes: 404 only after auth)
 REQUIREMENTS: tuple[str, ...] = (OPEN, AUTHENTICATED, *SCOPES)
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+PRINCIPAL = "lokid.principal"  # scope key: the admitted request's `Principal` (None: not known)
 
 TOKEN_CACHE_SIZE = 1024
 TOKEN_CACHE_SECONDS = 30.0
@@ -450,14 +451,16 @@ class Gate:
         details: dict[str, Any],
         *,
         auth_failure: bool = False,
+        action: str | None = None,
+        resource: str | None = None,
     ) -> None:
         if self.audit is None:
             return
         method = scope.get("method", "WEBSOCKET" if scope["type"] == "websocket" else "GET")
         path = _full_path(scope)
         route = classify(method, local_path(scope))
-        action = route.action
-        resource = route.resource
+        action = action or route.action
+        resource = resource or route.resource
         if auth_failure:
             action = "auth.unauthorized" if status == 401 else "auth.forbidden"
             details = {**details, "action": route.action}
@@ -491,6 +494,49 @@ class Gate:
         except LokiError as exc:
             return _audit_down(exc, None)
         return error
+
+    async def demand(self, scope: dict[str, Any], requires: str) -> None:
+        """For a handler whose need depends on its input (a read that may also change
+        something, e.g. `GET /api/registry/discover?register=true`): raise a 403 (recorded)
+        unless the admitted caller holds `requires`."""
+        principal: Principal | None = scope.get(PRINCIPAL)
+        if principal is None or principal.owner:
+            return
+        if principal.token is not None and principal.token.grants(requires):
+            return
+        self._counts["forbidden"] += 1
+        error = ApiError(
+            "FORBIDDEN",
+            f"This token lacks the {requires!r} scope needed for {scope.get('method', 'GET')} "
+            f"{_full_path(scope)} with these parameters",
+            {"required_scope": requires},
+        )
+        try:
+            await self._record(
+                scope, principal, 403, None, {"required_scope": requires}, auth_failure=True
+            )
+        except LokiError as exc:
+            raise _audit_down(exc, None) from None
+        raise error
+
+    async def record(
+        self,
+        scope: dict[str, Any],
+        status: int,
+        *,
+        action: str | None = None,
+        resource: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        """Record a change a read route made (see `demand`) before its answer is sent;
+        raises the 503 `ApiError` if the audit log cannot record it."""
+        principal = scope.get(PRINCIPAL) or Principal("-", _client_ip(scope))
+        try:
+            await self._record(
+                scope, principal, status, None, details or {}, action=action, resource=resource
+            )
+        except LokiError as exc:
+            raise _audit_down(exc, status) from None
 
     def forget_tokens(self) -> None:
         """Drop cached token lookups (after a revoke: the next request re-reads the store)."""

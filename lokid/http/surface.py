@@ -29,7 +29,15 @@ from werkzeug.exceptions import HTTPException
 from lokid.errors import InvalidQuery, LokiError
 from lokid.http.convert import dumps
 from lokid.http.errors import ApiError
-from lokid.http.gate import AUTHENTICATED, OPEN, REQUIREMENTS, Admission, Gate, local_path
+from lokid.http.gate import (
+    AUTHENTICATED,
+    OPEN,
+    PRINCIPAL,
+    REQUIREMENTS,
+    Admission,
+    Gate,
+    local_path,
+)
 from lokid.ratelimit import is_exempt
 
 log = logging.getLogger("lokid.http")
@@ -283,6 +291,7 @@ class Surface:
             if admission.answer is not None:
                 await send({"type": "websocket.close", "code": 1008})
                 return
+            scope[PRINCIPAL] = admission.principal
         if scope["type"] == "http":
             admission = await self.admit(scope)
             if admission.answer is not None:
@@ -290,6 +299,7 @@ class Surface:
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 await send({"type": "http.response.body", "body": body})
                 return
+            scope[PRINCIPAL] = admission.principal
             if admission.headers:
                 send = _with_headers(send, admission.headers)
             if admission.audit:
