@@ -60,6 +60,7 @@ from lokid.http.enterprise import install_enterprise
 from lokid.http.events import install_events
 from lokid.http.gate import Gate
 from lokid.http.surface import Surface
+from lokid.http.ws import DashboardHub, install_ws
 from lokid.pidfile import DaemonLock
 from lokid.ratelimit import RateLimiter
 from lokid.sockets import bind_tcp, bind_unix, is_loopback_socket, socket_url
@@ -163,6 +164,9 @@ class Daemon:
             self.gate,
             rate_limit=config.rate_limit is not None,
         )
+        self.hub = DashboardHub()
+        self.bus.add_listener(self.hub.offer_event)
+        install_ws(self.dashboard, self.hub)
         for surface in (self.api, self.dashboard):
             install_events(surface, self.bus, heartbeat=config.sse_heartbeat)
             surface.gate = self.gate
@@ -262,6 +266,7 @@ class Daemon:
                 log.warning("could not record the clean stop: %s", exc)
         # Open event streams would otherwise keep the listeners draining until their timeout.
         self.bus.close_all("shutdown")
+        self.hub.close_all()
         self.root.request_stop()
         await self._until_or_hurried(self._root_done)
 
@@ -451,6 +456,7 @@ class Daemon:
             "listeners": self.listeners.urls() if self.listeners else {},
             "supervisor": self.root.statistics(),
             "gate": self.gate.statistics(),
+            "websocket": self.hub.statistics(),
         }
 
 

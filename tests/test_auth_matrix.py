@@ -63,6 +63,7 @@ DECLARED: dict[tuple[str, str, str], str] = {
     ("dashboard", "GET", "/api/enterprise/audit"): "audit",
     ("dashboard", "GET", "/api/enterprise/audit/summary"): "audit",
     ("dashboard", "GET", "/api/enterprise/audit/verify"): "audit",
+    ("dashboard", "GET", "/ws"): "read",
 }
 
 # Callers: name -> the scopes of its token (None: no valid token at all).

@@ -192,6 +192,7 @@ class EventBus(Actor[Any]):
         self.retention_interval = retention_interval
         self._tail: collections.deque[EncodedEvent] = collections.deque(maxlen=tail_size)
         self._subscribers: set[Subscriber] = set()
+        self._listeners: list[Callable[[EncodedEvent], None]] = []
         self._last_id = 0  # highest id assigned and committed
         self._first_id: int | None = None  # lowest id still stored (None: table empty)
         self._peak = 0
@@ -549,7 +550,21 @@ class EventBus(Actor[Any]):
                 _answer(call, Reply(value=value))
         await self._fan_out(encoded)
 
+    def add_listener(self, listener: Callable[[EncodedEvent], None]) -> None:
+        """Call `listener(encoded)` for every event once it is stored (e.g. the `/ws` hub).
+
+        It runs inside the bus's fan-out, so it must not block; an exception
+        it raises is logged and the other listeners and subscribers go on.
+        """
+        self._listeners.append(listener)
+
     async def _fan_out(self, encoded: list[EncodedEvent]) -> None:
+        for listener in self._listeners:
+            for item in encoded:
+                try:
+                    listener(item)
+                except Exception:
+                    log.exception("event listener %r failed", listener)
         subscribers = list(self._subscribers)
         for index, subscriber in enumerate(subscribers, start=1):
             for item in encoded:

@@ -233,6 +233,32 @@ class Surface:
 
         return register
 
+    def websocket(
+        self,
+        path: str,
+        summary: str,
+        *,
+        tags: Iterable[str] = (),
+        requires: str,
+    ) -> Callable[[Callable[..., Awaitable[None]]], Callable[..., Awaitable[None]]]:
+        """A Quart WebSocket view (documented as the GET of its upgrade)."""
+        route = Route(
+            "GET",
+            path,
+            summary + " (WebSocket: connect with an Upgrade request)",
+            {101: "Switching Protocols", 400: "Not a WebSocket upgrade request"},
+            tags=tuple(tags),
+            requires=requires,
+            media_type="application/json",
+        )
+
+        def register(view: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+            self._add(route)
+            self.quart.add_websocket(path, f"ws:{path}", view)
+            return view
+
+        return register
+
     def _declare(self, route: Route, table: dict[tuple[str, str], H]) -> Callable[[H], H]:
         """Register a lean or raw handler: documented, looked up by (method, path)."""
 

@@ -1,0 +1,248 @@
+"""`WS /ws` of the Dashboard API: live board, registry and session updates (DESIGN.md §7).
+
+Theory of operation:
+
+* **One hub, one encoding.** `DashboardHub.publish(type, data)` encodes the
+  message `{"type", "data"}` once and offers the same text to every
+  connected client whose topics match. It is synchronous and never waits:
+  the board and registry call it right after their change commits, and the
+  event bus calls `offer_event` from its fan-out for every session event
+  (`session.*`, `phase.*`, `agent.*`).
+* **Bounded per client.** Each client has a queue of `CLIENT_QUEUE`
+  messages, drained by its own sender task. A client whose queue is full
+  has fallen behind: it is closed with code 1013 ("try again later") and
+  must reconnect; nothing else waits for it, and memory stays bounded.
+* **Topics.** A new client gets everything. `{"type": "subscribe",
+  "topics": [...]}` replaces its topics: exact types (`task.moved`) or
+  families (`task.*`); an empty list means everything again. `{"type":
+  "ping"}` is answered `{"type": "pong"}`. Anything else gets an
+  `{"type": "error", "data": {"message": ...}}` and the connection stays.
+  Messages over `MAX_CLIENT_MESSAGE` bytes close the connection (1009).
+* **Keep-alive**: after `KEEPALIVE_SECONDS` without a message the server
+  sends `{"type": "ping", "data": {}}` (a client may answer `pong`; it is
+  ignored), so proxies and NAT keep the connection. Not Hypercorn's
+  protocol pings: its ping task outlives a closed connection by up to one
+  interval and held every graceful shutdown for the listener's whole
+  timeout.
+* **Auth** is the gate's (a token in `Authorization` or `?token=`, the
+  origin check); a refused handshake is closed with 1008 before accept.
+  Client messages change nothing, so none is audited.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+import trio
+from quart import websocket
+
+from lokid.events import EncodedEvent
+from lokid.http.surface import Surface
+
+CLIENT_QUEUE = 256  # messages queued per client before it is closed as slow
+MAX_CLIENT_MESSAGE = 64 * 1024  # bytes of one message from a client
+MAX_TOPICS = 100
+FORWARDED_FAMILIES = frozenset({"session", "phase", "agent"})  # event bus -> /ws
+CLOSE_SLOW = 1013
+CLOSE_TOO_BIG = 1009
+CLOSE_GOING_AWAY = 1001
+CLOSE_REASONS = {CLOSE_SLOW: "too slow: reconnect", CLOSE_GOING_AWAY: "lokid is stopping"}
+CLOSE_SECONDS = 5.0  # how long closing a slow client may take
+KEEPALIVE_SECONDS = 20.0
+PING = '{"type":"ping","data":{}}'
+
+
+@attrs.frozen
+class HubStatistics:
+    clients: int
+    clients_total: int
+    published: int
+    delivered: int
+    closed_slow: int
+
+
+class WsClient:
+    """One connection: its topics and its bounded queue of encoded messages."""
+
+    def __init__(self, hub: DashboardHub) -> None:
+        self.hub = hub
+        self.types: frozenset[str] = frozenset()
+        self.families: frozenset[str] = frozenset()
+        self.slow = False
+        self.close_code: int | None = None  # set when the server ends the connection
+        self.ended = trio.Event()
+        self._send, self.inbox = trio.open_memory_channel[str](CLIENT_QUEUE)
+
+    def wants(self, message_type: str) -> bool:
+        if not self.types and not self.families:
+            return True
+        if message_type in self.types:
+            return True
+        family, dot, _ = message_type.partition(".")
+        return bool(dot) and family in self.families
+
+    def subscribe(self, topics: Iterable[str]) -> list[str]:
+        """Replace the topics; the normalised list (empty: everything)."""
+        types: set[str] = set()
+        families: set[str] = set()
+        for topic in topics:
+            if topic.endswith(".*"):
+                families.add(topic[:-2])
+            else:
+                types.add(topic)
+        self.types, self.families = frozenset(types), frozenset(families)
+        return sorted(types) + sorted(f"{family}.*" for family in families)
+
+    def offer(self, text: str) -> bool:
+        """Queue `text`; False (and the client marked slow) when its queue is full."""
+        if self.slow:
+            return False
+        try:
+            self._send.send_nowait(text)
+        except trio.WouldBlock:
+            self.slow = True
+            self.hub.closed_slow += 1
+            self.end(CLOSE_SLOW)  # its handler stops sending and closes with 1013
+            return False
+        except trio.ClosedResourceError:
+            return False
+        return True
+
+    def end(self, code: int) -> None:
+        """Make the handler close the connection with `code` (first call wins)."""
+        if self.close_code is None:
+            self.close_code = code
+            self.ended.set()
+
+    def close(self) -> None:
+        self._send.close()
+
+
+class DashboardHub:
+    """Fan-out of dashboard messages to the connected `/ws` clients (module rules)."""
+
+    def __init__(self) -> None:
+        self.clients: set[WsClient] = set()
+        self.clients_total = 0
+        self.published = 0
+        self.delivered = 0
+        self.closed_slow = 0
+
+    def connect(self) -> WsClient:
+        client = WsClient(self)
+        self.clients.add(client)
+        self.clients_total += 1
+        return client
+
+    def close_all(self) -> int:
+        """End every connection with 1001 (the daemon is stopping); how many."""
+        for client in self.clients:
+            client.end(CLOSE_GOING_AWAY)
+        return len(self.clients)
+
+    def disconnect(self, client: WsClient) -> None:
+        self.clients.discard(client)
+        client.close()
+
+    def publish(self, message_type: str, data: Any) -> None:
+        """Send `{"type": message_type, "data": data}` to every client that wants it."""
+        self._fan_out(message_type, json.dumps({"type": message_type, "data": data}))
+
+    def offer_event(self, encoded: EncodedEvent) -> None:
+        """An event bus listener: forward session, phase and agent events."""
+        event_type = encoded.event.type
+        if event_type.partition(".")[0] in FORWARDED_FAMILIES and self.clients:
+            self._fan_out(event_type, f'{{"type":{json.dumps(event_type)},"data":{encoded.json}}}')
+
+    def _fan_out(self, message_type: str, text: str) -> None:
+        self.published += 1
+        for client in list(self.clients):
+            if client.wants(message_type) and client.offer(text):
+                self.delivered += 1
+
+    def statistics(self) -> HubStatistics:
+        return HubStatistics(
+            clients=len(self.clients),
+            clients_total=self.clients_total,
+            published=self.published,
+            delivered=self.delivered,
+            closed_slow=self.closed_slow,
+        )
+
+
+def install_ws(surface: Surface, hub: DashboardHub) -> None:
+    @surface.websocket(
+        "/ws",
+        "Live updates: board, registry and session events as {type, data} messages",
+        tags=("websocket",),
+        requires="read",
+    )
+    async def dashboard_ws() -> None:
+        await websocket.accept()
+        client = hub.connect()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_sender, client)
+                nursery.start_soon(_stop_when_ended, client, nursery.cancel_scope)
+                await _receiver(client)
+                nursery.cancel_scope.cancel()
+            if client.close_code is not None:  # a stuck client may not take the close frame
+                with trio.move_on_after(CLOSE_SECONDS):
+                    await websocket.close(client.close_code, CLOSE_REASONS[client.close_code])
+        finally:
+            hub.disconnect(client)
+
+
+async def _sender(client: WsClient) -> None:
+    while True:
+        with trio.move_on_after(KEEPALIVE_SECONDS) as quiet:
+            text = await client.inbox.receive()
+        await websocket.send(PING if quiet.cancelled_caught else text)
+
+
+async def _stop_when_ended(client: WsClient, scope: trio.CancelScope) -> None:
+    await client.ended.wait()
+    scope.cancel()
+
+
+async def _receiver(client: WsClient) -> None:
+    while True:
+        raw = await websocket.receive()
+        if len(raw) > MAX_CLIENT_MESSAGE:
+            await websocket.close(CLOSE_TOO_BIG, f"messages are limited to {MAX_CLIENT_MESSAGE}")
+            return
+        answer = _handle(client, raw)
+        if answer is not None:
+            client.offer(json.dumps(answer))
+
+
+def _handle(client: WsClient, raw: str | bytes) -> dict[str, Any] | None:
+    """The answer to one client message (None: none)."""
+    try:
+        message = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return _error('not JSON: send {"type": "subscribe", "topics": [...]} or ping')
+    if not isinstance(message, dict):
+        return _error("a message must be a JSON object with a type")
+    kind = message.get("type")
+    if kind == "ping":
+        return {"type": "pong", "data": {}}
+    if kind == "pong":  # an answer to our keep-alive
+        return None
+    if kind == "subscribe":
+        topics = message.get("topics", [])
+        if (
+            not isinstance(topics, list)
+            or len(topics) > MAX_TOPICS
+            or not all(isinstance(t, str) and 0 < len(t) <= 100 for t in topics)
+        ):
+            return _error(f"topics must be a list of at most {MAX_TOPICS} type names")
+        return {"type": "subscribed", "data": {"topics": client.subscribe(topics)}}
+    return _error(f"unknown message type {str(kind)[:50]!r}; known: subscribe, ping")
+
+
+def _error(message: str) -> dict[str, Any]:
+    return {"type": "error", "data": {"message": message}}

@@ -1,0 +1,169 @@
+"""`WS /ws` on a real daemon (in-process, real listeners), driven by trio-websocket."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    WebSocketConnection,
+    open_websocket_url,
+)
+
+from lokid.daemon import Daemon
+from lokid.events import Level
+from lokid.http import ws as ws_module
+from lokid.http.ws import CLIENT_QUEUE
+from lokid.tokens import create_token
+
+from .sessions_kit import eventually
+from .test_events_http import running_daemon
+
+WAIT = 10.0
+
+
+def ws_url(daemon: Daemon, query: str = "") -> str:
+    assert daemon.listeners is not None
+    base = daemon.listeners.urls()["dashboard"].replace("http://", "ws://")
+    return f"{base}/ws{query}"
+
+
+@asynccontextmanager
+async def open_websocket_url_after_start(
+    home: pathlib.Path,
+) -> AsyncIterator[tuple[Daemon, WebSocketConnection]]:
+    async with running_daemon(home) as daemon, open_websocket_url(ws_url(daemon)) as ws:
+        await connected(daemon, 1)
+        yield daemon, ws
+
+
+async def next_message(ws: WebSocketConnection) -> dict[str, Any]:
+    with trio.fail_after(WAIT):
+        message: dict[str, Any] = json.loads(await ws.get_message())
+        return message
+
+
+async def connected(daemon: Daemon, count: int) -> None:
+    await eventually(lambda: daemon.hub.statistics().clients == count, f"{count} clients")
+
+
+async def test_published_updates_reach_every_client(tmp_path: pathlib.Path) -> None:
+    async with (
+        running_daemon(tmp_path) as daemon,
+        open_websocket_url(ws_url(daemon)) as first,
+        open_websocket_url(ws_url(daemon)) as second,
+    ):
+        await connected(daemon, 2)
+        daemon.hub.publish("task.moved", {"id": "task-1", "column": "done"})
+        for ws in (first, second):
+            assert await next_message(ws) == {
+                "type": "task.moved",
+                "data": {"id": "task-1", "column": "done"},
+            }
+
+
+async def test_topics_ping_and_bad_messages(tmp_path: pathlib.Path) -> None:
+    async with running_daemon(tmp_path) as daemon, open_websocket_url(ws_url(daemon)) as ws:
+        await ws.send_message(json.dumps({"type": "subscribe", "topics": ["project.*"]}))
+        assert await next_message(ws) == {"type": "subscribed", "data": {"topics": ["project.*"]}}
+        daemon.hub.publish("task.created", {"id": "task-1"})
+        daemon.hub.publish("project.updated", {"id": "proj-1"})
+        assert (await next_message(ws))["type"] == "project.updated"  # task.created skipped
+        await ws.send_message(json.dumps({"type": "ping"}))
+        assert await next_message(ws) == {"type": "pong", "data": {}}
+        for bad in ("not json", "[1]", json.dumps({"type": "launch"})):
+            await ws.send_message(bad)
+            answer = await next_message(ws)
+            assert answer["type"] == "error" and answer["data"]["message"]
+        await ws.send_message(json.dumps({"type": "subscribe", "topics": "task.*"}))
+        assert (await next_message(ws))["type"] == "error"
+        await ws.send_message(json.dumps({"type": "subscribe", "topics": []}))
+        assert await next_message(ws) == {"type": "subscribed", "data": {"topics": []}}
+        daemon.hub.publish("task.created", {"id": "task-2"})
+        assert (await next_message(ws))["data"] == {"id": "task-2"}  # everything again
+
+
+async def test_session_events_are_forwarded_and_others_are_not(tmp_path: pathlib.Path) -> None:
+    async with running_daemon(tmp_path) as daemon, open_websocket_url(ws_url(daemon)) as ws:
+        await connected(daemon, 1)
+        await daemon.bus.publish("log", None, Level.INFO, {"message": "not for /ws"})
+        await daemon.bus.publish("session.paused", "session-x", Level.INFO, {"reason": "test"})
+        message = await next_message(ws)
+        assert message["type"] == "session.paused"
+        assert message["data"]["sessionId"] == "session-x"
+        assert message["data"]["data"] == {"reason": "test"}
+
+
+async def test_a_client_that_falls_behind_is_closed_with_1013(tmp_path: pathlib.Path) -> None:
+    async with running_daemon(tmp_path) as daemon, open_websocket_url(ws_url(daemon)) as ws:
+        await connected(daemon, 1)
+        for n in range(CLIENT_QUEUE + 10):  # no checkpoint: the queue fills at once
+            daemon.hub.publish("task.updated", {"n": n})
+        received = 0
+        with trio.fail_after(WAIT), pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await ws.get_message()
+                received += 1
+        assert closed.value.reason is not None and closed.value.reason.code == 1013
+        assert received <= CLIENT_QUEUE
+        assert daemon.hub.statistics().closed_slow == 1
+        await connected(daemon, 0)
+
+
+async def test_a_plain_get_of_ws_is_a_clear_400(tmp_path: pathlib.Path) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        assert daemon.listeners is not None
+        url = daemon.listeners.urls()["dashboard"] + "/ws"
+        async with httpx.AsyncClient(timeout=WAIT) as client:
+            answer = await client.get(url)
+        assert answer.status_code == 400
+        assert answer.json()["error"]["code"] == "BAD_REQUEST"
+
+
+async def test_auth_and_origin_rules_apply_to_the_handshake(tmp_path: pathlib.Path) -> None:
+    async with running_daemon(tmp_path, auth_enabled=True) as daemon:
+        made = await daemon.store.write(
+            lambda db: create_token(db, {"name": "viewer", "scopes": ["read"]})
+        )
+        with trio.fail_after(WAIT), pytest.raises(ConnectionRejected):
+            async with open_websocket_url(ws_url(daemon)):
+                pass
+        async with open_websocket_url(ws_url(daemon, f"?token={made['token']}")) as ws:
+            await connected(daemon, 1)
+            daemon.hub.publish("registry.updated", {"total": 1})
+            assert (await next_message(ws))["type"] == "registry.updated"
+        header = [
+            (b"Authorization", f"Bearer {made['token']}".encode()),
+            (b"Origin", b"http://evil.example"),
+        ]
+        with trio.fail_after(WAIT), pytest.raises(ConnectionRejected):
+            async with open_websocket_url(ws_url(daemon), extra_headers=header):
+                pass
+
+
+async def test_quiet_connections_get_keep_alive_pings(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ws_module, "KEEPALIVE_SECONDS", 0.05)
+    async with running_daemon(tmp_path) as daemon, open_websocket_url(ws_url(daemon)) as ws:
+        assert await next_message(ws) == {"type": "ping", "data": {}}
+        await ws.send_message(json.dumps({"type": "pong"}))  # answered with nothing
+        assert await next_message(ws) == {"type": "ping", "data": {}}
+
+
+async def test_a_stopping_daemon_closes_websockets_with_1001(tmp_path: pathlib.Path) -> None:
+    async with open_websocket_url_after_start(tmp_path) as (daemon, ws):
+        started = trio.current_time()
+        daemon.request_shutdown()
+        with trio.fail_after(WAIT), pytest.raises(ConnectionClosed) as closed:
+            await ws.get_message()
+        assert closed.value.reason is not None and closed.value.reason.code == 1001
+        assert trio.current_time() - started < 5  # not the listener's graceful timeout
