@@ -11,6 +11,7 @@ BENCHMARKS = {
     "burst": "bench.burst",
     "sessions": "bench.sessions",
     "audit": "bench.audit",
+    "peer": "bench.peer",
 }
 
 
