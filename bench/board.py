@@ -1,0 +1,124 @@
+"""The Kanban board (issue 6): peerbench `crud` against a fresh lokid, beside the older figures.
+
+    python -m bench board [--rounds 3] [--peerbench PATH] [--json] [-- CRUD ARGS]
+
+Each round starts a new `loki serve` (temporary LOKI_HOME, ports 0, pinned to
+CPU 0 when the machine has two) through `bench.peer`, checks that the
+Dashboard API serves the board (`GET /api/projects`), and runs
+`../shared/peerbench/workloads.py crud --url <dashboard> --server-pid <pid>`
+pinned to CPU 1 (`taskset -c 1`): one project, 1,000 sequential
+`POST /api/tasks`, 200 `GET /api/tasks?project_id=...&limit=1000` (all
+1,000 tasks in each answer; the driver's default query would get the first
+page of 100), 500 `POST /api/tasks/{id}/move` over 8 connections (random
+column, random position), then every task read back and each column's
+positions checked.
+
+Printed: the issue's figures as medians of the rounds, next to the older
+implementation's (peerbench/README.md, this machine kind) and the goal; then,
+per round, the invariant check: tasks seen, columns, duplicates, gaps, and
+tasks whose column differs from the driver's last successful move (0: no
+move lost). `--json` prints every round's raw result.
+
+The driver needs httpx (in the venv); `websockets` only for ws-fanout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench import peer
+
+MAX_SECONDS = 900
+LIST_QUERY = "project_id={pid}&limit=1000"  # every one of the 1,000 tasks, not the default page
+
+
+def _board_served(url: str) -> None:
+    """Exit with a clear message if this lokid has no board routes (not wired yet)."""
+    answer = httpx.get(f"{url}/api/projects", timeout=10)
+    if answer.status_code != 200:
+        raise SystemExit(
+            f"GET {url}/api/projects answered {answer.status_code}: this lokid does not serve "
+            "the board (lokid.http.board.install_board is not wired into the daemon)"
+        )
+
+
+def run_round(peerbench: Path, extra: list[str]) -> dict[str, Any]:
+    with peer.lokid({}) as (url, pid):
+        _board_served(url)
+        argv = [sys.executable, str(peerbench), "crud", "--url", url, "--server-pid", str(pid)]
+        if peer.TWO_CPUS and shutil.which("taskset"):
+            argv = ["taskset", "-c", str(peer.DRIVER_CPU), *argv]
+        done = subprocess.run(
+            [*argv, *extra], capture_output=True, text=True, timeout=MAX_SECONDS + 60, check=False
+        )
+    if done.returncode != 0:
+        raise SystemExit(f"peerbench crud failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise SystemExit(f"peerbench crud printed no result:\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def invariant_line(result: dict[str, Any]) -> str:
+    """One round's position check, in words."""
+    check = result.get("invariant_after_moves")
+    if not isinstance(check, dict):
+        return "no invariant check (the driver did not read the tasks back)"
+    columns = check.get("columns", {})
+    duplicates = sum(c.get("duplicate_positions", 0) for c in columns.values())
+    gaps = sum(c.get("missing_positions", 0) for c in columns.values())
+    sizes = ", ".join(f"{name} {c.get('n')}" for name, c in sorted(columns.items()))
+    held = "held" if check.get("invariant_held") else "BROKEN"
+    return (
+        f"invariant {held}: {check.get('tasks_seen')} tasks seen via {check.get('via')} "
+        f"({sizes}); duplicates {duplicates}, gaps {gaps}, "
+        f"column differs from the last move {check.get('column_mismatch_vs_driver')}"
+    )
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench board", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--peerbench", type=Path, default=peer.PEERBENCH)
+    parser.add_argument("--json", action="store_true")
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if not args.peerbench.exists():
+        raise SystemExit(f"no peerbench driver at {args.peerbench} (pass --peerbench PATH)")
+    if "--list-query" not in extra:
+        extra = ["--list-query", LIST_QUERY, *extra]
+    rounds = []
+    for number in range(args.rounds):
+        rounds.append(run_round(args.peerbench, ["--max-seconds", str(MAX_SECONDS), *extra]))
+        print(f"round {number + 1} done", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"workload": "crud", "rounds": rounds}))
+        return 0
+    pinned = "server CPU 0, driver CPU 1" if peer.TWO_CPUS else "not pinned (one CPU)"
+    print(f"board: peerbench crud, {args.rounds} rounds, medians; {pinned}")
+    print(f"{'':<58} {'lokid':>10} {'older':>12}  goal")
+    for label, get, older, goal in peer.FIGURES["crud"]:
+        value = peer._median([get(r) for r in rounds])
+        shown = "n/a" if value is None else f"{value:,.2f}"
+        print(f"{label:<58} {shown:>10} {older:>12}  {peer._verdict(value, goal)}")
+    for number, result in enumerate(rounds, 1):
+        create = result.get("create", {})
+        moves = result.get("move", {}).get("ok", {})
+        listed = result.get("list", {})
+        print(
+            f"round {number}: create mean {create.get('mean_ms')} ms p99 {create.get('p99_ms')} ms;"
+            f" list p99 {listed.get('p99_ms')} ms ({listed.get('items_returned')} tasks"
+            f" per answer, {listed.get('bytes')} bytes);"
+            f" move p50 {moves.get('p50_ms')} p99 {moves.get('p99_ms')} ms;"
+            f" {invariant_line(result)}"
+        )
+    return 0

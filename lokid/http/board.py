@@ -1,0 +1,467 @@
+"""Project and board-task routes of the Dashboard API (seed "Project Endpoints",
+"Task Endpoints (Dashboard)"; DESIGN.md §7).
+
+Every view is one store call: reads run `lokid.board` functions in one read
+transaction (`StoreActor.read`), changes in one write (`StoreActor.write`),
+so a move's renumbering of two columns commits as a whole or not at all, and
+concurrent moves are serialised by the store's single writer.
+
+After a change has committed, `notify(type, data)` is called once,
+synchronously, before the answer is sent: `project.created|updated|deleted`,
+`task.created|updated|moved|deleted`. `data` is the full object (a copy);
+for deletes `{"id", "project_id"}`; for moves the task plus
+`"from": {"column", "position"}` (a `PUT` that moved the task carries `from`
+too, under `task.updated`). Never inside the write function: the store may
+run a write function twice (see `StoreActor`), and a rolled-back change must
+not be announced. A notify that raises is logged; the change stands.
+
+`POST /api/projects` and `POST /api/tasks` honour `Idempotency-Key` the way
+`POST /api/sessions` does (`lokid.idempotency`): the first answer is stored
+in the creating transaction; a retry gets it back (without a second notify).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import attrs
+import sqlite_utils
+import trio
+from quart import Response, request
+
+from lokid import board, idempotency
+from lokid.actors.store import StoreActor
+from lokid.http.convert import dumps
+from lokid.http.surface import Param, Surface, json_body
+
+log = logging.getLogger("lokid.http.board")
+
+Notify = Callable[[str, dict[str, Any]], None]
+T = TypeVar("T")
+
+PROJECTS_ROUTE = "POST /api/projects"
+TASKS_ROUTE = "POST /api/tasks"
+
+# -- OpenAPI schemas ---------------------------------------------------------------------
+
+_NAME = {"type": "string", "minLength": 1, "maxLength": board.MAX_NAME_CHARS}
+_PATH = {
+    "type": ["string", "null"],
+    "maxLength": board.MAX_PATH_CHARS,
+    "description": "an existing folder: absolute or ~; stored resolved",
+}
+_DESCRIPTION = {"type": ["string", "null"], "maxLength": board.MAX_DESCRIPTION_CHARS}
+_TITLE = {"type": "string", "minLength": 1, "maxLength": board.MAX_TITLE_CHARS}
+_COLUMN = {"type": "string", "enum": list(board.COLUMNS)}
+_STATUS = {
+    "type": "string",
+    "enum": list(board.STATUSES),
+    "description": "follows the column unless failed",
+}
+_PRIORITY = {"type": "string", "enum": list(board.PRIORITIES)}
+_POSITION = {
+    "type": "integer",
+    "minimum": 0,
+    "description": "0-based; past the end (or absent) = at the end",
+}
+
+PROJECT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string", "pattern": "^proj-[0-9a-f]{12}$"},
+        "name": {"type": "string"},
+        "path": {"type": ["string", "null"]},
+        "description": {"type": "string"},
+        "status": {"type": "string", "enum": list(board.PROJECT_STATUSES)},
+        "taskCount": {"type": "integer"},
+        "created_at": {"type": "string", "format": "date-time"},
+        "updated_at": {"type": "string", "format": "date-time"},
+    },
+}
+TASK_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string", "pattern": "^task-[0-9a-f]{12}$"},
+        "project_id": {"type": "string"},
+        "title": {"type": "string"},
+        "description": {"type": "string"},
+        "column": _COLUMN,
+        "status": {"type": "string", "enum": list(board.STATUSES)},
+        "priority": _PRIORITY,
+        "position": {"type": "integer", "minimum": 0},
+        "created_at": {"type": "string", "format": "date-time"},
+        "updated_at": {"type": "string", "format": "date-time"},
+    },
+}
+TASK_PAGE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "tasks": {"type": "array", "items": TASK_SCHEMA},
+        "total": {"type": "integer"},
+        "limit": {"type": "integer"},
+        "offset": {"type": "integer"},
+    },
+}
+PROJECT_CREATE_BODY: dict[str, Any] = {
+    "type": "object",
+    "required": ["name"],
+    "additionalProperties": False,
+    "properties": {"name": _NAME, "path": _PATH, "description": _DESCRIPTION},
+}
+PROJECT_UPDATE_BODY: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "name": _NAME,
+        "path": {**_PATH, "description": "an existing folder; null clears the path"},
+        "description": _DESCRIPTION,
+        "status": {"type": "string", "enum": list(board.PROJECT_STATUSES)},
+    },
+}
+TASK_CREATE_BODY: dict[str, Any] = {
+    "type": "object",
+    "required": ["project_id", "title"],
+    "additionalProperties": False,
+    "properties": {
+        "project_id": {"type": "string", "maxLength": board.MAX_ID_CHARS},
+        "title": _TITLE,
+        "description": _DESCRIPTION,
+        "column": {**_COLUMN, "default": "backlog"},
+        "status": _STATUS,
+        "priority": {**_PRIORITY, "default": "medium"},
+        "position": _POSITION,
+    },
+}
+TASK_UPDATE_BODY: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "title": _TITLE,
+        "description": _DESCRIPTION,
+        "column": {**_COLUMN, "description": "another column: a move (to the end)"},
+        "status": _STATUS,
+        "priority": _PRIORITY,
+        "position": _POSITION,
+    },
+}
+MOVE_BODY: dict[str, Any] = {
+    "type": "object",
+    "required": ["column"],
+    "additionalProperties": False,
+    "properties": {
+        "column": _COLUMN,
+        "position": _POSITION,
+        "status": {
+            **_STATUS,
+            "description": "failed keeps the task failed; otherwise re-derived from the column",
+        },
+    },
+}
+
+IDEMPOTENCY = Param(
+    idempotency.HEADER, "header", description="the same key and body within 24 h: the first answer"
+)
+PAGE_PARAMS = (
+    Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": board.MAX_LIMIT}),
+    Param("offset", "query", {"type": "integer", "minimum": 0}),
+)
+TASK_LIST_PARAMS = (
+    Param("project_id", "query", {"type": "string", "pattern": "^proj-[0-9a-f]{12}$"}),
+    Param("status", "query", {"type": "string", "enum": list(board.STATUSES)}),
+    Param("column", "query", _COLUMN),
+    *PAGE_PARAMS,
+)
+PROJECT_LIST_PARAMS = (
+    Param("status", "query", {"type": "string", "enum": list(board.PROJECT_STATUSES)}),
+    Param(
+        "limit",
+        "query",
+        {"type": "integer", "minimum": 1, "maximum": board.MAX_LIMIT},
+        description="at most this many (absent: every project)",
+    ),
+    Param("offset", "query", {"type": "integer", "minimum": 0}),
+)
+
+
+def _json(payload: Any, status: int = 200) -> Response:
+    """The one encoder of the API (`dumps`), without Quart's JSON provider in between."""
+    return Response(dumps(payload), status=status, content_type="application/json")
+
+
+def _announce(notify: Notify, kind: str, data: Mapping[str, Any]) -> None:
+    try:
+        notify(kind, dict(data))
+    except Exception:
+        log.exception("notify(%r) failed; the change itself is committed", kind)
+
+
+def install_board(surface: Surface, store: StoreActor, notify: Notify) -> None:
+    """Declare the project and board-task routes on `surface` (the Dashboard API)."""
+    _install_projects(surface, store, notify)
+    _install_tasks(surface, store, notify)
+
+
+async def _create(
+    store: StoreActor,
+    route: str,
+    body: Mapping[str, Any],
+    key: str | None,
+    prepare: Callable[[], Awaitable[T]],
+    insert: Callable[[sqlite_utils.Database, T], dict[str, Any]],
+) -> tuple[bool, int, Any]:
+    """Create once per `Idempotency-Key`: (created, status, answer).
+
+    A retry is answered from the store before the body is validated again, so
+    it gets the first answer even if what the body refers to is gone now
+    (like `SessionManager.create`).
+    """
+    digest = idempotency.body_digest(body) if key else ""
+    if key:
+        first = await store.read(lambda db: idempotency.lookup_only(db, route, key, digest))
+        if first is not None:
+            return False, first.status, first.body
+    value = await prepare()
+
+    def write(db: sqlite_utils.Database) -> tuple[bool, int, Any]:
+        if key:
+            remembered = idempotency.lookup(db, route, key, digest)
+            if remembered is not None:
+                return False, remembered.status, remembered.body
+        created = insert(db, value)
+        if key:
+            idempotency.remember(db, route, key, digest, 201, created)
+        return True, 201, created
+
+    return await store.write(write)
+
+
+def _install_projects(surface: Surface, store: StoreActor, notify: Notify) -> None:
+    tags = ("projects",)
+
+    @surface.route(
+        "GET",
+        "/api/projects",
+        "Projects, newest first, with their board task counts (a bare array)",
+        responses={200: "The projects", 400: "Bad query value (details.field)"},
+        params=PROJECT_LIST_PARAMS,
+        response_schema={"type": "array", "items": PROJECT_SCHEMA},
+        tags=tags,
+        requires="read",
+    )
+    async def projects_list() -> Response:
+        query = board.parse_project_query(request.args)
+        return _json(await store.read(lambda db: board.list_projects(db, query)))
+
+    @surface.route(
+        "POST",
+        "/api/projects",
+        "Create a project",
+        responses={
+            201: "Created",
+            400: "Malformed JSON or Idempotency-Key",
+            409: "The key was used for another body",
+            422: "Invalid field (details.field)",
+        },
+        params=(IDEMPOTENCY,),
+        request_body=PROJECT_CREATE_BODY,
+        response_schema=PROJECT_SCHEMA,
+        tags=tags,
+        requires="write",
+    )
+    async def project_create() -> Response:
+        key = idempotency.validate_key(request.headers.get(idempotency.HEADER))
+        body = await json_body()
+
+        async def prepare() -> board.NewProject:
+            new = board.parse_project_create(body)
+            if new.path is None:
+                return new
+            path = await trio.to_thread.run_sync(board.check_project_path, new.path)
+            return attrs.evolve(new, path=path)
+
+        created, status, answer = await _create(
+            store, PROJECTS_ROUTE, body, key, prepare, board.insert_project
+        )
+        if created:
+            _announce(notify, "project.created", answer)
+        return _json(answer, status)
+
+    @surface.route(
+        "GET",
+        "/api/projects/{id}",
+        "One project",
+        responses={200: "The project", 404: "No such project"},
+        response_schema=PROJECT_SCHEMA,
+        tags=tags,
+        requires="read",
+    )
+    async def project_detail(id: str) -> Response:
+        return _json(await store.read(lambda db: board.get_project(db, id)))
+
+    @surface.route(
+        "PUT",
+        "/api/projects/{id}",
+        "Change a project's name, path, description or status (fields left out stay)",
+        responses={
+            200: "The project",
+            400: "Malformed JSON",
+            404: "No such project",
+            422: "Invalid field (details.field)",
+        },
+        request_body=PROJECT_UPDATE_BODY,
+        response_schema=PROJECT_SCHEMA,
+        tags=tags,
+        requires="write",
+    )
+    async def project_update(id: str) -> Response:
+        changes = board.parse_project_update(await json_body())
+        if not changes:  # nothing to change: no write, no notification
+            return _json(await store.read(lambda db: board.get_project(db, id)))
+        if isinstance(changes.get("path"), str):
+            changes["path"] = await trio.to_thread.run_sync(
+                board.check_project_path, changes["path"]
+            )
+        project = await store.write(lambda db: board.update_project(db, id, changes))
+        _announce(notify, "project.updated", project)
+        return _json(project)
+
+    @surface.route(
+        "DELETE",
+        "/api/projects/{id}",
+        "Delete a project and its board tasks",
+        responses={204: "Deleted", 404: "No such project"},
+        tags=tags,
+        requires="write",
+    )
+    async def project_delete(id: str) -> tuple[str, int]:
+        gone = await store.write(lambda db: board.delete_project(db, id))
+        _announce(notify, "project.deleted", gone)
+        return "", 204
+
+
+def _install_tasks(surface: Surface, store: StoreActor, notify: Notify) -> None:
+    tags = ("board",)
+
+    @surface.route(
+        "GET",
+        "/api/tasks",
+        "Board tasks: by column (backlog..done), then position",
+        responses={
+            200: "A page of tasks",
+            400: "Bad query value (details.field)",
+            404: "No such project (project_id)",
+        },
+        params=TASK_LIST_PARAMS,
+        response_schema=TASK_PAGE_SCHEMA,
+        tags=tags,
+        requires="read",
+    )
+    async def tasks_list() -> Response:
+        query = board.parse_task_query(request.args)
+        return _json(await store.read(lambda db: board.list_tasks(db, query)))
+
+    @surface.route(
+        "POST",
+        "/api/tasks",
+        "Create a board task (at the end of its column, or at position)",
+        responses={
+            201: "Created",
+            400: "Malformed JSON or Idempotency-Key",
+            404: "No such project",
+            409: "The key was used for another body",
+            422: "Invalid field (details.field)",
+        },
+        params=(IDEMPOTENCY,),
+        request_body=TASK_CREATE_BODY,
+        response_schema=TASK_SCHEMA,
+        tags=tags,
+        requires="write",
+    )
+    async def task_create() -> Response:
+        key = idempotency.validate_key(request.headers.get(idempotency.HEADER))
+        body = await json_body()
+
+        async def prepare() -> board.NewTask:
+            return board.parse_task_create(body)
+
+        created, status, answer = await _create(
+            store, TASKS_ROUTE, body, key, prepare, board.insert_task
+        )
+        if created:
+            _announce(notify, "task.created", answer)
+        return _json(answer, status)
+
+    @surface.route(
+        "GET",
+        "/api/tasks/{id}",
+        "One board task",
+        responses={200: "The task", 404: "No such task"},
+        response_schema=TASK_SCHEMA,
+        tags=tags,
+        requires="read",
+    )
+    async def task_detail(id: str) -> Response:
+        return _json(await store.read(lambda db: board.get_task(db, id)))
+
+    @surface.route(
+        "PUT",
+        "/api/tasks/{id}",
+        "Change a board task (fields left out stay; a new column is a move to its end)",
+        responses={
+            200: "The task",
+            400: "Malformed JSON",
+            404: "No such task",
+            422: "Invalid field (details.field)",
+        },
+        request_body=TASK_UPDATE_BODY,
+        response_schema=TASK_SCHEMA,
+        tags=tags,
+        requires="write",
+    )
+    async def task_update(id: str) -> Response:
+        changes = board.parse_task_update(await json_body())
+        if changes.is_empty():  # nothing to change: no write, no notification
+            return _json(await store.read(lambda db: board.get_task(db, id)))
+        task, came_from = await store.write(lambda db: board.update_task(db, id, changes))
+        _announce(
+            notify, "task.updated", task if came_from is None else {**task, "from": came_from}
+        )
+        return _json(task)
+
+    @surface.route(
+        "DELETE",
+        "/api/tasks/{id}",
+        "Delete a board task (its column is renumbered)",
+        responses={204: "Deleted", 404: "No such task"},
+        tags=tags,
+        requires="write",
+    )
+    async def task_delete(id: str) -> tuple[str, int]:
+        gone = await store.write(lambda db: board.delete_task(db, id))
+        _announce(notify, "task.deleted", gone)
+        return "", 204
+
+    @surface.route(
+        "POST",
+        "/api/tasks/{id}/move",
+        "Move a task to a position of a column; both columns are renumbered 0..n-1",
+        responses={
+            200: "The task where it is now",
+            400: "Malformed JSON",
+            404: "No such task",
+            422: "Invalid field (details.field): column, position, status",
+        },
+        request_body=MOVE_BODY,
+        response_schema=TASK_SCHEMA,
+        tags=tags,
+        requires="write",
+    )
+    async def task_move(id: str) -> Response:
+        move = board.parse_move(await json_body())
+        task, came_from = await store.write(
+            lambda db: board.move_task(db, id, move.column, move.position, status=move.status)
+        )
+        _announce(notify, "task.moved", {**task, "from": came_from})
+        return _json(task)
