@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_session_commands(commands)
     _add_enterprise_commands(commands)
+    _add_registry_commands(commands)
 
     config = commands.add_parser("config", help="configuration")
     config_actions = config.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -276,6 +277,57 @@ def _add_audit_list_flags(parser: argparse.ArgumentParser, default: Any) -> None
         metavar="A",
         default=default,
         help="exact (token.create) or a family (session.*)",
+    )
+    _add_page_flags(parser, default)
+    parser.add_argument("--json", action="store_true", default=default, help="the API answer")
+
+
+REGISTRY_STATUSES = ("ok", "missing")  # lokid.actors.registry_scanner.ENTRY_STATUSES
+
+
+def _add_registry_commands(commands: Any) -> None:
+    """`loki registry [ls|add|rm|discover|sync]` (DESIGN.md §3, §7)."""
+    registry = commands.add_parser("registry", help="the cross-project registry of .loki folders")
+    _add_registry_list_flags(registry, argparse.SUPPRESS)
+    registry.set_defaults(handler=cmd_registry_ls, status=None, limit=None, offset=None, json=False)
+    actions = registry.add_subparsers(dest="action", metavar="ACTION")
+    ls = actions.add_parser("ls", help="registered projects, newest first (the default)")
+    _add_registry_list_flags(ls, argparse.SUPPRESS)
+    ls.set_defaults(handler=cmd_registry_ls)
+    add = actions.add_parser("add", help="register a project folder")
+    add.add_argument("path", metavar="PATH", help="the folder (relative to this one)")
+    add.add_argument("--name", metavar="NAME", help="default: the folder's name")
+    add.add_argument("--json", action="store_true", help="print the API answer")
+    add.set_defaults(handler=cmd_registry_add)
+    rm = actions.add_parser("rm", help="unregister a project (its files are not touched)")
+    rm.add_argument("project", metavar="ID|PATH", help="a reg- id, or the registered folder")
+    rm.add_argument("--json", action="store_true", help='print {"id", "unregistered": true}')
+    rm.set_defaults(handler=cmd_registry_rm)
+    discover = actions.add_parser("discover", help="find folders holding .loki/")
+    discover.add_argument(
+        "--root",
+        dest="roots",
+        action="append",
+        metavar="DIR",
+        help="where to look (may be repeated; default: the daemon's configured roots)",
+    )
+    discover.add_argument("--depth", type=int, metavar="N", help="folders below a root (1-10)")
+    discover.add_argument("--register", action="store_true", help="register what is new")
+    discover.add_argument("--json", action="store_true", help="print the API answer")
+    discover.set_defaults(handler=cmd_registry_discover)
+    sync = actions.add_parser("sync", help="refresh every entry (status, task counts) now")
+    sync.add_argument("--json", action="store_true", help="print the API answer")
+    sync.set_defaults(handler=cmd_registry_sync)
+
+
+def _add_registry_list_flags(parser: argparse.ArgumentParser, default: Any) -> None:
+    # Given on `registry` or on `registry ls`; SUPPRESS keeps one from erasing the other.
+    parser.add_argument(
+        "--status",
+        choices=REGISTRY_STATUSES,
+        default=default,
+        metavar="S",
+        help="only entries in this status (ok, missing)",
     )
     _add_page_flags(parser, default)
     parser.add_argument("--json", action="store_true", default=default, help="the API answer")
@@ -910,6 +962,151 @@ def _verify_offline(database: Path) -> dict[str, Any]:
     finally:
         conn.close()
     return report.to_json()
+
+
+# -- the registry -------------------------------------------------------------------
+
+REGISTRY = "/dashboard/api/registry"  # the Dashboard API, over the control socket
+REGISTRY_TIMEOUT = 150.0  # a discovery may walk for up to 60 s, a sync of many folders longer
+PATH_WIDTH = 60
+
+
+def cmd_registry_ls(args: argparse.Namespace, config: Config) -> int:
+    params = {"status": args.status, "limit": args.limit, "offset": args.offset}
+    answer = _call(
+        config,
+        "GET",
+        f"{REGISTRY}/projects",
+        params={key: value for key, value in params.items() if value is not None},
+    )
+    if args.json:
+        _print_json(answer)
+        return 0
+    rows = [
+        (
+            entry["id"],
+            _clip(entry["name"], NAME_WIDTH),
+            entry["status"],
+            "yes" if entry["has_loki"] else "no",
+            _task_counts(entry["tasks"]),
+            entry["last_seen"] or "never",
+            entry["path"],
+        )
+        for entry in answer["projects"]
+    ]
+    headers = ("ID", "NAME", "STATUS", "LOKI", "TASKS P/A/C/F", "LAST SEEN", "PATH")
+    _print_table(headers, rows, empty="no registered projects")
+    _print_more(answer, "projects")
+    return 0
+
+
+def _task_counts(tasks: dict[str, int]) -> str:
+    return "/".join(str(tasks.get(key, 0)) for key in TASK_STATUSES)
+
+
+def cmd_registry_add(args: argparse.Namespace, config: Config) -> int:
+    body: dict[str, Any] = {"path": os.path.abspath(os.path.expanduser(args.path))}
+    if args.name is not None:
+        body["name"] = args.name
+    entry = _call(config, "POST", f"{REGISTRY}/projects", json=body)
+    if args.json:
+        _print_json(entry)
+        return 0
+    _print_fields(
+        [
+            ("id", entry["id"]),
+            ("name", entry["name"]),
+            ("path", entry["path"]),
+            ("status", entry["status"]),
+            (".loki", "yes" if entry["has_loki"] else "no"),
+            ("tasks", f"{entry['tasks']['total']} ({_task_counts(entry['tasks'])} P/A/C/F)"),
+        ]
+    )
+    return 0
+
+
+def _registry_id_of(project: str) -> str:
+    """An id as given, or the id of a folder (what the daemon computes from its real path)."""
+    if project.startswith("reg-"):
+        return project
+    import hashlib
+
+    real = os.path.realpath(os.path.expanduser(project))
+    return "reg-" + hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+
+
+def cmd_registry_rm(args: argparse.Namespace, config: Config) -> int:
+    registry_id = _registry_id_of(args.project)
+    _call(config, "DELETE", f"{REGISTRY}/projects/{_quote(registry_id)}")
+    if args.json:
+        _print_json({"id": registry_id, "unregistered": True})
+    else:
+        print(f"{registry_id} unregistered")
+    return 0
+
+
+def cmd_registry_discover(args: argparse.Namespace, config: Config) -> int:
+    params: dict[str, Any] = {}
+    if args.roots:
+        params["roots"] = [os.path.abspath(os.path.expanduser(root)) for root in args.roots]
+    if args.depth is not None:
+        params["depth"] = args.depth
+    if args.register:
+        params["register"] = "true"
+    if not args.json:
+        where = ", ".join(params.get("roots", [])) or "the configured roots"
+        print(f"looking for .loki folders under {where} ...", file=sys.stderr, flush=True)
+    answer = _call(config, "GET", f"{REGISTRY}/discover", params=params, timeout=REGISTRY_TIMEOUT)
+    if args.json:
+        _print_json(answer)
+        return 0
+    rows = [
+        (
+            found["id"],
+            _clip(found["name"], NAME_WIDTH),
+            ("new" if found.get("registered_now") else "yes") if found["registered"] else "no",
+            found["path"],
+        )
+        for found in answer["projects"]
+    ]
+    _print_table(("ID", "NAME", "REGISTERED", "PATH"), rows, empty="no projects found")
+    summary = (
+        f"{answer['total']} projects in {answer['folders']} folders"
+        f" ({answer['seconds']:.2f} s, depth {answer['depth']})"
+    )
+    if args.register:
+        summary += f"; {answer['registered']} newly registered"
+    print(summary, file=sys.stderr)
+    _print_problems(answer)
+    if answer["truncated"]:
+        print(f"warning: {answer['truncated_reason']}", file=sys.stderr)
+    return 0
+
+
+def cmd_registry_sync(args: argparse.Namespace, config: Config) -> int:
+    summary = _call(config, "POST", f"{REGISTRY}/sync", timeout=REGISTRY_TIMEOUT)
+    if args.json:
+        _print_json(summary)
+        return 0
+    _print_fields(
+        [
+            ("total", str(summary["total"])),
+            ("ok", str(summary["ok"])),
+            ("missing", str(summary["missing"])),
+            ("updated", str(summary["updated"])),
+        ]
+    )
+    _print_problems(summary)
+    return 0
+
+
+def _print_problems(answer: dict[str, Any]) -> None:
+    """The file-system problems an answer lists, as warnings on stderr."""
+    for problem in answer.get("errors", []):
+        where = f"{problem['path']}: " if problem["path"] else ""
+        print(f"warning: {where}{problem['message']} ({problem['kind']})", file=sys.stderr)
+    if answer.get("errors_omitted"):
+        print(f"warning: {answer['errors_omitted']} more problems", file=sys.stderr)
 
 
 def _entries(count: int) -> str:

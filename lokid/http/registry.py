@@ -1,0 +1,461 @@
+"""Registry routes of the Dashboard API (seed "Registry Endpoints"; DESIGN.md §7).
+
+Every view parses and checks its input, then asks the registry scanner
+(`lokid.actors.registry_scanner`); no view touches the file system or the
+store itself. Reads need `read`, changes `write`. Query values that cannot
+be used are 400 naming the parameter, body fields 422 naming the field
+(DESIGN.md §4). File-system trouble (an unreadable folder, a malformed
+queue file, a folder deleted during the scan, a symlink loop) is never an
+error status: it is listed in the answer's `errors` (`{"path", "kind",
+"message"}`) or shows in an entry's `status`.
+
+`GET /api/registry/discover?register=true` changes the registry although
+it is a GET: the view demands `write` of the caller before registering
+(`Gate.demand`, a recorded 403 otherwise) and records the change in the
+audit log (`registry.discover`, `details.registered`) before it answers.
+
+The hot reads (`/projects`, `/discover`, `/tasks`, `/learnings`) are lean
+routes (answered before Quart); the rest are Quart views. Lists answer
+`{"<items>": [...], "total", "limit", "offset"}` with the items first, plus
+`errors` where file-system problems can occur. `/discover` is not paged:
+it is one walk, capped at `MAX_DISCOVER_RESULTS` projects (`truncated`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import parse_qsl
+
+from quart import request
+
+from lokid import idempotency
+from lokid import registry as fs
+from lokid.actors.registry_scanner import (
+    ENTRY_STATUSES,
+    MAX_NAME_CHARS,
+    Idempotent,
+    RegistryScanner,
+)
+from lokid.errors import InvalidQuery, ValidationFailed
+from lokid.http.gate import Gate
+from lokid.http.surface import (
+    LeanResponse,
+    Param,
+    Scope,
+    Surface,
+    bool_param,
+    int_param,
+    json_body,
+    json_response,
+)
+
+REGISTER_ROUTE = "POST /api/registry/projects"
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+MAX_OFFSET = 1_000_000
+MAX_QUERY_CHARS = 200
+MAX_PROJECT_IDS = 1000
+
+STATUS_FILTER = {
+    "pending": "pending",
+    "active": "active",
+    "in_progress": "active",
+    "in-progress": "active",
+    "completed": "completed",
+    "failed": "failed",
+}
+"""`status` of `GET /api/registry/tasks`: lokid's words, and the reference's `in_progress`."""
+
+# -- OpenAPI ------------------------------------------------------------------------------
+
+_COUNTS = {
+    "type": "object",
+    "properties": {k: {"type": "integer"} for k in (*fs.TASK_STATUSES, "total")},
+}
+ENTRY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": [
+        "id",
+        "name",
+        "path",
+        "status",
+        "has_loki",
+        "registered_at",
+        "last_seen",
+        "tasks",
+    ],
+    "properties": {
+        "id": {"type": "string", "pattern": "^reg-[0-9a-f]{12}$"},
+        "name": {"type": "string"},
+        "path": {"type": "string", "description": "the real path"},
+        "status": {"type": "string", "enum": list(ENTRY_STATUSES)},
+        "has_loki": {"type": "boolean"},
+        "registered_at": {"type": "string", "format": "date-time"},
+        "last_seen": {"type": ["string", "null"], "format": "date-time"},
+        "tasks": _COUNTS,
+    },
+}
+_PROBLEMS = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "properties": {
+            "path": {"type": "string"},
+            "kind": {"type": "string"},
+            "message": {"type": "string"},
+        },
+    },
+}
+REGISTER_BODY = {
+    "type": "object",
+    "required": ["path"],
+    "additionalProperties": False,
+    "properties": {
+        "path": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": fs.MAX_PATH_CHARS,
+            "description": "an existing folder: absolute or ~; stored as its real path",
+        },
+        "name": {"type": ["string", "null"], "minLength": 1, "maxLength": MAX_NAME_CHARS},
+    },
+}
+PAGE_PARAMS = (
+    Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
+    Param("offset", "query", {"type": "integer", "minimum": 0}),
+)
+IDEMPOTENCY = Param(
+    idempotency.HEADER, "header", description="the same key and body within 24 h: the first answer"
+)
+
+
+def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> None:
+    """Declare the registry routes on `surface` (the Dashboard API)."""
+    tags = ("registry",)
+
+    @surface.lean(
+        "GET",
+        "/api/registry/projects",
+        "Registered projects, newest first",
+        responses={200: "A page of entries", 400: "Bad query value (details.field)"},
+        params=(
+            Param("status", "query", {"type": "string", "enum": list(ENTRY_STATUSES)}),
+            *PAGE_PARAMS,
+        ),
+        response_schema=_page_schema("projects", ENTRY_SCHEMA),
+        tags=tags,
+        requires="read",
+    )
+    async def projects_list(scope: Scope) -> LeanResponse:
+        params = _query(scope)
+        status = _choice(params, "status", ENTRY_STATUSES)
+        limit, offset = _page(params)
+        return json_response(200, await scanner.list_entries(status, limit, offset))
+
+    @surface.route(
+        "POST",
+        "/api/registry/projects",
+        "Register a project folder",
+        responses={
+            201: "Registered",
+            400: "Malformed JSON or Idempotency-Key",
+            409: "Already registered (details.id), or the key was used for another body",
+            422: "Invalid field (details.field): e.g. the folder does not exist",
+        },
+        params=(IDEMPOTENCY,),
+        request_body=REGISTER_BODY,
+        response_schema=ENTRY_SCHEMA,
+        tags=tags,
+        requires="write",
+    )
+    async def project_register() -> tuple[dict[str, Any], int]:
+        key = idempotency.validate_key(request.headers.get(idempotency.HEADER))
+        body = await json_body()
+        path, name = parse_register_body(body)
+        once = None
+        if key is not None:
+            once = Idempotent(REGISTER_ROUTE, key, idempotency.body_digest(body))
+        return await scanner.register(path, name, idempotent=once), 201
+
+    @surface.route(
+        "GET",
+        "/api/registry/projects/{id}",
+        "One registry entry",
+        responses={200: "The entry", 404: "Not registered"},
+        response_schema=ENTRY_SCHEMA,
+        tags=tags,
+        requires="read",
+    )
+    async def project_get(id: str) -> dict[str, Any]:
+        return await scanner.get(id)
+
+    @surface.route(
+        "DELETE",
+        "/api/registry/projects/{id}",
+        "Unregister a project (its files are not touched)",
+        responses={204: "Unregistered", 404: "Not registered"},
+        tags=tags,
+        requires="write",
+    )
+    async def project_unregister(id: str) -> tuple[str, int]:
+        await scanner.unregister(id)
+        return "", 204
+
+    @surface.route(
+        "GET",
+        "/api/registry/projects/{id}/health",
+        "Health checks of a registered project",
+        responses={200: "healthy | degraded | missing, with each check", 404: "Not registered"},
+        response_schema={
+            "type": "object",
+            "properties": {
+                "status": {"type": "string", "enum": ["healthy", "degraded", "missing"]},
+                "checks": {"type": "object"},
+                "problems": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+        tags=tags,
+        requires="read",
+    )
+    async def project_health(id: str) -> dict[str, Any]:
+        return await scanner.check_health(id)
+
+    @surface.lean(
+        "GET",
+        "/api/registry/discover",
+        "Find folders holding .loki/ (register=true also registers them: needs write)",
+        responses={
+            200: "What was found, with registered flags, roots and errors",
+            400: "Bad query value (details.field)",
+            403: "register=true without the write scope",
+        },
+        params=(
+            Param(
+                "roots",
+                "query",
+                description="comma list (or repeated): absolute or ~ paths; default: config",
+            ),
+            Param(
+                "depth",
+                "query",
+                {"type": "integer", "minimum": fs.MIN_DEPTH, "maximum": fs.MAX_DEPTH},
+                description=f"folders below a root (default {fs.DEFAULT_DEPTH})",
+            ),
+            Param("register", "query", {"type": "boolean"}, description="register what is new"),
+        ),
+        response_schema={
+            "type": "object",
+            "properties": {
+                "projects": {"type": "array", "items": {"type": "object"}},
+                "total": {"type": "integer"},
+                "truncated": {"type": "boolean"},
+                "errors": _PROBLEMS,
+            },
+        },
+        tags=tags,
+        requires="read",
+    )
+    async def discover(scope: Scope) -> LeanResponse:
+        pairs = _pairs(scope)
+        params = dict(pairs)
+        roots = parse_roots(pairs)
+        depth = _depth(params)
+        register = bool_param(params, "register", False)
+        if register:
+            await gate.demand(scope, "write")
+        answer = await scanner.discover(roots, depth, register=register)
+        if register:
+            await gate.record(
+                scope,
+                200,
+                action="registry.discover",
+                details={"registered": answer["registered"]},
+            )
+        return json_response(200, answer)
+
+    @surface.route(
+        "POST",
+        "/api/registry/sync",
+        "Refresh every entry (status, .loki, task counts) now",
+        responses={200: "total, ok, missing, updated, errors"},
+        response_schema={
+            "type": "object",
+            "properties": {
+                "total": {"type": "integer"},
+                "ok": {"type": "integer"},
+                "missing": {"type": "integer"},
+                "updated": {"type": "integer"},
+                "errors": _PROBLEMS,
+            },
+        },
+        tags=tags,
+        requires="write",
+    )
+    async def sync() -> dict[str, Any]:
+        return await scanner.sync()
+
+    @surface.lean(
+        "GET",
+        "/api/registry/tasks",
+        "Tasks of the registered projects' .loki/queue/*.json",
+        responses={
+            200: "A page of tasks, total, counts by status, errors",
+            400: "Bad query value (details.field)",
+            404: "An unknown project_id",
+        },
+        params=(
+            Param("project_id", "query", description="comma list (or repeated) of reg- ids"),
+            Param(
+                "status",
+                "query",
+                {"type": "string", "enum": list(STATUS_FILTER)},
+                description="in_progress is active",
+            ),
+            *PAGE_PARAMS,
+        ),
+        response_schema={
+            "type": "object",
+            "properties": {
+                "tasks": {"type": "array", "items": {"type": "object"}},
+                "total": {"type": "integer"},
+                "limit": {"type": "integer"},
+                "offset": {"type": "integer"},
+                "counts": _COUNTS,
+                "errors": _PROBLEMS,
+            },
+        },
+        tags=tags,
+        requires="read",
+    )
+    async def tasks(scope: Scope) -> LeanResponse:
+        pairs = _pairs(scope)
+        params = dict(pairs)
+        ids = _list_param(pairs, "project_id", MAX_PROJECT_IDS)
+        status = _choice(params, "status", tuple(STATUS_FILTER))
+        limit, offset = _page(params)
+        answer = await scanner.tasks(
+            ids or None, STATUS_FILTER[status] if status else None, limit, offset
+        )
+        return json_response(200, answer)
+
+    @surface.lean(
+        "GET",
+        "/api/registry/learnings",
+        "Shared learnings ($LOKI_HOME/learnings/*.jsonl), newest first",
+        responses={200: "A page of learnings, counts, errors", 400: "Bad query value"},
+        params=(
+            Param("type", "query", {"type": "string", "enum": list(fs.LEARNING_TYPES)}),
+            Param("q", "query", description="text in description, category or project"),
+            *PAGE_PARAMS,
+        ),
+        response_schema=_page_schema("learnings", {"type": "object"}),
+        tags=tags,
+        requires="read",
+    )
+    async def learnings(scope: Scope) -> LeanResponse:
+        params = _query(scope)
+        kind = None
+        if params.get("type"):
+            kind = fs.learning_type(params["type"])
+            if kind is None:
+                raise InvalidQuery(
+                    f"type must be one of {', '.join(fs.LEARNING_TYPES)}, "
+                    f"got {params['type'][:50]!r}",
+                    field="type",
+                )
+        q = params.get("q") or None
+        if q is not None and len(q) > MAX_QUERY_CHARS:
+            raise InvalidQuery(f"q must be at most {MAX_QUERY_CHARS} characters", field="q")
+        limit, offset = _page(params)
+        return json_response(200, await scanner.learnings(kind, q, limit, offset))
+
+
+# -- parsing ------------------------------------------------------------------------------
+
+
+def parse_register_body(body: Mapping[str, Any]) -> tuple[str, str | None]:
+    """`path` and `name` of a register body; 422 naming the field otherwise."""
+    for key in body:
+        if key not in ("path", "name"):
+            raise ValidationFailed(f"unknown field {key!r}", field=str(key))
+    path = body.get("path")
+    if path is None:
+        raise ValidationFailed("path is required", field="path")
+    if not isinstance(path, str) or not path.strip():
+        raise ValidationFailed("path must be a non-empty string", field="path")
+    name = body.get("name")
+    if name is not None and not isinstance(name, str):
+        raise ValidationFailed("name must be a string", field="name")
+    return path.strip(), name
+
+
+def parse_roots(pairs: Sequence[tuple[str, str]]) -> list[str] | None:
+    """`roots` (comma list, or repeated); None when not given (use the defaults)."""
+    roots = _list_param(pairs, "roots", fs.MAX_ROOTS)
+    if not roots:
+        return None
+    for root in roots:
+        if len(root) > fs.MAX_PATH_CHARS or "\x00" in root:
+            raise InvalidQuery(
+                f"each root must be at most {fs.MAX_PATH_CHARS} characters", field="roots"
+            )
+        if not (root.startswith("/") or root.startswith("~")):
+            raise InvalidQuery(
+                f"each root must be absolute (or start with ~), got {root[:80]!r}", field="roots"
+            )
+    return roots
+
+
+def _pairs(scope: Scope) -> list[tuple[str, str]]:
+    raw: bytes = scope.get("query_string", b"")
+    return parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True)
+
+
+def _query(scope: Scope) -> dict[str, str]:
+    return dict(_pairs(scope))
+
+
+def _list_param(pairs: Sequence[tuple[str, str]], name: str, most: int) -> list[str]:
+    values = [part.strip() for key, value in pairs if key == name for part in value.split(",")]
+    values = [v for v in values if v]
+    if len(values) > most:
+        raise InvalidQuery(f"{name}: at most {most} values", field=name)
+    return list(dict.fromkeys(values))  # repeated values once, order kept
+
+
+def _choice(params: Mapping[str, str], name: str, allowed: Sequence[str]) -> str | None:
+    value = params.get(name)
+    if value is None or value == "":
+        return None
+    if value not in allowed:
+        raise InvalidQuery(
+            f"{name} must be one of {', '.join(allowed)}, got {value[:50]!r}", field=name
+        )
+    return value
+
+
+def _page(params: Mapping[str, str]) -> tuple[int, int]:
+    limit = int_param(params, "limit", DEFAULT_LIMIT, minimum=1, maximum=MAX_LIMIT)
+    offset = int_param(params, "offset", 0, minimum=0, maximum=MAX_OFFSET)
+    assert limit is not None and offset is not None
+    return limit, offset
+
+
+def _depth(params: Mapping[str, str]) -> int:
+    name = "depth" if "depth" in params or "max_depth" not in params else "max_depth"
+    depth = int_param(params, name, fs.DEFAULT_DEPTH, minimum=fs.MIN_DEPTH, maximum=fs.MAX_DEPTH)
+    assert depth is not None
+    return depth
+
+
+def _page_schema(items: str, item: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {
+            items: {"type": "array", "items": dict(item)},
+            "total": {"type": "integer"},
+            "limit": {"type": "integer"},
+            "offset": {"type": "integer"},
+        },
+    }
