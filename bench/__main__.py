@@ -12,6 +12,8 @@ BENCHMARKS = {
     "sessions": "bench.sessions",
     "audit": "bench.audit",
     "peer": "bench.peer",
+    "registry": "bench.registry",
+    "board": "bench.board",
 }
 
 

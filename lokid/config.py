@@ -85,6 +85,12 @@ SETTINGS: dict[str, Setting] = {
     "cors_origins": Setting(
         "LOKI_CORS_ORIGINS", "Comma-separated origins allowed by CORS; off if unset"
     ),
+    "registry_roots": Setting(
+        "LOKI_REGISTRY_ROOTS", "Comma-separated folders registry discovery walks by default"
+    ),
+    "registry_interval": Setting(
+        "LOKI_REGISTRY_INTERVAL", "Seconds between periodic syncs of the project registry"
+    ),
 }
 
 
@@ -175,6 +181,14 @@ def _rate_limit(value: Any) -> RateLimit | None:
     return parse_rate_limit(text)
 
 
+def _roots(value: Any) -> tuple[str, ...]:
+    items = value if isinstance(value, list) else str(value).split(",")
+    roots = tuple(str(item).strip() for item in items if str(item).strip())
+    if not roots:
+        raise ValueError("name at least one folder")
+    return roots
+
+
 def _cors_origins(value: Any) -> tuple[str, ...]:
     text = ", ".join(value) if isinstance(value, list) else str(value)
     return tuple(sorted(CorsPolicy.from_setting(text).origins))
@@ -205,6 +219,8 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "max_sessions": _positive_int,
     "rate_limit": _rate_limit,
     "cors_origins": _cors_origins,
+    "registry_roots": _roots,
+    "registry_interval": _positive_float,
 }
 
 
@@ -237,6 +253,15 @@ class Config:
     max_sessions: int = 1000
     rate_limit: RateLimit | None = None
     cors_origins: tuple[str, ...] = ()
+    registry_roots: tuple[str, ...] = (
+        "~/git",
+        "~/projects",
+        "~/code",
+        "~/dev",
+        "~/workspace",
+        "~/src",
+    )
+    registry_interval: float = 300.0
     config_file: Path | None = None
     sources: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False)
 

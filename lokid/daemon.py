@@ -12,6 +12,7 @@ The tree (start order; stop is the reverse):
     ├── agent_pool                  agent process cap, records, reconciliation
     ├── sessions                    session manager; its session_supervisor runs
     │                               one transient SessionActor per live session
+    ├── registry                    project registry: discovery, health, periodic sync
     └── listeners (one_for_one)
         ├── api                     HTTP API, 127.0.0.1:8420
         ├── dashboard               Dashboard API, 57374 or the next free port
@@ -46,6 +47,7 @@ from lokid.actors.agent_pool import AgentPool
 from lokid.actors.audit_writer import AuditWriter
 from lokid.actors.event_bus import EventBus
 from lokid.actors.listener import HttpListener
+from lokid.actors.registry_scanner import RegistryScanner
 from lokid.actors.session import RunnerSettings
 from lokid.actors.session_manager import SessionManager
 from lokid.actors.store import StoreActor
@@ -54,11 +56,13 @@ from lokid.cors import CorsPolicy
 from lokid.errors import LokiError, StartupError
 from lokid.events import Level
 from lokid.http.api import create_api_surface
+from lokid.http.board import install_board
 from lokid.http.control import control_app
 from lokid.http.dashboard import create_dashboard_surface
 from lokid.http.enterprise import install_enterprise
 from lokid.http.events import install_events
 from lokid.http.gate import Gate
+from lokid.http.registry import install_registry
 from lokid.http.surface import Surface
 from lokid.http.ws import DashboardHub, install_ws
 from lokid.pidfile import DaemonLock
@@ -167,6 +171,15 @@ class Daemon:
         self.hub = DashboardHub()
         self.bus.add_listener(self.hub.offer_event)
         install_ws(self.dashboard, self.hub)
+        install_board(self.dashboard, self.store, self.hub.publish)
+        self.registry = RegistryScanner(
+            self.store,
+            loki_home=config.loki_home,
+            default_roots=config.registry_roots,
+            interval=config.registry_interval,
+            notify=self.hub.publish,
+        )
+        install_registry(self.dashboard, self.registry, self.gate)
         for surface in (self.api, self.dashboard):
             install_events(surface, self.bus, heartbeat=config.sse_heartbeat)
             surface.gate = self.gate
@@ -390,6 +403,7 @@ class Daemon:
             _actor_spec("event_bus", self.bus, STORE_SHUTDOWN_SECONDS),
             _actor_spec("agent_pool", self.pool, self.pool.grace + 15.0),
             _actor_spec("sessions", self.sessions, self.pool.grace + 30.0),
+            _actor_spec("registry", self.registry, STORE_SHUTDOWN_SECONDS),
         ]
         self.root = Supervisor(
             "lokid",

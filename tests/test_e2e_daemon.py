@@ -56,12 +56,13 @@ def test_status_shows_the_supervisor_tree(daemon: DaemonProcess) -> None:
         "event_bus",
         "agent_pool",
         "sessions",
+        "registry",
         "listeners",
     ]
     store = tree["children"][0]
     assert store["running"] is True
     assert store["detail"]["mailboxSize"] > 0
-    listeners = tree["children"][5]["detail"]
+    listeners = tree["children"][-1]["detail"]
     assert [c["id"] for c in listeners["children"]] == ["api", "dashboard", "control"]
 
 
