@@ -10,7 +10,16 @@ import trio
 
 from lokid.actors.listener import HttpListener
 from lokid.http.fastpath import parse_simple_request
-from lokid.http.surface import LeanResponse, Receive, Scope, Send, Surface, json_response
+from lokid.http.surface import (
+    LeanResponse,
+    Receive,
+    Scope,
+    Send,
+    Surface,
+    json_response,
+    lean_json,
+    path_param,
+)
 
 
 @pytest.mark.parametrize(
@@ -19,7 +28,13 @@ from lokid.http.surface import LeanResponse, Receive, Scope, Send, Surface, json
         (b"GET /health HTTP/1.1\r\nHost: x", True),
         (b"HEAD /health?x=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 0", True),
         (b"GET /health HTTP/1.0\r\nHost: x", False),  # only HTTP/1.1
-        (b"POST /health HTTP/1.1\r\nHost: x", False),
+        (b"POST /things HTTP/1.1\r\nHost: x", True),  # a change without a body
+        (b"POST /things HTTP/1.1\r\nHost: x\r\nContent-Length: 12", True),
+        (b"PUT /things/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 0", True),
+        (b"POST /things HTTP/1.1\r\nHost: x\r\nContent-Length: 1048577", False),  # > 1 MiB
+        (b"POST /things HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1", False),
+        (b"POST /things HTTP/1.1\r\nHost: x\r\nContent-Length: -1", False),
+        (b"OPTIONS /things HTTP/1.1\r\nHost: x", False),
         (b"GET /health HTTP/1.1", False),  # no Host
         (b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 3", False),
         (b"GET /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked", False),
@@ -53,6 +68,12 @@ def make_surface() -> Surface:
         for n in range(3):
             await send({"type": "http.response.body", "body": f"{n}\n".encode(), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    @surface.lean(
+        "POST", "/things/{id}/echo", "lean with a body", responses={200: "ok"}, requires="write"
+    )
+    async def echo(scope: Scope) -> LeanResponse:
+        return json_response(200, {"id": path_param(scope, "id"), "body": lean_json(scope)})
 
     @surface.route("POST", "/slow", "quart", responses={200: "ok"}, requires="write")
     async def slow() -> dict[str, Any]:
@@ -114,6 +135,18 @@ CLOSE = b"GET /fast HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         [b"GET /fast?q=1 HTTP/1.1\r\nHost: x\r\n\r\n"],
         [b"HEAD /fast HTTP/1.1\r\nHost: x\r\n\r\n"],
         [b"POST /fast HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"],  # 405, via hand-over
+        # a lean change with a body, its path parameter, then a pipelined GET
+        [
+            b'POST /things/t-1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n{"a": 1}',
+            b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n",
+        ],
+        [b"POST /things/t-1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n{x}"],  # 400
+        [b"GET /things/t-1/echo HTTP/1.1\r\nHost: x\r\n\r\n"],  # 405 on a template
+        # chunked: Hypercorn reads it; the lean handler answers on both paths
+        [
+            b"POST /things/t-2/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\n{}\r\n0\r\n\r\n"
+        ],
         [b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"],  # 404 from Quart, via hand-over
         # a head over 16 KiB (Hypercorn answers it), in one piece
         [b"GET /fast HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 17000 + b"\r\n\r\n"],
@@ -140,3 +173,19 @@ async def test_stream_route_is_chunked_and_closes() -> None:
     assert head.startswith(b"HTTP/1.1 200 OK")
     assert b"transfer-encoding: chunked" in head.lower()
     assert body == b"2\r\n0\n\r\n2\r\n1\n\r\n2\r\n2\n\r\n0\r\n\r\n"
+
+
+async def test_a_lean_change_is_answered_inline_with_its_body() -> None:
+    request = b"POST /things/t-9/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n\r\n"
+    raw = await with_listener(True, request + b'{"ok": true}' + CLOSE)
+    [(status, body), _] = split(raw, [False, False])
+    assert status == "200"
+    assert body == b'{"id":"t-9","body":{"ok":true}}'
+
+
+async def test_a_body_over_the_limit_is_413_on_both_paths() -> None:
+    big = b"x" * (1024 * 1024 + 1)
+    request = b"POST /things/t-1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(big)
+    for inline in (True, False):
+        raw = await with_listener(inline, request + big)
+        assert raw.startswith(b"HTTP/1.1 413"), raw[:200]

@@ -155,16 +155,8 @@ def documented(surface: Surface) -> set[tuple[str, str]]:
 
 
 def implemented(surface: Surface) -> set[tuple[str, str]]:
-    """Every (method, path) the app really answers: Quart's URL map plus the lean table."""
-    import re
-
-    routes = {(m, p) for (m, p) in surface._lean}
-    for rule in surface.quart.url_map.iter_rules():
-        if rule.endpoint == "static":
-            continue
-        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
-        routes |= {(m, path) for m in rule.methods or () if m not in ("HEAD", "OPTIONS")}
-    return routes
+    """Every (method, path) the app really answers: its dispatch tables."""
+    return surface.dispatched()
 
 
 def test_openapi_documents_exactly_the_implemented_routes() -> None:

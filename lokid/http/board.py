@@ -29,12 +29,20 @@ from typing import Any, TypeVar
 import attrs
 import sqlite_utils
 import trio
-from quart import Response, request
 
 from lokid import board, idempotency
 from lokid.actors.store import StoreActor
 from lokid.http.convert import dumps
-from lokid.http.surface import Param, Surface, json_body
+from lokid.http.surface import (
+    LeanResponse,
+    Param,
+    Scope,
+    Surface,
+    header,
+    lean_json,
+    path_param,
+    query_params,
+)
 
 log = logging.getLogger("lokid.http.board")
 
@@ -185,9 +193,9 @@ PROJECT_LIST_PARAMS = (
 )
 
 
-def _json(payload: Any, status: int = 200) -> Response:
-    """The one encoder of the API (`dumps`), without Quart's JSON provider in between."""
-    return Response(dumps(payload), status=status, content_type="application/json")
+def _json(payload: Any, status: int = 200) -> LeanResponse:
+    """The one encoder of the API (`dumps`)."""
+    return LeanResponse(status, dumps(payload))
 
 
 def _announce(notify: Notify, kind: str, data: Mapping[str, Any]) -> None:
@@ -240,7 +248,7 @@ async def _create(
 def _install_projects(surface: Surface, store: StoreActor, notify: Notify) -> None:
     tags = ("projects",)
 
-    @surface.route(
+    @surface.lean(
         "GET",
         "/api/projects",
         "Projects, newest first, with their board task counts (a bare array)",
@@ -250,11 +258,11 @@ def _install_projects(surface: Surface, store: StoreActor, notify: Notify) -> No
         tags=tags,
         requires="read",
     )
-    async def projects_list() -> Response:
-        query = board.parse_project_query(request.args)
+    async def projects_list(scope: Scope) -> LeanResponse:
+        query = board.parse_project_query(query_params(scope))
         return _json(await store.read(lambda db: board.list_projects(db, query)))
 
-    @surface.route(
+    @surface.lean(
         "POST",
         "/api/projects",
         "Create a project",
@@ -270,9 +278,9 @@ def _install_projects(surface: Surface, store: StoreActor, notify: Notify) -> No
         tags=tags,
         requires="write",
     )
-    async def project_create() -> Response:
-        key = idempotency.validate_key(request.headers.get(idempotency.HEADER))
-        body = await json_body()
+    async def project_create(scope: Scope) -> LeanResponse:
+        key = idempotency.validate_key(header(scope, idempotency.HEADER))
+        body = lean_json(scope)
 
         async def prepare() -> board.NewProject:
             new = board.parse_project_create(body)
@@ -288,7 +296,7 @@ def _install_projects(surface: Surface, store: StoreActor, notify: Notify) -> No
             _announce(notify, "project.created", answer)
         return _json(answer, status)
 
-    @surface.route(
+    @surface.lean(
         "GET",
         "/api/projects/{id}",
         "One project",
@@ -297,10 +305,11 @@ def _install_projects(surface: Surface, store: StoreActor, notify: Notify) -> No
         tags=tags,
         requires="read",
     )
-    async def project_detail(id: str) -> Response:
+    async def project_detail(scope: Scope) -> LeanResponse:
+        id = path_param(scope, "id")
         return _json(await store.read(lambda db: board.get_project(db, id)))
 
-    @surface.route(
+    @surface.lean(
         "PUT",
         "/api/projects/{id}",
         "Change a project's name, path, description or status (fields left out stay)",
@@ -315,8 +324,9 @@ def _install_projects(surface: Surface, store: StoreActor, notify: Notify) -> No
         tags=tags,
         requires="write",
     )
-    async def project_update(id: str) -> Response:
-        changes = board.parse_project_update(await json_body())
+    async def project_update(scope: Scope) -> LeanResponse:
+        id = path_param(scope, "id")
+        changes = board.parse_project_update(lean_json(scope))
         if not changes:  # nothing to change: no write, no notification
             return _json(await store.read(lambda db: board.get_project(db, id)))
         if isinstance(changes.get("path"), str):
@@ -327,7 +337,7 @@ def _install_projects(surface: Surface, store: StoreActor, notify: Notify) -> No
         _announce(notify, "project.updated", project)
         return _json(project)
 
-    @surface.route(
+    @surface.lean(
         "DELETE",
         "/api/projects/{id}",
         "Delete a project and its board tasks",
@@ -335,16 +345,17 @@ def _install_projects(surface: Surface, store: StoreActor, notify: Notify) -> No
         tags=tags,
         requires="write",
     )
-    async def project_delete(id: str) -> tuple[str, int]:
+    async def project_delete(scope: Scope) -> LeanResponse:
+        id = path_param(scope, "id")
         gone = await store.write(lambda db: board.delete_project(db, id))
         _announce(notify, "project.deleted", gone)
-        return "", 204
+        return LeanResponse(204, b"")
 
 
 def _install_tasks(surface: Surface, store: StoreActor, notify: Notify) -> None:
     tags = ("board",)
 
-    @surface.route(
+    @surface.lean(
         "GET",
         "/api/tasks",
         "Board tasks: by column (backlog..done), then position",
@@ -358,11 +369,11 @@ def _install_tasks(surface: Surface, store: StoreActor, notify: Notify) -> None:
         tags=tags,
         requires="read",
     )
-    async def tasks_list() -> Response:
-        query = board.parse_task_query(request.args)
+    async def tasks_list(scope: Scope) -> LeanResponse:
+        query = board.parse_task_query(query_params(scope))
         return _json(await store.read(lambda db: board.list_tasks(db, query)))
 
-    @surface.route(
+    @surface.lean(
         "POST",
         "/api/tasks",
         "Create a board task (at the end of its column, or at position)",
@@ -379,9 +390,9 @@ def _install_tasks(surface: Surface, store: StoreActor, notify: Notify) -> None:
         tags=tags,
         requires="write",
     )
-    async def task_create() -> Response:
-        key = idempotency.validate_key(request.headers.get(idempotency.HEADER))
-        body = await json_body()
+    async def task_create(scope: Scope) -> LeanResponse:
+        key = idempotency.validate_key(header(scope, idempotency.HEADER))
+        body = lean_json(scope)
 
         async def prepare() -> board.NewTask:
             return board.parse_task_create(body)
@@ -393,7 +404,7 @@ def _install_tasks(surface: Surface, store: StoreActor, notify: Notify) -> None:
             _announce(notify, "task.created", answer)
         return _json(answer, status)
 
-    @surface.route(
+    @surface.lean(
         "GET",
         "/api/tasks/{id}",
         "One board task",
@@ -402,10 +413,11 @@ def _install_tasks(surface: Surface, store: StoreActor, notify: Notify) -> None:
         tags=tags,
         requires="read",
     )
-    async def task_detail(id: str) -> Response:
+    async def task_detail(scope: Scope) -> LeanResponse:
+        id = path_param(scope, "id")
         return _json(await store.read(lambda db: board.get_task(db, id)))
 
-    @surface.route(
+    @surface.lean(
         "PUT",
         "/api/tasks/{id}",
         "Change a board task (fields left out stay; a new column is a move to its end)",
@@ -420,8 +432,9 @@ def _install_tasks(surface: Surface, store: StoreActor, notify: Notify) -> None:
         tags=tags,
         requires="write",
     )
-    async def task_update(id: str) -> Response:
-        changes = board.parse_task_update(await json_body())
+    async def task_update(scope: Scope) -> LeanResponse:
+        id = path_param(scope, "id")
+        changes = board.parse_task_update(lean_json(scope))
         if changes.is_empty():  # nothing to change: no write, no notification
             return _json(await store.read(lambda db: board.get_task(db, id)))
         task, came_from = await store.write(lambda db: board.update_task(db, id, changes))
@@ -430,7 +443,7 @@ def _install_tasks(surface: Surface, store: StoreActor, notify: Notify) -> None:
         )
         return _json(task)
 
-    @surface.route(
+    @surface.lean(
         "DELETE",
         "/api/tasks/{id}",
         "Delete a board task (its column is renumbered)",
@@ -438,12 +451,13 @@ def _install_tasks(surface: Surface, store: StoreActor, notify: Notify) -> None:
         tags=tags,
         requires="write",
     )
-    async def task_delete(id: str) -> tuple[str, int]:
+    async def task_delete(scope: Scope) -> LeanResponse:
+        id = path_param(scope, "id")
         gone = await store.write(lambda db: board.delete_task(db, id))
         _announce(notify, "task.deleted", gone)
-        return "", 204
+        return LeanResponse(204, b"")
 
-    @surface.route(
+    @surface.lean(
         "POST",
         "/api/tasks/{id}/move",
         "Move a task to a position of a column; both columns are renumbered 0..n-1",
@@ -458,8 +472,9 @@ def _install_tasks(surface: Surface, store: StoreActor, notify: Notify) -> None:
         tags=tags,
         requires="write",
     )
-    async def task_move(id: str) -> Response:
-        move = board.parse_move(await json_body())
+    async def task_move(scope: Scope) -> LeanResponse:
+        id = path_param(scope, "id")
+        move = board.parse_move(lean_json(scope))
         task, came_from = await store.write(
             lambda db: board.move_task(db, id, move.column, move.position, status=move.status)
         )

@@ -8,13 +8,17 @@ connection's own task takes 2 (read, write). See docs/performance.md.
 
 Rules:
 
-* Only what is certainly simple is served here: `GET`/`HEAD` of a lean or
-  streaming route of the listener's `Surface`, HTTP/1.1, `Host` present, no
-  body (`Content-Length` absent or 0, no `Transfer-Encoding`), no `Expect`,
-  no `Upgrade`, no obs-fold, origin-form target without percent escapes,
-  head under 16 KiB. Anything else - the first time it is seen on a
-  connection - hands the connection, with every byte already read, to
+* Only what is certainly simple is served here: a request for a lean route
+  (any method; `{name}` templates included) or a streaming route (`GET`) of
+  the listener's `Surface`, HTTP/1.1, `Host` present, a body only with a
+  `Content-Length` of at most `MAX_BODY_BYTES` (no `Transfer-Encoding`), no
+  `Expect`, no `Upgrade`, no obs-fold, origin-form target without percent
+  escapes, head under 16 KiB. Anything else - the first time it is seen on
+  a connection - hands the connection, with every byte already read, to
   Hypercorn for good. Correctness beyond the simple case is Hypercorn's.
+* The gate runs here as on the ASGI path (`Surface.admit`), and a change's
+  audit entry is committed before its answer is written
+  (`Gate.audit_answer`).
 * Handlers are the very same as on the ASGI path (`Surface.lean_answer`,
   the raw stream handlers), so both paths give identical answers; tests
   compare them.
@@ -35,12 +39,16 @@ from typing import Any
 import attrs
 import trio
 
-from lokid.http.surface import ASGIApp, Scope, Surface
+from lokid.http.gate import PRINCIPAL
+from lokid.http.surface import BODY, MAX_BODY_BYTES, ASGIApp, Scope, Surface
 
 MAX_HEAD_BYTES = 16 * 1024
 RECEIVE_BYTES = 65536
 
 Handoff = Callable[[trio.abc.HalfCloseableStream], Awaitable[None]]
+
+
+INLINE_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE"})
 
 
 @attrs.frozen
@@ -50,13 +58,14 @@ class SimpleRequest:
     query: bytes
     headers: list[tuple[bytes, bytes]]
     close: bool
+    length: int = 0  # Content-Length of the body
 
 
 def parse_simple_request(head: bytes) -> SimpleRequest | None:
     """The request if it is one the inline path may serve, else None (hand over)."""
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
-    if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] not in (b"GET", b"HEAD"):
+    if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] not in INLINE_METHODS:
         return None
     target = parts[1]
     if not target.startswith(b"/"):
@@ -71,11 +80,18 @@ def parse_simple_request(head: bytes) -> SimpleRequest | None:
         headers.append((name.lower(), value.strip()))
     close = False
     has_host = False
+    length = 0
+    seen_length = False
     for name, value in headers:
         if name in (b"transfer-encoding", b"upgrade", b"expect"):
             return None
-        if name == b"content-length" and value != b"0":
-            return None
+        if name == b"content-length":
+            if not value.isdigit() or len(value) > 8 or seen_length:
+                return None  # odd, repeated or huge: Hypercorn answers it properly
+            seen_length = True
+            length = int(value)
+            if length > MAX_BODY_BYTES:
+                return None
         if name == b"host":
             has_host = True
         if name == b"connection" and b"close" in value.lower():
@@ -87,7 +103,9 @@ def parse_simple_request(head: bytes) -> SimpleRequest | None:
         text = path.decode("ascii")
     except UnicodeDecodeError:
         return None
-    return SimpleRequest(parts[0].decode(), text, query, headers, close)
+    if length and parts[0] in (b"GET", b"HEAD"):
+        return None
+    return SimpleRequest(parts[0].decode(), text, query, headers, close, length)
 
 
 class ReplayStream(trio.abc.HalfCloseableStream):
@@ -152,19 +170,28 @@ class InlineConnection:
                 request = parse_simple_request(head) if complete else None
                 lean = stream = None
                 if request is not None:
-                    lean = self.surface.lean_route(request.method, request.path)
+                    lean = self.surface.lean_match(request.method, request.path)
                     stream = self.surface.stream_route(request.method, request.path)
                 if request is None or (lean is None and stream is None):
                     replay = head + b"\r\n\r\n" + self.buffer if complete else head
                     await self.handoff(ReplayStream(self.stream, replay))
                     return
                 scope = self._scope(request)
+                if request.length:
+                    received = await self._read_body(request.length)
+                    if received is None:
+                        return
+                    scope[BODY] = received
                 admission = await self.surface.admit(scope)
                 if admission.answer is not None:
                     if not await self._send_answer(request, *admission.answer):
                         return
                 elif lean is not None:
-                    answer = await self.surface.lean_answer(lean, scope)
+                    handler, scope["path_params"] = lean
+                    scope[PRINCIPAL] = admission.principal
+                    answer = await self.surface.lean_answer(handler, scope)
+                    if admission.audit:
+                        answer = await self.surface.gate.audit_answer(scope, admission, *answer)
                     status, headers, body = answer
                     if not await self._send_answer(
                         request, status, [*headers, *admission.headers], body
@@ -210,6 +237,22 @@ class InlineConnection:
         head = bytes(self.buffer[:end])
         del self.buffer[: end + 4]
         return head, True
+
+    async def _read_body(self, length: int) -> bytes | None:
+        """The next `length` bytes (the body), within one keep-alive period; None: gone."""
+        with trio.move_on_after(self.keep_alive):
+            while len(self.buffer) < length:
+                try:
+                    chunk = await self.stream.receive_some(RECEIVE_BYTES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return None
+                if not chunk:
+                    return None
+                self.buffer += chunk
+            body = bytes(self.buffer[:length])
+            del self.buffer[:length]
+            return body
+        return None
 
     def _scope(self, request: SimpleRequest) -> Scope:
         return {

@@ -38,6 +38,7 @@ clears the cache, expiry is checked on every use.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 import json
 import logging
@@ -442,6 +443,23 @@ class Gate:
 
         return audited
 
+    async def audit_answer(
+        self,
+        scope: dict[str, Any],
+        admission: Admission,
+        status: int,
+        headers: list[Header],
+        body: bytes,
+    ) -> Answer:
+        """`audited_send` for a whole answer (the inline path): record it, then return it;
+        a 503 in its place when the audit log cannot record it."""
+        assert admission.principal is not None
+        try:
+            await self._record(scope, admission.principal, status, body, {})
+        except LokiError as exc:
+            return _answer(_audit_down(exc, status), [])
+        return status, headers, body
+
     async def _record(
         self,
         scope: dict[str, Any],
@@ -565,6 +583,7 @@ def _header_map(scope: dict[str, Any]) -> dict[str, str]:
     return found
 
 
+@functools.lru_cache(maxsize=256)  # a few distinct Host values; parsing one costs ~10 µs
 def _is_loopback_host(host: str) -> bool:
     """Whether a `Host` header names this machine: localhost (and *.localhost), 127/8, ::1."""
     name = host.strip().lower()

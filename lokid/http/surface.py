@@ -129,7 +129,10 @@ class Surface:
         self._lean: dict[tuple[str, str], LeanHandler] = {}
         self._raw: dict[tuple[str, str], ASGIApp] = {}
         self._lean_paths: dict[str, list[str]] = {}
+        self._lean_templates: list[tuple[re.Pattern[str], str, LeanHandler]] = []
+        self._lean_template_paths: set[tuple[str, str]] = set()
         self._quart_paths: dict[str, list[str]] = {}
+        self._quart_templates: list[tuple[re.Pattern[str], str]] = []
         self.quart: Quart = QuartTrio(f"lokid-{title.lower().replace(' ', '-')}")
         self._configure_quart(self.quart)
         self._openapi_bytes: bytes | None = None
@@ -152,23 +155,39 @@ class Surface:
         *,
         responses: Mapping[int, str],
         params: Iterable[Param] = (),
+        request_body: Mapping[str, Any] | None = None,
         response_schema: Mapping[str, Any] | None = None,
         tags: Iterable[str] = (),
         requires: str,
     ) -> Callable[[LeanHandler], LeanHandler]:
-        """A handler answered before Quart: `scope -> LeanResponse`."""
+        """A handler answered before Quart: `scope -> LeanResponse`.
+
+        `{name}` segments of `path` match one path segment each; the handler
+        finds them in `scope["path_params"]`, and a request body (read whole,
+        at most `MAX_BODY_BYTES`) in `scope["lokid.body"]` (see `lean_json`).
+        """
         route = Route(
             method,
             path,
             summary,
             responses,
             tuple(params),
+            request_body,
             response_schema=response_schema,
             tags=tuple(tags),
             lean=True,
             requires=requires,
         )
-        return self._declare(route, self._lean)
+        if "{" not in path:
+            return self._declare(route, self._lean)
+
+        def register(handler: LeanHandler) -> LeanHandler:
+            self._add(route)
+            self._lean_templates.append((_template(path), method, handler))
+            self._lean_template_paths.add((method, path))
+            return handler
+
+        return register
 
     def stream(
         self,
@@ -227,6 +246,8 @@ class Surface:
             self._add(route)
             if "{" not in path:  # a lean route on the same path must not answer 405 for it
                 self._quart_paths.setdefault(path, []).append(method)
+            else:
+                self._quart_templates.append((_template(path), method))
             rule = re.sub(r"{(\w+)}", r"<\1>", path)
             self.quart.add_url_rule(rule, f"{method.lower()}:{path}", view, methods=[method])
             return view
@@ -331,22 +352,30 @@ class Surface:
             if admission.audit:
                 send = self.gate.audited_send(scope, admission, send)
             path = local_path(scope)
-            handler = self._lean.get((scope["method"], path))
-            if handler is not None:
+            method = scope["method"]
+            match = self.lean_match(method, path) if method != "HEAD" else None
+            if match is not None:
+                handler, scope["path_params"] = match
+                if method not in BODYLESS_METHODS:
+                    try:
+                        scope[BODY] = await _read_body(receive)
+                    except ApiError as exc:
+                        await send_error(send, exc)
+                        return
                 await self._serve_lean(handler, scope, send)
                 return
-            raw = self._raw.get((scope["method"], path))
+            raw = self._raw.get((method, path))
             if raw is not None:
                 await raw(scope, receive, send)
                 return
-            methods = self._lean_paths.get(path)
-            quart_methods = self._quart_paths.get(path, ())
-            if methods is not None and scope["method"] not in quart_methods:
-                has_lean_get = ("GET", path) in self._lean
-                every = {*methods, *quart_methods, *(("HEAD",) if has_lean_get else ())}
+            lean_methods, quart_methods = self._methods_on(path)
+            if lean_methods and method not in quart_methods:
+                has_lean_get = "GET" in lean_methods
+                every = {*lean_methods, *quart_methods, *(("HEAD",) if has_lean_get else ())}
                 allowed = ", ".join(sorted(every))
-                if scope["method"] == "HEAD" and has_lean_get:
-                    await self._serve_lean(self._lean[("GET", path)], scope, send, head=True)
+                if method == "HEAD" and has_lean_get:
+                    handler, scope["path_params"] = self.lean_match("GET", path)  # type: ignore[misc]
+                    await self._serve_lean(handler, scope, send, head=True)
                     return
                 error = ApiError(
                     "METHOD_NOT_ALLOWED",
@@ -384,9 +413,38 @@ class Surface:
         ]
         return response.status, headers, response.body
 
-    def lean_route(self, method: str, path: str) -> LeanHandler | None:
-        """The lean handler of (method, path) (HEAD uses GET's), for the inline path."""
-        return self._lean.get(("GET" if method == "HEAD" else method, path))
+    def lean_match(self, method: str, path: str) -> tuple[LeanHandler, dict[str, str]] | None:
+        """The lean handler of (method, path) and its path parameters (HEAD uses GET's)."""
+        if method == "HEAD":
+            method = "GET"
+        handler = self._lean.get((method, path))
+        if handler is not None:
+            return handler, {}
+        for pattern, route_method, candidate in self._lean_templates:
+            if route_method == method and (found := pattern.fullmatch(path)) is not None:
+                return candidate, found.groupdict()
+        return None
+
+    def dispatched(self) -> set[tuple[str, str]]:
+        """Every (method, path template) a handler really answers, from the dispatch
+        tables themselves (lean, templates, streams, Quart's URL map): a test compares
+        it with the OpenAPI document."""
+        routes = set(self._lean) | self._lean_template_paths | set(self._raw)
+        for rule in self.quart.url_map.iter_rules():
+            if rule.endpoint == "static":
+                continue
+            path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+            methods = rule.methods or {"GET"}  # a WebSocket rule: its upgrade GET
+            routes |= {(m, path) for m in methods if m not in ("HEAD", "OPTIONS")}
+        return routes
+
+    def _methods_on(self, path: str) -> tuple[set[str], set[str]]:
+        """The methods lean and Quart routes answer on `path` (for 405 and its Allow)."""
+        lean = set(self._lean_paths.get(path, ()))
+        lean.update(m for pattern, m, _ in self._lean_templates if pattern.fullmatch(path))
+        quart = set(self._quart_paths.get(path, ()))
+        quart.update(m for pattern, m in self._quart_templates if pattern.fullmatch(path))
+        return lean, quart
 
     def stream_route(self, method: str, path: str) -> ASGIApp | None:
         """The streaming (raw) handler of (method, path), for the inline path."""
@@ -546,6 +604,55 @@ def quart_error(exc: ApiError) -> Response:
     return response
 
 
+BODY = "lokid.body"  # scope key: a lean handler's request body (bytes)
+BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _template(path: str) -> re.Pattern[str]:
+    """`/api/tasks/{id}/move` -> a pattern whose named groups are the `{...}` segments."""
+    return re.compile(re.sub(r"\\{(\w+)\\}", r"(?P<\1>[^/]+)", re.escape(path)))
+
+
+async def _read_body(receive: Receive) -> bytes:
+    """The whole request body from ASGI `receive`; 413 past `MAX_BODY_BYTES`."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ApiError("BAD_REQUEST", "The client went away before sending the body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(
+                "PAYLOAD_TOO_LARGE",
+                f"Request body is larger than the limit of {MAX_BODY_BYTES} bytes",
+                {"limit": MAX_BODY_BYTES},
+            )
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def lean_json(scope: Scope) -> dict[str, Any]:
+    """A lean handler's request body as a JSON object (`json_body`'s rules)."""
+    return parse_json_object(scope.get(BODY, b""))
+
+
+def path_param(scope: Scope, name: str) -> str:
+    params: dict[str, str] = scope.get("path_params", {})
+    return params[name]
+
+
+def header(scope: Scope, name: str) -> str | None:
+    """A request header (the first if repeated), by case-insensitive name."""
+    wanted = name.lower().encode("latin-1")
+    for key, value in scope.get("headers", ()):
+        if key.lower() == wanted:
+            return str(value.decode("latin-1"))
+    return None
+
+
 def _with_headers(send: Send, extra: Iterable[tuple[bytes, bytes]]) -> Send:
     """`send` adding `extra` headers to the response start (the gate's rate-limit and CORS)."""
     added = list(extra)
@@ -592,6 +699,11 @@ async def json_body() -> dict[str, Any]:
     routes whose fields are all optional.
     """
     raw: bytes = await request.get_data(cache=True, as_text=False)  # type: ignore[assignment]
+    return parse_json_object(raw)
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object; empty = `{}`; else a 400 in the seed's shape."""
     if not raw.strip():
         return {}
     try:
