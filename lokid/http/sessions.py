@@ -10,13 +10,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from quart import request
-
 from lokid import idempotency
 from lokid.actors.session import Input, Pause, Resume, Stop
 from lokid.actors.session_manager import SessionManager
 from lokid.actors.store import StoreActor
-from lokid.http.surface import Param, Surface, bool_param, json_body
+from lokid.http.surface import (
+    LeanResponse,
+    Param,
+    Scope,
+    Surface,
+    bool_param,
+    header,
+    json_response,
+    lean_json,
+    path_param,
+    query_params,
+)
 from lokid.session_records import (
     TASK_STATUSES,
     active_tasks,
@@ -40,7 +49,7 @@ TASK_STATUS = Param("status", "query", {"type": "string", "enum": list(TASK_STAT
 def install_session_reads(surface: Surface, store: StoreActor) -> None:
     tags = ("sessions",)
 
-    @surface.route(
+    @surface.lean(
         "GET",
         "/api/sessions",
         "Sessions, newest first",
@@ -49,15 +58,18 @@ def install_session_reads(surface: Surface, store: StoreActor) -> None:
         tags=tags,
         requires="read",
     )
-    async def sessions_list() -> dict[str, Any]:
-        query = parse_list_query(request.args)
-        return await store.read(
-            lambda db: list_sessions(
-                db, status=query.status, limit=query.limit, offset=query.offset
-            )
+    async def sessions_list(scope: Scope) -> LeanResponse:
+        query = parse_list_query(query_params(scope))
+        return json_response(
+            200,
+            await store.read(
+                lambda db: list_sessions(
+                    db, status=query.status, limit=query.limit, offset=query.offset
+                )
+            ),
         )
 
-    @surface.route(
+    @surface.lean(
         "GET",
         "/api/sessions/{id}",
         "One session",
@@ -65,10 +77,11 @@ def install_session_reads(surface: Surface, store: StoreActor) -> None:
         tags=tags,
         requires="read",
     )
-    async def session_detail(id: str) -> dict[str, Any]:
-        return await store.read(lambda db: get_session(db, id))
+    async def session_detail(scope: Scope) -> LeanResponse:
+        id = path_param(scope, "id")
+        return json_response(200, await store.read(lambda db: get_session(db, id)))
 
-    @surface.route(
+    @surface.lean(
         "GET",
         "/api/sessions/{id}/tasks",
         "A session's tasks, in order",
@@ -77,15 +90,19 @@ def install_session_reads(surface: Surface, store: StoreActor) -> None:
         tags=("tasks",),
         requires="read",
     )
-    async def session_tasks(id: str) -> dict[str, Any]:
-        query = parse_list_query(request.args, statuses=TASK_STATUSES)
-        return await store.read(
-            lambda db: list_tasks(
-                db, session_id=id, status=query.status, limit=query.limit, offset=query.offset
-            )
+    async def session_tasks(scope: Scope) -> LeanResponse:
+        id = path_param(scope, "id")
+        query = parse_list_query(query_params(scope), statuses=TASK_STATUSES)
+        return json_response(
+            200,
+            await store.read(
+                lambda db: list_tasks(
+                    db, session_id=id, status=query.status, limit=query.limit, offset=query.offset
+                )
+            ),
         )
 
-    @surface.route(
+    @surface.lean(
         "GET",
         "/api/sessions/{id}/tasks/{taskId}",
         "One task of a session",
@@ -93,10 +110,11 @@ def install_session_reads(surface: Surface, store: StoreActor) -> None:
         tags=("tasks",),
         requires="read",
     )
-    async def session_task(id: str, taskId: str) -> dict[str, Any]:
-        return await store.read(lambda db: get_task(db, id, taskId))
+    async def session_task(scope: Scope) -> LeanResponse:
+        id, task_id = path_param(scope, "id"), path_param(scope, "taskId")
+        return json_response(200, await store.read(lambda db: get_task(db, id, task_id)))
 
-    @surface.route(
+    @surface.lean(
         "GET",
         "/api/tasks",
         "Tasks of every session",
@@ -105,13 +123,18 @@ def install_session_reads(surface: Surface, store: StoreActor) -> None:
         tags=("tasks",),
         requires="read",
     )
-    async def tasks_list() -> dict[str, Any]:
-        query = parse_list_query(request.args, statuses=TASK_STATUSES)
-        return await store.read(
-            lambda db: list_tasks(db, status=query.status, limit=query.limit, offset=query.offset)
+    async def tasks_list(scope: Scope) -> LeanResponse:
+        query = parse_list_query(query_params(scope), statuses=TASK_STATUSES)
+        return json_response(
+            200,
+            await store.read(
+                lambda db: list_tasks(
+                    db, status=query.status, limit=query.limit, offset=query.offset
+                )
+            ),
         )
 
-    @surface.route(
+    @surface.lean(
         "GET",
         "/api/tasks/active",
         "Tasks an agent is working on now",
@@ -120,11 +143,14 @@ def install_session_reads(surface: Surface, store: StoreActor) -> None:
         tags=("tasks",),
         requires="read",
     )
-    async def tasks_active() -> dict[str, Any]:
-        query = parse_list_query(request.args)
-        return await store.read(lambda db: active_tasks(db, limit=query.limit, offset=query.offset))
+    async def tasks_active(scope: Scope) -> LeanResponse:
+        query = parse_list_query(query_params(scope))
+        return json_response(
+            200,
+            await store.read(lambda db: active_tasks(db, limit=query.limit, offset=query.offset)),
+        )
 
-    @surface.route(
+    @surface.lean(
         "GET",
         "/api/tasks/queue",
         "Pending tasks of active sessions, in the order they will run",
@@ -133,9 +159,12 @@ def install_session_reads(surface: Surface, store: StoreActor) -> None:
         tags=("tasks",),
         requires="read",
     )
-    async def tasks_queue() -> dict[str, Any]:
-        query = parse_list_query(request.args)
-        return await store.read(lambda db: queued_tasks(db, limit=query.limit, offset=query.offset))
+    async def tasks_queue(scope: Scope) -> LeanResponse:
+        query = parse_list_query(query_params(scope))
+        return json_response(
+            200,
+            await store.read(lambda db: queued_tasks(db, limit=query.limit, offset=query.offset)),
+        )
 
 
 SESSION_BODY = {
@@ -181,7 +210,7 @@ NOW = Param("now", "query", {"type": "boolean"}, description="stop running agent
 def install_session_writes(surface: Surface, manager: SessionManager) -> None:
     tags = ("sessions",)
 
-    @surface.route(
+    @surface.lean(
         "POST",
         "/api/sessions",
         "Start a session",
@@ -196,13 +225,13 @@ def install_session_writes(surface: Surface, manager: SessionManager) -> None:
         tags=tags,
         requires="write",
     )
-    async def session_create() -> tuple[dict[str, Any], int]:
-        key = idempotency.validate_key(request.headers.get(idempotency.HEADER))
-        status, answer = await manager.create(await json_body(), idempotency_key=key)
-        return answer, status
+    async def session_create(scope: Scope) -> LeanResponse:
+        key = idempotency.validate_key(header(scope, idempotency.HEADER))
+        status, answer = await manager.create(lean_json(scope), idempotency_key=key)
+        return json_response(status, answer)
 
     def command_route(name: str, summary: str, make: Any, params: tuple[Param, ...] = ()) -> None:
-        @surface.route(
+        @surface.lean(
             "POST",
             f"/api/sessions/{{id}}/{name}",
             summary,
@@ -215,22 +244,23 @@ def install_session_writes(surface: Surface, manager: SessionManager) -> None:
             tags=tags,
             requires="write",
         )
-        async def view(id: str) -> dict[str, Any]:
-            await json_body()  # a body is optional, but must be JSON if given
-            return await manager.command(id, make())
+        async def view(scope: Scope) -> LeanResponse:
+            id = path_param(scope, "id")
+            lean_json(scope)  # a body is optional, but must be JSON if given
+            return json_response(200, await manager.command(id, make(scope)))
 
         view.__name__ = f"session_{name}"
 
-    command_route("stop", "Stop a session", Stop)
+    command_route("stop", "Stop a session", lambda scope: Stop())
     command_route(
         "pause",
         "Pause a session (between agent runs; ?now=true also stops running agents)",
-        lambda: Pause(now=bool_param(request.args, "now", False)),
+        lambda scope: Pause(now=bool_param(query_params(scope), "now", False)),
         (NOW,),
     )
-    command_route("resume", "Resume a paused or interrupted session", Resume)
+    command_route("resume", "Resume a paused or interrupted session", lambda scope: Resume())
 
-    @surface.route(
+    @surface.lean(
         "POST",
         "/api/sessions/{id}/input",
         "Send human input into the next agent prompt",
@@ -244,11 +274,12 @@ def install_session_writes(surface: Surface, manager: SessionManager) -> None:
         tags=tags,
         requires="write",
     )
-    async def session_input(id: str) -> tuple[dict[str, Any], int]:
-        message = validate_input_message(await json_body())
-        return await manager.command(id, Input(message)), 202
+    async def session_input(scope: Scope) -> LeanResponse:
+        id = path_param(scope, "id")
+        message = validate_input_message(lean_json(scope))
+        return json_response(202, await manager.command(id, Input(message)))
 
-    @surface.route(
+    @surface.lean(
         "DELETE",
         "/api/sessions/{id}",
         "Delete a session that is not active (its record, tasks and events)",
@@ -256,6 +287,7 @@ def install_session_writes(surface: Surface, manager: SessionManager) -> None:
         tags=tags,
         requires="write",
     )
-    async def session_delete(id: str) -> tuple[str, int]:
+    async def session_delete(scope: Scope) -> LeanResponse:
+        id = path_param(scope, "id")
         await manager.delete(id)
-        return "", 204
+        return LeanResponse(204, b"")
