@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from .cli_kit import Cli
 from .daemon_proc import DaemonProcess
 
 
@@ -28,3 +29,9 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
 def daemon(daemon_factory: Callable[..., DaemonProcess]) -> DaemonProcess:
     """A running daemon."""
     return daemon_factory().start()
+
+
+@pytest.fixture
+def loki(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
+    """`loki ...` run in this process (see tests/cli_kit.py)."""
+    return Cli(monkeypatch, capsys)

@@ -14,65 +14,20 @@ import shutil
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import attrs
 import httpx
 import pytest
 
-from lokid.cli import TOKEN_SCOPES, main
+from lokid.cli import TOKEN_SCOPES
 from lokid.tokens import SCOPES, looks_like_token
 
+from .cli_kit import Cli
 from .daemon_proc import DaemonProcess
 
 pytestmark = pytest.mark.e2e
 
 Factory = Callable[..., DaemonProcess]
 OWNER = f"uid:{os.getuid()}"
-
-
-@attrs.frozen
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-class Cli:
-    """`loki ...` in this process, against the daemon whose home is `home`."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-        self.monkeypatch = monkeypatch
-        self.capsys = capsys
-        for key in ("LOKI_API_PORT", "LOKI_DASHBOARD_PORT", "LOKI_DATA_DIR", "LOKI_SOCKET"):
-            monkeypatch.delenv(key, raising=False)
-
-    def __call__(self, home: Path, *args: str) -> Result:
-        self.monkeypatch.setenv("LOKI_HOME", str(home))
-        self.capsys.readouterr()
-        code = main(list(args))
-        captured = self.capsys.readouterr()
-        return Result(code, captured.out, captured.err)
-
-    def ok(self, home: Path, *args: str) -> str:
-        result = self(home, *args)
-        assert result.code == 0, (args, result)
-        return result.out
-
-    def json(self, home: Path, *args: str) -> Any:
-        return json.loads(self.ok(home, *args, "--json"))
-
-    def fails(self, home: Path, *args: str, words: tuple[str, ...] = ()) -> Result:
-        result = self(home, *args)
-        assert result.code == 1, (args, result)
-        for word in words:
-            assert word in result.err, (word, result)
-        return result
-
-
-@pytest.fixture
-def loki(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
-    return Cli(monkeypatch, capsys)
 
 
 def table(text: str) -> list[list[str]]:
@@ -101,13 +56,13 @@ def test_token_create_ls_revoke_round_trip(daemon_factory: Factory, loki: Cli) -
     daemon = daemon_factory(extra_env={"LOKI_ENTERPRISE_AUTH": "true"}).start()
     home = daemon.home
     assert status_with(daemon, None) == 401
-    assert loki.ok(home, "token", "ls") == "no tokens\n"
+    assert loki.ok(home, "token", "ls").out == "no tokens\n"
 
     # create: the fields, then the raw token alone on the last line, after the note
     created = loki.ok(
         home, "token", "create", "--name", "ci reader", "--scopes", "read", "--scopes",
         "audit", "--expires-days", "30",
-    )  # fmt: skip
+    ).out  # fmt: skip
     head, note, raw, end = created.rsplit("\n", 3)
     assert end == ""
     assert "shown only this once" in note
@@ -128,7 +83,7 @@ def test_token_create_ls_revoke_round_trip(daemon_factory: Factory, loki: Cli) -
     admin_id = as_json["id"]
 
     # ls: newest first, never a secret
-    listed = loki.ok(home, "token", "ls")
+    listed = loki.ok(home, "token", "ls").out
     assert raw not in listed and as_json["token"] not in listed
     rows = table(listed)
     assert rows[0] == ["ID", "NAME", "SCOPES", "CREATED", "EXPIRES", "LAST USED", "STATE"]
@@ -145,12 +100,12 @@ def test_token_create_ls_revoke_round_trip(daemon_factory: Factory, loki: Cli) -
     assert (page["total"], page["limit"], page["offset"]) == (2, 1, 1)
 
     # revoke: the token stops working at once and is listed as revoked
-    revoked = loki.ok(home, "token", "revoke", reader_id)
+    revoked = loki.ok(home, "token", "revoke", reader_id).out
     assert re.fullmatch(rf"{reader_id} revoked at \S+Z\n", revoked)
     assert status_with(daemon, raw) == 401
     again = loki.json(home, "token", "revoke", reader_id)
     assert again["id"] == reader_id and again["revoked"] is True
-    states = {row[0]: row[6] for row in table(loki.ok(home, "token", "ls"))[1:]}
+    states = {row[0]: row[6] for row in table(loki.ok(home, "token", "ls").out)[1:]}
     assert states == {admin_id: "active", reader_id: "revoked"}
     loki.fails(home, "token", "revoke", "tok-000000000000", words=("Token not found", "404"))
 
@@ -163,7 +118,7 @@ def test_token_create_ls_revoke_round_trip(daemon_factory: Factory, loki: Cli) -
         )
     db.close()
     assert status_with(daemon, expiring["token"]) == 401
-    states = {row[0]: row[6] for row in table(loki.ok(home, "token", "ls"))[1:]}
+    states = {row[0]: row[6] for row in table(loki.ok(home, "token", "ls").out)[1:]}
     assert states[expiring["id"]] == "expired"
     code, _ = daemon.terminate()
     assert code == 0
@@ -198,14 +153,14 @@ def test_bad_token_requests_exit_1_with_the_daemons_message(
 
 def test_audit_ls_summary_and_verify_on_a_clean_log(daemon: DaemonProcess, loki: Cli) -> None:
     home = daemon.home
-    assert loki.ok(home, "audit") == "no audit entries\n"
+    assert loki.ok(home, "audit").out == "no audit entries\n"
     token = loki.json(home, "token", "create", "--name", "ci", "--scopes", "read")
     loki.fails(home, "token", "create", "--name", "ci", "--scopes", "nope")
     loki.ok(home, "token", "revoke", token["id"])
 
     # ls (also the default): newest first
-    listed = loki.ok(home, "audit", "ls")
-    assert loki.ok(home, "audit") == listed
+    listed = loki.ok(home, "audit", "ls").out
+    assert loki.ok(home, "audit").out == listed
     rows = table(listed)
     assert rows[0] == ["ID", "TIME", "ACTOR", "ACTION", "RESOURCE", "STATUS"]
     assert [row[0] for row in rows[1:]] == ["3", "2", "1"]
@@ -225,17 +180,17 @@ def test_audit_ls_summary_and_verify_on_a_clean_log(daemon: DaemonProcess, loki:
     family = loki.json(home, "audit", "ls", "--action", "token.*", "--limit", "1", "--offset", "1")
     assert [e["id"] for e in family["entries"]] == [2]
     assert (family["total"], family["limit"], family["offset"]) == (3, 1, 1)
-    assert loki.ok(home, "audit", "ls", "--action", "session.*") == "no audit entries\n"
-    assert loki.ok(home, "audit", "ls", "--start", "2999-01-01") == "no audit entries\n"
+    assert loki.ok(home, "audit", "ls", "--action", "session.*").out == "no audit entries\n"
+    assert loki.ok(home, "audit", "ls", "--start", "2999-01-01").out == "no audit entries\n"
     day = entry["timestamp"][:10]
     assert len(loki.json(home, "audit", "ls", "--start", day, "--end", day)["entries"]) == 3
     loki.fails(home, "audit", "ls", "--start", "yesterday", words=("start", "[field: start]"))
 
     # summary
-    summary = fields(loki.ok(home, "audit", "summary").split("\n\n")[0])
+    summary = fields(loki.ok(home, "audit", "summary").out.split("\n\n")[0])
     assert summary["entries"] == "3" and summary["chain"] == "valid"
     assert summary["first"] == entry["timestamp"]
-    text = loki.ok(home, "audit", "summary")
+    text = loki.ok(home, "audit", "summary").out
     assert "by action:\n  token.create  2\n  token.revoke  1\n" in text
     assert f"by actor:\n  {OWNER}  3\n" in text
     as_json = loki.json(home, "audit", "summary")
@@ -350,7 +305,7 @@ def test_the_running_daemon_reports_an_edited_entry(daemon_factory: Factory, lok
     assert result.out.startswith("audit log INVALID (verified by the running daemon")
     shown = fields("\n".join(result.out.splitlines()[1:]))
     assert (shown["problem"], shown["first bad"]) == ("edited", "entry 1")
-    summary = fields(loki.ok(home, "audit", "summary").split("\n\n")[0])
+    summary = fields(loki.ok(home, "audit", "summary").out.split("\n\n")[0])
     assert summary["chain"].startswith("INVALID: entry 1 edited: ")
     assert loki.json(home, "audit", "summary")["chain_valid"] is False
 

@@ -17,62 +17,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import attrs
 import httpx
 import pytest
 
-from lokid.cli import REGISTRY_STATUSES, main
+from lokid.cli import REGISTRY_STATUSES
 from lokid.registry import registry_id
 
+from .cli_kit import Cli
 from .daemon_proc import DaemonProcess
 
 pytestmark = pytest.mark.e2e
 
 Factory = Callable[..., DaemonProcess]
-
-
-@attrs.frozen
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-class Cli:
-    """`loki ...` in this process, against the daemon whose home is `home`."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-        self.monkeypatch = monkeypatch
-        self.capsys = capsys
-        for key in ("LOKI_API_PORT", "LOKI_DASHBOARD_PORT", "LOKI_DATA_DIR", "LOKI_SOCKET"):
-            monkeypatch.delenv(key, raising=False)
-
-    def __call__(self, home: Path, *args: str) -> Result:
-        self.monkeypatch.setenv("LOKI_HOME", str(home))
-        self.capsys.readouterr()
-        code = main(list(args))
-        captured = self.capsys.readouterr()
-        return Result(code, captured.out, captured.err)
-
-    def ok(self, home: Path, *args: str) -> Result:
-        result = self(home, *args)
-        assert result.code == 0, (args, result)
-        return result
-
-    def json(self, home: Path, *args: str) -> Any:
-        return json.loads(self.ok(home, *args, "--json").out)
-
-    def fails(self, home: Path, *args: str, words: tuple[str, ...] = ()) -> Result:
-        result = self(home, *args)
-        assert result.code == 1, (args, result)
-        for word in words:
-            assert word in result.err, (word, result)
-        return result
-
-
-@pytest.fixture
-def loki(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
-    return Cli(monkeypatch, capsys)
 
 
 def table(text: str) -> list[list[str]]:
