@@ -487,6 +487,7 @@ async def test_graceful_stop_runs_every_queued_write(tmp_path: pathlib.Path) -> 
         assert release.wait(WAIT)
 
     store = items_store(tmp_path, max_batch=4)
+    store.direct_when_idle = False  # `slow` must hold the actor's own batch, not the caller's
     status = StubChildStatus()
     outcomes: list[Any] = []
     with trio.fail_after(WAIT):
