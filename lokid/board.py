@@ -685,8 +685,8 @@ def list_tasks(db: sqlite_utils.Database, query: TaskQuery | None = None) -> dic
     position; across projects, equal positions are ordered by project id.
 
     With `project_id` the rows come from the `board_tasks_column` index, with
-    `column` alone from `board_tasks_column_only`; the sort by column rank is
-    over the filtered rows only. `NotFound` for an unknown project.
+    `column` alone from `board_tasks_by_column` (then sorted by position); the
+    sort by column rank is over the filtered rows only. `NotFound` for an unknown project.
     """
     query = query or TaskQuery()
     clauses: list[str] = []

@@ -303,6 +303,14 @@ def _m0007_board_and_registry(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m0008_cheaper_board_shifts(db: sqlite_utils.Database) -> None:
+    # A move shifts the positions of every task between its old and new place; an
+    # index holding `position` beside (project_id, column_name, position) made each
+    # shift ~25 % dearer. The column filter across projects needs only the column.
+    db.execute("DROP INDEX board_tasks_column_only")
+    db.execute("CREATE INDEX board_tasks_by_column ON board_tasks (column_name)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "meta and daemon_runs", _m0001_meta_and_daemon_runs),
     Migration(2, "events", _m0002_events),
@@ -311,6 +319,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "session runner", _m0005_session_runner),
     Migration(6, "tokens and audit", _m0006_tokens_and_audit),
     Migration(7, "board and registry", _m0007_board_and_registry),
+    Migration(8, "cheaper board shifts", _m0008_cheaper_board_shifts),
 )
 
 
