@@ -140,6 +140,14 @@ async def test_auth_and_origin_rules_apply_to_the_handshake(tmp_path: pathlib.Pa
             await connected(daemon, 1)
             daemon.hub.publish("registry.updated", {"total": 1})
             assert (await next_message(ws))["type"] == "registry.updated"
+        own_page = daemon.listeners.urls()["dashboard"]  # type: ignore[union-attr]
+        same = [
+            (b"Authorization", f"Bearer {made['token']}".encode()),
+            (b"Origin", own_page.encode()),
+        ]
+        async with open_websocket_url(ws_url(daemon), extra_headers=same) as ws:
+            await ws.send_message(json.dumps({"type": "ping"}))
+            assert (await next_message(ws))["type"] == "pong"  # the dashboard's own page
         header = [
             (b"Authorization", f"Bearer {made['token']}".encode()),
             (b"Origin", b"http://evil.example"),

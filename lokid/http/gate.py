@@ -68,6 +68,7 @@ OPEN = "open"  # no token, no limit, no audit: /health*
 AUTHENTICATED = "authenticated"  # any valid token (unknown routes: 404 only after auth)
 REQUIREMENTS: tuple[str, ...] = (OPEN, AUTHENTICATED, *SCOPES)
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_PAGE_SCHEME = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
 PRINCIPAL = "lokid.principal"  # scope key: the admitted request's `Principal` (None: not known)
 
 TOKEN_CACHE_SIZE = 1024
@@ -307,7 +308,8 @@ class Gate:
                     {"reason": "cross_origin"},
                 )
             return None
-        if host is not None and origin.lower() == f"{scope.get('scheme', 'http')}://{host}".lower():
+        scheme = _PAGE_SCHEME.get(scope.get("scheme", "http"), "http")  # a page's WS: ws://
+        if host is not None and origin.lower() == f"{scheme}://{host}".lower():
             return None  # same origin: this listener's own page
         if self.cors.allowed(origin):
             return None

@@ -1,13 +1,15 @@
 """One API surface: a route table, a lean ASGI path and a Quart-Trio app behind it.
 
 Why two paths: Quart costs roughly 40 % of a trivial request (request and
-response objects, context locals, signals). Routes on the hot path (health
-probes, status, and later the SSE stream) are *lean*: plain ASGI handlers
-looked up in a dict by (method, path) before Quart is entered. Everything
-else is an ordinary Quart view. Both kinds are declared through the same
-`RouteTable`, which is also the single source of `/openapi.json`, so a route
-cannot exist without being documented (a test walks Quart's URL map and the
-lean table against the document).
+response objects, context locals, signals), and Hypercorn in front of it
+most of the rest. Routes that matter for speed are *lean*: plain handlers
+`scope -> LeanResponse`, found by (method, path) - `{name}` templates
+included, with a body read whole into `scope["lokid.body"]` - before Quart
+is entered, and served on the inline HTTP/1.1 path (`lokid.http.fastpath`)
+without Hypercorn at all. Everything else is an ordinary Quart view. Both
+kinds are declared through the same `Route` records, which are also the
+single source of `/openapi.json`, so a route cannot exist without being
+documented (a test compares `Surface.dispatched()` with the document).
 
 Error bodies are the seed's on both paths (see `lokid.http.errors`).
 """
