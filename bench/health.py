@@ -72,6 +72,12 @@ def lokid_server() -> Iterator[int]:
 
 
 def _wait_for_port(socket_path: Path, process: subprocess.Popen[bytes]) -> int:
+    """The API port of a starting daemon, once it answers `running` on its socket."""
+    return int(wait_ready(socket_path, process)["listeners"]["api"].rsplit(":", 1)[1])
+
+
+def wait_ready(socket_path: Path, process: subprocess.Popen[bytes]) -> dict[str, Any]:
+    """The `/api/status` of a starting daemon once it is `running` (30 s at most)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -81,7 +87,7 @@ def _wait_for_port(socket_path: Path, process: subprocess.Popen[bytes]) -> int:
                 with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path))) as client:
                     status = client.get("http://lokid/api/status").json()
                 if status["phase"] == "running":
-                    return int(status["listeners"]["api"].rsplit(":", 1)[1])
+                    return dict(status)
             except httpx.TransportError:
                 pass
         time.sleep(0.05)

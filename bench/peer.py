@@ -23,13 +23,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
+from bench.health import wait_ready
 
 REPO = Path(__file__).resolve().parent.parent
 PEERBENCH = REPO.parent / "shared" / "peerbench" / "workloads.py"
@@ -150,27 +149,11 @@ def lokid(env_extra: dict[str, str]) -> Iterator[tuple[str, int]]:
             preexec_fn=_pin_server,
         )
         try:
-            yield _wait_ready(Path(home) / "lokid" / "lokid.sock", process), process.pid
+            status = wait_ready(Path(home) / "lokid" / "lokid.sock", process)
+            yield str(status["listeners"]["dashboard"]), process.pid
         finally:
             process.terminate()
             process.wait(timeout=60)
-
-
-def _wait_ready(socket_path: Path, process: subprocess.Popen[bytes]) -> str:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit("lokid exited during start-up")
-        if socket_path.exists():
-            try:
-                with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path))) as client:
-                    status = client.get("http://lokid/api/status").json()
-                if status["phase"] == "running":
-                    return str(status["listeners"]["dashboard"])
-            except httpx.TransportError:
-                pass
-        time.sleep(0.05)
-    raise SystemExit("lokid did not become ready")
 
 
 def run_round(
