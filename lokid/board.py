@@ -60,6 +60,7 @@ import sqlite_utils
 
 from lokid.errors import InvalidQuery, NotFound, ValidationFailed
 from lokid.jsontypes import json_type_name
+from lokid.session_records import query_int
 from lokid.timefmt import utc_now_iso
 
 __all__ = [
@@ -469,19 +470,6 @@ class ProjectQuery:
     offset: int = 0
 
 
-def _query_int(params: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:
-    raw = params.get(name)
-    if raw is None:
-        return default
-    text = str(raw).strip()
-    if not text.isascii() or not text.lstrip("-").isdigit() or len(text) > 20:
-        raise InvalidQuery(f"{name} must be an integer, got {str(raw)[:50]!r}", field=name)
-    value = int(text)
-    if not low <= value <= high:
-        raise InvalidQuery(f"{name} must be between {low} and {high}, got {value}", field=name)
-    return value
-
-
 def _query_choice(params: Mapping[str, Any], name: str, known: Iterable[str]) -> str | None:
     raw = params.get(name)
     if raw is None:
@@ -510,8 +498,8 @@ def parse_task_query(params: Mapping[str, Any]) -> TaskQuery:
         project_id=project_id,
         status=_query_choice(params, "status", STATUSES),
         column=_query_choice(params, "column", COLUMNS),
-        limit=_query_int(params, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT),
-        offset=_query_int(params, "offset", 0, 0, MAX_OFFSET),
+        limit=query_int(params, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT),
+        offset=query_int(params, "offset", 0, 0, MAX_OFFSET),
     )
 
 
@@ -520,8 +508,8 @@ def parse_project_query(params: Mapping[str, Any]) -> ProjectQuery:
     limit = params.get("limit")
     return ProjectQuery(
         status=_query_choice(params, "status", PROJECT_STATUSES),
-        limit=_query_int(params, "limit", 0, 1, MAX_LIMIT) if limit is not None else None,
-        offset=_query_int(params, "offset", 0, 0, MAX_OFFSET),
+        limit=query_int(params, "limit", 0, 1, MAX_LIMIT) if limit is not None else None,
+        offset=query_int(params, "offset", 0, 0, MAX_OFFSET),
     )
 
 

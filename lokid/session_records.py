@@ -497,7 +497,8 @@ SESSION_STATUSES: tuple[str, ...] = tuple(s.value for s in Status)
 TASK_STATUSES: tuple[str, ...] = tuple(s.value for s in TaskStatus)
 
 
-def _query_int(params: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:
+def query_int(params: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:
+    """An integer query parameter within [low, high]; `InvalidQuery` naming it otherwise."""
     raw = params.get(name)
     if raw is None:
         return default
@@ -526,8 +527,8 @@ def parse_list_query(
                 f"status must be one of {', '.join(known)}, got {status[:50]!r}",
                 field="status",
             )
-    limit = _query_int(params, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-    offset = _query_int(params, "offset", 0, 0, MAX_OFFSET)
+    limit = query_int(params, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    offset = query_int(params, "offset", 0, 0, MAX_OFFSET)
     return ListQuery(status, limit, offset)
 
 
