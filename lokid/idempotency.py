@@ -27,19 +27,27 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import sqlite_utils
 
 from lokid.errors import Conflict, InvalidQuery
 
+if TYPE_CHECKING:
+    from lokid.actors.store import StoreActor
+
+T = TypeVar("T")
+
 __all__ = [
     "HEADER",
     "MAX_KEY_CHARS",
     "RETENTION_SECONDS",
+    "CreateOutcome",
     "Remembered",
     "body_digest",
+    "create_once",
     "lookup",
     "lookup_only",
     "remember",
@@ -139,3 +147,48 @@ def remember(
         " (route, key, body_sha256, status, response, created_at) VALUES (?, ?, ?, ?, ?, ?)",
         (route, key, digest, status, json.dumps(body), time.time() if now is None else now),
     )
+
+
+@attrs.frozen
+class CreateOutcome:
+    """What `create_once` did: `created` False = a remembered answer (`prepared` None)."""
+
+    created: bool
+    status: int
+    answer: Any
+    prepared: Any = None
+
+
+async def create_once(
+    store: StoreActor,
+    route: str,
+    body: Mapping[str, Any],
+    key: str | None,
+    prepare: Callable[[], Awaitable[T]],
+    insert: Callable[[sqlite_utils.Database, T], dict[str, Any]],
+) -> CreateOutcome:
+    """Create once per `Idempotency-Key`: the answer, and what `prepare` made of the body.
+
+    A retry is answered from the store before `prepare` validates the body
+    again, so it gets the first answer even if what the body refers to is gone
+    now. `insert(db, prepared)` runs in the store write that also remembers
+    its answer (201); a retry that raced this one gets the answer it stored.
+    """
+    digest = body_digest(body) if key else ""
+    if key:
+        first = await store.read(lambda db: lookup_only(db, route, key, digest))
+        if first is not None:
+            return CreateOutcome(False, first.status, first.body)
+    value = await prepare()
+
+    def write(db: sqlite_utils.Database) -> CreateOutcome:
+        if key:
+            remembered = lookup(db, route, key, digest)
+            if remembered is not None:
+                return CreateOutcome(False, remembered.status, remembered.body)
+        created = insert(db, value)
+        if key:
+            remember(db, route, key, digest, 201, created)
+        return CreateOutcome(True, 201, created, value)
+
+    return await store.write(write)

@@ -212,42 +212,34 @@ class SessionManager(Actor[Any]):
         """`POST /api/sessions`: (201, `{id, status, createdAt}`), or a remembered answer."""
         if not self.running:
             raise Unavailable("the session manager is not running")
-        digest = idempotency.body_digest(body) if idempotency_key else ""
-        if idempotency_key:  # a retry gets the first answer even if the PRD is gone now
-            first = await self.store.read(
-                lambda db: idempotency.lookup_only(db, CREATE_ROUTE, idempotency_key, digest)
-            )
-            if first is not None:
-                return first.status, first.body
-        self._check_capacity()
-        request: SessionRequest = await trio.to_thread.run_sync(
-            functools.partial(
-                parse_session_request,
-                body,
-                default_provider=self.default_provider,
-                which=self.which,
-            )
-        )
 
-        def write(db: sqlite_utils.Database) -> tuple[bool, int, dict[str, Any]]:
-            if idempotency_key:
-                remembered = idempotency.lookup(db, CREATE_ROUTE, idempotency_key, digest)
-                if remembered is not None:
-                    return False, remembered.status, remembered.body
+        async def prepare() -> SessionRequest:  # (a retry got its first answer before this)
+            self._check_capacity()
+            return await trio.to_thread.run_sync(
+                functools.partial(
+                    parse_session_request,
+                    body,
+                    default_provider=self.default_provider,
+                    which=self.which,
+                )
+            )
+
+        def insert(db: sqlite_utils.Database, request: SessionRequest) -> dict[str, Any]:
             session = insert_session(db, request)
-            answer = {
+            self._initial[session["id"]] = session
+            return {
                 "id": session["id"],
                 "status": session["status"],
                 "createdAt": session["createdAt"],
             }
-            if idempotency_key:
-                idempotency.remember(db, CREATE_ROUTE, idempotency_key, digest, 201, answer)
-            self._initial[session["id"]] = session
-            return True, 201, answer
 
-        created, status, answer = await self.store.write(write)
-        if not created:
+        outcome = await idempotency.create_once(
+            self.store, CREATE_ROUTE, body, idempotency_key, prepare, insert
+        )
+        status, answer = outcome.status, outcome.answer
+        if not outcome.created:
             return status, answer
+        request: SessionRequest = outcome.prepared
         self._created += 1
         session_id = answer["id"]
         if request.prd_text is not None:

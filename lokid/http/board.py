@@ -23,22 +23,21 @@ in the creating transaction; a retry gets it back (without a second notify).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import attrs
-import sqlite_utils
 import trio
 
 from lokid import board, idempotency
 from lokid.actors.store import StoreActor
-from lokid.http.convert import dumps
 from lokid.http.surface import (
     LeanResponse,
     Param,
     Scope,
     Surface,
     header,
+    json_response,
     lean_json,
     path_param,
     query_params,
@@ -47,7 +46,6 @@ from lokid.http.surface import (
 log = logging.getLogger("lokid.http.board")
 
 Notify = Callable[[str, dict[str, Any]], None]
-T = TypeVar("T")
 
 PROJECTS_ROUTE = "POST /api/projects"
 TASKS_ROUTE = "POST /api/tasks"
@@ -193,11 +191,6 @@ PROJECT_LIST_PARAMS = (
 )
 
 
-def _json(payload: Any, status: int = 200) -> LeanResponse:
-    """The one encoder of the API (`dumps`)."""
-    return LeanResponse(status, dumps(payload))
-
-
 def _announce(notify: Notify, kind: str, data: Mapping[str, Any]) -> None:
     try:
         notify(kind, dict(data))
@@ -209,40 +202,6 @@ def install_board(surface: Surface, store: StoreActor, notify: Notify) -> None:
     """Declare the project and board-task routes on `surface` (the Dashboard API)."""
     _install_projects(surface, store, notify)
     _install_tasks(surface, store, notify)
-
-
-async def _create(
-    store: StoreActor,
-    route: str,
-    body: Mapping[str, Any],
-    key: str | None,
-    prepare: Callable[[], Awaitable[T]],
-    insert: Callable[[sqlite_utils.Database, T], dict[str, Any]],
-) -> tuple[bool, int, Any]:
-    """Create once per `Idempotency-Key`: (created, status, answer).
-
-    A retry is answered from the store before the body is validated again, so
-    it gets the first answer even if what the body refers to is gone now
-    (like `SessionManager.create`).
-    """
-    digest = idempotency.body_digest(body) if key else ""
-    if key:
-        first = await store.read(lambda db: idempotency.lookup_only(db, route, key, digest))
-        if first is not None:
-            return False, first.status, first.body
-    value = await prepare()
-
-    def write(db: sqlite_utils.Database) -> tuple[bool, int, Any]:
-        if key:
-            remembered = idempotency.lookup(db, route, key, digest)
-            if remembered is not None:
-                return False, remembered.status, remembered.body
-        created = insert(db, value)
-        if key:
-            idempotency.remember(db, route, key, digest, 201, created)
-        return True, 201, created
-
-    return await store.write(write)
 
 
 def _install_projects(surface: Surface, store: StoreActor, notify: Notify) -> None:
@@ -260,7 +219,7 @@ def _install_projects(surface: Surface, store: StoreActor, notify: Notify) -> No
     )
     async def projects_list(scope: Scope) -> LeanResponse:
         query = board.parse_project_query(query_params(scope))
-        return _json(await store.read(lambda db: board.list_projects(db, query)))
+        return json_response(200, await store.read(lambda db: board.list_projects(db, query)))
 
     @surface.lean(
         "POST",
@@ -289,12 +248,12 @@ def _install_projects(surface: Surface, store: StoreActor, notify: Notify) -> No
             path = await trio.to_thread.run_sync(board.check_project_path, new.path)
             return attrs.evolve(new, path=path)
 
-        created, status, answer = await _create(
+        outcome = await idempotency.create_once(
             store, PROJECTS_ROUTE, body, key, prepare, board.insert_project
         )
-        if created:
-            _announce(notify, "project.created", answer)
-        return _json(answer, status)
+        if outcome.created:
+            _announce(notify, "project.created", outcome.answer)
+        return json_response(outcome.status, outcome.answer)
 
     @surface.lean(
         "GET",
@@ -307,7 +266,7 @@ def _install_projects(surface: Surface, store: StoreActor, notify: Notify) -> No
     )
     async def project_detail(scope: Scope) -> LeanResponse:
         id = path_param(scope, "id")
-        return _json(await store.read(lambda db: board.get_project(db, id)))
+        return json_response(200, await store.read(lambda db: board.get_project(db, id)))
 
     @surface.lean(
         "PUT",
@@ -328,14 +287,14 @@ def _install_projects(surface: Surface, store: StoreActor, notify: Notify) -> No
         id = path_param(scope, "id")
         changes = board.parse_project_update(lean_json(scope))
         if not changes:  # nothing to change: no write, no notification
-            return _json(await store.read(lambda db: board.get_project(db, id)))
+            return json_response(200, await store.read(lambda db: board.get_project(db, id)))
         if isinstance(changes.get("path"), str):
             changes["path"] = await trio.to_thread.run_sync(
                 board.check_project_path, changes["path"]
             )
         project = await store.write(lambda db: board.update_project(db, id, changes))
         _announce(notify, "project.updated", project)
-        return _json(project)
+        return json_response(200, project)
 
     @surface.lean(
         "DELETE",
@@ -371,7 +330,7 @@ def _install_tasks(surface: Surface, store: StoreActor, notify: Notify) -> None:
     )
     async def tasks_list(scope: Scope) -> LeanResponse:
         query = board.parse_task_query(query_params(scope))
-        return _json(await store.read(lambda db: board.list_tasks(db, query)))
+        return json_response(200, await store.read(lambda db: board.list_tasks(db, query)))
 
     @surface.lean(
         "POST",
@@ -397,12 +356,12 @@ def _install_tasks(surface: Surface, store: StoreActor, notify: Notify) -> None:
         async def prepare() -> board.NewTask:
             return board.parse_task_create(body)
 
-        created, status, answer = await _create(
+        outcome = await idempotency.create_once(
             store, TASKS_ROUTE, body, key, prepare, board.insert_task
         )
-        if created:
-            _announce(notify, "task.created", answer)
-        return _json(answer, status)
+        if outcome.created:
+            _announce(notify, "task.created", outcome.answer)
+        return json_response(outcome.status, outcome.answer)
 
     @surface.lean(
         "GET",
@@ -415,7 +374,7 @@ def _install_tasks(surface: Surface, store: StoreActor, notify: Notify) -> None:
     )
     async def task_detail(scope: Scope) -> LeanResponse:
         id = path_param(scope, "id")
-        return _json(await store.read(lambda db: board.get_task(db, id)))
+        return json_response(200, await store.read(lambda db: board.get_task(db, id)))
 
     @surface.lean(
         "PUT",
@@ -436,12 +395,12 @@ def _install_tasks(surface: Surface, store: StoreActor, notify: Notify) -> None:
         id = path_param(scope, "id")
         changes = board.parse_task_update(lean_json(scope))
         if changes.is_empty():  # nothing to change: no write, no notification
-            return _json(await store.read(lambda db: board.get_task(db, id)))
+            return json_response(200, await store.read(lambda db: board.get_task(db, id)))
         task, came_from = await store.write(lambda db: board.update_task(db, id, changes))
         _announce(
             notify, "task.updated", task if came_from is None else {**task, "from": came_from}
         )
-        return _json(task)
+        return json_response(200, task)
 
     @surface.lean(
         "DELETE",
@@ -479,4 +438,4 @@ def _install_tasks(surface: Surface, store: StoreActor, notify: Notify) -> None:
             lambda db: board.move_task(db, id, move.column, move.position, status=move.status)
         )
         _announce(notify, "task.moved", {**task, "from": came_from})
-        return _json(task)
+        return json_response(200, task)

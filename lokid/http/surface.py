@@ -131,8 +131,7 @@ class Surface:
         self._lean: dict[tuple[str, str], LeanHandler] = {}
         self._raw: dict[tuple[str, str], ASGIApp] = {}
         self._lean_paths: dict[str, list[str]] = {}
-        self._lean_templates: list[tuple[re.Pattern[str], str, LeanHandler]] = []
-        self._lean_template_paths: set[tuple[str, str]] = set()
+        self._lean_templates: list[tuple[re.Pattern[str], Route, LeanHandler]] = []
         self._quart_paths: dict[str, list[str]] = {}
         self._quart_templates: list[tuple[re.Pattern[str], str]] = []
         self.quart: Quart = QuartTrio(f"lokid-{title.lower().replace(' ', '-')}")
@@ -184,9 +183,9 @@ class Surface:
             return self._declare(route, self._lean)
 
         def register(handler: LeanHandler) -> LeanHandler:
-            self._add(route)
-            self._lean_templates.append((_template(path), method, handler))
-            self._lean_template_paths.add((method, path))
+            pattern = self._add(route)
+            assert pattern is not None
+            self._lean_templates.append((pattern, route, handler))
             return handler
 
         return register
@@ -245,11 +244,11 @@ class Surface:
         )
 
         def register(view: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-            self._add(route)
-            if "{" not in path:  # a lean route on the same path must not answer 405 for it
+            pattern = self._add(route)
+            if pattern is None:  # a lean route on the same path must not answer 405 for it
                 self._quart_paths.setdefault(path, []).append(method)
             else:
-                self._quart_templates.append((_template(path), method))
+                self._quart_templates.append((pattern, method))
             rule = re.sub(r"{(\w+)}", r"<\1>", path)
             self.quart.add_url_rule(rule, f"{method.lower()}:{path}", view, methods=[method])
             return view
@@ -293,7 +292,8 @@ class Surface:
 
         return register
 
-    def _add(self, route: Route) -> None:
+    def _add(self, route: Route) -> re.Pattern[str] | None:
+        """Record a route (documented, its requirement known); its path pattern if templated."""
         if any(r.method == route.method and r.path == route.path for r in self.routes):
             raise ValueError(f"route {route.method} {route.path} declared twice")
         if route.requires not in REQUIREMENTS:
@@ -302,12 +302,13 @@ class Surface:
                 f"{', '.join(REQUIREMENTS)}"
             )
         self.routes.append(route)
-        if "{" in route.path:
-            pattern = re.compile(re.sub(r"\\{\w+\\}", "[^/]+", re.escape(route.path)))
-            self._templates.append((pattern, route.method, route.requires))
-        else:
-            self._requires[(route.method, route.path)] = route.requires
         self._openapi_bytes = None
+        if "{" not in route.path:
+            self._requires[(route.method, route.path)] = route.requires
+            return None
+        pattern = _template(route.path)
+        self._templates.append((pattern, route.method, route.requires))
+        return pattern
 
     def requirement(self, method: str, path: str) -> str:
         """What the gate demands for (method, path): the declared route's `requires`.
@@ -422,8 +423,8 @@ class Surface:
         handler = self._lean.get((method, path))
         if handler is not None:
             return handler, {}
-        for pattern, route_method, candidate in self._lean_templates:
-            if route_method == method and (found := pattern.fullmatch(path)) is not None:
+        for pattern, route, candidate in self._lean_templates:
+            if route.method == method and (found := pattern.fullmatch(path)) is not None:
                 return candidate, found.groupdict()
         return None
 
@@ -431,7 +432,8 @@ class Surface:
         """Every (method, path template) a handler really answers, from the dispatch
         tables themselves (lean, templates, streams, Quart's URL map): a test compares
         it with the OpenAPI document."""
-        routes = set(self._lean) | self._lean_template_paths | set(self._raw)
+        routes = set(self._lean) | set(self._raw)
+        routes |= {(route.method, route.path) for _, route, _ in self._lean_templates}
         for rule in self.quart.url_map.iter_rules():
             if rule.endpoint == "static":
                 continue
@@ -443,7 +445,7 @@ class Surface:
     def _methods_on(self, path: str) -> tuple[set[str], set[str]]:
         """The methods lean and Quart routes answer on `path` (for 405 and its Allow)."""
         lean = set(self._lean_paths.get(path, ()))
-        lean.update(m for pattern, m, _ in self._lean_templates if pattern.fullmatch(path))
+        lean.update(r.method for pattern, r, _ in self._lean_templates if pattern.fullmatch(path))
         quart = set(self._quart_paths.get(path, ()))
         quart.update(m for pattern, m in self._quart_templates if pattern.fullmatch(path))
         return lean, quart
