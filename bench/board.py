@@ -2,9 +2,8 @@
 
     python -m bench board [--rounds 3] [--peerbench PATH] [--json] [-- CRUD ARGS]
 
-Each round starts a new `loki serve` (temporary LOKI_HOME, ports 0, pinned to
-CPU 0 when the machine has two) through `bench.peer`, checks that the
-Dashboard API serves the board (`GET /api/projects`), and runs
+Each round is a `bench.peer` round: a new `loki serve` (temporary LOKI_HOME,
+ports 0, pinned to CPU 0 when the machine has two) and
 `../shared/peerbench/workloads.py crud --url <dashboard> --server-pid <pid>`
 pinned to CPU 1 (`taskset -c 1`): one project, 1,000 sequential
 `POST /api/tasks`, 200 `GET /api/tasks?project_id=...&limit=1000` (all
@@ -26,46 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from bench import peer
 
 MAX_SECONDS = 900
 LIST_QUERY = "project_id={pid}&limit=1000"  # every one of the 1,000 tasks, not the default page
-
-
-def _board_served(url: str) -> None:
-    """Exit with a clear message if this lokid has no board routes (not wired yet)."""
-    answer = httpx.get(f"{url}/api/projects", timeout=10)
-    if answer.status_code != 200:
-        raise SystemExit(
-            f"GET {url}/api/projects answered {answer.status_code}: this lokid does not serve "
-            "the board (lokid.http.board.install_board is not wired into the daemon)"
-        )
-
-
-def run_round(peerbench: Path, extra: list[str]) -> dict[str, Any]:
-    with peer.lokid({}) as (url, pid):
-        _board_served(url)
-        argv = [sys.executable, str(peerbench), "crud", "--url", url, "--server-pid", str(pid)]
-        if peer.TWO_CPUS and shutil.which("taskset"):
-            argv = ["taskset", "-c", str(peer.DRIVER_CPU), *argv]
-        done = subprocess.run(
-            [*argv, *extra], capture_output=True, text=True, timeout=MAX_SECONDS + 60, check=False
-        )
-    if done.returncode != 0:
-        raise SystemExit(f"peerbench crud failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        raise SystemExit(f"peerbench crud printed no result:\n{done.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
 
 
 def invariant_line(result: dict[str, Any]) -> str:
@@ -98,18 +65,15 @@ def main(argv: list[str]) -> int:
         extra = ["--list-query", LIST_QUERY, *extra]
     rounds = []
     for number in range(args.rounds):
-        rounds.append(run_round(args.peerbench, ["--max-seconds", str(MAX_SECONDS), *extra]))
+        crud_args = ["--max-seconds", str(MAX_SECONDS), *extra]
+        rounds.append(peer.run_round("crud", args.peerbench, crud_args, None))
         print(f"round {number + 1} done", file=sys.stderr)
     if args.json:
         print(json.dumps({"workload": "crud", "rounds": rounds}))
         return 0
     pinned = "server CPU 0, driver CPU 1" if peer.TWO_CPUS else "not pinned (one CPU)"
     print(f"board: peerbench crud, {args.rounds} rounds, medians; {pinned}")
-    print(f"{'':<58} {'lokid':>10} {'older':>12}  goal")
-    for label, get, older, goal in peer.FIGURES["crud"]:
-        value = peer._median([get(r) for r in rounds])
-        shown = "n/a" if value is None else f"{value:,.2f}"
-        print(f"{label:<58} {shown:>10} {older:>12}  {peer._verdict(value, goal)}")
+    peer.print_figures("crud", rounds)
     for number, result in enumerate(rounds, 1):
         create = result.get("create", {})
         moves = result.get("move", {}).get("ok", {})

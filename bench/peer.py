@@ -219,9 +219,14 @@ def main(argv: list[str]) -> int:
         print(json.dumps({"workload": args.workload, "rounds": rounds}))
         return 0
     print(f"peerbench {args.workload}, {args.rounds} rounds, medians (older: peerbench/README.md)")
+    print_figures(args.workload, rounds)
+    return 0
+
+
+def print_figures(workload: str, rounds: list[dict[str, Any]]) -> None:
+    """The issue's figures for `workload`: medians of the rounds, the older's, the goal."""
     print(f"{'':<58} {'lokid':>10} {'older':>12}  goal")
-    for label, get, older, goal in FIGURES[args.workload]:
+    for label, get, older, goal in FIGURES[workload]:
         value = _median([get(r) for r in rounds])
         shown = "n/a" if value is None else f"{value:,.2f}"
         print(f"{label:<58} {shown:>10} {older:>12}  {_verdict(value, goal)}")
-    return 0

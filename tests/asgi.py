@@ -30,6 +30,7 @@ async def call(
     headers: dict[str, str] | None = None,
     chunk: int = 65536,
     send_length: bool = True,
+    host: str = "test",
 ) -> Answer:
     query = b""
     if "?" in path:
@@ -48,7 +49,7 @@ async def call(
         "raw_path": path.encode(),
         "query_string": query,
         "root_path": "",
-        "headers": [(b"host", b"test"), *header_list],
+        "headers": [(b"host", host.encode()), *header_list],
         "client": ("127.0.0.1", 50000),
         "server": ("127.0.0.1", 8420),
         "extensions": {},

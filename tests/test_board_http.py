@@ -28,6 +28,7 @@ from lokid.http.surface import Surface
 
 from .asgi import Answer, call
 from .child_status import StubChildStatus
+from .test_board import PROJECT_KEYS, TASK_KEYS
 from .test_http_conventions import documented, implemented
 
 WAIT = 10.0  # the bound of every wait on the store in this file
@@ -134,16 +135,7 @@ async def test_project_lifecycle_and_notifications(the_board: Board, tmp_path: P
     folder = tmp_path / "app"
     folder.mkdir()
     made = await the_board.project("app", path=str(folder / ".." / "app"), description="d")
-    assert list(made) == [
-        "id",
-        "name",
-        "path",
-        "description",
-        "status",
-        "taskCount",
-        "created_at",
-        "updated_at",
-    ]
+    assert list(made) == PROJECT_KEYS
     assert made["path"] == str(folder.resolve())
     assert (made["name"], made["status"], made["taskCount"]) == ("app", "active", 0)
     other = await the_board.project("other")
@@ -263,18 +255,7 @@ async def test_task_lifecycle_and_notifications(the_board: Board) -> None:
     project_id = (await the_board.project())["id"]
     the_board.notes.clear()
     first = await the_board.task(project_id, "first", description="d", priority="high")
-    assert list(first) == [
-        "id",
-        "project_id",
-        "title",
-        "description",
-        "column",
-        "status",
-        "priority",
-        "position",
-        "created_at",
-        "updated_at",
-    ]
+    assert list(first) == TASK_KEYS
     assert (first["column"], first["status"], first["position"], first["priority"]) == (
         "backlog",
         "pending",

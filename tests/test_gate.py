@@ -6,6 +6,7 @@ built here, so each rule is seen on its own.
 
 from __future__ import annotations
 
+import functools
 import pathlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -361,24 +362,14 @@ async def test_with_auth_off_only_loopback_hosts_are_answered(
     store, writer = audited
     surface = make_surface(Gate(store=store, audit=writer, loopback_hosts=True))
     for host in ("localhost:8420", "127.0.0.1:8420", "127.9.9.9", "[::1]:8420", "app.localhost"):
-        assert (await call(with_host(surface, host), "GET", "/things")).status == 200, host
-    rebound = await call(with_host(surface, "attacker.example:8420"), "GET", "/things")
+        assert (await call(surface, "GET", "/things", host=host)).status == 200, host
+    rebound = await call(surface, "GET", "/things", host="attacker.example:8420")
     assert rebound.status == 403
     assert rebound.json()["error"]["details"]["reason"] == "host"
-    probe = await call(with_host(surface, "attacker.example"), "GET", "/health")
+    probe = await call(surface, "GET", "/health", host="attacker.example")
     assert probe.status == 200  # probes are open
     [entry] = await entries(store)
     assert (entry["action"], entry["details"]["reason"]) == ("auth.forbidden", "host")
-
-
-def with_host(surface: Surface, host: str) -> Any:
-    """`surface` as reached with this `Host` header (tests/asgi.call sends `test`)."""
-
-    async def app(scope: Scope, receive: Any, send: Any) -> None:
-        scope["headers"] = [(b"host", host.encode()), *scope["headers"][1:]]
-        await surface(scope, receive, send)
-
-    return app
 
 
 async def test_changes_from_a_foreign_origin_are_refused(
@@ -386,23 +377,21 @@ async def test_changes_from_a_foreign_origin_are_refused(
 ) -> None:
     store, writer = audited
     gate = Gate(store=store, audit=writer, cors=CorsPolicy.from_origins([ORIGIN]))
-    app = with_host(make_surface(gate), "127.0.0.1:57374")
+    app = functools.partial(call, make_surface(gate), host="127.0.0.1:57374")
     plain = {"Content-Type": "text/plain"}  # a "simple" request: no preflight in a browser
-    foreign = await call(
-        app, "POST", "/things", body=b"{}", headers={**plain, "Origin": "http://evil.example"}
+    foreign = await app(
+        "POST", "/things", body=b"{}", headers={**plain, "Origin": "http://evil.example"}
     )
     assert foreign.status == 403
     assert foreign.json()["error"]["details"] == {"reason": "cross_origin"}
-    same = await call(
-        app, "POST", "/things", body=b"{}", headers={"Origin": "http://127.0.0.1:57374"}
-    )
+    same = await app("POST", "/things", body=b"{}", headers={"Origin": "http://127.0.0.1:57374"})
     assert same.status == 201
-    listed = await call(app, "POST", "/things", body=b"{}", headers={"Origin": ORIGIN})
+    listed = await app("POST", "/things", body=b"{}", headers={"Origin": ORIGIN})
     assert listed.status == 201
-    assert (await call(app, "POST", "/things", body=b"{}")).status == 201  # curl, scripts
-    cross = await call(app, "DELETE", "/things/t-1", headers={"Sec-Fetch-Site": "cross-site"})
+    assert (await app("POST", "/things", body=b"{}")).status == 201  # curl, scripts
+    cross = await app("DELETE", "/things/t-1", headers={"Sec-Fetch-Site": "cross-site"})
     assert cross.status == 403
-    read = await call(app, "GET", "/things", headers={"Origin": "http://evil.example"})
+    read = await app("GET", "/things", headers={"Origin": "http://evil.example"})
     assert read.status == 200 and "access-control-allow-origin" not in read.headers
     recorded = [(e["action"], e["status"]) for e in await entries(store)]
     assert recorded == [
