@@ -10,11 +10,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# Reinstall when the project metadata changes. bubblewrap (a Debian package) is for
-# options.sandbox and its tests; installed only when missing, as root, with apt-get.
+# Reinstall when the project metadata changes. Debian packages, installed only when
+# missing, as root, with apt-get: bubblewrap for options.sandbox and its tests;
+# chromium for the browser tests (Playwright drives /usr/bin/chromium and never
+# downloads a browser of its own).
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@command -v bwrap >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || apt-get install -y bubblewrap >/dev/null 2>&1 || true
+	@[ -x /usr/bin/chromium ] || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || apt-get install -y chromium >/dev/null 2>&1 || (apt-get update >/dev/null 2>&1 && apt-get install -y chromium >/dev/null 2>&1) || true
 	touch $(STAMP)
 
 serve: $(STAMP)

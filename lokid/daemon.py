@@ -160,7 +160,7 @@ class Daemon:
             resume_on_start=config.resume_on_start,
         )
         self.api = create_api_surface(self, self.store, self.sessions)
-        self.dashboard = create_dashboard_surface(self)
+        self.dashboard = create_dashboard_surface(self, self.store, self.sessions)
         install_enterprise(
             self.dashboard,
             self.store,

@@ -6,7 +6,7 @@ from lokid import __version__
 from lokid.actors.session_manager import SessionManager
 from lokid.actors.store import StoreActor
 from lokid.http.health import HealthSource, install_health
-from lokid.http.sessions import install_session_reads, install_session_writes
+from lokid.http.sessions import install_session_reads, install_session_writes, install_task_reads
 from lokid.http.surface import Surface
 
 
@@ -23,6 +23,7 @@ def create_api_surface(
     install_health(surface, daemon)
     if store is not None:
         install_session_reads(surface, store)
+        install_task_reads(surface, store)
     if sessions is not None:
         install_session_writes(surface, sessions)
     return surface

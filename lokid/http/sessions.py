@@ -114,6 +114,11 @@ def install_session_reads(surface: Surface, store: StoreActor) -> None:
         id, task_id = path_param(scope, "id"), path_param(scope, "taskId")
         return json_response(200, await store.read(lambda db: get_task(db, id, task_id)))
 
+
+def install_task_reads(surface: Surface, store: StoreActor) -> None:
+    """`/api/tasks*`: tasks across sessions (only on the API listener, where the
+    dashboard listener's `/api/tasks` is the board's)."""
+
     @surface.lean(
         "GET",
         "/api/tasks",

@@ -409,11 +409,13 @@ class Surface:
         except Exception:
             log.exception("lean handler %s %s failed", scope["method"], scope["path"])
             return _error_answer(ApiError("INTERNAL_ERROR", "internal error; see the daemon log"))
-        headers = [
-            *JSON_HEADERS,
-            *response.headers,
-            (b"content-length", str(len(response.body)).encode()),
-        ]
+        # JSON unless the handler names its own type (the web dashboard's files)
+        base = (
+            JSON_HEADERS
+            if not response.headers or response.headers[0][0] != b"content-type"
+            else []
+        )
+        headers = [*base, *response.headers, (b"content-length", str(len(response.body)).encode())]
         return response.status, headers, response.body
 
     def lean_match(self, method: str, path: str) -> tuple[LeanHandler, dict[str, str]] | None:

@@ -1,0 +1,1 @@
+"""The web dashboard's files (package data), served by `lokid.http.web`."""
