@@ -17,8 +17,10 @@ each for `--seconds`:
                  one audit-sized INSERT + COMMIT at a time, no trio.
 3. store       - for orientation: `StoreActor.write` of one small row at a
                  time (the floor of any durable write through lokid).
-4. sequential  - `AuditWriter.append` one at a time: appends/s and the
-                 latency of each append (what a mutating request waits).
+4. sequential  - `AuditWriter.record` (what the gate calls for every
+                 mutating request: `append` without building the entry's
+                 record) one at a time: appends/s and the latency of each
+                 append (what a mutating request waits).
 5. concurrent  - `--concurrency` tasks appending in a loop (group commit):
                  appends/s, per-append latency, entries per commit.
 6. verify      - `verify_store` over everything written (entries/s), the
@@ -223,7 +225,7 @@ async def measure_audit(
         await nursery.start(writer.run)
 
         async def append(n: int) -> None:
-            await writer.append(
+            await writer.record(
                 actor=f"tok-{n % 50}",
                 action="task.move",
                 resource=f"task-{n}",

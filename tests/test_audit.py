@@ -30,7 +30,9 @@ from lokid.actors.audit_writer import (
     AuditUnavailable,
     AuditWriter,
     audit_summary,
+    chain,
     entry_from_row,
+    insert_rows,
     list_audit,
     verify_store,
 )
@@ -212,6 +214,39 @@ def definition(fields: dict[str, Any]) -> str:
 def test_canonical_json_is_the_definition(fields: dict[str, Any]) -> None:
     assert canonical_json(fields) == definition(fields)
     assert canonical_json({**fields, "hash": "ignored"}) == definition(fields)
+
+
+@settings(max_examples=300, deadline=None)
+@given(hashed_fields)
+def test_the_writers_chained_hash_is_entry_hash(fields: dict[str, Any]) -> None:
+    import hashlib
+
+    stored = {k: v for k, v in fields.items() if k not in ("id", "timestamp", "prev_hash")}
+    text = fields["prev_hash"] + definition(fields)
+    expected = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    digest = audit.chained_hash(
+        fields["prev_hash"],
+        stored,
+        fields["id"],
+        fields["timestamp"],
+        audit.details_json(fields["details"]),
+    )
+    assert digest == expected == entry_hash(fields["prev_hash"], fields)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=8), json_values, max_size=6))
+def test_details_json_is_sorted_compact_json(details: dict[str, Any]) -> None:
+    assert audit.details_json(details) == json.dumps(
+        details, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+
+
+def test_details_json_refuses_what_is_not_json() -> None:
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        audit.details_json({"when": object()})
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        audit.details_json({"x": float("nan")})
 
 
 @pytest.mark.parametrize(
@@ -645,6 +680,19 @@ async def test_a_crashing_writer_fails_what_it_did_not_record(
     # AuditUnavailable; the two queued behind it crashed the writer's task.
     assert [type(e) for e in errors] == [AuditUnavailable, ActorUnavailable, ActorUnavailable]
     assert not stats.running and stats.crashes == 1
+
+
+@pytest.mark.parametrize("count", [1, 3, 4, 5, 16, 63, 64, 65, 85, 255, 1024])
+def test_a_batch_is_inserted_whole_and_in_order(count: int) -> None:
+    db = sqlite_utils.Database(sqlite3.connect(":memory:"))
+    migrate(db)
+    items = [(e.fields(), audit.details_json(e.details)) for e in make_chain(count)]
+    rows = chain(Head(0, GENESIS), items, "2026-11-28T12:00:00.000Z")
+    insert_rows(db.conn, rows)
+    stored = db.execute("SELECT * FROM audit_log ORDER BY id").fetchall()
+    assert [tuple(row) for row in stored] == rows
+    assert [row[0] for row in stored] == list(range(1, count + 1))
+    assert [row[10] for row in stored[1:]] == [row[11] for row in stored[:-1]]  # linked
 
 
 class HangingStore:

@@ -77,8 +77,8 @@ from lokid.audit import (
     ChainReport,
     ChainVerifier,
     Head,
+    chained_hash,
     details_json,
-    entry_hash,
     normalise,
     resume_head,
 )
@@ -109,7 +109,14 @@ BREAKDOWN_LIMIT = 100  # keys per summary breakdown (most frequent first)
 _COLUMNS = (
     "id, timestamp, actor, action, resource, method, path, status, ip, details, prev_hash, hash"
 )
-_INSERT = f"INSERT INTO audit_log ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_VALUES = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# A batch is inserted with multi-row INSERTs of these sizes (largest first), so each
+# statement is one SQLite step (one GIL release) for many rows, and only four
+# statements are ever prepared. 64 rows x 12 = 768 variables, far below SQLite's limit.
+_INSERTS = {
+    rows: f"INSERT INTO audit_log ({_COLUMNS}) VALUES " + ", ".join([_VALUES] * rows)
+    for rows in (64, 16, 4, 1)
+}
 _READ_ANCHOR = "SELECT last_id, last_hash, entries FROM audit_anchor WHERE one = 1"
 _WRITE_ANCHOR = (
     "INSERT INTO audit_anchor (one, last_id, last_hash, entries) VALUES (1, ?, ?, ?)"
@@ -123,15 +130,20 @@ class AuditUnavailable(Unavailable):
 
 
 class _Pending:
-    """One append in the mailbox: normalised fields, then the entry or the error."""
+    """One append in the mailbox: normalised fields, then the stored row or the error.
 
-    __slots__ = ("details_json", "done", "entry", "error", "fields")
+    The `AuditEntry` record is built only for a caller that asks for it
+    (`append`); the gate (`record`) does not, which saves building one per
+    entry under load.
+    """
+
+    __slots__ = ("details_json", "done", "error", "fields", "row")
 
     def __init__(self, fields: dict[str, Any]) -> None:
         self.fields = fields
         self.details_json = details_json(fields["details"])
         self.done = trio.Event()
-        self.entry: AuditEntry | None = None
+        self.row: tuple[Any, ...] | None = None
         self.error: LokiError | None = None
 
     def fail(self, error: LokiError) -> None:
@@ -139,11 +151,15 @@ class _Pending:
             self.error = error
             self.done.set()
 
-    def result(self) -> AuditEntry:
+    def check(self) -> None:
         if self.error is not None:
             raise self.error
-        assert self.entry is not None
-        return self.entry
+        assert self.row is not None
+
+    def entry(self) -> AuditEntry:
+        self.check()
+        assert self.row is not None
+        return entry_from_fields(self.fields, self.row)
 
 
 @attrs.frozen
@@ -234,6 +250,43 @@ class AuditWriter(Actor[Any]):
         recorded, `AskTimeout` if the mailbox stayed full (or the writer
         stayed down) for `timeout` seconds. See the module for the bounds.
         """
+        pending = await self._recorded(
+            actor, action, resource, method, path, status, ip, details, timeout
+        )
+        return pending.entry()
+
+    async def record(
+        self,
+        *,
+        actor: str,
+        action: str,
+        resource: str | None = None,
+        method: str | None = None,
+        path: str | None = None,
+        status: int | None = None,
+        ip: str | None = None,
+        details: Mapping[str, Any] | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        """`append` for a caller that needs no answer but "on disk" (the gate)."""
+        pending = await self._recorded(
+            actor, action, resource, method, path, status, ip, details, timeout
+        )
+        pending.check()
+
+    async def _recorded(
+        self,
+        actor: str,
+        action: str,
+        resource: str | None,
+        method: str | None,
+        path: str | None,
+        status: int | None,
+        ip: str | None,
+        details: Mapping[str, Any] | None,
+        timeout: float,
+    ) -> _Pending:
+        """The append, committed or failed (the caller asks it which)."""
         pending = _Pending(
             normalise(
                 actor=actor,
@@ -265,7 +318,7 @@ class AuditWriter(Actor[Any]):
                 raise AuditUnavailable(f"the audit entry was not recorded: {exc!r}") from exc
             finally:
                 self._commit_lock.release()
-            return pending.result()
+            return pending
         queued = False
         if self._running:
             try:
@@ -281,7 +334,7 @@ class AuditWriter(Actor[Any]):
             if self.running or pending.done.is_set():  # (re-read after the awaits)
                 # Taken by this incarnation, or failed by its teardown: bounded (module rules).
                 await pending.done.wait()
-                return pending.result()
+                return pending
         # Not running: the next incarnation takes it, if it comes within `timeout`.
         with trio.move_on_after(timeout):
             if not queued:
@@ -289,7 +342,7 @@ class AuditWriter(Actor[Any]):
             await pending.done.wait()
         if not pending.done.is_set():
             raise AskTimeout(f"{self.name} did not record the entry within {timeout:g} s")
-        return pending.result()
+        return pending
 
     @property
     def last_id(self) -> int:
@@ -373,7 +426,7 @@ class AuditWriter(Actor[Any]):
                     if problem is not None:
                         items.append(_mismatch_item(problem))
                 items.extend((p.fields, p.details_json) for p in pending)
-                entries = await self._commit(items)
+                rows = await self._commit(items)
             except LokiError as exc:
                 error = (
                     exc
@@ -394,12 +447,14 @@ class AuditWriter(Actor[Any]):
                 p.fail(error)
             return
         # `_commit` may have put an `audit.head_mismatch` entry in front.
-        for p, entry in zip(pending, entries[len(entries) - len(pending) :], strict=True):
-            p.entry = entry
+        for p, row in zip(pending, rows[len(rows) - len(pending) :], strict=True):
+            p.row = row
             p.done.set()
         self._handled += len(pending)
 
-    async def _commit(self, items: Sequence[tuple[Mapping[str, Any], str]]) -> list[AuditEntry]:
+    async def _commit(
+        self, items: Sequence[tuple[Mapping[str, Any], str]]
+    ) -> list[tuple[Any, ...]]:
         """Chain `items` (fields, details JSON) after the head and write them with the
         anchor; retry once if the anchor moved. Raises a `LokiError` when nothing was
         written (or, after a timeout, when that is unknown)."""
@@ -408,7 +463,7 @@ class AuditWriter(Actor[Any]):
             write = _batch_write(self._anchor, self._head, items, utc_now_iso())
             started = time.perf_counter()
             try:
-                entries = await self.store.write_alone(write, timeout=self.write_timeout)
+                rows = await self.store.write_alone(write, timeout=self.write_timeout)
             except _HeadMoved as moved:
                 log.error("audit chain head moved behind the writer's back: %s; reloading", moved)
                 self._stale = True
@@ -426,14 +481,14 @@ class AuditWriter(Actor[Any]):
                 log.error("audit batch of %d not recorded: %s", len(items), exc)
                 raise
             self._commit_ms_last = (time.perf_counter() - started) * 1000
-            last = entries[-1]
-            self._head = Head(last.id, last.hash, None)
-            self._anchor = Anchor(last.id, last.hash, last.id)
-            self._appended += len(entries)
+            last_id, last_hash = rows[-1][0], rows[-1][-1]
+            self._head = Head(last_id, last_hash, None)
+            self._anchor = Anchor(last_id, last_hash, last_id)
+            self._appended += len(rows)
             self._batches += 1
-            self._last_batch_size = len(entries)
-            self._max_batch_seen = max(self._max_batch_seen, len(entries))
-            return entries
+            self._last_batch_size = len(rows)
+            self._max_batch_seen = max(self._max_batch_seen, len(rows))
+            return rows
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _load_head(self) -> str | None:
@@ -480,35 +535,43 @@ class AuditWriter(Actor[Any]):
 
 def chain(
     head: Head, items: Sequence[tuple[Mapping[str, Any], str]], timestamp: str
-) -> tuple[list[AuditEntry], list[tuple[Any, ...]]]:
-    """The entries for `items` (fields, details JSON) after `head`, hashed in order, and
-    their `audit_log` rows. Pure and deterministic (the store may run a write twice)."""
+) -> list[tuple[Any, ...]]:
+    """The `audit_log` rows for `items` (fields, details JSON) after `head`, hashed in
+    order. Pure and deterministic (the store may run a write twice)."""
     last_id, prev_hash = head.last_id, head.last_hash
-    entries = []
     rows = []
     for fields, details_text in items:
         last_id += 1
-        full = {**fields, "id": last_id, "timestamp": timestamp, "prev_hash": prev_hash}
-        digest = entry_hash(prev_hash, full, details_json=details_text)
-        entries.append(AuditEntry(hash=digest, **full))
+        digest = chained_hash(prev_hash, fields, last_id, timestamp, details_text)
         rows.append(
             (
                 last_id,
                 timestamp,
-                full["actor"],
-                full["action"],
-                full["resource"],
-                full["method"],
-                full["path"],
-                full["status"],
-                full["ip"],
+                fields["actor"],
+                fields["action"],
+                fields["resource"],
+                fields["method"],
+                fields["path"],
+                fields["status"],
+                fields["ip"],
                 details_text,
                 prev_hash,
                 digest,
             )
         )
         prev_hash = digest
-    return entries, rows
+    return rows
+
+
+def entry_from_fields(fields: Mapping[str, Any], row: Sequence[Any]) -> AuditEntry:
+    """The record of an entry the writer stored as `row` (a `chain` row) from `fields`."""
+    return AuditEntry(
+        id=row[0],
+        timestamp=row[1],
+        prev_hash=row[10],
+        hash=row[11],
+        **fields,
+    )
 
 
 def _batch_write(
@@ -516,21 +579,30 @@ def _batch_write(
     head: Head,
     items: Sequence[tuple[Mapping[str, Any], str]],
     timestamp: str,
-) -> Callable[[sqlite_utils.Database], list[AuditEntry]]:
+) -> Callable[[sqlite_utils.Database], list[tuple[Any, ...]]]:
     """The store write of one batch: check the anchor, chain and insert the entries, move
     the anchor. The hashing runs here, on the store's thread, not on the trio loop."""
 
-    def write(db: sqlite_utils.Database) -> list[AuditEntry]:
+    def write(db: sqlite_utils.Database) -> list[tuple[Any, ...]]:
         found = read_anchor(db)
         if found != expected:
             raise _HeadMoved(f"the anchor is {found}, expected {expected}")
-        entries, rows = chain(head, items, timestamp)
-        db.conn.executemany(_INSERT, rows)
-        last = entries[-1]
-        db.execute(_WRITE_ANCHOR, (last.id, last.hash, last.id))
-        return entries
+        rows = chain(head, items, timestamp)
+        insert_rows(db.conn, rows)
+        last_id, last_hash = rows[-1][0], rows[-1][-1]
+        db.execute(_WRITE_ANCHOR, (last_id, last_hash, last_id))
+        return rows
 
     return write
+
+
+def insert_rows(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """INSERT `rows` (`chain` rows) into `audit_log`, in as few statements as `_INSERTS` allow."""
+    start, total = 0, len(rows)
+    for size, sql in _INSERTS.items():
+        while total - start >= size:
+            conn.execute(sql, [value for row in rows[start : start + size] for value in row])
+            start += size
 
 
 def _mismatch_item(problem: str) -> tuple[Mapping[str, Any], str]:

@@ -489,7 +489,7 @@ class Gate:
         if scope.get("lokid.peer") is not None:
             details = {**details, "via": "socket"}
         try:
-            await self.audit.append(
+            await self.audit.record(
                 actor=principal.actor,
                 action=action,
                 resource=resource,
