@@ -22,8 +22,10 @@ import pytest
 import trio
 
 from lokid import board
+from lokid.actors.audit_writer import AuditWriter
 from lokid.actors.store import StoreActor
 from lokid.http.board import install_board
+from lokid.http.gate import Gate
 from lokid.http.surface import Surface
 
 from .asgi import Answer, call
@@ -102,6 +104,35 @@ async def the_board(tmp_path: Path) -> AsyncIterator[Board]:
         made = Board(surface, store)
         install_board(surface, store, made.notify)
         yield made
+
+
+async def test_an_audited_change_shares_the_fsync_of_its_audit_entry(tmp_path: Path) -> None:
+    """Each create is two commits (the row, then its audit entry) but one fsync: the
+    row's commit is deferred to the audit entry's (lokid.actors.store, SYNC_FOLLOWS)."""
+    async with running(tmp_path / "lokid.db") as store:
+        writer = AuditWriter(store)
+        status = StubChildStatus()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(writer.run, task_status=status))
+            with trio.fail_after(WAIT):
+                await status.started_event.wait()
+            surface = Surface("test", "0")
+            surface.gate = Gate(audit=writer)
+            made = Board(surface, store)
+            install_board(surface, store, made.notify)
+            before, audited = store.statistics(), writer.last_id
+            project = await made.project()
+            await made.task(project["id"])
+            after = store.statistics()
+            assert writer.last_id - audited == 2
+            assert after.commits_deferred - before.commits_deferred == 2
+            assert after.batches - before.batches == 4  # two rows, two audit entries
+            # A refused change writes nothing and is audited durably all the same.
+            answer = await made.send("POST", "/api/tasks", {"project_id": MISSING_PROJECT})
+            assert answer.status == 422
+            assert store.statistics().commits_deferred == after.commits_deferred
+            assert writer.last_id - audited == 3
+            status.shutdown_requested.set()
 
 
 def error_of(answer: Answer, status: int, code: str) -> dict[str, Any]:

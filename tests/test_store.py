@@ -20,7 +20,7 @@ import trio
 import trio.testing
 
 from lokid.actors import StoreActor, StoreStatistics
-from lokid.actors.store import StoreError, StoreUnavailable
+from lokid.actors.store import SYNC_FOLLOWS, StoreError, StoreUnavailable
 from lokid.errors import AskTimeout, Conflict, StoreOpenError
 from lokid.migrations import MIGRATIONS, Migration, check_sequence, latest_version
 
@@ -205,6 +205,70 @@ async def test_wal_synchronous_full_and_foreign_keys(tmp_path: pathlib.Path) -> 
         assert await store.write(pragmas) == ("wal", 2, 1, 5000)  # 2 = FULL
     # WAL is recorded in the file header: bytes 18 and 19 are 2 for WAL.
     assert path.read_bytes()[18:20] == b"\x02\x02"
+
+
+def synchronous(db: sqlite_utils.Database) -> int:
+    """The writer connection's `synchronous` while this write's batch runs (1 NORMAL, 2 FULL)."""
+    return int(db.execute("PRAGMA synchronous").fetchone()[0])
+
+
+async def write_marked(store: StoreActor, fn: Callable[[sqlite_utils.Database], Any]) -> Any:
+    """`store.write(fn)` from a task marked as the HTTP layer marks an audited request's."""
+    token = SYNC_FOLLOWS.set(trio.lowlevel.current_task())
+    try:
+        return await store.write(fn, timeout=WAIT)
+    finally:
+        SYNC_FOLLOWS.reset(token)
+
+
+async def test_a_write_whose_audit_commit_follows_skips_only_its_own_fsync(
+    tmp_path: pathlib.Path,
+) -> None:
+    async with running(StoreActor(db_path(tmp_path), migrations=BASE_MIGRATIONS)) as store:
+        assert await store.write(synchronous) == 2
+        assert await write_marked(store, synchronous) == 1
+        assert await store.write(synchronous) == 2  # back to FULL for everyone else
+        assert store.statistics().commits_deferred == 1
+        assert await store.write_alone(synchronous) == 2  # the audit writer's path
+
+        # A task spawned by a marked task inherits the variable but not the exemption
+        # (a session actor started by a request commits durably).
+        inherited: list[int] = []
+
+        async def spawned() -> None:
+            inherited.append(await store.write(synchronous))
+
+        token = SYNC_FOLLOWS.set(trio.lowlevel.current_task())
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(spawned)
+        finally:
+            SYNC_FOLLOWS.reset(token)
+        assert inherited == [2]
+        assert store.statistics().commits_deferred == 1
+
+
+@pytest.mark.parametrize(("marked", "expected"), [((True, True), 1), ((True, False), 2)])
+async def test_a_batch_skips_its_fsync_only_if_every_write_in_it_may(
+    tmp_path: pathlib.Path, marked: tuple[bool, bool], expected: int
+) -> None:
+    store = StoreActor(db_path(tmp_path), migrations=BASE_MIGRATIONS)
+    status = StubChildStatus()
+    modes: list[int] = []
+
+    async def one(mark: bool) -> None:
+        modes.append(await (write_marked(store, synchronous) if mark else store.write(synchronous)))
+
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as callers:
+                for mark in marked:  # queued before the actor runs: one batch
+                    callers.start_soon(one, mark)
+                    await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(functools.partial(store.run, task_status=status))
+            status.shutdown_requested.set()
+    assert modes == [expected, expected]
+    assert store.statistics().max_batch_seen == 2
 
 
 # -- errors at start -------------------------------------------------------------------

@@ -15,6 +15,15 @@ Theory of operation:
   an acknowledged write is a committed write. With `synchronous=FULL` in WAL
   mode that commit is on disk (one fsync of the WAL per batch, shared by
   every write in it): a crash or power loss after the answer loses nothing.
+* **One fsync per audited request.** A write made while serving a request
+  whose outcome the gate will audit (`SYNC_FOLLOWS` is set in its task)
+  commits with `synchronous=NORMAL`: written to the WAL, not fsync'd. The
+  request's audit entry commits next on this same writer with
+  `synchronous=FULL` before the answer is sent, and its fsync of the WAL
+  makes the earlier frames durable too. A kill of the daemon loses neither
+  (the frames are in the OS's cache); a power loss between the two commits
+  can lose the change, but its request was never answered with success. A
+  batch commits with FULL if any write in it is not deferred this way.
 * **A failing write rolls back only itself.** Its savepoint is rolled back,
   its caller gets the exception, the rest of the batch commits. SQLite errors
   are turned into `LokiError`s so the store keeps running: a constraint
@@ -56,6 +65,7 @@ is a `StoreOpenError` whose one-line message names the file and what to do.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import pathlib
 import sqlite3
@@ -77,6 +87,14 @@ from lokid.timefmt import utc_now_iso
 
 T = TypeVar("T")
 
+SYNC_FOLLOWS: contextvars.ContextVar[trio.lowlevel.Task | None] = contextvars.ContextVar(
+    "lokid_store_sync_follows", default=None
+)
+"""Set (by the HTTP layer) to the task serving a request whose audit entry commits on
+this store before anyone is answered: that task's `write`s commit without their own
+fsync (see the module rules). It names the task because tasks it spawns inherit the
+variable (a session actor started by the request must not inherit the exemption)."""
+
 BUSY_TIMEOUT_MS = 5000
 """How long a statement waits for a lock held by another connection or process."""
 
@@ -86,6 +104,8 @@ BUSY_TIMEOUT_MS = 5000
 _BEGIN = "BEGIN IMMEDIATE /* lokid batch */"
 _COMMIT = "COMMIT /* lokid batch */"
 _ROLLBACK = "ROLLBACK /* lokid batch */"
+_SYNC_FULL = "PRAGMA synchronous = FULL"
+_SYNC_NORMAL = "PRAGMA synchronous = NORMAL"
 _SAVEPOINT_NAME = "lokid_write"
 _SAVEPOINT = f"SAVEPOINT {_SAVEPOINT_NAME}"
 _RELEASE = f"RELEASE {_SAVEPOINT_NAME}"
@@ -148,6 +168,7 @@ class Write:
     """Run `fn(db)` in the next batch; the answer is its return value once committed."""
 
     fn: Callable[[sqlite_utils.Database], Any]
+    sync_follows: bool = False  # `SYNC_FOLLOWS` of the caller
 
 
 @attrs.frozen
@@ -160,6 +181,8 @@ class StoreStatistics(ActorStatistics):
     those whose COMMIT (or BEGIN) failed. `writes_abandoned` are writes whose
     caller gave up (timed out) before the batch started: they are not run.
     Commit latency is the time of the COMMIT statement (the WAL fsync).
+    `commits_deferred` counts commits without an fsync of their own
+    (`SYNC_FOLLOWS`).
     """
 
     path: str
@@ -173,6 +196,7 @@ class StoreStatistics(ActorStatistics):
     max_batch_seen: int
     commit_latency_ms_last: float | None
     commit_latency_ms_avg: float | None
+    commits_deferred: int
     read_count: int
     readers_busy: int
     readers_open: int
@@ -260,6 +284,10 @@ class StoreActor(Actor[Any]):
         self._commit_ms_last: float | None = None
         self._commit_seconds_total = 0.0
         self._commits = 0
+        # told each committed batch's COMMIT time in seconds (lokid.metrics' histogram)
+        self.commit_observer: Callable[[float], None] | None = None
+        self._commits_deferred = 0
+        self._sync_full = True  # the writer connection's `synchronous` (writer thread only)
         self._reads = 0
 
     # -- callers ---------------------------------------------------------------
@@ -276,17 +304,23 @@ class StoreActor(Actor[Any]):
         (`write_alone`): a lone write skips two task hand-offs, and a busy
         store still groups, since every write that finds it busy queues.
         """
+        marked = SYNC_FOLLOWS.get()
+        follows = marked is not None and marked is trio.lowlevel.current_task()
         if (
             self.direct_when_idle
             and self.running
             and self._writer_limiter.borrowed_tokens == 0
             and self._send.statistics().current_buffer_used == 0
         ):
-            return await self.write_alone(fn, timeout=timeout)
-        return cast(T, await self.ask(Write(fn), timeout=timeout))
+            return await self.write_alone(fn, timeout=timeout, sync_follows=follows)
+        return cast(T, await self.ask(Write(fn, follows), timeout=timeout))
 
     async def write_alone(
-        self, fn: Callable[[sqlite_utils.Database], T], *, timeout: float = 10.0
+        self,
+        fn: Callable[[sqlite_utils.Database], T],
+        *,
+        timeout: float = 10.0,
+        sync_follows: bool = False,
     ) -> T:
         """Run `fn(db)` in a transaction of its own, from the caller's task; once committed,
         its return value.
@@ -297,13 +331,14 @@ class StoreActor(Actor[Any]):
         thread's limiter (one token) keeps it apart from the store's batches, so
         there is still one writer. Same answers as `write`; `AskTimeout` when
         the writer stayed busy for `timeout` seconds (then `fn` did not run).
+        Always durable on return unless `sync_follows` (see `SYNC_FOLLOWS`).
         """
         if self._db is None or not self.running:
             raise StoreUnavailable(f"{self.name}: the database {self.path} is not open")
         generation = self._generation
         with trio.move_on_after(timeout) as waited:
             result = await trio.to_thread.run_sync(
-                self._execute_alone, fn, generation, limiter=self._writer_limiter
+                self._execute_alone, fn, generation, sync_follows, limiter=self._writer_limiter
             )
         if waited.cancelled_caught:
             raise AskTimeout(f"{self.name}: the writer stayed busy for {timeout:g} s")
@@ -317,11 +352,11 @@ class StoreActor(Actor[Any]):
         return cast(T, answer.value)
 
     def _execute_alone(
-        self, fn: Callable[[sqlite_utils.Database], Any], generation: int
+        self, fn: Callable[[sqlite_utils.Database], Any], generation: int, sync_follows: bool
     ) -> _BatchResult | None:
         if self._db is None or generation != self._generation:
             return None  # closed (or reopened) while this write waited for the writer
-        return self._execute_batch([fn])
+        return self._execute_batch([fn], durable=not sync_follows)
 
     async def read(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
         """Run `fn(db)` on a read-only connection in a worker thread; return its result.
@@ -435,7 +470,8 @@ class StoreActor(Actor[Any]):
                     f"cannot put {path} in WAL mode (it stays in {mode!r} mode): keep the data "
                     "directory on a local file system that supports shared memory and locks"
                 )
-            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute(_SYNC_FULL)
+            self._sync_full = True
             conn.execute("PRAGMA foreign_keys = ON")
             db = sqlite_utils.Database(conn)
             _migrations.migrate(db, self._migrations)
@@ -490,6 +526,7 @@ class StoreActor(Actor[Any]):
     async def _run_batch(self, batch: list[Any]) -> None:
         with trio.CancelScope(shield=True):
             jobs: list[tuple[Callable[[sqlite_utils.Database], Any], Any]] = []
+            durable = False
             for message in batch:
                 payload, reply = (
                     (message.message, message.reply)
@@ -505,11 +542,15 @@ class StoreActor(Actor[Any]):
                     )
                 else:
                     jobs.append((payload.fn, reply))
+                    durable = durable or not payload.sync_follows
             if not jobs:
                 return
             try:
                 result = await trio.to_thread.run_sync(
-                    self._execute_batch, [fn for fn, _ in jobs], limiter=self._writer_limiter
+                    self._execute_batch,
+                    [fn for fn, _ in jobs],
+                    durable,
+                    limiter=self._writer_limiter,
                 )
             except BaseException:
                 # A bug in the store: the actor crashes. Closing the reply
@@ -546,6 +587,8 @@ class StoreActor(Actor[Any]):
             self._commits += 1
             self._commit_seconds_total += result.commit_seconds
             self._commit_ms_last = result.commit_seconds * 1000
+            if self.commit_observer is not None:
+                self.commit_observer(result.commit_seconds)
         else:
             self._commit_failures += 1
             self._writable = self._writable and not result.storage_failed
@@ -568,11 +611,17 @@ class StoreActor(Actor[Any]):
             return sqlite3.SQLITE_DENY
         return sqlite3.SQLITE_OK
 
-    def _execute_batch(self, fns: list[Callable[[sqlite_utils.Database], Any]]) -> _BatchResult:
+    def _execute_batch(
+        self, fns: list[Callable[[sqlite_utils.Database], Any]], durable: bool = True
+    ) -> _BatchResult:
+        """Run `fns` in one transaction; `durable`: commit with an fsync (see the module)."""
         db = self._db
         if db is None:  # pragma: no cover - serve only runs between setup and teardown
             raise RuntimeError("the store is not open")
         conn = db.conn
+        if durable != self._sync_full:  # a pragma, so outside the transaction
+            conn.execute(_SYNC_FULL if durable else _SYNC_NORMAL)
+            self._sync_full = durable
         failed: dict[int, BaseException] = {}  # writes that failed on their own
         pending = list(range(len(fns)))
         runs = 0
@@ -596,6 +645,8 @@ class StoreActor(Actor[Any]):
                     conn.execute(_COMMIT)
                     commit_seconds = time.perf_counter() - started
                     replies = [answers.get(i) or Reply(error=failed[i]) for i in range(len(fns))]
+                    if not durable:
+                        self._commits_deferred += 1
                     return _BatchResult(replies, runs, True, commit_seconds, None, False)
             except sqlite3.Error as exc:
                 if conn.in_transaction:
@@ -732,6 +783,7 @@ class StoreActor(Actor[Any]):
             commit_latency_ms_avg=(
                 self._commit_seconds_total * 1000 / self._commits if self._commits else None
             ),
+            commits_deferred=self._commits_deferred,
             read_count=self._reads,
             readers_busy=self._read_limiter.borrowed_tokens,
             readers_open=self._readers_open,

@@ -33,6 +33,7 @@ Rules:
 from __future__ import annotations
 
 import http
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -177,6 +178,7 @@ class InlineConnection:
                     await self.handoff(ReplayStream(self.stream, replay))
                     return
                 scope = self._scope(request)
+                started = time.perf_counter()  # request metrics (`_observe`)
                 if request.length:
                     received = await self._read_body(request.length)
                     if received is None:
@@ -184,21 +186,23 @@ class InlineConnection:
                     scope[BODY] = received
                 admission = await self.surface.admit(scope)
                 if admission.answer is not None:
+                    self._observe(scope, admission.answer[0], started)
                     if not await self._send_answer(request, *admission.answer):
                         return
                 elif lean is not None:
                     handler, scope["path_params"] = lean
                     scope[PRINCIPAL] = admission.principal
-                    answer = await self.surface.lean_answer(handler, scope)
+                    answer = await self.surface.lean_answer(handler, scope, audited=admission.audit)
                     if admission.audit:
                         answer = await self.surface.gate.audit_answer(scope, admission, *answer)
                     status, headers, body = answer
+                    self._observe(scope, status, started)
                     if not await self._send_answer(
                         request, status, [*headers, *admission.headers], body
                     ):
                         return
                 elif stream is not None:
-                    await self._stream(scope, stream, admission.headers)
+                    await self._stream(scope, stream, admission.headers, started)
                     return
         finally:
             with trio.CancelScope(shield=True):
@@ -284,8 +288,18 @@ class InlineConnection:
             return False
         return not request.close
 
+    def _observe(self, scope: Scope, status: int, started: float) -> None:
+        """Tell the surface's request observer (metrics), if any, about an answer."""
+        observer = self.surface.observer
+        if observer is not None:
+            observer.observe(scope, status, time.perf_counter() - started)
+
     async def _stream(
-        self, scope: Scope, app: ASGIApp, extra_headers: tuple[tuple[bytes, bytes], ...]
+        self,
+        scope: Scope,
+        app: ASGIApp,
+        extra_headers: tuple[tuple[bytes, bytes], ...],
+        started: float,
     ) -> None:
         """Run a streaming handler on this connection; it closes when the handler returns."""
         state = _StreamState()
@@ -306,6 +320,7 @@ class InlineConnection:
             if state.gone or state.finished:
                 return
             if message["type"] == "http.response.start":
+                self._observe(scope, message["status"], started)
                 headers = [*message.get("headers", []), *extra_headers]
                 state.chunked = all(name.lower() != b"content-length" for name, _ in headers)
                 if state.chunked:

@@ -20,14 +20,16 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import parse_qsl
 
 import attrs
+import trio
 from quart import Quart, Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from lokid.actors.store import SYNC_FOLLOWS
 from lokid.errors import InvalidQuery, LokiError
 from lokid.http.convert import dumps
 from lokid.http.errors import ApiError
@@ -50,6 +52,17 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class RequestObserver(Protocol):
+    """A surface's per-request hook (`lokid.http.metrics.RouteObserver`): latency until
+    the response head. The ASGI path wraps `send` with `timed`; the inline path calls
+    `observe`. Must stay cheap: it runs on every request."""
+
+    def timed(self, scope: Scope, send: Send) -> Send: ...
+
+    def observe(self, scope: Scope, status: int, seconds: float) -> None: ...
+
 
 JSON_HEADERS = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
 
@@ -126,6 +139,7 @@ class Surface:
         self.description = description
         self.routes: list[Route] = []
         self.gate = Gate()  # open; the daemon installs its own (auth, limits, CORS, audit)
+        self.observer: RequestObserver | None = None  # request metrics; the daemon sets it
         self._requires: dict[tuple[str, str], str] = {}
         self._templates: list[tuple[re.Pattern[str], str, str]] = []
         self._lean: dict[tuple[str, str], LeanHandler] = {}
@@ -343,6 +357,8 @@ class Surface:
                 return
             scope[PRINCIPAL] = admission.principal
         if scope["type"] == "http":
+            if self.observer is not None:
+                send = self.observer.timed(scope, send)
             admission = await self.admit(scope)
             if admission.answer is not None:
                 status, headers, body = admission.answer
@@ -365,7 +381,7 @@ class Surface:
                     except ApiError as exc:
                         await send_error(send, exc)
                         return
-                await self._serve_lean(handler, scope, send)
+                await self._serve_lean(handler, scope, send, audited=admission.audit)
                 return
             raw = self._raw.get((method, path))
             if raw is not None:
@@ -390,16 +406,27 @@ class Surface:
         await self.quart(scope, receive, send)  # type: ignore[arg-type]
 
     async def _serve_lean(
-        self, handler: LeanHandler, scope: Scope, send: Send, *, head: bool = False
+        self,
+        handler: LeanHandler,
+        scope: Scope,
+        send: Send,
+        *,
+        head: bool = False,
+        audited: bool = False,
     ) -> None:
-        status, headers, body = await self.lean_answer(handler, scope)
+        status, headers, body = await self.lean_answer(handler, scope, audited=audited)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if head else body})
 
     async def lean_answer(
-        self, handler: LeanHandler, scope: Scope
+        self, handler: LeanHandler, scope: Scope, *, audited: bool = False
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        """Run a lean handler: (status, headers, body), errors in the seed's body."""
+        """Run a lean handler: (status, headers, body), errors in the seed's body.
+
+        `audited`: the gate records the outcome before it is sent, so the
+        handler's store writes need no fsync of their own (`SYNC_FOLLOWS`).
+        """
+        follows = SYNC_FOLLOWS.set(trio.lowlevel.current_task()) if audited else None
         try:
             response = await handler(scope)
         except ApiError as exc:
@@ -409,6 +436,9 @@ class Surface:
         except Exception:
             log.exception("lean handler %s %s failed", scope["method"], scope["path"])
             return _error_answer(ApiError("INTERNAL_ERROR", "internal error; see the daemon log"))
+        finally:
+            if follows is not None:
+                SYNC_FOLLOWS.reset(follows)
         # JSON unless the handler names its own type (the web dashboard's files)
         base = (
             JSON_HEADERS
