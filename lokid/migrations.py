@@ -311,6 +311,21 @@ def _m0008_cheaper_board_shifts(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX board_tasks_by_column ON board_tasks (column_name)")
 
 
+def _m0009_sparse_board_ranks(db: sqlite_utils.Database) -> None:
+    # Positions are computed when read (lokid.board); the table keeps a sparse rank, so
+    # a move writes one row instead of shifting every task between its two places.
+    # `board_tasks_column` follows the renamed column. Existing columns are numbered
+    # densely first (repairing any damage), then spread out.
+    db.execute("ALTER TABLE board_tasks RENAME COLUMN position TO rank")
+    db.execute(
+        "WITH ranked AS ("
+        " SELECT rowid AS rid, (ROW_NUMBER() OVER"
+        " (PARTITION BY project_id, column_name ORDER BY rank, rowid) - 1) * 1024 AS new"
+        " FROM board_tasks)"
+        " UPDATE board_tasks SET rank = ranked.new FROM ranked WHERE board_tasks.rowid = ranked.rid"
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "meta and daemon_runs", _m0001_meta_and_daemon_runs),
     Migration(2, "events", _m0002_events),
@@ -320,6 +335,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "tokens and audit", _m0006_tokens_and_audit),
     Migration(7, "board and registry", _m0007_board_and_registry),
     Migration(8, "cheaper board shifts", _m0008_cheaper_board_shifts),
+    Migration(9, "sparse board ranks", _m0009_sparse_board_ranks),
 )
 
 

@@ -10,6 +10,7 @@ numbering).
 from __future__ import annotations
 
 import os
+import random
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -82,15 +83,26 @@ def task(db: sqlite_utils.Database, project_id: str, title: str = "t", **kwargs:
 
 
 def columns(db: sqlite_utils.Database) -> dict[tuple[str, str], list[str]]:
-    """Every (project, column) -> its task ids ordered by position; asserts 0..n-1, once each."""
+    """Every (project, column) -> its task ids ordered by position; asserts the positions
+    the API shows are 0..n-1, once each, and the same in the list and from `get_task`,
+    and that every stored task is listed."""
+    listed: list[dict[str, Any]] = []
+    while page := board.list_tasks(db, TaskQuery(limit=board.MAX_LIMIT, offset=len(listed))):
+        listed += page["tasks"]
+        if len(listed) >= page["total"]:
+            break
+    assert len(listed) == db.execute("SELECT COUNT(*) FROM board_tasks").fetchone()[0]
     found: dict[tuple[str, str], list[tuple[int, str]]] = {}
-    for row in db.execute("SELECT project_id, column_name, position, id FROM board_tasks"):
-        found.setdefault((row[0], row[1]), []).append((row[2], row[3]))
+    for item in listed:
+        assert board.get_task(db, item["id"]) == item
+        found.setdefault((item["project_id"], item["column"]), []).append(
+            (item["position"], item["id"])
+        )
     ordered: dict[tuple[str, str], list[str]] = {}
     for key, entries in found.items():
-        positions = sorted(position for position, _ in entries)
-        assert positions == list(range(len(entries))), (key, positions)
-        ordered[key] = [task_id for _, task_id in sorted(entries)]
+        positions = [position for position, _ in entries]
+        assert positions == list(range(len(entries))), (key, positions)  # listed in order
+        ordered[key] = [task_id for _, task_id in entries]
     return ordered
 
 
@@ -668,14 +680,71 @@ def test_delete_renumbers_the_column_it_leaves(db: sqlite_utils.Database) -> Non
         board.delete_task(db, ids["a"])
 
 
-def test_renumbering_heals_a_column_broken_behind_its_back(db: sqlite_utils.Database) -> None:
-    """Positions written by someone else (gaps, duplicates) are dense again after a move."""
+def test_ranks_written_behind_its_back_still_give_dense_positions(
+    db: sqlite_utils.Database,
+) -> None:
+    """Ranks set by someone else (ties, no gaps) still show as 0..n-1 in insertion order
+    for ties, and a move between tied neighbours makes room by renumbering."""
     project_id = project(db)
     ids = [task(db, project_id, name) for name in "abcd"]
-    db.execute("UPDATE board_tasks SET position = position * 10 + 3")
-    db.execute("UPDATE board_tasks SET position = 3 WHERE id = ?", (ids[1],))
+    db.execute("UPDATE board_tasks SET rank = 7")
+    assert titles(db, project_id, "backlog") == ["a", "b", "c", "d"]
     board.move_task(db, ids[3], "backlog", 1)
     assert titles(db, project_id, "backlog") == ["a", "d", "b", "c"]
+    db.execute("UPDATE board_tasks SET rank = rowid")  # neighbours one apart: no room
+    board.move_task(db, ids[0], "backlog", 2)
+    assert titles(db, project_id, "backlog") == ["b", "c", "a", "d"]
+
+
+def test_a_projects_list_numbers_positions_as_the_cross_project_list_does(
+    db: sqlite_utils.Database,
+) -> None:
+    """The two ways `list_tasks` numbers positions (Python for one project, a window
+    function across projects) agree, for every filter and page."""
+    rng = random.Random(5)
+    projects = [project(db, name) for name in "xyz"]
+    ids = [
+        task(db, rng.choice(projects), f"t{n}", column=rng.choice(board.COLUMNS))
+        for n in range(120)
+    ]
+    for task_id in rng.sample(ids, 30):
+        board.move_task(db, task_id, rng.choice(board.COLUMNS), rng.randrange(0, 30))
+    for task_id in rng.sample(ids, 10):
+        board.update_task(db, task_id, TaskChanges(status="failed"))
+    everything = board.list_tasks(db, TaskQuery(limit=board.MAX_LIMIT))["tasks"]
+    for project_id in projects:
+        for status in (None, *board.STATUSES):
+            for column in (None, "backlog", "review"):
+                expected = [
+                    t
+                    for t in everything
+                    if t["project_id"] == project_id
+                    and status in (None, t["status"])
+                    and column in (None, t["column"])
+                ]
+                for offset, limit in ((0, 1000), (3, 5)):
+                    query = TaskQuery(project_id, status, column, limit=limit, offset=offset)
+                    page = board.list_tasks(db, query)
+                    assert page["tasks"] == expected[offset : offset + limit]
+                    assert page["total"] == len(expected)
+
+
+def test_a_move_writes_one_row_and_renumbers_only_without_room(
+    db: sqlite_utils.Database,
+) -> None:
+    project_id = project(db)
+    ids = [task(db, project_id, f"t{n}") for n in range(50)]
+    before = dict(db.execute("SELECT id, rank FROM board_tasks").fetchall())
+    board.move_task(db, ids[40], "backlog", 3)
+    after = dict(db.execute("SELECT id, rank FROM board_tasks").fetchall())
+    assert {key for key in before if before[key] != after[key]} == {ids[40]}
+    # Halving the same gap again and again runs out of room after log2(RANK_GAP) moves;
+    # then the column is renumbered and the move still lands where it was asked to.
+    for n in range(2 * board.RANK_GAP.bit_length()):
+        board.move_task(db, ids[n], "backlog", 1)
+        assert columns(db)[(project_id, "backlog")][1] == ids[n]
+    ranks = [row[0] for row in db.execute("SELECT rank FROM board_tasks ORDER BY rank")]
+    assert len(set(ranks)) == len(ranks)
 
 
 def test_list_order_filters_and_pages(db: sqlite_utils.Database) -> None:
@@ -844,16 +913,35 @@ BoardMachine.TestCase.settings = settings(
 test_random_operations_keep_every_column_dense = BoardMachine.TestCase
 
 
-def test_the_invariant_check_catches_a_broken_column(db: sqlite_utils.Database) -> None:
-    """`columns` (the check the tests rely on) fails on duplicates and gaps."""
+def test_the_invariant_check_catches_a_broken_listing(
+    db: sqlite_utils.Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`columns` (the check the tests rely on) fails when the positions the API shows
+    have duplicates or gaps, or disagree between the list and `get_task`."""
     project_id = project(db)
     for name in "abc":
         task(db, project_id, name)
+    real_list, real_get = board.list_tasks, board.get_task
+
+    def shifted_list(db: sqlite_utils.Database, query: TaskQuery) -> dict[str, Any]:
+        page = real_list(db, query)
+        return {**page, "tasks": [{**t, "position": t["position"] + 1} for t in page["tasks"]]}
+
+    def zero_list(db: sqlite_utils.Database, query: TaskQuery) -> dict[str, Any]:
+        page = real_list(db, query)
+        return {**page, "tasks": [{**t, "position": 0} for t in page["tasks"]]}
+
+    def shifted_get(db: sqlite_utils.Database, task_id: str) -> dict[str, Any]:
+        return {**real_get(db, task_id), "position": 9}
+
     breakers: list[Callable[[], object]] = [
-        lambda: db.execute("UPDATE board_tasks SET position = 0"),
-        lambda: db.execute("UPDATE board_tasks SET position = position + 1"),
+        lambda: monkeypatch.setattr(board, "list_tasks", shifted_list),
+        lambda: monkeypatch.setattr(board, "list_tasks", zero_list),
+        lambda: monkeypatch.setattr(board, "get_task", shifted_get),
     ]
     for breaker in breakers:
         breaker()
         with pytest.raises(AssertionError):
             columns(db)
+        monkeypatch.undo()
+    columns(db)
