@@ -32,7 +32,7 @@ from hypothesis.stateful import (
 from lokid import board
 from lokid.board import NewProject, NewTask, TaskChanges, TaskQuery
 from lokid.errors import InvalidQuery, NotFound, ValidationFailed
-from lokid.migrations import migrate
+from lokid.migrations import MIGRATIONS, migrate
 
 PROJECT_KEYS = [
     "id",
@@ -727,6 +727,29 @@ def test_a_projects_list_numbers_positions_as_the_cross_project_list_does(
                     page = board.list_tasks(db, query)
                     assert page["tasks"] == expected[offset : offset + limit]
                     assert page["total"] == len(expected)
+
+
+def test_migration_9_keeps_each_columns_order_and_repairs_it() -> None:
+    """Stored positions (dense, or damaged by an outside writer) become ranks in the
+    same order, ties by insertion."""
+    database = sqlite_utils.Database(sqlite3.connect(":memory:", isolation_level=None))
+    migrate(database, MIGRATIONS[:8])
+    database.execute(
+        "INSERT INTO projects (id, name, created_at, updated_at) VALUES ('p', 'p', 'x', 'x')"
+    )
+    stored = [("a", "todo", 2), ("b", "todo", 0), ("c", "todo", 7), ("d", "todo", 0)]
+    stored += [("e", "done", 0)]
+    for title, column, position in stored:
+        database.execute(
+            "INSERT INTO board_tasks (id, project_id, title, column_name, status, position,"
+            " created_at, updated_at) VALUES (?, 'p', ?, ?, 'pending', ?, 'x', 'x')",
+            (f"task-{title}", title, column, position),
+        )
+    migrate(database)
+    assert titles(database, "p", "todo") == ["b", "d", "a", "c"]
+    assert titles(database, "p", "done") == ["e"]
+    ranks = database.execute("SELECT rank FROM board_tasks WHERE column_name = 'todo'")
+    assert sorted(row[0] for row in ranks) == [0, 1024, 2048, 3072]
 
 
 def test_a_move_writes_one_row_and_renumbers_only_without_room(
