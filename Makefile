@@ -12,11 +12,13 @@ $(BIN)/python:
 
 # Reinstall when the project metadata changes. Debian packages, installed only when
 # missing, as root, with apt-get: bubblewrap for options.sandbox and its tests;
+# systemd for `systemd-analyze verify` of the units and `systemd-socket-activate`;
 # chromium for the browser tests (Playwright drives /usr/bin/chromium and never
 # downloads a browser of its own).
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@command -v bwrap >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || apt-get install -y bubblewrap >/dev/null 2>&1 || true
+	@command -v systemd-analyze >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || apt-get install -y systemd >/dev/null 2>&1 || (apt-get update >/dev/null 2>&1 && apt-get install -y systemd >/dev/null 2>&1) || true
 	@[ -x /usr/bin/chromium ] || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || apt-get install -y chromium >/dev/null 2>&1 || (apt-get update >/dev/null 2>&1 && apt-get install -y chromium >/dev/null 2>&1) || true
 	touch $(STAMP)
 

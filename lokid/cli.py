@@ -124,7 +124,48 @@ def build_parser() -> argparse.ArgumentParser:
     show = config_actions.add_parser("show", help="the effective configuration and its sources")
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=cmd_config_show)
+
+    _add_service_commands(commands)
     return parser
+
+
+def _add_service_commands(commands: Any) -> None:
+    """`loki service install` (lokid.service; docs/operations.md, systemd)."""
+    service = commands.add_parser("service", help="systemd units for this installation")
+    actions = service.add_subparsers(dest="action", required=True, metavar="ACTION")
+    install = actions.add_parser("install", help="write lokid.service and its socket units")
+    install.add_argument("--user", action="store_true", help="user units (systemctl --user)")
+    install.add_argument(
+        "--unit-dir",
+        metavar="DIR",
+        help="where to write them (default: "
+        "/etc/systemd/system, or ~/.config/systemd/user with --user)",
+    )
+    install.add_argument("--dry-run", action="store_true", help="print the units, write nothing")
+    install.add_argument("--force", action="store_true", help="overwrite units that differ")
+    install.add_argument(
+        "--enable",
+        action="store_true",
+        help="then run systemctl daemon-reload and enable --now lokid.socket",
+    )
+    install.add_argument(
+        "--run-as",
+        metavar="USER",
+        help="system units: the account lokid and its agents run as "
+        "(default: $SUDO_USER, else the current user)",
+    )
+    install.add_argument(
+        "--exec",
+        metavar="PATH",
+        help="the lokid executable (default: the one of this installation)",
+    )
+    install.set_defaults(handler=cmd_service_install)
+
+
+def cmd_service_install(args: argparse.Namespace, config: Config) -> int:
+    from lokid.service import install_command
+
+    return install_command(args, config)
 
 
 SESSION_STATUSES = tuple(status.value for status in Status)

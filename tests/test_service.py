@@ -1,0 +1,324 @@
+"""`loki service install`: the units it renders, where it writes them, and systemd's verdict."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lokid.config import Config
+from lokid.service import (
+    UNIT_NAMES,
+    ServiceError,
+    listen_address,
+    lokid_command,
+    reference_units,
+    render_units,
+    settings_for,
+    unit_path,
+)
+
+from .cli_kit import Cli
+
+REPO = Path(__file__).resolve().parent.parent
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+MISSING_ANALYZE = (
+    "systemd-analyze is not installed (Debian: apt-get install systemd); "
+    "the units are not checked by systemd"
+)
+
+
+def _units(folder: Path) -> dict[str, str]:
+    return {name: (folder / name).read_text() for name in UNIT_NAMES}
+
+
+def _values(text: str, key: str) -> list[str]:
+    return [line.split("=", 1)[1] for line in text.splitlines() if line.startswith(key + "=")]
+
+
+def _install(loki: Cli, home: Path, *args: str) -> str:
+    return loki.ok(home, "service", "install", *args).out
+
+
+# -- what install writes ---------------------------------------------------------------------
+
+
+def test_system_units_run_this_installation(loki: Cli, tmp_path: Path) -> None:
+    out = _install(loki, tmp_path / "home", "--unit-dir", str(tmp_path / "units"))
+    units = _units(tmp_path / "units")
+    service = units["lokid.service"]
+    assert _values(service, "ExecStart") == [" ".join(lokid_command())]
+    assert Path(lokid_command()[0]).parent == Path(sys.executable).absolute().parent
+    assert _values(service, "Type") == ["notify"]
+    assert _values(service, "NotifyAccess") == ["main"]
+    assert _values(service, "Restart") == ["on-failure"]
+    assert _values(service, "KillMode") == ["mixed"]
+    assert _values(service, "ProtectSystem") == ["strict"]
+    assert _values(service, "StateDirectory") == ["lokid"]
+    assert "LOKI_HOME=/var/lib/lokid" in _values(service, "Environment")
+    assert "LOKI_SOCKET=/run/lokid/lokid.sock" in _values(service, "Environment")
+    assert _values(service, "MemoryDenyWriteExecute") == []  # node-based agents JIT
+    assert _values(service, "WantedBy") == ["multi-user.target"]
+    # Each listener is its own unit with its own fd name, all of them passed to the service.
+    assert _values(service, "Sockets")[0].split() == [n for n in UNIT_NAMES if n.endswith("socket")]
+    assert _values(units["lokid.socket"], "ListenStream") == ["127.0.0.1:8420"]
+    assert _values(units["lokid.socket"], "FileDescriptorName") == ["api"]
+    assert _values(units["lokid-dashboard.socket"], "ListenStream") == ["127.0.0.1:57374"]
+    assert _values(units["lokid-dashboard.socket"], "FileDescriptorName") == ["dashboard"]
+    assert _values(units["lokid-control.socket"], "ListenStream") == ["/run/lokid/lokid.sock"]
+    assert _values(units["lokid-control.socket"], "FileDescriptorName") == ["control"]
+    assert _values(units["lokid-control.socket"], "SocketMode") == ["0600"]
+    for name in UNIT_NAMES[1:]:
+        assert _values(units[name], "Service") == ["lokid.service"]
+    assert _values(units["lokid.socket"], "Also") == ["lokid-dashboard.socket lokid-control.socket"]
+    for name in UNIT_NAMES:
+        assert f"wrote {tmp_path / 'units' / name}" in out
+        assert (tmp_path / "units" / name).stat().st_mode & 0o777 == 0o644
+    assert "systemctl daemon-reload && systemctl enable --now lokid.socket" in out
+
+
+def test_system_units_run_as_the_chosen_account(loki: Cli, tmp_path: Path) -> None:
+    nobody = "nobody"
+    _install(loki, tmp_path / "home", "--unit-dir", str(tmp_path), "--run-as", nobody)
+    service = (tmp_path / "lokid.service").read_text()
+    assert _values(service, "User") == [nobody]
+    # Its home stays writable under ProtectHome=read-only (agent CLIs keep state there).
+    assert _values(service, "ProtectHome") == ["read-only"]
+    home = os.path.expanduser(f"~{nobody}")
+    assert _values(service, "ReadWritePaths") == [f"-{home}"]
+    assert _values((tmp_path / "lokid-control.socket").read_text(), "SocketUser") == [nobody]
+
+
+def test_user_units_use_the_users_paths(
+    loki: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("LOKI_API_PORT", "9100")
+    out = _install(loki, tmp_path / ".loki", "--user")
+    folder = tmp_path / "xdg" / "systemd" / "user"
+    units = _units(folder)
+    service = units["lokid.service"]
+    assert "LOKI_HOME=%h/.loki" in _values(service, "Environment")
+    assert "LOKI_SOCKET=%h/.loki/lokid/lokid.sock" in _values(service, "Environment")
+    assert _values(service, "WantedBy") == ["default.target"]
+    assert _values(service, "User") == []
+    assert _values(service, "ProtectSystem") == []  # needs user namespaces in a user manager
+    assert _values(service, "NoNewPrivileges") == ["yes"]
+    assert _values(units["lokid.socket"], "ListenStream") == ["127.0.0.1:9100"]
+    control = units["lokid-control.socket"]
+    assert _values(control, "ListenStream") == ["%h/.loki/lokid/lokid.sock"]
+    assert _values(control, "DirectoryMode") == ["0700"]
+    assert "systemctl --user daemon-reload && systemctl --user enable --now lokid.socket" in out
+    assert f"wrote {folder / 'lokid.service'}" in out
+
+
+def test_user_units_outside_home_keep_absolute_paths(loki: Cli, tmp_path: Path) -> None:
+    home = tmp_path / "loki home"  # a space, outside $HOME
+    _install(loki, home, "--user", "--unit-dir", str(tmp_path / "units"))
+    service = (tmp_path / "units" / "lokid.service").read_text()
+    assert f'Environment="LOKI_HOME={home}"' in service.splitlines()
+
+
+def test_dry_run_prints_and_writes_nothing(loki: Cli, tmp_path: Path) -> None:
+    out = _install(loki, tmp_path / "home", "--unit-dir", str(tmp_path / "units"), "--dry-run")
+    assert not (tmp_path / "units").exists()
+    assert "dry run: nothing written" in out
+    assert f"# {tmp_path / 'units' / 'lokid.service'} (new)" in out
+    assert "FileDescriptorName=dashboard" in out
+
+
+def test_existing_units_are_not_overwritten_without_force(loki: Cli, tmp_path: Path) -> None:
+    units = tmp_path / "units"
+    _install(loki, tmp_path / "home", "--unit-dir", str(units))
+    again = _install(loki, tmp_path / "home", "--unit-dir", str(units))
+    assert f"unchanged {units / 'lokid.service'}" in again
+
+    (units / "lokid.socket").write_text("[Socket]\nListenStream=1234\n")
+    before = {path.name: path.read_text() for path in units.iterdir()}
+    refused = loki(tmp_path / "home", "service", "install", "--unit-dir", str(units))
+    assert refused.code == 1
+    assert "with different content; nothing written" in refused.err
+    assert "--force" in refused.err
+    assert {path.name: path.read_text() for path in units.iterdir()} == before
+
+    forced = _install(loki, tmp_path / "home", "--unit-dir", str(units), "--force")
+    assert f"overwrote {units / 'lokid.socket'}" in forced
+    assert _values((units / "lokid.socket").read_text(), "FileDescriptorName") == ["api"]
+
+
+# -- systemctl: never unless --enable --------------------------------------------------------
+
+
+@pytest.fixture
+def fake_systemctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A `systemctl` first on PATH that logs its arguments; FAIL_ON=word makes it fail."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    log = tmp_path / "systemctl.log"
+    script = folder / "systemctl"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {log}\n'
+        'case "$*" in *"$FAIL_ON"*) [ -n "$FAIL_ON" ] && '
+        '{ echo "Failed to connect to bus: No medium found" >&2; exit 1; } ;; esac\n'
+        "exit 0\n"
+    )
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("FAIL_ON", raising=False)
+    return log
+
+
+def test_systemctl_is_not_run_without_enable(
+    loki: Cli, tmp_path: Path, fake_systemctl: Path
+) -> None:
+    _install(loki, tmp_path / "home", "--user", "--unit-dir", str(tmp_path / "units"))
+    assert not fake_systemctl.exists()
+
+
+def test_enable_reloads_and_enables_the_socket(
+    loki: Cli, tmp_path: Path, fake_systemctl: Path
+) -> None:
+    out = _install(loki, tmp_path / "home", "--user", "--unit-dir", str(tmp_path / "u"), "--enable")
+    assert fake_systemctl.read_text().splitlines() == [
+        "--user daemon-reload",
+        "--user enable --now lokid.socket",
+    ]
+    assert "running: systemctl --user enable --now lokid.socket" in out
+
+
+def test_enable_reports_a_failing_systemctl(
+    loki: Cli, tmp_path: Path, fake_systemctl: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAIL_ON", "daemon-reload")
+    result = loki(tmp_path / "home", "service", "install", "--unit-dir", str(tmp_path), "--enable")
+    assert result.code == 1
+    assert "`systemctl daemon-reload` failed (exit 1)" in result.err
+    assert "Failed to connect to bus: No medium found" in result.err
+    assert "the units are written" in result.err
+    assert (tmp_path / "lokid.service").exists()
+    assert fake_systemctl.read_text().splitlines() == ["daemon-reload"]  # and nothing after
+
+
+def test_contradictory_options_are_refused(loki: Cli, tmp_path: Path) -> None:
+    args = ("service", "install", "--unit-dir", str(tmp_path))
+    assert "contradict" in loki(tmp_path, *args, "--enable", "--dry-run").err
+    assert "--run-as is for system units" in loki(tmp_path, *args, "--user", "--run-as", "x").err
+    assert "no such user" in loki(tmp_path, *args, "--run-as", "no-such-user-here").err
+
+
+# -- rendering details -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "expected"),
+    [
+        ("127.0.0.1", 8420, "127.0.0.1:8420"),
+        ("localhost", 1, "127.0.0.1:1"),
+        ("::1", 57374, "[::1]:57374"),
+        ("0.0.0.0", 80, "0.0.0.0:80"),
+    ],
+)
+def test_listen_address(host: str, port: int, expected: str) -> None:
+    assert listen_address(host, port, what="x") == expected
+
+
+@pytest.mark.parametrize(("host", "port"), [("127.0.0.1", 0), ("example.com", 80)])
+def test_listen_address_refuses_what_systemd_cannot_bind(host: str, port: int) -> None:
+    with pytest.raises(ServiceError):
+        listen_address(host, port, what="x")
+
+
+def test_unit_paths_escape_specifiers() -> None:
+    home = Path("/home/ann")
+    assert unit_path(home / ".loki", user=True, home=home) == "%h/.loki"
+    assert unit_path(home / "100%", user=True, home=home) == "%h/100%%"
+    assert unit_path(home / ".loki", user=False, home=home) == "/home/ann/.loki"
+    assert unit_path(Path("/srv/50%"), user=True, home=home) == "/srv/50%%"
+
+
+def test_without_a_lokid_script_it_runs_python_m_lokid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    python = tmp_path / "bin" / "python3"
+    monkeypatch.setattr(sys, "executable", str(python))
+    assert lokid_command() == [str(python), "-m", "lokid", "serve"]
+    settings = settings_for(Config(loki_home=tmp_path / "h"), user=True)
+    assert (
+        render_units(settings)["lokid.service"].count(f"ExecStart={python} -m lokid serve\n") == 1
+    )
+
+
+def test_the_units_in_the_source_tree_are_the_reference_rendering() -> None:
+    folder = REPO / "systemd"
+    on_disk = {
+        os.fspath(path.relative_to(folder)): path.read_text()
+        for path in sorted(folder.rglob("lokid*"))
+    }
+    assert on_disk == reference_units(), "regenerate them: python -m lokid.service systemd"
+
+
+# -- systemd's verdict -----------------------------------------------------------------------
+
+
+def _verify(folder: Path, *, user: bool, runtime: Path) -> None:
+    """`systemd-analyze [--user] verify` on every unit; any complaint about ours fails."""
+    assert SYSTEMD_ANALYZE is not None
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime), "SYSTEMD_LOG_COLOR": "0"}
+    units = [str(folder / name) for name in UNIT_NAMES]
+    done = subprocess.run(
+        [SYSTEMD_ANALYZE, *(["--user"] if user else []), "verify", "--man=no", *units],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=folder,
+    )
+    output = done.stdout + done.stderr
+    complaints = [line for line in output.splitlines() if "lokid" in line]
+    assert done.returncode == 0 and not complaints, output
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason=MISSING_ANALYZE)
+@pytest.mark.parametrize("user", [False, True], ids=["system", "user"])
+def test_systemd_analyze_verifies_the_installed_units(
+    loki: Cli, tmp_path: Path, user: bool
+) -> None:
+    units = tmp_path / "units"
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    _install(loki, tmp_path / "home", *(["--user"] if user else []), "--unit-dir", str(units))
+    _verify(units, user=user, runtime=runtime)
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason=MISSING_ANALYZE)
+@pytest.mark.parametrize("user", [False, True], ids=["system", "user"])
+def test_systemd_analyze_verifies_the_reference_units(tmp_path: Path, user: bool) -> None:
+    """The source tree's units, with an ExecStart that exists here (verify checks it)."""
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    prefix = "user/" if user else ""
+    for name, text in reference_units().items():
+        if name.startswith(prefix) and "/" not in name[len(prefix) :]:
+            text = text.replace("ExecStart=/usr/local/bin/lokid", f"ExecStart={sys.executable}")
+            text = text.replace("ExecStart=%h/.local/bin/lokid", f"ExecStart={sys.executable}")
+            (tmp_path / name[len(prefix) :]).write_text(text)
+    _verify(tmp_path, user=user, runtime=runtime)
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason=MISSING_ANALYZE)
+def test_systemd_analyze_catches_a_broken_unit(loki: Cli, tmp_path: Path) -> None:
+    """The check above is not vacuous: verify's warnings (exit 0) fail it too."""
+    units = tmp_path / "units"
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    _install(loki, tmp_path / "home", "--unit-dir", str(units))
+    service = units / "lokid.service"
+    service.write_text(service.read_text().replace("ProtectSystem=strict", "ProtectSystem=bogus"))
+    with pytest.raises(AssertionError, match="protect system"):
+        _verify(units, user=False, runtime=runtime)
