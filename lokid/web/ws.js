@@ -1,0 +1,150 @@
+/**
+ * One WebSocket to `WS /ws` for the whole page (docs/websocket.md): board,
+ * project, registry and session messages. Views subscribe to message types
+ * (exact, `family.*`, or `*`) and to the connection state; the socket
+ * reconnects with bounded, jittered backoff, and a view refetches what it
+ * shows when the socket comes back (it may have missed messages meanwhile).
+ * Browsers cannot set headers on a WebSocket, so the token goes in `?token=`.
+ * @module ws
+ */
+
+import { getToken } from "./api.js";
+import { backoffDelay } from "./sse.js";
+
+export class LiveSocket {
+  constructor() {
+    /** @type {WebSocket|null} */
+    this.socket = null;
+    this.handlers = new Set();
+    this.statusHandlers = new Set();
+    this.state = "closed";
+    this.attempt = 0;
+    this.timer = null;
+    this.wanted = false;
+  }
+
+  /** ws(s)://<this origin>/ws[?token=…] */
+  url() {
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    const token = getToken();
+    const query = token ? `?token=${encodeURIComponent(token)}` : "";
+    return `${scheme}://${location.host}/ws${query}`;
+  }
+
+  connect() {
+    this.wanted = true;
+    if (this.socket) return;
+    clearTimeout(this.timer);
+    this.setState(this.attempt ? "reconnecting" : "connecting");
+    let socket;
+    try {
+      socket = new WebSocket(this.url());
+    } catch {
+      this.scheduleRetry();
+      return;
+    }
+    this.socket = socket;
+    socket.addEventListener("open", () => {
+      this.attempt = 0;
+      this.setState("open");
+    });
+    socket.addEventListener("message", (event) => this.dispatch(event.data));
+    socket.addEventListener("close", (event) => {
+      if (this.socket !== socket) return;
+      this.socket = null;
+      // A refused handshake (HTTP 403 from the server) reaches the page as
+      // code 1006, like a network failure: retry with backoff either way. A
+      // bad token is noticed by the HTTP calls, which ask for a new one.
+      this.scheduleRetry(event.code);
+    });
+  }
+
+  /** Close for good (until connect() is called again). */
+  close() {
+    this.wanted = false;
+    clearTimeout(this.timer);
+    const socket = this.socket;
+    this.socket = null;
+    if (socket) socket.close(1000, "bye");
+    this.setState("closed");
+  }
+
+  /** Reconnect now, e.g. with a new token. */
+  reconnect() {
+    this.close();
+    this.attempt = 0;
+    this.connect();
+  }
+
+  /** Retry after a delay (close codes: 1013 too slow, 1001 daemon stopping, 1006 lost). */
+  scheduleRetry(code) {
+    if (!this.wanted) return;
+    const delay = backoffDelay(this.attempt);
+    this.attempt += 1;
+    this.setState("reconnecting", { delay, code });
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => this.connect(), delay);
+  }
+
+  setState(state, detail) {
+    this.state = state;
+    for (const handler of this.statusHandlers) handler(state, detail);
+  }
+
+  dispatch(raw) {
+    let message;
+    try {
+      message = JSON.parse(raw);
+    } catch {
+      return;
+    }
+    if (!message || typeof message.type !== "string") return;
+    if (message.type === "ping") {
+      this.send({ type: "pong" });
+      return;
+    }
+    for (const { patterns, handler } of this.handlers) {
+      if (patterns.some((p) => matches(p, message.type))) {
+        try {
+          handler(message);
+        } catch (err) {
+          console.error("live update handler failed", err);
+        }
+      }
+    }
+  }
+
+  send(message) {
+    if (this.socket && this.socket.readyState === WebSocket.OPEN) this.socket.send(JSON.stringify(message));
+  }
+
+  /**
+   * Call `handler({type, data})` for messages matching any pattern.
+   * @returns {() => void} unsubscribe
+   */
+  subscribe(patterns, handler) {
+    const entry = { patterns, handler };
+    this.handlers.add(entry);
+    return () => this.handlers.delete(entry);
+  }
+
+  /**
+   * Call `handler(state, detail)` on every state change (and once now).
+   * @returns {() => void} unsubscribe
+   */
+  onStatus(handler) {
+    this.statusHandlers.add(handler);
+    handler(this.state);
+    return () => this.statusHandlers.delete(handler);
+  }
+}
+
+/** `task.*` matches `task.moved`; `*` matches everything. */
+export function matches(pattern, type) {
+  if (pattern === "*") return true;
+  if (pattern.endsWith(".*")) return type.startsWith(pattern.slice(0, -1));
+  return pattern === type;
+}
+
+/** The page's one socket. */
+export const live = new LiveSocket();
