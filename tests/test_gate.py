@@ -206,7 +206,10 @@ async def test_a_websocket_without_a_token_is_closed_with_1008(
         sent.append(message)
 
     await make_surface(gate)(dict(scope), receive, send)
-    assert sent == [{"type": "websocket.close", "code": 1008}]
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"]
+    assert sent[1]["code"] == 1008
+    assert sent[1]["reason"].startswith("UNAUTHORIZED: ")  # what the browser is told
+    assert len(sent[1]["reason"].encode()) <= 123
     # Both refusals (the direct `admit` and the handshake) are in the log.
     assert [e["action"] for e in await entries(store)] == ["auth.unauthorized"] * 2
 

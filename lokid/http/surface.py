@@ -353,7 +353,12 @@ class Surface:
         if scope["type"] == "websocket":
             admission = await self.admit(scope)
             if admission.answer is not None:
-                await send({"type": "websocket.close", "code": 1008})
+                # Accepted, then closed with 1008 and the reason: a handshake refused
+                # before accept reaches a browser as a bare 1006, which a page cannot
+                # tell from a network failure.
+                await send({"type": "websocket.accept"})
+                reason = _close_reason(admission.answer)
+                await send({"type": "websocket.close", "code": 1008, "reason": reason})
                 return
             scope[PRINCIPAL] = admission.principal
         if scope["type"] == "http":
@@ -642,6 +647,20 @@ def quart_error(exc: ApiError) -> Response:
 
 BODY = "lokid.body"  # scope key: a lean handler's request body (bytes)
 BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+WS_REASON_BYTES = 123  # the most a WebSocket close frame's reason may hold (RFC 6455)
+
+
+def _close_reason(answer: tuple[int, list[tuple[bytes, bytes]], bytes]) -> str:
+    """`CODE: message` of a refusal's error body, cut to fit a close frame."""
+    try:
+        error = json.loads(answer[2])["error"]
+        text = f"{error['code']}: {error['message']}"
+    except (ValueError, KeyError, TypeError):
+        text = f"refused ({answer[0]})"
+    raw = text.encode()[:WS_REASON_BYTES]
+    return raw.decode("utf-8", "ignore")
 
 
 def _template(path: str) -> re.Pattern[str]:

@@ -25,7 +25,7 @@ Theory of operation:
   interval and held every graceful shutdown for the listener's whole
   timeout.
 * **Auth** is the gate's (a token in `Authorization` or `?token=`, the
-  origin check); a refused handshake is closed with 1008 before accept.
+  origin check); a refused handshake is accepted and closed with 1008 and the reason.
   Client messages change nothing, so none is audited.
 """
 

@@ -117,9 +117,10 @@ async function refreshStatus() {
 }
 const refreshStatusSoon = throttle(() => refreshStatus().catch(() => {}), 1500);
 
-live.onStatus((state) => {
+live.onStatus((state, detail) => {
   const words = { open: "live", connecting: "connecting", reconnecting: "reconnecting…", closed: "off" };
-  liveStatus.textContent = `Live updates: ${words[state] || state}`;
+  const refused = detail && detail.reason ? ` (refused: ${detail.reason})` : "";
+  liveStatus.textContent = `Live updates: ${words[state] || state}${refused}`;
   liveStatus.dataset.state = state;
 });
 live.subscribe(["session.*"], refreshStatusSoon);

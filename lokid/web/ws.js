@@ -52,10 +52,10 @@ export class LiveSocket {
     socket.addEventListener("close", (event) => {
       if (this.socket !== socket) return;
       this.socket = null;
-      // A refused handshake (HTTP 403 from the server) reaches the page as
-      // code 1006, like a network failure: retry with backoff either way. A
-      // bad token is noticed by the HTTP calls, which ask for a new one.
-      this.scheduleRetry(event.code);
+      // 1008: the daemon refused the handshake (token or origin) and its
+      // reason says why ("UNAUTHORIZED: …"). Retry with backoff either way:
+      // a bad token is also noticed by the HTTP calls, which ask for a new one.
+      this.scheduleRetry(event.code, event.code === 1008 ? event.reason : "");
     });
   }
 
@@ -76,12 +76,13 @@ export class LiveSocket {
     this.connect();
   }
 
-  /** Retry after a delay (close codes: 1013 too slow, 1001 daemon stopping, 1006 lost). */
-  scheduleRetry(code) {
+  /** Retry after a delay (close codes: 1013 too slow, 1001 daemon stopping, 1008
+   * refused, 1006 lost); `reason` is the daemon's words for a refusal. */
+  scheduleRetry(code, reason = "") {
     if (!this.wanted) return;
     const delay = backoffDelay(this.attempt);
     this.attempt += 1;
-    this.setState("reconnecting", { delay, code });
+    this.setState("reconnecting", { delay, code, reason });
     clearTimeout(this.timer);
     this.timer = setTimeout(() => this.connect(), delay);
   }
