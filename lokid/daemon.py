@@ -62,9 +62,11 @@ from lokid.http.dashboard import create_dashboard_surface
 from lokid.http.enterprise import install_enterprise
 from lokid.http.events import install_events
 from lokid.http.gate import Gate
+from lokid.http.metrics import observe_requests
 from lokid.http.registry import install_registry
 from lokid.http.surface import Surface
 from lokid.http.ws import DashboardHub, install_ws
+from lokid.metrics import DaemonMetrics
 from lokid.pidfile import DaemonLock
 from lokid.ratelimit import RateLimiter
 from lokid.sockets import bind_tcp, bind_unix, is_loopback_socket, socket_url
@@ -159,7 +161,9 @@ class Daemon:
             max_sessions=config.max_sessions,
             resume_on_start=config.resume_on_start,
         )
-        self.api = create_api_surface(self, self.store, self.sessions)
+        self.metrics = DaemonMetrics(self)  # read at scrape time; see lokid/metrics.py
+        self.store.commit_observer = self.metrics.store_commits.observe
+        self.api = create_api_surface(self, self.store, self.sessions, self.metrics)
         self.dashboard = create_dashboard_surface(self, self.store, self.sessions)
         install_enterprise(
             self.dashboard,
@@ -183,6 +187,8 @@ class Daemon:
         for surface in (self.api, self.dashboard):
             install_events(surface, self.bus, heartbeat=config.sse_heartbeat)
             surface.gate = self.gate
+        observe_requests(self.api, "api", self.metrics)
+        observe_requests(self.dashboard, "dashboard", self.metrics)
         self.root = Supervisor("lokid")  # replaced by the real tree in `_build_tree`
         self.listeners: Listeners | None = None
         self.failure: BaseException | None = None

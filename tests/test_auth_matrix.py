@@ -48,6 +48,7 @@ DECLARED: dict[tuple[str, str, str], str] = {
     ("api", "GET", "/api/events"): "read",
     ("api", "GET", "/api/events/history"): "read",
     ("api", "GET", "/api/events/stats"): "read",
+    ("api", "GET", "/metrics"): "read",
     ("dashboard", "GET", "/health"): "open",
     ("dashboard", "GET", "/health/ready"): "open",
     ("dashboard", "GET", "/health/live"): "open",

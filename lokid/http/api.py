@@ -6,14 +6,17 @@ from lokid import __version__
 from lokid.actors.session_manager import SessionManager
 from lokid.actors.store import StoreActor
 from lokid.http.health import HealthSource, install_health
+from lokid.http.metrics import install_metrics
 from lokid.http.sessions import install_session_reads, install_session_writes, install_task_reads
 from lokid.http.surface import Surface
+from lokid.metrics import DaemonMetrics
 
 
 def create_api_surface(
     daemon: HealthSource,
     store: StoreActor | None = None,
     sessions: SessionManager | None = None,
+    metrics: DaemonMetrics | None = None,
 ) -> Surface:
     surface = Surface(
         "lokid HTTP API",
@@ -26,4 +29,6 @@ def create_api_surface(
         install_task_reads(surface, store)
     if sessions is not None:
         install_session_writes(surface, sessions)
+    if metrics is not None:
+        install_metrics(surface, metrics)  # GET /metrics: this listener and the control socket
     return surface
