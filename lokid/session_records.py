@@ -57,6 +57,7 @@ from lokid.config import PROVIDERS
 from lokid.errors import Conflict, InvalidQuery, NotFound, ValidationFailed
 from lokid.jsontypes import json_type_name
 from lokid.prd import MAX_PRD_BYTES, validate_prd_bytes
+from lokid.sandbox import sandbox_problem
 from lokid.session_state import ACTIVE, Status, Trigger, is_active, next_status
 from lokid.timefmt import utc_now_iso
 
@@ -394,6 +395,7 @@ def parse_session_request(
     *,
     default_provider: str,
     which: Callable[[str], str | None] = shutil.which,
+    sandbox_check: Callable[[str], str | None] = sandbox_problem,
 ) -> SessionRequest:
     """Validate the body of `POST /api/sessions` (DESIGN.md §5); 422 names the field."""
     if not isinstance(body, Mapping):
@@ -469,12 +471,21 @@ def parse_session_request(
             "options.command" if provider == "command" else "provider",
             executable=program,
         )
-    if options.sandbox and which("bwrap") is None:
-        raise _fail(
-            "options.sandbox needs bubblewrap (`bwrap`), which is not on the daemon's PATH "
-            "(install the bubblewrap package, or start the session without sandbox)",
-            "options.sandbox",
-        )
+    if options.sandbox:
+        bwrap = which("bwrap")
+        if bwrap is None:
+            raise _fail(
+                "options.sandbox needs bubblewrap (`bwrap`), which is not on the daemon's PATH "
+                "(install the bubblewrap package, or start the session without sandbox)",
+                "options.sandbox",
+            )
+        # bwrap present is not bwrap working (no user namespaces in a container, a
+        # seccomp profile): refuse now rather than fail every agent run later.
+        problem = sandbox_check(bwrap)
+        if problem is not None:
+            raise _fail(
+                f"options.sandbox cannot be used on this machine: {problem}", "options.sandbox"
+            )
     return SessionRequest(
         prd_path=prd_path,
         prd_text=prd_text,

@@ -90,17 +90,28 @@ def write_prd(path: Path, text: str = PRD) -> Path:
     return path
 
 
+def works(bwrap: str) -> str | None:
+    """A sandbox probe that finds bubblewrap working."""
+    return None
+
+
 def parse(
-    body: dict[str, Any], which: Callable[[str], str | None] = everything
+    body: dict[str, Any],
+    which: Callable[[str], str | None] = everything,
+    sandbox_check: Callable[[str], str | None] = works,
 ) -> sr.SessionRequest:
-    return sr.parse_session_request(body, default_provider="claude", which=which)
+    return sr.parse_session_request(
+        body, default_provider="claude", which=which, sandbox_check=sandbox_check
+    )
 
 
 def refused(
-    body: dict[str, Any], which: Callable[[str], str | None] = everything
+    body: dict[str, Any],
+    which: Callable[[str], str | None] = everything,
+    sandbox_check: Callable[[str], str | None] = works,
 ) -> ValidationFailed:
     with pytest.raises(ValidationFailed) as info:
-        parse(body, which)
+        parse(body, which, sandbox_check)
     assert info.value.code == "VALIDATION_ERROR"
     assert info.value.details["field"] == info.value.field
     return info.value
@@ -323,6 +334,26 @@ def test_sandbox_without_bubblewrap(tmp_path: Path) -> None:
     assert parse(body).options.sandbox is True
     # no sandbox, no bubblewrap needed
     assert parse({"prd": str(prd)}, which=lacking("bwrap")).options.sandbox is False
+
+
+def test_sandbox_whose_bubblewrap_cannot_run_is_refused(tmp_path: Path) -> None:
+    prd = write_prd(tmp_path / "prd.md")
+    body = {"prd": str(prd), "options": {"sandbox": True}}
+    probed: list[str] = []
+
+    def broken(bwrap: str) -> str:
+        probed.append(bwrap)
+        return "bwrap: No permissions to create new namespace"
+
+    error = refused(body, sandbox_check=broken)
+    assert error.field == "options.sandbox"
+    assert error.message == (
+        "options.sandbox cannot be used on this machine: "
+        "bwrap: No permissions to create new namespace"
+    )
+    assert probed == ["/usr/bin/bwrap"]  # the bwrap `which` found
+    parse({"prd": str(prd)}, sandbox_check=broken)  # no sandbox asked: no probe
+    assert probed == ["/usr/bin/bwrap"]
 
 
 @pytest.mark.parametrize("marker", [".git", ".loki"])
