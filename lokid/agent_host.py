@@ -25,7 +25,10 @@ Rules of the local implementation:
   (the complete lines of one pipe read) through a bounded channel
   (`OUTPUT_BUFFER_BATCHES` batches of at most one 64 KiB read each): a slow
   consumer makes the agent block on its pipe, nothing is dropped. A line
-  longer than `MAX_LINE_BYTES` is cut there and flagged `truncated`.
+  longer than `MAX_LINE_BYTES` is cut there and flagged `truncated`; the
+  rest of it, up to its newline, is read and discarded (never buffered), so
+  an endless line costs at most `MAX_LINE_BYTES` + one read of memory and
+  comes out as one truncated line, not as a stream of fragments.
   Batches, not lines, cross the channel: one task switch per read instead
   of two per line (`batches()`; `lines()` flattens them).
 * Timeouts: `idle_timeout` (no output) and `hard_timeout` (total) stop the
@@ -254,6 +257,7 @@ class LocalAgentRun:
 
     async def _read_lines(self, stream: Stream, pipe: trio.abc.ReceiveStream) -> None:
         buffer = bytearray()
+        skipping = False  # inside the rest of a line already cut at MAX_LINE_BYTES
         async with pipe:
             while True:
                 try:
@@ -263,6 +267,12 @@ class LocalAgentRun:
                 if not chunk:
                     break
                 self._last_output = trio.current_time()
+                if skipping:
+                    newline = chunk.find(b"\n")
+                    if newline < 0:
+                        continue
+                    skipping = False
+                    chunk = chunk[newline + 1 :]
                 buffer += chunk
                 batch: list[OutputLine] = []
                 start = 0
@@ -273,6 +283,7 @@ class LocalAgentRun:
                 if len(buffer) > MAX_LINE_BYTES:
                     batch.append(OutputLine(stream, bytes(buffer[:MAX_LINE_BYTES]), True))
                     buffer.clear()
+                    skipping = True
                 if batch:
                     await self._emit(batch)
         if buffer:

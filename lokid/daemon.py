@@ -429,7 +429,7 @@ class Daemon:
         if not self.store.running:
             problems["store"] = "not running"
         elif not self.store.writable:
-            problems["store"] = "not writable (see the daemon log)"
+            problems["store"] = f"not writable: {self.store.unwritable_reason}"
         if not self.audit.running:
             problems["audit_writer"] = "not running"
         if not self.bus.running:

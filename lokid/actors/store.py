@@ -32,8 +32,12 @@ Theory of operation:
   caller. Exceptions that are not SQLite's reach the caller unchanged.
 * **If COMMIT fails** (disk full, I/O error, file made read-only) nothing of
   the batch was written: every caller whose write had succeeded gets
-  `StoreUnavailable`, `writable` turns False, and the actor keeps serving; the
-  next batch that commits turns it True again.
+  `StoreUnavailable`, `writable` turns False (`unwritable_reason` says why),
+  and the actor keeps serving; the next batch that commits turns it True
+  again. A write that fails on its own with a storage error (disk full inside
+  its statement) turns it False too. While it is False and no write comes,
+  the actor probes every `probe_interval` seconds with a one-row write to
+  `meta`, so `/health` recovers once space returns even on an idle daemon.
 * **Write functions do not control the transaction.** While `fn` runs, an
   SQLite authorizer refuses BEGIN, COMMIT and ROLLBACK (and touching the
   batch's savepoint); `fn` gets `StoreError` instead of silently committing
@@ -66,6 +70,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import os
 import pathlib
 import sqlite3
@@ -87,6 +92,8 @@ from lokid.timefmt import utc_now_iso
 
 T = TypeVar("T")
 
+log = logging.getLogger("lokid.store")
+
 SYNC_FOLLOWS: contextvars.ContextVar[trio.lowlevel.Task | None] = contextvars.ContextVar(
     "lokid_store_sync_follows", default=None
 )
@@ -97,6 +104,9 @@ variable (a session actor started by the request must not inherit the exemption)
 
 BUSY_TIMEOUT_MS = 5000
 """How long a statement waits for a lock held by another connection or process."""
+
+PROBE_INTERVAL = 1.0
+"""While not writable, how often the idle writer tries a one-row write to learn it can again."""
 
 # Distinct statement texts: Python's sqlite3 caches prepared statements by
 # text, and the authorizer only sees a statement when it is prepared. A
@@ -249,6 +259,7 @@ class StoreActor(Actor[Any]):
         readers: int = 4,
         name: str = "store",
         migrations: Sequence[Migration] = _migrations.MIGRATIONS,
+        probe_interval: float = PROBE_INTERVAL,
     ) -> None:
         if group_window < 0:
             raise ValueError("group_window must be >= 0")
@@ -263,10 +274,12 @@ class StoreActor(Actor[Any]):
         self.direct_when_idle = group_window == 0  # see `write`
         self.max_batch = max_batch
         self.readers = readers
+        self.probe_interval = probe_interval
         self._migrations = tuple(migrations)
         self._db: sqlite_utils.Database | None = None
         self._schema_version: int | None = None
         self._writable = False
+        self._unwritable_reason: str | None = None
         self._guard = False  # read by the authorizer, on the writer thread
         self._writer_limiter = trio.CapacityLimiter(1)
         self._read_limiter = trio.CapacityLimiter(readers)
@@ -378,6 +391,13 @@ class StoreActor(Actor[Any]):
     def writable(self) -> bool:
         """The store is open and its last batch did not fail for the disk or the file."""
         return self._db is not None and self._writable
+
+    @property
+    def unwritable_reason(self) -> str | None:
+        """Why `writable` is False (one line, for `/health`); None while it is True."""
+        if self._db is None:
+            return f"the database {self.path} is not open"
+        return None if self._writable else self._unwritable_reason or "not writable"
 
     @property
     def schema_version(self) -> int | None:
@@ -502,7 +522,7 @@ class StoreActor(Actor[Any]):
     # -- the task: the writer ----------------------------------------------------
 
     async def serve(self) -> None:
-        while (first := await self.next_message()) is not None:
+        while (first := await self._next_or_probe()) is not None:
             batch = [first]
             try:
                 await self._gather(batch)
@@ -510,6 +530,49 @@ class StoreActor(Actor[Any]):
                 # Also when cancelled while gathering: messages taken from the
                 # mailbox are answered, never dropped.
                 await self._run_batch(batch)
+
+    async def _next_or_probe(self) -> Any | None:
+        """The next message; while not writable, probe the disk whenever none comes for a while.
+
+        It wakes every `probe_interval` even while writable: `write_alone` may turn
+        `writable` False from a caller's task while this one waits.
+        """
+        while True:
+            with trio.move_on_after(self.probe_interval):
+                return await self.next_message()
+            if not self._writable:
+                await self._probe()
+
+    async def _probe(self) -> None:
+        """One durable one-row write of our own (a WAL frame): if it commits, the disk takes
+        writes again and `writable` turns True. Not counted as a caller's write."""
+
+        def touch(db: sqlite_utils.Database) -> None:
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('store_probe', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (utc_now_iso(),),
+            )
+
+        fns: list[Callable[[sqlite_utils.Database], Any]] = [touch]
+        with trio.CancelScope(shield=True):
+            try:
+                result = await trio.to_thread.run_sync(
+                    self._execute_batch, fns, True, limiter=self._writer_limiter
+                )
+            except sqlite3.Error:  # e.g. the pragma before the batch: still not writable
+                return
+        [answer] = result.replies
+        if result.committed and answer.error is None:
+            self._set_writable(True, None)
+
+    def _set_writable(self, writable: bool, reason: str | None) -> None:
+        if writable and not self._writable:
+            log.info("%s: the database %s takes writes again", self.name, self.path)
+        elif not writable and self._writable:
+            log.error("%s: the database %s is not writable: %s", self.name, self.path, reason)
+        self._writable = writable
+        self._unwritable_reason = None if writable else reason
 
     async def _gather(self, batch: list[Any]) -> None:
         """Add to `batch` what arrives within `group_window`, up to `max_batch`."""
@@ -582,7 +645,10 @@ class StoreActor(Actor[Any]):
         self._last_batch_size = size
         self._max_batch_seen = max(self._max_batch_seen, size)
         if result.committed:
-            self._writable = True
+            if result.storage_failed:  # a write failed on its own for the disk
+                self._set_writable(False, result.failure)
+            else:
+                self._set_writable(True, None)
             assert result.commit_seconds is not None
             self._commits += 1
             self._commit_seconds_total += result.commit_seconds
@@ -591,7 +657,8 @@ class StoreActor(Actor[Any]):
                 self.commit_observer(result.commit_seconds)
         else:
             self._commit_failures += 1
-            self._writable = self._writable and not result.storage_failed
+            if result.storage_failed:
+                self._set_writable(False, result.failure)
             self._last_error = f"batch of {size} not committed: {result.failure}"
 
     # -- the writer thread ---------------------------------------------------------
@@ -647,7 +714,14 @@ class StoreActor(Actor[Any]):
                     replies = [answers.get(i) or Reply(error=failed[i]) for i in range(len(fns))]
                     if not durable:
                         self._commits_deferred += 1
-                    return _BatchResult(replies, runs, True, commit_seconds, None, False)
+                    # A write that failed for the disk (not for its SQL) says the disk is bad.
+                    disk = next(
+                        (e for e in failed.values() if isinstance(e, StoreUnavailable)), None
+                    )
+                    failure = None if disk is None else str(disk)
+                    return _BatchResult(
+                        replies, runs, True, commit_seconds, failure, disk is not None
+                    )
             except sqlite3.Error as exc:
                 if conn.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
