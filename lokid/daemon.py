@@ -224,7 +224,10 @@ class Daemon:
             finally:
                 self.listeners.close()
                 if "control" not in self.listeners.from_systemd:
-                    self.config.socket.unlink(missing_ok=True)
+                    try:
+                        self.config.socket.unlink(missing_ok=True)
+                    except OSError as exc:  # a data dir gone read-only: exit cleanly anyway
+                        log.warning("could not remove %s: %s", self.config.socket, exc.strerror)
         finally:
             lock.release()
         if self.failure is not None:

@@ -9,12 +9,16 @@ the daemon; it is written after the lock is taken and removed at clean exit.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import logging
 import os
 from pathlib import Path
 
 from lokid.errors import AlreadyRunning, StartupError
 from lokid.process import ProcessIdentity, identity, is_same_process
+
+log = logging.getLogger("lokid")
 
 
 class DaemonLock:
@@ -42,8 +46,18 @@ class DaemonLock:
         me = identity()
         assert me is not None
         tmp = self.pid_path.with_suffix(".pid.tmp")
-        tmp.write_text(me.render() + "\n")
-        tmp.replace(self.pid_path)
+        try:
+            tmp.write_text(me.render() + "\n")
+            tmp.replace(self.pid_path)
+        except OSError as exc:  # a full or read-only disk: say so in one line
+            os.close(fd)
+            self._fd = None
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise StartupError(
+                f"cannot write the pid file {self.pid_path}: {exc.strerror} (free some space "
+                "on the data dir's file system, or make it writable)"
+            ) from None
         return me
 
     def release(self) -> None:
@@ -51,7 +65,10 @@ class DaemonLock:
             return
         current = read_pid_file(self.pid_path)
         if current is not None and current.pid == os.getpid():
-            self.pid_path.unlink(missing_ok=True)
+            try:
+                self.pid_path.unlink(missing_ok=True)
+            except OSError as exc:  # a data dir gone read-only: the lock goes anyway
+                log.warning("could not remove the pid file %s: %s", self.pid_path, exc.strerror)
         os.close(self._fd)
         self._fd = None
 

@@ -719,12 +719,6 @@ def test_a_data_dir_made_read_only_is_503_and_keeps_what_was_committed(
 
 
 @e2e
-@pytest.mark.xfail(
-    reason="daemon.py/pidfile.py: the clean exit unlinks lokid.sock and lokid.pid without "
-    "catching OSError, so a graceful stop on a read-only data dir ends in a traceback and "
-    "exit 1 (docs/faults.md, Known problems)",
-    strict=True,
-)
 def test_a_graceful_stop_on_a_read_only_data_dir_is_clean(tmp_path: pathlib.Path) -> None:
     with ext4_loop(tmp_path) as (mnt, _image, device):
         daemon = DaemonProcess(mnt / "home")
@@ -771,11 +765,6 @@ def test_starting_on_a_read_only_data_dir_is_a_clear_error(tmp_path: pathlib.Pat
 
 
 @e2e
-@pytest.mark.xfail(
-    reason="pidfile.py: writing lokid.pid on a full disk raises OSError, which is not a "
-    "StartupError: a traceback instead of a one-line message (docs/faults.md, Known problems)",
-    strict=True,
-)
 def test_starting_on_a_full_disk_is_a_clear_error_or_unhealthy(tmp_path: pathlib.Path) -> None:
     with tmpfs(tmp_path / "disk") as disk:
         daemon = DaemonProcess(disk / "home")

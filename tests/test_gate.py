@@ -139,7 +139,21 @@ async def test_an_audit_log_that_cannot_record_turns_the_answer_into_503(
     assert answer.status == 503
     error = answer.json()["error"]
     assert error["code"] == "UNAVAILABLE"
-    assert "status 204" in error["message"] and "audit log" in error["message"]
+    assert error["message"].startswith("The request was carried out (status 204)")
+    assert "audit log" in error["message"]
+
+
+async def test_a_failed_request_whose_audit_fails_too_keeps_its_own_reason(
+    tmp_path: pathlib.Path,
+) -> None:
+    async with running(tmp_path / "lokid.db") as (store, writer):
+        surface = make_surface(Gate(store=store, audit=writer))
+    with trio.fail_after(30):
+        answer = await call(surface, "POST", "/things", body=b"[1]")  # not an object: 400/422
+    assert answer.status == 503
+    message = answer.json()["error"]["message"]
+    assert message.startswith("The request failed (status 4")  # not "carried out"
+    assert "JSON object" in message and "audit log could not record it" in message
 
 
 async def test_refusals_are_recorded_with_their_reason(

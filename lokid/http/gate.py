@@ -433,7 +433,7 @@ class Gate:
             try:
                 await self._record(scope, principal, status, body, {})
             except LokiError as exc:
-                error = _audit_down(exc, status)
+                error = _audit_down(exc, status, body)
                 code, headers, payload = _answer(error, list(admission.headers))
                 await send({"type": "http.response.start", "status": code, "headers": headers})
                 await send({"type": "http.response.body", "body": payload})
@@ -459,7 +459,7 @@ class Gate:
         try:
             await self._record(scope, admission.principal, status, body, {})
         except LokiError as exc:
-            return _answer(_audit_down(exc, status), [])
+            return _answer(_audit_down(exc, status, body), [])
         return status, headers, body
 
     async def _record(
@@ -651,15 +651,31 @@ def _created_id(body: bytes) -> str | None:
     return None
 
 
-def _audit_down(exc: LokiError, status: int | None) -> ApiError:
+def _audit_down(exc: LokiError, status: int | None, body: bytes | None = None) -> ApiError:
+    """The 503 for an answer whose audit entry could not be recorded (`body`: the answer's)."""
     if status is None:
         message = "The audit log cannot record this request right now; try again"
+    elif status >= 400:  # nothing was carried out: keep the handler's own reason
+        cause = _error_message(body)
+        message = (
+            f"The request failed (status {status}{': ' + cause if cause else ''}), and the "
+            "audit log could not record it either"
+        )
     else:
         message = (
             f"The request was carried out (status {status}) but the audit log could not "
             "record it; see the daemon log"
         )
     return ApiError("UNAVAILABLE", message, {"audit": str(exc)[:200]})
+
+
+def _error_message(body: bytes | None) -> str | None:
+    """The `message` of an error body, if `body` is one (cut to 300 characters)."""
+    try:
+        message = json.loads(body or b"")["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return message[:300] if isinstance(message, str) else None
 
 
 def _answer(error: ApiError, extra: Iterable[Header]) -> Answer:
