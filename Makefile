@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint typecheck unit bench clean
+.PHONY: serve test lint typecheck unit bench clean crashtest screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,14 @@ test: lint typecheck unit
 bench: $(STAMP)
 	@command -v wrk >/dev/null || [ "$$(id -u)" != 0 ] || apt-get install -y wrk >/dev/null 2>&1 || true
 	$(BIN)/python -m bench health
+
+# Crash-point testing, the full run: 100 seeds of SIGKILL under load (docs/reliability.md), ~10-13 min.
+crashtest: $(STAMP)
+	LOKI_CRASH_SEEDS=100 $(BIN)/python -m pytest -q tests/test_crash.py
+
+# Re-take the web dashboard's screenshots in docs/screenshots/ (docs/web-dashboard.md).
+screenshots: $(STAMP)
+	LOKI_UPDATE_SCREENSHOTS=1 $(BIN)/python -m pytest -q tests/test_browser.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

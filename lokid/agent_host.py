@@ -13,6 +13,15 @@ Rules of the local implementation:
 * Its identity is **(pid, start time)**, read right after spawn; the caller
   records it in the store before waiting on the run (a restarted daemon
   kills what a crashed one left, and never a reused pid).
+* **Held start** (`start(spec, held=True)`, what the agent pool does): the
+  process is spawned as `/bin/sh -c 'read … || exit; exec "$@"' <argv>`,
+  which waits for one line on its stdin before it execs the agent. The
+  caller records the identity (the same pid and start time before and after
+  the exec), then calls `release()`. A daemon killed between spawn and
+  record leaves a shell that sees end-of-file and exits without ever running
+  the agent, instead of an agent nobody knows about. The executable is
+  looked up before the spawn, so a missing one still fails `start`; the
+  timeouts count from the release.
 * **Signals only go to a group whose leader we have not reaped.** The
   leader's exit is detected through a pidfd without reaping it, so its pid -
   the group id - cannot be reused while we may still signal the group. The
@@ -39,8 +48,10 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import math
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Mapping
@@ -57,6 +68,9 @@ OUTPUT_BUFFER_BATCHES = 16
 READ_BYTES = 65536
 GROUP_POLL_SECONDS = 0.02
 KILL_WAIT_SECONDS = 5.0  # after SIGKILL, how long members may take to disappear
+# A held start: wait for one line on stdin (the release), then become the agent; EOF
+# first (the daemon died before it recorded the agent) and the agent never runs.
+HOLD_ARGV = ("/bin/sh", "-c", 'IFS= read -r _ || exit 125; exec "$@"', "lokid-agent")
 
 
 class Stream(enum.Enum):
@@ -112,7 +126,7 @@ class AgentRun(Protocol):
 
 
 class AgentHost(Protocol):
-    async def start(self, spec: AgentSpec) -> AgentRun: ...
+    async def start(self, spec: AgentSpec, *, held: bool = False) -> AgentRun: ...
 
 
 class LocalAgentHost:
@@ -121,16 +135,21 @@ class LocalAgentHost:
     def __init__(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
 
-    async def start(self, spec: AgentSpec) -> LocalAgentRun:
-        run = LocalAgentRun(spec)
+    async def start(self, spec: AgentSpec, *, held: bool = False) -> LocalAgentRun:
+        """Spawn the agent; `held`: it waits for `release()` before it runs (module rules)."""
+        run = LocalAgentRun(spec, held=held)
         await self._nursery.start(run._run)
         return run
 
 
 class LocalAgentRun:
-    def __init__(self, spec: AgentSpec) -> None:
+    def __init__(self, spec: AgentSpec, *, held: bool = False) -> None:
         self.spec = spec
+        self.held = held
         self.identity = ProcessIdentity(0, 0)
+        self._released = trio.Event()
+        if not held:
+            self._released.set()
         self._send, self._receive = trio.open_memory_channel[list[OutputLine]](
             OUTPUT_BUFFER_BATCHES
         )
@@ -152,6 +171,10 @@ class LocalAgentRun:
         async with self._receive.clone() as receive:
             async for batch in receive:
                 yield batch
+
+    def release(self) -> None:
+        """Let a held agent run (it has been recorded); a no-op for one not held."""
+        self._released.set()
 
     async def stop(self, grace: float) -> RunResult:
         self._request_stop(grace, EndReason.STOPPED)
@@ -175,11 +198,16 @@ class LocalAgentRun:
 
     async def _run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         spec = self.spec
+        env = {**os.environ, **spec.env} if spec.env else None
+        argv = list(spec.argv)
+        if self.held:
+            _check_executable(argv[0], (env or os.environ).get("PATH"))
+            argv = [*HOLD_ARGV, *argv]
         process = await trio.lowlevel.open_process(
-            list(spec.argv),
+            argv,
             cwd=os.fspath(spec.cwd),
-            env={**os.environ, **spec.env} if spec.env else None,
-            stdin=subprocess.PIPE if spec.stdin is not None else subprocess.DEVNULL,
+            env=env,
+            stdin=subprocess.PIPE if spec.stdin is not None or self.held else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
@@ -193,8 +221,10 @@ class LocalAgentRun:
         try:
             task_status.started(self)
             async with trio.open_nursery() as nursery:
-                if spec.stdin is not None and process.stdin is not None:
-                    nursery.start_soon(_feed, process.stdin, spec.stdin)
+                if process.stdin is not None:  # the release line first, if held
+                    opening = b"\n" if self.held else b""
+                    data = opening + (spec.stdin or b"")
+                    nursery.start_soon(self._feed_when_released, process.stdin, data)
                 readers_done = trio.Event()
                 nursery.start_soon(self._read_all, process, readers_done)
                 nursery.start_soon(self._watch_timeouts)
@@ -293,9 +323,14 @@ class LocalAgentRun:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self._send.send(batch)
 
+    async def _feed_when_released(self, stdin: trio.abc.SendStream, data: bytes) -> None:
+        await self._released.wait()
+        await _feed(stdin, data)
+
     async def _watch_timeouts(self) -> None:
         spec = self.spec
-        started = trio.current_time()
+        await self._released.wait()
+        started = self._last_output = trio.current_time()
         while True:
             now = trio.current_time()
             hard_left = started + spec.hard_timeout - now
@@ -324,6 +359,13 @@ def _signal_group(pgid: int, signum: int) -> None:
     # Safe: the caller holds the unreaped leader, so `pgid` is still our group.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signum)
+
+
+def _check_executable(program: str, path: str | None) -> None:
+    """Raise what spawning `program` directly would (FileNotFoundError) if it cannot be
+    found: a held start spawns the shell, which would only fail at the release."""
+    if shutil.which(program, path=path) is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
 
 
 async def _feed(stdin: trio.abc.SendStream, data: bytes) -> None:

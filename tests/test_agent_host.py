@@ -5,13 +5,21 @@ from __future__ import annotations
 import math
 import os
 import pathlib
+import subprocess
 import sys
 import textwrap
 
 import pytest
 import trio
 
-from lokid.agent_host import AgentSpec, EndReason, LocalAgentHost, OutputLine, Stream
+from lokid.agent_host import (
+    HOLD_ARGV,
+    AgentSpec,
+    EndReason,
+    LocalAgentHost,
+    OutputLine,
+    Stream,
+)
 from lokid.process import group_members, is_same_process
 
 PY = sys.executable
@@ -144,3 +152,66 @@ async def test_missing_executable_fails_at_start(tmp_path: pathlib.Path) -> None
     async with trio.open_nursery() as nursery:
         with pytest.raises(FileNotFoundError):
             await LocalAgentHost(nursery).start(AgentSpec(("/nonexistent/agent",), tmp_path))
+
+
+# -- held starts: the agent runs only once the caller has recorded it ----------------------
+
+
+async def test_a_held_agent_runs_only_after_release_as_the_same_process(
+    tmp_path: pathlib.Path,
+) -> None:
+    marker = tmp_path / "ran"
+    code = (
+        f"import os, sys; open({str(marker)!r}, 'w').write(str(os.getpid())); "
+        "print(sys.stdin.read())"
+    )
+    spec = AgentSpec((PY, "-c", code), tmp_path, stdin=b"the prompt")
+    lines: list[OutputLine] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            run = await LocalAgentHost(nursery).start(spec, held=True)
+            await trio.sleep(0.3)  # real time: a process that ran would have written by now
+            assert not marker.exists()
+            assert is_same_process(run.identity)
+            run.release()
+            async for line in run.lines():
+                lines.append(line)
+            result = await run.wait()
+    assert result.exit_code == 0
+    assert int(marker.read_text()) == run.identity.pid  # the recorded identity is the agent
+    assert [line.data for line in lines] == [b"the prompt"]  # the prompt follows the release
+
+
+def test_a_held_agent_whose_daemon_died_never_runs(tmp_path: pathlib.Path) -> None:
+    """The launcher alone: end-of-file instead of the release line (the daemon is gone)."""
+    marker = tmp_path / "ran"
+    argv = [*HOLD_ARGV, "touch", str(marker)]
+    died = subprocess.run(argv, stdin=subprocess.DEVNULL, timeout=10, check=False)
+    assert died.returncode == 125 and not marker.exists()
+    released = subprocess.run(argv, input=b"\n", timeout=10, check=False)
+    assert released.returncode == 0 and marker.exists()
+
+
+async def test_a_held_start_of_a_missing_executable_fails_at_start(
+    tmp_path: pathlib.Path,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(FileNotFoundError):
+            await LocalAgentHost(nursery).start(
+                AgentSpec(("/nonexistent/agent",), tmp_path), held=True
+            )
+        with pytest.raises(FileNotFoundError):
+            await LocalAgentHost(nursery).start(
+                AgentSpec(("no-such-agent-for-lokid",), tmp_path), held=True
+            )
+
+
+async def test_a_held_agent_stopped_before_release_never_runs(tmp_path: pathlib.Path) -> None:
+    marker = tmp_path / "ran"
+    spec = AgentSpec(("touch", str(marker)), tmp_path)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            run = await LocalAgentHost(nursery).start(spec, held=True)
+            result = await run.stop(1.0)  # e.g. its row could not be recorded
+    assert result.reason is EndReason.STOPPED and not marker.exists()
+    assert live(run.identity.pid) == []

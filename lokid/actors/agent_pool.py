@@ -483,7 +483,7 @@ class AgentPool(Actor[Any]):
             # Spawn -> registered -> row committed must not stop halfway.
             with trio.CancelScope(shield=True):
                 try:
-                    run = await host.start(spec)
+                    run = await host.start(spec, held=True)  # runs once recorded
                 except BaseException:
                     self._start_failures += 1
                     raise
@@ -493,6 +493,7 @@ class AgentPool(Actor[Any]):
                     if not self._open:
                         raise PoolClosed(f"{self.name} is stopping: no new agents")
                     agent.row_id = await self._insert_row(agent, spec)
+                    run.release()
                 except BaseException:
                     self._start_failures += 1
                     try:
