@@ -12,8 +12,8 @@ import trio
 import trio.testing
 
 from lokid.actors.event_bus import EventBus, Subscriber, SubscriberClosed
-from lokid.actors.store import StoreActor
-from lokid.errors import Unavailable
+from lokid.actors.store import StoreActor, StoreUnavailable
+from lokid.errors import AskTimeout, Unavailable
 from lokid.events import EncodedEvent, EventFilter, Level, make_filter
 
 
@@ -298,3 +298,99 @@ async def test_publish_with_commits_the_change_and_the_event_together(
         assert [e.id for e in stored] == [1, 2, 3]  # no id lost to the refused one
         assert marks == [7]
         assert await drain(subscriber, 3) == [1, 2, 3]
+
+
+# -- back-pressure in events (a flood of agent output) --------------------------------------
+
+
+def lines(count: int, start: int = 0) -> list[tuple[str, str | None, Level, dict[str, Any]]]:
+    return [("agent.output", "s", Level.DEBUG, {"n": n}) for n in range(start, start + count)]
+
+
+async def test_emitters_wait_while_max_backlog_events_are_unstored(
+    tmp_path: pathlib.Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A bus that stores nothing (not started): emits fill its backlog up to the bound in
+    events, then wait - bounded: `AskTimeout` after `backlog_wait` - and a cancelled wait
+    leaves the backlog as it was."""
+    bus = EventBus(StoreActor(tmp_path / "lokid.db"), max_backlog=1000, backlog_wait=5.0)
+    await bus.emit_many(lines(600))  # two messages (512 + 88 events)
+    await bus.emit_many(lines(400, 600))  # exactly at the bound
+    stats = bus.statistics()
+    assert (stats.backlog, stats.mailbox_used) == (1000, 3)
+    with trio.move_on_after(1.0) as waited:
+        await bus.emit("log")
+    assert waited.cancelled_caught
+    assert bus.statistics().backlog == 1000
+    started = trio.current_time()
+    with pytest.raises(AskTimeout, match="1000 emitted events still unstored"):
+        await bus.emit_many(lines(1))
+    assert trio.current_time() - started == pytest.approx(5.0)
+    stats = bus.statistics()
+    assert (stats.backlog, stats.mailbox_used, stats.backlog_waits) == (1000, 3, 2)
+
+
+async def test_a_flood_of_emits_is_stored_within_the_bounds(tmp_path: pathlib.Path) -> None:
+    """Emitters far faster than the store: every event is stored, in order, while the
+    backlog never exceeds its bound and no batch holds more than `max_batch_events`."""
+    async with running_bus(tmp_path, max_backlog=300, max_batch_events=100) as bus:
+        subscriber = bus.subscribe(EventFilter())
+        peak = 0
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, bus.statistics().backlog)
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            for start in range(0, 3000, 50):
+                await bus.emit_many(lines(50, start))
+            await bus.publish("log")  # answered after every emit before it
+            nursery.cancel_scope.cancel()
+        stats = bus.statistics()
+        assert peak <= 300
+        assert stats.backlog == 0 and stats.backlog_waits > 0
+        assert stats.published == 3001
+        assert stats.batches >= 3000 // 100  # messages of 50: a batch stops at 100 events
+        stored = await bus.history(make_filter(types="agent.output"), after=0, limit=1000)
+        assert [e.data["n"] for e in stored] == list(range(1000))
+        assert await drain(subscriber, 3001) == list(range(1, 3002))
+
+
+async def test_one_batch_stops_gathering_at_max_batch_events(tmp_path: pathlib.Path) -> None:
+    store = StoreActor(tmp_path / "lokid.db")
+    bus = EventBus(store, max_batch_events=300)
+    for start in range(0, 2000, 100):  # queued before the bus runs: one backlog of 20 messages
+        await bus.emit_many(lines(100, start))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            await nursery.start(bus.run)
+            last = await bus.publish("log")
+            nursery.cancel_scope.cancel()
+    assert last.id == 2001
+    stats = bus.statistics()
+    assert stats.batches == 2000 // 300 + 1  # 300 events a batch (and the publish)
+    assert stats.backlog == 0
+
+
+async def test_a_refused_batch_leaves_the_backlog_too(tmp_path: pathlib.Path) -> None:
+    """Emitted events the store refuses are logged and dropped: they do not stay counted."""
+    async with running_bus(tmp_path, max_backlog=10) as bus:
+
+        def refuse(db: Any) -> None:
+            raise StoreUnavailable("disk full (test)")
+
+        real_write = bus.store.write
+
+        async def refusing(fn: Any, **kwargs: Any) -> Any:
+            return await real_write(refuse, **kwargs)
+
+        bus.store.write = refusing  # type: ignore[method-assign]
+        for start in range(0, 100, 10):
+            await bus.emit_many(lines(10, start))
+        with pytest.raises(StoreUnavailable):
+            await bus.publish("log")
+        assert bus.statistics().backlog == 0

@@ -8,11 +8,15 @@ agent received (the fake logs every invocation) and the processes left.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import trio
+
+from lokid.actors.session import SessionActor
+from lokid.actors.store import StoreActor, StoreUnavailable
 
 from .sessions_kit import (
     eventually,
@@ -23,6 +27,8 @@ from .sessions_kit import (
     live_members,
     make_project,
 )
+
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -580,3 +586,176 @@ async def test_a_start_beyond_max_sessions_is_a_503_and_stores_nothing(
             "the stopped session's child is gone",
         )
         assert (await lab_.post("/api/sessions", {"prd": str(other / "prd.md")})).status_code == 201
+
+
+# -- the store refuses writes (disk full): hold, don't crash --------------------------------
+
+
+class FullDiskStore(StoreActor):
+    """A store whose disk can be made "full": every write is refused like SQLITE_FULL
+    (nothing committed, `StoreUnavailable`) and `writable` says so, until `full` is False."""
+
+    full = False
+
+    def _refuse(self) -> None:
+        if self.full:
+            raise StoreUnavailable("store: nothing of this write was committed: disk full (test)")
+
+    async def write(self, fn: Callable[[Any], T], *, timeout: float = 10.0) -> T:
+        self._refuse()
+        return await super().write(fn, timeout=timeout)
+
+    async def write_alone(
+        self, fn: Callable[[Any], T], *, timeout: float = 10.0, sync_follows: bool = False
+    ) -> T:
+        self._refuse()
+        return await super().write_alone(fn, timeout=timeout, sync_follows=sync_follows)
+
+    @property
+    def writable(self) -> bool:
+        return super().writable and not self.full
+
+    @property
+    def unwritable_reason(self) -> str | None:
+        return "disk full (test)" if self.full else super().unwritable_reason
+
+
+@pytest.fixture
+def full_disk_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lokid.daemon.StoreActor", FullDiskStore)
+
+
+def disk_of(lab_: Any) -> FullDiskStore:
+    store = lab_.daemon.store
+    assert isinstance(store, FullDiskStore)
+    return store
+
+
+async def test_a_store_refusing_writes_holds_the_session_which_then_goes_on(
+    tmp_path: Path, agent_log: Path, full_disk_store: None
+) -> None:
+    prd = "# App\n\n## Features\n- First [mode:slow] [seconds:3]\n- Second\n"
+    project = make_project(tmp_path, prd)
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md"), "projectDir": str(project)}))[
+            "id"
+        ]
+        await lab_.wait_event(sid, "agent.output")
+        actor = lab_.daemon.sessions._live[sid]
+        disk_of(lab_).full = True
+        # Its next output line cannot be stored: the agent is stopped and the session holds.
+        await eventually(lambda: actor.statistics().held, "the session holds")
+        pgid = invocations(agent_log)[0]["pgid"]
+        await eventually(lambda: not live_members(pgid), "the agent's group is gone")
+        await trio.sleep(1.0)  # held, not crashed, not failed
+        assert lab_.daemon.sessions._live.get(sid) is actor and actor.statistics().held
+        assert (await lab_.session(sid))["status"] == "running"
+        assert lab_.daemon.sessions.statistics().session_crashes == 0
+        assert len(invocations(agent_log)) == 1  # no run starts while held
+
+        disk_of(lab_).full = False
+        session = await lab_.wait_status(sid, "completed", "failed")
+        assert session["status"] == "completed", session
+        tasks = await lab_.tasks(sid)
+        assert [t["status"] for t in tasks] == ["completed", "completed"]
+        assert sorted(t["attempts"] for t in tasks) == [1, 2], tasks  # the cut run, again
+        warnings = await lab_.events(sid, "warning")
+        (held,) = [w for w in warnings if w["data"]["reason"] == "store_unwritable"]
+        assert held["data"]["heldSeconds"] >= 1.0
+        assert "disk full (test)" in held["data"]["message"]
+        assert actor.statistics().holds == 1
+        assert lab_.daemon.sessions.statistics().session_crashes == 0
+        assert lab_.daemon.core_problems() == {}
+    assert len(invocations(agent_log)) == 3  # the cut run again, then the second task
+
+
+async def test_a_stop_the_store_refuses_still_stops_the_agent_and_is_recorded_later(
+    tmp_path: Path, agent_log: Path, full_disk_store: None
+) -> None:
+    project = make_project(tmp_path, "# App\n\n## Features\n- Forever [mode:hang]\n- Next\n")
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md"), "projectDir": str(project)}))[
+            "id"
+        ]
+        await lab_.wait_event(sid, "agent.spawned")
+        await eventually(lambda: bool(invocations(agent_log)), "the agent logged its start")
+        pgid = invocations(agent_log)[0]["pgid"]
+        actor = lab_.daemon.sessions._live[sid]
+        disk_of(lab_).full = True  # a silent agent: nothing is written until the stop
+        answer = await lab_.post(f"/api/sessions/{sid}/stop")
+        assert answer.status_code == 503, answer.text
+        assert "stops anyway" in answer.json()["error"]["message"]
+        await eventually(lambda: not live_members(pgid), "the agent's group is gone")
+        await eventually(lambda: actor.statistics().held, "the session holds its end")
+        assert actor.status.value == "stopping"
+        assert (await lab_.session(sid))["status"] == "running"  # what the store has
+        again = await lab_.post(f"/api/sessions/{sid}/stop")  # still legal, still refused
+        assert again.status_code == 503, again.text
+
+        disk_of(lab_).full = False
+        session = await lab_.wait_status(sid, "stopped", "failed", "completed")
+        assert (session["status"], session["exitReason"]) == ("stopped", "stopped")
+        assert [t["status"] for t in await lab_.tasks(sid)] == ["pending", "pending"]
+        (stopped,) = await lab_.events(sid, "session.stopped")
+        assert stopped["data"]["survivors"] == []
+        types = [e["type"] for e in await lab_.events(sid, "warning", "session.*")]
+        assert types[-2:] == ["warning", "session.stopped"]
+    assert len(invocations(agent_log)) == 1
+
+
+async def test_failing_a_crashed_session_waits_for_the_store_instead_of_crashing_the_manager(
+    tmp_path: Path, agent_log: Path, full_disk_store: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"n": 0}
+    store: list[FullDiskStore] = []
+
+    def broken(*args: Any, **kwargs: Any) -> str:
+        calls["n"] += 1
+        if calls["n"] == 3:  # the last crash: failing the session now needs a full disk
+            store[0].full = True
+        raise RuntimeError("a bug in the runner")
+
+    monkeypatch.setattr("lokid.actors.session.build_prompt", broken)
+    project = make_project(tmp_path)
+    async with lab(tmp_path / "home") as lab_:
+        store.append(disk_of(lab_))
+        sid = (await lab_.create({"prd": str(project / "prd.md"), "projectDir": str(project)}))[
+            "id"
+        ]
+        await eventually(lambda: calls["n"] == 3, "the third crash")
+        await trio.sleep(2.0)  # several refused tries to record the failure
+        manager = lab_.daemon.sessions
+        assert manager.running and manager.statistics().session_crashes == 3
+        assert lab_.daemon.core_problems() == {"store": "not writable: disk full (test)"}
+        assert (await lab_.session(sid))["status"] == "running"
+
+        store[0].full = False
+        session = await lab_.wait_status(sid, "failed", "completed", timeout=10)
+        assert (session["status"], session["exitReason"]) == ("failed", "runnerCrashed")
+        assert session["tasks"]["active"] == 0
+        assert len(await lab_.events(sid, "session.failed")) == 1
+        assert lab_.daemon.core_problems() == {}
+
+
+async def test_a_runner_crash_for_an_unwritable_store_is_not_counted(
+    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = SessionActor._run
+    runs = {"n": 0}
+
+    async def refused_once(self: SessionActor) -> None:
+        runs["n"] += 1
+        if runs["n"] == 1:
+            raise StoreUnavailable("store: nothing of this write was committed (test)")
+        await real(self)
+
+    monkeypatch.setattr(SessionActor, "_run", refused_once)
+    project = make_project(tmp_path, "# App\n\n## Features\n- Only\n")
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md"), "projectDir": str(project)}))[
+            "id"
+        ]
+        session = await lab_.wait_status(sid, "completed", "failed")
+        assert session["status"] == "completed"
+        assert runs["n"] == 2  # restarted
+        assert lab_.daemon.sessions.statistics().session_crashes == 0

@@ -160,6 +160,7 @@ async def refusal(url: str, headers: list[tuple[bytes, bytes]] | None = None) ->
             with pytest.raises(ConnectionClosed) as closed:
                 await ws.get_message()
     reason = closed.value.reason
+    assert reason is not None
     return reason.code, (reason.reason or "").partition(":")[0]
 
 

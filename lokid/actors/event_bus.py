@@ -24,9 +24,20 @@ Theory of operation:
   stream replays from the store up to and including it.
 * **Retention** by count and age runs every `retention_interval` seconds in
   bounded deletes (`RETENTION_CHUNK` rows per transaction).
+* **Back-pressure in events, not messages.** `emit`/`emit_many` do not wait
+  for the commit, so they are bounded by the number of emitted events not
+  yet stored (`max_backlog`, `MAX_BACKLOG_EVENTS`): an emitter waits while
+  that many are in the mailbox or in the batch being stored (at most
+  `backlog_wait` seconds, `BACKLOG_WAIT`, then `AskTimeout`). One mailbox
+  message may carry up to `MAX_EMIT_MANY` events, so a bound in messages
+  alone let a flood of short agent lines queue millions. One batch stops
+  gathering once it holds `max_batch_events` (`MAX_BATCH_EVENTS`) events,
+  so storing, encoding and fanning out one batch holds the trio loop only
+  briefly.
 
 Mailbox: 4096 messages, BLOCK: a publisher burst back-pressures the
-publishers (internal actors) instead of growing memory or dropping events.
+publishers (internal actors) instead of growing memory or dropping events;
+emitted events are bounded as above.
 """
 
 from __future__ import annotations
@@ -44,7 +55,7 @@ import trio
 
 from lokid.actor import Actor, ActorStatistics, Call, Reply, WhenFull
 from lokid.actors.store import StoreActor
-from lokid.errors import LokiError, Unavailable
+from lokid.errors import AskTimeout, LokiError, Unavailable
 from lokid.events import (
     EncodedEvent,
     Event,
@@ -84,6 +95,17 @@ class PublishMany:
 
 MAX_EMIT_MANY = 512
 """Events in one `emit_many` message; a longer list is sent as several."""
+
+MAX_BACKLOG_EVENTS = 8192
+"""Emitted events not yet stored, at most: beyond it `emit`/`emit_many` wait (back-pressure)."""
+
+MAX_BATCH_EVENTS = 2048
+"""A batch stops gathering messages once it holds this many events: storing, encoding and
+fanning out one batch stays short, and one batch (at most this + `MAX_EMIT_MANY` - 1 events)
+never fills a subscriber's queue (4096 frames) on its own."""
+
+BACKLOG_WAIT = 30.0
+"""Seconds an emitter waits for room in the backlog before it gives up (`AskTimeout`)."""
 
 
 class SubscriberClosed(LokiError):
@@ -153,6 +175,10 @@ class EventBusStatistics(ActorStatistics):
     batches: int
     tail_size: int
     retention_deleted: int
+    backlog: int
+    """Emitted events not yet stored (at most `max_backlog` plus one message per emitter)."""
+    backlog_waits: int
+    """Times an emitter waited for room in the backlog (back-pressure)."""
 
 
 @attrs.frozen
@@ -177,6 +203,9 @@ class EventBus(Actor[Any]):
         subscriber_queue: int = 4096,
         max_subscribers: int = 10_000,
         max_batch: int = 512,
+        max_batch_events: int = MAX_BATCH_EVENTS,
+        max_backlog: int = MAX_BACKLOG_EVENTS,
+        backlog_wait: float = BACKLOG_WAIT,
         retention_count: int = 100_000,
         retention_seconds: float = 7 * 86400,
         retention_interval: float = 60.0,
@@ -187,6 +216,9 @@ class EventBus(Actor[Any]):
         self.subscriber_queue = subscriber_queue
         self.max_subscribers = max_subscribers
         self.max_batch = max_batch
+        self.max_batch_events = max_batch_events
+        self.max_backlog = max_backlog
+        self.backlog_wait = backlog_wait
         self.retention_count = retention_count
         self.retention_seconds = retention_seconds
         self.retention_interval = retention_interval
@@ -200,6 +232,9 @@ class EventBus(Actor[Any]):
         self._published = 0
         self._batches = 0
         self._retention_deleted = 0
+        self._backlog = 0  # emitted events in the mailbox or in the batch being stored
+        self._room = trio.Event()  # set (and replaced) whenever the backlog shrinks
+        self._backlog_waits = 0
 
     # -- publishing ---------------------------------------------------------------
 
@@ -251,27 +286,56 @@ class EventBus(Actor[Any]):
     ) -> None:
         """Publish without waiting for the commit (high-rate sources, e.g. agent output).
 
-        Waits only while the mailbox is full (back-pressure). The event is
-        stored and delivered in order with every other publish; if the store
-        refuses the batch it is logged, since nobody is waiting to be told.
+        Waits only while `max_backlog` emitted events are not stored yet, or the
+        mailbox is full (back-pressure). The event is stored and delivered in
+        order with every other publish; if the store refuses the batch it is
+        logged, since nobody is waiting to be told.
         """
         payload = dict(data or {})
         check_publishable(type, payload)
-        await self.tell(Publish(type, session_id, level, payload))
+        await self._emit_message(Publish(type, session_id, level, payload), 1)
 
     async def emit_many(
         self, events: Sequence[tuple[str, str | None, Level, Mapping[str, Any]]]
     ) -> None:
         """`emit` each of `events` ((type, session id, level, data)), in order, with one
         mailbox message per `MAX_EMIT_MANY`: a batch of agent output costs the bus one
-        hop instead of one per line."""
+        hop instead of one per line. Each message waits for room in the backlog."""
         items = []
         for type, session_id, level, data in events:
             payload = dict(data)
             check_publishable(type, payload)
             items.append(Publish(type, session_id, level, payload))
         for start in range(0, len(items), MAX_EMIT_MANY):
-            await self.tell(PublishMany(tuple(items[start : start + MAX_EMIT_MANY])))
+            chunk = tuple(items[start : start + MAX_EMIT_MANY])
+            await self._emit_message(PublishMany(chunk), len(chunk))
+
+    async def _emit_message(self, message: Publish | PublishMany, count: int) -> None:
+        """Send `count` emitted events once they fit under `max_backlog` (one message
+        always fits into an empty backlog); `AskTimeout` after `backlog_wait` s."""
+        if self._backlog and self._backlog + count > self.max_backlog:
+            self._backlog_waits += 1
+            with trio.move_on_after(self.backlog_wait):
+                while self._backlog and self._backlog + count > self.max_backlog:
+                    await self._room.wait()
+            if self._backlog and self._backlog + count > self.max_backlog:
+                raise AskTimeout(
+                    f"{self.name}: {self._backlog} emitted events still unstored after "
+                    f"{self.backlog_wait:g} s"
+                )
+        self._backlog += count  # no checkpoint since the check: the bound holds
+        try:
+            await self.tell(message)
+        except BaseException:  # not sent (trio: a cancelled send sent nothing)
+            self._unbacklog(count)
+            raise
+
+    def _unbacklog(self, count: int) -> None:
+        if not count:
+            return
+        self._backlog -= count
+        self._room.set()
+        self._room = trio.Event()
 
     # -- subscribing --------------------------------------------------------------
 
@@ -464,11 +528,19 @@ class EventBus(Actor[Any]):
             nursery.start_soon(self._retention_loop)
             while (message := await self.next_message()) is not None:
                 batch = [message]
+                events = _event_count(message)
                 while (
-                    len(batch) < self.max_batch and (more := self.next_message_nowait()) is not None
+                    len(batch) < self.max_batch
+                    and events < self.max_batch_events
+                    and (more := self.next_message_nowait()) is not None
                 ):
                     batch.append(more)
-                await self._publish_batch(batch)
+                    events += _event_count(more)
+                emitted = sum(_emitted_count(m) for m in batch)
+                try:
+                    await self._publish_batch(batch)
+                finally:  # stored, refused or crashed: no longer in the backlog
+                    self._unbacklog(emitted)
             nursery.cancel_scope.cancel()
 
     async def _publish_batch(self, batch: list[Any]) -> None:
@@ -623,7 +695,21 @@ class EventBus(Actor[Any]):
             batches=self._batches,
             tail_size=len(self._tail),
             retention_deleted=self._retention_deleted,
+            backlog=self._backlog,
+            backlog_waits=self._backlog_waits,
         )
+
+
+def _event_count(message: Any) -> int:
+    """Events a mailbox message carries (for the batch's `max_batch_events`)."""
+    return len(message.items) if isinstance(message, PublishMany) else 1
+
+
+def _emitted_count(message: Any) -> int:
+    """Events of a message counted in the backlog: those of `emit`/`emit_many`."""
+    if isinstance(message, PublishMany):
+        return len(message.items)
+    return 1 if isinstance(message, Publish) else 0
 
 
 @attrs.frozen

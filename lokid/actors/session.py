@@ -43,6 +43,19 @@ Theory of operation:
 * **daemon shutdown** (`on_stop_requested`): like stop, but the session
   ends `interrupted` (`daemon_restart`; a paused one stays paused), so the
   next daemon continues it on `resume` or with `LOKI_RESUME_ON_START`.
+* **The store refuses writes** (`StoreUnavailable`: disk full, read-only,
+  I/O error): hold, don't crash. The runner's work is cancelled like a
+  stop's (every agent is stopped: group SIGTERM, grace, SIGKILL; an agent
+  whose output the store can no longer take is stopped at its next pipe
+  read), everything in memory is kept, and the session waits, in ticks of
+  `HOLD_POLL` seconds, until `store.writable` again (the store probes by
+  itself). Then a `warning` (`reason: store_unwritable`) says how long it
+  was held, the tasks cut off go back to `pending` (their attempt counts)
+  and the work goes on. The mailbox keeps serving meanwhile: a command
+  whose write is refused answers 503, except `stop`, which is taken in
+  memory anyway (503 too, saying so): the work stays cancelled and
+  `stopped` is recorded once the store takes writes. On daemon shutdown a
+  held session's end is not recorded; the next start reconciles it.
 * `.loki/` files: `PAUSE` appearing pauses, its removal resumes a session
   paused by it; API pause/resume create/remove it (other tools see the
   state). `STOP` is consumed and stops. `HUMAN_INPUT.md` is consumed as
@@ -79,7 +92,7 @@ from lokid import __version__, lokidir, providers, sandbox, worktree
 from lokid.actor import Actor, ActorStatistics, WhenFull
 from lokid.actors.agent_pool import AgentPool, PoolBusy, Slot
 from lokid.actors.event_bus import EventBus
-from lokid.actors.store import StoreActor
+from lokid.actors.store import StoreActor, StoreUnavailable
 from lokid.agent_host import AgentRun, AgentSpec, EndReason, RunResult, Stream
 from lokid.errors import LokiError
 from lokid.events import Level
@@ -106,6 +119,8 @@ log = logging.getLogger("lokid.sessions")
 MAX_REMEMBERED_WARNINGS = 256
 
 CONTROL_MIN_INTERVAL = 0.1  # seconds between two looks at the control files
+
+HOLD_POLL = 0.5  # seconds between two looks at `store.writable` while held
 
 _RNG = random.Random()  # retry jitter; one for all sessions (seeding one each costs ~1 ms)
 
@@ -184,6 +199,9 @@ class SessionStatistics(ActorStatistics):
     workers: int
     runs: int
     cost_usd: float
+    held: bool
+    """Held: the store refused a write and the session waits until it takes writes again."""
+    holds: int
 
 
 # -- the actor --------------------------------------------------------------------------
@@ -253,6 +271,9 @@ class SessionActor(Actor[Any]):
         self._runs = 0
         self._retries = 0
         self._last_exit_code = 0
+        self._held_since: float | None = None  # trio time the current hold began
+        self._held_cause = ""
+        self._holds = 0
 
     # -- what the manager reads ------------------------------------------------------
 
@@ -279,6 +300,8 @@ class SessionActor(Actor[Any]):
             workers=len(self._workers),
             runs=self._runs,
             cost_usd=self.cost_usd,
+            held=self._held_since is not None,
+            holds=self._holds,
         )
 
     # -- the task -------------------------------------------------------------------
@@ -341,6 +364,7 @@ class SessionActor(Actor[Any]):
         data: Mapping[str, Any] | None = None,
         also: Callable[[sqlite_utils.Database], object] | None = None,
         before: Sequence[EventArgs] = (),
+        in_memory_if_unstored: bool = False,
         **fields: Any,
     ) -> dict[str, Any]:
         """Apply `trigger`: the state machine decides, then the change and its event
@@ -348,7 +372,10 @@ class SessionActor(Actor[Any]):
 
         `also` runs in that transaction before the session row changes;
         `before` are emitted just ahead of the transition's event (bootstrap:
-        the tasks, their `task.created` and `session.started`).
+        the tasks, their `task.created` and `session.started`). With
+        `in_memory_if_unstored`, a transition the store refuses
+        (`StoreUnavailable`, re-raised) is still applied in memory: the caller
+        has it recorded later (a stop: by the final transition).
         """
         async with self._lock:
             transition = step(self.lifecycle.status, trigger)  # IllegalTransition: nothing changed
@@ -374,29 +401,50 @@ class SessionActor(Actor[Any]):
 
             if before:
                 await self.bus.emit_many(before)
-            if transition.event is None:
-                session = await self.store.write(write)
-            else:
-                _, session = await self.bus.publish_with(
-                    write,
-                    transition.event,
-                    self.id,
-                    _LEVEL_FOR_EVENT.get(transition.event, Level.INFO),
-                    {"status": transition.after.value, **(data or {})},
-                )
+            try:
+                if transition.event is None:
+                    session = await self.store.write(write)
+                else:
+                    _, session = await self.bus.publish_with(
+                        write,
+                        transition.event,
+                        self.id,
+                        _LEVEL_FOR_EVENT.get(transition.event, Level.INFO),
+                        {"status": transition.after.value, **(data or {})},
+                    )
+            except StoreUnavailable:
+                if in_memory_if_unstored:
+                    self.lifecycle.fire(trigger)
+                    self._poke()
+                raise
             self.lifecycle.fire(trigger)
         self._poke()
         self._mirror_dirty.set()
         return session
 
     async def _stop(self, source: str) -> dict[str, Any]:
-        session = await self._fire(Trigger.STOP, data={"source": source})
+        try:
+            session = await self._fire(
+                Trigger.STOP, data={"source": source}, in_memory_if_unstored=True
+            )
+        except StoreUnavailable as exc:
+            # Stop anyway: the agents go now, `stopped` is recorded once the store
+            # takes writes again (`_finish`). The caller hears both.
+            self._cancel_work(source)
+            raise StoreUnavailable(
+                f"{exc.message}; the session stops anyway: its agents are stopped now, and "
+                "it is recorded stopped once the store takes writes again",
+                details={**exc.details, "status": self.status.value},
+            ) from None
+        self._cancel_work(source)
+        return session
+
+    def _cancel_work(self, source: str) -> None:
         self._stop_wanted = True
         self._stop_source = source
         if self._work_scope is not None:
             self._work_scope.cancel()
         self._poke()
-        return session
 
     async def _add_input(self, text: str, source: str) -> dict[str, Any]:
         step(self.lifecycle.status, Trigger.INPUT)  # 409 unless running or paused
@@ -422,8 +470,8 @@ class SessionActor(Actor[Any]):
         if self.phase == phase:
             return
         previous = self.phase
-        self.phase = phase
         await self.store.write(lambda db: update_session(db, self.id, phase=phase))
+        self.phase = phase  # after the write: a refused one is written again on the retry
         if previous is not None:
             await self.bus.publish("phase.completed", self.id, Level.INFO, {"phase": previous})
         await self.bus.publish("phase.started", self.id, Level.INFO, {"phase": phase})
@@ -442,15 +490,34 @@ class SessionActor(Actor[Any]):
     # -- the runner --------------------------------------------------------------------
 
     async def _run(self) -> None:
+        # Not this session's first start (a crash restart of this actor, a resume,
+        # a paused session restored at daemon start): no run of it is alive now
+        # (slots stop their agents; reconciliation killed a dead daemon's), so
+        # tasks still marked active run again.
+        requeue = None if self.status is Status.STARTING else "run cut off: runner restarted"
         ending: Ending | None = None
-        if self.status is not Status.STARTING:
-            # Not this session's first start (a crash restart of this actor, a resume,
-            # a paused session restored at daemon start): no run of it is alive now
-            # (slots stop their agents; reconciliation killed a dead daemon's), so
-            # tasks still marked active run again.
-            await self.store.write(
-                lambda db: requeue_active_tasks(db, self.id, "run cut off: runner restarted")
-            )
+        while True:
+            refused: StoreUnavailable | None = None
+            try:
+                ending = await self._work(requeue)
+            except* StoreUnavailable as group:
+                refused = _first_leaf(group)
+            if refused is None:
+                break
+            # Hold, don't crash: the work was cancelled (its agents are stopped), the
+            # state in memory is kept; go on once the store takes writes again.
+            self._begin_hold(refused)
+            await self._hold(stop_ends_it=True)
+            if self._held_since is not None:  # stopping or shutting down while held
+                break
+            requeue = "run cut off: the store was not writable"
+        await self._finish(ending)
+
+    async def _work(self, requeue: str | None) -> Ending | None:
+        """Bootstrap (a new session) and development, until an ending or a stop."""
+        ending: Ending | None = None
+        if requeue is not None:
+            await self.store.write(lambda db: requeue_active_tasks(db, self.id, requeue))
         with trio.CancelScope() as self._work_scope:
             if self._stop_wanted or self._shutdown:
                 self._work_scope.cancel()
@@ -458,8 +525,74 @@ class SessionActor(Actor[Any]):
                 ending = await self._bootstrap()
             if ending is None:
                 ending = await self._develop()
-        with trio.CancelScope(shield=True):
-            await self._end(ending)
+        return ending
+
+    async def _finish(self, ending: Ending | None) -> None:
+        """Record the end; while the store refuses it, hold. On daemon shutdown a held
+        session gives up: the next start reconciles it from what the store has."""
+        while True:
+            if self._held_since is not None:
+                await self._hold(stop_ends_it=False)
+                if self._held_since is not None:
+                    log.warning(
+                        "%s: its end is not recorded, the store is not writable (%s); "
+                        "the next daemon start reconciles it",
+                        self.name,
+                        self._held_cause,
+                    )
+                    return
+            try:
+                with trio.CancelScope(shield=True):
+                    await self._end(ending)
+                return
+            except StoreUnavailable as exc:
+                self._begin_hold(exc)
+
+    # -- holding while the store refuses writes ---------------------------------------
+
+    def _begin_hold(self, cause: StoreUnavailable) -> None:
+        if self._held_since is not None:
+            return
+        self._held_since = trio.current_time()
+        self._held_cause = self.store.unwritable_reason or cause.message
+        self._holds += 1
+        log.warning(
+            "%s: held, the store is not writable (%s): its agents are stopped, and it goes "
+            "on once the store takes writes again",
+            self.name,
+            self._held_cause,
+        )
+
+    async def _hold(self, *, stop_ends_it: bool) -> None:
+        """Wait, in ticks of at most `HOLD_POLL` s, until the store takes writes and the
+        `warning` saying so is stored. Returns still held on daemon shutdown, and - with
+        `stop_ends_it` - when the session is to stop (its end holds in `_finish`)."""
+        while self._held_since is not None:
+            leaving = self._shutdown or (stop_ends_it and self._stop_wanted)
+            if not leaving:
+                await self._wait_change(HOLD_POLL)
+            if self.store.writable:
+                with contextlib.suppress(StoreUnavailable):
+                    await self._end_hold()
+            if leaving:
+                return
+
+    async def _end_hold(self) -> None:
+        assert self._held_since is not None
+        seconds = trio.current_time() - self._held_since
+        await self.bus.publish(
+            "warning",
+            self.id,
+            Level.WARNING,
+            {
+                "reason": "store_unwritable",
+                "message": f"the session was held for {seconds:.1f} s because the store "
+                f"was not writable: {self._held_cause}",
+                "heldSeconds": round(seconds, 3),
+            },
+        )
+        log.info("%s: the store takes writes again; held %.1f s", self.name, seconds)
+        self._held_since = None
 
     async def _end(self, ending: Ending | None) -> None:
         """The final transition. A stop may land while it is decided: then it wins."""
@@ -653,11 +786,15 @@ class SessionActor(Actor[Any]):
         self._pause_file_seen = controls.pause
         # A command may change the status while we wait for the lock or a thread:
         # then the file's request is refused like a late API call (it lost the race).
-        with contextlib.suppress(IllegalTransition):
-            if appeared and self.status is Status.RUNNING:
-                await self._fire(Trigger.PAUSE, data={"source": ".loki/PAUSE"})
-            elif vanished and self.status is Status.PAUSED:
-                await self._fire(Trigger.RESUME, data={"source": ".loki/PAUSE"})
+        try:
+            with contextlib.suppress(IllegalTransition):
+                if appeared and self.status is Status.RUNNING:
+                    await self._fire(Trigger.PAUSE, data={"source": ".loki/PAUSE"})
+                elif vanished and self.status is Status.PAUSED:
+                    await self._fire(Trigger.RESUME, data={"source": ".loki/PAUSE"})
+        except StoreUnavailable:
+            self._pause_file_seen = not controls.pause  # not taken: noticed again after the hold
+            raise
         if controls.human_input and self.status in (Status.RUNNING, Status.PAUSED):
             try:
                 note = await trio.to_thread.run_sync(lokidir.consume_human_input, self.paths)
@@ -702,7 +839,10 @@ class SessionActor(Actor[Any]):
             # session's whole life may fit in it).
             await trio.sleep(self.settings.mirror_interval)
             self._mirror_dirty = trio.Event()
-            await self._sync_loki(ingest=True)
+            try:
+                await self._sync_loki(ingest=True)
+            except StoreUnavailable as exc:  # the files follow at the next change
+                log.warning("%s: .loki/ update skipped: %s", self.name, exc.message)
 
     async def _ingest(self, known: set[str], *, force: bool) -> bool:
         """Take the tasks the agent appended to `queue/pending.json`; True if any.
@@ -937,7 +1077,7 @@ class SessionActor(Actor[Any]):
         finally:
             if run is not None and result is None:  # cut off: stop it before the slot goes
                 with trio.CancelScope(shield=True):
-                    result = await run.stop(self.settings.grace)
+                    result = await self._stop_unread(run)
             if result is not None:
                 self._survivors.extend(result.survivors)
         if result is None or run is None:
@@ -976,6 +1116,20 @@ class SessionActor(Actor[Any]):
         if tree is not None and not await self._merge(task, tree):
             return
         await self._task_completed(task, attempt)
+
+    async def _stop_unread(self, run: AgentRun) -> RunResult:
+        """Stop a run whose output is no longer read, discarding what it still prints:
+        with its buffer full, the host's pipe readers would hold up the end of the run."""
+        async with trio.open_nursery() as nursery:
+
+            async def discard() -> None:
+                async for _ in run.batches():
+                    pass
+
+            nursery.start_soon(discard)
+            result = await run.stop(self.settings.grace)
+            nursery.cancel_scope.cancel()
+        return result
 
     async def _merge(self, task: RunnerTask, tree: worktree.Worktree) -> bool:
         """Merge a parallel run's worktree; False (task back to pending) when it did not."""
@@ -1027,6 +1181,10 @@ class SessionActor(Actor[Any]):
                         events.append((spec.type, self.id, spec.level, data))
             if events:
                 await self.bus.emit_many(events)
+                if not self.store.writable:  # the bus only logs what it could not store
+                    raise StoreUnavailable(
+                        f"the agent's output cannot be stored: {self.store.unwritable_reason}"
+                    )
 
     async def _remember_resume_id(self, task_id: str, provider_session: str) -> None:
         """Kept so that a run cut off by a daemon crash is continued, not restarted."""
@@ -1205,6 +1363,13 @@ class SessionActor(Actor[Any]):
             )
         await self._set_phase("development")
         return False
+
+
+def _first_leaf(group: BaseExceptionGroup[StoreUnavailable]) -> StoreUnavailable:
+    leaf: StoreUnavailable | BaseExceptionGroup[StoreUnavailable] = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf
 
 
 @attrs.frozen

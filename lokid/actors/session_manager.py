@@ -4,7 +4,12 @@ It owns the **session supervisor** (`one_for_one`, `forget_finished`): one
 transient child per live session, running a `SessionActor`. A session actor
 that crashes is restarted and continues from the store; after
 `MAX_SESSION_CRASHES` crashes of one session the session is failed
-(`exitReason: runnerCrashed`) instead of crashing again.
+(`exitReason: runnerCrashed`) instead of crashing again. A crash with
+`StoreUnavailable` (the store refuses writes; the runner normally holds
+instead) is not counted: the actor is restarted once the store is writable
+again (waiting at most `UNWRITABLE_RESTART_WAIT` s). Failing a session here
+(`_fail_offline`) never raises the store's errors into the manager: it is
+logged and retried with backoff until the store takes it.
 
 Theory of operation:
 
@@ -51,12 +56,12 @@ import sqlite_utils
 import trio
 
 from lokid import idempotency, lokidir
-from lokid.actor import Actor, ActorStatistics, WhenFull
+from lokid.actor import Actor, ActorStatistics, WhenFull, exception_leaves
 from lokid.actors.agent_pool import AgentPool
 from lokid.actors.event_bus import EventBus
 from lokid.actors.session import Input, Pause, Resume, RunnerSettings, SessionActor, Stop
-from lokid.actors.store import StoreActor
-from lokid.errors import Conflict, LokiError, Unavailable
+from lokid.actors.store import StoreActor, StoreUnavailable
+from lokid.errors import ActorError, Conflict, LokiError, Unavailable
 from lokid.events import Level
 from lokid.session_records import (
     SessionRequest,
@@ -80,6 +85,10 @@ CREATE_ROUTE = "POST /api/sessions"
 MAX_SESSION_CRASHES = 3
 COMMAND_TIMEOUT = 30.0
 FINISH_WAIT_SECONDS = 10.0
+FAIL_RETRY_FIRST = 0.5  # seconds before `_fail_offline` tries again; doubles up to the cap
+FAIL_RETRY_CAP = 30.0
+UNWRITABLE_RESTART_WAIT = 60.0  # a StoreUnavailable crash: wait this long for writable, at most
+STORE_POLL = 0.5  # seconds between two looks at `store.writable`
 
 Command = Pause | Resume | Stop | Input
 
@@ -131,6 +140,7 @@ class SessionManager(Actor[Any]):
         self._finished_events: dict[str, trio.Event] = {}
         self._to_restore: list[str] = []
         self._to_resume: list[str] = []
+        self._background: trio.Nursery | None = None  # retries of `_fail_offline`
         self._created = 0
         self._reconciled = 0
         self._crash_total = 0
@@ -188,18 +198,21 @@ class SessionManager(Actor[Any]):
     async def serve(self) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.supervisor.run)
-            for session_id in self._to_restore:
-                try:
-                    await self._start_actor(session_id)
-                except Unavailable as exc:
-                    log.error("paused session %s has no actor: %s", session_id, exc)
-            for session_id in self._to_resume:
-                try:
-                    await self._offline(session_id, Resume(), source="LOKI_RESUME_ON_START")
-                except LokiError as exc:
-                    log.warning("could not resume %s at start: %s", session_id, exc)
-            while await self.next_message() is not None:
-                pass  # no messages: the API is methods
+            async with trio.open_nursery() as self._background:
+                for session_id in self._to_restore:
+                    try:
+                        await self._start_actor(session_id)
+                    except Unavailable as exc:
+                        log.error("paused session %s has no actor: %s", session_id, exc)
+                for session_id in self._to_resume:
+                    try:
+                        await self._offline(session_id, Resume(), source="LOKI_RESUME_ON_START")
+                    except LokiError as exc:
+                        log.warning("could not resume %s at start: %s", session_id, exc)
+                while await self.next_message() is not None:
+                    pass  # no messages: the API is methods
+                self._background.cancel_scope.cancel()  # a failure still unrecorded: reconciled
+            self._background = None
             for actor in list(self._live.values()):
                 actor.on_stop_requested()
             self.supervisor.request_stop()
@@ -247,12 +260,14 @@ class SessionManager(Actor[Any]):
                 await trio.to_thread.run_sync(_write_inline_prd, request)
             except LokiError as exc:
                 self._initial.pop(session_id, None)
-                await self._fail_offline(session_id, "bootstrapFailed", exc.message)
+                await self._fail_offline(
+                    session_id, "bootstrapFailed", exc.message, in_request=True
+                )
                 return status, answer
         try:
             await self._start_actor(session_id)
         except Unavailable as exc:  # recorded, but it cannot run: say so on the session
-            await self._fail_offline(session_id, "runnerUnavailable", exc.message)
+            await self._fail_offline(session_id, "runnerUnavailable", exc.message, in_request=True)
             raise
         return status, answer
 
@@ -282,9 +297,12 @@ class SessionManager(Actor[Any]):
         session = self._initial.pop(session_id, None)
         if session is None:
             session = await self.store.read(lambda db: get_session(db, session_id))
+        stopping: trio.Event | None = getattr(task_status, "shutdown_requested", None)
         if self._session_crashes.get(session_id, 0) >= MAX_SESSION_CRASHES:
             task_status.started(None)
-            await self._fail_offline(session_id, "runnerCrashed", "the session runner crashed")
+            await self._fail_offline(
+                session_id, "runnerCrashed", "the session runner crashed", stop=stopping
+            )
             return
         actor = SessionActor(
             session,
@@ -296,18 +314,40 @@ class SessionManager(Actor[Any]):
         )
         self._live[session_id] = actor
         self._finished_events[session_id] = trio.Event()
+        crash: Exception | None = None
         try:
             await actor.run(task_status=task_status)
-        except Exception:
-            self._session_crashes[session_id] = self._session_crashes.get(session_id, 0) + 1
-            self._crash_total += 1
-            log.exception("session %s crashed", session_id)
-            raise
+        except Exception as exc:
+            crash = exc
         finally:
             self._forget(actor)
             event = self._finished_events.pop(session_id, None)
             if event is not None:
                 event.set()
+        if crash is None:
+            return
+        if _store_refused(crash):
+            # Not the runner's fault, and a restart now would only meet it again.
+            log.warning(
+                "session %s stopped, the store is not writable (%s); it is restarted once "
+                "the store takes writes (not counted as a crash)",
+                session_id,
+                crash,
+            )
+            await self._until_writable(stopping)
+        else:
+            self._session_crashes[session_id] = self._session_crashes.get(session_id, 0) + 1
+            self._crash_total += 1
+            log.error("session %s crashed", session_id, exc_info=crash)
+        raise crash
+
+    async def _until_writable(self, stopping: trio.Event | None) -> None:
+        """Until `store.writable`, a shutdown, or `UNWRITABLE_RESTART_WAIT` s."""
+        stop = stopping or trio.Event()
+        with trio.move_on_after(UNWRITABLE_RESTART_WAIT):
+            while not self.store.writable and not stop.is_set():
+                with trio.move_on_after(STORE_POLL):  # no event for "writable again"
+                    await stop.wait()
 
     def _forget(self, actor: SessionActor) -> None:
         if self._live.get(actor.id) is actor:
@@ -364,7 +404,49 @@ class SessionManager(Actor[Any]):
                 raise
         return session
 
-    async def _fail_offline(self, session_id: str, reason: str, detail: str) -> None:
+    async def _fail_offline(
+        self,
+        session_id: str,
+        reason: str,
+        detail: str,
+        *,
+        stop: trio.Event | None = None,
+        in_request: bool = False,
+    ) -> None:
+        """Record a session without an actor `failed`, with its `session.failed`.
+
+        Never raises the store's errors: while the store refuses, it logs and
+        tries again after `FAIL_RETRY_FIRST` s, doubling up to `FAIL_RETRY_CAP`,
+        until the store takes it or `stop` is set. A request handler
+        (`in_request`) tries once and leaves the retries to the manager's task.
+        """
+        delay = FAIL_RETRY_FIRST
+        while not await self._try_fail_offline(session_id, reason, detail, delay):
+            if in_request:
+                if self._background is not None:
+                    self._background.start_soon(
+                        self._fail_offline_later, session_id, reason, detail
+                    )
+                return
+            if stop is None:
+                await trio.sleep(delay)
+            else:
+                with trio.move_on_after(delay):
+                    await stop.wait()
+                if stop.is_set():
+                    log.warning("session %s: not recorded failed before shutdown", session_id)
+                    return
+            delay = min(2 * delay, FAIL_RETRY_CAP)
+
+    async def _fail_offline_later(self, session_id: str, reason: str, detail: str) -> None:
+        await trio.sleep(FAIL_RETRY_FIRST)
+        await self._fail_offline(session_id, reason, detail)
+
+    async def _try_fail_offline(
+        self, session_id: str, reason: str, detail: str, retry_in: float
+    ) -> bool:
+        """One try of `_fail_offline`; False if the store refused it for now."""
+
         def write(db: sqlite_utils.Database) -> None:
             requeue_active_tasks(db, session_id, f"run cut off: {reason}")
             update_session(
@@ -376,13 +458,26 @@ class SessionManager(Actor[Any]):
                 last_error=detail,
             )
 
-        await self.store.write(write)
-        await self.bus.publish(
-            "session.failed",
-            session_id,
-            Level.ERROR,
-            {"status": "failed", "exitReason": reason, "detail": detail},
-        )
+        try:  # the change and its event in one transaction: a retry repeats neither
+            await self.bus.publish_with(
+                write,
+                "session.failed",
+                session_id,
+                Level.ERROR,
+                {"status": "failed", "exitReason": reason, "detail": detail},
+            )
+        except (Unavailable, ActorError) as exc:
+            log.warning(
+                "session %s: could not record it failed (%s): %s; trying again in %g s",
+                session_id,
+                reason,
+                exc,
+                retry_in,
+            )
+            return False
+        except LokiError as exc:  # not the store's state: trying again would not help
+            log.error("session %s: could not record it failed (%s): %s", session_id, reason, exc)
+        return True
 
     async def delete(self, session_id: str) -> None:
         """`DELETE /api/sessions/{id}`: 404, 409 while active, else the record goes."""
@@ -430,3 +525,10 @@ def _write_inline_prd(request: SessionRequest) -> None:
     assert request.prd_text is not None
     lokidir.init_loki_dir(request.project_dir)
     lokidir.atomic_write_bytes(request.prd_path, request.prd_text.encode("utf-8"))
+
+
+def _store_refused(exc: BaseException) -> bool:
+    """`exc` is `StoreUnavailable`, or a group of nothing else."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(isinstance(leaf, StoreUnavailable) for leaf in exception_leaves(exc))
+    return isinstance(exc, StoreUnavailable)
