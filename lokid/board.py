@@ -230,6 +230,8 @@ def _choice(value: Any, field: str, known: Sequence[str]) -> str:
 
 
 def _position(value: Any) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON has one number type: 3.0 is the integer 3
     if isinstance(value, bool) or not isinstance(value, int):
         raise _fail(f"position must be an integer, not {json_type_name(value)}", "position")
     if value < 0:

@@ -41,6 +41,7 @@ import enum
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -234,6 +235,15 @@ def _fail(message: str, field: str, **details: Any) -> ValidationFailed:
     return ValidationFailed(message, field=field, details=details or None)
 
 
+def _encodable(text: str, field: str) -> None:
+    """Refuse lone surrogates (JSON allows "\\ud800"): no file name, process argument or
+    SQLite text can hold one, so they would fail far from here (a 500, a crashed actor)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _fail(f"{field} contains an invalid character (a lone surrogate)", field) from None
+
+
 def _string(value: Any, field: str, limit: int) -> str:
     if not isinstance(value, str):
         raise _fail(f"{field} must be a string, not {json_type_name(value)}", field)
@@ -243,6 +253,7 @@ def _string(value: Any, field: str, limit: int) -> str:
         raise _fail(f"{field} is longer than {limit} characters", field, limit=limit)
     if "\0" in value:
         raise _fail(f"{field} contains a NUL character", field)
+    _encodable(value, field)
     return value
 
 
@@ -304,6 +315,8 @@ def _parse_options(raw: Any) -> tuple[SessionOptions, dict[str, Any]]:
         values["verify"] = _string(given["verify"], "options.verify", MAX_VERIFY_CHARS)
     if "command" in given:
         values["command"] = providers.validate_command(given["command"])
+        for index, arg in enumerate(values["command"]):
+            _encodable(arg, f"options.command[{index}]")
     return SessionOptions(**values), given
 
 
@@ -383,8 +396,21 @@ def _check_project_dir(path: Path) -> None:
         raise _fail(f"projectDir {path} is not writable by the daemon", field, path=str(path))
 
 
+def _expanded(text: str, field: str) -> Path:
+    """`text` as a path, `~` and `~user` expanded; a 422 for a user without a home."""
+    if not text.startswith("~"):
+        return Path(text)
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # "Could not determine home directory."
+        user = text[1:].partition("/")[0]
+        raise _fail(
+            f"{field}: cannot expand ~{user}: no such user (or no home directory)", field
+        ) from None
+
+
 def _absolute(text: str, field: str) -> Path:
-    path = Path(text).expanduser() if text.startswith("~") else Path(text)
+    path = _expanded(text, field)
     if not path.is_absolute():
         raise _fail(f"{field} must be an absolute path, got {text!r}", field)
     return path
@@ -448,7 +474,7 @@ def parse_session_request(
         prd_path = project_dir / PRD_TEXT_NAME
     else:
         assert prd_raw is not None
-        raw_path = Path(prd_raw).expanduser() if prd_raw.startswith("~") else Path(prd_raw)
+        raw_path = _expanded(prd_raw, "prd")
         if not raw_path.is_absolute():
             if project_dir is None:
                 raise _fail(
@@ -508,13 +534,16 @@ SESSION_STATUSES: tuple[str, ...] = tuple(s.value for s in Status)
 TASK_STATUSES: tuple[str, ...] = tuple(s.value for s in TaskStatus)
 
 
+_INTEGER = re.compile(r"-?[0-9]+")  # not str.isdigit(): "²" is a digit to it, not to int()
+
+
 def query_int(params: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:
     """An integer query parameter within [low, high]; `InvalidQuery` naming it otherwise."""
     raw = params.get(name)
     if raw is None:
         return default
     text = str(raw).strip()
-    if not text.isascii() or not text.lstrip("-").isdigit() or len(text) > 20:
+    if len(text) > 20 or not _INTEGER.fullmatch(text):
         raise InvalidQuery(f"{name} must be an integer, got {str(raw)[:50]!r}", field=name)
     value = int(text)
     if not low <= value <= high:
@@ -976,6 +1005,7 @@ def validate_input_message(body: Mapping[str, Any]) -> str:
         raise _fail(f"message must be a string, not {json_type_name(message)}", "message")
     if not message.strip():
         raise _fail("message must not be empty", "message")
+    _encodable(message, "message")
     size = len(message.encode("utf-8", errors="surrogatepass"))
     if size > MAX_INPUT_BYTES:
         raise _fail(

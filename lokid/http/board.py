@@ -32,7 +32,10 @@ import trio
 from lokid import board, idempotency
 from lokid.actors.store import StoreActor
 from lokid.http.surface import (
+    CONTROL,
+    IDEMPOTENCY_KEY,
     LeanResponse,
+    Link,
     Param,
     Scope,
     Surface,
@@ -41,6 +44,7 @@ from lokid.http.surface import (
     lean_json,
     path_param,
     query_params,
+    stripped_text,
 )
 
 log = logging.getLogger("lokid.http.board")
@@ -52,26 +56,48 @@ TASKS_ROUTE = "POST /api/tasks"
 
 # -- OpenAPI schemas ---------------------------------------------------------------------
 
-_NAME = {"type": "string", "minLength": 1, "maxLength": board.MAX_NAME_CHARS}
+_NAME = stripped_text(
+    board.MAX_NAME_CHARS, CONTROL, description="one line; surrounding white space is dropped"
+)
 _PATH = {
     "type": ["string", "null"],
     "maxLength": board.MAX_PATH_CHARS,
-    "description": "an existing folder: absolute or ~; stored resolved",
+    "pattern": "^[/~][^\\x00]*$",
+    "description": "an existing folder (else 422): absolute or ~; stored resolved",
 }
-_DESCRIPTION = {"type": ["string", "null"], "maxLength": board.MAX_DESCRIPTION_CHARS}
-_TITLE = {"type": "string", "minLength": 1, "maxLength": board.MAX_TITLE_CHARS}
+_DESCRIPTION = {
+    "type": ["string", "null"],
+    "maxLength": board.MAX_DESCRIPTION_CHARS,
+    "pattern": "^[^\\x00]*$",
+    "description": "free text; null is empty",
+}
+_TITLE = stripped_text(
+    board.MAX_TITLE_CHARS, CONTROL, description="one line; surrounding white space is dropped"
+)
 _COLUMN = {"type": "string", "enum": list(board.COLUMNS)}
 _STATUS = {
-    "type": "string",
-    "enum": list(board.STATUSES),
+    "type": ["string", "null"],
+    "enum": [*board.STATUSES, None],
     "description": "follows the column unless failed",
 }
-_PRIORITY = {"type": "string", "enum": list(board.PRIORITIES)}
+_PRIORITY = {"type": ["string", "null"], "enum": [*board.PRIORITIES, None]}
 _POSITION = {
-    "type": "integer",
+    "type": ["integer", "null"],
     "minimum": 0,
     "description": "0-based; past the end (or absent) = at the end",
 }
+_NULLABLE_COLUMN = {"type": ["string", "null"], "enum": [*board.COLUMNS, None]}
+STATUS_FOLLOWS_COLUMN: list[dict[str, Any]] = [
+    {
+        "if": {
+            "required": ["column", "status"],
+            "properties": {"column": {"const": column}, "status": {"type": "string"}},
+        },
+        "then": {"properties": {"status": {"enum": [status, board.FAILED]}}},
+    }
+    for column, status in board.COLUMN_STATUS.items()
+]
+"""Given both, a status other than failed must be the column's (a task in done is completed)."""
 
 PROJECT_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -95,7 +121,7 @@ TASK_SCHEMA: dict[str, Any] = {
         "description": {"type": "string"},
         "column": _COLUMN,
         "status": {"type": "string", "enum": list(board.STATUSES)},
-        "priority": _PRIORITY,
+        "priority": {"type": "string", "enum": list(board.PRIORITIES)},
         "position": {"type": "integer", "minimum": 0},
         "created_at": {"type": "string", "format": "date-time"},
         "updated_at": {"type": "string", "format": "date-time"},
@@ -128,13 +154,23 @@ PROJECT_UPDATE_BODY: dict[str, Any] = {
 }
 TASK_CREATE_BODY: dict[str, Any] = {
     "type": "object",
+    "description": "A null counts as left out.",
     "required": ["project_id", "title"],
     "additionalProperties": False,
+    "allOf": STATUS_FOLLOWS_COLUMN,
     "properties": {
-        "project_id": {"type": "string", "maxLength": board.MAX_ID_CHARS},
+        "project_id": {
+            "type": "string",
+            "maxLength": board.MAX_ID_CHARS,
+            "description": "an existing project (else 404)",
+        },
         "title": _TITLE,
         "description": _DESCRIPTION,
-        "column": {**_COLUMN, "default": "backlog"},
+        "column": {
+            **_NULLABLE_COLUMN,
+            "description": "default: the status's column (pending: backlog, active: "
+            "in_progress, completed: done), else backlog",
+        },
         "status": _STATUS,
         "priority": {**_PRIORITY, "default": "medium"},
         "position": _POSITION,
@@ -142,12 +178,17 @@ TASK_CREATE_BODY: dict[str, Any] = {
 }
 TASK_UPDATE_BODY: dict[str, Any] = {
     "type": "object",
+    "description": "Fields left out (or null) stay as they are.",
     "additionalProperties": False,
+    "allOf": STATUS_FOLLOWS_COLUMN,
     "properties": {
-        "title": _TITLE,
+        "title": {**_TITLE, "type": ["string", "null"]},
         "description": _DESCRIPTION,
-        "column": {**_COLUMN, "description": "another column: a move (to the end)"},
-        "status": _STATUS,
+        "column": {**_NULLABLE_COLUMN, "description": "another column: a move (to the end)"},
+        "status": {
+            **_STATUS,
+            "description": "without column: moves the task to the status's column (failed: stays)",
+        },
         "priority": _PRIORITY,
         "position": _POSITION,
     },
@@ -156,6 +197,7 @@ MOVE_BODY: dict[str, Any] = {
     "type": "object",
     "required": ["column"],
     "additionalProperties": False,
+    "allOf": STATUS_FOLLOWS_COLUMN,
     "properties": {
         "column": _COLUMN,
         "position": _POSITION,
@@ -167,11 +209,14 @@ MOVE_BODY: dict[str, Any] = {
 }
 
 IDEMPOTENCY = Param(
-    idempotency.HEADER, "header", description="the same key and body within 24 h: the first answer"
+    idempotency.HEADER,
+    "header",
+    IDEMPOTENCY_KEY,
+    description="the same key and body within 24 h: the first answer",
 )
 PAGE_PARAMS = (
     Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": board.MAX_LIMIT}),
-    Param("offset", "query", {"type": "integer", "minimum": 0}),
+    Param("offset", "query", {"type": "integer", "minimum": 0, "maximum": board.MAX_OFFSET}),
 )
 TASK_LIST_PARAMS = (
     Param("project_id", "query", {"type": "string", "pattern": "^proj-[0-9a-f]{12}$"}),
@@ -187,8 +232,21 @@ PROJECT_LIST_PARAMS = (
         {"type": "integer", "minimum": 1, "maximum": board.MAX_LIMIT},
         description="at most this many (absent: every project)",
     ),
-    Param("offset", "query", {"type": "integer", "minimum": 0}),
+    Param("offset", "query", {"type": "integer", "minimum": 0, "maximum": board.MAX_OFFSET}),
 )
+ID = "$response.body#/id"
+PROJECT_LINKS: dict[str, Link] = {
+    "GetProject": ("GET", "/api/projects/{id}", {"id": ID}),
+    "UpdateProject": ("PUT", "/api/projects/{id}", {"id": ID}),
+    "DeleteProject": ("DELETE", "/api/projects/{id}", {"id": ID}),
+    "ProjectTasks": ("GET", "/api/tasks", {"project_id": ID}),
+}
+TASK_LINKS: dict[str, Link] = {
+    "GetTask": ("GET", "/api/tasks/{id}", {"id": ID}),
+    "UpdateTask": ("PUT", "/api/tasks/{id}", {"id": ID}),
+    "MoveTask": ("POST", "/api/tasks/{id}/move", {"id": ID}),
+    "DeleteTask": ("DELETE", "/api/tasks/{id}", {"id": ID}),
+}
 
 
 def _announce(notify: Notify, kind: str, data: Mapping[str, Any]) -> None:
@@ -234,6 +292,7 @@ def _install_projects(surface: Surface, store: StoreActor, notify: Notify) -> No
         params=(IDEMPOTENCY,),
         request_body=PROJECT_CREATE_BODY,
         response_schema=PROJECT_SCHEMA,
+        links=PROJECT_LINKS,
         tags=tags,
         requires="write",
     )
@@ -346,6 +405,7 @@ def _install_tasks(surface: Surface, store: StoreActor, notify: Notify) -> None:
         params=(IDEMPOTENCY,),
         request_body=TASK_CREATE_BODY,
         response_schema=TASK_SCHEMA,
+        links=TASK_LINKS,
         tags=tags,
         requires="write",
     )

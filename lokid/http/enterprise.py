@@ -12,41 +12,107 @@ from typing import Any
 
 from quart import request
 
+from lokid import audit as audit_log
 from lokid.actors.audit_writer import AuditWriter
 from lokid.actors.store import StoreActor
 from lokid.audit import AuditQuery
 from lokid.http.gate import Gate
-from lokid.http.surface import Param, Surface, json_body
-from lokid.session_records import parse_list_query
-from lokid.tokens import SCOPES, count_tokens, create_token, list_tokens, revoke_token
+from lokid.http.surface import (
+    CONTROL,
+    SPACE,
+    Link,
+    Param,
+    Surface,
+    json_body,
+    stripped_text,
+)
+from lokid.session_records import MAX_LIMIT, MAX_OFFSET, parse_list_query, query_int
+from lokid.tokens import (
+    MAX_EXPIRES_DAYS,
+    MAX_NAME_CHARS,
+    SCOPES,
+    count_tokens,
+    create_token,
+    list_tokens,
+    revoke_token,
+)
 
 FEATURES = ("tokens", "audit", "registry")
 
-TOKEN_BODY = {
+TOKEN_BODY: dict[str, Any] = {
     "type": "object",
     "required": ["name", "scopes"],
     "additionalProperties": False,
     "properties": {
-        "name": {"type": "string", "minLength": 1, "maxLength": 100},
+        "name": stripped_text(
+            MAX_NAME_CHARS,
+            # Cc, line and paragraph separators, bidirectional controls (lokid.tokens)
+            f"{CONTROL}\\u2028\\u2029\\u202a-\\u202e\\u2066-\\u2069",
+            description="surrounding white space is dropped",
+        ),
         "scopes": {
             "type": "array",
             "minItems": 1,
-            "uniqueItems": True,
             "items": {"type": "string", "enum": list(SCOPES)},
+            "description": "a scope named twice counts once",
         },
-        "expires_days": {"type": ["integer", "null"], "minimum": 1, "maximum": 3650},
+        "expires_days": {
+            "type": ["integer", "null"],
+            "minimum": 1,
+            "maximum": MAX_EXPIRES_DAYS,
+            "description": "null or left out: never",
+        },
     },
 }
 PAGE_PARAMS = (
-    Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000}),
-    Param("offset", "query", {"type": "integer", "minimum": 0}),
+    Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
+    Param("offset", "query", {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET}),
 )
+_YEAR = "(?:[1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])"
+_DAY = "(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])"
+_HOUR = "(?:[01][0-9]|2[0-3])"
+_MINUTE = "[0-5][0-9]"
+TIMESTAMP = {
+    "type": "string",
+    "pattern": f"^[{SPACE}]*{_YEAR}-{_DAY}(?:T{_HOUR}:{_MINUTE}(?::{_MINUTE}"
+    f"(?:\\.[0-9]{{1,9}})?)?(?:Z|[+-]{_HOUR}:{_MINUTE}))?[{SPACE}]*$",
+}
+"""`lokid.audit.parse_timestamp`'s syntax. A date that is not on the calendar (February 30,
+or out of range once in UTC) is a 400 too, and so is an end at or before start."""
+ACTION = {
+    "anyOf": [
+        stripped_text(audit_log.MAX_FILTER_CHARS, "*"),
+        {
+            "type": "string",
+            "pattern": f"^[{SPACE}]*[A-Za-z0-9_-]{{1,{audit_log.MAX_FILTER_CHARS - 2}}}"
+            f"\\.\\*[{SPACE}]*$",
+        },
+    ]
+}
 AUDIT_PARAMS = (
-    Param("start", "query", description="ISO-8601 timestamp or date: entries at or after"),
-    Param("end", "query", description="ISO-8601 timestamp or date (that whole day): before"),
-    Param("action", "query", description="exact (session.stop) or a family (session.*)"),
+    Param(
+        "start",
+        "query",
+        TIMESTAMP,
+        description="entries at or after: a date (UTC) or a time with Z or +HH:MM",
+    ),
+    Param(
+        "end",
+        "query",
+        TIMESTAMP,
+        description="entries before: a date (that whole day) or a time with Z or +HH:MM",
+    ),
+    Param(
+        "action",
+        "query",
+        ACTION,
+        description="exact (session.stop) or a family (session.*); * only there",
+    ),
     *PAGE_PARAMS,
 )
+TOKEN_LINKS: dict[str, Link] = {
+    "RevokeToken": ("DELETE", "/api/enterprise/tokens/{id}", {"id": "$response.body#/id"}),
+}
 
 
 def install_enterprise(
@@ -76,6 +142,7 @@ def install_enterprise(
         "Create an API token (the raw token is in this answer only)",
         responses={201: "The token, with its secret", 422: "Invalid field (details.field)"},
         request_body=TOKEN_BODY,
+        links=TOKEN_LINKS,
         tags=tags,
         requires="admin",
     )
@@ -135,8 +202,9 @@ def install_enterprise(
             start=args.get("start"),
             end=args.get("end"),
             action=args.get("action"),
-            limit=args.get("limit"),
-            offset=args.get("offset"),
+            # checked here: AuditQuery's own check lets "--5" through to int()
+            limit=query_int(args, "limit", audit_log.DEFAULT_LIMIT, 1, audit_log.MAX_LIMIT),
+            offset=query_int(args, "offset", 0, 0, audit_log.MAX_OFFSET),
         )
         return await audit.list_entries(query)
 

@@ -14,10 +14,21 @@ import trio
 
 from lokid.actors.event_bus import EventBus, ReplayPlan, Subscriber, SubscriberClosed
 from lokid.errors import InvalidQuery, LokiError
-from lokid.events import EventFilter, make_filter, sse_comment, sse_retry, sse_unnumbered
+from lokid.events import (
+    EVENT_TYPES,
+    FAMILIES,
+    LEVEL_NAMES,
+    MAX_TYPES_IN_FILTER,
+    EventFilter,
+    make_filter,
+    sse_comment,
+    sse_retry,
+    sse_unnumbered,
+)
 from lokid.http.convert import api_converter
 from lokid.http.errors import ApiError
 from lokid.http.surface import (
+    BOOLEAN_PARAM,
     LeanResponse,
     Param,
     Receive,
@@ -27,13 +38,16 @@ from lokid.http.surface import (
     bool_param,
     int_param,
     json_response,
+    not_blank,
     query_params,
     send_error,
+    words,
 )
 
 RETRY_MS = 3000  # the `retry:` hint: how long browsers wait before reconnecting
 DEFAULT_HISTORY = 100
 MAX_HISTORY = 1000
+MAX_EVENT_ID = 2**63 - 1  # SQLite's INTEGER
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -42,15 +56,89 @@ SSE_HEADERS = [
 ]
 
 FILTER_PARAMS = (
-    Param("sessionId", "query", description="only events of this session"),
-    Param("types", "query", description="comma list of types; `task.*` matches a family"),
+    Param("sessionId", "query", not_blank(), description="only events of this session"),
+    Param(
+        "types",
+        "query",
+        {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": MAX_TYPES_IN_FILTER,
+            "items": {
+                "type": "string",
+                "enum": sorted(EVENT_TYPES) + sorted(f"{family}.*" for family in FAMILIES),
+            },
+        },
+        explode=False,
+        description="comma list of types; `task.*` matches a family",
+    ),
     Param(
         "minLevel",
         "query",
-        {"type": "string", "enum": ["debug", "info", "warning", "warn", "error"]},
-        description="lowest level delivered",
+        words(*LEVEL_NAMES),
+        description="lowest level delivered (any case)",
     ),
 )
+EVENT_ID = {"type": "integer", "minimum": 0, "maximum": MAX_EVENT_ID}
+
+ENVELOPE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "type", "timestamp", "sessionId", "level", "data"],
+    "additionalProperties": False,
+    "properties": {
+        "id": {"type": "integer", "minimum": 1},
+        "type": {"type": "string", "enum": sorted(EVENT_TYPES - {"stream.reset"})},
+        "timestamp": {"type": "string", "format": "date-time"},
+        "sessionId": {"type": ["string", "null"]},
+        "level": {"type": "string", "enum": [name for name in LEVEL_NAMES if name != "warn"]},
+        "data": {"type": "object"},
+    },
+}
+RESET_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["type", "data"],
+    "additionalProperties": False,
+    "properties": {
+        "type": {"const": "stream.reset"},
+        "data": {
+            "type": "object",
+            "required": ["reason", "lastEventId", "message"],
+            "properties": {
+                "reason": {"type": "string", "enum": ["unknown", "expired"]},
+                "lastEventId": {"type": "integer"},
+                "latestId": {"type": ["integer", "null"]},
+                "firstAvailableId": {"type": ["integer", "null"]},
+                "message": {"type": "string"},
+            },
+        },
+    },
+}
+SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "One event of the stream. `data` is an event envelope, or (without `id`, "
+    "before any other event) a stream.reset notice; `event` is `message`, or the type "
+    "with ?named=true. Comments (`: connected`, `: keep-alive`) and `retry:` carry no data.",
+    "required": ["data", "event"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"anyOf": [ENVELOPE_SCHEMA, RESET_SCHEMA]},
+        },
+        "event": {"type": "string", "enum": ["message", *sorted(EVENT_TYPES)]},
+        "id": {"type": "string", "pattern": "^[0-9]+$"},
+        "retry": {"type": "integer", "minimum": 0},
+    },
+}
+HISTORY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["events", "count", "limit"],
+    "properties": {
+        "events": {"type": "array", "items": ENVELOPE_SCHEMA},
+        "count": {"type": "integer", "minimum": 0},
+        "limit": {"type": "integer", "minimum": 1, "maximum": MAX_HISTORY},
+    },
+}
 
 
 def _filter(params: dict[str, str]) -> EventFilter:
@@ -74,16 +162,19 @@ def _history(params: dict[str, str]) -> int | None:
 
 
 def _last_event_id(scope: Scope, params: dict[str, str]) -> int | None:
+    query = int_param(params, "lastEventId", None, minimum=0, maximum=MAX_EVENT_ID)
     header = next((v for k, v in scope["headers"] if k == b"last-event-id"), None)
     if header is not None:
         text = header.decode("latin-1").strip()
-        if not text.isdigit():
+        # ASCII digits only: str.isdigit() also takes "²", which int() refuses
+        if not (text.isascii() and text.isdigit()) or int(text[:20]) > MAX_EVENT_ID:
             raise InvalidQuery(
-                f"Last-Event-ID must be an event id (an integer), got {text!r}",
+                f"Last-Event-ID must be an event id (an integer 0-{MAX_EVENT_ID}), "
+                f"got {text[:50]!r}",
                 field="Last-Event-ID",
             )
-        return int(text)
-    return int_param(params, "lastEventId", None, minimum=0, maximum=2**63 - 1)
+        return int(text)  # the header wins over the query (a browser's reconnect)
+    return query
 
 
 def install_events(surface: Surface, bus: EventBus, *, heartbeat: float) -> None:
@@ -96,11 +187,28 @@ def install_events(surface: Surface, bus: EventBus, *, heartbeat: float) -> None
         responses={200: "An endless text/event-stream", 503: "Too many streams"},
         params=(
             *FILTER_PARAMS,
-            Param("history", "query", description="`true` (last 100) or N (0-1000)"),
-            Param("named", "query", {"type": "boolean"}, description="add `event:` lines"),
-            Param("lastEventId", "query", {"type": "integer"}, description="as the header"),
-            Param("Last-Event-ID", "header", {"type": "integer"}, description="resume after"),
+            Param(
+                "history",
+                "query",
+                {
+                    "anyOf": [
+                        {"type": "integer", "minimum": 0, "maximum": MAX_HISTORY},
+                        words("true", "yes", "on", "false", "no", "off", blank=True),
+                    ]
+                },
+                description=f"true, yes, on or the bare name: the last {DEFAULT_HISTORY}; "
+                f"N: the last N (0-{MAX_HISTORY}); false, no, off: none",
+            ),
+            Param("named", "query", BOOLEAN_PARAM, description="add `event:` lines"),
+            Param("lastEventId", "query", EVENT_ID, description="as the header"),
+            Param(
+                "Last-Event-ID",
+                "header",
+                EVENT_ID,
+                description="resume after this id (wins over lastEventId)",
+            ),
         ),
+        event_schema=SSE_EVENT_SCHEMA,
         tags=tags,
         requires="read",
     )
@@ -135,19 +243,25 @@ def install_events(surface: Surface, bus: EventBus, *, heartbeat: float) -> None
         responses={200: "Events", 400: "Bad query value"},
         params=(
             *FILTER_PARAMS,
-            Param("after", "query", {"type": "integer"}, description="ids above this, first ones"),
-            Param("before", "query", {"type": "integer"}, description="ids below this"),
-            Param("limit", "query", {"type": "integer"}, description="1-1000, default 100"),
+            Param("after", "query", EVENT_ID, description="ids above this, first ones"),
+            Param("before", "query", EVENT_ID, description="ids below this"),
+            Param(
+                "limit",
+                "query",
+                {"type": "integer", "minimum": 1, "maximum": MAX_HISTORY},
+                description=f"default {DEFAULT_HISTORY}",
+            ),
         ),
+        response_schema=HISTORY_SCHEMA,
         tags=tags,
         requires="read",
     )
     async def history(scope: Scope) -> LeanResponse:
         params = query_params(scope)
         event_filter = _filter(params)
-        limit = int_param(params, "limit", 100, minimum=1, maximum=1000)
-        after = int_param(params, "after", None, minimum=0, maximum=2**63 - 1)
-        before = int_param(params, "before", None, minimum=0, maximum=2**63 - 1)
+        limit = int_param(params, "limit", DEFAULT_HISTORY, minimum=1, maximum=MAX_HISTORY)
+        after = int_param(params, "after", None, minimum=0, maximum=MAX_EVENT_ID)
+        before = int_param(params, "before", None, minimum=0, maximum=MAX_EVENT_ID)
         assert limit is not None
         events = await bus.history(event_filter, after=after, before=before, limit=limit)
         return json_response(

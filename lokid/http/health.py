@@ -23,8 +23,21 @@ HEALTH_SCHEMA = {
     "properties": {
         "status": {"type": "string", "enum": ["healthy", "unhealthy"]},
         "timestamp": {"type": "string", "format": "date-time"},
-        "details": {"type": "object"},
+        "details": {"type": "object", "description": "what is down (503)"},
     },
+}
+READY_SCHEMA = {
+    "type": "object",
+    "required": ["ready"],
+    "properties": {
+        "ready": {"type": "boolean"},
+        "details": {"type": "object", "description": "why not (503)"},
+    },
+}
+LIVE_SCHEMA = {
+    "type": "object",
+    "required": ["alive", "uptimeSeconds"],
+    "properties": {"alive": {"const": True}, "uptimeSeconds": {"type": "number", "minimum": 0}},
 }
 
 STATUS_SCHEMA = {
@@ -67,8 +80,9 @@ def install_health(surface: Surface, daemon: HealthSource) -> None:
         "GET",
         "/health",
         "Daemon health",
-        responses={200: "Healthy", 503: "Unhealthy"},
+        responses={200: "Healthy", 503: "Unhealthy (this body, not the error body)"},
         response_schema=HEALTH_SCHEMA,
+        content={503: {"application/json": HEALTH_SCHEMA}},
         tags=tags,
         requires=OPEN,
     )
@@ -84,7 +98,9 @@ def install_health(surface: Surface, daemon: HealthSource) -> None:
         "GET",
         "/health/ready",
         "Readiness probe",
-        responses={200: "Ready", 503: "Not ready"},
+        responses={200: "Ready", 503: "Not ready (this body, not the error body)"},
+        response_schema=READY_SCHEMA,
+        content={503: {"application/json": READY_SCHEMA}},
         tags=tags,
         requires=OPEN,
     )
@@ -99,6 +115,7 @@ def install_health(surface: Surface, daemon: HealthSource) -> None:
         "/health/live",
         "Liveness probe",
         responses={200: "Alive"},
+        response_schema=LIVE_SCHEMA,
         tags=tags,
         requires=OPEN,
     )

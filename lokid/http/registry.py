@@ -40,7 +40,11 @@ from lokid.actors.registry_scanner import (
 from lokid.errors import InvalidQuery, ValidationFailed
 from lokid.http.gate import Gate
 from lokid.http.surface import (
+    BOOLEAN_PARAM,
+    IDEMPOTENCY_KEY,
+    SPACE,
     LeanResponse,
+    Link,
     Param,
     Scope,
     Surface,
@@ -48,6 +52,8 @@ from lokid.http.surface import (
     int_param,
     json_body,
     json_response,
+    stripped_text,
+    words,
 )
 
 REGISTER_ROUTE = "POST /api/registry/projects"
@@ -114,20 +120,46 @@ REGISTER_BODY = {
     "properties": {
         "path": {
             "type": "string",
-            "minLength": 1,
-            "maxLength": fs.MAX_PATH_CHARS,
-            "description": "an existing folder: absolute or ~; stored as its real path",
+            # stripped: at most MAX_PATH_CHARS characters, no NUL, starting with / or ~
+            "pattern": f"^[{SPACE}]*[/~](?:[^\\x00]{{0,{fs.MAX_PATH_CHARS - 2}}}"
+            f"[^{SPACE}\\x00])?[{SPACE}]*$",
+            "description": "an existing folder (else 422): absolute or ~; stored as its real "
+            "path; surrounding white space is dropped",
         },
-        "name": {"type": ["string", "null"], "minLength": 1, "maxLength": MAX_NAME_CHARS},
+        "name": {
+            **stripped_text(MAX_NAME_CHARS),
+            "type": ["string", "null"],
+            "description": "default: the folder's name; surrounding white space is dropped",
+        },
     },
 }
 PAGE_PARAMS = (
     Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
-    Param("offset", "query", {"type": "integer", "minimum": 0}),
+    Param("offset", "query", {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET}),
 )
 IDEMPOTENCY = Param(
-    idempotency.HEADER, "header", description="the same key and body within 24 h: the first answer"
+    idempotency.HEADER,
+    "header",
+    IDEMPOTENCY_KEY,
+    description="the same key and body within 24 h: the first answer",
 )
+ROOT = {
+    "type": "string",
+    "maxLength": fs.MAX_PATH_CHARS,
+    "pattern": f"^[{SPACE}]*(?:[/~][^\\x00,]*)?$",
+}
+"""One root of `roots`: absolute or ~ once stripped (an empty one is skipped)."""
+LEARNING_WORDS = sorted(
+    {w for t in fs.LEARNING_TYPES for w in (t, t[:-1], t[:-2]) if fs.learning_type(w) == t}
+)
+"""What `type` of `/api/registry/learnings` takes (`lokid.registry.learning_type`)."""
+ID = "$response.body#/id"
+ENTRY_LINKS: dict[str, Link] = {
+    "GetEntry": ("GET", "/api/registry/projects/{id}", {"id": ID}),
+    "EntryHealth": ("GET", "/api/registry/projects/{id}/health", {"id": ID}),
+    "EntryTasks": ("GET", "/api/registry/tasks", {"project_id": ID}),
+    "UnregisterEntry": ("DELETE", "/api/registry/projects/{id}", {"id": ID}),
+}
 
 
 def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> None:
@@ -140,7 +172,12 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
         "Registered projects, newest first",
         responses={200: "A page of entries", 400: "Bad query value (details.field)"},
         params=(
-            Param("status", "query", {"type": "string", "enum": list(ENTRY_STATUSES)}),
+            Param(
+                "status",
+                "query",
+                {"type": "string", "enum": ["", *ENTRY_STATUSES]},
+                description="empty: no filter",
+            ),
             *PAGE_PARAMS,
         ),
         response_schema=_page_schema("projects", ENTRY_SCHEMA),
@@ -166,6 +203,7 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
         params=(IDEMPOTENCY,),
         request_body=REGISTER_BODY,
         response_schema=ENTRY_SCHEMA,
+        links=ENTRY_LINKS,
         tags=tags,
         requires="write",
     )
@@ -234,6 +272,8 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
             Param(
                 "roots",
                 "query",
+                {"type": "array", "maxItems": fs.MAX_ROOTS, "items": ROOT},
+                explode=False,
                 description="comma list (or repeated): absolute or ~ paths; default: config",
             ),
             Param(
@@ -242,7 +282,13 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
                 {"type": "integer", "minimum": fs.MIN_DEPTH, "maximum": fs.MAX_DEPTH},
                 description=f"folders below a root (default {fs.DEFAULT_DEPTH})",
             ),
-            Param("register", "query", {"type": "boolean"}, description="register what is new"),
+            Param(
+                "max_depth",
+                "query",
+                {"type": "integer", "minimum": fs.MIN_DEPTH, "maximum": fs.MAX_DEPTH},
+                description="another name of depth (depth wins)",
+            ),
+            Param("register", "query", BOOLEAN_PARAM, description="register what is new"),
         ),
         response_schema={
             "type": "object",
@@ -305,12 +351,22 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
             404: "An unknown project_id",
         },
         params=(
-            Param("project_id", "query", description="comma list (or repeated) of reg- ids"),
+            Param(
+                "project_id",
+                "query",
+                {
+                    "type": "array",
+                    "maxItems": MAX_PROJECT_IDS,
+                    "items": {"type": "string", "pattern": "^[^,]*$"},
+                },
+                explode=False,
+                description="comma list (or repeated) of reg- ids; an unknown one is 404",
+            ),
             Param(
                 "status",
                 "query",
-                {"type": "string", "enum": list(STATUS_FILTER)},
-                description="in_progress is active",
+                {"type": "string", "enum": ["", *STATUS_FILTER]},
+                description="in_progress is active; empty: no filter",
             ),
             *PAGE_PARAMS,
         ),
@@ -345,8 +401,24 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
         "Shared learnings ($LOKI_HOME/learnings/*.jsonl), newest first",
         responses={200: "A page of learnings, counts, errors", 400: "Bad query value"},
         params=(
-            Param("type", "query", {"type": "string", "enum": list(fs.LEARNING_TYPES)}),
-            Param("q", "query", description="text in description, category or project"),
+            Param(
+                "type",
+                "query",
+                {
+                    "anyOf": [
+                        {"const": ""},
+                        words(*LEARNING_WORDS),
+                    ]
+                },
+                description="patterns, mistakes or successes (any case, or singular); "
+                "empty: no filter",
+            ),
+            Param(
+                "q",
+                "query",
+                {"type": "string", "maxLength": MAX_QUERY_CHARS},
+                description="text in description, category or project; empty: no filter",
+            ),
             *PAGE_PARAMS,
         ),
         response_schema=_page_schema("learnings", {"type": "object"}),
@@ -387,7 +459,22 @@ def parse_register_body(body: Mapping[str, Any]) -> tuple[str, str | None]:
     name = body.get("name")
     if name is not None and not isinstance(name, str):
         raise ValidationFailed("name must be a string", field="name")
+    for field, text in (("path", path), ("name", name)):
+        if text is not None and not _encodable(text):
+            raise ValidationFailed(
+                f"{field} contains an invalid character (a lone surrogate)", field=field
+            )
     return path.strip(), name
+
+
+def _encodable(text: str) -> bool:
+    """Whether `text` is valid Unicode (JSON allows a lone "\\ud800"; no file name or
+    stored text can hold one)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_roots(pairs: Sequence[tuple[str, str]]) -> list[str] | None:
@@ -443,10 +530,12 @@ def _page(params: Mapping[str, str]) -> tuple[int, int]:
 
 
 def _depth(params: Mapping[str, str]) -> int:
-    name = "depth" if "depth" in params or "max_depth" not in params else "max_depth"
-    depth = int_param(params, name, fs.DEFAULT_DEPTH, minimum=fs.MIN_DEPTH, maximum=fs.MAX_DEPTH)
-    assert depth is not None
-    return depth
+    """`depth`, else its other name `max_depth`; either is checked whenever given."""
+    bounds = {"minimum": fs.MIN_DEPTH, "maximum": fs.MAX_DEPTH}
+    depth = int_param(params, "depth", None, **bounds)
+    other = int_param(params, "max_depth", None, **bounds)
+    chosen = depth if depth is not None else other
+    return fs.DEFAULT_DEPTH if chosen is None else chosen
 
 
 def _page_schema(items: str, item: Mapping[str, Any]) -> dict[str, Any]:

@@ -14,8 +14,13 @@ from lokid import idempotency
 from lokid.actors.session import Input, Pause, Resume, Stop
 from lokid.actors.session_manager import SessionManager
 from lokid.actors.store import StoreActor
+from lokid.config import PROVIDERS
 from lokid.http.surface import (
+    BOOLEAN_PARAM,
+    IDEMPOTENCY_KEY,
+    SPACE,
     LeanResponse,
+    Link,
     Param,
     Scope,
     Surface,
@@ -26,7 +31,21 @@ from lokid.http.surface import (
     path_param,
     query_params,
 )
+from lokid.providers import (
+    MAX_COMMAND_ARG_CHARS,
+    MAX_COMMAND_ARGS,
+    MAX_MODEL_CHARS,
+)
 from lokid.session_records import (
+    MAX_AGENTS,
+    MAX_DURATION_SECONDS,
+    MAX_INPUT_BYTES,
+    MAX_ITERATIONS,
+    MAX_LIMIT,
+    MAX_OFFSET,
+    MAX_PATH_CHARS,
+    MAX_VERIFY_CHARS,
+    SESSION_STATUSES,
     TASK_STATUSES,
     active_tasks,
     get_session,
@@ -39,10 +58,20 @@ from lokid.session_records import (
 )
 
 PAGE_PARAMS = (
-    Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000}),
-    Param("offset", "query", {"type": "integer", "minimum": 0}),
+    Param(
+        "limit",
+        "query",
+        {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
+        description="default 100",
+    ),
+    Param("offset", "query", {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET}),
 )
-SESSION_STATUS = Param("status", "query", description="filter by session status")
+SESSION_STATUS = Param(
+    "status",
+    "query",
+    {"type": "string", "enum": list(SESSION_STATUSES)},
+    description="filter by session status",
+)
 TASK_STATUS = Param("status", "query", {"type": "string", "enum": list(TASK_STATUSES)})
 
 
@@ -172,30 +201,83 @@ def install_task_reads(surface: Surface, store: StoreActor) -> None:
         )
 
 
-SESSION_BODY = {
+NO_NUL = "^[^\\x00]*$"
+
+
+def _text(most: int, **extra: Any) -> dict[str, Any]:
+    """A string field of a session body: 1..`most` characters, no NUL; null = left out."""
+    return {
+        "type": ["string", "null"],
+        "minLength": 1,
+        "maxLength": most,
+        "pattern": NO_NUL,
+        **extra,
+    }
+
+
+def _count(most: int) -> dict[str, Any]:
+    return {"type": ["integer", "null"], "minimum": 1, "maximum": most}
+
+
+SESSION_BODY: dict[str, Any] = {
     "type": "object",
+    "description": "Exactly one of prd and prdText. A null counts as left out. What a schema "
+    "cannot say is a 422 naming the field: the PRD file must exist and be UTF-8 text "
+    "(at most 5 MiB), projectDir an existing writable folder without an active session "
+    "(else 409), the provider's CLI (or bubblewrap, for sandbox) must be installed, "
+    "options.command is for provider command only (which needs it).",
     "additionalProperties": False,
+    "oneOf": [
+        {"required": ["prd"], "properties": {"prd": {"type": "string"}}},
+        {"required": ["prdText"], "properties": {"prdText": {"type": "string"}}},
+    ],
     "properties": {
-        "prd": {"type": "string", "description": "path of the PRD (absolute, or under projectDir)"},
-        "prdText": {"type": "string", "description": "the PRD itself, instead of prd"},
-        "projectDir": {"type": "string"},
-        "provider": {
-            "type": "string",
-            "enum": ["claude", "codex", "gemini", "aider", "cline", "opencode", "command"],
+        "prd": _text(
+            MAX_PATH_CHARS,
+            description="path of the PRD: absolute (or ~), or relative to projectDir",
+        ),
+        "prdText": {
+            "type": ["string", "null"],
+            "pattern": f"^[^\\x00]*[^{SPACE}\\x00][^\\x00]*$",
+            "description": "the PRD itself, instead of prd (needs projectDir): UTF-8 text "
+            "of at most 5 MiB, not only white space",
         },
+        "projectDir": _text(
+            MAX_PATH_CHARS,
+            pattern="^[/~][^\\x00]*$",
+            description="absolute (or ~); default: the PRD's nearest ancestor holding .git or "
+            ".loki, else its folder",
+        ),
+        "provider": {"type": ["string", "null"], "enum": [*PROVIDERS, None]},
         "options": {
-            "type": "object",
+            "type": ["object", "null"],
             "additionalProperties": False,
             "properties": {
-                "parallel": {"type": "boolean"},
-                "sandbox": {"type": "boolean"},
-                "maxAgents": {"type": "integer", "minimum": 1},
-                "maxIterations": {"type": "integer", "minimum": 1},
-                "maxDurationSeconds": {"type": "integer", "minimum": 1},
-                "budgetUsd": {"type": "number", "exclusiveMinimum": 0},
-                "model": {"type": "string"},
-                "verify": {"type": "string"},
-                "command": {"type": "array", "items": {"type": "string"}},
+                "parallel": {"type": ["boolean", "null"]},
+                "sandbox": {"type": ["boolean", "null"]},
+                "maxAgents": _count(MAX_AGENTS),
+                "maxIterations": _count(MAX_ITERATIONS),
+                "maxDurationSeconds": _count(MAX_DURATION_SECONDS),
+                "budgetUsd": {"type": ["number", "null"], "exclusiveMinimum": 0},
+                "model": _text(
+                    MAX_MODEL_CHARS,
+                    pattern="^[A-Za-z0-9][A-Za-z0-9._:/@\\[\\]+-]*$",
+                    description="one model name",
+                ),
+                "verify": _text(MAX_VERIFY_CHARS, description="a shell command"),
+                "command": {
+                    "type": ["array", "null"],
+                    "minItems": 1,
+                    "maxItems": MAX_COMMAND_ARGS,
+                    "items": {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": MAX_COMMAND_ARG_CHARS,
+                        "pattern": NO_NUL,
+                    },
+                    "description": "provider command: the argv (no shell); {model} and "
+                    "{projectDir} are replaced, the prompt comes on stdin",
+                },
             },
         },
     },
@@ -204,12 +286,47 @@ INPUT_BODY = {
     "type": "object",
     "required": ["message"],
     "additionalProperties": False,
-    "properties": {"message": {"type": "string", "maxLength": 65536}},
+    "properties": {
+        "message": {
+            "type": "string",
+            "minLength": 1,
+            "pattern": f"[^{SPACE}]",
+            # A limit in bytes, which maxLength (characters) cannot state
+            "description": f"not only white space; at most {MAX_INPUT_BYTES} bytes as UTF-8 "
+            "(else 422)",
+        }
+    },
+}
+COMMAND_BODY = {
+    "type": "object",
+    "description": "Optional, and ignored; if sent, it must be a JSON object",
 }
 IDEMPOTENCY = Param(
-    idempotency.HEADER, "header", description="the same key and body within 24 h: the first answer"
+    idempotency.HEADER,
+    "header",
+    IDEMPOTENCY_KEY,
+    description="the same key and body within 24 h: the first answer",
 )
-NOW = Param("now", "query", {"type": "boolean"}, description="stop running agents too")
+NOW = Param("now", "query", BOOLEAN_PARAM, description="stop running agents too")
+ID = "$response.body#/id"
+SESSION_LINKS: dict[str, Link] = {
+    "GetSession": ("GET", "/api/sessions/{id}", {"id": ID}),
+    "SessionTasks": ("GET", "/api/sessions/{id}/tasks", {"id": ID}),
+    "StopSession": ("POST", "/api/sessions/{id}/stop", {"id": ID}),
+    "PauseSession": ("POST", "/api/sessions/{id}/pause", {"id": ID}),
+    "ResumeSession": ("POST", "/api/sessions/{id}/resume", {"id": ID}),
+    "SessionInput": ("POST", "/api/sessions/{id}/input", {"id": ID}),
+    "DeleteSession": ("DELETE", "/api/sessions/{id}", {"id": ID}),
+}
+CREATED_SCHEMA = {
+    "type": "object",
+    "required": ["id", "status", "createdAt"],
+    "properties": {
+        "id": {"type": "string", "pattern": "^session-[0-9a-z]+$"},
+        "status": {"type": "string", "enum": list(SESSION_STATUSES)},
+        "createdAt": {"type": "string", "format": "date-time"},
+    },
+}
 
 
 def install_session_writes(surface: Surface, manager: SessionManager) -> None:
@@ -227,6 +344,8 @@ def install_session_writes(surface: Surface, manager: SessionManager) -> None:
         },
         params=(IDEMPOTENCY,),
         request_body=SESSION_BODY,
+        response_schema=CREATED_SCHEMA,
+        links=SESSION_LINKS,
         tags=tags,
         requires="write",
     )
@@ -246,6 +365,7 @@ def install_session_writes(surface: Surface, manager: SessionManager) -> None:
                 409: "Illegal in the current status (details.status)",
             },
             params=params,
+            request_body=COMMAND_BODY,
             tags=tags,
             requires="write",
         )

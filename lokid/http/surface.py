@@ -32,7 +32,7 @@ from werkzeug.exceptions import HTTPException
 from lokid.actors.store import SYNC_FOLLOWS
 from lokid.errors import InvalidQuery, LokiError
 from lokid.http.convert import dumps
-from lokid.http.errors import ApiError
+from lokid.http.errors import STATUS_BY_CODE, ApiError
 from lokid.http.gate import (
     AUTHENTICATED,
     OPEN,
@@ -74,6 +74,11 @@ class Param:
     schema: Mapping[str, Any] = attrs.field(factory=lambda: {"type": "string"})
     required: bool = False
     description: str = ""
+    explode: bool | None = None  # an array in the query: False = one comma-separated value
+
+
+Link = tuple[str, str, Mapping[str, str]]
+"""An OpenAPI link of a route's 2xx answer: (method, path, {parameter: runtime expression})."""
 
 
 @attrs.frozen
@@ -91,11 +96,19 @@ class Route:
     lean: bool = False
     media_type: str = "application/json"
     requires: str = AUTHENTICATED  # what the gate demands: see lokid.http.gate.REQUIREMENTS
+    # status -> {media type: schema}: answers that are not the 2xx JSON default or the
+    # error body (a web page, an event stream, a probe's 503); {} = no body
+    content: Mapping[int, Mapping[str, Mapping[str, Any]]] = attrs.field(factory=dict)
+    links: Mapping[str, Link] = attrs.field(factory=dict)  # name -> link, on the 2xx answer
 
     @property
     def operation_id(self) -> str:
-        words = re.sub(r"[{}]", "", self.path).strip("/").replace("/", "_").replace("-", "_")
-        return f"{self.method.lower()}_{words or 'root'}"
+        return operation_id(self.method, self.path)
+
+
+def operation_id(method: str, path: str) -> str:
+    words = re.sub(r"[{}]", "", path).strip("/").replace("/", "_").replace("-", "_")
+    return f"{method.lower()}_{words or 'root'}"
 
 
 @attrs.frozen
@@ -116,18 +129,91 @@ def json_response(status: int, payload: Any) -> LeanResponse:
 ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["error"],
+    "additionalProperties": False,
     "properties": {
         "error": {
             "type": "object",
             "required": ["code", "message", "details"],
+            "additionalProperties": False,
             "properties": {
-                "code": {"type": "string"},
-                "message": {"type": "string"},
-                "details": {"type": "object"},
+                "code": {"type": "string", "enum": list(STATUS_BY_CODE)},
+                "message": {"type": "string", "minLength": 1},
+                "details": {
+                    "type": "object",
+                    "description": "field: the query parameter, header or body field at fault; "
+                    "required_scope (403); allowed (405); limit (413); reason (401, 403)",
+                },
+                "retry_after": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "RATE_LIMITED only: seconds, as the Retry-After header",
+                },
             },
         }
     },
 }
+
+# -- schema fragments: what the validators accept, in JSON Schema -----------------------
+
+SPACE = (
+    "\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a"
+    "\\u2028\\u2029\\u202f\\u205f\\u3000"
+)
+"""What `str.strip()` removes (`str.isspace()`), as the body of a regex class: spelled
+out, because `\\s` differs between regex engines (ECMA's lacks U+001C-U+001F)."""
+CONTROL = "\\x00-\\x1f\\x7f-\\x9f"
+"""Unicode category Cc, as the body of a regex class."""
+
+
+def stripped_text(most: int, forbidden: str = "", **extra: Any) -> dict[str, Any]:
+    """A string the server strips, then wants 1..`most` characters long, none `forbidden`
+    (a regex class body). Leading and trailing white space may be anything it strips."""
+    first = f"[^{SPACE}{forbidden}]"
+    middle = f"[^{forbidden}]" if forbidden else "[\\s\\S]"
+    pattern = f"^[{SPACE}]*{first}(?:{middle}{{0,{most - 2}}}{first})?[{SPACE}]*$"
+    return {"type": "string", "pattern": pattern, **extra}
+
+
+def not_blank(most: int | None = None, **extra: Any) -> dict[str, Any]:
+    """A string with something besides white space (the server checks `text.strip()`)."""
+    bounds = {"maxLength": most} if most is not None else {}
+    return {"type": "string", "minLength": 1, "pattern": f"[^{SPACE}]", **bounds, **extra}
+
+
+_UPPER = {"k": "K\\u212a"}  # str.lower() turns the Kelvin sign into k too
+
+
+def words(*choices: str, blank: bool = False, **extra: Any) -> dict[str, Any]:
+    """One of `choices`, compared after `strip().lower()`; `blank`: nothing but white
+    space is a valid value too."""
+
+    def any_case(word: str) -> str:
+        return "".join(f"[{c}{_UPPER.get(c, c.upper())}]" if c.isalpha() else c for c in word)
+
+    alternatives = "|".join(any_case(c) for c in choices) + ("|" if blank else "")
+    return {
+        "type": "string",
+        "pattern": f"^[{SPACE}]*(?:{alternatives})[{SPACE}]*$",
+        "examples": list(choices),
+        **extra,
+    }
+
+
+IDEMPOTENCY_KEY: dict[str, Any] = {
+    "type": "string",
+    "pattern": f"^[{SPACE}]*[!-~](?:[ -~]{{0,253}}[!-~])?[{SPACE}]*$",
+    "description": "1-255 printable ASCII characters (surrounding white space is dropped)",
+}
+"""The `Idempotency-Key` header as `lokid.idempotency.validate_key` reads it."""
+
+BOOLEAN_PARAM: dict[str, Any] = {
+    "anyOf": [
+        {"type": "boolean"},
+        words("1", "true", "yes", "on", "0", "false", "no", "off", blank=True),
+    ],
+    "description": "true: 1, true, yes, on, or the bare name; false: 0, false, no, off (any case)",
+}
+"""A query flag as `bool_param` reads it."""
 
 
 class Surface:
@@ -174,6 +260,9 @@ class Surface:
         response_schema: Mapping[str, Any] | None = None,
         tags: Iterable[str] = (),
         requires: str,
+        media_type: str = "application/json",
+        content: Mapping[int, Mapping[str, Mapping[str, Any]]] | None = None,
+        links: Mapping[str, Link] | None = None,
     ) -> Callable[[LeanHandler], LeanHandler]:
         """A handler answered before Quart: `scope -> LeanResponse`.
 
@@ -191,7 +280,10 @@ class Surface:
             response_schema=response_schema,
             tags=tuple(tags),
             lean=True,
+            media_type=media_type,
             requires=requires,
+            content=content or {},
+            links=links or {},
         )
         if "{" not in path:
             return self._declare(route, self._lean)
@@ -213,17 +305,22 @@ class Surface:
         responses: Mapping[int, str],
         params: Iterable[Param] = (),
         media_type: str = "text/event-stream",
+        event_schema: Mapping[str, Any] | None = None,
         tags: Iterable[str] = (),
         requires: str,
     ) -> Callable[[ASGIApp], ASGIApp]:
-        """A raw ASGI handler for a long-lived response (no framework on the hot path)."""
+        """A raw ASGI handler for a long-lived response (no framework on the hot path).
+
+        `event_schema` describes one event of the 200 stream (for `text/event-stream`,
+        as OpenAPI before 3.2 reads `schema`: `{data, event, id, retry}`).
+        """
         route = Route(
             method,
             path,
             summary,
             responses,
             tuple(params),
-            response_schema={"type": "string", "x-media-type": media_type},
+            response_schema=event_schema or {"type": "string"},
             tags=tuple(tags),
             lean=True,
             media_type=media_type,
@@ -243,6 +340,7 @@ class Surface:
         response_schema: Mapping[str, Any] | None = None,
         tags: Iterable[str] = (),
         requires: str,
+        links: Mapping[str, Link] | None = None,
     ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
         """An ordinary Quart view; `{name}` path segments become its arguments."""
         route = Route(
@@ -255,6 +353,7 @@ class Surface:
             response_schema,
             tuple(tags),
             requires=requires,
+            links=links or {},
         )
 
         def register(view: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -501,22 +600,26 @@ class Surface:
     def openapi(self) -> dict[str, Any]:
         paths: dict[str, dict[str, Any]] = {}
         for route in self.routes:
+            statuses = {
+                **route.responses,
+                **_COMMON_ERRORS,
+                **({} if route.requires == OPEN else _GATE_ERRORS),
+            }
+            responses = {
+                str(status): _response_doc(route, status, statuses[status])
+                for status in sorted(statuses)
+            }
+            if route.links:
+                success = min(s for s in statuses if 200 <= s < 300)
+                responses[str(success)]["links"] = {
+                    name: {"operationId": operation_id(method, path), "parameters": dict(values)}
+                    for name, (method, path, values) in route.links.items()
+                }
             operation: dict[str, Any] = {
                 "operationId": route.operation_id,
                 "summary": route.summary,
                 "tags": list(route.tags),
-                "responses": {
-                    str(status): _response_doc(
-                        status, text, route.response_schema, route.media_type
-                    )
-                    for status, text in sorted(
-                        {
-                            **route.responses,
-                            **_COMMON_ERRORS,
-                            **({} if route.requires == OPEN else _GATE_ERRORS),
-                        }.items()
-                    )
-                },
+                "responses": responses,
                 "security": [] if route.requires == OPEN else [{"bearerAuth": []}],
                 "x-required-scope": route.requires,
             }
@@ -526,21 +629,17 @@ class Surface:
                 if all(p.name != name for p in route.params)
             ]
             if params:
-                operation["parameters"] = [
-                    {
-                        "name": p.name,
-                        "in": p.location,
-                        "required": p.required or p.location == "path",
-                        "schema": dict(p.schema),
-                        **({"description": p.description} if p.description else {}),
-                    }
-                    for p in params
-                ]
+                operation["parameters"] = [_param_doc(p) for p in params]
             if route.request_body is not None:
+                body = dict(route.request_body)
+                # An empty body counts as {} (`parse_json_object`): it is a valid request
+                # exactly when the schema requires no field.
                 operation["requestBody"] = {
-                    "required": True,
-                    "content": {"application/json": {"schema": dict(route.request_body)}},
+                    "required": bool(body.get("required")),
+                    "content": {"application/json": {"schema": body}},
                 }
+                if not body.get("required"):
+                    operation["requestBody"]["description"] = "May be left out: {} is assumed"
             paths.setdefault(route.path, {})[route.method.lower()] = operation
         return {
             "openapi": "3.1.0",
@@ -604,17 +703,36 @@ _GATE_ERRORS = {
 }
 
 
-def _response_doc(
-    status: int, text: str, schema: Mapping[str, Any] | None, media_type: str
-) -> dict[str, Any]:
-    if status >= 400:
-        body_schema: Mapping[str, Any] = {"$ref": "#/components/schemas/Error"}
-        media_type = "application/json"
+def _response_doc(route: Route, status: int, text: str) -> dict[str, Any]:
+    """One documented answer: the route's own content for `status`, else the error body
+    for 4xx/5xx, nothing for 204/304, else `response_schema` as `media_type`."""
+    doc: dict[str, Any] = {"description": text}
+    if status in route.content:
+        content = route.content[status]
+    elif status >= 400:
+        content = {"application/json": {"$ref": "#/components/schemas/Error"}}
+    elif status in (204, 304) or status < 200:
+        content = {}
     else:
-        body_schema = schema or {"type": "object"}
-    if status == 204:
-        return {"description": text}
-    return {"description": text, "content": {media_type: {"schema": dict(body_schema)}}}
+        content = {route.media_type: route.response_schema or {"type": "object"}}
+    if content:
+        doc["content"] = {media: {"schema": dict(schema)} for media, schema in content.items()}
+    return doc
+
+
+def _param_doc(param: Param) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "name": param.name,
+        "in": param.location,
+        "required": param.required or param.location == "path",
+        "schema": dict(param.schema),
+    }
+    if param.explode is not None:
+        doc["style"] = "form"
+        doc["explode"] = param.explode
+    if param.description:
+        doc["description"] = param.description
+    return doc
 
 
 def _from_werkzeug(exc: HTTPException) -> ApiError:

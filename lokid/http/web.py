@@ -80,14 +80,26 @@ def load_web_files() -> dict[str, WebFile]:
     return files
 
 
+IF_NONE_MATCH = Param(
+    "If-None-Match", "header", description="the ETag of a copy the client has: 304 if current"
+)
+
+
+def _media(content_type: bytes) -> str:
+    return content_type.decode().partition(";")[0]
+
+
 def install_web(surface: Surface) -> None:
     files = load_web_files()
+    text = {"type": "string"}
 
     @surface.lean(
         "GET",
         "/",
         "The web dashboard (an HTML page)",
         responses={200: "The page", 304: "Not modified"},
+        params=(IF_NONE_MATCH,),
+        content={200: {_media(files[INDEX].content_type): text}},
         tags=["web"],
         requires=OPEN,
     )
@@ -99,7 +111,17 @@ def install_web(surface: Surface) -> None:
         "/ui/{name}",
         "A file of the web dashboard (script, style sheet or image)",
         responses={200: "The file", 304: "Not modified", 404: "No such file"},
-        params=[Param("name", "path", required=True, description="file name, e.g. app.js")],
+        params=[
+            Param(
+                "name",
+                "path",
+                {"type": "string", "enum": sorted(files)},
+                required=True,
+                description="file name, e.g. app.js",
+            ),
+            IF_NONE_MATCH,
+        ],
+        content={200: {_media(t): text for t in sorted({f.content_type for f in files.values()})}},
         tags=["web"],
         requires=OPEN,
     )

@@ -40,6 +40,7 @@ import trio
 from quart import websocket
 
 from lokid.events import EncodedEvent
+from lokid.http.errors import ApiError
 from lokid.http.surface import Surface
 
 CLIENT_QUEUE = 256  # messages queued per client before it is closed as slow
@@ -194,6 +195,17 @@ def install_ws(surface: Surface, hub: DashboardHub) -> None:
                     await websocket.close(client.close_code, CLOSE_REASONS[client.close_code])
         finally:
             hub.disconnect(client)
+
+    async def not_an_upgrade() -> dict[str, Any]:
+        """A plain GET of `/ws` (Quart's own answer would be werkzeug's vague 400)."""
+        raise ApiError(
+            "BAD_REQUEST",
+            "/ws is a WebSocket: open it with an Upgrade: websocket request "
+            "(GET with Connection: Upgrade, Sec-WebSocket-Key and Sec-WebSocket-Version: 13)",
+        )
+
+    # Same path and method as the WebSocket rule (documented once, as its upgrade GET)
+    surface.quart.add_url_rule("/ws", "http:/ws", not_an_upgrade, methods=["GET"])
 
 
 async def _sender(client: WsClient) -> None:
