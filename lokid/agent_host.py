@@ -201,7 +201,7 @@ class LocalAgentRun:
         env = {**os.environ, **spec.env} if spec.env else None
         argv = list(spec.argv)
         if self.held:
-            _check_executable(argv[0], (env or os.environ).get("PATH"))
+            _check_executable(argv[0], (env or os.environ).get("PATH"), spec.cwd)
             argv = [*HOLD_ARGV, *argv]
         process = await trio.lowlevel.open_process(
             argv,
@@ -361,10 +361,16 @@ def _signal_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
 
 
-def _check_executable(program: str, path: str | None) -> None:
+def _check_executable(program: str, path: str | None, cwd: Path) -> None:
     """Raise what spawning `program` directly would (FileNotFoundError) if it cannot be
-    found: a held start spawns the shell, which would only fail at the release."""
-    if shutil.which(program, path=path) is None:
+    found: a held start spawns the shell, which would only fail at the release. A name
+    with a slash is taken as it is, relative to the agent's `cwd`; a bare one is looked
+    up on `path`."""
+    if os.sep in program:
+        found = shutil.which(os.path.join(cwd, program), path="") is not None
+    else:
+        found = shutil.which(program, path=path) is not None
+    if not found:
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
 
 

@@ -8,13 +8,27 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 READY_TIMEOUT = 20.0
+WAIT = 30.0
+
+
+def wait_until(check: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
+    """Poll `check` (every 50 ms) until it returns something true; return that.
+
+    For tests of a daemon in another process, where no event can be awaited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:g} s waiting until {what}")
 
 
 class DaemonProcess:

@@ -204,6 +204,21 @@ async def test_a_held_start_of_a_missing_executable_fails_at_start(
             await LocalAgentHost(nursery).start(
                 AgentSpec(("no-such-agent-for-lokid",), tmp_path), held=True
             )
+        with pytest.raises(FileNotFoundError):
+            await LocalAgentHost(nursery).start(AgentSpec(("./agent.sh",), tmp_path), held=True)
+    # A relative name is the agent's folder's, as it would be for a direct spawn.
+    script = tmp_path / "agent.sh"
+    script.write_text("#!/bin/sh\necho from the project\n")
+    script.chmod(0o755)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            run = await LocalAgentHost(nursery).start(
+                AgentSpec(("./agent.sh",), tmp_path), held=True
+            )
+            run.release()
+            lines = [line.data async for line in run.lines()]
+            assert (await run.wait()).exit_code == 0
+    assert lines == [b"from the project"]
 
 
 async def test_a_held_agent_stopped_before_release_never_runs(tmp_path: pathlib.Path) -> None:

@@ -34,7 +34,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -45,7 +45,7 @@ from lokid.actors.store import StoreActor, StoreUnavailable
 from lokid.agent_host import MAX_LINE_BYTES, AgentSpec, LocalAgentHost, OutputLine, Stream
 
 from . import fake_agent
-from .daemon_proc import DaemonProcess, group_members
+from .daemon_proc import DaemonProcess, group_members, wait_until
 from .test_store import db_path, file_size_limit, insert, items_store, names, running
 
 MIB = 1024 * 1024
@@ -62,16 +62,6 @@ e2e = pytest.mark.e2e
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def wait_until(check: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:g} s waiting until {what}")
 
 
 def need_root() -> None:

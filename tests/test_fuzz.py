@@ -147,6 +147,9 @@ def start_daemon(root: Path) -> DaemonProcess:
     return SandboxedDaemon(root / "loki", writable=root, extra_env=env).start()
 
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
 class SandboxedDaemon(DaemonProcess):
     """`loki serve` in bubblewrap: the host's files read-only but for `writable`, a private
     /tmp. Generated requests name any folder (`projectDir: "/"`), and a session writes
@@ -159,6 +162,10 @@ class SandboxedDaemon(DaemonProcess):
 
     def start(self, *args: str, wait: bool = True, **popen: Any) -> DaemonProcess:
         sandbox = ["bwrap", "--ro-bind", "/", "/", "--tmpfs", "/tmp"]
+        # The checkout and its venv stay visible (read-only) when they live under /tmp,
+        # as a CI clone may.
+        for seen in sorted({REPOSITORY, Path(sys.prefix).resolve()}):
+            sandbox += ["--ro-bind", str(seen), str(seen)]
         sandbox += ["--bind", str(self.writable), str(self.writable)]
         sandbox += ["--dev", "/dev", "--proc", "/proc", "--"]
         serve = ["-m", "lokid", "serve", "--port", "0", "--dashboard-port", "0", *args]

@@ -20,20 +20,10 @@ from typing import Any
 import httpx
 
 from . import fake_agent
-from .daemon_proc import DaemonProcess
+from .daemon_proc import DaemonProcess, wait_until
 from .sessions_kit import invocations, json_field, live_members, make_project
 
 WAIT = 30.0
-
-
-def wait_until(check: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting until {what}")
 
 
 def events(client: httpx.Client, session_id: str, type: str) -> list[dict[str, Any]]:
