@@ -708,6 +708,17 @@ def test_a_graceful_stop_on_a_read_only_data_dir_is_clean(tmp_path: pathlib.Path
             daemon.kill()
 
 
+def start_and_stop(home: pathlib.Path) -> None:
+    """Run a daemon on `home` once, stopping it cleanly."""
+    daemon = DaemonProcess(home)
+    try:
+        daemon.start()
+        code, err = daemon.terminate()
+        assert code == 0, err
+    finally:
+        daemon.kill()
+
+
 def start_refused(home: pathlib.Path) -> tuple[int, str]:
     """Start a daemon that must not start; its exit code and stderr."""
     daemon = DaemonProcess(home)
@@ -723,13 +734,7 @@ def start_refused(home: pathlib.Path) -> tuple[int, str]:
 @e2e
 def test_starting_on_a_read_only_data_dir_is_a_clear_error(tmp_path: pathlib.Path) -> None:
     with tmpfs(tmp_path / "disk") as disk:
-        daemon = DaemonProcess(disk / "home")
-        try:
-            daemon.start()
-            code, err = daemon.terminate()
-            assert code == 0, err
-        finally:
-            daemon.kill()
+        start_and_stop(disk / "home")  # a data dir that has been used
         remounted = run("mount", "-o", "remount,ro", str(disk))
         assert remounted.returncode == 0, remounted.stderr
         for home, expected in ((disk / "home", "lokid.lock"), (disk / "fresh", "data dir")):
@@ -743,13 +748,7 @@ def test_starting_on_a_read_only_data_dir_is_a_clear_error(tmp_path: pathlib.Pat
 @e2e
 def test_starting_on_a_full_disk_is_a_clear_error_or_unhealthy(tmp_path: pathlib.Path) -> None:
     with tmpfs(tmp_path / "disk") as disk:
-        daemon = DaemonProcess(disk / "home")
-        try:
-            daemon.start()
-            code, err = daemon.terminate()
-            assert code == 0, err
-        finally:
-            daemon.kill()
+        start_and_stop(disk / "home")  # a data dir that has been used
         fill(disk / "filler")
         daemon = DaemonProcess(disk / "home")
         try:

@@ -25,8 +25,6 @@ import re
 import time
 from typing import Any
 
-import attrs
-
 from lokid.http.gate import local_path
 from lokid.http.surface import LeanResponse, Scope, Send, Surface
 from lokid.metrics import CONTENT_TYPE, DaemonMetrics, Histogram, LabelledHistogram
@@ -122,19 +120,11 @@ def install_metrics(surface: Surface, metrics: DaemonMetrics) -> None:
         response_schema={"type": "string"},
         tags=("metrics",),
         requires="read",
+        media_type=CONTENT_TYPE.decode().partition(";")[0],
     )
     async def scrape(scope: Scope) -> LeanResponse:
         body = await metrics.render()
         return LeanResponse(200, body, ((b"content-type", CONTENT_TYPE), NO_STORE))
 
-    _answers_in(surface, "GET", METRICS_PATH, CONTENT_TYPE.decode().partition(";")[0])
-
 
 NO_STORE = (b"cache-control", b"no-store")
-
-
-def _answers_in(surface: Surface, method: str, path: str, media_type: str) -> None:
-    """Document a lean route's media type (`Surface.lean` has no parameter for it: JSON)."""
-    for index, route in enumerate(surface.routes):
-        if (route.method, route.path) == (method, path):
-            surface.routes[index] = attrs.evolve(route, media_type=media_type)
