@@ -527,10 +527,22 @@ async def test_write_alone_when_not_open_is_unavailable(tmp_path: pathlib.Path) 
 async def test_write_alone_gives_up_on_a_busy_writer_without_running(
     tmp_path: pathlib.Path,
 ) -> None:
-    async with running(items_store(tmp_path)) as store:
-        async with store._writer_limiter:  # the writer thread is busy (held here)
+    inside = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:  # keeps the writer thread busy until released
+        inside.set()
+        assert release.wait(WAIT)
+
+    async with running(items_store(tmp_path)) as store, trio.open_nursery() as nursery:
+        nursery.start_soon(store._writer.run, hold)
+        assert await trio.to_thread.run_sync(inside.wait, WAIT)
+        try:
             with pytest.raises(AskTimeout):
                 await store.write_alone(insert("late"), timeout=0.2)
+        finally:
+            release.set()
+        assert store._writer.statistics().withdrawn == 1  # taken out of the queue, never run
         assert await store.read(names) == []
 
 

@@ -6,7 +6,7 @@ Theory of operation:
   `ask` of a `Write(fn)` message. The actor takes the first write from its
   mailbox, gathers whatever else is waiting (and, with `group_window` > 0,
   what arrives within that many seconds; at most `max_batch` writes), and
-  runs the whole batch in one transaction on a worker thread. The default
+  runs the whole batch in one transaction on the writer thread. The default
   window is 0: writes that arrive while a batch commits wait in the mailbox
   and form the next batch, so a lone write commits at once and a busy store
   still groups (a fixed window added its length to every lone write, e.g.
@@ -47,14 +47,15 @@ Theory of operation:
   without it - so `fn` may be called more than once and must do database
   work only. A storage failure that destroys the transaction fails the batch.
 * **Reads do not queue behind writes.** `read(fn)` runs on one of `readers`
-  read-only connections (`PRAGMA query_only`) in a worker thread, bounded by
-  a `trio.CapacityLimiter`; WAL lets readers run while the writer holds its
+  read-only connections (`PRAGMA query_only`) on one of `readers` reader
+  threads; WAL lets readers run while the writer holds its
   transaction. Each read is one transaction, so `fn` sees one consistent
   snapshot containing every write acknowledged before `read` was called.
 * **Nothing blocks the trio loop.** Opening, migrating, checking, batches,
-  reads and closing all run in worker threads. The writer has a private
-  one-token limiter and reads have theirs, so the store never waits for
-  threads used by the rest of the daemon.
+  reads and closing all run on the store's own threads (`lokid.thread_lane`):
+  one writer thread, whose queue keeps every write of the store in order
+  and one at a time, and `readers` reader threads. The store never waits
+  for threads used by the rest of the daemon, nor they for it.
 * `fn` must return plain data: a generator or a cursor with pending rows
   would be consumed outside its transaction, so returning one is a
   `StoreError` (return `list(db.query(...))`). `fn` must not keep `db`.
@@ -88,6 +89,7 @@ from lokid import migrations as _migrations
 from lokid.actor import Actor, ActorStatistics, Call, Reply, WhenFull
 from lokid.errors import AskTimeout, Conflict, LokiError, NotFound, StoreOpenError, Unavailable
 from lokid.migrations import Migration
+from lokid.thread_lane import ThreadLane
 from lokid.timefmt import utc_now_iso
 
 T = TypeVar("T")
@@ -281,8 +283,8 @@ class StoreActor(Actor[Any]):
         self._writable = False
         self._unwritable_reason: str | None = None
         self._guard = False  # read by the authorizer, on the writer thread
-        self._writer_limiter = trio.CapacityLimiter(1)
-        self._read_limiter = trio.CapacityLimiter(readers)
+        self._writer = ThreadLane(f"{name}-writer")  # one thread: the one writer
+        self._reader = ThreadLane(f"{name}-reader", readers)
         self._pool_lock = threading.Lock()
         self._idle_readers: list[sqlite_utils.Database] = []
         self._readers_open = 0
@@ -322,7 +324,7 @@ class StoreActor(Actor[Any]):
         if (
             self.direct_when_idle
             and self.running
-            and self._writer_limiter.borrowed_tokens == 0
+            and not self._writer.busy
             and self._send.statistics().current_buffer_used == 0
         ):
             return await self.write_alone(fn, timeout=timeout, sync_follows=follows)
@@ -340,9 +342,9 @@ class StoreActor(Actor[Any]):
 
         For a caller that gathers its own batches (the audit writer): no mailbox
         and no hand-off to the store's task and back, which is two task wake-ups
-        (~0.2 ms per write on this VM; see docs/performance.md). The writer
-        thread's limiter (one token) keeps it apart from the store's batches, so
-        there is still one writer. Same answers as `write`; `AskTimeout` when
+        (~0.2 ms per write on this VM; see docs/performance.md). It queues on
+        the writer thread with the store's batches, so there is still one
+        writer. Same answers as `write`; `AskTimeout` when
         the writer stayed busy for `timeout` seconds (then `fn` did not run).
         Always durable on return unless `sync_follows` (see `SYNC_FOLLOWS`).
         """
@@ -350,9 +352,7 @@ class StoreActor(Actor[Any]):
             raise StoreUnavailable(f"{self.name}: the database {self.path} is not open")
         generation = self._generation
         with trio.move_on_after(timeout) as waited:
-            result = await trio.to_thread.run_sync(
-                self._execute_alone, fn, generation, sync_follows, limiter=self._writer_limiter
-            )
+            result = await self._writer.run(self._execute_alone, fn, generation, sync_follows)
         if waited.cancelled_caught:
             raise AskTimeout(f"{self.name}: the writer stayed busy for {timeout:g} s")
         if result is None:
@@ -381,9 +381,7 @@ class StoreActor(Actor[Any]):
             raise StoreUnavailable(f"{self.name}: the database {self.path} is not open")
         generation = self._generation
         try:
-            return await trio.to_thread.run_sync(
-                self._read_sync, fn, generation, limiter=self._read_limiter
-            )
+            return await self._reader.run(self._read_sync, fn, generation)
         finally:
             self._reads += 1
 
@@ -453,7 +451,7 @@ class StoreActor(Actor[Any]):
     # -- the task: start and stop ------------------------------------------------
 
     async def setup(self) -> None:
-        db, version = await trio.to_thread.run_sync(self._open_sync, limiter=self._writer_limiter)
+        db, version = await self._writer.run(self._open_sync)
         self._generation += 1
         self._schema_version = version
         self._writable = True
@@ -466,7 +464,11 @@ class StoreActor(Actor[Any]):
         with self._pool_lock:
             idle, self._idle_readers = self._idle_readers, []
             self._readers_open -= len(idle)
-        await trio.to_thread.run_sync(_close_all, [*idle, db], limiter=self._writer_limiter)
+        try:
+            await self._writer.run(_close_all, [*idle, db])
+        finally:
+            self._writer.close()
+            self._reader.close()
 
     def _open_sync(self) -> tuple[sqlite_utils.Database, int]:
         path = self.path
@@ -557,9 +559,7 @@ class StoreActor(Actor[Any]):
         fns: list[Callable[[sqlite_utils.Database], Any]] = [touch]
         with trio.CancelScope(shield=True):
             try:
-                result = await trio.to_thread.run_sync(
-                    self._execute_batch, fns, True, limiter=self._writer_limiter
-                )
+                result = await self._writer.run(self._execute_batch, fns, True)
             except sqlite3.Error:  # e.g. the pragma before the batch: still not writable
                 return
         [answer] = result.replies
@@ -609,11 +609,8 @@ class StoreActor(Actor[Any]):
             if not jobs:
                 return
             try:
-                result = await trio.to_thread.run_sync(
-                    self._execute_batch,
-                    [fn for fn, _ in jobs],
-                    durable,
-                    limiter=self._writer_limiter,
+                result = await self._writer.run(
+                    self._execute_batch, [fn for fn, _ in jobs], durable
                 )
             except BaseException:
                 # A bug in the store: the actor crashes. Closing the reply
@@ -859,7 +856,7 @@ class StoreActor(Actor[Any]):
             ),
             commits_deferred=self._commits_deferred,
             read_count=self._reads,
-            readers_busy=self._read_limiter.borrowed_tokens,
+            readers_busy=self._reader.statistics().running,
             readers_open=self._readers_open,
         )
 
