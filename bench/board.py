@@ -12,8 +12,14 @@ page of 100), 500 `POST /api/tasks/{id}/move` over 8 connections (random
 column, random position), then every task read back and each column's
 positions checked.
 
+Each round also runs the driver, with the same arguments and `--verify none`,
+against `bench.null_server` (a no-op server with fixed answers of the same
+size, pinned like the daemon): the driver's own cost on this machine, which
+no server can remove from a figure.
+
 Printed: the issue's figures as medians of the rounds, next to the older
-implementation's (peerbench/README.md, this machine kind) and the goal; then,
+implementation's (peerbench/README.md, this machine kind) and the goal; the
+driver's floor for the same figures and what is left of each for lokid; then,
 per round, the invariant check: tasks seen, columns, duplicates, gaps, and
 tasks whose column differs from the driver's last successful move (0: no
 move lost). `--json` prints every round's raw result.
@@ -52,6 +58,27 @@ def invariant_line(result: dict[str, Any]) -> str:
     )
 
 
+FLOOR_FIGURES = (
+    ("1000 sequential POST /api/tasks, mean ms", ("create", "mean_ms")),
+    ("GET /api/tasks?project_id= (1000 tasks), p99 ms", ("list", "p99_ms")),
+    ("500 moves at c=8, p99 ms", ("move", "ok", "p99_ms")),
+)
+
+
+def print_floor(rounds: list[dict[str, Any]], floors: list[dict[str, Any]]) -> None:
+    """The same figures from the driver against `bench.null_server`: what the driver costs
+    by itself, and what is left of each figure for lokid."""
+    print()
+    print(f"{'driver floor (no-op server, same run)':<58} {'floor':>10} {'lokid-floor':>12}")
+    for label, keys in FLOOR_FIGURES:
+        get = peer.getter(*keys)
+        floor = peer.median([get(r) for r in floors])
+        value = peer.median([get(r) for r in rounds])
+        left = "n/a" if floor is None or value is None else f"{value - floor:,.2f}"
+        shown = "n/a" if floor is None else f"{floor:,.2f}"
+        print(f"{label:<58} {shown:>10} {left:>12}")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench board", description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
@@ -64,16 +91,20 @@ def main(argv: list[str]) -> int:
     if "--list-query" not in extra:
         extra = ["--list-query", LIST_QUERY, *extra]
     rounds = []
+    floors = []
+    crud_args = ["--max-seconds", str(MAX_SECONDS), *extra]
     for number in range(args.rounds):
-        crud_args = ["--max-seconds", str(MAX_SECONDS), *extra]
         rounds.append(peer.run_round("crud", args.peerbench, crud_args, None))
+        floor_args = [*crud_args, "--verify", "none"]
+        floors.append(peer.run_round("crud", args.peerbench, floor_args, None, floor=True))
         print(f"round {number + 1} done", file=sys.stderr)
     if args.json:
-        print(json.dumps({"workload": "crud", "rounds": rounds}))
+        print(json.dumps({"workload": "crud", "rounds": rounds, "floors": floors}))
         return 0
     pinned = "server CPU 0, driver CPU 1" if peer.TWO_CPUS else "not pinned (one CPU)"
     print(f"board: peerbench crud, {args.rounds} rounds, medians; {pinned}")
     peer.print_figures("crud", rounds)
+    print_floor(rounds, floors)
     for number, result in enumerate(rounds, 1):
         create = result.get("create", {})
         moves = result.get("move", {}).get("ok", {})

@@ -38,7 +38,7 @@ TWO_CPUS = {SERVER_CPU, DRIVER_CPU} <= os.sched_getaffinity(0)
 Getter = Callable[[dict[str, Any]], float | None]
 
 
-def _get(*keys: str) -> Getter:
+def getter(*keys: str) -> Getter:
     def get(result: dict[str, Any]) -> float | None:
         value: Any = result
         for key in keys:
@@ -55,17 +55,17 @@ FIGURES: dict[str, list[tuple[str, Getter, str, tuple[str, float] | None]]] = {
     "crud": [
         (
             "1000 sequential POST /api/tasks, mean ms",
-            _get("create", "mean_ms"),
+            getter("create", "mean_ms"),
             "3.40",
             ("<=", 1.5),
         ),
         (
             "GET /api/tasks?project_id= (1000 tasks), p99 ms",
-            _get("list", "p99_ms"),
+            getter("list", "p99_ms"),
             "[] returned",
             ("<=", 20.0),
         ),
-        ("500 moves at c=8, p99 ms", _get("move", "ok", "p99_ms"), "235", ("<=", 20.0)),
+        ("500 moves at c=8, p99 ms", getter("move", "ok", "p99_ms"), "235", ("<=", 20.0)),
         (
             "moves rejected",
             lambda r: float(r.get("move", {}).get("rejected", {}).get("n", 0)),
@@ -80,24 +80,29 @@ FIGURES: dict[str, list[tuple[str, Getter, str, tuple[str, float] | None]]] = {
         ),
     ],
     "discover": [
-        ("discover 20,000 folders, median ms", _get("median_ms"), "842", None),
-        ("projects found (of 200)", _get("found"), "", (">=", 200.0)),
+        ("discover 20,000 folders, median ms", getter("median_ms"), "842", None),
+        ("projects found (of 200)", getter("found"), "", (">=", 200.0)),
         (
             "/health p99 ms during discover",
-            _get("health_probe_during_one_extra_call", "health", "p99_ms"),
+            getter("health_probe_during_one_extra_call", "health", "p99_ms"),
             "stalled",
             None,
         ),
     ],
     "registry-tasks": [
-        ("GET /api/registry/tasks (100 x 20), p50 ms", _get("get", "p50_ms"), "54", None),
-        ("GET /api/registry/tasks (100 x 20), p99 ms", _get("get", "p99_ms"), "101", ("<=", 20.0)),
-        ("tasks returned (of 2000)", _get("count_returned"), "", None),
+        ("GET /api/registry/tasks (100 x 20), p50 ms", getter("get", "p50_ms"), "54", None),
+        (
+            "GET /api/registry/tasks (100 x 20), p99 ms",
+            getter("get", "p99_ms"),
+            "101",
+            ("<=", 20.0),
+        ),
+        ("tasks returned (of 2000)", getter("count_returned"), "", None),
     ],
     "ws-fanout": [
-        ("clients connected (of 200)", _get("clients_connected"), "60", (">=", 200.0)),
-        ("delivery latency p50 ms", _get("latency", "p50_ms"), "10.9", None),
-        ("delivery latency p99 ms", _get("latency", "p99_ms"), "75", ("<=", 30.0)),
+        ("clients connected (of 200)", getter("clients_connected"), "60", (">=", 200.0)),
+        ("delivery latency p50 ms", getter("latency", "p50_ms"), "10.9", None),
+        ("delivery latency p99 ms", getter("latency", "p99_ms"), "75", ("<=", 30.0)),
         (
             "messages received / expected",
             lambda r: _ratio(r, "messages_received", "messages_expected"),
@@ -156,13 +161,33 @@ def lokid(env_extra: dict[str, str]) -> Iterator[tuple[str, int]]:
             process.wait(timeout=60)
 
 
+@contextmanager
+def null_server() -> Iterator[tuple[str, int]]:
+    """`bench.null_server` (the driver's floor), pinned like the daemon: (URL, pid)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.null_server"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        preexec_fn=_pin_server,
+    )
+    try:
+        assert process.stdout is not None
+        port = int(process.stdout.readline())
+        yield f"http://127.0.0.1:{port}", process.pid
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+
+
 def run_round(
-    workload: str, peerbench: Path, extra: list[str], tree: Path | None
+    workload: str, peerbench: Path, extra: list[str], tree: Path | None, *, floor: bool = False
 ) -> dict[str, Any]:
+    """One run of the driver against a fresh daemon, or (`floor`) against `null_server`."""
     env_extra: dict[str, str] = {}
     if tree is not None:
         env_extra["HOME"] = str(tree)  # discovery's default roots stay inside the tree
-    with lokid(env_extra) as (url, pid):
+    with null_server() if floor else lokid(env_extra) as (url, pid):
         argv = [sys.executable, str(peerbench), workload, "--url", url, "--server-pid", str(pid)]
         if tree is not None:
             argv += ["--root", str(tree / "tree")]
@@ -180,7 +205,7 @@ def run_round(
     return result
 
 
-def _median(values: list[float | None]) -> float | None:
+def median(values: list[float | None]) -> float | None:
     known = [v for v in values if v is not None]
     return statistics.median(known) if known else None
 
@@ -227,6 +252,6 @@ def print_figures(workload: str, rounds: list[dict[str, Any]]) -> None:
     """The issue's figures for `workload`: medians of the rounds, the older's, the goal."""
     print(f"{'':<58} {'lokid':>10} {'older':>12}  goal")
     for label, get, older, goal in FIGURES[workload]:
-        value = _median([get(r) for r in rounds])
+        value = median([get(r) for r in rounds])
         shown = "n/a" if value is None else f"{value:,.2f}"
         print(f"{label:<58} {shown:>10} {older:>12}  {_verdict(value, goal)}")
