@@ -180,6 +180,21 @@ async def test_openapi_json_is_served_and_valid_shape() -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("path", "route"),
+    [
+        ("/fast", "/fast"),
+        ("/things", "/things"),
+        ("/things/t-1", "/things/{thing_id}"),
+        ("/things/t-1/more", None),
+        ("/things/", None),
+        ("/nowhere", None),
+    ],
+)
+def test_route_path_names_the_declared_route_of_a_path(path: str, route: str | None) -> None:
+    assert make_surface().route_path(path) == route
+
+
 def test_route_declared_twice_is_refused() -> None:
     surface = make_surface()
     with pytest.raises(ValueError, match="declared twice"):

@@ -21,7 +21,6 @@ Rules:
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
@@ -49,9 +48,7 @@ class RouteObserver:
         self.listener = listener
         self.histogram = histogram
         self._series: dict[tuple[str, str, int, bool], Histogram] = {}
-        self._known = -1  # len(surface.routes) the tables were built for
-        self._exact: set[str] = set()
-        self._templates: list[tuple[re.Pattern[str], str]] = []
+        self._known = -1  # len(surface.routes) when `_series` was last cleared
 
     def timed(self, scope: Scope, send: Send) -> Send:
         """`send` that observes the time from now until the response head is sent."""
@@ -75,33 +72,16 @@ class RouteObserver:
         """The series of a (raw path, method, status, over the control socket) seen first."""
         if len(self.surface.routes) != self._known or len(self._series) >= MAX_REMEMBERED:
             self._series.clear()  # raw paths are remembered, but boundedly
-            self._exact = {r.path for r in self.surface.routes if "{" not in r.path}
-            self._templates = [
-                (_pattern(r.path), r.path) for r in self.surface.routes if "{" in r.path
-            ]
             self._known = len(self.surface.routes)
         _, method, status, control = key
         labels = (
             CONTROL if control else self.listener,
             method if method in METHODS else "other",
-            self._route(local_path(scope)),
+            self.surface.route_path(local_path(scope)) or UNMATCHED,
             STATUS_CLASSES[status // 100] if 0 <= status < 600 else "other",
         )
         series = self._series[key] = self.histogram.child(labels)
         return series
-
-    def _route(self, path: str) -> str:
-        """The template of the route `path` matches (any method), else `unmatched`."""
-        if path in self._exact:
-            return path
-        for pattern, template in self._templates:
-            if pattern.fullmatch(path):
-                return template
-        return UNMATCHED
-
-
-def _pattern(template: str) -> re.Pattern[str]:
-    return re.compile(re.sub(r"\\{(\w+)\\}", r"[^/]+", re.escape(template)))
 
 
 def observe_requests(surface: Surface, listener: str, metrics: DaemonMetrics) -> RouteObserver:

@@ -227,7 +227,8 @@ class Surface:
         self.gate = Gate()  # open; the daemon installs its own (auth, limits, CORS, audit)
         self.observer: RequestObserver | None = None  # request metrics; the daemon sets it
         self._requires: dict[tuple[str, str], str] = {}
-        self._templates: list[tuple[re.Pattern[str], str, str]] = []
+        self._exact_paths: set[str] = set()  # the paths of routes without a template
+        self._templates: list[tuple[re.Pattern[str], Route]] = []
         self._lean: dict[tuple[str, str], LeanHandler] = {}
         self._raw: dict[tuple[str, str], ASGIApp] = {}
         self._lean_paths: dict[str, list[str]] = {}
@@ -418,9 +419,10 @@ class Surface:
         self._openapi_bytes = None
         if "{" not in route.path:
             self._requires[(route.method, route.path)] = route.requires
+            self._exact_paths.add(route.path)
             return None
         pattern = _template(route.path)
-        self._templates.append((pattern, route.method, route.requires))
+        self._templates.append((pattern, route))
         return pattern
 
     def requirement(self, method: str, path: str) -> str:
@@ -435,10 +437,20 @@ class Surface:
         found = self._requires.get((method, path))
         if found is not None:
             return found
-        for pattern, route_method, requires in self._templates:
-            if route_method == method and pattern.fullmatch(path):
-                return requires
+        for pattern, route in self._templates:
+            if route.method == method and pattern.fullmatch(path):
+                return route.requires
         return OPEN if is_exempt(path) else AUTHENTICATED
+
+    def route_path(self, path: str) -> str | None:
+        """The declared route path `path` is an instance of (any method), e.g.
+        `/api/tasks/{id}` for `/api/tasks/task-1`; None if no route has it."""
+        if path in self._exact_paths:
+            return path
+        for pattern, route in self._templates:
+            if pattern.fullmatch(path):
+                return route.path
+        return None
 
     async def admit(self, scope: Scope) -> Admission:
         """The gate's verdict on a request to this surface (see `lokid.http.gate`)."""
