@@ -13,6 +13,23 @@ from lokid.thread_lane import ThreadLane
 WAIT = 10.0  # real seconds any thread-side wait may take at most
 
 
+class Hold:
+    """A job that keeps a lane's thread busy until the test releases it."""
+
+    def __init__(self, value: str | None = None) -> None:
+        self.value = value
+        self.inside = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self) -> str | None:
+        self.inside.set()
+        assert self.release.wait(WAIT)
+        return self.value
+
+    async def entered(self) -> None:
+        assert await trio.to_thread.run_sync(self.inside.wait, WAIT)
+
+
 async def test_run_returns_the_value_and_raises_the_exception_of_the_call() -> None:
     lane = ThreadLane("t")
     try:
@@ -67,24 +84,18 @@ async def test_a_lane_of_three_runs_three_jobs_at_once() -> None:
 
 async def test_a_cancelled_queued_job_is_withdrawn_and_never_runs() -> None:
     lane = ThreadLane("t")
-    inside = threading.Event()
-    release = threading.Event()
+    hold = Hold()
     ran: list[str] = []
-
-    def hold() -> None:
-        inside.set()
-        assert release.wait(WAIT)
-
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lane.run, hold)
-            assert await trio.to_thread.run_sync(inside.wait, WAIT)
+            await hold.entered()
             with trio.move_on_after(0.1) as waited:
                 await lane.run(ran.append, "late")
             assert waited.cancelled_caught
             assert lane.statistics().withdrawn == 1
             assert lane.statistics().queued == 0
-            release.set()
+            hold.release.set()
         await lane.run(ran.append, "next")
         assert ran == ["next"]  # the withdrawn job never ran
     finally:
@@ -93,29 +104,22 @@ async def test_a_cancelled_queued_job_is_withdrawn_and_never_runs() -> None:
 
 async def test_a_job_cancelled_while_running_finishes_and_gives_its_value() -> None:
     lane = ThreadLane("t")
-    inside = threading.Event()
-    release = threading.Event()
-
-    def held() -> str:
-        inside.set()
-        assert release.wait(WAIT)
-        return "done"
-
-    got: list[str] = []
+    hold = Hold("done")
+    got: list[str | None] = []
 
     async def caller(scope: trio.CancelScope) -> None:
         with scope:
-            got.append(await lane.run(held))
+            got.append(await lane.run(hold))
 
     try:
         scope = trio.CancelScope()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(caller, scope)
-            assert await trio.to_thread.run_sync(inside.wait, WAIT)
+            await hold.entered()
             scope.cancel()
             await trio.testing.wait_all_tasks_blocked()
             assert got == []  # still waiting for the running job
-            release.set()
+            hold.release.set()
         assert got == ["done"]
         assert lane.statistics().withdrawn == 0
     finally:
@@ -136,12 +140,7 @@ async def test_close_ends_the_threads_and_the_next_run_starts_new_ones() -> None
 
 async def test_busy_is_true_while_a_job_is_queued_or_running() -> None:
     lane = ThreadLane("t")
-    inside = threading.Event()
-    release = threading.Event()
-
-    def hold() -> None:
-        inside.set()
-        assert release.wait(WAIT)
+    hold = Hold()
 
     def busy() -> bool:  # (a call: mypy would narrow the property across the awaits)
         return lane.busy
@@ -150,10 +149,10 @@ async def test_busy_is_true_while_a_job_is_queued_or_running() -> None:
         assert not busy()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lane.run, hold)
-            assert await trio.to_thread.run_sync(inside.wait, WAIT)
+            await hold.entered()
             assert busy()
             assert lane.statistics().running == 1
-            release.set()
+            hold.release.set()
         assert not busy()
     finally:
         lane.close()
