@@ -21,8 +21,10 @@ Rules:
 * Threads start on the first job and stay until `close()`, which lets them
   finish what is queued and end; the next `run` starts new ones. They are
   daemon threads, so a blocked call never keeps the process alive.
-* The queue is unbounded: its callers bound it (the store's callers wait in
-  it, each with a deadline; the mailbox before it is bounded).
+* Bound: `run` waits for its own job, so the queue holds at most one job
+  per waiting task; the callers bound their number (the store's writes
+  come through its bounded mailbox or wait with a deadline, its reads are
+  made by request and actor tasks, each waiting for its answer).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class ThreadLaneStatistics:
 
 
 class _Job:
-    __slots__ = ("args", "fn", "result", "state", "task", "token")
+    __slots__ = ("args", "fn", "state", "task", "token")
 
     def __init__(
         self,
@@ -67,7 +69,6 @@ class _Job:
         self.task = task
         self.token = token
         self.state = _QUEUED
-        self.result: outcome.Outcome[Any] | None = None
 
 
 class ThreadLane:
@@ -114,7 +115,7 @@ class ThreadLane:
         return cast(T, await trio.lowlevel.wait_task_rescheduled(abort))
 
     def close(self) -> None:
-        """Let the threads finish the queued jobs and end (from any thread)."""
+        """Let the threads finish the queued jobs and end (call it from the trio thread)."""
         workers, self._workers = self._workers, []
         for _ in workers:
             self._jobs.put(None)
