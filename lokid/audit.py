@@ -51,7 +51,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NoReturn
+from typing import Any, NoReturn, NotRequired, TypedDict
 
 import attrs
 
@@ -338,6 +338,19 @@ def _encode_details(details: Any) -> str:
 
 
 details_json = _encode_details  # the public name (`entry_hash` has a parameter of that name)
+
+
+class EntryFields(TypedDict):
+    """What a caller says of an audit entry: `normalise`'s keywords (and the writer's)."""
+
+    actor: str
+    action: str
+    resource: NotRequired[str | None]
+    method: NotRequired[str | None]
+    path: NotRequired[str | None]
+    status: NotRequired[int | None]
+    ip: NotRequired[str | None]
+    details: NotRequired[Mapping[str, Any] | None]
 
 
 def normalise(

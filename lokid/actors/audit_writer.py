@@ -61,7 +61,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Unpack
 
 import attrs
 import sqlite_utils
@@ -76,6 +76,7 @@ from lokid.audit import (
     AuditQuery,
     ChainReport,
     ChainVerifier,
+    EntryFields,
     Head,
     chained_hash,
     details_json,
@@ -231,74 +232,24 @@ class AuditWriter(Actor[Any]):
 
     # -- callers ----------------------------------------------------------------
 
-    async def append(
-        self,
-        *,
-        actor: str,
-        action: str,
-        resource: str | None = None,
-        method: str | None = None,
-        path: str | None = None,
-        status: int | None = None,
-        ip: str | None = None,
-        details: Mapping[str, Any] | None = None,
-        timeout: float = 10.0,
-    ) -> AuditEntry:
-        """Record one entry; returns it once committed to disk.
+    async def append(self, *, timeout: float = 10.0, **fields: Unpack[EntryFields]) -> AuditEntry:
+        """Record one entry (`normalise`'s keywords); returns it once committed to disk.
 
         Raises `AuditUnavailable` or `ActorUnavailable` if it was not
         recorded, `AskTimeout` if the mailbox stayed full (or the writer
         stayed down) for `timeout` seconds. See the module for the bounds.
         """
-        pending = await self._recorded(
-            actor, action, resource, method, path, status, ip, details, timeout
-        )
+        pending = await self._recorded(fields, timeout)
         return pending.entry()
 
-    async def record(
-        self,
-        *,
-        actor: str,
-        action: str,
-        resource: str | None = None,
-        method: str | None = None,
-        path: str | None = None,
-        status: int | None = None,
-        ip: str | None = None,
-        details: Mapping[str, Any] | None = None,
-        timeout: float = 10.0,
-    ) -> None:
+    async def record(self, *, timeout: float = 10.0, **fields: Unpack[EntryFields]) -> None:
         """`append` for a caller that needs no answer but "on disk" (the gate)."""
-        pending = await self._recorded(
-            actor, action, resource, method, path, status, ip, details, timeout
-        )
+        pending = await self._recorded(fields, timeout)
         pending.check()
 
-    async def _recorded(
-        self,
-        actor: str,
-        action: str,
-        resource: str | None,
-        method: str | None,
-        path: str | None,
-        status: int | None,
-        ip: str | None,
-        details: Mapping[str, Any] | None,
-        timeout: float,
-    ) -> _Pending:
+    async def _recorded(self, fields: EntryFields, timeout: float) -> _Pending:
         """The append, committed or failed (the caller asks it which)."""
-        pending = _Pending(
-            normalise(
-                actor=actor,
-                action=action,
-                resource=resource,
-                method=method,
-                path=path,
-                status=status,
-                ip=ip,
-                details=details,
-            )
-        )
+        pending = _Pending(normalise(**fields))
         if (
             self.running
             and self._last_batch_size <= 1
