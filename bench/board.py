@@ -1,6 +1,6 @@
 """The Kanban board (issue 6): peerbench `crud` against a fresh lokid, beside the older figures.
 
-    python -m bench board [--rounds 3] [--peerbench PATH] [--json] [-- CRUD ARGS]
+    python -m bench board [--rounds 3] [--peerbench PATH] [--json] [--no-wrk] [-- CRUD ARGS]
 
 Each round is a `bench.peer` round: a new `loki serve` (temporary LOKI_HOME,
 ports 0, pinned to CPU 0 when the machine has two) and
@@ -16,6 +16,11 @@ Each round also runs the driver, with the same arguments and `--verify none`,
 against `bench.null_server` (a no-op server with fixed answers of the same
 size, pinned like the daemon): the driver's own cost on this machine, which
 no server can remove from a figure.
+
+When Debian's `wrk` is installed (and without `--no-wrk`), each round also
+runs `bench.board_wrk`: creates (c=1) and moves (c=8) against a fresh
+daemon with wrk as the client, which, unlike the Python driver, is not
+saturated by eight requests in flight.
 
 Printed: the issue's figures as medians of the rounds, next to the older
 implementation's (peerbench/README.md, this machine kind) and the goal; the
@@ -35,9 +40,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import peer
+from bench import board_wrk, peer
+from bench.loadgen import wrk_available
 
 MAX_SECONDS = 900
+WRK_SECONDS = 2
 LIST_QUERY = "project_id={pid}&limit=1000"  # every one of the 1,000 tasks, not the default page
 
 
@@ -79,11 +86,30 @@ def print_floor(rounds: list[dict[str, Any]], floors: list[dict[str, Any]]) -> N
         print(f"{label:<58} {shown:>10} {left:>12}")
 
 
+def print_wrk(results: list[dict[str, Any]]) -> None:
+    """The creates and moves again with wrk as the client (`bench.board_wrk`)."""
+    print()
+    print(
+        f"{'the same with wrk as the client (' + str(WRK_SECONDS) + ' s each)':<58} {'lokid':>10}"
+    )
+    for label, keys in (
+        ("sequential POST /api/tasks (c=1), mean ms", ("create", "mean_ms")),
+        ("sequential POST /api/tasks (c=1), p99 ms", ("create", "p99_ms")),
+        ("moves at c=8, p50 ms", ("move", "p50_ms")),
+        ("moves at c=8, p99 ms", ("move", "p99_ms")),
+    ):
+        value = peer.median([peer.getter(*keys)(r) for r in results])
+        print(f"{label:<58} {'n/a' if value is None else f'{value:,.2f}':>10}")
+    for number, result in enumerate(results, 1):
+        print(f"wrk round {number}: {board_wrk.describe(result)}")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench board", description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--peerbench", type=Path, default=peer.PEERBENCH)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--no-wrk", action="store_true", help="skip the rounds with wrk")
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     if not args.peerbench.exists():
@@ -92,19 +118,26 @@ def main(argv: list[str]) -> int:
         extra = ["--list-query", LIST_QUERY, *extra]
     rounds = []
     floors = []
+    wrk_rounds = []
     crud_args = ["--max-seconds", str(MAX_SECONDS), *extra]
     for number in range(args.rounds):
         rounds.append(peer.run_round("crud", args.peerbench, crud_args, None))
         floor_args = [*crud_args, "--verify", "none"]
         floors.append(peer.run_round("crud", args.peerbench, floor_args, None, floor=True))
+        if wrk_available() and not args.no_wrk:
+            wrk_rounds.append(board_wrk.run_round(WRK_SECONDS))
         print(f"round {number + 1} done", file=sys.stderr)
     if args.json:
-        print(json.dumps({"workload": "crud", "rounds": rounds, "floors": floors}))
+        print(
+            json.dumps({"workload": "crud", "rounds": rounds, "floors": floors, "wrk": wrk_rounds})
+        )
         return 0
     pinned = "server CPU 0, driver CPU 1" if peer.TWO_CPUS else "not pinned (one CPU)"
     print(f"board: peerbench crud, {args.rounds} rounds, medians; {pinned}")
     peer.print_figures("crud", rounds)
     print_floor(rounds, floors)
+    if wrk_rounds:
+        print_wrk(wrk_rounds)
     for number, result in enumerate(rounds, 1):
         create = result.get("create", {})
         moves = result.get("move", {}).get("ok", {})

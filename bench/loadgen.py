@@ -12,11 +12,14 @@ baseline in the same run shows its ceiling).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import statistics
 import subprocess
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
 import attrs
 import trio
@@ -99,21 +102,38 @@ def wrk_available() -> bool:
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
-def run_wrk(host: str, port: int, path: str, *, concurrency: int, duration: float) -> LoadResult:
-    """One wrk run; latencies holds only its p50 and p99 (what wrk reports)."""
+def run_wrk(
+    host: str,
+    port: int,
+    path: str,
+    *,
+    concurrency: int,
+    duration: float,
+    script: Path | None = None,
+    env: dict[str, str] | None = None,
+    prefix: Sequence[str] = (),
+) -> WrkResult:
+    """One wrk run; latencies holds only its p50 and p99 (what wrk reports).
+
+    `script`: a wrk Lua script (`-s`), which sees `env` in its environment;
+    `prefix`: what to run wrk under (e.g. `taskset -c 1`).
+    """
     output = subprocess.run(
         [
+            *prefix,
             "wrk",
             "-t1",
             f"-c{concurrency}",
             f"-d{max(1, round(duration))}s",
             "--latency",
+            *(["-s", str(script)] if script is not None else []),
             f"http://{host}:{port}{path}",
         ],
         capture_output=True,
         text=True,
         check=True,
         timeout=duration + 30,
+        env={**os.environ, **(env or {})},
     ).stdout
 
     def latency(label: str) -> float:
@@ -135,13 +155,23 @@ def run_wrk(host: str, port: int, path: str, *, concurrency: int, duration: floa
         latencies_ms=(),
         p50_ms=latency("50%"),
         p99_ms=latency("99%"),
+        mean_ms=_wrk_mean(output),
     )
+
+
+def _wrk_mean(output: str) -> float:
+    """The `Latency avg` of wrk's thread stats."""
+    found = re.search(r"^\s*Latency\s+([\d.]+)(us|ms|s)\s", output, re.M)
+    if found is None:
+        raise RuntimeError(f"no mean latency in wrk output:\n{output}")
+    return float(found.group(1)) * _UNITS[found.group(2)]
 
 
 @attrs.frozen
 class WrkResult(LoadResult):
     p50_ms: float = 0.0
     p99_ms: float = 0.0
+    mean_ms: float = 0.0
 
     @property
     def p50(self) -> float:
