@@ -636,9 +636,15 @@ _RANK_LIMIT = 2**62  # past this (after ~4e15 appends) a column is renumbered, w
 # A task's position: how many tasks of its column come before it, by (rank, rowid). The
 # row-value comparison walks the `board_tasks_column` index (whose entries end in the
 # rowid), so it costs a count of the tasks before it, in C.
+# A task's position: the tasks before it in its column, by (rank, rowid). Written as two
+# counts (rank below; same rank, rowid below) because SQLite checks the row value
+# `(o.rank, o.rowid) < (t.rank, t.rowid)` per index entry: twice as slow (~0.2 ms for a
+# column of 2,000 on this VM; every create, move and single read counts one column).
 _POSITION_SQL = (
-    "(SELECT COUNT(*) FROM board_tasks o WHERE o.project_id = t.project_id"
-    " AND o.column_name = t.column_name AND (o.rank, o.rowid) < (t.rank, t.rowid))"
+    "((SELECT COUNT(*) FROM board_tasks o WHERE o.project_id = t.project_id"
+    " AND o.column_name = t.column_name AND o.rank < t.rank)"
+    " + (SELECT COUNT(*) FROM board_tasks o WHERE o.project_id = t.project_id"
+    " AND o.column_name = t.column_name AND o.rank = t.rank AND o.rowid < t.rowid))"
 )
 _TASK_FIELDS = (
     "id, project_id, title, description, column_name, status, priority, position,"
