@@ -6,7 +6,7 @@
  */
 
 import { del, get, isForbidden, post } from "./api.js";
-import { badge, checkbox, emptyState, errorBox, field, formatTime, h, replace, showFormError, toast } from "./dom.js";
+import { badge, checkbox, dataTable, emptyState, errorBox, field, formatTime, h, replace, showFormError, toast } from "./dom.js";
 
 const PAGE = 50;
 
@@ -133,33 +133,19 @@ export function mountAudit(root) {
     }
     replace(
       table,
-      h(
-        "div",
-        { class: "table-wrap" },
+      dataTable("Audit entries, newest first", ["#", "Time", "Actor", "Action", "Resource", "Request", "Status"], answer.entries.map((e) =>
         h(
-          "table",
-          { class: "data" },
-          h("caption", { class: "visually-hidden", text: "Audit entries, newest first" }),
-          h("thead", {}, h("tr", {}, ["#", "Time", "Actor", "Action", "Resource", "Request", "Status"].map((t) => h("th", { scope: "col", text: t })))),
-          h(
-            "tbody",
-            {},
-            answer.entries.map((e) =>
-              h(
-                "tr",
-                { dataset: { testid: "audit-row", action: e.action } },
-                h("td", { class: "num", text: String(e.id) }),
-                h("td", { class: "nowrap", text: formatTime(e.timestamp) }),
-                h("td", { class: "mono small", text: e.actor }),
-                h("td", { class: "mono small", text: e.action }),
-                h("td", { class: "mono small wrap", text: e.resource || "—" }),
-                h("td", { class: "mono small wrap" }, e.method ? `${e.method} ${e.path}` : "—"),
-                h("td", {}, statusTone(e.status)),
-              ),
-            ),
-          ),
+          "tr",
+          { dataset: { testid: "audit-row", action: e.action } },
+          h("td", { class: "num", text: String(e.id) }),
+          h("td", { class: "nowrap", text: formatTime(e.timestamp) }),
+          h("td", { class: "mono small", text: e.actor }),
+          h("td", { class: "mono small", text: e.action }),
+          h("td", { class: "mono small wrap", text: e.resource || "—" }),
+          h("td", { class: "mono small wrap" }, e.method ? `${e.method} ${e.path}` : "—"),
+          h("td", {}, statusTone(e.status)),
         ),
-      ),
+      )),
     );
     pager.hidden = answer.total <= PAGE;
     replace(
@@ -280,46 +266,32 @@ export function mountTokens(root) {
     }
     replace(
       list,
-      h(
-        "div",
-        { class: "table-wrap" },
+      dataTable("API tokens", ["Name", "Scopes", "State", "Created", "Expires", "Last used", ""], answer.tokens.map((t) =>
         h(
-          "table",
-          { class: "data" },
-          h("caption", { class: "visually-hidden", text: "API tokens" }),
-          h("thead", {}, h("tr", {}, ["Name", "Scopes", "State", "Created", "Expires", "Last used", ""].map((t) => h("th", { scope: "col", text: t })))),
+          "tr",
+          { dataset: { testid: "token-row", id: t.id } },
+          h("td", {}, h("strong", { text: t.name }), h("div", { class: "muted small mono nowrap", text: t.id })),
+          h("td", { class: "mono small nowrap", text: t.scopes.join(", ") }),
+          h("td", {}, tokenState(t)),
+          h("td", { class: "nowrap", text: formatTime(t.created_at) }),
+          h("td", { class: "nowrap", text: t.expires_at ? formatTime(t.expires_at) : "never" }),
+          h("td", { class: "nowrap", text: t.last_used_at ? formatTime(t.last_used_at) : "never" }),
           h(
-            "tbody",
+            "td",
             {},
-            answer.tokens.map((t) =>
-              h(
-                "tr",
-                { dataset: { testid: "token-row", id: t.id } },
-                h("td", {}, h("strong", { text: t.name }), h("div", { class: "muted small mono nowrap", text: t.id })),
-                h("td", { class: "mono small nowrap", text: t.scopes.join(", ") }),
-                h("td", {}, tokenState(t)),
-                h("td", { class: "nowrap", text: formatTime(t.created_at) }),
-                h("td", { class: "nowrap", text: t.expires_at ? formatTime(t.expires_at) : "never" }),
-                h("td", { class: "nowrap", text: t.last_used_at ? formatTime(t.last_used_at) : "never" }),
-                h(
-                  "td",
-                  {},
-                  t.revoked
-                    ? null
-                    : h("button", {
-                        type: "button",
-                        class: "button button-small button-danger",
-                        text: "Revoke",
-                        "aria-label": `Revoke ${t.name}`,
-                        dataset: { testid: "token-revoke" },
-                        onclick: () => revoke(t),
-                      }),
-                ),
-              ),
-            ),
+            t.revoked
+              ? null
+              : h("button", {
+                  type: "button",
+                  class: "button button-small button-danger",
+                  text: "Revoke",
+                  "aria-label": `Revoke ${t.name}`,
+                  dataset: { testid: "token-revoke" },
+                  onclick: () => revoke(t),
+                }),
           ),
         ),
-      ),
+      )),
     );
   }
 

@@ -172,6 +172,24 @@ export function badge(status, { testid, label } = {}) {
   });
 }
 
+/**
+ * A data table in its scrolling wrapper: a caption for screen readers, one row of
+ * column headings (those named in `numeric` right-aligned), then `rows` (`<tr>`s).
+ */
+export function dataTable(caption, headings, rows, { numeric = [] } = {}) {
+  return h(
+    "div",
+    { class: "table-wrap" },
+    h(
+      "table",
+      { class: "data" },
+      h("caption", { class: "visually-hidden", text: caption }),
+      h("thead", {}, h("tr", {}, headings.map((t) => h("th", { scope: "col", class: numeric.includes(t) ? "num" : null, text: t })))),
+      h("tbody", {}, rows),
+    ),
+  );
+}
+
 // -- empty states, errors, toasts ---------------------------------------------------
 
 /** A clear empty state: what is missing and what to do about it. */

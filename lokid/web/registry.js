@@ -8,7 +8,7 @@
  */
 
 import { del, get, post } from "./api.js";
-import { badge, emptyState, errorBox, field, formatAge, formatBytes, formatTime, h, replace, showFormError, throttle, toast } from "./dom.js";
+import { badge, dataTable, emptyState, errorBox, field, formatAge, formatBytes, formatTime, h, replace, showFormError, throttle, toast } from "./dom.js";
 import { live } from "./ws.js";
 
 /** `3 pending · 1 active · 5 done · 1 failed`, or an em dash. */
@@ -158,17 +158,7 @@ export function mount(root) {
     }
     replace(
       list,
-      h(
-        "div",
-        { class: "table-wrap" },
-        h(
-          "table",
-          { class: "data" },
-          h("caption", { class: "visually-hidden", text: "Registered projects" }),
-          h("thead", {}, h("tr", {}, ["Project", "Path", "Status", ".loki", "Tasks", "Last seen", "Actions"].map((t) => h("th", { scope: "col", text: t })))),
-          h("tbody", {}, rows),
-        ),
-      ),
+      dataTable("Registered projects", ["Project", "Path", "Status", ".loki", "Tasks", "Last seen", "Actions"], rows),
     );
   }
 
@@ -290,53 +280,39 @@ export function mount(root) {
     replace(
       discResults,
       meta,
-      h(
-        "div",
-        { class: "table-wrap" },
+      dataTable("Projects found", ["Project", "Path", "Has", ""], found.projects.map((p) =>
         h(
-          "table",
-          { class: "data" },
-          h("caption", { class: "visually-hidden", text: "Projects found" }),
-          h("thead", {}, h("tr", {}, ["Project", "Path", "Has", ""].map((t) => h("th", { scope: "col", text: t })))),
+          "tr",
+          { dataset: { testid: "found-row" } },
+          h("td", { text: p.name }),
+          h("td", { class: "mono small", text: p.path }),
+          h("td", { class: "small", text: [p.has_state && "state", p.has_queue && "queue", p.has_prd && "PRD"].filter(Boolean).join(", ") || "—" }),
           h(
-            "tbody",
+            "td",
             {},
-            found.projects.map((p) =>
-              h(
-                "tr",
-                { dataset: { testid: "found-row" } },
-                h("td", { text: p.name }),
-                h("td", { class: "mono small", text: p.path }),
-                h("td", { class: "small", text: [p.has_state && "state", p.has_queue && "queue", p.has_prd && "PRD"].filter(Boolean).join(", ") || "—" }),
-                h(
-                  "td",
-                  {},
-                  p.registered || p.registered_now
-                    ? badge("ok", { label: "registered" })
-                    : h("button", {
-                        type: "button",
-                        class: "button button-small",
-                        text: "Register",
-                        "aria-label": `Register ${p.name}`,
-                        onclick: async (event) => {
-                          const button = event.currentTarget;
-                          button.disabled = true;
-                          try {
-                            await post("/api/registry/projects", { path: p.path });
-                            button.replaceWith(badge("ok", { label: "registered" }));
-                            load();
-                          } catch (err) {
-                            button.disabled = false;
-                            toast(err.message, "error", "Could not register");
-                          }
-                        },
-                      }),
-                ),
-              ),
-            ),
+            p.registered || p.registered_now
+              ? badge("ok", { label: "registered" })
+              : h("button", {
+                  type: "button",
+                  class: "button button-small",
+                  text: "Register",
+                  "aria-label": `Register ${p.name}`,
+                  onclick: async (event) => {
+                    const button = event.currentTarget;
+                    button.disabled = true;
+                    try {
+                      await post("/api/registry/projects", { path: p.path });
+                      button.replaceWith(badge("ok", { label: "registered" }));
+                      load();
+                    } catch (err) {
+                      button.disabled = false;
+                      toast(err.message, "error", "Could not register");
+                    }
+                  },
+                }),
           ),
         ),
-      ),
+      )),
       found.errors && found.errors.length ? h("p", { class: "muted small", text: `Problems: ${found.errors.map((e) => `${e.path}: ${e.message}`).join("; ")}` }) : null,
     );
   }

@@ -15,6 +15,7 @@ import { ApiError, del, get, post } from "./api.js";
 import {
   badge,
   checkbox,
+  dataTable,
   emptyState,
   errorBox,
   field,
@@ -165,27 +166,7 @@ export function mountList(root, _params, ctx) {
     );
     replace(
       body,
-      h(
-        "div",
-        { class: "table-wrap" },
-        h(
-          "table",
-          { class: "data" },
-          h("caption", { class: "visually-hidden", text: "Sessions, newest first" }),
-          h(
-            "thead",
-            {},
-            h(
-              "tr",
-              {},
-              ["Session", "Status", "Phase", "Iteration", "Tasks", "Agents", "Cost", "Created"].map((t) =>
-                h("th", { scope: "col", class: ["Iteration", "Agents", "Cost"].includes(t) ? "num" : null, text: t }),
-              ),
-            ),
-          ),
-          h("tbody", {}, rows),
-        ),
-      ),
+      dataTable("Sessions, newest first", ["Session", "Status", "Phase", "Iteration", "Tasks", "Agents", "Cost", "Created"], rows, { numeric: ["Iteration", "Agents", "Cost"] }),
     );
     pager.hidden = page.total <= PAGE;
     replace(
@@ -624,30 +605,16 @@ export function mountDetail(root, { id }, ctx) {
     }
     replace(
       tasksBody,
-      h(
-        "div",
-        { class: "table-wrap" },
+      dataTable("Tasks of this session", ["Task", "Title", "Status", "Tries"], page.tasks.map((t) =>
         h(
-          "table",
-          { class: "data" },
-          h("caption", { class: "visually-hidden", text: "Tasks of this session" }),
-          h("thead", {}, h("tr", {}, ["Task", "Title", "Status", "Tries"].map((t) => h("th", { scope: "col", class: t === "Tries" ? "num" : null, text: t })))),
-          h(
-            "tbody",
-            {},
-            page.tasks.map((t) =>
-              h(
-                "tr",
-                { dataset: { testid: "task-row", taskId: t.id, status: t.status } },
-                h("td", { class: "mono nowrap", text: t.id }),
-                h("td", {}, t.title, t.error ? h("div", { class: "muted small", text: t.error }) : null),
-                h("td", {}, badge(t.status, { testid: "task-status" })),
-                h("td", { class: "num", text: String(t.attempts ?? 0) }),
-              ),
-            ),
-          ),
+          "tr",
+          { dataset: { testid: "task-row", taskId: t.id, status: t.status } },
+          h("td", { class: "mono nowrap", text: t.id }),
+          h("td", {}, t.title, t.error ? h("div", { class: "muted small", text: t.error }) : null),
+          h("td", {}, badge(t.status, { testid: "task-status" })),
+          h("td", { class: "num", text: String(t.attempts ?? 0) }),
         ),
-      ),
+      ), { numeric: ["Tries"] }),
     );
   }
 
