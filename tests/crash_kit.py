@@ -70,7 +70,7 @@ import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -351,6 +351,22 @@ class Journal:
             f"{what} answered {answer.status_code} at {self.now():.3f} s: {answer.text[:300]}"
         )
 
+    async def expect(
+        self, what: str, status: int, request: Awaitable[httpx.Response]
+    ) -> httpx.Response | None:
+        """Send one request (counted); its answer if it has `status`, else None, with the
+        failure recorded (`failed_request` or `unexpected`)."""
+        self.requests += 1
+        try:
+            answer = await request
+        except httpx.HTTPError as exc:
+            self.failed_request(what, exc)
+            return None
+        if answer.status_code != status:
+            self.unexpected(what, answer)
+            return None
+        return answer
+
 
 # -- the load ----------------------------------------------------------------------------------
 
@@ -405,16 +421,12 @@ class Load:
             (project / "prd.md").write_text(text)
             body = {"prd": str(project / "prd.md")}
             key = f"crash-{self.seed}-{n}"
-            j.requests += 1
-            try:
-                answer = await self.c.api.post(
-                    "/api/sessions", json=body, headers={"Idempotency-Key": key}
-                )
-            except httpx.HTTPError as exc:
-                j.failed_request(f"POST /api/sessions ({key}, modes {modes})", exc)
-                return
-            if answer.status_code != 201:
-                j.unexpected(f"POST /api/sessions ({key})", answer)
+            answer = await j.expect(
+                f"POST /api/sessions ({key}, modes {modes})",
+                201,
+                self.c.api.post("/api/sessions", json=body, headers={"Idempotency-Key": key}),
+            )
+            if answer is None:
                 return
             sid = answer.json()["id"]
             j.sessions[sid] = SessionRecord(sid, project, key, body, modes)
@@ -486,14 +498,12 @@ class Load:
         rng = self.rng(f"board-{n}")
         j = self.journal
         name = f"crash board {n}"
-        j.requests += 1
-        try:
-            answer = await self.c.dashboard.post("/api/projects", json={"name": name})
-        except httpx.HTTPError as exc:
-            j.failed_request(f"POST /api/projects ({name})", exc)
-            return
-        if answer.status_code != 201:
-            j.unexpected(f"POST /api/projects ({name})", answer)
+        answer = await j.expect(
+            f"POST /api/projects ({name})",
+            201,
+            self.c.dashboard.post("/api/projects", json={"name": name}),
+        )
+        if answer is None:
             return
         project = answer.json()["id"]
         j.projects[project] = name
@@ -507,14 +517,12 @@ class Load:
             if not mine or rng.random() < 0.35:
                 body: dict[str, Any] = {"project_id": project, "title": f"card {j.requests}"}
                 body["column"] = column
-                j.requests += 1
-                try:
-                    answer = await self.c.dashboard.post("/api/tasks", json=body)
-                except httpx.HTTPError as exc:
-                    j.failed_request(f"POST /api/tasks in {column}", exc)
-                    return
-                if answer.status_code != 201:
-                    j.unexpected("POST /api/tasks", answer)
+                answer = await j.expect(
+                    f"POST /api/tasks in {column}",
+                    201,
+                    self.c.dashboard.post("/api/tasks", json=body),
+                )
+                if answer is None:
                     return
                 task = BoardTask(answer.json()["id"], project, answer.json()["column"])
                 mine.append(task)
@@ -526,14 +534,12 @@ class Load:
             if rng.random() < 0.5:
                 move["position"] = rng.randint(0, 5)
             task.in_flight = column
-            j.requests += 1
-            try:
-                answer = await self.c.dashboard.post(f"/api/tasks/{task.id}/move", json=move)
-            except httpx.HTTPError as exc:
-                j.failed_request(f"move {task.id} {task.column} -> {column}", exc)
-                return
-            if answer.status_code != 200:
-                j.unexpected(f"move {task.id}", answer)
+            answer = await j.expect(
+                f"move {task.id} {task.column} -> {column}",
+                200,
+                self.c.dashboard.post(f"/api/tasks/{task.id}/move", json=move),
+            )
+            if answer is None:
                 return
             task.in_flight = None
             task.column = answer.json()["column"]
@@ -551,29 +557,23 @@ class Load:
             live = [t for t in j.tokens.values() if not t.revoked]
             if live and rng.random() < 0.3:
                 token = rng.choice(live)
-                j.requests += 1
-                try:
-                    answer = await self.c.control.delete(
-                        f"/dashboard/api/enterprise/tokens/{token.id}"
-                    )
-                except httpx.HTTPError as exc:
-                    j.failed_request(f"revoke {token.id}", exc)
-                    return
-                if answer.status_code != 200:
-                    j.unexpected(f"revoke {token.id}", answer)
+                answer = await j.expect(
+                    f"revoke {token.id}",
+                    200,
+                    self.c.control.delete(f"/dashboard/api/enterprise/tokens/{token.id}"),
+                )
+                if answer is None:
                     return
                 token.revoked = True
                 j.ack("token.revoke", token.id, 200)
                 continue
             body = {"name": f"crash {j.requests}", "scopes": [rng.choice(["read", "write"])]}
-            j.requests += 1
-            try:
-                answer = await self.c.control.post("/dashboard/api/enterprise/tokens", json=body)
-            except httpx.HTTPError as exc:
-                j.failed_request("POST /dashboard/api/enterprise/tokens", exc)
-                return
-            if answer.status_code != 201:
-                j.unexpected("POST /dashboard/api/enterprise/tokens", answer)
+            answer = await j.expect(
+                "POST /dashboard/api/enterprise/tokens",
+                201,
+                self.c.control.post("/dashboard/api/enterprise/tokens", json=body),
+            )
+            if answer is None:
                 return
             tid = answer.json()["id"]
             j.tokens[tid] = TokenRecord(tid)

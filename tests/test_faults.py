@@ -280,14 +280,11 @@ class FloodLab:
         kill_group_of(self.pid_file, str(self.script))
 
     def start(self, kind: str, total: int) -> str:
-        body = {
-            "prdText": "# Flood\n\n## Features\n- Print a lot\n",
-            "projectDir": str(self.project),
-            "provider": "command",
-            "options": {
-                "command": [sys.executable, str(self.script), kind, str(total), str(self.pid_file)]
-            },
-        }
+        body = command_session(
+            "# Flood\n\n## Features\n- Print a lot\n",
+            self.project,
+            [sys.executable, str(self.script), kind, str(total), str(self.pid_file)],
+        )
         answer = self.api.post("/api/sessions", json=body)
         assert answer.status_code == 201, answer.text
         session_id: str = answer.json()["id"]
@@ -499,6 +496,16 @@ def test_a_full_disk_is_503_loses_nothing_and_recovers(tmp_path: pathlib.Path) -
             daemon.kill()
 
 
+def command_session(prd_text: str, project_dir: pathlib.Path, command: list[str]) -> dict[str, Any]:
+    """A `POST /api/sessions` body: provider `command` running `command` in `project_dir`."""
+    return {
+        "prdText": prd_text,
+        "projectDir": str(project_dir),
+        "provider": "command",
+        "options": {"command": command},
+    }
+
+
 def check_full_disk(
     daemon: DaemonProcess,
     api: httpx.Client,
@@ -509,12 +516,9 @@ def check_full_disk(
     # Acknowledged before the disk fills: a finished session and a board.
     session = api.post(
         "/api/sessions",
-        json={
-            "prdText": "# App\n\n## Features\n- One\n",
-            "projectDir": str(project_dir),
-            "provider": "command",
-            "options": {"command": [sys.executable, "-c", "print('done')"]},
-        },
+        json=command_session(
+            "# App\n\n## Features\n- One\n", project_dir, [sys.executable, "-c", "print('done')"]
+        ),
     )
     assert session.status_code == 201, session.text
     sid = session.json()["id"]
@@ -545,12 +549,9 @@ def check_full_disk(
     assert_unavailable(dash.post("/api/projects", json={"name": "no room"}), "disk is full")
     refused_session = api.post(
         "/api/sessions",
-        json={
-            "prdText": "# B\n\n## Features\n- Two\n",
-            "projectDir": str(project_dir),
-            "provider": "command",
-            "options": {"command": [sys.executable, "-c", "print('never')"]},
-        },
+        json=command_session(
+            "# B\n\n## Features\n- Two\n", project_dir, [sys.executable, "-c", "print('never')"]
+        ),
     )
     assert_unavailable(refused_session, "disk is full")
 
