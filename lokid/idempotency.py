@@ -166,6 +166,8 @@ async def create_once(
     key: str | None,
     prepare: Callable[[], Awaitable[T]],
     insert: Callable[[sqlite_utils.Database, T], dict[str, Any]],
+    *,
+    on_commit: Callable[[CreateOutcome], None] | None = None,
 ) -> CreateOutcome:
     """Create once per `Idempotency-Key`: the answer, and what `prepare` made of the body.
 
@@ -173,6 +175,7 @@ async def create_once(
     again, so it gets the first answer even if what the body refers to is gone
     now. `insert(db, prepared)` runs in the store write that also remembers
     its answer (201); a retry that raced this one gets the answer it stored.
+    `on_commit` is the write's commit hook (`StoreActor.write`).
     """
     digest = body_digest(body) if key else ""
     if key:
@@ -191,4 +194,4 @@ async def create_once(
             remember(db, route, key, digest, 201, created)
         return CreateOutcome(True, 201, created, value)
 
-    return await store.write(write)
+    return await store.write(write, on_commit=on_commit)

@@ -530,6 +530,29 @@ async def test_fifty_concurrent_moves_keep_every_column_dense(the_board: Board) 
     assert sum(len(p) for p in columns_of(after).values()) == 30
     moved = [data for kind, data in the_board.notes if kind == "task.moved"]
     assert len(moved) == 50
+    # A client that applies the announcements in the order they came ends with the board
+    # as stored: they came in commit order, each `from` where the one before left the task.
+    assert replay(before, moved) == board_of(after)
+
+
+def board_of(tasks: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Each column's task ids in position order."""
+    ordered = sorted(tasks, key=lambda t: (t["column"], t["position"]))
+    columns: dict[str, list[str]] = {column: [] for column in board.COLUMNS}
+    for task in ordered:
+        columns[task["column"]].append(task["id"])
+    return columns
+
+
+def replay(before: list[dict[str, Any]], moved: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """`before` with the `task.moved` announcements applied in order, as a client would."""
+    columns = board_of(before)
+    for data in moved:
+        origin = data["from"] or {"column": data["column"], "position": data["position"]}
+        assert columns[origin["column"]].index(data["id"]) == origin["position"], data
+        columns[origin["column"]].remove(data["id"])
+        columns[data["column"]].insert(data["position"], data["id"])
+    return columns
 
 
 # -- the route table ----------------------------------------------------------------------

@@ -366,6 +366,81 @@ async def test_failing_write_rolls_back_only_itself(tmp_path: pathlib.Path) -> N
     assert (stats.batches, stats.last_batch_size, stats.handled, stats.failed) == (1, 3, 2, 1)
 
 
+async def test_commit_hooks_run_in_commit_order_before_the_caller_resumes(
+    tmp_path: pathlib.Path,
+) -> None:
+    """50 tasks x 10 writes, grouped and alone: each hook sees its write's value, once,
+    in the order the writer thread ran the writes (the commit order), and before
+    `write` returns to its caller - whatever order trio resumes the callers in."""
+    ran: list[str] = []  # appended on the writer thread, in execution order
+    hooked: list[str] = []
+    returned_after_hook: list[bool] = []
+
+    def named(name: str) -> Callable[[sqlite_utils.Database], str]:
+        def fn(db: sqlite_utils.Database) -> str:
+            insert(name)(db)
+            ran.append(name)
+            return name
+
+        return fn
+
+    async with running(items_store(tmp_path)) as store:
+
+        async def writer(task: int) -> None:
+            for n in range(10):
+                name = f"{task}-{n}"
+                value = await store.write(named(name), timeout=WAIT, on_commit=hooked.append)
+                returned_after_hook.append(value in hooked)
+
+        async with trio.open_nursery() as nursery:
+            for task in range(50):
+                nursery.start_soon(writer, task)
+        stats = store.statistics()
+        assert await store.read(names) == ran  # ids follow the commit order too
+    assert stats.max_batch_seen > 1  # batches of several writes, not only lone ones
+    assert len(ran) == 500
+    assert hooked == ran
+    assert all(returned_after_hook)
+
+
+async def test_failed_writes_call_no_hook_and_a_failing_hook_is_logged(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    hooked: list[Any] = []
+
+    def broken(value: Any) -> None:
+        raise RuntimeError("listener gone")
+
+    def fails(db: sqlite_utils.Database) -> None:
+        raise ValueError("not this one")
+
+    async with running(items_store(tmp_path)) as store:
+        with pytest.raises(ValueError, match="not this one"):
+            await store.write(fails, on_commit=hooked.append)
+        await store.write(insert("a"), on_commit=hooked.append)
+        with pytest.raises(Conflict):
+            await store.write(insert("a"), on_commit=hooked.append)  # UNIQUE: refused
+        assert await store.write(insert("b"), on_commit=broken) == 2
+        assert await store.write(insert("c"), on_commit=hooked.append) == 3  # still serving
+    assert hooked == [1, 3]
+    assert "a commit hook failed" in caplog.text
+    assert "listener gone" in caplog.text
+
+
+async def test_a_batch_that_does_not_commit_calls_no_hook(tmp_path: pathlib.Path) -> None:
+    path = db_path(tmp_path)
+    hooked: list[Any] = []
+    async with running(items_store(tmp_path)) as store:
+        await store.write(insert("before"), on_commit=hooked.append)
+        files = [path, path.with_name(path.name + "-wal")]
+        limit = max(f.stat().st_size for f in files) + 64 * 1024
+        big = "x" * (limit + 256 * 1024)  # fits SQLite's page cache: written at COMMIT
+        with file_size_limit(limit), pytest.raises(StoreUnavailable):
+            await store.write(insert(big), on_commit=hooked.append)
+        await store.write(insert("after"), on_commit=hooked.append)
+    assert hooked == [1, 2]  # the failed commit's rowid 2 was never announced; "after" got 2
+
+
 async def test_integrity_error_is_conflict_and_the_store_keeps_serving(
     tmp_path: pathlib.Path,
 ) -> None:

@@ -17,10 +17,11 @@ from trio_websocket import (
     open_websocket_url,
 )
 
+from lokid.actors.event_bus import MAX_BATCH_EVENTS, MAX_EMIT_MANY
 from lokid.daemon import Daemon
 from lokid.events import Level
 from lokid.http import ws as ws_module
-from lokid.http.ws import CLIENT_QUEUE
+from lokid.http.ws import CLIENT_QUEUE, MESSAGE_TYPES
 from lokid.tokens import create_token
 
 from .sessions_kit import eventually
@@ -88,6 +89,63 @@ async def test_topics_ping_and_bad_messages(tmp_path: pathlib.Path) -> None:
         assert await next_message(ws) == {"type": "subscribed", "data": {"topics": []}}
         daemon.hub.publish("task.created", {"id": "task-2"})
         assert (await next_message(ws))["data"] == {"id": "task-2"}  # everything again
+
+
+async def test_topics_that_can_never_match_are_refused_by_name(tmp_path: pathlib.Path) -> None:
+    async with running_daemon(tmp_path) as daemon, open_websocket_url(ws_url(daemon)) as ws:
+        await ws.send_message(json.dumps({"type": "subscribe", "topics": ["task.moved"]}))
+        assert (await next_message(ws))["data"] == {"topics": ["task.moved"]}
+        refusals = {
+            "*": "topics[0] '*' matches no message",
+            "tasks.*": "topics[0] 'tasks.*' matches no message",
+            "task.moves": "topics[0] 'task.moves' matches no message",
+            "": "(an empty list means everything)",
+            "x" * 1000: "topics[0] '" + "x" * 100 + "…' matches no message",
+        }
+        for topic, says in refusals.items():
+            await ws.send_message(json.dumps({"type": "subscribe", "topics": [topic]}))
+            answer = await next_message(ws)
+            assert answer["type"] == "error", topic
+            assert says in answer["data"]["message"]
+            assert "task.*" in answer["data"]["message"]  # the families that do exist
+        await ws.send_message(json.dumps({"type": "subscribe", "topics": ["task.*", 7]}))
+        assert "topics[1] must be a string" in (await next_message(ws))["data"]["message"]
+        too_many = ["task.moved"] * 101
+        await ws.send_message(json.dumps({"type": "subscribe", "topics": too_many}))
+        assert "at most 100; got 101" in (await next_message(ws))["data"]["message"]
+        await ws.send_message(json.dumps({"type": "hello"}))
+        assert "subscribe, ping, pong" in (await next_message(ws))["data"]["message"]
+        # A refused subscribe leaves the topics in force as they were.
+        daemon.hub.publish("task.created", {"id": "task-1"})
+        daemon.hub.publish("task.moved", {"id": "task-1"})
+        assert (await next_message(ws))["type"] == "task.moved"
+        with pytest.raises(ValueError, match="not a /ws message type"):
+            daemon.hub.publish("task.moves", {})
+
+
+def test_every_message_type_is_documented() -> None:
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "websocket.md").read_text()
+    families = {t.partition(".")[0] for t in MESSAGE_TYPES}
+    for message_type in MESSAGE_TYPES:
+        family = message_type.partition(".")[0]
+        assert f"`{message_type}`" in doc or f"`{family}.*`" in doc, message_type
+    assert families == {"task", "project", "registry", "session", "phase", "agent"}
+
+
+async def test_a_burst_of_a_whole_bus_batch_reaches_a_client_that_reads(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The bus fans a batch out without a checkpoint: a client reading as fast as it
+    can must not be closed as slow by a burst of agent output (it was, at ~300 lines)."""
+    burst = MAX_BATCH_EVENTS + MAX_EMIT_MANY - 1
+    async with running_daemon(tmp_path) as daemon, open_websocket_url(ws_url(daemon)) as ws:
+        await connected(daemon, 1)
+        await daemon.bus.emit_many(
+            [("agent.output", "session-x", Level.INFO, {"line": f"l{n}"}) for n in range(burst)]
+        )
+        lines = [(await next_message(ws))["data"]["data"]["line"] for _ in range(burst)]
+        assert lines == [f"l{n}" for n in range(burst)]
+        assert daemon.hub.statistics().closed_slow == 0
 
 
 async def test_session_events_are_forwarded_and_others_are_not(tmp_path: pathlib.Path) -> None:

@@ -24,6 +24,16 @@ Theory of operation:
   (the frames are in the OS's cache); a power loss between the two commits
   can lose the change, but its request was never answered with success. A
   batch commits with FULL if any write in it is not deferred this way.
+* **Commit hooks run in commit order.** `write(fn, on_commit=hook)` calls
+  `hook(value)` on the trio thread once the transaction holding `fn`'s
+  change has committed, before `write` returns, and the hooks of all writes
+  run in the order their changes committed (the writer thread hands them
+  to `TrioToken.run_sync_soon`, which runs callbacks first in, first out).
+  This is where a change is announced (the `/ws` hub): announcing after
+  `write` returned would follow the order in which trio happens to resume
+  the callers, which is not the commit order. A hook must not block; what it
+  raises is logged. A write that failed, or whose batch did not commit,
+  calls no hook.
 * **A failing write rolls back only itself.** Its savepoint is rolled back,
   its caller gets the exception, the rest of the batch commits. SQLite errors
   are turned into `LokiError`s so the store keeps running: a constraint
@@ -93,6 +103,9 @@ from lokid.thread_lane import ThreadLane
 from lokid.timefmt import utc_now_iso
 
 T = TypeVar("T")
+
+CommitHook = Callable[[Any], None]
+"""`write(..., on_commit=hook)`: called with the write's value once it committed."""
 
 log = logging.getLogger("lokid.store")
 
@@ -181,6 +194,7 @@ class Write:
 
     fn: Callable[[sqlite_utils.Database], Any]
     sync_follows: bool = False  # `SYNC_FOLLOWS` of the caller
+    on_commit: CommitHook | None = None
 
 
 @attrs.frozen
@@ -304,11 +318,21 @@ class StoreActor(Actor[Any]):
         self._commits_deferred = 0
         self._sync_full = True  # the writer connection's `synchronous` (writer thread only)
         self._reads = 0
+        self._token: trio.lowlevel.TrioToken | None = None  # for the commit hooks
 
     # -- callers ---------------------------------------------------------------
 
-    async def write(self, fn: Callable[[sqlite_utils.Database], T], *, timeout: float = 10.0) -> T:
+    async def write(
+        self,
+        fn: Callable[[sqlite_utils.Database], T],
+        *,
+        timeout: float = 10.0,
+        on_commit: Callable[[T], None] | None = None,
+    ) -> T:
         """Run `fn(db)` in the writer's next batch; return its result once committed.
+
+        `on_commit(result)` runs on the trio thread right after the commit, in
+        commit order with every other write's hook (see the module).
 
         Raises what `fn` raised (SQLite errors as `Conflict`, `StoreUnavailable`
         or `StoreError`), `StoreUnavailable` if the batch's COMMIT failed, and
@@ -327,8 +351,10 @@ class StoreActor(Actor[Any]):
             and not self._writer.busy
             and self._send.statistics().current_buffer_used == 0
         ):
-            return await self.write_alone(fn, timeout=timeout, sync_follows=follows)
-        return cast(T, await self.ask(Write(fn, follows), timeout=timeout))
+            return await self.write_alone(
+                fn, timeout=timeout, sync_follows=follows, on_commit=on_commit
+            )
+        return cast(T, await self.ask(Write(fn, follows, on_commit), timeout=timeout))
 
     async def write_alone(
         self,
@@ -336,6 +362,7 @@ class StoreActor(Actor[Any]):
         *,
         timeout: float = 10.0,
         sync_follows: bool = False,
+        on_commit: Callable[[T], None] | None = None,
     ) -> T:
         """Run `fn(db)` in a transaction of its own, from the caller's task; once committed,
         its return value.
@@ -352,7 +379,9 @@ class StoreActor(Actor[Any]):
             raise StoreUnavailable(f"{self.name}: the database {self.path} is not open")
         generation = self._generation
         with trio.move_on_after(timeout) as waited:
-            result = await self._writer.run(self._execute_alone, fn, generation, sync_follows)
+            result = await self._writer.run(
+                self._execute_alone, fn, generation, sync_follows, on_commit
+            )
         if waited.cancelled_caught:
             raise AskTimeout(f"{self.name}: the writer stayed busy for {timeout:g} s")
         if result is None:
@@ -365,11 +394,15 @@ class StoreActor(Actor[Any]):
         return cast(T, answer.value)
 
     def _execute_alone(
-        self, fn: Callable[[sqlite_utils.Database], Any], generation: int, sync_follows: bool
+        self,
+        fn: Callable[[sqlite_utils.Database], Any],
+        generation: int,
+        sync_follows: bool,
+        on_commit: CommitHook | None,
     ) -> _BatchResult | None:
         if self._db is None or generation != self._generation:
             return None  # closed (or reopened) while this write waited for the writer
-        return self._execute_batch([fn], durable=not sync_follows)
+        return self._execute_batch([fn], durable=not sync_follows, hooks=[on_commit])
 
     async def read(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
         """Run `fn(db)` on a read-only connection in a worker thread; return its result.
@@ -451,6 +484,7 @@ class StoreActor(Actor[Any]):
     # -- the task: start and stop ------------------------------------------------
 
     async def setup(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
         db, version = await self._writer.run(self._open_sync)
         self._generation += 1
         self._schema_version = version
@@ -588,7 +622,7 @@ class StoreActor(Actor[Any]):
 
     async def _run_batch(self, batch: list[Any]) -> None:
         with trio.CancelScope(shield=True):
-            jobs: list[tuple[Callable[[sqlite_utils.Database], Any], Any]] = []
+            jobs: list[tuple[Write, Any]] = []
             durable = False
             for message in batch:
                 payload, reply = (
@@ -604,13 +638,16 @@ class StoreActor(Actor[Any]):
                         reply, Reply(error=TypeError(f"{self.name} cannot handle {payload!r}"))
                     )
                 else:
-                    jobs.append((payload.fn, reply))
+                    jobs.append((payload, reply))
                     durable = durable or not payload.sync_follows
             if not jobs:
                 return
             try:
                 result = await self._writer.run(
-                    self._execute_batch, [fn for fn, _ in jobs], durable
+                    self._execute_batch,
+                    [write.fn for write, _ in jobs],
+                    durable,
+                    [write.on_commit for write, _ in jobs],
                 )
             except BaseException:
                 # A bug in the store: the actor crashes. Closing the reply
@@ -676,9 +713,14 @@ class StoreActor(Actor[Any]):
         return sqlite3.SQLITE_OK
 
     def _execute_batch(
-        self, fns: list[Callable[[sqlite_utils.Database], Any]], durable: bool = True
+        self,
+        fns: list[Callable[[sqlite_utils.Database], Any]],
+        durable: bool = True,
+        hooks: Sequence[CommitHook | None] = (),
     ) -> _BatchResult:
-        """Run `fns` in one transaction; `durable`: commit with an fsync (see the module)."""
+        """Run `fns` in one transaction; `durable`: commit with an fsync (see the module).
+
+        `hooks[i]`, if any, is handed `fns[i]`'s value once the batch committed."""
         db = self._db
         if db is None:  # pragma: no cover - serve only runs between setup and teardown
             raise RuntimeError("the store is not open")
@@ -709,6 +751,7 @@ class StoreActor(Actor[Any]):
                     conn.execute(_COMMIT)
                     commit_seconds = time.perf_counter() - started
                     replies = [answers.get(i) or Reply(error=failed[i]) for i in range(len(fns))]
+                    self._hand_over_hooks(hooks, replies)
                     if not durable:
                         self._commits_deferred += 1
                     # A write that failed for the disk (not for its SQL) says the disk is bad.
@@ -734,6 +777,16 @@ class StoreActor(Actor[Any]):
             if conn.in_transaction:  # pragma: no cover - _TransactionLost means it is gone
                 conn.execute(_ROLLBACK)
             pending = [i for i in pending if i not in failed]
+
+    def _hand_over_hooks(self, hooks: Sequence[CommitHook | None], replies: list[Reply]) -> None:
+        """Queue the committed writes' hooks for the trio thread, in commit order."""
+        token = self._token
+        if token is None:
+            return
+        for hook, reply in zip(hooks, replies, strict=False):
+            if hook is not None and reply.error is None:
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(_run_hook, hook, reply.value)
 
     def _not_committed(self, exc: sqlite3.Error) -> LokiError:
         message = f"{self.name}: nothing of this write was committed: {exc}"
@@ -959,6 +1012,14 @@ def _caller_error(exc: BaseException, *, reading: bool) -> BaseException:
     if code in _STORAGE_CODES:
         return StoreUnavailable(f"the database cannot do this now: {exc}", details=details)
     return StoreError(f"SQLite error: {exc}", details=details)
+
+
+def _run_hook(hook: CommitHook, value: Any) -> None:
+    """One commit hook, on the trio thread (`run_sync_soon`: it must not raise)."""
+    try:
+        hook(value)
+    except Exception:
+        log.exception("a commit hook failed; the write itself is committed")
 
 
 def _reject_lazy(value: object, kind: str) -> None:

@@ -249,11 +249,33 @@ TASK_LINKS: dict[str, Link] = {
 }
 
 
-def _announce(notify: Notify, kind: str, data: Mapping[str, Any]) -> None:
-    try:
-        notify(kind, dict(data))
-    except Exception:
-        log.exception("notify(%r) failed; the change itself is committed", kind)
+def _announcing(
+    notify: Notify, kind: str, data_of: Callable[[Any], Mapping[str, Any] | None] = dict
+) -> Callable[[Any], None]:
+    """The store commit hook that announces a write's change as `kind` (`data_of(value)`;
+    None: nothing to announce). As a hook it runs in commit order (`StoreActor.write`), so
+    `/ws` clients see the changes of concurrent requests in the order they were made."""
+
+    def announce(value: Any) -> None:
+        data = data_of(value)
+        if data is None:
+            return
+        try:
+            notify(kind, dict(data))
+        except Exception:
+            log.exception("notify(%r) failed; the change itself is committed", kind)
+
+    return announce
+
+
+def _if_created(outcome: idempotency.CreateOutcome) -> Mapping[str, Any] | None:
+    return outcome.answer if outcome.created else None
+
+
+def _with_origin(value: tuple[dict[str, Any], dict[str, Any] | None]) -> dict[str, Any]:
+    """A moved or updated task, with `from` when it changed place."""
+    task, came_from = value
+    return task if came_from is None else {**task, "from": came_from}
 
 
 def install_board(surface: Surface, store: StoreActor, notify: Notify) -> None:
@@ -308,10 +330,14 @@ def _install_projects(surface: Surface, store: StoreActor, notify: Notify) -> No
             return attrs.evolve(new, path=path)
 
         outcome = await idempotency.create_once(
-            store, PROJECTS_ROUTE, body, key, prepare, board.insert_project
+            store,
+            PROJECTS_ROUTE,
+            body,
+            key,
+            prepare,
+            board.insert_project,
+            on_commit=_announcing(notify, "project.created", _if_created),
         )
-        if outcome.created:
-            _announce(notify, "project.created", outcome.answer)
         return json_response(outcome.status, outcome.answer)
 
     @surface.lean(
@@ -351,8 +377,10 @@ def _install_projects(surface: Surface, store: StoreActor, notify: Notify) -> No
             changes["path"] = await trio.to_thread.run_sync(
                 board.check_project_path, changes["path"]
             )
-        project = await store.write(lambda db: board.update_project(db, id, changes))
-        _announce(notify, "project.updated", project)
+        project = await store.write(
+            lambda db: board.update_project(db, id, changes),
+            on_commit=_announcing(notify, "project.updated"),
+        )
         return json_response(200, project)
 
     @surface.lean(
@@ -365,8 +393,10 @@ def _install_projects(surface: Surface, store: StoreActor, notify: Notify) -> No
     )
     async def project_delete(scope: Scope) -> LeanResponse:
         id = path_param(scope, "id")
-        gone = await store.write(lambda db: board.delete_project(db, id))
-        _announce(notify, "project.deleted", gone)
+        await store.write(
+            lambda db: board.delete_project(db, id),
+            on_commit=_announcing(notify, "project.deleted"),
+        )
         return LeanResponse(204, b"")
 
 
@@ -417,10 +447,14 @@ def _install_tasks(surface: Surface, store: StoreActor, notify: Notify) -> None:
             return board.parse_task_create(body)
 
         outcome = await idempotency.create_once(
-            store, TASKS_ROUTE, body, key, prepare, board.insert_task
+            store,
+            TASKS_ROUTE,
+            body,
+            key,
+            prepare,
+            board.insert_task,
+            on_commit=_announcing(notify, "task.created", _if_created),
         )
-        if outcome.created:
-            _announce(notify, "task.created", outcome.answer)
         return json_response(outcome.status, outcome.answer)
 
     @surface.lean(
@@ -456,9 +490,9 @@ def _install_tasks(surface: Surface, store: StoreActor, notify: Notify) -> None:
         changes = board.parse_task_update(lean_json(scope))
         if changes.is_empty():  # nothing to change: no write, no notification
             return json_response(200, await store.read(lambda db: board.get_task(db, id)))
-        task, came_from = await store.write(lambda db: board.update_task(db, id, changes))
-        _announce(
-            notify, "task.updated", task if came_from is None else {**task, "from": came_from}
+        task, _ = await store.write(
+            lambda db: board.update_task(db, id, changes),
+            on_commit=_announcing(notify, "task.updated", _with_origin),
         )
         return json_response(200, task)
 
@@ -472,8 +506,10 @@ def _install_tasks(surface: Surface, store: StoreActor, notify: Notify) -> None:
     )
     async def task_delete(scope: Scope) -> LeanResponse:
         id = path_param(scope, "id")
-        gone = await store.write(lambda db: board.delete_task(db, id))
-        _announce(notify, "task.deleted", gone)
+        await store.write(
+            lambda db: board.delete_task(db, id),
+            on_commit=_announcing(notify, "task.deleted"),
+        )
         return LeanResponse(204, b"")
 
     @surface.lean(
@@ -494,8 +530,10 @@ def _install_tasks(surface: Surface, store: StoreActor, notify: Notify) -> None:
     async def task_move(scope: Scope) -> LeanResponse:
         id = path_param(scope, "id")
         move = board.parse_move(lean_json(scope))
-        task, came_from = await store.write(
-            lambda db: board.move_task(db, id, move.column, move.position, status=move.status)
+        task, _ = await store.write(
+            lambda db: board.move_task(db, id, move.column, move.position, status=move.status),
+            on_commit=_announcing(
+                notify, "task.moved", lambda moved: {**moved[0], "from": moved[1]}
+            ),
         )
-        _announce(notify, "task.moved", {**task, "from": came_from})
         return json_response(200, task)

@@ -9,13 +9,21 @@ Theory of operation:
   event bus calls `offer_event` from its fan-out for every session event
   (`session.*`, `phase.*`, `agent.*`).
 * **Bounded per client.** Each client has a queue of `CLIENT_QUEUE`
-  messages, drained by its own sender task. A client whose queue is full
-  has fallen behind: it is closed with code 1013 ("try again later") and
-  must reconnect; nothing else waits for it, and memory stays bounded.
+  messages, drained by its own sender task. The event bus fans out a whole
+  batch of events (up to `MAX_BATCH_EVENTS + MAX_EMIT_MANY - 1`, e.g. a
+  burst of agent output) without a checkpoint, so no sender runs in
+  between: the queue holds one such batch with room to spare, or a client
+  reading as fast as it can would be closed by any burst. A client whose
+  queue is full all the same has fallen behind: it is closed with code
+  1013 ("try again later") and must reconnect; nothing else waits for it.
+  The queued messages are the hub's shared strings (encoded once for all
+  clients), so a full queue costs references, not copies.
 * **Topics.** A new client gets everything. `{"type": "subscribe",
-  "topics": [...]}` replaces its topics: exact types (`task.moved`) or
-  families (`task.*`); an empty list means everything again. `{"type":
-  "ping"}` is answered `{"type": "pong"}`. Anything else gets an
+  "topics": [...]}` replaces its topics: exact types of `MESSAGE_TYPES`
+  (`task.moved`) or their families (`task.*`); an empty list means
+  everything again. A topic that can never match (a typo, `*`) is refused
+  with an `error` naming it, rather than silently muting the connection.
+  `{"type": "ping"}` is answered `{"type": "pong"}`. Anything else gets an
   `{"type": "error", "data": {"message": ...}}` and the connection stays.
   Messages over `MAX_CLIENT_MESSAGE` bytes close the connection (1009).
 * **Keep-alive**: after `KEEPALIVE_SECONDS` without a message the server
@@ -39,14 +47,35 @@ import attrs
 import trio
 from quart import websocket
 
-from lokid.events import EncodedEvent
+from lokid.actors.event_bus import MAX_BATCH_EVENTS, MAX_EMIT_MANY
+from lokid.events import EVENT_TYPES, EncodedEvent
 from lokid.http.errors import ApiError
 from lokid.http.surface import Surface
 
-CLIENT_QUEUE = 256  # messages queued per client before it is closed as slow
+CLIENT_QUEUE = 4096  # messages queued per client before it is closed as slow
+assert CLIENT_QUEUE >= MAX_BATCH_EVENTS + MAX_EMIT_MANY - 1  # one bus batch fits (module)
 MAX_CLIENT_MESSAGE = 64 * 1024  # bytes of one message from a client
 MAX_TOPICS = 100
+MAX_TOPIC_LENGTH = 100
 FORWARDED_FAMILIES = frozenset({"session", "phase", "agent"})  # event bus -> /ws
+BOARD_TYPES = frozenset(
+    {
+        "task.created",
+        "task.updated",
+        "task.moved",
+        "task.deleted",
+        "project.created",
+        "project.updated",
+        "project.deleted",
+    }
+)
+MESSAGE_TYPES = (
+    BOARD_TYPES
+    | {"registry.updated"}
+    | {t for t in EVENT_TYPES if t.partition(".")[0] in FORWARDED_FAMILIES}
+)
+"""Every type the hub sends as an update: what a topic may name."""
+TOPIC_FAMILIES = frozenset(t.partition(".")[0] for t in MESSAGE_TYPES)
 CLOSE_SLOW = 1013
 CLOSE_TOO_BIG = 1009
 CLOSE_GOING_AWAY = 1001
@@ -149,7 +178,12 @@ class DashboardHub:
         client.close()
 
     def publish(self, message_type: str, data: Any) -> None:
-        """Send `{"type": message_type, "data": data}` to every client that wants it."""
+        """Send `{"type": message_type, "data": data}` to every client that wants it.
+
+        Raises `ValueError` for a type not in `MESSAGE_TYPES` (a bug: no topic could
+        select it, and the docs would not list it)."""
+        if message_type not in MESSAGE_TYPES:
+            raise ValueError(f"{message_type!r} is not a /ws message type")
         self._fan_out(message_type, json.dumps({"type": message_type, "data": data}))
 
     def offer_event(self, encoded: EncodedEvent) -> None:
@@ -246,14 +280,33 @@ def _handle(client: WsClient, raw: str | bytes) -> dict[str, Any] | None:
         return None
     if kind == "subscribe":
         topics = message.get("topics", [])
-        if (
-            not isinstance(topics, list)
-            or len(topics) > MAX_TOPICS
-            or not all(isinstance(t, str) and 0 < len(t) <= 100 for t in topics)
-        ):
-            return _error(f"topics must be a list of at most {MAX_TOPICS} type names")
+        problem = _topics_problem(topics)
+        if problem is not None:
+            return _error(problem)
         return {"type": "subscribed", "data": {"topics": client.subscribe(topics)}}
-    return _error(f"unknown message type {str(kind)[:50]!r}; known: subscribe, ping")
+    return _error(f"unknown message type {str(kind)[:50]!r}; known: subscribe, ping, pong")
+
+
+def _topics_problem(topics: object) -> str | None:
+    """Why `topics` cannot be subscribed to (None: it can)."""
+    if not isinstance(topics, list):
+        return 'topics must be a list of message types, e.g. ["task.*", "session.completed"]'
+    if len(topics) > MAX_TOPICS:
+        return f"topics must be at most {MAX_TOPICS}; got {len(topics)}"
+    for index, topic in enumerate(topics):
+        if not isinstance(topic, str):
+            return f"topics[{index}] must be a string; got {json.dumps(topic)[:50]}"
+        family, dot, rest = topic.partition(".")
+        if topic in MESSAGE_TYPES or (dot and rest == "*" and family in TOPIC_FAMILIES):
+            continue
+        shown = topic if len(topic) <= MAX_TOPIC_LENGTH else topic[:MAX_TOPIC_LENGTH] + "…"
+        hint = " (an empty list means everything)" if topic in ("*", "") else ""
+        families = ", ".join(f"{f}.*" for f in sorted(TOPIC_FAMILIES))
+        return (
+            f"topics[{index}] {shown!r} matches no message: use a message type "
+            f"(e.g. task.moved, session.completed) or a family: {families}{hint}"
+        )
+    return None
 
 
 def _error(message: str) -> dict[str, Any]:
