@@ -601,15 +601,28 @@ class FullDiskStore(StoreActor):
         if self.full:
             raise StoreUnavailable("store: nothing of this write was committed: disk full (test)")
 
-    async def write(self, fn: Callable[[Any], T], *, timeout: float = 10.0) -> T:
-        self._refuse()
-        return await super().write(fn, timeout=timeout)
-
-    async def write_alone(
-        self, fn: Callable[[Any], T], *, timeout: float = 10.0, sync_follows: bool = False
+    async def write(
+        self,
+        fn: Callable[[Any], T],
+        *,
+        timeout: float = 10.0,
+        on_commit: Callable[[T], None] | None = None,
     ) -> T:
         self._refuse()
-        return await super().write_alone(fn, timeout=timeout, sync_follows=sync_follows)
+        return await super().write(fn, timeout=timeout, on_commit=on_commit)
+
+    async def write_alone(
+        self,
+        fn: Callable[[Any], T],
+        *,
+        timeout: float = 10.0,
+        sync_follows: bool = False,
+        on_commit: Callable[[T], None] | None = None,
+    ) -> T:
+        self._refuse()
+        return await super().write_alone(
+            fn, timeout=timeout, sync_follows=sync_follows, on_commit=on_commit
+        )
 
     @property
     def writable(self) -> bool:
