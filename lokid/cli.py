@@ -44,6 +44,20 @@ class CliError(Exception):
 
 # -- argument parsing ----------------------------------------------------------
 
+
+def _idempotency_key(raw: str) -> str:
+    """An argparse type: the daemon's rule, checked before anything is sent (an HTTP
+    client cannot even send some values, e.g. with a leading space or non-ASCII)."""
+    from lokid import idempotency  # only when the option is given: it imports sqlite_utils
+
+    try:
+        key = idempotency.validate_key(raw)
+    except LokiError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+    assert key is not None
+    return key
+
+
 SERVE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     # flag -> (config field, argparse options)
     "--host": ("api_host", {"metavar": "ADDR", "help": "HTTP API listen address"}),
@@ -186,7 +200,12 @@ def _add_session_commands(commands: Any) -> None:
     start.add_argument("--sandbox", action="store_true", help="run agents under bubblewrap")
     start.add_argument("--max-iterations", type=int, metavar="N", help="agent runs at most")
     start.add_argument("--verify", metavar="CMD", help="shell command that must pass to complete")
-    start.add_argument("--idempotency-key", metavar="K", help="retry-safe: same key, one session")
+    start.add_argument(
+        "--idempotency-key",
+        metavar="K",
+        type=_idempotency_key,
+        help="retry-safe: same key, one session (1-255 printable ASCII characters)",
+    )
     start.add_argument("--json", action="store_true", help="print the API answer")
     start.set_defaults(handler=cmd_session_start)
 
@@ -1258,6 +1277,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`loki sessions | head -1`): stop quietly like other tools,
+        # with the status of a SIGPIPE; stdout is pointed at /dev/null so that Python's
+        # own flush at exit does not fail on the broken pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 def lokid_main(argv: Sequence[str] | None = None) -> int:

@@ -183,6 +183,33 @@ def test_api_errors_go_to_stderr_with_the_field(tmp_path: Path, daemon: DaemonPr
     assert json.loads(ok(run_cli(["sessions", "--json"], daemon.home)))["total"] == 0
 
 
+def test_an_unusable_idempotency_key_is_a_usage_error(tmp_path: Path) -> None:
+    """Refused before anything is sent (an HTTP client cannot even send some values)."""
+    for key in ("clé", "tab\there", " " * 3, "k" * 256):
+        result = loki(["start", "prd.md", "--idempotency-key", key], tmp_path / "nohome")
+        assert result.returncode == 2, (key, result.stderr)
+        assert "Idempotency-Key must be 1-255 printable ASCII characters" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path) -> None:
+    """`loki ... | head -1`: stdout's reader is gone before the first write."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "lokid", "config", "show"],
+            env={**os.environ, "LOKI_HOME": str(tmp_path / "home")},
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (141, "")  # 128 + SIGPIPE, no traceback
+
+
 @pytest.mark.parametrize(
     "args",
     [
