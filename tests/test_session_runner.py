@@ -8,6 +8,7 @@ agent received (the fake logs every invocation) and the processes left.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -379,6 +380,61 @@ async def test_daemon_shutdown_interrupts_and_resume_continues(
         ]
     calls = invocations(agent_log)
     assert [call["prompt"].count("Second") > 0 for call in calls] == [False, True, True, False]
+
+
+async def test_a_bootstrap_cut_off_by_a_shutdown_is_finished_on_resume(
+    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lokid.actors import session as session_module
+
+    real = session_module._prepare_project
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_prepare(*args: Any) -> Any:  # a PRD that takes long to read and parse
+        entered.set()
+        release.wait(30)
+        return real(*args)
+
+    monkeypatch.setattr(session_module, "_prepare_project", slow_prepare)
+    project = make_project(tmp_path)
+    home = tmp_path / "home"
+    async with lab(home) as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        await eventually(entered.is_set, "the bootstrap is under way")
+        actor = lab_.daemon.sessions._live[sid]
+        actor.on_stop_requested()  # what the daemon's shutdown does to each session
+        release.set()
+        await lab_.wait_status(sid, "interrupted")
+    async with lab(home) as lab_:
+        session = await lab_.session(sid)
+        assert (session["status"], session["phase"], session["tasks"]["total"]) == (
+            "interrupted",
+            None,
+            0,
+        )
+        answer = await lab_.post(f"/api/sessions/{sid}/resume")
+        assert answer.status_code == 200 and answer.json()["status"] == "running"
+        session = await lab_.wait_status(sid, "completed", "failed")
+        assert (session["status"], session["exitReason"]) == ("completed", "allTasksCompleted")
+        assert session["startedAt"] is not None
+        tasks = await lab_.tasks(sid)
+        assert [(t["id"], t["status"]) for t in tasks] == [
+            ("prd-001", "completed"),
+            ("prd-002", "completed"),
+            ("prd-003", "completed"),
+        ]
+        types = [e["type"] for e in await lab_.events(sid, "session.*", "task.created", "phase.*")]
+        resumed = types.index("session.resumed")
+        assert types[resumed : resumed + 6] == [
+            "session.resumed",
+            "phase.started",
+            "task.created",
+            "task.created",
+            "task.created",
+            "phase.completed",
+        ]
+        assert "session.started" not in types  # it never went starting -> running
+    assert len(invocations(agent_log)) == 3
 
 
 def git(project: Path, *args: str) -> str:

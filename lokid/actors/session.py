@@ -13,7 +13,10 @@ Theory of operation:
 * **bootstrap**: create `.loki/`, read and parse the PRD, insert its tasks
   (`prd-001`, ...; ids already stored are skipped, so a bootstrap cut off
   by a restart is finished, not repeated), then `bootstrapped` ->
-  `running` (`session.started`).
+  `running` (`session.started`). Whether it is due comes from the store
+  (no phase recorded yet), not from the status: a session interrupted
+  during its bootstrap is `running` again after `resume`, and the runner
+  finishes the bootstrap first (no transition, so no `session.started`).
 * **development**: a scheduler loop starts one worker per task, at most
   one at a time, or with `options.parallel` at most `maxAgents` (else the
   pool's cap). A worker takes an agent slot from the pool, marks the task
@@ -97,7 +100,13 @@ from lokid.agent_host import AgentRun, AgentSpec, EndReason, RunResult, Stream
 from lokid.errors import LokiError
 from lokid.events import Level
 from lokid.loki_mirror import MirrorState, write_mirror
-from lokid.prd import MAX_PRD_BYTES, PrdParseResult, parse_prd_detailed, validate_prd_bytes
+from lokid.prd import (
+    MAX_PRD_BYTES,
+    PrdParseResult,
+    PrdTask,
+    parse_prd_detailed,
+    validate_prd_bytes,
+)
 from lokid.prompt import PromptTask, build_prompt
 from lokid.session_records import (
     RunnerTask,
@@ -249,6 +258,7 @@ class SessionActor(Actor[Any]):
         self._ingest_checked_at = -math.inf
         self._ingest_due = False
         self.prd_title: str | None = None
+        self._bootstrapped = bootstrap_recorded(session)
         self._lock = trio.Lock()
         self._wakeup = trio.Event()
         self._workers: dict[str, _Worker] = {}
@@ -521,7 +531,7 @@ class SessionActor(Actor[Any]):
         with trio.CancelScope() as self._work_scope:
             if self._stop_wanted or self._shutdown:
                 self._work_scope.cancel()
-            if self.status is Status.STARTING:
+            if not self._bootstrapped:  # from the store: a resume may find it unfinished
                 ending = await self._bootstrap()
             if ending is None:
                 ending = await self._develop()
@@ -624,7 +634,12 @@ class SessionActor(Actor[Any]):
             await self._fire(Trigger.DAEMON_RESTART, data={"reason": "daemon shutdown"})
 
     async def _bootstrap(self) -> Ending | None:
-        """Prepare `.loki/`, parse the PRD, then tasks + `running` in one store write."""
+        """Prepare `.loki/`, parse the PRD, then tasks + `running` in one store write.
+
+        A session resumed after a daemon restart cut its bootstrap off is
+        `running` (or paused) already: its bootstrap is finished without a
+        transition (`_record_bootstrap`).
+        """
         self.phase = "bootstrap"
         await self.bus.emit("phase.started", self.id, Level.INFO, {"phase": "bootstrap"})
         try:
@@ -654,21 +669,43 @@ class SessionActor(Actor[Any]):
         ]
         events.append(("phase.completed", self.id, Level.INFO, {"phase": "bootstrap"}))
 
-        self.phase = "development"
-        await self._fire(
-            Trigger.BOOTSTRAPPED,
-            data={
-                "provider": self.provider,
-                "projectDir": str(self.project_dir),
-                "prd": str(self.prd_path),
-                "tasks": len(parsed.tasks),
-            },
-            also=lambda db: insert_tasks(db, self.id, new),
-            before=events,
-            phase="development",
-        )
+        if self.status is Status.STARTING:
+            self.phase = "development"
+            await self._fire(
+                Trigger.BOOTSTRAPPED,
+                data={
+                    "provider": self.provider,
+                    "projectDir": str(self.project_dir),
+                    "prd": str(self.prd_path),
+                    "tasks": len(parsed.tasks),
+                },
+                also=lambda db: insert_tasks(db, self.id, new),
+                before=events,
+                phase="development",
+            )
+        else:
+            await self._record_bootstrap(new, events)
+        self._bootstrapped = True
         await self.bus.emit("phase.started", self.id, Level.INFO, {"phase": "development"})
         return None
+
+    async def _record_bootstrap(self, new: list[PrdTask], events: list[EventArgs]) -> None:
+        """Finish the bootstrap of a session that is past `starting` (resumed): its tasks,
+        phase and `startedAt` in one store write; no transition, so no `session.started`."""
+        async with self._lock:
+            now = utc_now_iso()
+            started = {} if self.started_at is not None else {"started_at": now}
+
+            def write(db: sqlite_utils.Database) -> None:
+                insert_tasks(db, self.id, new)
+                update_session(db, self.id, phase="development", **started)
+
+            await self.bus.emit_many(events)
+            await self.store.write(write)
+            self.phase = "development"
+            if started:
+                self.started_at = now
+        self._mirror_dirty.set()
 
     async def _develop(self) -> Ending | None:
         if self.phase != "development":
@@ -852,7 +889,7 @@ class SessionActor(Actor[Any]):
         per scheduling step. The scheduler forces a read before it decides
         that nothing is left to do.
         """
-        if self.status is Status.STARTING:
+        if not self._bootstrapped:
             return False  # the PRD's tasks first
         if not force:
             now = trio.current_time()
@@ -879,7 +916,7 @@ class SessionActor(Actor[Any]):
 
     async def _sync_loki(self, *, ingest: bool) -> None:
         """Ingest agent-added tasks, then write the state files (one at a time)."""
-        if self.status is Status.STARTING and not self.paths.root.is_dir():
+        if not self._bootstrapped and not self.paths.root.is_dir():
             return  # not bootstrapped yet
         async with self._sync_lock:
             session, tasks = await self.store.read(self._read_state)
@@ -1363,6 +1400,12 @@ class SessionActor(Actor[Any]):
             )
         await self._set_phase("development")
         return False
+
+
+def bootstrap_recorded(session: Mapping[str, Any]) -> bool:
+    """The stored session finished its bootstrap: the bootstrap stores its tasks and
+    phase `development` in one transaction, and a session has no phase before."""
+    return session["phase"] is not None
 
 
 def _first_leaf(group: BaseExceptionGroup[StoreUnavailable]) -> StoreUnavailable:
