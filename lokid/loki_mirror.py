@@ -22,6 +22,10 @@ Rules:
   (docs/performance.md, "Sessions").
 * Writes are atomic but not fsync'd (`durable=False`): after a power loss
   a file may be older than the store, which rewrites it on the next change.
+
+`write_reconciled` is the same write for a session that start-up
+reconciliation changed without an actor (the previous daemon was killed
+and left the files saying `running`, with its pid and the task it cut off).
 """
 
 from __future__ import annotations
@@ -29,14 +33,16 @@ from __future__ import annotations
 import datetime as dt
 import os
 import stat
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lokid import lokidir as ld
 from lokid.session_records import RunnerTask
 
-__all__ = ["MirrorState", "write_mirror"]
+__all__ = ["MirrorState", "write_mirror", "write_reconciled"]
+
+T = TypeVar("T")
 
 
 def _time(text: str | None) -> dt.datetime | None:
@@ -178,3 +184,62 @@ def _write_pending(
         return stamp  # someone wrote it: the caller's stamp is stale, it reads again
     state.written[path] = data
     return ld.file_stamp(path)
+
+
+def write_reconciled(
+    session: Mapping[str, Any], tasks: Sequence[RunnerTask], *, pid: int, version: str
+) -> bool:
+    """Rewrite a reconciled session's `.loki/` files from the store; False if left alone.
+
+    Left alone: `.loki/` does not exist (the session never got that far), or
+    `state/orchestrator.json` names another session (another run took the
+    folder since). `pending.json` is replaced only if it holds nothing the
+    store lacks: tasks a killed agent appended are left for the runner to
+    take on resume. The counters only the dead runner knew (retries, last
+    exit code) are carried over from its files. Raises `LokiDirWriteError`
+    when the project folder is gone or a write fails.
+    """
+    paths = ld.LokiPaths.for_project(session["projectDir"])
+    if not paths.project.is_dir():
+        raise ld.LokiDirWriteError(paths.project, "the project folder is gone")
+    if not paths.root.is_dir():
+        return False
+    orchestrator = _readable(ld.read_orchestrator, paths.orchestrator)
+    if orchestrator is not None and orchestrator.extra.get("sessionId") not in (
+        None,
+        session["id"],
+    ):
+        return False
+    autonomy = _readable(ld.read_autonomy_state, paths.autonomy_state)
+    write_mirror(
+        paths,
+        session,
+        tasks,
+        pending_stamp=_pending_stamp_if_ours(paths.pending, {task.id for task in tasks}),
+        pid=pid,
+        version=version,
+        retries=orchestrator.retries if orchestrator is not None else 0,
+        last_exit_code=autonomy.last_exit_code if autonomy is not None else 0,
+        state=MirrorState(),
+    )
+    return True
+
+
+def _readable(read: Callable[[Path], T | None], path: Path) -> T | None:
+    """What `read` makes of the file; None if it is absent or unusable (it is rewritten)."""
+    try:
+        return read(path)
+    except ld.LokiDirFormatError:
+        return None
+
+
+def _pending_stamp_if_ours(path: Path, known_ids: set[str]) -> ld.FileStamp | None:
+    """The stamp that lets `write_mirror` replace `pending.json`, if the file holds only
+    tasks the store knows; else None, which leaves an existing file alone."""
+    try:
+        result, stamp = ld.ingest_pending_file(path, known_ids)
+    except ld.LokiDirFormatError:
+        return None
+    if result.tasks or result.deferred:
+        return None
+    return stamp

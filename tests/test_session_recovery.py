@@ -110,6 +110,41 @@ def test_sigkill_then_restart_kills_the_orphan_and_resume_continues(
     assert code == 0
 
 
+def test_sigkill_then_restart_rewrites_the_loki_files(
+    tmp_path: Path, daemon_factory: Callable[..., DaemonProcess]
+) -> None:
+    env, log = agent_env(tmp_path)
+    project = make_project(tmp_path, "# App\n\n## Features\n- Long job [mode:slow] [seconds:60]\n")
+    loki = project / ".loki"
+    home = tmp_path / "home"
+    first = daemon_factory(home, extra_env=env).start()
+    session_id, _ = start_hanging_session(first, project, log)
+    wait_until(  # the mirror follows the store within a second
+        lambda: json_field(loki / "state" / "orchestrator.json", "currentTask") == "prd-001",
+        "orchestrator.json names the running task",
+    )
+    assert first.process is not None
+    dead_pid = first.process.pid
+    assert json_field(loki / "autonomy-state.json", "pid") == dead_pid
+
+    first.kill()
+    second = daemon_factory(home, extra_env=env).start()  # ready: reconciliation is done
+    assert second.process is not None
+    autonomy = json.loads((loki / "autonomy-state.json").read_text())
+    assert (autonomy["status"], autonomy["pid"]) == ("interrupted", second.process.pid)
+    orchestrator = json.loads((loki / "state" / "orchestrator.json").read_text())
+    assert orchestrator["status"] == "interrupted" and "currentTask" not in orchestrator
+    assert json.loads((loki / "queue" / "in-progress.json").read_text()) == []
+    assert json.loads((loki / "queue" / "current-task.json").read_text()) == {}
+    (pending,) = json.loads((loki / "queue" / "pending.json").read_text())
+    assert (pending["id"], pending["status"]) == ("prd-001", "pending")
+    with httpx.Client(base_url=second.api_url, timeout=10) as client:
+        assert client.get(f"/api/sessions/{session_id}").json()["status"] == "interrupted"
+        assert events(client, session_id, "warning") == []
+    code, _ = second.terminate()
+    assert code == 0
+
+
 def test_resume_on_start_continues_interrupted_sessions(
     tmp_path: Path, daemon_factory: Callable[..., DaemonProcess]
 ) -> None:

@@ -8,6 +8,8 @@ agent received (the fake logs every invocation) and the processes left.
 from __future__ import annotations
 
 import json
+import shutil
+import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -435,6 +437,26 @@ async def test_a_bootstrap_cut_off_by_a_shutdown_is_finished_on_resume(
         ]
         assert "session.started" not in types  # it never went starting -> running
     assert len(invocations(agent_log)) == 3
+
+
+async def test_a_project_folder_gone_after_a_crash_is_a_warning_at_restart(
+    tmp_path: Path, agent_log: Path
+) -> None:
+    project = make_project(tmp_path, "# App\n\n## Features\n- Long [mode:slow] [seconds:30]\n")
+    home = tmp_path / "home"
+    async with lab(home) as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        await lab_.wait_event(sid, "task.started")
+    # What a SIGKILLed daemon leaves in the store: the session still running.
+    with sqlite3.connect(home / "lokid" / "lokid.db") as db:
+        db.execute("UPDATE sessions SET status = 'running' WHERE id = ?", (sid,))
+    shutil.rmtree(project)
+    async with lab(home) as lab_:
+        assert (await lab_.session(sid))["status"] == "interrupted"
+        (warning,) = await lab_.events(sid, "warning")
+        assert warning["data"]["reason"] == "loki_dir"
+        assert "the project folder is gone" in warning["data"]["message"]
+        assert (await lab_.client.get("/api/status")).status_code == 200
 
 
 def git(project: Path, *args: str) -> str:

@@ -29,8 +29,10 @@ Theory of operation:
 * **Start-up reconciliation** (`setup`, after the agent pool killed what a
   previous daemon left): every active session is fired `daemon_restart`
   (`starting`/`running` -> `interrupted`, `stopping` -> `stopped`, `paused`
-  stays `paused`), its active tasks go back to `pending`. Paused sessions
-  get their actor again (so resume, stop and input work); with
+  stays `paused`), its active tasks go back to `pending`, and its `.loki/`
+  files are rewritten from the store (a killed daemon left them saying
+  `running`; a folder that is gone or unwritable is a `warning`). Paused
+  sessions get their actor again (so resume, stop and input work); with
   `resume_on_start` every `interrupted` session is resumed, oldest first
   (by a crash or a graceful shutdown alike; one whose `projectDir` is taken
   meanwhile is left interrupted, with a log line).
@@ -47,6 +49,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import shutil
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
@@ -55,7 +58,7 @@ import attrs
 import sqlite_utils
 import trio
 
-from lokid import idempotency, lokidir
+from lokid import __version__, idempotency, lokidir
 from lokid.actor import Actor, ActorStatistics, WhenFull, exception_leaves
 from lokid.actors.agent_pool import AgentPool
 from lokid.actors.event_bus import EventBus
@@ -63,6 +66,7 @@ from lokid.actors.session import Input, Pause, Resume, RunnerSettings, SessionAc
 from lokid.actors.store import StoreActor, StoreUnavailable
 from lokid.errors import ActorError, Conflict, LokiError, Unavailable
 from lokid.events import Level
+from lokid.loki_mirror import write_reconciled
 from lokid.session_records import (
     SessionRequest,
     active_session_ids,
@@ -72,6 +76,7 @@ from lokid.session_records import (
     interrupted_session_ids,
     parse_session_request,
     requeue_active_tasks,
+    runner_tasks,
     session_counts,
     update_session,
 )
@@ -188,12 +193,32 @@ class SessionManager(Actor[Any]):
                     Level.WARNING,
                     {"status": transition.after.value, "reason": "daemon restart"},
                 )
+            await self._rewrite_loki_dir(session_id)
             if transition.after is Status.PAUSED:
                 restore.append(session_id)
         # Interrupted now or by an earlier shutdown: a session the user did not want
         # continued would have been stopped.
         resume = await self.store.read(interrupted_session_ids) if self.resume_on_start else []
         return restore, resume
+
+    async def _rewrite_loki_dir(self, session_id: str) -> None:
+        """Make a reconciled session's `.loki/` files say what the store now says: a
+        killed daemon left them `running`, with its pid and the task it cut off. A
+        project folder that is gone or unwritable is a `warning`, never a crash."""
+        session, tasks = await self.store.read(
+            lambda db: (get_session(db, session_id), runner_tasks(db, session_id))
+        )
+        write = functools.partial(
+            write_reconciled, session, tasks, pid=os.getpid(), version=__version__
+        )
+        try:
+            await trio.to_thread.run_sync(write)
+        except (LokiError, OSError) as exc:
+            message = f".loki/ not updated after the restart: {exc}"
+            log.warning("session %s: %s", session_id, message)
+            await self.bus.publish(
+                "warning", session_id, Level.WARNING, {"reason": "loki_dir", "message": message}
+            )
 
     async def serve(self) -> None:
         async with trio.open_nursery() as nursery:
