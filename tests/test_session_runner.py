@@ -114,6 +114,29 @@ async def test_a_failing_task_is_retried_then_fails_the_session(
     assert len(invocations(agent_log)) == 3
 
 
+async def test_a_task_names_the_agent_that_works_or_last_worked_on_it(
+    tmp_path: Path, agent_log: Path
+) -> None:
+    prd = "# App\n\n## Features\n- Slow one [mode:slow] [seconds:1.5]\n- Failing [mode:fail]\n"
+    project = make_project(tmp_path, prd)
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        (spawned,) = await lab_.wait_event(sid, "agent.spawned")
+        assert spawned["data"]["kind"] == "process"
+        active = (await lab_.client.get("/api/tasks/active")).json()["tasks"]
+        assert [(t["id"], t["agent"]) for t in active] == [("prd-001", spawned["data"]["agentId"])]
+        await lab_.wait_status(sid, "failed")
+        runs = [
+            e["data"]
+            for e in await lab_.events(sid, "agent.spawned")
+            if e["data"]["kind"] == "process"
+        ]
+        assert len(runs) == 4  # the slow one once, the failing one three times
+        slow, failing = await lab_.tasks(sid)
+        assert slow["agent"] == runs[0]["agentId"]  # kept after the run ended
+        assert failing["agent"] == runs[-1]["agentId"]  # the last of its attempts
+
+
 async def test_a_permanent_error_fails_the_session_at_once(tmp_path: Path, agent_log: Path) -> None:
     project = make_project(tmp_path)
     script = "echo 'Error: Invalid API key - please run /login' >&2; exit 1"

@@ -1092,7 +1092,8 @@ class SessionActor(Actor[Any]):
                     return
                 self._runs += 1
                 agent_id = f"agent-{slot.row_id}"
-                await self.bus.publish(
+                await self.bus.publish_with(  # the task names its agent from now on
+                    lambda db: update_task(db, self.id, task.id, agent=agent_id),
                     "agent.spawned",
                     self.id,
                     Level.INFO,
