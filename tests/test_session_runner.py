@@ -8,6 +8,7 @@ agent received (the fake logs every invocation) and the processes left.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sqlite3
 import threading
@@ -180,6 +181,27 @@ async def test_limits_end_the_session(tmp_path: Path, agent_log: Path) -> None:
             lambda: json_field(autonomy, "status") == "budget_exceeded",
             "autonomy-state.json says budget_exceeded",
         )
+
+
+async def test_the_session_time_limit_ending_a_run_says_so(tmp_path: Path, agent_log: Path) -> None:
+    # The run's hard timeout is cut to the 3 s left; the scheduler's own look at the
+    # limit comes at its 2 s ticks (2 s, then 4 s), so the run's verdict comes first.
+    project = make_project(tmp_path, "# App\n\n## Features\n- A [mode:hang]\n")
+    options = {"maxDurationSeconds": 3}
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md"), "options": options}))["id"]
+        session = await lab_.wait_status(sid, "completed", "failed")
+        assert (session["status"], session["exitReason"]) == ("failed", "maxDurationSeconds")
+        (task_failed,) = await lab_.events(sid, "task.failed")
+        error = task_failed["data"]["error"]
+        limit = "the session's time limit (maxDurationSeconds: 3 s)"
+        assert re.fullmatch(re.escape(limit) + r" ended the run after (2\.[5-9]|3(\.\d)?) s", error)
+        assert task_failed["data"]["retryInSeconds"] is None  # the session ends: no retry
+        (session_failed,) = await lab_.events(sid, "session.failed")
+        assert session_failed["data"]["detail"] == f"{limit} ran out"
+        (task,) = await lab_.tasks(sid)
+        assert (task["status"], task["error"]) == ("pending", error)
+    assert len(invocations(agent_log)) == 1
 
 
 async def test_pause_waits_for_the_running_agent_and_resume_goes_on(

@@ -792,11 +792,15 @@ class SessionActor(Actor[Any]):
         elapsed = (dt.datetime.now(dt.UTC) - started).total_seconds()
         return float(limit) - elapsed
 
+    def _time_limit(self) -> str:
+        """The session's deadline, as messages name it."""
+        return (
+            f"the session's time limit (maxDurationSeconds: {self.options['maxDurationSeconds']} s)"
+        )
+
     def _limit_reached(self) -> Ending | None:
         if self._deadline_left() <= 0:
-            return Ending(
-                Trigger.FAIL, "maxDurationSeconds", f"{self.options['maxDurationSeconds']} s"
-            )
+            return Ending(Trigger.FAIL, "maxDurationSeconds", f"{self._time_limit()} ran out")
         budget = self.options.get("budgetUsd")
         if budget is not None and self.cost_usd >= float(budget):
             return Ending(Trigger.FAIL, "budgetUsd", f"${self.cost_usd:.4f} of ${budget}")
@@ -1075,6 +1079,7 @@ class SessionActor(Actor[Any]):
         parser = providers.parser_for(command.output_format)
         stderr = providers.TailBuffer()
         resume_id: list[str] = []
+        run_started = trio.current_time()
         try:
             with worker.scope:
                 try:
@@ -1126,7 +1131,9 @@ class SessionActor(Actor[Any]):
         if outcome.result is not None and outcome.result.cost_usd:
             self.cost_usd += outcome.result.cost_usd
         self._last_exit_code = result.exit_code
-        failure = self._verdict(result, outcome, stderr)
+        failure = self._verdict(
+            result, outcome, stderr, spec, seconds=trio.current_time() - run_started
+        )
         await self.bus.publish(
             "agent.completed" if failure.ok else "agent.failed",
             self.id,
@@ -1187,11 +1194,24 @@ class SessionActor(Actor[Any]):
         return True
 
     def _verdict(
-        self, result: RunResult, outcome: providers.Outcome, stderr: providers.TailBuffer
+        self,
+        result: RunResult,
+        outcome: providers.Outcome,
+        stderr: providers.TailBuffer,
+        spec: AgentSpec,
+        *,
+        seconds: float,
     ) -> providers.Failure:
+        """The run's verdict; `seconds` is how long it ran (for a timeout's message)."""
         if result.reason is EndReason.IDLE_TIMEOUT:
             return providers.timeout_failure("idle", self.settings.idle_timeout)
         if result.reason is EndReason.HARD_TIMEOUT:
+            if spec.hard_timeout < self.settings.hard_timeout:  # cut to the session's deadline
+                return providers.Failure(
+                    providers.FailureKind.TRANSIENT,
+                    "timeout",
+                    f"{self._time_limit()} ended the run after {round(seconds, 1):g} s",
+                )
             return providers.timeout_failure("hard", self.settings.hard_timeout)
         return outcome.failure(result.exit_code, stderr.text())
 
@@ -1297,6 +1317,7 @@ class SessionActor(Actor[Any]):
             cap=self.settings.retry_cap,
         )
         final = delay is None or attempt >= self.settings.max_task_attempts
+        time_left = self._deadline_left()  # none: the session ends, nothing is retried
         await self.store.write(
             lambda db: (
                 update_task(
@@ -1317,7 +1338,7 @@ class SessionActor(Actor[Any]):
             "attempt": attempt,
             "code": failure.code,
             "error": failure.reason,
-            "retryInSeconds": None if final or delay is None else round(delay, 3),
+            "retryInSeconds": None if final or delay is None or time_left <= 0 else round(delay, 3),
         }
         await self.bus.publish(
             "task.failed", self.id, Level.ERROR if final else Level.WARNING, data
@@ -1325,6 +1346,8 @@ class SessionActor(Actor[Any]):
         self._mirror_dirty.set()
         if failure.kind is providers.FailureKind.PERMANENT:
             self._ending = Ending(Trigger.FAIL, "permanentError", failure.reason)
+        elif time_left <= 0:
+            self._ending = self._limit_reached()
         elif self._consecutive_failures >= self.settings.max_consecutive_failures:
             self._ending = Ending(
                 Trigger.FAIL,
@@ -1332,9 +1355,12 @@ class SessionActor(Actor[Any]):
                 f"{self._consecutive_failures} failed runs in a row; last: {failure.reason}",
             )
         elif delay is not None and not final:
-            if delay > self._deadline_left():
+            if delay > time_left:
                 self._ending = Ending(
-                    Trigger.FAIL, "maxDurationSeconds", f"the next retry is {delay:.0f} s away"
+                    Trigger.FAIL,
+                    "maxDurationSeconds",
+                    f"{self._time_limit()} runs out in {round(time_left, 1):g} s, "
+                    f"before the next retry (in {round(delay, 1):g} s)",
                 )
             elif failure.kind is providers.FailureKind.RATE_LIMIT:
                 self._hold_until = trio.current_time() + delay
