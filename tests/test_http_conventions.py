@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from lokid.errors import Unavailable, ValidationFailed
 from lokid.http.surface import (
@@ -147,6 +148,80 @@ async def test_crash_is_500_without_internals(path: str) -> None:
 async def test_unavailable_is_503() -> None:
     error = assert_error(await call(make_surface(), "GET", "/things/busy"), 503, "UNAVAILABLE")
     assert error["message"] == "store is down"
+
+
+async def handshake(surface: Surface, path: str) -> Answer:
+    """A WebSocket handshake to `path`, refused as HTTP (the `websocket.http.response`
+    extension, as Hypercorn offers it): the answer."""
+    scope: Scope = {
+        "type": "websocket",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "scheme": "ws",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"test")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 57374),
+        "subprotocols": [],
+        "extensions": {"websocket.http.response": {}},
+    }
+    sent: list[dict[str, Any]] = []
+    events = [{"type": "websocket.connect"}]
+
+    async def receive() -> dict[str, Any]:
+        if events:
+            return events.pop()
+        await trio.sleep_forever()  # the client waits for the answer
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with trio.fail_after(5):
+        await surface(scope, receive, send)
+    [start] = [m for m in sent if m["type"] == "websocket.http.response.start"]
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "websocket.http.response.body")
+    return Answer(start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, body)
+
+
+def with_websocket(surface: Surface) -> Surface:
+    @surface.websocket("/live", "a WebSocket that crashes before accept", requires="read")
+    async def live() -> None:
+        raise RuntimeError("secret internals")
+
+    return surface
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code", "message"),
+    [
+        ("/nope", 404, "NOT_FOUND", "No WebSocket route for /nope (WebSockets here: /live)"),
+        (
+            "/fast",
+            400,
+            "BAD_REQUEST",
+            "/fast is not a WebSocket: send it a plain HTTP request (WebSockets here: /live)",
+        ),
+        ("/things/7", 400, "BAD_REQUEST", "/things/7 is not a WebSocket"),
+    ],
+)
+async def test_a_websocket_handshake_to_a_path_without_one_is_refused_clearly(
+    path: str, status: int, code: str, message: str
+) -> None:
+    error = assert_error(await handshake(with_websocket(make_surface()), path), status, code)
+    assert error["message"].startswith(message)
+    plain = assert_error(await handshake(make_surface(), "/nope"), 404, "NOT_FOUND")
+    assert plain["message"] == "No WebSocket route for /nope (no WebSocket is served here)"
+
+
+async def test_a_websocket_view_that_crashes_is_500_without_internals() -> None:
+    answer = await handshake(with_websocket(make_surface()), "/live")
+    error = assert_error(answer, 500, "INTERNAL_ERROR")
+    assert error["message"] == "internal error; see the daemon log"
+    assert "secret" not in answer.body.decode()
 
 
 def documented(surface: Surface) -> set[tuple[str, str]]:

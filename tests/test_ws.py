@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,6 +14,7 @@ import pytest
 import trio
 from trio_websocket import (
     ConnectionClosed,
+    ConnectionRejected,
     WebSocketConnection,
     open_websocket_url,
 )
@@ -183,6 +185,44 @@ async def test_a_plain_get_of_ws_is_a_clear_400(tmp_path: pathlib.Path) -> None:
             answer = await client.get(url)
         assert answer.status_code == 400
         assert answer.json()["error"]["code"] == "BAD_REQUEST"
+
+
+async def rejected(url: str) -> tuple[int, dict[str, Any]]:
+    """The HTTP status and error of a handshake the server refuses before the upgrade."""
+    with trio.fail_after(WAIT), pytest.raises(ConnectionRejected) as refused:
+        async with open_websocket_url(url):
+            pass
+    return refused.value.status_code, json.loads(refused.value.body or b"")["error"]
+
+
+@pytest.mark.parametrize("auth", [False, True])
+async def test_a_handshake_to_a_path_without_a_websocket_is_a_clear_refusal(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture, auth: bool
+) -> None:
+    async with running_daemon(tmp_path, auth_enabled=auth) as daemon:
+        made = await daemon.store.write(
+            lambda db: create_token(db, {"name": "viewer", "scopes": ["read"]})
+        )
+        query = f"?token={made['token']}" if auth else ""
+        assert daemon.listeners is not None
+        urls = {k: v.replace("http://", "ws://") for k, v in daemon.listeners.urls().items()}
+        expected = {
+            f"{urls['api']}/ws": (404, "NOT_FOUND", "No WebSocket route for /ws"),
+            f"{urls['dashboard']}/nothing": (404, "NOT_FOUND", "No WebSocket route for /nothing"),
+            f"{urls['api']}/api/status": (400, "BAD_REQUEST", "/api/status is not a WebSocket"),
+            f"{urls['dashboard']}/api/projects": (
+                400,
+                "BAD_REQUEST",
+                "/api/projects is not a WebSocket",
+            ),
+        }
+        for url, (status, code, message) in expected.items():
+            answer, error = await rejected(url + query)
+            assert (answer, error["code"]) == (status, code), url
+            assert error["message"].startswith(message)
+        if auth:  # the gate comes first: no token, no route names
+            assert await refusal(f"{urls['dashboard']}/nothing") == (1008, "UNAUTHORIZED")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_auth_and_origin_rules_apply_to_the_handshake(tmp_path: pathlib.Path) -> None:

@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl
 
 import attrs
 import trio
-from quart import Quart, Response, request
+from quart import Quart, Response, has_request_context, has_websocket_context, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -235,6 +235,7 @@ class Surface:
         self._lean_templates: list[tuple[re.Pattern[str], Route, LeanHandler]] = []
         self._quart_paths: dict[str, list[str]] = {}
         self._quart_templates: list[tuple[re.Pattern[str], str]] = []
+        self._websocket_paths: set[str] = set()
         self.quart: Quart = QuartTrio(f"lokid-{title.lower().replace(' ', '-')}")
         self._configure_quart(self.quart)
         self._openapi_bytes: bytes | None = None
@@ -390,6 +391,7 @@ class Surface:
 
         def register(view: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
             self._add(route)
+            self._websocket_paths.add(path)
             self.quart.add_websocket(path, f"ws:{path}", view)
             return view
 
@@ -442,6 +444,20 @@ class Surface:
                 return route.requires
         return OPEN if is_exempt(path) else AUTHENTICATED
 
+    def _not_a_websocket(self, scope: Scope) -> ApiError:
+        """Why a WebSocket handshake to a path without a WebSocket route is refused:
+        404 for a path nothing answers, 400 for one that answers plain HTTP."""
+        root = str(scope.get("root_path", ""))  # `/dashboard` on the control socket
+        path = local_path(scope)
+        known = ", ".join(root + p for p in sorted(self._websocket_paths))
+        hint = f"WebSockets here: {known}" if known else "no WebSocket is served here"
+        if self.route_path(path) is None:
+            return ApiError("NOT_FOUND", f"No WebSocket route for {root}{path} ({hint})")
+        return ApiError(
+            "BAD_REQUEST",
+            f"{root}{path} is not a WebSocket: send it a plain HTTP request ({hint})",
+        )
+
     def route_path(self, path: str) -> str | None:
         """The declared route path `path` is an instance of (any method), e.g.
         `/api/tasks/{id}` for `/api/tasks/task-1`; None if no route has it."""
@@ -472,6 +488,9 @@ class Surface:
                 await send({"type": "websocket.close", "code": 1008, "reason": reason})
                 return
             scope[PRINCIPAL] = admission.principal
+            if local_path(scope) not in self._websocket_paths:
+                await _refuse_handshake(scope, send, self._not_a_websocket(scope))
+                return
         if scope["type"] == "http":
             if self.observer is not None:
                 send = self.observer.timed(scope, send)
@@ -694,7 +713,7 @@ class Surface:
 
         @app.errorhandler(Exception)
         async def _crash(exc: Exception) -> Response:
-            log.error("%s %s failed", request.method, request.path, exc_info=exc)
+            log.error("%s %s failed", *_target(), exc_info=exc)
             return quart_error(ApiError("INTERNAL_ERROR", "internal error; see the daemon log"))
 
 
@@ -747,15 +766,26 @@ def _param_doc(param: Param) -> dict[str, Any]:
     return doc
 
 
+def _target() -> tuple[str, str]:
+    """(method, path) of the request Quart is handling; a WebSocket's method is
+    `WebSocket`. Error handlers run for both kinds, and `request` exists only for HTTP."""
+    if has_request_context():
+        return request.method, request.path
+    if has_websocket_context():
+        return "WebSocket", websocket.path
+    return "-", "-"
+
+
 def _from_werkzeug(exc: HTTPException) -> ApiError:
     status = exc.code or 500
+    method, path = _target()
     if status == 404:
-        return ApiError("NOT_FOUND", f"No route for {request.method} {request.path}")
+        return ApiError("NOT_FOUND", f"No route for {method} {path}")
     if status == 405:
         allowed = sorted(getattr(exc, "valid_methods", None) or [])
         return ApiError(
             "METHOD_NOT_ALLOWED",
-            f"{request.method} is not allowed on {request.path}; allowed: {', '.join(allowed)}",
+            f"{method} is not allowed on {path}; allowed: {', '.join(allowed)}",
             {"allowed": allowed},
             headers={"Allow": ", ".join(allowed)},
         )
@@ -791,6 +821,19 @@ def _close_reason(answer: tuple[int, list[tuple[bytes, bytes]], bytes]) -> str:
         text = f"refused ({answer[0]})"
     raw = text.encode()[:WS_REASON_BYTES]
     return raw.decode("utf-8", "ignore")
+
+
+async def _refuse_handshake(scope: Scope, send: Send, error: ApiError) -> None:
+    """Answer a WebSocket handshake with `error` as a plain HTTP response (the ASGI
+    `websocket.http.response` extension, which Hypercorn offers); without it, a close
+    before accept, which the server answers with a bare 403."""
+    answer = _error_answer(error)
+    if "websocket.http.response" not in (scope.get("extensions") or {}):
+        await send({"type": "websocket.close", "code": 1008, "reason": _close_reason(answer)})
+        return
+    status, headers, body = answer
+    await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": body})
 
 
 def _template(path: str) -> re.Pattern[str]:
