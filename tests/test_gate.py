@@ -21,7 +21,14 @@ from lokid.cors import CorsPolicy
 from lokid.http.control import control_app
 from lokid.http.errors import ApiError
 from lokid.http.gate import OPEN, PRINCIPAL, Gate
-from lokid.http.surface import LeanResponse, Scope, Surface, json_body, json_response
+from lokid.http.surface import (
+    LeanResponse,
+    Scope,
+    Surface,
+    json_body,
+    json_response,
+    query_params,
+)
 from lokid.ratelimit import RateLimiter, parse_rate_limit
 from lokid.tokens import create_token, generate_token
 
@@ -52,6 +59,16 @@ def make_surface(gate: Gate) -> Surface:
     @surface.route("DELETE", "/things/{id}", "delete", responses={204: "ok"}, requires="write")
     async def delete(id: str) -> tuple[str, int]:
         return "", 204
+
+    @surface.lean(
+        "GET", "/scan", "a read that may change something", responses={200: "ok"}, requires="read"
+    )
+    async def scan(scope: Scope) -> LeanResponse:  # as GET /api/registry/discover?register
+        if "register" not in query_params(scope):
+            return json_response(200, {"registered": 0})
+        await gate.demand(scope, "write")
+        await gate.record(scope, 200, action="registry.discover", details={"registered": 1})
+        return json_response(200, {"registered": 1})
 
     return surface
 
@@ -480,4 +497,64 @@ async def test_demand_and_record_for_a_read_that_changes_something(
             {"required_scope": "write", "action": "get /api/registry/discover"},
         ),
         (editor["id"], "registry.discover", 200, {"registered": 2}),
+    ]
+
+
+CROSS_SITE = [
+    {"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"},
+    {"Sec-Fetch-Site": "cross-site"},  # what a browser sends for an <img> GET
+    {"Origin": "http://evil.example"},
+]
+
+
+@pytest.mark.parametrize("auth", [False, True])
+async def test_a_read_that_changes_something_is_refused_to_a_web_page_like_a_post(
+    audited: tuple[StoreActor, AuditWriter], auth: bool
+) -> None:
+    store, writer = audited
+    gate = Gate(auth_enabled=auth, store=store, audit=writer, loopback_hosts=not auth)
+    editor = await store.write(lambda db: create_token(db, {"name": "w", "scopes": ["write"]}))
+    token = {"Authorization": f"Bearer {editor['token']}"} if auth else {}
+    app = functools.partial(call, make_surface(gate), host="127.0.0.1:57374")
+    for page in CROSS_SITE:
+        refused = await app("GET", "/scan?register=true", headers={**token, **page})
+        assert refused.status == 403, page
+        assert refused.json()["error"]["details"] == {"reason": "cross_origin"}
+        read = await app("GET", "/scan", headers={**token, **page})  # reading is no change
+        assert (read.status, read.json()) == (200, {"registered": 0})
+    own_page = {"Origin": "http://127.0.0.1:57374", "Sec-Fetch-Site": "same-origin"}
+    for allowed in (own_page, {}):  # the dashboard's page; curl, scripts
+        answer = await app("GET", "/scan?register=true", headers={**token, **allowed})
+        assert (answer.status, answer.json()) == (200, {"registered": 1})
+    actor = editor["id"] if auth else "127.0.0.1"
+    recorded = [(e["actor"], e["action"], e["details"]) for e in await entries(store)]
+    forbidden = {"action": "get /scan", "reason": "cross_origin"}
+    assert recorded == [
+        *[(actor, "auth.forbidden", forbidden)] * len(CROSS_SITE),
+        *[(actor, "registry.discover", {"registered": 1})] * 2,
+    ]
+
+
+async def test_a_read_that_changes_something_names_its_caller_like_any_change(
+    audited: tuple[StoreActor, AuditWriter],
+) -> None:
+    store, writer = audited
+    gate = Gate(store=store, audit=writer)  # auth, limit and CORS off: reads pass unlooked at
+    surface = make_surface(gate)
+    app = control_app(make_surface(Gate()), surface)
+
+    async def as_owner(scope: Scope, receive: Any, send: Any) -> None:
+        scope["lokid.peer"] = {"pid": 1, "uid": 1234, "gid": 1234}
+        await app(scope, receive, send)
+
+    assert (await call(surface, "GET", "/scan?register=true")).status == 200
+    assert (await call(surface, "POST", "/things", body=b"{}")).status == 201
+    assert (await call(as_owner, "GET", "/dashboard/scan?register=true")).status == 200
+    assert (await call(as_owner, "DELETE", "/dashboard/things/t-1")).status == 204
+    recorded = [(e["action"], e["actor"], e["ip"]) for e in await entries(store)]
+    assert recorded == [
+        ("registry.discover", "127.0.0.1", "127.0.0.1"),
+        ("post /things", "127.0.0.1", "127.0.0.1"),
+        ("registry.discover", "uid:1234", None),
+        ("delete /things/t-1", "uid:1234", None),
     ]

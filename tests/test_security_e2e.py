@@ -121,3 +121,33 @@ def test_a_web_page_cannot_start_a_session_on_a_daemon_without_auth(
         assert owner.get("/api/sessions").json()["total"] == 0
         refusals = owner.get("/dashboard/api/enterprise/audit?action=auth.*").json()["entries"]
     assert [e["details"]["reason"] for e in refusals] == ["host", "cross_origin"]
+
+
+def test_a_web_page_cannot_register_projects_through_discover(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    (tmp_path / "work" / "app" / ".loki").mkdir(parents=True)
+    url = f"{daemon.dashboard_url}/api/registry/discover"
+    query = {"roots": str(tmp_path / "work"), "register": "true"}
+    pages = [
+        {"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "cross-site"},  # an <img src=...> on another site
+    ]
+    with httpx.Client(timeout=5) as client:
+        for page in pages:
+            answer = client.get(url, params=query, headers=page)
+            assert answer.status_code == 403, page
+            assert answer.json()["error"]["details"]["reason"] == "cross_origin"
+        assert client.get(f"{daemon.dashboard_url}/api/registry/projects").json()["total"] == 0
+        registered = client.get(url, params=query).json()  # curl: no Origin
+        assert registered["registered"] == 1
+    with daemon.control() as owner:
+        assert owner.get("/dashboard/api/registry/discover", params=query).status_code == 200
+        entries = owner.get("/dashboard/api/enterprise/audit").json()["entries"]
+    seen = [(e["action"], e["status"], e["actor"]) for e in reversed(entries)]
+    assert seen == [
+        ("auth.forbidden", 403, "127.0.0.1"),
+        ("auth.forbidden", 403, "127.0.0.1"),
+        ("registry.discover", 200, "127.0.0.1"),
+        ("registry.discover", 200, f"uid:{os.getuid()}"),
+    ]

@@ -23,7 +23,9 @@ be reached around it. Rules, in order:
 5. **Audit.** A 401 or 403 is recorded before it is sent. A mutating
    request (any method but GET, HEAD, OPTIONS) that reached its handler is
    recorded with its final status before its response starts
-   (`audited_send`). If the audit log cannot record it, the answer becomes
+   (`audited_send`). A read that changes something asks the gate again as a
+   change (`demand`: the browser guard, the scope) and is recorded by its
+   handler (`record`). If the audit log cannot record it, the answer becomes
    503: nothing is answered unaudited. 429s and preflights are not
    recorded (a flood must not become an audit-log flood).
 
@@ -45,7 +47,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import parse_qs
 
 import attrs
@@ -287,7 +289,8 @@ class Gate:
         with DNS rebinding even read answers. So: a change or a WebSocket
         from an origin that is neither this listener nor a listed CORS origin
         is refused; and with auth off (`loopback_hosts`), so is any request
-        whose `Host` is not a loopback name.
+        whose `Host` is not a loopback name. A read that changes something
+        passes here as a read, and its handler's `demand` asks again as a change.
         """
         host = headers.get("host")
         if self.loopback_hosts and host is not None and not _is_loopback_host(host):
@@ -339,11 +342,10 @@ class Gate:
     async def _identify(
         self, scope: dict[str, Any], headers: dict[str, str], peer: Any
     ) -> tuple[Principal, ApiError | None]:
+        owner = self._owner(scope, peer)
+        if owner is not None:
+            return owner, None
         ip = _client_ip(scope)
-        if peer is not None:
-            return Principal(f"uid:{peer['uid']}", None, owner=True), None
-        if not self.auth_enabled:
-            return Principal(ip or "-", ip, owner=True), None
         anonymous = Principal(ip or "-", ip)
         raw = _presented_token(scope, headers)
         if raw is None:
@@ -359,6 +361,26 @@ class Gate:
             who = Principal(result.token_id or anonymous.actor, ip)
             return who, ApiError("UNAUTHORIZED", result.message, {"reason": result.reason.value})
         return Principal(result.id, ip, token=result), None
+
+    def _owner(self, scope: dict[str, Any], peer: Any) -> Principal | None:
+        """The caller who needs no token: the control-socket peer (`uid:<n>`), or with auth
+        off the client address; None when a token decides."""
+        if peer is not None:
+            return Principal(f"uid:{peer['uid']}", None, owner=True)
+        if not self.auth_enabled:
+            ip = _client_ip(scope)
+            return Principal(ip or "-", ip, owner=True)
+        return None
+
+    def _caller(self, scope: dict[str, Any]) -> Principal:
+        """Who an admitted request comes from. A read the gate let through without
+        looking (nothing to check: `PASS`) has no `PRINCIPAL`; it is named here as
+        the rest of the audit log names that caller."""
+        principal: Principal | None = scope.get(PRINCIPAL)
+        if principal is not None:
+            return principal
+        ip = _client_ip(scope)
+        return self._owner(scope, scope.get("lokid.peer")) or Principal(ip or "-", ip)
 
     async def _lookup(self, raw: str) -> TokenInfo | AuthFailure:
         assert self.store is not None
@@ -517,24 +539,40 @@ class Gate:
 
     async def demand(self, scope: dict[str, Any], requires: str) -> None:
         """For a handler whose need depends on its input (a read that may also change
-        something, e.g. `GET /api/registry/discover?register=true`): raise a 403 (recorded)
-        unless the admitted caller holds `requires`."""
-        principal: Principal | None = scope.get(PRINCIPAL)
-        if principal is None or principal.owner:
+        something, e.g. `GET /api/registry/discover?register=true`): raise a 403
+        (recorded) unless the change is one a `POST` would be let through for. So, as
+        for any change, one a web page may have sent on its own (a foreign `Origin`,
+        `Sec-Fetch-Site: cross-site`: an `<img>` sends a GET) is refused with auth on
+        or off; then the caller must hold `requires`."""
+        principal = self._caller(scope)
+        if scope.get("lokid.peer") is None:
+            refusal = self._browser_guard(scope, _header_map(scope), mutating=True)
+            if refusal is not None:
+                await self._forbid(scope, principal, refusal)
+        if principal.owner:
             return
         if principal.token is not None and principal.token.grants(requires):
             return
-        self._counts["forbidden"] += 1
-        error = ApiError(
-            "FORBIDDEN",
-            f"This token lacks the {requires!r} scope needed for {scope.get('method', 'GET')} "
-            f"{_full_path(scope)} with these parameters",
-            {"required_scope": requires},
+        await self._forbid(
+            scope,
+            principal,
+            ApiError(
+                "FORBIDDEN",
+                f"This token lacks the {requires!r} scope needed for "
+                f"{scope.get('method', 'GET')} {_full_path(scope)} with these parameters",
+                {"required_scope": requires},
+            ),
         )
+
+    async def _forbid(
+        self, scope: dict[str, Any], principal: Principal, error: ApiError
+    ) -> NoReturn:
+        """Record a 403 a handler decided (`demand`), then raise it (a 503 instead when
+        the audit log cannot record it)."""
+        self._counts["forbidden"] += 1
+        details = {k: v for k, v in error.details.items() if k in ("reason", "required_scope")}
         try:
-            await self._record(
-                scope, principal, 403, None, {"required_scope": requires}, auth_failure=True
-            )
+            await self._record(scope, principal, 403, None, details, auth_failure=True)
         except LokiError as exc:
             raise _audit_down(exc, None) from None
         raise error
@@ -550,7 +588,7 @@ class Gate:
     ) -> None:
         """Record a change a read route made (see `demand`) before its answer is sent;
         raises the 503 `ApiError` if the audit log cannot record it."""
-        principal = scope.get(PRINCIPAL) or Principal("-", _client_ip(scope))
+        principal = self._caller(scope)
         try:
             await self._record(
                 scope, principal, status, None, details or {}, action=action, resource=resource
