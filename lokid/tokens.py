@@ -528,6 +528,14 @@ class TokenInfo:
     def grants(self, required: str) -> bool:
         return grants(self.scopes, required)
 
+    def seconds_left(self, now: dt.datetime) -> float:
+        """Seconds until the token expires: `inf` for one that never does, 0 once it has
+        (an unreadable `expires_at` counts as passed, as in `authenticate`)."""
+        if self.expires_at is None:
+            return float("inf")
+        moment = _parse_time(self.expires_at)
+        return 0.0 if moment is None else max(0.0, (moment - now).total_seconds())
+
     def needs_touch(self, now: dt.datetime) -> bool:
         """Whether `last_used_at` (as read) is due a `touch_last_used`."""
         if self.last_used_at is None:

@@ -6,6 +6,7 @@ built here, so each rule is seen on its own.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import pathlib
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ from lokid.actors.store import StoreActor
 from lokid.cors import CorsPolicy
 from lokid.http.control import control_app
 from lokid.http.errors import ApiError
-from lokid.http.gate import OPEN, PRINCIPAL, Gate
+from lokid.http.gate import OPEN, PRINCIPAL, Gate, Principal
 from lokid.http.surface import (
     LeanResponse,
     Scope,
@@ -30,7 +31,8 @@ from lokid.http.surface import (
     query_params,
 )
 from lokid.ratelimit import RateLimiter, parse_rate_limit
-from lokid.tokens import create_token, generate_token
+from lokid.timefmt import iso
+from lokid.tokens import TokenInfo, create_token, generate_token
 
 from .asgi import Answer, call
 from .test_audit import running
@@ -558,3 +560,37 @@ async def test_a_read_that_changes_something_names_its_caller_like_any_change(
         ("registry.discover", "uid:1234", None),
         ("delete /things/t-1", "uid:1234", None),
     ]
+
+
+# -- streams opened with a token (virtual clock) -----------------------------------
+
+
+async def test_open_streams_end_when_their_token_is_revoked_or_expires(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    gate = Gate(utc_clock=lambda: now)
+    lasting = TokenInfo("tok-a", "a", frozenset({"read"}))
+    expiring = TokenInfo("tok-b", "b", frozenset({"read"}), iso(now + dt.timedelta(minutes=1)))
+
+    def opened_with(token: TokenInfo) -> Scope:
+        return {PRINCIPAL: Principal(token.id, "127.0.0.1", token=token)}
+
+    with (
+        gate.stream(opened_with(lasting)) as first,
+        gate.stream(opened_with(lasting)) as second,
+        gate.stream(opened_with(expiring)) as third,
+        gate.stream({PRINCIPAL: Principal("127.0.0.1", "127.0.0.1", owner=True)}) as owners,
+    ):
+        assert gate.token_streams == 3  # the owner's has no token to revoke
+        with trio.fail_after(120):
+            assert await third.wait() == "Token expired"
+        assert trio.current_time() == pytest.approx(60)  # at expires_at, not before
+        assert gate.token_revoked("tok-a") == 2
+        with trio.fail_after(1):
+            assert [await first.wait(), await second.wait()] == ["Token revoked"] * 2
+        assert gate.token_revoked("tok-a") == 0
+        with trio.move_on_after(10 * 365 * 86400) as forever:
+            await owners.wait()
+        assert forever.cancelled_caught
+    assert gate.token_streams == 0  # nothing kept once closed

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -151,3 +151,38 @@ def test_a_web_page_cannot_register_projects_through_discover(
         ("registry.discover", 200, "127.0.0.1"),
         ("registry.discover", 200, f"uid:{os.getuid()}"),
     ]
+
+
+def read_until(lines: Iterator[str], wanted: str) -> None:
+    """Read an event stream's lines up to `wanted` (bounded by the client's read timeout)."""
+    for line in lines:
+        if line == wanted:
+            return
+    raise AssertionError(f"the stream ended before {wanted!r}")
+
+
+def test_revoking_a_token_ends_the_event_streams_opened_with_it(
+    daemon_factory: Callable[..., DaemonProcess],
+) -> None:
+    daemon = daemon_factory(extra_env={"LOKI_ENTERPRISE_AUTH": "true"}).start()
+    with daemon.control() as owner:
+        made = owner.post(
+            "/dashboard/api/enterprise/tokens", json={"name": "feed", "scopes": ["read"]}
+        ).json()
+    token = {"Authorization": f"Bearer {made['token']}"}
+    # The inline path, and Hypercorn's (the inline path hands `Expect` over).
+    handed_over = {**token, "Expect": "100-continue"}
+    with (
+        httpx.Client(timeout=5) as client,
+        client.stream("GET", f"{daemon.api_url}/api/events", headers=token) as inline,
+        client.stream("GET", f"{daemon.dashboard_url}/api/events", headers=handed_over) as asgi,
+    ):
+        streams = [inline.iter_lines(), asgi.iter_lines()]
+        for lines in streams:
+            read_until(lines, ": connected")
+        with daemon.control() as owner:
+            assert owner.delete(f"/dashboard/api/enterprise/tokens/{made['id']}").is_success
+        for lines in streams:  # each ends by itself (a read timeout fails the test)
+            assert [line for line in lines if line] == [": closed: Token revoked"]
+    again = httpx.get(f"{daemon.api_url}/api/events/stats", headers=token, timeout=5)
+    assert again.json()["error"]["message"] == "Token revoked"

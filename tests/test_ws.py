@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import pathlib
@@ -24,6 +25,7 @@ from lokid.daemon import Daemon
 from lokid.events import Level
 from lokid.http import ws as ws_module
 from lokid.http.ws import CLIENT_QUEUE, MESSAGE_TYPES
+from lokid.timefmt import iso, utc_now
 from lokid.tokens import create_token
 
 from .sessions_kit import eventually
@@ -248,6 +250,64 @@ async def test_auth_and_origin_rules_apply_to_the_handshake(tmp_path: pathlib.Pa
             (b"Origin", b"http://evil.example"),
         ]
         assert await refusal(ws_url(daemon), header) == (1008, "FORBIDDEN")
+
+
+async def made_token(daemon: Daemon, scope: str) -> dict[str, Any]:
+    """A new token with one scope, as `POST /api/enterprise/tokens` answers it."""
+    made: dict[str, Any] = await daemon.store.write(
+        lambda db: create_token(db, {"name": scope, "scopes": [scope]})
+    )
+    return made
+
+
+async def test_revoking_a_token_closes_the_websockets_opened_with_it(
+    tmp_path: pathlib.Path,
+) -> None:
+    async with running_daemon(tmp_path, auth_enabled=True) as daemon:
+        admin, revoked, kept = [await made_token(daemon, s) for s in ("admin", "read", "read")]
+        async with (
+            open_websocket_url(ws_url(daemon, f"?token={revoked['token']}")) as doomed,
+            open_websocket_url(ws_url(daemon, f"?token={kept['token']}")) as survivor,
+        ):
+            await connected(daemon, 2)
+            dashboard = daemon.listeners.urls()["dashboard"]  # type: ignore[union-attr]
+            async with httpx.AsyncClient(timeout=WAIT) as client:
+                answer = await client.delete(
+                    f"{dashboard}/api/enterprise/tokens/{revoked['id']}",
+                    headers={"Authorization": f"Bearer {admin['token']}"},
+                )
+            assert answer.status_code == 200
+            daemon.hub.publish("registry.updated", {"total": 1})
+            with trio.fail_after(WAIT), pytest.raises(ConnectionClosed) as closed:
+                await doomed.get_message()  # closed, not sent the update
+            assert closed.value.reason is not None
+            assert (closed.value.reason.code, closed.value.reason.reason) == (
+                1008,
+                "UNAUTHORIZED: Token revoked",
+            )
+            assert (await next_message(survivor))["type"] == "registry.updated"
+            await connected(daemon, 1)
+            assert daemon.gate.token_streams == 1  # the survivor's; the revoked one is gone
+        await connected(daemon, 0)
+        assert daemon.gate.token_streams == 0
+
+
+async def test_a_websocket_is_closed_when_its_token_expires(tmp_path: pathlib.Path) -> None:
+    async with running_daemon(tmp_path, auth_enabled=True) as daemon:
+        made = await made_token(daemon, "read")
+        soon = iso(utc_now() + dt.timedelta(seconds=1))
+        await daemon.store.write(
+            lambda db: db.execute(
+                "UPDATE api_tokens SET expires_at = ? WHERE id = ?", (soon, made["id"])
+            )
+        )
+        async with open_websocket_url(ws_url(daemon, f"?token={made['token']}")) as ws:
+            with trio.fail_after(WAIT), pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await ws.get_message()
+        assert closed.value.reason is not None
+        assert closed.value.reason.code == 1008
+        assert closed.value.reason.reason == "UNAUTHORIZED: Token expired"
 
 
 async def refusal(url: str, headers: list[tuple[bytes, bytes]] | None = None) -> tuple[int, str]:

@@ -2,7 +2,8 @@
 
 Tokens need `admin`, the audit log `audit`, the status `read` (DESIGN.md §4).
 A revoke clears the gate's token cache, so the revoked token's next request
-is refused; creating and revoking are themselves audited by the gate
+is refused, and ends the WebSockets and SSE streams opened with it
+(`Gate.token_revoked`); creating and revoking are themselves audited by the gate
 (`token.create`, `token.revoke`), never with the secret.
 """
 
@@ -184,8 +185,8 @@ def install_enterprise(
     async def token_revoke(id: str) -> dict[str, Any]:
         try:
             return await store.write(lambda db: revoke_token(db, id))
-        finally:
-            gate.forget_tokens()
+        finally:  # also when the write failed after it committed: a reconnect costs little
+            gate.token_revoked(id)
 
     @surface.route(
         "GET",

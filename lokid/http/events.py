@@ -3,7 +3,9 @@
 The stream is a raw ASGI handler: after the headers, each wake-up takes
 everything queued for the subscriber and sends it as one body chunk, so a
 burst costs one write per client, not one per event, and no framework code
-runs per event.
+runs per event. A stream opened with a token ends (`: closed: Token
+revoked`, `Token expired`) when that token is revoked or expires
+(`Gate.stream`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from lokid.events import (
 )
 from lokid.http.convert import api_converter
 from lokid.http.errors import ApiError
+from lokid.http.gate import TokenStream
 from lokid.http.surface import (
     BOOLEAN_PARAM,
     LeanResponse,
@@ -225,14 +228,23 @@ def install_events(surface: Surface, bus: EventBus, *, heartbeat: float) -> None
             return
         try:
             plan = bus.plan_replay(subscriber, last_event_id=last_event_id, history=history)
-            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-                reason = await _pump(send, bus, subscriber, event_filter, plan, named, heartbeat)
-                await send(
-                    {"type": "http.response.body", "body": sse_comment(reason), "more_body": False}
-                )
-                nursery.cancel_scope.cancel()
+            with surface.gate.stream(scope) as grant:
+                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+                    if grant.token_id is not None:
+                        nursery.start_soon(_close_when_token_ends, grant, subscriber)
+                    reason = await _pump(
+                        send, bus, subscriber, event_filter, plan, named, heartbeat
+                    )
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": sse_comment(reason),
+                            "more_body": False,
+                        }
+                    )
+                    nursery.cancel_scope.cancel()
         finally:
             bus.unsubscribe(subscriber)
 
@@ -283,6 +295,11 @@ def install_events(surface: Surface, bus: EventBus, *, heartbeat: float) -> None
         return json_response(200, answer)
 
 
+async def _close_when_token_ends(grant: TokenStream, subscriber: Subscriber) -> None:
+    """End the stream (`: closed: Token revoked`) once its token is revoked or expires."""
+    subscriber.close(await grant.wait())
+
+
 async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
     while True:
         message = await receive()
@@ -312,6 +329,8 @@ async def _pump(
         )
     await body(opening)
     async for page in bus.replay(event_filter, plan):
+        if subscriber.closed_reason is not None:  # e.g. its token was revoked: stop here
+            break
         await body(b"".join(item.sse(named) for item in page))
     while True:
         with trio.move_on_after(heartbeat) as idle:

@@ -202,6 +202,7 @@ class InlineConnection:
                     ):
                         return
                 elif stream is not None:
+                    scope[PRINCIPAL] = admission.principal  # a revoke ends it (Gate.stream)
                     await self._stream(scope, stream, admission.headers, started)
                     return
         finally:

@@ -35,18 +35,27 @@ headers (when on); errors use the seed's body.
 Token lookups are cached (`TokenCache`: valid tokens only, at most
 `TOKEN_CACHE_SIZE` for `TOKEN_CACHE_SECONDS`); a revoke through the API
 clears the cache, expiry is checked on every use.
+
+A long-lived answer (a WebSocket, an SSE stream) is admitted once, at its
+start, so the gate also keeps the ones opened with a token (`Gate.stream`,
+by token id): a revoke through the API ends them at once
+(`Gate.token_revoked`), and each ends by itself when its token expires
+(`TokenStream.wait` sleeps until `expires_at`). The registry holds one
+entry per open stream, removed when the stream ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import ipaddress
 import json
 import logging
+import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NoReturn
 from urllib.parse import parse_qs
 
@@ -62,7 +71,15 @@ from lokid.errors import LokiError
 from lokid.http.errors import ApiError
 from lokid.ratelimit import RateLimiter
 from lokid.timefmt import iso, utc_now
-from lokid.tokens import SCOPES, AuthFailure, TokenInfo, authenticate, token_sha256, touch_last_used
+from lokid.tokens import (
+    SCOPES,
+    AuthFailure,
+    FailureReason,
+    TokenInfo,
+    authenticate,
+    token_sha256,
+    touch_last_used,
+)
 
 log = logging.getLogger("lokid.gate")
 
@@ -129,6 +146,32 @@ class GateStatistics:
     token_cache: int
 
 
+class TokenStream:
+    """A long-lived answer (WebSocket, SSE stream) opened with a token: its handler
+    `wait`s on this and ends the stream when the token stops being valid."""
+
+    def __init__(self, token_id: str | None, deadline: float) -> None:
+        self.token_id = token_id  # None: no token (the owner, auth off): never ended
+        self.deadline = deadline  # trio time at which the token expires (inf: never)
+        self.reason: str | None = None  # the 401 message, once ended
+        self._ended = trio.Event()
+
+    def end(self, reason: str) -> None:
+        """End the stream (`reason`: the 401 message); the first call wins."""
+        if self.reason is None:
+            self.reason = reason
+            self._ended.set()
+
+    async def wait(self) -> str:
+        """Until the token is revoked or expires (forever without a token); the 401
+        message that says which (`Token revoked`, `Token expired`)."""
+        with trio.move_on_at(self.deadline):
+            await self._ended.wait()
+        self.end(AuthFailure(FailureReason.EXPIRED).message)  # no-op when revoked
+        assert self.reason is not None
+        return self.reason
+
+
 class TokenCache:
     """Valid tokens by SHA-256, least recently used first; bounded in size and age."""
 
@@ -189,6 +232,7 @@ class Gate:
         self.wall_clock = wall_clock
         self.utc_clock = utc_clock
         self.tokens = TokenCache()
+        self._streams: dict[str, set[TokenStream]] = {}  # token id -> its open streams
         self._counts = dict.fromkeys(
             (
                 "admitted",
@@ -599,6 +643,41 @@ class Gate:
     def forget_tokens(self) -> None:
         """Drop cached token lookups (after a revoke: the next request re-reads the store)."""
         self.tokens.clear()
+
+    def token_revoked(self, token_id: str) -> int:
+        """After a revoke: forget cached lookups, and end every stream opened with the
+        token (a WebSocket closes with 1008, an SSE stream ends); how many."""
+        self.forget_tokens()
+        streams = self._streams.pop(token_id, set())
+        for stream in streams:
+            stream.end(AuthFailure(FailureReason.REVOKED).message)
+        return len(streams)
+
+    @contextlib.contextmanager
+    def stream(self, scope: Mapping[str, Any]) -> Iterator[TokenStream]:
+        """Keep an admitted long-lived answer known by its token while it is open, so a
+        revoke can end it (`token_revoked`); its handler waits on what this yields."""
+        principal: Principal | None = scope.get(PRINCIPAL)
+        token = principal.token if principal is not None else None
+        if token is None:
+            yield TokenStream(None, math.inf)
+            return
+        deadline = self.clock() + token.seconds_left(self.utc_clock())
+        stream = TokenStream(token.id, deadline)
+        self._streams.setdefault(token.id, set()).add(stream)
+        try:
+            yield stream
+        finally:
+            streams = self._streams.get(token.id)
+            if streams is not None:
+                streams.discard(stream)
+                if not streams:
+                    del self._streams[token.id]
+
+    @property
+    def token_streams(self) -> int:
+        """Open streams authenticated with a token (what a revoke may have to end)."""
+        return sum(len(streams) for streams in self._streams.values())
 
     def statistics(self) -> GateStatistics:
         return GateStatistics(

@@ -34,7 +34,9 @@ Theory of operation:
   timeout.
 * **Auth** is the gate's (a token in `Authorization` or `?token=`, the
   origin check); a refused handshake is accepted and closed with 1008 and the reason.
-  Client messages change nothing, so none is audited.
+  A connection opened with a token is closed with 1008 (`UNAUTHORIZED: Token
+  revoked` / `Token expired`) when that token is revoked or expires
+  (`Gate.stream`). Client messages change nothing, so none is audited.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from quart import websocket
 from lokid.actors.event_bus import MAX_BATCH_EVENTS, MAX_EMIT_MANY
 from lokid.events import EVENT_TYPES, EncodedEvent
 from lokid.http.errors import ApiError
+from lokid.http.gate import TokenStream
 from lokid.http.surface import Surface
 
 CLIENT_QUEUE = 4096  # messages queued per client before it is closed as slow
@@ -79,6 +82,7 @@ TOPIC_FAMILIES = frozenset(t.partition(".")[0] for t in MESSAGE_TYPES)
 CLOSE_SLOW = 1013
 CLOSE_TOO_BIG = 1009
 CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008  # the token it was opened with was revoked or expired
 CLOSE_REASONS = {CLOSE_SLOW: "too slow: reconnect", CLOSE_GOING_AWAY: "lokid is stopping"}
 CLOSE_SECONDS = 5.0  # how long closing a slow client may take
 KEEPALIVE_SECONDS = 20.0
@@ -103,6 +107,7 @@ class WsClient:
         self.families: frozenset[str] = frozenset()
         self.slow = False
         self.close_code: int | None = None  # set when the server ends the connection
+        self.close_reason = ""
         self.ended = trio.Event()
         self._send, self.inbox = trio.open_memory_channel[str](CLIENT_QUEUE)
 
@@ -141,10 +146,12 @@ class WsClient:
             return False
         return True
 
-    def end(self, code: int) -> None:
-        """Make the handler close the connection with `code` (first call wins)."""
+    def end(self, code: int, reason: str | None = None) -> None:
+        """Make the handler close the connection with `code` and `reason` (by default
+        `CLOSE_REASONS[code]`); the first call wins."""
         if self.close_code is None:
             self.close_code = code
+            self.close_reason = reason if reason is not None else CLOSE_REASONS[code]
             self.ended.set()
 
     def close(self) -> None:
@@ -217,18 +224,21 @@ def install_ws(surface: Surface, hub: DashboardHub) -> None:
     )
     async def dashboard_ws() -> None:
         await websocket.accept()
-        client = hub.connect()
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_sender, client)
-                nursery.start_soon(_stop_when_ended, client, nursery.cancel_scope)
-                await _receiver(client)
-                nursery.cancel_scope.cancel()
-            if client.close_code is not None:  # a stuck client may not take the close frame
-                with trio.move_on_after(CLOSE_SECONDS):
-                    await websocket.close(client.close_code, CLOSE_REASONS[client.close_code])
-        finally:
-            hub.disconnect(client)
+        with surface.gate.stream(websocket.scope) as grant:
+            client = hub.connect()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_sender, client)
+                    nursery.start_soon(_stop_when_ended, client, nursery.cancel_scope)
+                    if grant.token_id is not None:
+                        nursery.start_soon(_end_when_token_ends, grant, client)
+                    await _receiver(client)
+                    nursery.cancel_scope.cancel()
+                if client.close_code is not None:  # a stuck client may not take the close
+                    with trio.move_on_after(CLOSE_SECONDS):
+                        await websocket.close(client.close_code, client.close_reason)
+            finally:
+                hub.disconnect(client)
 
     async def not_an_upgrade() -> dict[str, Any]:
         """A plain GET of `/ws` (Quart's own answer would be werkzeug's vague 400)."""
@@ -247,6 +257,12 @@ async def _sender(client: WsClient) -> None:
         with trio.move_on_after(KEEPALIVE_SECONDS) as quiet:
             text = await client.inbox.receive()
         await websocket.send(PING if quiet.cancelled_caught else text)
+
+
+async def _end_when_token_ends(grant: TokenStream, client: WsClient) -> None:
+    """Close with 1008 once the connection's token is revoked or expires."""
+    reason = await grant.wait()
+    client.end(CLOSE_POLICY, f"UNAUTHORIZED: {reason}")
 
 
 async def _stop_when_ended(client: WsClient, scope: trio.CancelScope) -> None:
