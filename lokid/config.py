@@ -25,6 +25,10 @@ from lokid.ratelimit import RateLimit, parse_rate_limit
 PROVIDERS = ("claude", "codex", "gemini", "aider", "cline", "opencode", "command")
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
+# Upper bounds, so that a value the docs allow never overflows later (an event
+# cutoff date before year 1, an id past SQLite's 64-bit INTEGER, a float gauge).
+MAX_COUNT = 10**12
+MAX_RETENTION_DAYS = 36_500  # a hundred years
 
 
 @attrs.frozen
@@ -113,10 +117,12 @@ def _int(value: Any) -> int:
         raise ValueError(f"{text!r} is not an integer") from None
 
 
-def _positive_int(value: Any) -> int:
+def _count(value: Any) -> int:
     number = _int(value)
     if number < 1:
         raise ValueError(f"{number} must be at least 1")
+    if number > MAX_COUNT:
+        raise ValueError(f"{number} is above the maximum of {MAX_COUNT:,}")
     return number
 
 
@@ -127,9 +133,18 @@ def _positive_float(value: Any) -> float:
         number = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{value!r} is not a number") from None
+    except OverflowError:  # an integer too large for a float (TOML has no limit)
+        raise ValueError(f"{value!r} must be a positive, finite number") from None
     if not number > 0 or number == float("inf"):
         raise ValueError(f"{value!r} must be a positive, finite number")
     return number
+
+
+def _retention_days(value: Any) -> float:
+    days = _positive_float(value)
+    if days > MAX_RETENTION_DAYS:
+        raise ValueError(f"{days:.15g} is above the maximum of {MAX_RETENTION_DAYS:,} days")
+    return days
 
 
 def _heartbeat(value: Any) -> float:
@@ -204,19 +219,19 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "allow_insecure_remote": _bool,
     "auth_enabled": _bool,
     "default_provider": _provider,
-    "max_agents": _positive_int,
+    "max_agents": _count,
     "shutdown_grace": _positive_float,
     "log_level": _log_level,
     "sse_heartbeat": _heartbeat,
-    "event_retention_count": _positive_int,
-    "event_retention_days": _positive_float,
+    "event_retention_count": _count,
+    "event_retention_days": _retention_days,
     "resume_on_start": _bool,
     "agent_grace": _positive_float,
     "agent_idle_timeout": _positive_float,
     "agent_hard_timeout": _positive_float,
     "retry_base": _positive_float,
     "retry_cap": _positive_float,
-    "max_sessions": _positive_int,
+    "max_sessions": _count,
     "rate_limit": _rate_limit,
     "cors_origins": _cors_origins,
     "registry_roots": _roots,

@@ -61,6 +61,20 @@ def test_explicit_config_file_is_used(tmp_path: Path) -> None:
         ({"LOKI_MAX_AGENTS": "0"}, "0 must be at least 1"),
         ({"LOKI_PROVIDER": "gpt"}, "'gpt' is not one of claude"),
         ({"LOKI_SHUTDOWN_GRACE": "inf"}, "must be a positive, finite number"),
+        # Bounds: each of these crashed the daemon at start (a date or SQLite overflow).
+        (
+            {"LOKI_EVENT_RETENTION_DAYS": "1000000"},
+            "invalid event_retention_days from env LOKI_EVENT_RETENTION_DAYS: "
+            "1000000 is above the maximum of 36,500 days",
+        ),
+        ({"LOKI_EVENT_RETENTION_DAYS": "1e10"}, "10000000000 is above the maximum"),
+        (
+            {"LOKI_EVENT_RETENTION_COUNT": "99999999999999999999"},
+            "invalid event_retention_count from env LOKI_EVENT_RETENTION_COUNT: "
+            "99999999999999999999 is above the maximum of 1,000,000,000,000",
+        ),
+        ({"LOKI_MAX_AGENTS": str(10**30)}, "LOKI_MAX_AGENTS: .* is above the maximum"),
+        ({"LOKI_MAX_SESSIONS": str(10**13)}, "LOKI_MAX_SESSIONS: .* is above the maximum"),
     ],
 )
 def test_bad_values_name_their_source(tmp_path: Path, env: dict[str, str], message: str) -> None:
@@ -112,3 +126,33 @@ def test_rate_limit_and_cors_origins_are_parsed_and_checked(tmp_path: Path) -> N
         load_config({}, environ={**env, "LOKI_RATE_LIMIT": "100 per minute"})
     with pytest.raises(ConfigError, match="never answers arbitrary origins"):
         load_config({}, environ={**env, "LOKI_CORS_ORIGINS": "*"})
+
+
+def test_the_largest_allowed_values_are_accepted(tmp_path: Path) -> None:
+    from lokid.config import MAX_COUNT, MAX_RETENTION_DAYS
+
+    env = {
+        "LOKI_HOME": str(tmp_path),
+        "LOKI_EVENT_RETENTION_DAYS": str(MAX_RETENTION_DAYS),
+        "LOKI_EVENT_RETENTION_COUNT": str(MAX_COUNT),
+        "LOKI_MAX_AGENTS": str(MAX_COUNT),
+    }
+    config = load_config({}, environ=env)
+    assert (config.event_retention_days, config.event_retention_count) == (36_500, 10**12)
+    assert config.max_agents == 10**12
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("event_retention_days = 1e6", "event_retention_days from file .*: 1000000 is above"),
+        ("event_retention_count = 99999999999999999999", "event_retention_count from file"),
+        (f"agent_grace = {10**400}", "agent_grace from file .* must be a positive, finite"),
+    ],
+)
+def test_out_of_bounds_toml_values_are_config_errors(
+    tmp_path: Path, toml: str, message: str
+) -> None:
+    file = write(tmp_path / "lokid.toml", toml + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config({}, environ={"LOKI_HOME": str(tmp_path)}, config_file=file)

@@ -185,6 +185,22 @@ def test_non_loopback_without_auth_is_refused(daemon_factory: Factory) -> None:
     assert "--allow-insecure-remote" in err.decode()
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("LOKI_EVENT_RETENTION_DAYS", "1000000"), ("LOKI_EVENT_RETENTION_COUNT", "9" * 20)],
+)
+def test_retention_beyond_its_bound_is_a_config_error(
+    daemon_factory: Factory, variable: str, value: str
+) -> None:
+    """Regression: these crashed the event bus at start (exit 1 after 31 s, or after `ready`)."""
+    proc = daemon_factory(extra_env={variable: value}).start(wait=False)
+    assert proc.process is not None
+    _, err = proc.process.communicate(timeout=20)
+    assert proc.process.returncode == 2
+    assert f"from env {variable}: {value} is above the maximum" in err.decode()
+    assert "Traceback" not in err.decode()
+
+
 def test_corrupt_database_is_a_clear_error(daemon_factory: Factory, tmp_path: Path) -> None:
     home = tmp_path / "home"
     (home / "lokid").mkdir(parents=True)
