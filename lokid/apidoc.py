@@ -866,7 +866,8 @@ def cli_reference() -> str:
         "",
         "Generated from `lokid.cli.build_parser`; `loki COMMAND --help` says the same. "
         "Options shown under `loki` (global options) go **before** the command "
-        "(`loki --data-dir DIR status`). `lokid [options]` is `loki serve [options]`.",
+        "(`loki --data-dir DIR status`). `lokid [options]` is "
+        "`loki [global options] serve [options]`, the options in any order.",
         "",
     ]
     for words, sub, help_text in _walk(parser, ("loki",), str(parser.description or "")):

@@ -87,13 +87,29 @@ def _add_flags(
         parser.add_argument(flag, dest=f"cfg_{field}", default=None, **options)
 
 
+def _add_global_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action="version", version=f"lokid {__version__}")
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
+    _add_flags(parser, GLOBAL_FLAGS)
+
+
+def build_lokid_parser() -> argparse.ArgumentParser:
+    """`lokid`: `loki serve` whose global options may come in any order with the others."""
+    parser = argparse.ArgumentParser(
+        prog="lokid",
+        description="Run lokid, the Loki Mode daemon, in the foreground (`loki serve`).",
+    )
+    _add_global_options(parser)
+    _add_flags(parser, SERVE_FLAGS)
+    parser.set_defaults(handler=cmd_serve)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loki", description="Run and steer lokid, the Loki Mode daemon."
     )
-    parser.add_argument("--version", action="version", version=f"lokid {__version__}")
-    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
-    _add_flags(parser, GLOBAL_FLAGS)
+    _add_global_options(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the daemon in the foreground")
@@ -434,17 +450,33 @@ def cmd_start(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _spawn_daemon(args: argparse.Namespace, config: Config) -> None:
-    argv = [sys.executable, "-m", "lokid", "serve"]
+def serve_argv(args: argparse.Namespace) -> list[str]:
+    """`python -m lokid [global options] serve [options]` with the options `args` were given.
+
+    The global options go before `serve`: argparse refuses them after the command."""
+    flags = {key[4:]: value for key, value in vars(args).items() if key.startswith("cfg_")}
+    argv = [sys.executable, "-m", "lokid"]
     if args.config:
         argv += ["--config", str(args.config)]
-    flags = {key[4:]: value for key, value in vars(args).items() if key.startswith("cfg_")}
-    for flag, (field, _) in {**GLOBAL_FLAGS, **SERVE_FLAGS}.items():
+    argv += _flag_words(GLOBAL_FLAGS, flags)
+    argv.append("serve")
+    argv += _flag_words(SERVE_FLAGS, flags)
+    return argv
+
+
+def _flag_words(known: dict[str, tuple[str, dict[str, Any]]], flags: dict[str, Any]) -> list[str]:
+    words: list[str] = []
+    for flag, (field, _) in known.items():
         value = flags.get(field)
         if value is True:
-            argv.append(flag)
+            words.append(flag)
         elif value is not None:
-            argv += [flag, str(value)]
+            words += [flag, str(value)]
+    return words
+
+
+def _spawn_daemon(args: argparse.Namespace, config: Config) -> None:
+    argv = serve_argv(args)
     config.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)
     with open(config.log_file, "ab") as log_file:
         process = subprocess.Popen(
@@ -1256,8 +1288,16 @@ def _quote(segment: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def lokid_main(argv: Sequence[str] | None = None) -> int:
+    """`lokid [options]` is `loki [global options] serve [options]`."""
+    return run(build_lokid_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the command `args` name; an error is one line on stderr and its exit code."""
     handler: Callable[[argparse.Namespace, Config], int] = args.handler
     try:
         config = config_from_args(args)
@@ -1283,8 +1323,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         # own flush at exit does not fail on the broken pipe again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
-
-
-def lokid_main(argv: Sequence[str] | None = None) -> int:
-    """`lokid [flags]` is `loki serve [flags]`."""
-    return main(["serve", *(sys.argv[1:] if argv is None else argv)])
