@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lokid import __version__
-from lokid.client import ApiCallFailed, ControlClient, DaemonNotRunning
+from lokid.client import ApiCallFailed, ControlClient, DaemonNotAnswering, DaemonNotRunning
 from lokid.config import Config, load_config
 from lokid.errors import ConfigError, LokiError, StartupError
 from lokid.pidfile import running_daemon
@@ -31,6 +31,8 @@ from lokid.session_state import Status
 
 START_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 40.0  # the daemon answers a session command within 30 s
+STATUS_TIMEOUT = 5.0  # /api/status answers at once; a daemon that does not is stuck
+EVENTS_TIMEOUT = 10.0  # `loki events`: one page of history
 POLL_INTERVAL = 0.1
 
 
@@ -477,15 +479,21 @@ def _flag_words(known: dict[str, tuple[str, dict[str, Any]]], flags: dict[str, A
 
 def _spawn_daemon(args: argparse.Namespace, config: Config) -> None:
     argv = serve_argv(args)
-    config.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with open(config.log_file, "ab") as log_file:
-        process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=log_file,
-            start_new_session=True,
-        )
+    try:
+        config.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:  # the words of `loki serve`'s own refusal
+        raise CliError(f"loki: cannot create data dir {config.data_path}: {exc.strerror}") from None
+    try:
+        with open(config.log_file, "ab") as log_file:
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                start_new_session=True,
+            )
+    except OSError as exc:  # the log cannot be written (a read-only data dir), or no python
+        raise CliError(f"loki: cannot start lokid: {exc.filename}: {exc.strerror}") from None
     _spawned.append(process)
 
 
@@ -502,7 +510,10 @@ def _wait_ready(config: Config) -> dict[str, Any]:
                 f"lokid exited during start-up (exit {process.returncode}):\n"
                 + _tail(config.log_file)
             )
-        status = _daemon_status(config, quiet=True)
+        try:
+            status = _daemon_status(config, quiet=True)
+        except DaemonNotAnswering:  # busy starting: keep waiting until START_TIMEOUT
+            status = None
         if status is not None and status.get("phase") == "running":
             if shown:
                 print(" ready", file=sys.stderr)
@@ -638,14 +649,18 @@ def cmd_events(args: argparse.Namespace, config: Config) -> int:
         )
         if value is not None
     }
-    with ControlClient(config.socket, timeout=10.0) as client:
-        if not args.follow:
-            answer = client.get("/api/events/history", params={**query, "limit": args.limit})
-            for event in answer["events"]:
-                _print_event(event, as_json=args.json)
-            return 0
-        for event in client.stream_events(params={**query, "history": str(args.limit)}):
+    if not args.follow:
+        params = {**query, "limit": args.limit}
+        answer = _call(config, "GET", "/api/events/history", params=params, timeout=EVENTS_TIMEOUT)
+        for event in answer["events"]:
             _print_event(event, as_json=args.json)
+        return 0
+    try:
+        with ControlClient(config.socket) as client:
+            for event in client.stream_events(params={**query, "history": str(args.limit)}):
+                _print_event(event, as_json=args.json)
+    except DaemonNotRunning as exc:
+        raise _not_running(exc) from None
     return 0
 
 
@@ -677,7 +692,7 @@ def cmd_config_show(args: argparse.Namespace, config: Config) -> int:
 
 def _daemon_status(config: Config, *, quiet: bool = False) -> dict[str, Any] | None:
     try:
-        with ControlClient(config.socket, timeout=5.0) as client:
+        with ControlClient(config.socket, timeout=STATUS_TIMEOUT) as client:
             status: dict[str, Any] = client.get("/api/status")
             return status
     except DaemonNotRunning as exc:

@@ -16,6 +16,10 @@ class DaemonNotRunning(LokiError):
     """Nothing answers on the control socket."""
 
 
+class DaemonNotAnswering(LokiError):
+    """The control socket accepts connections, but no answer came in time."""
+
+
 class ApiCallFailed(LokiError):
     """The daemon answered with an error body."""
 
@@ -34,6 +38,7 @@ class ApiCallFailed(LokiError):
 class ControlClient:
     def __init__(self, socket_path: Path, *, timeout: float = 10.0) -> None:
         self.socket_path = socket_path
+        self.timeout = timeout
         self._http = httpx.Client(
             transport=httpx.HTTPTransport(uds=str(socket_path)),
             base_url="http://lokid",
@@ -49,16 +54,28 @@ class ControlClient:
     def close(self) -> None:
         self._http.close()
 
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _check_socket(self) -> None:
         if not self.socket_path.exists():
             raise DaemonNotRunning(
                 f"lokid is not running (no control socket at {self.socket_path})"
             )
+
+    def _nothing_answers(self, exc: Exception) -> DaemonNotRunning:
+        return DaemonNotRunning(
+            f"lokid is not running (nothing answers on {self.socket_path}: {exc})"
+        )
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        self._check_socket()
         try:
             response = self._http.request(method, path, **kwargs)
         except (httpx.ConnectError, httpx.RemoteProtocolError, FileNotFoundError) as exc:
-            raise DaemonNotRunning(
-                f"lokid is not running (nothing answers on {self.socket_path}: {exc})"
+            raise self._nothing_answers(exc) from None
+        except httpx.TimeoutException:
+            seconds = kwargs.get("timeout", self.timeout)
+            raise DaemonNotAnswering(
+                f"lokid did not answer on {self.socket_path} within {seconds:g} s "
+                "(stopped, or too busy?)"
             ) from None
         if response.status_code >= 400:
             try:
@@ -83,6 +100,7 @@ class ControlClient:
 
     def stream_events(self, params: dict[str, str]) -> Iterator[dict[str, Any]]:
         """Follow `/api/events`, resuming with Last-Event-ID when the stream ends."""
+        self._check_socket()
         last_id: int | None = None
         while True:
             headers = {} if last_id is None else {"Last-Event-ID": str(last_id)}
@@ -103,7 +121,7 @@ class ControlClient:
                             last_id = event["id"]
                         yield event
             except (httpx.ConnectError, httpx.RemoteProtocolError, FileNotFoundError) as exc:
-                raise DaemonNotRunning(f"lokid is not running ({exc})") from None
+                raise self._nothing_answers(exc) from None
 
 
 def parse_sse(lines: Iterable[str]) -> Iterator[dict[str, Any]]:

@@ -172,7 +172,17 @@ def _text(value: Any) -> str:
 
 
 def _path(value: Any) -> Path:
-    return Path(_text(value)).expanduser()
+    return expand_user(_text(value))
+
+
+def expand_user(text: str) -> Path:
+    """`text` as a path with a leading `~` or `~user` expanded; ValueError if it cannot be."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # ~user of no such user, or no home directory to be found
+        user = text[1:].split("/", 1)[0]
+        whose = f"of user {user!r}" if user else "(HOME is unset)"
+        raise ValueError(f"{text!r}: cannot find the home directory {whose}") from None
 
 
 def _provider(value: Any) -> str:
@@ -196,16 +206,27 @@ def _rate_limit(value: Any) -> RateLimit | None:
     return parse_rate_limit(text)
 
 
+def _string_list(value: Any) -> list[str]:
+    """A comma-separated string (environment, TOML) or a TOML list of strings."""
+    if isinstance(value, str):
+        return value.split(",")
+    if not isinstance(value, list):
+        raise ValueError(f"{value!r} is neither a comma-separated string nor a list of strings")
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f"list item {item!r} is not a string")
+    return value
+
+
 def _roots(value: Any) -> tuple[str, ...]:
-    items = value if isinstance(value, list) else str(value).split(",")
-    roots = tuple(str(item).strip() for item in items if str(item).strip())
+    roots = tuple(item.strip() for item in _string_list(value) if item.strip())
     if not roots:
         raise ValueError("name at least one folder")
     return roots
 
 
 def _cors_origins(value: Any) -> tuple[str, ...]:
-    text = ", ".join(value) if isinstance(value, list) else str(value)
+    text = ", ".join(_string_list(value))
     return tuple(sorted(CorsPolicy.from_setting(text).origins))
 
 
@@ -336,6 +357,10 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not valid UTF-8: {exc.reason} at byte {exc.start}"
+        ) from None
     unknown = sorted(set(data) - set(SETTINGS))
     if unknown:
         raise ConfigError(
@@ -343,6 +368,18 @@ def read_toml(path: Path) -> dict[str, Any]:
             f"known keys: {', '.join(SETTINGS)}"
         )
     return data
+
+
+def _loki_home(text: str | None) -> Path:
+    """$LOKI_HOME, else ~/.loki."""
+    try:
+        return expand_user(text or "~/.loki")
+    except ValueError as exc:
+        if text:
+            raise ConfigError(f"invalid LOKI_HOME from env LOKI_HOME: {exc}") from None
+        raise ConfigError(
+            "cannot find the home directory for the default LOKI_HOME (~/.loki); set LOKI_HOME"
+        ) from None
 
 
 def load_config(
@@ -353,8 +390,7 @@ def load_config(
 ) -> Config:
     """Build the effective `Config`; `flags` holds only the flags actually given."""
     env = os.environ if environ is None else environ
-    home_text = env.get("LOKI_HOME")
-    loki_home = Path(home_text).expanduser() if home_text else Path.home() / ".loki"
+    loki_home = _loki_home(env.get("LOKI_HOME"))
     file_path = config_file if config_file is not None else find_config_file(loki_home)
     layers: list[tuple[str, Mapping[str, Any]]] = []
     if file_path is not None:

@@ -9,16 +9,20 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from lokid import cli
 from lokid.cli import build_lokid_parser, build_parser, serve_argv
 
+from .cli_kit import Cli
 from .daemon_proc import run_cli, wait_until
 
 GLOBAL_OPTIONS = [("--config", "cfg/ok.toml"), ("--data-dir", "d"), ("--socket", "s/l.sock")]
@@ -110,3 +114,114 @@ def test_lokid_with_global_options_serves(tmp_path: Path) -> None:
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=30)
     assert process.returncode == 0, err.decode()
+
+
+# -- one-line errors, never a traceback -----------------------------------------------
+
+HINT = "Start it with `loki serve` or `loki api start`."
+
+
+@pytest.fixture
+def stopped_daemon(tmp_path: Path) -> Iterator[Path]:
+    """The home of a daemon that accepts connections and never answers (`kill -STOP`)."""
+    home = tmp_path / "home"
+    (home / "lokid").mkdir(parents=True)
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(home / "lokid" / "lokid.sock"))
+    listener.listen()
+    yield home
+    listener.close()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status"],
+        ["api", "status"],
+        ["dashboard", "status"],
+        ["api", "start"],
+        ["sessions"],
+        ["events"],
+        ["tasks"],
+        ["token", "ls"],
+    ],
+)
+def test_a_daemon_that_does_not_answer_is_a_one_line_error(
+    loki: Cli, stopped_daemon: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    """Regression: an httpx.ReadTimeout traceback (after 5 s, or 40 s for `loki sessions`)."""
+    for name in ("STATUS_TIMEOUT", "COMMAND_TIMEOUT", "EVENTS_TIMEOUT"):
+        monkeypatch.setattr(cli, name, 0.2)
+    monkeypatch.setattr(cli, "_spawned", [])
+    result = loki.fails(stopped_daemon, *command)
+    sock = stopped_daemon / "lokid" / "lokid.sock"
+    assert (
+        result.err == f"loki: lokid did not answer on {sock} within 0.2 s (stopped, or too busy?)\n"
+    )
+    assert cli._spawned == []  # `api start` did not start a second daemon
+
+
+@pytest.mark.parametrize("command", [["status"], ["config", "show"], ["api", "start"], ["serve"]])
+def test_a_config_file_that_is_not_utf8_is_a_config_error(
+    loki: Cli, tmp_path: Path, command: list[str]
+) -> None:
+    """Regression: every command ended in a UnicodeDecodeError traceback."""
+    (tmp_path / "lokid.toml").write_bytes(b"\xff\xfe = 1")
+    result = loki(tmp_path, *command)
+    assert result.code == 2
+    file = tmp_path / "lokid.toml"
+    assert (
+        result.err == f"loki: config file {file} is not valid UTF-8: invalid start byte at byte 0\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "setting"),
+    [("LOKI_HOME", "LOKI_HOME"), ("LOKI_DATA_DIR", "data_dir"), ("LOKI_SOCKET", "socket_path")],
+)
+def test_a_home_of_no_such_user_is_a_config_error(
+    loki: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, setting: str
+) -> None:
+    """Regression: RuntimeError: Could not determine home directory."""
+    home = Path("~nosuchuser/x") if variable == "LOKI_HOME" else tmp_path
+    if variable != "LOKI_HOME":
+        monkeypatch.setenv(variable, "~nosuchuser/x")
+    result = loki(home, "status")
+    assert result.code == 2
+    assert result.err == (
+        f"loki: invalid {setting} from env {variable}: '~nosuchuser/x': "
+        "cannot find the home directory of user 'nosuchuser'\n"
+    )
+
+
+def test_api_start_on_a_home_that_is_a_file_says_so(loki: Cli, tmp_path: Path) -> None:
+    """Regression: a NotADirectoryError traceback (`loki serve` said it in one line)."""
+    home = tmp_path / "home"
+    home.write_text("")
+    result = loki.fails(home, "api", "start")
+    assert result.err == f"loki: cannot create data dir {home / 'lokid'}: Not a directory\n"
+
+
+def test_api_start_that_cannot_write_its_log_says_so(loki: Cli, tmp_path: Path) -> None:
+    """Regression: an OSError traceback (e.g. a read-only data dir)."""
+    log = tmp_path / "lokid" / "lokid.log"
+    log.mkdir(parents=True)  # cannot be opened for writing, even by root
+    result = loki.fails(tmp_path, "api", "start")
+    assert result.err == f"loki: cannot start lokid: {log}: Is a directory\n"
+
+
+@pytest.mark.parametrize("follow", [[], ["-f"]])
+def test_events_when_not_running_say_where_and_what_to_do(
+    loki: Cli, tmp_path: Path, follow: list[str]
+) -> None:
+    """Regression: no hint, and `-f` did not name the socket."""
+    sock = tmp_path / "lokid" / "lokid.sock"
+    result = loki.fails(tmp_path, "events", *follow)
+    assert result.err == f"lokid is not running (no control socket at {sock}). {HINT}\n"
+    sock.parent.mkdir()
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(sock))  # a socket file nothing listens on
+    stale.close()
+    result = loki.fails(tmp_path, "events", *follow)
+    assert result.err.startswith(f"lokid is not running (nothing answers on {sock}: ")
+    assert result.err.endswith(f"). {HINT}\n")

@@ -156,3 +156,42 @@ def test_out_of_bounds_toml_values_are_config_errors(
     file = write(tmp_path / "lokid.toml", toml + "\n")
     with pytest.raises(ConfigError, match=message):
         load_config({}, environ={"LOKI_HOME": str(tmp_path)}, config_file=file)
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    file = tmp_path / "lokid.toml"
+    file.write_bytes(b"\xff\xfe = 1")
+    with pytest.raises(ConfigError, match=r"lokid\.toml is not valid UTF-8: invalid start byte"):
+        load_config({}, environ={"LOKI_HOME": str(tmp_path)})
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('cors_origins = ["http://a.com", 5]', "cors_origins from file .*: list item 5 is not a"),
+        ('registry_roots = ["~/git", 1]', "registry_roots from file .*: list item 1 is not a"),
+        ("registry_roots = 5", "registry_roots from file .*: 5 is neither a comma-separated"),
+        ("cors_origins = {a = 1}", "cors_origins from file .* is neither a comma-separated"),
+    ],
+)
+def test_list_settings_take_strings_only(tmp_path: Path, toml: str, message: str) -> None:
+    """Regression: a TypeError traceback (cors_origins), or a root named "1"."""
+    write(tmp_path / "lokid.toml", toml + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config({}, environ={"LOKI_HOME": str(tmp_path)})
+
+
+def test_list_settings_take_a_toml_list_or_a_comma_list(tmp_path: Path) -> None:
+    write(
+        tmp_path / "lokid.toml", 'registry_roots = ["~/a", " /b "]\ncors_origins = "http://a.com"\n'
+    )
+    config = load_config({}, environ={"LOKI_HOME": str(tmp_path)})
+    assert config.registry_roots == ("~/a", "/b")
+    assert config.cors_origins == ("http://a.com",)
+
+
+@pytest.mark.parametrize("variable", ["LOKI_HOME", "LOKI_DATA_DIR", "LOKI_SOCKET"])
+def test_a_path_of_no_such_user_is_a_config_error(tmp_path: Path, variable: str) -> None:
+    env = {"LOKI_HOME": str(tmp_path), variable: "~nosuchuser/x"}
+    with pytest.raises(ConfigError, match=f"from env {variable}: .* of user 'nosuchuser'"):
+        load_config({}, environ=env)
