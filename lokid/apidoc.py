@@ -827,14 +827,9 @@ def _label(action: argparse.Action) -> str:
 
 
 def _meaning(action: argparse.Action) -> str:
-    from lokid.config import SETTINGS
 
     parts = [str(action.help or "")]
     setting = action.dest[4:] if action.dest.startswith("cfg_") else None
-    if not parts[0] and setting in SETTINGS:
-        parts[0] = SETTINGS[setting].help
-    if not parts[0] and action.dest == "json":
-        parts[0] = "print JSON instead of a table"
     if action.choices and not any(str(c) in parts[0] for c in action.choices):
         parts.append(f"one of {', '.join(map(str, action.choices))}")
     default = action.default
@@ -864,7 +859,8 @@ def cli_reference() -> str:
     lines = [
         CLI_BEGIN,
         "",
-        "Generated from `lokid.cli.build_parser`; `loki COMMAND --help` says the same. "
+        "Generated from `lokid.cli.build_parser`; `loki COMMAND --help` gives the same "
+        "descriptions (this page adds the setting an option sets, its default and choices). "
         "Options shown under `loki` (global options) go **before** the command "
         "(`loki --data-dir DIR status`). `lokid [options]` is "
         "`loki [global options] serve [options]`, the options in any order.",

@@ -82,6 +82,10 @@ GLOBAL_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+JSON_TABLE = "print JSON instead of a table"
+SESSION_ID = "the session's id (`loki sessions` lists them)"
+
+
 def _add_flags(
     parser: argparse.ArgumentParser, flags: dict[str, tuple[str, dict[str, Any]]]
 ) -> None:
@@ -118,11 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flags(serve, SERVE_FLAGS)
     serve.set_defaults(handler=cmd_serve)
 
-    for name, port_field in (("api", "api_port"), ("dashboard", "dashboard_port")):
+    for name, port_field, port_help in (
+        ("api", "api_port", "HTTP API port (0 = any)"),
+        ("dashboard", "dashboard_port", "dashboard port; taken -> the next free one; 0 = any"),
+    ):
         group = commands.add_parser(name, help=f"start, stop or inspect the daemon ({name} view)")
         actions = group.add_subparsers(dest="action", required=True, metavar="ACTION")
         start = actions.add_parser("start", help="start the daemon in the background if needed")
-        start.add_argument("--port", dest=f"cfg_{port_field}", type=int, default=None, metavar="N")
+        start.add_argument(
+            "--port", dest=f"cfg_{port_field}", type=int, default=None, metavar="N", help=port_help
+        )
         if name == "dashboard":
             start.add_argument(
                 "--open", action="store_true", help="open the dashboard in a browser"
@@ -131,11 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
         stop = actions.add_parser("stop", help="stop the daemon (SIGTERM, wait for a clean exit)")
         stop.set_defaults(handler=cmd_stop, view=name)
         status = actions.add_parser("status", help="is the daemon running, and where")
-        status.add_argument("--json", action="store_true")
+        status.add_argument("--json", action="store_true", help=JSON_TABLE)
         status.set_defaults(handler=cmd_view_status, view=name)
 
     status = commands.add_parser("status", help="daemon status over the control socket")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help=JSON_TABLE)
     status.set_defaults(handler=cmd_status)
 
     events = commands.add_parser("events", help="event history, or follow the live stream")
@@ -154,11 +163,26 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="configuration")
     config_actions = config.add_subparsers(dest="action", required=True, metavar="ACTION")
     show = config_actions.add_parser("show", help="the effective configuration and its sources")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("--json", action="store_true", help=JSON_TABLE)
     show.set_defaults(handler=cmd_config_show)
 
     _add_service_commands(commands)
+    _describe_commands(parser)
     return parser
+
+
+def _describe_commands(parser: argparse.ArgumentParser) -> None:
+    """Open each command's `--help` with its summary (argparse shows that only in the
+    parent's list), so that `--help` and the generated reference say the same."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        summaries = {choice.dest: choice.help for choice in action._choices_actions}
+        for name, command in action.choices.items():
+            summary = summaries.get(name)
+            if command.description is None and summary:
+                command.description = summary[:1].upper() + summary[1:].rstrip(".") + "."
+            _describe_commands(command)
 
 
 def _add_service_commands(commands: Any) -> None:
@@ -235,7 +259,7 @@ def _add_session_commands(commands: Any) -> None:
     _add_list_flags(ls, argparse.SUPPRESS)
     ls.set_defaults(handler=cmd_sessions_ls)
     show = actions.add_parser("show", help="one session and its tasks")
-    show.add_argument("id", metavar="ID")
+    show.add_argument("id", metavar="ID", help=SESSION_ID)
     show.add_argument("--json", action="store_true", help="print the API answer")
     show.set_defaults(handler=cmd_sessions_show)
     for name, summary in (
@@ -244,18 +268,18 @@ def _add_session_commands(commands: Any) -> None:
         ("resume", "resume a paused or interrupted session"),
     ):
         command = actions.add_parser(name, help=summary)
-        command.add_argument("id", metavar="ID")
+        command.add_argument("id", metavar="ID", help=SESSION_ID)
         if name == "pause":
             command.add_argument("--now", action="store_true", help="stop running agents too")
         command.add_argument("--json", action="store_true", help="print the API answer")
         command.set_defaults(handler=cmd_sessions_command, command_name=name)
     send = actions.add_parser("input", help="send a message into the next agent prompt")
-    send.add_argument("id", metavar="ID")
+    send.add_argument("id", metavar="ID", help=SESSION_ID)
     send.add_argument("message", metavar="MESSAGE", help="the message; `-` reads it from stdin")
     send.add_argument("--json", action="store_true", help="print the API answer")
     send.set_defaults(handler=cmd_sessions_input)
     rm = actions.add_parser("rm", help="delete a session that is not active (not its files)")
-    rm.add_argument("id", metavar="ID")
+    rm.add_argument("id", metavar="ID", help=SESSION_ID)
     rm.add_argument("--json", action="store_true", help='print {"id", "deleted": true}')
     rm.set_defaults(handler=cmd_sessions_rm)
 
@@ -304,7 +328,7 @@ def _add_enterprise_commands(commands: Any) -> None:
     ls.add_argument("--json", action="store_true", help="print the API answer")
     ls.set_defaults(handler=cmd_token_ls)
     revoke = actions.add_parser("revoke", help="revoke a token (it stays listed)")
-    revoke.add_argument("id", metavar="ID")
+    revoke.add_argument("id", metavar="ID", help="the token's id (`loki token ls` lists them)")
     revoke.add_argument("--json", action="store_true", help="print the API answer")
     revoke.set_defaults(handler=cmd_token_revoke)
 

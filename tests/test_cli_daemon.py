@@ -6,6 +6,7 @@ e2e start a real daemon.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -67,6 +68,42 @@ def global_setup(tmp_path: Path) -> tuple[list[str], Path]:
     socket_path = tmp_path / "s" / "l.sock"
     options = ["--config", str(config), "--data-dir", str(tmp_path / "d")]
     return [*options, "--socket", str(socket_path)], socket_path
+
+
+def commands(parser: argparse.ArgumentParser, words: str) -> Iterator[tuple[str, Any]]:
+    """(`loki api start`, its parser) for every command, `loki` itself first."""
+    yield words, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, command in action.choices.items():
+                yield from commands(command, f"{words} {name}")
+
+
+@pytest.mark.parametrize("root", ["loki", "lokid"])
+def test_every_command_and_option_has_its_help(root: str) -> None:
+    """Regression: `--port` of `api|dashboard start` and `--json` of the status commands had
+    none, and no command's --help had a description (the generated reference made them up)."""
+    parser = build_parser() if root == "loki" else build_lokid_parser()
+    for words, command in commands(parser, root):
+        assert command.description, words
+        for action in command._actions:
+            if not isinstance(action, argparse._SubParsersAction):
+                assert action.help, (words, action.option_strings or action.dest)
+
+
+@pytest.mark.parametrize(
+    ("view", "port_help"),
+    [("api", "HTTP API port (0 = any)"), ("dashboard", "dashboard port; taken -> the next")],
+)
+def test_start_help_describes_the_command_and_its_port(
+    capsys: pytest.CaptureFixture[str], view: str, port_help: str
+) -> None:
+    with pytest.raises(SystemExit) as exit:
+        cli.main([view, "start", "--help"])
+    assert exit.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Start the daemon in the background if needed." in text
+    assert f"--port N {port_help}" in text
 
 
 @pytest.mark.e2e
