@@ -345,9 +345,10 @@ class Daemon:
                     config.dashboard_host, config.dashboard_port, what="dashboard", fallback=True
                 ),
             )
+            self._refuse_insecure_remote(api, dashboard)
+            # Last: a refusal above leaves no socket file behind.
             control = passed.get("control") or _track(opened, bind_unix(config.socket))
             listeners = Listeners(api, dashboard, control, frozenset(passed))
-            self._refuse_insecure_remote(listeners)
         except BaseException:
             for sock in [*opened, *passed.values()]:
                 sock.close()
@@ -364,10 +365,10 @@ class Daemon:
             )
         return listeners
 
-    def _refuse_insecure_remote(self, listeners: Listeners) -> None:
+    def _refuse_insecure_remote(self, api: socket.socket, dashboard: socket.socket) -> None:
         if self.config.auth_enabled or self.config.allow_insecure_remote:
             return
-        for name, sock in (("HTTP API", listeners.api), ("dashboard", listeners.dashboard)):
+        for name, sock in (("HTTP API", api), ("dashboard", dashboard)):
             if not is_loopback_socket(sock):
                 raise StartupError(
                     f"refusing to serve the {name} on {socket_url(sock)} without authentication: "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import os
 import socket
 import stat
@@ -17,7 +18,10 @@ from pathlib import Path
 
 from lokid.errors import StartupError
 
+log = logging.getLogger("lokid")
+
 BACKLOG = 1024
+PROBE_TIMEOUT = 1.0  # seconds to wait for a connection to an existing control socket
 PORT_FALLBACK_ATTEMPTS = 100  # how far past a taken dashboard port we look
 
 
@@ -64,37 +68,22 @@ def _bind_one(host: str, port: int) -> socket.socket:
 
 
 def bind_unix(path: Path) -> socket.socket:
-    """The control socket: mode 0600 inside a folder that is ours and not open to others.
+    """The control socket, mode 0600: only lokid's account (and root) can connect.
 
-    The caller holds the data directory lock, so a socket file left at `path`
-    by a crashed daemon is stale and is replaced.
+    Its folder must belong to us. A missing folder is created with mode 0700; an
+    existing one is used as it is, never chmod-ed: it may be shared (`/tmp`, `/run`),
+    and the socket's own mode is what keeps other users out. A socket file already
+    at `path` is replaced only when nothing listens on it (left by a daemon that
+    crashed): `socket_path` is independent of the data directory, so the data
+    directory lock does not say that no other lokid serves on it. Every refusal
+    comes before anything on disk is changed.
     """
-    folder = path.parent
-    try:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = folder.stat()
-    except OSError as exc:
-        raise StartupError(
-            f"cannot create the control socket folder {folder}: {exc.strerror}"
-        ) from None
-    if info.st_uid != os.getuid():
-        raise StartupError(
-            f"the control socket folder {folder} belongs to uid {info.st_uid}, not to us"
-        )
-    if info.st_mode & 0o077:
-        os.chmod(folder, 0o700)
     if len(os.fsencode(path)) >= 104:
         raise StartupError(
             f"control socket path {path} is too long for a Unix socket (max 103 bytes)"
         )
-    try:
-        existing = path.lstat()
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(existing.st_mode):
-            raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
-        path.unlink()
+    _socket_folder(path.parent)
+    _remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
@@ -108,6 +97,77 @@ def bind_unix(path: Path) -> socket.socket:
     sock.listen(BACKLOG)
     sock.set_inheritable(False)
     return sock
+
+
+def _socket_folder(folder: Path) -> None:
+    """Check (or create, mode 0700) the control socket's folder; never change its mode."""
+    try:
+        folder.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StartupError(
+            f"cannot create the control socket folder {folder}: {exc.strerror}"
+        ) from None
+    try:
+        info = folder.stat()
+    except OSError as exc:
+        raise StartupError(
+            f"cannot use the control socket folder {folder}: {exc.strerror}"
+        ) from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise StartupError(f"the control socket folder {folder} is not a folder")
+    if info.st_uid != os.getuid():
+        raise StartupError(
+            f"the control socket folder {folder} belongs to uid {info.st_uid}, not to us"
+        )
+    if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+        log.warning(
+            "the control socket folder %s is writable by other users: they could replace "
+            "the socket; a folder of mode 0700 (or with the sticky bit) is safer",
+            folder,
+        )
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Unlink a socket file at `path` that nothing listens on; refuse anything else."""
+    try:
+        existing = path.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StartupError(f"cannot check the control socket {path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(existing.st_mode):
+        raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
+    if _listening(path):
+        raise StartupError(
+            f"another process listens on the control socket {path} (another lokid?); "
+            "stop it, or choose another socket path (--socket, LOKI_SOCKET)"
+        )
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise StartupError(f"cannot replace the stale socket {path}: {exc.strerror}") from None
+
+
+def _listening(path: Path) -> bool:
+    """Whether a process accepts connections on the Unix socket `path` (bounded wait)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(PROBE_TIMEOUT)
+    try:
+        probe.connect(os.fspath(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False  # a stale file (or gone meanwhile)
+    except TimeoutError:
+        return True  # its backlog is full: a listener that does not accept now
+    except OSError as exc:
+        raise StartupError(
+            f"cannot tell whether a process listens on the control socket {path}: "
+            f"{exc.strerror}; refusing to replace it"
+        ) from None
+    finally:
+        probe.close()
+    return True
 
 
 def is_loopback_socket(sock: socket.socket) -> bool:

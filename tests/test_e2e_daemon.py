@@ -89,6 +89,30 @@ def test_control_socket_is_private(daemon: DaemonProcess) -> None:
     assert stat.S_IMODE(daemon.socket.parent.stat().st_mode) == 0o700
 
 
+def test_second_daemon_on_the_same_socket_is_refused_and_the_folder_kept(
+    daemon_factory: Factory, tmp_path: Path
+) -> None:
+    """Regression: another data dir with the same LOKI_SOCKET took the first daemon's
+    socket over (and removed it on exit); the socket's shared folder was chmod-ed 0700."""
+    shared = tmp_path / "s"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    path = shared / "l.sock"
+    first = daemon_factory(tmp_path / "a", extra_env={"LOKI_SOCKET": str(path)})
+    first.socket = path
+    first.start()
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    second = daemon_factory(tmp_path / "b", extra_env={"LOKI_SOCKET": str(path)}).start(wait=False)
+    assert second.process is not None
+    _, err = second.process.communicate(timeout=20)
+    assert second.process.returncode == 1
+    assert f"another process listens on the control socket {path}" in err.decode()
+    assert "Traceback" not in err.decode()
+    with first.control() as client:
+        assert client.get("/api/status").json()["pid"] == first.process.pid  # type: ignore[union-attr]
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+
+
 def test_second_daemon_on_same_data_dir_exits_with_message(
     daemon: DaemonProcess, daemon_factory: Factory
 ) -> None:

@@ -1,20 +1,24 @@
-"""HttpListener and the process-identity helpers it relies on."""
+"""HttpListener, the control socket it serves on, and the process-identity helpers."""
 
 from __future__ import annotations
 
 import os
 import socket
+import stat
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 import trio.testing
 
 from lokid.actors.listener import HttpListener, _TCPServer
+from lokid.errors import StartupError
 from lokid.http.surface import Scope
 from lokid.pidfile import DaemonLock, read_pid_file, running_daemon
 from lokid.process import ProcessIdentity, identity, is_same_process
+from lokid.sockets import bind_unix
 from lokid.supervisor import ChildStatus
 from lokid.timefmt import utc_now_iso
 
@@ -136,3 +140,83 @@ def test_lock_excludes_a_second_holder_and_release_removes_pid_file(tmp_path: Pa
     assert (tmp_path / "lokid.lock").exists()  # never deleted
     second.acquire()
     second.release()
+
+
+# -- the control socket (lokid.sockets.bind_unix) ------------------------------------
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def test_control_socket_is_0600_and_a_missing_folder_is_made_0700(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "l.sock"
+    old_umask = os.umask(0)  # the folder's mode must not depend on the umask
+    try:
+        sock = bind_unix(path)
+    finally:
+        os.umask(old_umask)
+    try:
+        assert mode(path) == 0o600
+        assert mode(path.parent) == 0o700
+    finally:
+        sock.close()
+
+
+def test_an_existing_shared_folder_keeps_its_mode(tmp_path: Path) -> None:
+    """Regression: the folder was chmod-ed 0700, even /tmp (its sticky bit lost)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    sock = bind_unix(shared / "l.sock")
+    try:
+        assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+        assert mode(shared / "l.sock") == 0o600
+    finally:
+        sock.close()
+
+
+def test_a_refusal_changes_nothing_on_disk(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    (shared / "adir").mkdir(parents=True)
+    shared.chmod(0o1777)
+    with pytest.raises(StartupError, match="exists and is not a socket; refusing to replace it"):
+        bind_unix(shared / "adir")
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    assert (shared / "adir").is_dir()
+
+
+def test_a_stale_socket_file_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "l.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))  # bound, never listening: what a crashed daemon leaves
+    stale.close()
+    sock = bind_unix(path)
+    try:
+        probe = socket.socket(socket.AF_UNIX)
+        probe.settimeout(5)
+        probe.connect(str(path))
+        probe.close()
+    finally:
+        sock.close()
+
+
+def test_a_socket_someone_listens_on_is_not_taken_over(tmp_path: Path) -> None:
+    """Regression: a second daemon on the same socket path silently replaced the first's."""
+    path = tmp_path / "l.sock"
+    first = socket.socket(socket.AF_UNIX)
+    first.bind(str(path))
+    first.listen()
+    inode = path.lstat().st_ino
+    try:
+        with pytest.raises(
+            StartupError, match=f"another process listens on the control socket {path}"
+        ):
+            bind_unix(path)
+        assert path.lstat().st_ino == inode  # the first one's socket file is still there
+        probe = socket.socket(socket.AF_UNIX)
+        probe.settimeout(5)
+        probe.connect(str(path))
+        probe.close()
+    finally:
+        first.close()
