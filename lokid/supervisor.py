@@ -43,6 +43,12 @@ Rules of operation (everything that decides when a child runs lives here):
   `request_stop()` or on its own `task_status.shutdown_requested` (when it is
   itself the child of a supervisor) and then returns. When `run` is cancelled
   from outside, trio cancels the children with it.
+* `hurry()` (a second stop request: stop waiting for children to finish
+  gracefully) stops all children as `request_stop` does, but the child being
+  waited for and every later one are killed at once instead of getting their
+  `shutdown` time. The kills still go one by one in reverse start order, each
+  waited for, so a child's shielded clean-up still finds the children
+  started before it (the store) running.
 * Each `run` is a fresh incarnation, like an OTP supervisor restarted by its
   parent: it starts from the specs given to the constructor, so dynamic
   children of a previous incarnation are gone.
@@ -473,7 +479,9 @@ class Supervisor:
         self._running = False
         self._accepting = False
         self._stop_requested = False
+        self._hurried = False
         self._wait_scope: trio.CancelScope | None = None
+        self._grace_scope: trio.CancelScope | None = None  # a trapping child's shutdown time
         self._nursery: trio.Nursery | None = None
         self._send: trio.MemorySendChannel[_Child] | None = None
         self._orphans = 0
@@ -545,6 +553,20 @@ class Supervisor:
         if self._wait_scope is not None:
             self._wait_scope.cancel()
 
+    def hurry(self) -> None:
+        """Stop like `request_stop`, but kill each child still running at once, in order.
+
+        The child whose shutdown time is running is killed now; the children
+        started before it are killed without being asked first, one by one in
+        reverse start order. Idempotent; does nothing when not running.
+        """
+        if not self._running:
+            return
+        self._hurried = True
+        if self._grace_scope is not None:
+            self._grace_scope.cancel()
+        self.request_stop()
+
     def as_child(self, id: str | None = None, *, restart: Restart = Restart.PERMANENT) -> ChildSpec:
         """A spec that runs this supervisor as the child of another one.
 
@@ -564,6 +586,7 @@ class Supervisor:
     def _reset(self) -> None:
         self._children = {spec.id: _Child(spec) for spec in self._specs}
         self._stop_requested = False
+        self._hurried = False
         self._accepting = False
         self._orphans = 0
         self._retries.clear()
@@ -698,7 +721,7 @@ class Supervisor:
         if not incarnation.done.is_set():
             spec = child.spec
             try:
-                if spec.shutdown == BRUTAL_KILL:
+                if spec.shutdown == BRUTAL_KILL or self._hurried:
                     incarnation.kill()
                 elif not spec.traps_shutdown:
                     incarnation.signal = SHUTDOWN
@@ -706,8 +729,9 @@ class Supervisor:
                 else:
                     incarnation.signal = SHUTDOWN
                     incarnation.shutdown_requested.set()
-                    with trio.move_on_after(spec.shutdown):
+                    with trio.move_on_after(spec.shutdown) as self._grace_scope:
                         await incarnation.done.wait()
+                    self._grace_scope = None
                     if not incarnation.done.is_set():
                         incarnation.kill()
                 await incarnation.done.wait()

@@ -624,6 +624,68 @@ async def test_supervisor_shutdown_applies_each_childs_protocol_in_reverse(
     assert sup.statistics().last_exit == "first: killed"
 
 
+async def test_hurry_kills_the_waited_child_and_the_rest_at_once_in_reverse_order(
+    autojump_clock: MockClock,
+) -> None:
+    """A second stop request: no child waits out its shutdown time any more, but the
+    kills still go in reverse start order, each waited for, so a child's clean-up still
+    finds the children started before it running (the daemon's store)."""
+    log: list[str] = []
+    running_ids: set[str] = set()
+
+    def stubborn(child_id: str, cleanup: float) -> ChildSpec:
+        async def child(*, task_status: ChildStatus) -> None:
+            running_ids.add(child_id)
+            task_status.started()
+            try:
+                await trio.sleep_forever()  # ignores the shutdown request
+            finally:
+                with trio.CancelScope(shield=True):
+                    log.append(f"kill {child_id} at {trio.current_time() - t0:g}")
+                    log.append(f"{child_id} sees {sorted(running_ids - {child_id})}")
+                    await trio.sleep(cleanup)  # a shielded clean-up
+                running_ids.discard(child_id)
+
+        return ChildSpec(child_id, child, shutdown=30.0, traps_shutdown=True)
+
+    sup = Supervisor("s", [stubborn("store", 0.0), stubborn("pool", 0.5), stubborn("api", 0.0)])
+    async with trio.open_nursery() as nursery:
+        running = await start(nursery, sup)
+        t0 = trio.current_time()
+        sup.request_stop()  # "api" gets its 30 s...
+        await trio.sleep(3.0)
+        sup.hurry()  # ... cut at 3 s; "pool" and "store" are never asked
+        sup.hurry()  # idempotent
+        await running.finished.wait()
+        assert trio.current_time() - t0 == pytest.approx(3.5)
+    assert log == [
+        "kill api at 3",
+        "api sees ['pool', 'store']",
+        "kill pool at 3",
+        "pool sees ['store']",
+        "kill store at 3.5",
+        "store sees []",
+    ]
+    assert [i.last_exit for i in sup.which_children()] == ["killed"] * 3
+    assert running.error is None
+    sup.hurry()  # not running: nothing happens
+
+
+async def test_hurry_before_a_stop_request_stops_too(autojump_clock: MockClock) -> None:
+    h = Harness()
+    child = Trapper(grace=None)
+    sup = Supervisor("s", [h.spec("a"), ChildSpec("t", child, shutdown=10.0, traps_shutdown=True)])
+    async with trio.open_nursery() as nursery:
+        running = await start(nursery, sup)
+        t0 = trio.current_time()
+        sup.hurry()
+        await running.finished.wait()
+        assert trio.current_time() == t0
+    assert child.asked_at is None and child.cancelled_at == t0
+    assert h.log == ["start a", "stop a"]
+    assert [i.last_exit for i in sup.which_children()] == ["killed", "killed"]
+
+
 async def test_parent_stop_reaches_nested_children_in_reverse_order(
     autojump_clock: MockClock,
 ) -> None:
