@@ -29,7 +29,8 @@ Rules of the local implementation:
 * **Stop** = SIGTERM to the group, up to `grace` seconds for the group to
   empty, SIGKILL to the group, then a bounded wait until no member is left;
   survivors (only possible in uninterruptible sleep) are reported, not
-  ignored.
+  ignored. A later stop with a shorter grace shortens the one in progress
+  (a hurried daemon stop: `stop(0)` sends the SIGKILL at once).
 * Output: stdout and stderr lines, in arrival order per stream, in batches
   (the complete lines of one pipe read) through a bounded channel
   (`OUTPUT_BUFFER_BATCHES` batches of at most one 64 KiB read each): a slow
@@ -120,7 +121,9 @@ class AgentRun(Protocol):
 
     def batches(self) -> AsyncIterator[list[OutputLine]]: ...
 
-    async def stop(self, grace: float) -> RunResult: ...
+    async def stop(self, grace: float) -> RunResult:
+        """SIGTERM, `grace`, SIGKILL; a shorter grace brings a pending SIGKILL forward."""
+        ...
 
     async def wait(self) -> RunResult: ...
 
@@ -157,6 +160,7 @@ class LocalAgentRun:
         self._result: RunResult | None = None
         self._stop_requested: tuple[float, EndReason] | None = None
         self._stop_wakeup = trio.Event()
+        self._grace_scope: trio.CancelScope | None = None  # between SIGTERM and SIGKILL
         self._last_output = 0.0
         self._escalated = False
 
@@ -177,8 +181,12 @@ class LocalAgentRun:
         self._released.set()
 
     async def stop(self, grace: float) -> RunResult:
-        self._request_stop(grace, EndReason.STOPPED)
+        self.request_stop(grace)
         return await self.wait()
+
+    def request_stop(self, grace: float) -> None:
+        """`stop` without waiting for the end (the agent pool hurrying every agent at once)."""
+        self._request_stop(grace, EndReason.STOPPED)
 
     async def wait(self) -> RunResult:
         await self._done.wait()
@@ -192,9 +200,15 @@ class LocalAgentRun:
     # -- the supervising task -----------------------------------------------------
 
     def _request_stop(self, grace: float, reason: EndReason) -> None:
+        """Ask for a stop; one already asked for keeps its reason and takes the shorter grace."""
         if self._stop_requested is None:
             self._stop_requested = (grace, reason)
             self._stop_wakeup.set()
+        elif grace < self._stop_requested[0]:
+            self._stop_requested = (grace, self._stop_requested[1])
+        if self._grace_scope is not None:  # SIGTERM sent already: bring the SIGKILL forward
+            deadline = trio.current_time() + grace
+            self._grace_scope.deadline = min(self._grace_scope.deadline, deadline)
 
     async def _run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         spec = self.spec
@@ -266,11 +280,14 @@ class LocalAgentRun:
         """TERM the group, wait `grace` for it to empty, KILL, wait until it is empty."""
         if quiet_if_empty and not await _live_members(pgid):
             return
+        if self._stop_requested is not None:  # asked (again) while we looked
+            grace = min(grace, self._stop_requested[0])
         _signal_group(pgid, signal.SIGTERM)
         # Polling /proc: the kernel offers no event for "this group is now empty".
-        with trio.move_on_after(grace):
+        with trio.move_on_after(grace) as self._grace_scope:
             while await _live_members(pgid):  # noqa: ASYNC110
                 await trio.sleep(GROUP_POLL_SECONDS)
+        self._grace_scope = None
         if await _live_members(pgid):
             self._escalated = True
             _signal_group(pgid, signal.SIGKILL)

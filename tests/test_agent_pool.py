@@ -534,6 +534,89 @@ async def test_pool_cancelled_right_after_it_started_does_not_hang(
     assert not pool.running
 
 
+async def test_hurry_kills_agents_at_once_even_in_their_grace(tmp_path: pathlib.Path) -> None:
+    """A hurried daemon stop: agents get SIGKILL now, not after the pool's 30 s grace; the
+    groups are still checked empty and the rows closed, and the pool takes no new agent."""
+    results: dict[str, RunResult] = {}
+    async with store_and_pool(tmp_path, grace=30) as pool:
+        ready = {"leaving": trio.Event(), "working": trio.Event()}
+        pgids: dict[str, int] = {}
+        leave = trio.Event()
+
+        async def agent(name: str) -> None:
+            async with pool.slot(name) as slot:
+                run = await slot.start(AgentSpec((PY, "-c", STUBBORN), tmp_path))
+                pgids[name] = run.identity.pid
+                async for line in run.lines():
+                    assert line.data == b"ready"
+                    break
+                ready[name].set()
+                if name == "leaving":
+                    await leave.wait()  # the slot's exit stops it with the 30 s grace
+                else:
+                    results[name] = await run.wait()
+
+        async with trio.open_nursery() as nursery:
+            for name in ready:
+                nursery.start_soon(agent, name)
+            for event in ready.values():
+                await event.wait()
+            leave.set()
+            await trio.sleep(0.3)  # "leaving" is in its SIGTERM grace now
+            assert len(live(pgids["leaving"])) == 2
+            t0 = trio.current_time()
+            assert pool.hurry() == 2
+        elapsed = trio.current_time() - t0
+        assert all(live(pgid) == [] for pgid in pgids.values())
+        rows = await agent_rows(pool.store)
+        with pytest.raises(PoolClosed):
+            async with pool.slot("after"):
+                pass  # pragma: no cover
+        stats = pool.statistics()
+    assert elapsed < 5.0  # not the 30 s grace (nor the agents' own 20 s)
+    assert results["working"].exit_code == -signal.SIGKILL and results["working"].escalated
+    assert [(r["end_reason"], r["exit_code"]) for r in rows] == [("stopped", -9)] * 2
+    assert (stats.active, stats.slots_held, stats.escalated_total) == (0, 0, 2)
+
+
+async def test_a_stopped_store_is_not_waited_for_to_close_a_row(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store went first (a daemon stop cut short): stopping the agent does not wait
+    `ROW_WRITE_TIMEOUT` for an answer that never comes; the next start closes the row."""
+    with trio.fail_after(WAIT):
+        store = StoreActor(tmp_path / "lokid.db")
+        async with trio.open_nursery() as outer:
+            store_scope = trio.CancelScope()
+
+            async def run_store(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                with store_scope:
+                    await store.run(task_status=task_status)
+
+            await outer.start(run_store)
+            async with running_pool(store, grace=0.5) as pool, pool.slot("s-1") as slot:
+                run = await slot.start(sleeper(tmp_path, 20))
+                store_scope.cancel()
+                while store.running:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+                t0 = trio.current_time()
+                assert await pool.stop_all() == 1
+                elapsed = trio.current_time() - t0
+            stats = pool.statistics()
+        assert live(run.identity.pid) == []
+        async with running_store(tmp_path) as reopened:
+            left_open = await agent_rows(reopened)
+            async with running_pool(reopened) as next_pool:
+                outcomes = next_pool.last_reconcile
+            rows = await agent_rows(reopened)
+    assert elapsed < 2.0  # ROW_WRITE_TIMEOUT is 10 s
+    assert stats.record_failures == 1
+    assert "row of agent 1 left open, the store has stopped" in caplog.text
+    assert left_open[0]["ended_at"] is None
+    assert [(o.end_reason, o.detail) for o in outcomes] == [(GONE, "exited")]
+    assert rows[0]["ended_at"] is not None
+
+
 async def test_graceful_stop_restart_opens_the_pool_again(tmp_path: pathlib.Path) -> None:
     with trio.fail_after(WAIT):
         async with running_store(tmp_path) as store:

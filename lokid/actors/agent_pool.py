@@ -34,6 +34,18 @@ Theory of operation:
   of a process it started. They belong to one incarnation of the pool: when
   the task stops (graceful stop, crash or cancellation) `stop_all` runs
   shielded first.
+* **Rows close while the store runs.** A watcher closes an ended agent's row
+  through the store, but gives up as soon as the store task is not running
+  (a daemon stop cut short, a store crash restarting the pool too): a
+  stopped store never answers, and the next start's reconciliation closes
+  the row (`gone`, "exited"). So stopping the pool never waits for a store
+  that has gone.
+* **Hurry** (`hurry`, a daemon stop that ran out of `shutdown_grace` or got
+  a second signal): the pool closes and every live agent gets SIGKILL at
+  once instead of waiting out its SIGTERM grace; every later stop of this
+  incarnation (slot exit, `stop_all`) has no grace. The group is still
+  checked empty (bounded, as always) before the slot is freed: hurrying
+  never leaves a process behind.
 * **Reconciliation** (`setup`, before the supervisor hears "started", and
   before any slot is granted): every row with `ended_at IS NULL` that is not
   an agent of this process is checked. A process group is signalled only if
@@ -48,7 +60,8 @@ Theory of operation:
 * **Stop everything** (`stop_all`, run by the task on its way out): no new
   slot or agent, every waiting request gets `PoolClosed`, every live agent
   is stopped (group TERM, grace, KILL), and it returns once every row is
-  closed. A new incarnation of the task (restart) opens the pool again.
+  closed (or left to reconciliation, above). A new incarnation of the task
+  (restart) opens the pool again.
 
 Bounds and policies:
 
@@ -303,6 +316,7 @@ class AgentPool(Actor[Any]):
         # slots
         self._open = False  # slots are granted and agents started
         self._closed = False  # stop_all ran: requests are refused until the next setup
+        self._hurried = False  # hurry() ran: agents are stopped without a SIGTERM grace
         self._queues: dict[str, collections.deque[_Waiter]] = {}
         self._held = 0
         self._held_by_session: dict[str, int] = {}
@@ -353,7 +367,7 @@ class AgentPool(Actor[Any]):
             slot._released = True
             try:
                 with trio.CancelScope(shield=True):
-                    await slot._finish(self.grace)
+                    await slot._finish(self._grace_now)
             finally:
                 self._release(session_id)
 
@@ -497,7 +511,7 @@ class AgentPool(Actor[Any]):
                 except BaseException:
                     self._start_failures += 1
                     try:
-                        result = await run.stop(self.grace)
+                        result = await run.stop(self._grace_now)
                         self._account_end(agent, result)
                     finally:
                         self._live.pop(run.identity, None)
@@ -536,26 +550,48 @@ class AgentPool(Actor[Any]):
         try:
             result = await agent.run.wait()
             self._account_end(agent, result)
-            assert agent.row_id is not None
-            ended_at = utc_now_iso()
-            row = (ended_at, result.exit_code, result.reason.value, agent.row_id)
-
-            def close(db: sqlite_utils.Database) -> None:
-                db.execute(
-                    "UPDATE agents SET ended_at = ?, exit_code = ?, end_reason = ?"
-                    " WHERE id = ? AND ended_at IS NULL",
-                    row,
-                )
-
-            try:
-                await self.store.write(close, timeout=ROW_WRITE_TIMEOUT)
-            except LokiError as exc:
-                # The row stays open; the next start's reconciliation closes it ("gone").
-                self._record_failures += 1
-                log.error("could not close the row of agent %d: %s", agent.row_id, exc)
+            await self._close_row(agent, result)
         finally:
             self._live.pop(agent.run.identity, None)
             agent.closed.set()
+
+    async def _close_row(self, agent: _Agent, result: RunResult) -> None:
+        """Record the end in the agent's row, unless the store stops first (module rules)."""
+        assert agent.row_id is not None
+        row = (utc_now_iso(), result.exit_code, result.reason.value, agent.row_id)
+
+        def close(db: sqlite_utils.Database) -> None:
+            db.execute(
+                "UPDATE agents SET ended_at = ?, exit_code = ?, end_reason = ?"
+                " WHERE id = ? AND ended_at IS NULL",
+                row,
+            )
+
+        failure: str | None = None
+        with trio.CancelScope() as store_stopped:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._cancel_when_store_stops, store_stopped)
+                try:
+                    await self.store.write(close, timeout=ROW_WRITE_TIMEOUT)
+                except LokiError as exc:
+                    failure = str(exc)
+                nursery.cancel_scope.cancel()
+        if store_stopped.cancelled_caught:
+            self._record_failures += 1
+            log.warning(
+                "row of agent %d left open, the store has stopped; the next start closes it",
+                agent.row_id,
+            )
+        elif failure is not None:
+            # The row stays open; the next start's reconciliation closes it ("gone").
+            self._record_failures += 1
+            log.error("could not close the row of agent %d: %s", agent.row_id, failure)
+
+    async def _cancel_when_store_stops(self, scope: trio.CancelScope) -> None:
+        # Polled: the store offers no event for "my task ended"; a row write takes ms.
+        while self.store.running:  # noqa: ASYNC110
+            await trio.sleep(POLL_SECONDS)
+        scope.cancel()
 
     def _account_end(self, agent: _Agent, result: RunResult) -> None:
         self._ended_total += 1
@@ -573,11 +609,12 @@ class AgentPool(Actor[Any]):
     async def stop_all(self, grace: float | None = None) -> int:
         """Close the pool and stop every live agent; return how many were stopped.
 
-        Waiting requests get `PoolClosed`, new ones too, until the next
-        incarnation of the task opens the pool again. Returns once every
-        stopped agent's row is closed (or its close failed and was logged).
+        `grace` defaults to the pool's (none once hurried). Waiting requests
+        get `PoolClosed`, new ones too, until the next incarnation of the
+        task opens the pool again. Returns once every stopped agent's row is
+        closed (or its close failed and was logged).
         """
-        grace = self.grace if grace is None else grace
+        grace = self._grace_now if grace is None else grace
         self._close()
         stopped: set[int] = set()
         while self._live or self._spawning:
@@ -595,6 +632,26 @@ class AgentPool(Actor[Any]):
     async def _stop_one(agent: _Agent, grace: float) -> None:
         await agent.run.stop(grace)
         await agent.closed.wait()
+
+    def hurry(self) -> int:
+        """SIGKILL every live agent's group now, and skip the grace of every later stop.
+
+        For a daemon stop that ran out of `shutdown_grace` or got a second
+        signal (module rules). Closes the pool like `stop_all`; an agent in
+        its SIGTERM grace gets SIGKILL at once. Each group is still checked
+        empty before its slot is freed. Returns how many agents were live.
+        """
+        self._hurried = True
+        self._close()
+        agents = list(self._live.values())
+        for agent in agents:
+            agent.run.request_stop(0.0)
+        return len(agents)
+
+    @property
+    def _grace_now(self) -> float:
+        """SIGTERM -> SIGKILL grace for a stop starting now: none once hurried."""
+        return 0.0 if self._hurried else self.grace
 
     # -- reconciliation -------------------------------------------------------------
 
@@ -731,6 +788,7 @@ class AgentPool(Actor[Any]):
 
     async def setup(self) -> None:
         self._closed = False
+        self._hurried = False
         self._open = False
         await self.reconcile()
 
@@ -757,7 +815,7 @@ class AgentPool(Actor[Any]):
             finally:
                 try:
                     with trio.CancelScope(shield=True):
-                        await self.stop_all(self.grace)
+                        await self.stop_all()
                 finally:
                     host_scope.cancel()
 
