@@ -24,6 +24,13 @@ systemd `READY=1`, serve until SIGTERM/SIGINT or `request_shutdown()`, then
 `STOPPING=1`, stop the tree in reverse order within `shutdown_grace`
 seconds, release the lock. A restart intensity escalation at the root ends
 the daemon with `DaemonFailed`.
+
+The stop is bounded (docs/operations.md). When `shutdown_grace` runs out,
+or at a second SIGTERM/SIGINT, the stop is hurried: every agent gets SIGKILL
+at once (`AgentPool.hurry`), and the tree kills what is still running in
+reverse order (`Supervisor.hurry`), so the store is still there for the
+sessions' and agents' last rows. If the tree still runs `HURRY_SECONDS`
+later, the rest is cancelled.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import shutil
 import signal
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -89,6 +97,7 @@ log = logging.getLogger("lokid")
 
 PROVIDER_CACHE_SECONDS = 30.0
 STORE_SHUTDOWN_SECONDS = 10.0
+HURRY_SECONDS = 2.0  # a hurried stop's bound before the rest of the tree is cancelled
 GC_THRESHOLDS = (50_000, 20, 10)  # CPython's defaults are (700, 10, 10)
 
 
@@ -272,12 +281,20 @@ class Daemon:
             log.info("shutting down")
             self.notifier.stopping("stopping: closing listeners, flushing the store")
             with trio.move_on_after(self.config.shutdown_grace) as grace:
-                await self._stop_tree()
-            if grace.cancelled_caught:
-                log.warning("shutdown took longer than %gs; cancelling", self.config.shutdown_grace)
+                await self._until_hurried(self._stop_tree)
+            if not self._root_done.is_set():
+                if grace.cancelled_caught:
+                    log.warning(
+                        "shutdown took longer than %gs: killing agents, stopping the rest at once",
+                        self.config.shutdown_grace,
+                    )
+                else:
+                    log.warning("second stop request: killing agents, stopping the rest at once")
+                await self._stop_tree_now()
             nursery.cancel_scope.cancel()
 
     async def _stop_tree(self) -> None:
+        """The graceful stop: record it, end the streams, stop the tree in reverse order."""
         if self._root_done.is_set():
             return
         if self.run_id is not None:
@@ -286,23 +303,38 @@ class Daemon:
                 await self.store.record_stop(self.run_id)
             except LokiError as exc:
                 log.warning("could not record the clean stop: %s", exc)
+        self._end_streams()
+        self.root.request_stop()
+        await self._root_done.wait()
+
+    async def _stop_tree_now(self) -> None:
+        """The hurried stop: SIGKILL to every agent, then kill the tree in reverse order."""
+        self._end_streams()
+        self.pool.hurry()
+        self.root.hurry()
+        with trio.move_on_after(HURRY_SECONDS):
+            await self._root_done.wait()
+        if not self._root_done.is_set():
+            log.error(
+                "the supervisor tree still runs %gs after being hurried; cancelling it",
+                HURRY_SECONDS,
+            )
+
+    def _end_streams(self) -> None:
         # Open event streams would otherwise keep the listeners draining until their timeout.
         self.bus.close_all("shutdown")
         self.hub.close_all()
-        self.root.request_stop()
-        await self._until_or_hurried(self._root_done)
 
-    async def _until_or_hurried(self, done: trio.Event) -> None:
-        """Wait for `done`, or less if a second stop request says to hurry."""
+    async def _until_hurried(self, stop: Callable[[], Awaitable[None]]) -> None:
+        """Run `stop`, cut short by a second stop request."""
         async with trio.open_nursery() as nursery:
 
             async def hurry() -> None:
                 await self._hurry.wait()
-                log.warning("second stop request: cancelling remaining work")
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(hurry)
-            await done.wait()
+            await stop()
             nursery.cancel_scope.cancel()
 
     async def _run_root(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -18,7 +20,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .daemon_proc import DaemonProcess, group_members, run_cli
+from lokid.daemon import HURRY_SECONDS
+
+from . import fake_agent
+from .daemon_proc import DaemonProcess, group_members, run_cli, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -158,6 +163,72 @@ def test_sigterm_under_load_exits_zero_and_leaves_no_process(daemon: DaemonProce
     assert group_members(daemon.process.pid) == []
     assert not daemon.socket.exists()
     assert not (daemon.data / "lokid.pid").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "signals", "bound"),
+    [
+        # agent_grace 20 s > shutdown_grace 1 s: the grace runs out, the agent gets SIGKILL
+        pytest.param(("--shutdown-grace", "1"), (signal.SIGTERM,), 1.0, id="grace-runs-out"),
+        # shutdown_grace 10 s: a second signal 0.5 s later kills the agent at once
+        pytest.param((), (signal.SIGTERM, signal.SIGTERM), 0.5, id="second-sigterm"),
+        pytest.param((), (signal.SIGINT, signal.SIGINT), 0.5, id="second-sigint"),
+    ],
+)
+def test_a_stop_is_bounded_and_leaves_no_agent_that_ignores_sigterm(
+    daemon_factory: Factory,
+    tmp_path: Path,
+    args: tuple[str, ...],
+    signals: tuple[signal.Signals, ...],
+    bound: float,
+) -> None:
+    """docs/operations.md: exit 0 within `shutdown_grace` (or the second signal) plus
+    `HURRY_SECONDS`; every agent process group killed, its row closed by this stop."""
+    bin_dir = tmp_path / "bin"
+    fake_agent.install(bin_dir, ("claude",))
+    pid_file = tmp_path / "agent.pids"
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "FAKE_AGENT_PID_FILE": str(pid_file),
+        "FAKE_AGENT_LIFETIME": "60",
+        "LOKI_AGENT_GRACE": "20",
+    }
+    daemon = daemon_factory(extra_env=env).start(*args)
+    assert daemon.process is not None
+    project = tmp_path / "project"
+    project.mkdir()
+    body = {
+        "prdText": "# Todo\n\n## Features\n- Add a todo item [mode:ignore-term]\n",
+        "projectDir": str(project),
+        "provider": "claude",
+    }
+    created = httpx.post(f"{daemon.api_url}/api/sessions", json=body, timeout=10)
+    assert created.status_code == 201, created.text
+    wait_until(lambda: len(pid_file.read_text().split()) == 2 if pid_file.exists() else 0, "agent")
+    agent, grandchild = (int(pid) for pid in pid_file.read_text().split())
+    try:
+        started = time.monotonic()
+        daemon.process.send_signal(signals[0])
+        for signum in signals[1:]:
+            time.sleep(0.5)
+            daemon.process.send_signal(signum)
+        _, err = daemon.process.communicate(timeout=30)
+        elapsed = time.monotonic() - started
+        assert daemon.process.returncode == 0, err.decode()
+        assert elapsed < bound + HURRY_SECONDS, err.decode()
+        assert group_members(agent) == []
+        assert not any(_alive(pid) for pid in (agent, grandchild))
+    finally:
+        for pid in (agent, grandchild):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    with sqlite3.connect(daemon.data / "lokid.db") as db:
+        rows = db.execute("SELECT pid, ended_at, exit_code, end_reason FROM agents").fetchall()
+    assert [(pid, exit_code, reason) for pid, _, exit_code, reason in rows] == [
+        (agent, -signal.SIGKILL, "stopped")
+    ]
+    assert rows[0][1] is not None
+    assert "could not close" not in err.decode()
 
 
 def test_sigint_is_a_graceful_stop_too(daemon: DaemonProcess) -> None:
