@@ -685,6 +685,8 @@ def cmd_events(args: argparse.Namespace, config: Config) -> int:
                 _print_event(event, as_json=args.json)
     except DaemonNotRunning as exc:
         raise _not_running(exc) from None
+    # The stream only ends for good when the daemon stops (a clean end of the follow).
+    print("loki: lokid is stopping: the event stream ended", file=sys.stderr)
     return 0
 
 

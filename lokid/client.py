@@ -11,6 +11,9 @@ import httpx
 
 from lokid.errors import LokiError
 
+STOPPING_COMMENT = ": closed: shutdown"
+"""The last line of an event stream the daemon ended because it is stopping."""
+
 
 class DaemonNotRunning(LokiError):
     """Nothing answers on the control socket."""
@@ -99,10 +102,15 @@ class ControlClient:
         return self.request("DELETE", path, **kwargs)
 
     def stream_events(self, params: dict[str, str]) -> Iterator[dict[str, Any]]:
-        """Follow `/api/events`, resuming with Last-Event-ID when the stream ends."""
+        """Follow `/api/events`, resuming with Last-Event-ID when the stream ends.
+
+        Ends when the daemon ended the stream because it is stopping: a
+        reconnect would only meet a stopping daemon (503) or none at all.
+        """
         self._check_socket()
         last_id: int | None = None
-        while True:
+        stopping: list[str] = []
+        while not stopping:
             headers = {} if last_id is None else {"Last-Event-ID": str(last_id)}
             if last_id is not None:
                 params = {k: v for k, v in params.items() if k != "history"}
@@ -116,12 +124,20 @@ class ControlClient:
                         raise ApiCallFailed(
                             response.status_code, error["code"], error["message"], error["details"]
                         )
-                    for event in parse_sse(response.iter_lines()):
+                    for event in parse_sse(_noting_stop(response.iter_lines(), stopping)):
                         if isinstance(event.get("id"), int):
                             last_id = event["id"]
                         yield event
             except (httpx.ConnectError, httpx.RemoteProtocolError, FileNotFoundError) as exc:
                 raise self._nothing_answers(exc) from None
+
+
+def _noting_stop(lines: Iterable[str], stopping: list[str]) -> Iterator[str]:
+    """`lines` as they are; the stopping daemon's last comment is appended to `stopping`."""
+    for line in lines:
+        if line == STOPPING_COMMENT:
+            stopping.append(line)
+        yield line
 
 
 def parse_sse(lines: Iterable[str]) -> Iterator[dict[str, Any]]:

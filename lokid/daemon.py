@@ -321,8 +321,9 @@ class Daemon:
             )
 
     def _end_streams(self) -> None:
-        # Open event streams would otherwise keep the listeners draining until their timeout.
-        self.bus.close_all("shutdown")
+        # Open event streams would otherwise keep the listeners draining until their
+        # timeout; a client that reconnects at once gets 503 instead of a new stream.
+        self.bus.refuse_streams("lokid is stopping")
         self.hub.close_all()
 
     async def _until_hurried(self, stop: Callable[[], Awaitable[None]]) -> None:

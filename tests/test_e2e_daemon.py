@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -559,3 +560,71 @@ def test_sigterm_with_open_event_streams_exits_promptly(daemon: DaemonProcess) -
         reader.join(timeout=10)
     assert ended.is_set()
     assert ": closed: shutdown" in tail
+
+
+def test_sigterm_with_a_client_that_reopens_its_stream_exits_at_once(
+    daemon: DaemonProcess,
+) -> None:
+    """`curl -N $API/api/events $API/api/events`: the second request, made the moment the
+    first stream ends, is refused (503, or a closed connection), not served until the
+    listeners' drain times out (9 s)."""
+    assert daemon.process is not None
+    connected = threading.Event()
+    second: list[object] = []
+
+    def follow() -> None:
+        with httpx.Client(timeout=30) as client:
+            with client.stream("GET", f"{daemon.api_url}/api/events") as first:
+                for line in first.iter_lines():
+                    if line == ": connected":
+                        connected.set()
+            try:
+                with client.stream("GET", f"{daemon.api_url}/api/events") as again:
+                    again.read()
+                    second.append((again.status_code, again.json()["error"]))
+            except httpx.TransportError as exc:
+                second.append(exc)
+
+    reader = threading.Thread(target=follow)
+    reader.start()
+    assert connected.wait(10)
+    started = time.monotonic()
+    code, err = daemon.terminate()
+    elapsed = time.monotonic() - started
+    reader.join(timeout=30)
+    assert code == 0, err
+    assert elapsed < 3, err
+    [answer] = second
+    if not isinstance(answer, httpx.TransportError):
+        assert answer == (
+            503,
+            {"code": "UNAVAILABLE", "message": "lokid is stopping", "details": {}},
+        )
+
+
+def test_cli_events_follow_ends_cleanly_when_the_daemon_stops(daemon: DaemonProcess) -> None:
+    """`loki events -f` stops following (exit 0, one line on stderr) instead of reconnecting
+    to a stopping daemon, which held the stop for 9 s and ended in "not running"."""
+    assert daemon.process is not None
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "lokid", "events", "--follow", "--json"],
+        env={**os.environ, "LOKI_HOME": str(daemon.home)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert follower.stdout is not None
+        assert json.loads(follower.stdout.readline())["type"] == "log"  # following now
+        started = time.monotonic()
+        code, err = daemon.terminate()
+        elapsed = time.monotonic() - started
+        out, errors = follower.communicate(timeout=30)
+    finally:
+        follower.kill()
+        follower.wait(timeout=10)
+    assert code == 0, err
+    assert elapsed < 3, err
+    assert follower.returncode == 0, errors
+    assert errors == "loki: lokid is stopping: the event stream ended\n"
+    assert json.loads(out.splitlines()[-1])["data"]["message"] == "lokid stopping"

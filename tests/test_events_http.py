@@ -281,3 +281,58 @@ async def test_heartbeat_comments_on_the_virtual_clock(
     beats = [round(t - start, 3) for t, body in sent if body == b": keep-alive\n\n"]
     assert beats == [15.0, 30.0, 45.0]
     assert bus.subscriber_count == 0
+
+
+async def test_a_stopping_daemon_ends_streams_and_refuses_new_ones(
+    tmp_path: pathlib.Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A client that reconnects at once (`loki events -f`) must not get a new stream that
+    holds the stopping listeners open: 503 UNAVAILABLE instead."""
+    bus = EventBus(StoreActor(tmp_path / "unused.db"))  # no events: no store access
+    surface = Surface("t", "0")
+    install_events(surface, bus, heartbeat=15)
+
+    async def get_events() -> tuple[int, bytes]:
+        status: list[int] = []
+        body: list[bytes] = []
+
+        async def receive() -> dict[str, Any]:
+            await trio.sleep_forever()  # the client stays
+            raise AssertionError("unreachable")  # pragma: no cover
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            else:
+                body.append(message.get("body", b""))
+
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/api/events",
+            "query_string": b"",
+            "headers": [],
+        }
+        await surface(scope, receive, send)
+        return status[0], b"".join(body)
+
+    opened: list[tuple[int, bytes]] = []
+    async with trio.open_nursery() as nursery:
+
+        async def first() -> None:
+            opened.append(await get_events())
+
+        nursery.start_soon(first)
+        await trio.testing.wait_all_tasks_blocked()
+        assert bus.subscriber_count == 1
+        assert bus.refuse_streams("lokid is stopping") == 1
+    [(status, body)] = opened
+    assert status == 200 and body.endswith(b": closed: shutdown\n\n")
+    status, body = await get_events()
+    assert status == 503
+    assert json.loads(body)["error"] == {
+        "code": "UNAVAILABLE",
+        "message": "lokid is stopping",
+        "details": {},
+    }
+    assert bus.subscriber_count == 0

@@ -22,6 +22,12 @@ Theory of operation:
   so atomic on the trio loop) records `live_from`, the last id already
   handed to fan-out; the queue receives exactly the ids above it, and the
   stream replays from the store up to and including it.
+* **Stopping daemon**: `refuse_streams` ends every stream (comment
+  `: closed: shutdown`) and refuses every later `subscribe` with
+  `Unavailable` (503): a client that reconnects at once (`loki events -f`,
+  a browser) must not get a new stream that holds the stopping listeners
+  open until their drain times out. For the rest of this bus object's life
+  (one daemon run); a restart of the bus's task does not lift it.
 * **Retention** by count and age runs every `retention_interval` seconds in
   bounded deletes (`RETENTION_CHUNK` rows per transaction).
 * **Back-pressure in events, not messages.** `emit`/`emit_many` do not wait
@@ -224,6 +230,7 @@ class EventBus(Actor[Any]):
         self.retention_interval = retention_interval
         self._tail: collections.deque[EncodedEvent] = collections.deque(maxlen=tail_size)
         self._subscribers: set[Subscriber] = set()
+        self._refusal: str | None = None  # set by refuse_streams: why subscribe is refused
         self._listeners: list[Callable[[EncodedEvent], None]] = []
         self._last_id = 0  # highest id assigned and committed
         self._first_id: int | None = None  # lowest id still stored (None: table empty)
@@ -340,6 +347,8 @@ class EventBus(Actor[Any]):
     # -- subscribing --------------------------------------------------------------
 
     def subscribe(self, event_filter: EventFilter, *, named: bool = False) -> Subscriber:
+        if self._refusal is not None:
+            raise Unavailable(self._refusal)
         if len(self._subscribers) >= self.max_subscribers:
             raise Unavailable(f"too many event streams open ({self.max_subscribers}); try later")
         subscriber = Subscriber(self, event_filter, named, self.subscriber_queue)
@@ -519,6 +528,12 @@ class EventBus(Actor[Any]):
         for subscriber in subscribers:
             subscriber.close(reason)
         return len(subscribers)
+
+    def refuse_streams(self, message: str) -> int:
+        """End every stream ("shutdown") and refuse new ones with `Unavailable(message)`
+        from now on (the daemon is stopping: see the module rules); how many were ended."""
+        self._refusal = message
+        return self.close_all("shutdown")
 
     async def teardown(self) -> None:
         self.close_all("shutdown")

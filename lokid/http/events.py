@@ -187,7 +187,7 @@ def install_events(surface: Surface, bus: EventBus, *, heartbeat: float) -> None
         "GET",
         "/api/events",
         "Server-Sent Events: replay (history / Last-Event-ID), then live events",
-        responses={200: "An endless text/event-stream", 503: "Too many streams"},
+        responses={200: "An endless text/event-stream", 503: "Too many streams, or stopping"},
         params=(
             *FILTER_PARAMS,
             Param(
