@@ -384,7 +384,7 @@ def _add_audit_list_flags(parser: argparse.ArgumentParser, default: Any) -> None
     parser.add_argument("--json", action="store_true", default=default, help="the API answer")
 
 
-REGISTRY_STATUSES = ("ok", "missing")  # lokid.actors.registry_scanner.ENTRY_STATUSES
+REGISTRY_STATUSES = ("ok", "missing", "unreadable")  # lokid.actors.registry_scanner.ENTRY_STATUSES
 
 
 def _add_registry_commands(commands: Any) -> None:
@@ -429,7 +429,7 @@ def _add_registry_list_flags(parser: argparse.ArgumentParser, default: Any) -> N
         choices=REGISTRY_STATUSES,
         default=default,
         metavar="S",
-        help="only entries in this status (ok, missing)",
+        help="only entries in this status (ok, missing, unreadable)",
     )
     _add_page_flags(parser, default)
     parser.add_argument("--json", action="store_true", default=default, help="the API answer")
@@ -1226,6 +1226,7 @@ def cmd_registry_sync(args: argparse.Namespace, config: Config) -> int:
             ("total", str(summary["total"])),
             ("ok", str(summary["ok"])),
             ("missing", str(summary["missing"])),
+            ("unreadable", str(summary["unreadable"])),
             ("updated", str(summary["updated"])),
         ]
     )

@@ -178,6 +178,11 @@ YIELD_EVERY = 32
 """Folders listed (projects read, lines parsed: see the callers) between two `yield_cpu()`."""
 
 _scandir = os.scandir  # tests replace it to simulate a folder vanishing or refusing
+_stat = os.stat  # tests replace it to simulate a refusal (root is never refused by chmod)
+
+GONE_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR})
+"""Errors that say a path is not there. Any other error (`EACCES`, `EPERM`, `ELOOP`, `EIO`)
+says it may be there but cannot be read: the folder is *unreadable*, not missing."""
 
 
 def yield_cpu() -> None:
@@ -682,7 +687,7 @@ def _cached_listing(path: str, cache: FileCache | None, now_ns: int) -> tuple[st
     stamp: Stamp | None = None
     if cache is not None:
         try:
-            stamp = Stamp.of(os.stat(path))
+            stamp = Stamp.of(_stat(path))
         except FileNotFoundError:
             return None
         hit = cache.lookup(key, stamp)
@@ -723,12 +728,15 @@ class FileTasks:
 
 @attrs.frozen
 class ProjectTasks:
-    """Every queue file of one project. `exists`: the `.loki/queue` folder was there."""
+    """Every queue file of one project. `exists`: the `.loki/queue` folder was there;
+    `unreadable`: it could not be listed (permission denied, an I/O error): the counts
+    are not known, not zero."""
 
     path: str
     exists: bool
     files: tuple[FileTasks, ...]
     problems: tuple[Problem, ...]
+    unreadable: bool = False
 
     @property
     def counts(self) -> dict[str, int]:
@@ -836,7 +844,8 @@ def read_tasks(
     try:
         names = _cached_listing(folder, cache, now)
     except OSError as exc:
-        return ProjectTasks(project, True, (), (problem_from(folder, exc),))
+        refused = exc.errno not in GONE_ERRNOS
+        return ProjectTasks(project, True, (), (problem_from(folder, exc),), unreadable=refused)
     if names is None:
         return ProjectTasks(project, False, (), ())
     problems: list[Problem] = []
@@ -934,9 +943,15 @@ def aggregate_tasks(
 
 @attrs.frozen
 class Probe:
-    """What a sync learns about one registered folder."""
+    """What a sync learns about one registered folder.
 
-    status: str  # ok | missing
+    `status`: `ok`; `missing` (the folder is gone or is not a folder); `unreadable`
+    (the folder, its `.loki/` or `.loki/queue/` may be there but cannot be read, e.g.
+    permission denied). For `missing` and `unreadable`, `has_loki` and `tasks` are not
+    known: the caller keeps what it stored.
+    """
+
+    status: str  # ok | missing | unreadable
     has_loki: bool
     tasks: Mapping[str, int]
     problems: tuple[Problem, ...]
@@ -945,20 +960,47 @@ class Probe:
 EMPTY_COUNTS: Mapping[str, int] = {**dict.fromkeys(TASK_STATUSES, 0), "total": 0}
 
 
-def probe(path: str, cache: FileCache | None = None, *, now_ns: int | None = None) -> Probe:
-    """Is the folder there, does it hold `.loki/`, how many tasks by status."""
+@attrs.frozen
+class _Examined:
+    """What two `stat`s tell about a registered folder: shared by `probe` and `health`, so
+    an entry's status and its health agree."""
+
+    status: str  # ok | missing | unreadable
+    has_loki: bool
+    problem: Problem | None  # why it is not `ok`
+
+
+def _examine(path: str) -> _Examined:
+    """`missing` when the folder is gone or is not a folder; `unreadable` when it, or its
+    `.loki`, cannot be examined (`GONE_ERRNOS`); else `ok`, and whether `.loki/` is there."""
     try:
-        info = os.stat(path)
+        info = _stat(path)
     except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-            return Probe("missing", False, EMPTY_COUNTS, ())
-        return Probe("ok", False, EMPTY_COUNTS, (problem_from(path, exc),))
+        if exc.errno in GONE_ERRNOS:
+            return _Examined("missing", False, Problem(path, "missing", exc.strerror or "gone"))
+        return _Examined("unreadable", False, problem_from(path, exc))
     if not stat.S_ISDIR(info.st_mode):
-        return Probe("missing", False, EMPTY_COUNTS, (Problem(path, "not_a_folder", "no folder"),))
-    has_loki = os.path.isdir(path.rstrip("/") + "/.loki")
-    if not has_loki:
-        return Probe("ok", False, EMPTY_COUNTS, ())
+        return _Examined("missing", False, Problem(path, "not_a_folder", "no folder"))
+    loki = path.rstrip("/") + "/.loki"
+    try:
+        return _Examined("ok", stat.S_ISDIR(_stat(loki).st_mode), None)
+    except OSError as exc:
+        if exc.errno in GONE_ERRNOS:
+            return _Examined("ok", False, None)
+        return _Examined("unreadable", False, problem_from(loki, exc))
+
+
+def probe(path: str, cache: FileCache | None = None, *, now_ns: int | None = None) -> Probe:
+    """Is the folder there, does it hold `.loki/`, how many tasks by status (`Probe`)."""
+    seen = _examine(path)
+    problems: tuple[Problem, ...] = ()
+    if seen.problem is not None and seen.problem.kind != "missing":  # the status says it
+        problems = (seen.problem,)
+    if seen.status != "ok" or not seen.has_loki:
+        return Probe(seen.status, seen.has_loki, EMPTY_COUNTS, problems)
     found = read_tasks(path, cache, now_ns=now_ns)
+    if found.unreadable:
+        return Probe("unreadable", True, EMPTY_COUNTS, found.problems)
     return Probe("ok", True, found.counts, found.problems)
 
 
@@ -979,7 +1021,7 @@ def probe_many(paths: Sequence[str], cache: FileCache | None = None) -> list[Pro
 class Health:
     """`GET /api/registry/projects/{id}/health`: an overall status and each check."""
 
-    status: str  # healthy | degraded | missing
+    status: str  # healthy | degraded | missing | unreadable
     checks: Mapping[str, Mapping[str, Any]]
     problems: tuple[str, ...]
 
@@ -1026,8 +1068,10 @@ def _pid_alive(pid: int, written: float | None) -> tuple[bool, str]:
 def health(path: str, *, now: float | None = None) -> Health:
     """The checks of DESIGN.md §7 for one registered folder; never raises for the disk.
 
-    * `path` - the folder exists (else the overall status is `missing`);
+    * `path` - the folder exists (else the overall status is `missing`) and can be
+      examined (else `unreadable`);
     * `loki_dir` - `.loki/` is there and can be listed;
+    * `queue` - `.loki/queue/` can be listed when it is there (absent is fine);
     * `state_files` - `state/orchestrator.json` and `autonomy-state.json`
       parse when present (absent is fine: nothing ran yet);
     * `session` - an active session: the pid in `.loki/loki.pid` (or in a
@@ -1037,31 +1081,31 @@ def health(path: str, *, now: float | None = None) -> Health:
     * `disk` - free space on the folder's file system (below 1 GiB and
       below 2 % of it: degraded).
 
-    `healthy` when every check but `session` and `activity` passes, else
-    `degraded`.
+    `unreadable` when the folder, `.loki` or `.loki/queue/` cannot be read (the rule
+    of `probe`, so an entry's status and its health agree); else `healthy` when every
+    check but `session` and `activity` passes, else `degraded`.
     """
     moment = time.time() if now is None else now
     checks: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
-    try:
-        info = os.stat(path)
-        is_dir = stat.S_ISDIR(info.st_mode)
-        why = "" if is_dir else "not a folder"
-    except OSError as exc:
-        is_dir = False
-        why = exc.strerror or "cannot stat"
-    checks["path"] = {"ok": is_dir, "path": path, **({} if is_dir else {"detail": why})}
-    if not is_dir:
-        return Health("missing", checks, (f"{path}: {why}",))
+    seen = _examine(path)
     loki = path.rstrip("/") + "/.loki"
-    try:
-        with _scandir(loki) as entries:
-            listed = sum(1 for _ in entries)
-        checks["loki_dir"] = {"ok": True, "entries": listed}
-    except OSError as exc:
-        problem = problem_from(loki, exc, missing="missing")
-        checks["loki_dir"] = {"ok": False, "kind": problem.kind, "detail": problem.message}
-        problems.append(f".loki: {problem.message}")
+    if seen.problem is not None and seen.problem.path != loki:
+        why = seen.problem.message
+        checks["path"] = {"ok": False, "path": path, "kind": seen.problem.kind, "detail": why}
+        return Health(seen.status, checks, (f"{path}: {why}",))
+    checks["path"] = {"ok": True, "path": path}
+    checks["loki_dir"] = _loki_dir_check(loki, seen.problem)
+    if not checks["loki_dir"]["ok"]:
+        problems.append(f".loki: {checks['loki_dir']['detail']}")
+    refused = seen.status == "unreadable"
+    if seen.has_loki:
+        checks["queue"], queue_refused = _queue_check(loki)
+        refused = refused or queue_refused
+        if not checks["queue"]["ok"]:
+            problems.append(f".loki/queue: {checks['queue']['detail']}")
+    else:
+        checks["queue"] = {"ok": True, "present": False}
     has_loki = bool(checks["loki_dir"]["ok"])
     checks["state_files"] = _state_check(loki) if has_loki else {"ok": False, "files": {}}
     if has_loki and not checks["state_files"]["ok"]:
@@ -1075,9 +1119,39 @@ def health(path: str, *, now: float | None = None) -> Health:
     checks["disk"] = _disk_check(path)
     if not checks["disk"]["ok"]:
         problems.append(str(checks["disk"].get("detail", "low disk space")))
-    required = ("path", "loki_dir", "state_files", "disk")
+    if refused:
+        return Health("unreadable", checks, tuple(problems))
+    required = ("path", "loki_dir", "queue", "state_files", "disk")
     status = "healthy" if all(checks[name]["ok"] for name in required) else "degraded"
     return Health(status, checks, tuple(problems))
+
+
+def _loki_dir_check(loki: str, refused: Problem | None) -> dict[str, Any]:
+    """`.loki/` is there and can be listed; `refused`: `_examine` could not even stat it."""
+    if refused is not None:
+        return {"ok": False, "kind": refused.kind, "detail": refused.message}
+    try:
+        with _scandir(loki) as entries:
+            listed = sum(1 for _ in entries)
+    except OSError as exc:
+        problem = problem_from(loki, exc, missing="missing")
+        return {"ok": False, "kind": problem.kind, "detail": problem.message}
+    return {"ok": True, "entries": listed}
+
+
+def _queue_check(loki: str) -> tuple[dict[str, Any], bool]:
+    """`.loki/queue/` listed as `read_tasks` lists it, and whether it was refused (then the
+    task counts cannot be known: the project is `unreadable`, as a sync says)."""
+    folder = loki + "/queue"
+    try:
+        names = _cached_listing(folder, None, 0)
+    except OSError as exc:
+        problem = problem_from(folder, exc)
+        check = {"ok": False, "kind": problem.kind, "detail": problem.message}
+        return check, exc.errno not in GONE_ERRNOS
+    if names is None:
+        return {"ok": True, "present": False}, False
+    return {"ok": True, "present": True, "files": len(names)}, False
 
 
 def _state_check(loki: str) -> dict[str, Any]:

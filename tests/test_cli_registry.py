@@ -114,7 +114,7 @@ def test_discover_register_and_sync(daemon_factory: Factory, loki: Cli, tmp_path
 
     shutil.rmtree(two)
     summary = fields(loki.ok(home, "registry", "sync").out)
-    assert summary == {"total": "3", "ok": "2", "missing": "1", "updated": "1"}
+    assert summary == {"total": "3", "ok": "2", "missing": "1", "unreadable": "0", "updated": "1"}
     missing = loki.json(home, "registry", "ls", "--status", "missing")
     assert [p["name"] for p in missing["projects"]] == ["two"]
     assert loki.json(home, "registry", "sync")["updated"] == 0

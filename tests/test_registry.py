@@ -9,6 +9,8 @@ replaced `scandir` deletes the folder just before it is listed.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -527,6 +529,73 @@ def test_probe_reports_missing_plain_and_loki_folders(tmp_path: Path) -> None:
         2,
         2,
     )
+
+
+@contextlib.contextmanager
+def locked(monkeypatch: pytest.MonkeyPatch, folder: Path) -> Iterator[None]:
+    """`folder` as if `chmod 000` for the daemon's user: it can be stat'ed, not listed, and
+    nothing below it can be reached. Root is never refused, so as root the kernel's refusal
+    is simulated through the module's `_stat` and `_scandir` (what the registry calls)."""
+    if not IS_ROOT:
+        folder.chmod(0)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    inside = str(folder) + "/"
+
+    def refuse(path: Any, listing: bool) -> None:
+        text = os.fspath(path)
+        if text.startswith(inside) or (listing and text == str(folder)):
+            raise PermissionError(errno.EACCES, "Permission denied", text)
+
+    real_stat, real_scandir = registry._stat, registry._scandir
+
+    def fake_stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        refuse(path, listing=False)
+        return real_stat(path, *args, **kwargs)
+
+    def fake_scandir(path: Any) -> Any:
+        refuse(path, listing=True)
+        return real_scandir(path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(registry, "_stat", fake_stat)
+        patch.setattr(registry, "_scandir", fake_scandir)
+        yield
+
+
+@pytest.mark.parametrize("lock", ["parent", "folder", ".loki", ".loki/queue"])
+def test_a_folder_the_daemon_may_not_read_is_unreadable_in_probe_and_health(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lock: str
+) -> None:
+    """Not `ok` with no `.loki` and zero tasks (the counts are not known), not `missing`
+    (it may well be there): `unreadable`, with the reason; probe and health agree."""
+    root = project(tmp_path / "parent" / "folder", {"pending": [task("a")]})
+    target = {"parent": root.parent, "folder": root}.get(lock, root / lock)
+    cache = FileCache()
+    assert registry.probe(str(root), cache).status == "ok"  # warm: the cache must not answer
+    with locked(monkeypatch, target):
+        found = registry.probe(str(root), cache)
+        report = registry.health(str(root))
+    assert (found.status, found.tasks) == ("unreadable", registry.EMPTY_COUNTS)
+    assert kinds(found.problems) == ["permission_denied"]
+    assert report.status == "unreadable", report
+    assert report.problems
+    assert registry.probe(str(root), cache).status == "ok"
+    assert registry.health(str(root)).status == "healthy"
+
+
+def test_a_queue_that_is_a_file_is_not_unreadable(tmp_path: Path) -> None:
+    """`ENOTDIR` says what is there: a broken project (`ok`, degraded), not a refusal."""
+    root = tmp_path / "p"
+    (root / ".loki").mkdir(parents=True)
+    (root / ".loki" / "queue").write_text("x")
+    found = registry.probe(str(root))
+    assert (found.status, kinds(found.problems)) == ("ok", ["not_a_folder"])
+    report = registry.health(str(root))
+    assert report.status == "degraded" and report.checks["queue"]["kind"] == "not_a_folder"
 
 
 def test_resolve_folder(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from lokid.tokens import create_token
 
 from .asgi import Answer, call
 from .child_status import StubChildStatus
+from .test_registry import locked
 
 Note = tuple[str, dict[str, Any]]
 
@@ -284,6 +285,7 @@ async def test_health_healthy_degraded_missing(tmp_path: pathlib.Path) -> None:
         assert set(healthy["checks"]) == {
             "path",
             "loki_dir",
+            "queue",
             "state_files",
             "session",
             "activity",
@@ -483,6 +485,34 @@ async def test_sync_refreshes_status_and_counts_and_summarises(tmp_path: pathlib
         assert (back["ok"], back["missing"]) == (2, 0)
         actions = [e["action"] for e in await audit_entries(r.store)]
         assert actions.count("registry.sync") == 3
+
+
+async def test_an_unreadable_folder_keeps_its_counts_and_agrees_everywhere(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A parent the daemon may not read (`chmod 700` by another user): the sync names the
+    problem and the entry becomes `unreadable`, keeping `has_loki`, its counts and
+    `last_seen`; its health says `unreadable` too; once readable again it is `ok`."""
+    alpha = project(tmp_path / "parent" / "alpha", {"pending": [task("a"), task("b")]})
+    async with rig(tmp_path) as r:
+        entry = await r.register(alpha)
+        url = f"/api/registry/projects/{entry['id']}"
+        with locked(monkeypatch, alpha.parent):
+            summary = (await r.post("/api/registry/sync")).json()
+            health = (await r.get(f"{url}/health")).json()
+        assert (summary["ok"], summary["missing"], summary["unreadable"]) == (0, 0, 1)
+        assert [e["kind"] for e in summary["errors"]] == ["permission_denied"]
+        got = (await r.get(url)).json()
+        assert got == {**entry, "status": "unreadable"}
+        assert health["status"] == "unreadable"
+        assert health["checks"]["path"]["kind"] == "permission_denied"
+        listed = (await r.get("/api/registry/projects?status=unreadable")).json()
+        assert [p["id"] for p in listed["projects"]] == [entry["id"]]
+        back = (await r.post("/api/registry/sync")).json()
+        assert (back["ok"], back["unreadable"]) == (1, 0)
+        again = (await r.get(url)).json()
+        assert again["status"] == "ok" and again["tasks"] == entry["tasks"]
+        assert again["last_seen"] >= entry["last_seen"]
 
 
 async def test_sync_reports_malformed_queue_files(tmp_path: pathlib.Path) -> None:

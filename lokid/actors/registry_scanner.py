@@ -84,7 +84,9 @@ MAX_NOTIFY_IDS = 100
 """Ids listed in one `registry.updated` message (the rest are counted)."""
 DEFAULT_INTERVAL = 300.0
 
-ENTRY_STATUSES: tuple[str, ...] = ("ok", "missing")
+ENTRY_STATUSES: tuple[str, ...] = ("ok", "missing", "unreadable")
+"""`lokid.registry.Probe.status`: `unreadable` keeps the stored `.loki` flag, counts and
+`last_seen` (what the daemon cannot see, it does not know), as `missing` does."""
 
 Notify = Callable[[str, dict[str, Any]], None]
 
@@ -103,7 +105,7 @@ class RegistryEntry:
     id: str
     name: str
     path: str
-    status: str  # ok | missing
+    status: str  # ok | missing | unreadable
     has_loki: bool
     registered_at: str
     last_seen: str | None
@@ -405,7 +407,8 @@ class RegistryScanner(Actor[Any]):
         return answer
 
     async def sync(self) -> dict[str, Any]:
-        """Refresh every entry; `{"total", "ok", "missing", "updated", "errors", ...}`."""
+        """Refresh every entry; `{"total", "ok", "missing", "unreadable", "updated", "errors",
+        ...}`."""
         answer: dict[str, Any] = await self.ask(Sync(), timeout=300.0)
         return answer
 
@@ -823,11 +826,12 @@ class RegistryScanner(Actor[Any]):
         self._syncs += 1
         self._last_sync_at = now
         self._last_sync_ms = round((time.perf_counter() - started) * 1000, 3)
-        ok = sum(1 for e in refreshed if e.status == "ok")
+        by_status = dict.fromkeys(ENTRY_STATUSES, 0)
+        for entry in refreshed:
+            by_status[entry.status] += 1
         return {
             "total": len(refreshed),
-            "ok": ok,
-            "missing": len(refreshed) - ok,
+            **by_status,
             "updated": len(changed),
             "errors": errors.to_json(),
             "errors_omitted": errors.omitted,

@@ -73,6 +73,9 @@ STATUS_FILTER = {
 }
 """`status` of `GET /api/registry/tasks`: lokid's words, and the reference's `in_progress`."""
 
+HEALTH_STATUSES = ("healthy", "degraded", "missing", "unreadable")
+"""`lokid.registry.health`'s overall status."""
+
 # -- OpenAPI ------------------------------------------------------------------------------
 
 _COUNTS = {
@@ -95,7 +98,12 @@ ENTRY_SCHEMA: dict[str, Any] = {
         "id": {"type": "string", "pattern": "^reg-[0-9a-f]{12}$"},
         "name": {"type": "string"},
         "path": {"type": "string", "description": "the real path"},
-        "status": {"type": "string", "enum": list(ENTRY_STATUSES)},
+        "status": {
+            "type": "string",
+            "enum": list(ENTRY_STATUSES),
+            "description": "unreadable: the folder, .loki or .loki/queue cannot be read; "
+            "has_loki, tasks and last_seen are kept from the last time it could",
+        },
         "has_loki": {"type": "boolean"},
         "registered_at": {"type": "string", "format": "date-time"},
         "last_seen": {"type": ["string", "null"], "format": "date-time"},
@@ -244,11 +252,14 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
         "GET",
         "/api/registry/projects/{id}/health",
         "Health checks of a registered project",
-        responses={200: "healthy | degraded | missing, with each check", 404: "Not registered"},
+        responses={
+            200: "healthy | degraded | missing | unreadable, with each check",
+            404: "Not registered",
+        },
         response_schema={
             "type": "object",
             "properties": {
-                "status": {"type": "string", "enum": ["healthy", "degraded", "missing"]},
+                "status": {"type": "string", "enum": list(HEALTH_STATUSES)},
                 "checks": {"type": "object"},
                 "problems": {"type": "array", "items": {"type": "string"}},
             },
@@ -324,13 +335,14 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
         "POST",
         "/api/registry/sync",
         "Refresh every entry (status, .loki, task counts) now",
-        responses={200: "total, ok, missing, updated, errors"},
+        responses={200: "total, ok, missing, unreadable, updated, errors"},
         response_schema={
             "type": "object",
             "properties": {
                 "total": {"type": "integer"},
                 "ok": {"type": "integer"},
                 "missing": {"type": "integer"},
+                "unreadable": {"type": "integer"},
                 "updated": {"type": "integer"},
                 "errors": _PROBLEMS,
             },

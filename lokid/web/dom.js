@@ -156,6 +156,7 @@ const TONES = {
   healthy: "green",
   degraded: "amber",
   missing: "red",
+  unreadable: "orange",
   revoked: "red",
   expired: "amber",
   valid: "green",

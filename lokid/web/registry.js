@@ -213,7 +213,7 @@ export function mount(root) {
     syncResult.textContent = "Syncing…";
     try {
       const summary = await post("/api/registry/sync");
-      syncResult.textContent = `Synced ${summary.total}: ${summary.ok} ok, ${summary.missing} missing, ${summary.updated} updated (${formatTime(summary.synced_at)})`;
+      syncResult.textContent = `Synced ${summary.total}: ${summary.ok} ok, ${summary.missing} missing, ${summary.unreadable} unreadable, ${summary.updated} updated (${formatTime(summary.synced_at)})`;
       if (summary.errors && summary.errors.length) toast(summary.errors.map((e) => e.message).join("; "), "error", "Sync problems");
     } catch (err) {
       syncResult.textContent = "";
