@@ -53,6 +53,7 @@ import os
 import stat
 import threading
 import time
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -71,6 +72,7 @@ from lokid.lokidir import (
 )
 from lokid.process import is_zombie, start_ticks
 from lokid.timefmt import iso
+from lokid.tokens import _BIDI_CONTROLS, _FORBIDDEN_CATEGORIES
 
 T = TypeVar("T")
 
@@ -198,6 +200,28 @@ def yield_cpu() -> None:
     about 3 % of the walk's time (`time.sleep(0)` costs ~35 %).
     """
     os.sched_yield()
+
+
+def forbidden_character(text: str) -> str | None:
+    """The first character of `text` an entry's name may not hold, else None.
+
+    The rule of token names (`lokid.tokens.validate_name`, reused: one rule for the
+    names lokid shows): control characters, line and paragraph separators and
+    bidirectional controls, which would let a name rewrite a terminal (`loki registry
+    ls`), split a log line or reorder what is shown around it.
+    """
+    for char in text:
+        if char in _BIDI_CONTROLS or unicodedata.category(char) in _FORBIDDEN_CATEGORIES:
+            return char
+    return None
+
+
+def folder_label(name: str) -> str:
+    """A folder's name as a project's name: each character `forbidden_character` refuses
+    replaced by U+FFFD (a folder may be called anything; its path keeps the real name)."""
+    if forbidden_character(name) is None:
+        return name
+    return "".join("\ufffd" if forbidden_character(char) else char for char in name)
 
 
 def registry_id(realpath: str) -> str:
@@ -493,7 +517,7 @@ def _found(path: str) -> Found:
     return Found(
         id=registry_id(path),
         path=path,
-        name=os.path.basename(path) or path,
+        name=folder_label(os.path.basename(path) or path),
         has_state=_exists(loki + "/state") or _exists(loki + "/autonomy-state.json"),
         has_queue=_exists(loki + "/queue"),
         has_prd=any(_exists(path + "/" + name) for name in PRD_FILES),

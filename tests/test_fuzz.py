@@ -42,6 +42,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lokid import board
+from lokid.actors.registry_scanner import validate_name as validate_registry_name
 from lokid.audit import parse_action_filter, parse_timestamp
 from lokid.errors import LokiError
 from lokid.events import parse_level
@@ -389,6 +390,12 @@ def accepted(call: Callable[[], object]) -> bool:
 def test_token_names(value: str) -> None:
     schema = enterprise.TOKEN_BODY["properties"]["name"]
     assert matches(schema, value) == accepted(lambda: validate_name(value))
+
+
+@given(TEXT | st.text(st.sampled_from(" a\t"), min_size=195, max_size=205))
+def test_registry_names(value: str) -> None:
+    schema = registry_http.REGISTER_BODY_NAME
+    assert matches(schema, value) == accepted(lambda: validate_registry_name(value))
 
 
 @given(TEXT | st.text(st.sampled_from(" a\t"), min_size=195, max_size=205))

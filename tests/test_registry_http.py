@@ -192,6 +192,12 @@ async def test_the_same_real_path_twice_is_409(tmp_path: pathlib.Path) -> None:
         ({"path": "/tmp", "name": ""}, "name"),
         ({"path": "/tmp", "name": "x" * 201}, "name"),
         ({"path": "/tmp", "name": 3}, "name"),
+        ({"path": "/tmp", "name": "a\u0000b\u001b[31mred"}, "name"),
+        ({"path": "/tmp", "name": "two\nlines"}, "name"),
+        ({"path": "/tmp", "name": "tab\there"}, "name"),
+        ({"path": "/tmp", "name": "evil\u202etxt.exe"}, "name"),
+        ({"path": "/tmp", "name": "para\u2029graph"}, "name"),
+        ({"path": "/tmp", "name": "c1\u009bcontrol"}, "name"),
         ({"path": "/tmp", "alias": "a"}, "alias"),
     ],
 )
@@ -203,6 +209,23 @@ async def test_bad_register_bodies_are_422_naming_the_field(
         error = error_of(answer, 422, "VALIDATION_ERROR")
         assert error["details"]["field"] == field
         assert r.updates() == []
+
+
+async def test_a_name_with_control_characters_is_refused_and_a_folders_is_made_safe(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Names are shown in `loki registry ls`: an escape sequence must not reach a terminal."""
+    odd = project(tmp_path / "odd\x1b[2Jname")
+    async with rig(tmp_path) as r:
+        answer = await r.post("/api/registry/projects", {"path": str(odd), "name": "x\x1b[31m"})
+        error = error_of(answer, 422, "VALIDATION_ERROR")
+        assert error["details"]["field"] == "name" and "U+001B" in error["message"]
+        entry = await r.register(odd)
+        assert entry["name"] == "odd\ufffd[2Jname" and entry["path"] == str(odd)
+        found = (await r.get(f"/api/registry/discover?roots={tmp_path}")).json()
+        assert [p["name"] for p in found["projects"]] == ["odd\ufffd[2Jname"]
+        named = await r.register(project(tmp_path / "fine"), name="  Zürich ✓ 👩\u200d💻 ")
+        assert named["name"] == "Zürich ✓ 👩\u200d💻"
 
 
 async def test_malformed_json_is_400(tmp_path: pathlib.Path) -> None:

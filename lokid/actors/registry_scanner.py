@@ -71,6 +71,7 @@ __all__ = [
     "RegistryEntry",
     "RegistryScanner",
     "RegistryScannerStatistics",
+    "validate_name",
 ]
 
 log = logging.getLogger("lokid.registry")
@@ -93,6 +94,20 @@ Notify = Callable[[str, dict[str, Any]], None]
 
 def _no_notify(type: str, data: dict[str, Any]) -> None:
     return None
+
+
+def validate_name(name: str) -> str:
+    """An entry's name, stripped: 1-`MAX_NAME_CHARS` characters, none that
+    `lokid.registry.forbidden_character` refuses (the rule of token names); else 422."""
+    name = name.strip()
+    if not name or len(name) > MAX_NAME_CHARS:
+        raise ValidationFailed(f"name must be 1-{MAX_NAME_CHARS} characters", field="name")
+    bad = fs.forbidden_character(name)
+    if bad is not None:
+        raise ValidationFailed(
+            f"name must not contain control characters (found U+{ord(bad):04X})", field="name"
+        )
+    return name
 
 
 # -- records ---------------------------------------------------------------------------
@@ -368,9 +383,7 @@ class RegistryScanner(Actor[Any]):
         answer (`lokid.idempotency`); the same key with another body is 409.
         """
         if name is not None:
-            name = name.strip()
-            if not name or len(name) > MAX_NAME_CHARS:
-                raise ValidationFailed(f"name must be 1-{MAX_NAME_CHARS} characters", field="name")
+            name = validate_name(name)
         if not path or len(path) > fs.MAX_PATH_CHARS or "\x00" in path:
             raise ValidationFailed(
                 f"path must be 1-{fs.MAX_PATH_CHARS} characters without NUL", field="path"
@@ -608,7 +621,7 @@ class RegistryScanner(Actor[Any]):
         now = utc_now_iso()
         entry = RegistryEntry(
             id=fs.registry_id(real),
-            name=message.name or Path(real).name or real,
+            name=message.name or fs.folder_label(Path(real).name or real),
             path=real,
             status=found.status,
             has_loki=found.has_loki,

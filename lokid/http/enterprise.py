@@ -39,6 +39,9 @@ from lokid.tokens import (
 )
 
 FEATURES = ("tokens", "audit", "registry")
+NAME_FORBIDDEN = f"{CONTROL}\\u2028\\u2029\\u202a-\\u202e\\u2066-\\u2069"
+"""What a shown name may not hold, as a regex class body: Cc, line and paragraph
+separators, bidirectional controls (`lokid.tokens.validate_name`; registry names too)."""
 
 TOKEN_BODY: dict[str, Any] = {
     "type": "object",
@@ -47,8 +50,7 @@ TOKEN_BODY: dict[str, Any] = {
     "properties": {
         "name": stripped_text(
             MAX_NAME_CHARS,
-            # Cc, line and paragraph separators, bidirectional controls (lokid.tokens)
-            f"{CONTROL}\\u2028\\u2029\\u202a-\\u202e\\u2066-\\u2069",
+            NAME_FORBIDDEN,
             description="surrounding white space is dropped",
         ),
         "scopes": {

@@ -38,6 +38,7 @@ from lokid.actors.registry_scanner import (
     RegistryScanner,
 )
 from lokid.errors import InvalidQuery, ValidationFailed
+from lokid.http.enterprise import NAME_FORBIDDEN
 from lokid.http.gate import Gate
 from lokid.http.surface import (
     BOOLEAN_PARAM,
@@ -121,6 +122,12 @@ _PROBLEMS = {
         },
     },
 }
+REGISTER_BODY_NAME: dict[str, Any] = {
+    **stripped_text(MAX_NAME_CHARS, NAME_FORBIDDEN),
+    "type": ["string", "null"],
+    "description": "default: the folder's name (control characters shown as U+FFFD); "
+    "surrounding white space is dropped",
+}
 REGISTER_BODY = {
     "type": "object",
     "required": ["path"],
@@ -134,11 +141,7 @@ REGISTER_BODY = {
             "description": "an existing folder (else 422): absolute or ~; stored as its real "
             "path; surrounding white space is dropped",
         },
-        "name": {
-            **stripped_text(MAX_NAME_CHARS),
-            "type": ["string", "null"],
-            "description": "default: the folder's name; surrounding white space is dropped",
-        },
+        "name": REGISTER_BODY_NAME,
     },
 }
 PAGE_PARAMS = (
