@@ -91,6 +91,7 @@ __all__ = [
     "parse_session_request",
     "pending_inputs",
     "queued_tasks",
+    "refuse_unknown",
     "requeue_active_tasks",
     "runner_tasks",
     "session_counts",
@@ -551,14 +552,29 @@ def query_int(params: Mapping[str, Any], name: str, default: int, low: int, high
     return value
 
 
-def parse_list_query(
-    params: Mapping[str, Any], *, statuses: Iterable[str] = SESSION_STATUSES
-) -> ListQuery:
+def refuse_unknown(names: Iterable[str], known: Iterable[str]) -> None:
+    """400 naming the first query parameter of `names` that is not in `known` (the route's
+    documented parameters). Ignoring it would make a filter the route does not have
+    (`/api/tasks/active?status=completed`) look applied (DESIGN.md §4)."""
+    allowed = tuple(known)
+    for name in names:
+        if name not in allowed:
+            takes = ", ".join(allowed) if allowed else "no query parameters"
+            raise InvalidQuery(
+                f"{name[:50]!r} is not a query parameter of this route (it takes {takes})",
+                field=name[:100],
+            )
+
+
+def parse_list_query(params: Mapping[str, Any], *, statuses: Iterable[str] | None) -> ListQuery:
     """`status`, `limit` (default 100, 1..1000), `offset` (>= 0) of a list route; 400 if bad.
 
-    `statuses` are the accepted `status` values (`TASK_STATUSES` for task lists).
+    `statuses`: the `status` values the route filters by (`SESSION_STATUSES`,
+    `TASK_STATUSES`); None for a route without a status filter. Any other parameter,
+    `status` on a route without one included, is refused (`refuse_unknown`).
     """
-    known = tuple(statuses)
+    known = () if statuses is None else tuple(statuses)
+    refuse_unknown(params, ("status", "limit", "offset") if known else ("limit", "offset"))
     status = params.get("status")
     if status is not None:
         status = str(status)

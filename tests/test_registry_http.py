@@ -295,6 +295,18 @@ async def test_list_filters_and_pages(tmp_path: pathlib.Path) -> None:
             assert error["details"]["field"] == field
 
 
+@pytest.mark.parametrize("route", ["projects", "discover", "tasks", "learnings"])
+async def test_a_query_parameter_the_route_does_not_take_is_400(
+    tmp_path: pathlib.Path, route: str
+) -> None:
+    """Not ignored: `?state=missing` must not look like a filter that was applied."""
+    async with rig(tmp_path) as r:
+        documented = "depth=2" if route == "discover" else "limit=5"  # discover is not paged
+        answer = await r.get(f"/api/registry/{route}?{documented}&state=missing")
+        error = error_of(answer, 400, "BAD_REQUEST")
+        assert error["details"]["field"] == "state" and "not a query parameter" in error["message"]
+
+
 # -- health ----------------------------------------------------------------------------------
 
 

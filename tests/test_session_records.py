@@ -456,13 +456,13 @@ def test_null_counts_as_absent(tmp_path: Path) -> None:
 
 
 def test_list_query_defaults_and_values() -> None:
-    assert sr.parse_list_query({}) == (None, 100, 0)
-    assert sr.parse_list_query({"status": "running", "limit": "1000", "offset": "5"}) == (
-        "running",
-        1000,
-        5,
-    )
+    sessions = sr.SESSION_STATUSES
+    assert sr.parse_list_query({}, statuses=sessions) == (None, 100, 0)
+    assert sr.parse_list_query(
+        {"status": "running", "limit": "1000", "offset": "5"}, statuses=sessions
+    ) == ("running", 1000, 5)
     assert sr.parse_list_query({"status": "active"}, statuses=sr.TASK_STATUSES).status == "active"
+    assert sr.parse_list_query({"limit": "7"}, statuses=None) == (None, 7, 0)
 
 
 @pytest.mark.parametrize(
@@ -476,20 +476,30 @@ def test_list_query_defaults_and_values() -> None:
         ({"offset": "-1"}, "offset"),
         ({"offset": "x"}, "offset"),
         ({"status": "sleeping"}, "status"),
+        ({"sort": "id"}, "sort"),
     ],
 )
 def test_list_query_refuses(params: dict[str, str], field: str) -> None:
     with pytest.raises(InvalidQuery) as info:
-        sr.parse_list_query(params)
+        sr.parse_list_query(params, statuses=sr.SESSION_STATUSES)
     assert info.value.code == "BAD_REQUEST"
     assert info.value.field == field
 
 
 def test_task_status_is_not_a_session_status() -> None:
     with pytest.raises(InvalidQuery):
-        sr.parse_list_query({"status": "pending"})
+        sr.parse_list_query({"status": "pending"}, statuses=sr.SESSION_STATUSES)
     with pytest.raises(InvalidQuery):
         sr.parse_list_query({"status": "running"}, statuses=sr.TASK_STATUSES)
+
+
+@pytest.mark.parametrize("status", ["completed", "running", ""])
+def test_a_list_without_a_status_filter_refuses_status(status: str) -> None:
+    """Not a 400 listing the session statuses, not a filter silently ignored."""
+    with pytest.raises(InvalidQuery) as info:
+        sr.parse_list_query({"status": status}, statuses=None)
+    assert info.value.field == "status"
+    assert "not a query parameter" in str(info.value) and "limit, offset" in str(info.value)
 
 
 # -- ids ------------------------------------------------------------------------

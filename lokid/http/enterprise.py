@@ -27,7 +27,13 @@ from lokid.http.surface import (
     json_body,
     stripped_text,
 )
-from lokid.session_records import MAX_LIMIT, MAX_OFFSET, parse_list_query, query_int
+from lokid.session_records import (
+    MAX_LIMIT,
+    MAX_OFFSET,
+    parse_list_query,
+    query_int,
+    refuse_unknown,
+)
 from lokid.tokens import (
     MAX_EXPIRES_DAYS,
     MAX_NAME_CHARS,
@@ -163,7 +169,7 @@ def install_enterprise(
         requires="admin",
     )
     async def token_list() -> dict[str, Any]:
-        query = parse_list_query(request.args)
+        query = parse_list_query(request.args, statuses=None)
 
         def read(db: Any) -> dict[str, Any]:
             tokens = list_tokens(db, limit=query.limit, offset=query.offset)
@@ -201,6 +207,7 @@ def install_enterprise(
     )
     async def audit_list() -> dict[str, Any]:
         args = request.args
+        refuse_unknown(args, [param.name for param in AUDIT_PARAMS])
         query = AuditQuery.parse(
             start=args.get("start"),
             end=args.get("end"),

@@ -56,6 +56,7 @@ from lokid.http.surface import (
     stripped_text,
     words,
 )
+from lokid.session_records import refuse_unknown
 
 REGISTER_ROUTE = "POST /api/registry/projects"
 DEFAULT_LIMIT = 100
@@ -172,6 +173,81 @@ ENTRY_LINKS: dict[str, Link] = {
     "UnregisterEntry": ("DELETE", "/api/registry/projects/{id}", {"id": ID}),
 }
 
+PROJECTS_PARAMS = (
+    Param(
+        "status",
+        "query",
+        {"type": "string", "enum": ["", *ENTRY_STATUSES]},
+        description="empty: no filter",
+    ),
+    *PAGE_PARAMS,
+)
+
+DISCOVER_PARAMS = (
+    Param(
+        "roots",
+        "query",
+        {"type": "array", "maxItems": fs.MAX_ROOTS, "items": ROOT},
+        explode=False,
+        description="comma list (or repeated): absolute or ~ paths; default: config",
+    ),
+    Param(
+        "depth",
+        "query",
+        {"type": "integer", "minimum": fs.MIN_DEPTH, "maximum": fs.MAX_DEPTH},
+        description=f"folders below a root (default {fs.DEFAULT_DEPTH})",
+    ),
+    Param(
+        "max_depth",
+        "query",
+        {"type": "integer", "minimum": fs.MIN_DEPTH, "maximum": fs.MAX_DEPTH},
+        description="another name of depth (depth wins)",
+    ),
+    Param("register", "query", BOOLEAN_PARAM, description="register what is new"),
+)
+
+TASKS_PARAMS = (
+    Param(
+        "project_id",
+        "query",
+        {
+            "type": "array",
+            "maxItems": MAX_PROJECT_IDS,
+            "items": {"type": "string", "pattern": "^[^,]*$"},
+        },
+        explode=False,
+        description="comma list (or repeated) of reg- ids; an unknown one is 404",
+    ),
+    Param(
+        "status",
+        "query",
+        {"type": "string", "enum": ["", *STATUS_FILTER]},
+        description="in_progress is active; empty: no filter",
+    ),
+    *PAGE_PARAMS,
+)
+
+LEARNINGS_PARAMS = (
+    Param(
+        "type",
+        "query",
+        {
+            "anyOf": [
+                {"const": ""},
+                words(*LEARNING_WORDS),
+            ]
+        },
+        description="patterns, mistakes or successes (any case, or singular); empty: no filter",
+    ),
+    Param(
+        "q",
+        "query",
+        {"type": "string", "maxLength": MAX_QUERY_CHARS},
+        description="text in description, category or project; empty: no filter",
+    ),
+    *PAGE_PARAMS,
+)
+
 
 def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> None:
     """Declare the registry routes on `surface` (the Dashboard API)."""
@@ -182,21 +258,13 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
         "/api/registry/projects",
         "Registered projects, newest first",
         responses={200: "A page of entries", 400: "Bad query value (details.field)"},
-        params=(
-            Param(
-                "status",
-                "query",
-                {"type": "string", "enum": ["", *ENTRY_STATUSES]},
-                description="empty: no filter",
-            ),
-            *PAGE_PARAMS,
-        ),
+        params=PROJECTS_PARAMS,
         response_schema=_page_schema("projects", ENTRY_SCHEMA),
         tags=tags,
         requires="read",
     )
     async def projects_list(scope: Scope) -> LeanResponse:
-        params = _query(scope)
+        params = dict(_pairs(scope, PROJECTS_PARAMS))
         status = _choice(params, "status", ENTRY_STATUSES)
         limit, offset = _page(params)
         return json_response(200, await scanner.list_entries(status, limit, offset))
@@ -282,28 +350,7 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
             400: "Bad query value (details.field)",
             403: "register=true without the write scope",
         },
-        params=(
-            Param(
-                "roots",
-                "query",
-                {"type": "array", "maxItems": fs.MAX_ROOTS, "items": ROOT},
-                explode=False,
-                description="comma list (or repeated): absolute or ~ paths; default: config",
-            ),
-            Param(
-                "depth",
-                "query",
-                {"type": "integer", "minimum": fs.MIN_DEPTH, "maximum": fs.MAX_DEPTH},
-                description=f"folders below a root (default {fs.DEFAULT_DEPTH})",
-            ),
-            Param(
-                "max_depth",
-                "query",
-                {"type": "integer", "minimum": fs.MIN_DEPTH, "maximum": fs.MAX_DEPTH},
-                description="another name of depth (depth wins)",
-            ),
-            Param("register", "query", BOOLEAN_PARAM, description="register what is new"),
-        ),
+        params=DISCOVER_PARAMS,
         response_schema={
             "type": "object",
             "properties": {
@@ -317,7 +364,7 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
         requires="read",
     )
     async def discover(scope: Scope) -> LeanResponse:
-        pairs = _pairs(scope)
+        pairs = _pairs(scope, DISCOVER_PARAMS)
         params = dict(pairs)
         roots = parse_roots(pairs)
         depth = _depth(params)
@@ -365,26 +412,7 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
             400: "Bad query value (details.field)",
             404: "An unknown project_id",
         },
-        params=(
-            Param(
-                "project_id",
-                "query",
-                {
-                    "type": "array",
-                    "maxItems": MAX_PROJECT_IDS,
-                    "items": {"type": "string", "pattern": "^[^,]*$"},
-                },
-                explode=False,
-                description="comma list (or repeated) of reg- ids; an unknown one is 404",
-            ),
-            Param(
-                "status",
-                "query",
-                {"type": "string", "enum": ["", *STATUS_FILTER]},
-                description="in_progress is active; empty: no filter",
-            ),
-            *PAGE_PARAMS,
-        ),
+        params=TASKS_PARAMS,
         response_schema={
             "type": "object",
             "properties": {
@@ -400,7 +428,7 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
         requires="read",
     )
     async def tasks(scope: Scope) -> LeanResponse:
-        pairs = _pairs(scope)
+        pairs = _pairs(scope, TASKS_PARAMS)
         params = dict(pairs)
         ids = _list_param(pairs, "project_id", MAX_PROJECT_IDS)
         status = _choice(params, "status", tuple(STATUS_FILTER))
@@ -415,33 +443,13 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
         "/api/registry/learnings",
         "Shared learnings ($LOKI_HOME/learnings/*.jsonl), newest first",
         responses={200: "A page of learnings, counts, errors", 400: "Bad query value"},
-        params=(
-            Param(
-                "type",
-                "query",
-                {
-                    "anyOf": [
-                        {"const": ""},
-                        words(*LEARNING_WORDS),
-                    ]
-                },
-                description="patterns, mistakes or successes (any case, or singular); "
-                "empty: no filter",
-            ),
-            Param(
-                "q",
-                "query",
-                {"type": "string", "maxLength": MAX_QUERY_CHARS},
-                description="text in description, category or project; empty: no filter",
-            ),
-            *PAGE_PARAMS,
-        ),
+        params=LEARNINGS_PARAMS,
         response_schema=_page_schema("learnings", {"type": "object"}),
         tags=tags,
         requires="read",
     )
     async def learnings(scope: Scope) -> LeanResponse:
-        params = _query(scope)
+        params = dict(_pairs(scope, LEARNINGS_PARAMS))
         kind = None
         if params.get("type"):
             kind = fs.learning_type(params["type"])
@@ -509,13 +517,17 @@ def parse_roots(pairs: Sequence[tuple[str, str]]) -> list[str] | None:
     return roots
 
 
-def _pairs(scope: Scope) -> list[tuple[str, str]]:
+def _pairs(scope: Scope, documented: Sequence[Param]) -> list[tuple[str, str]]:
+    """The query's (name, value) pairs; 400 naming a parameter not in `documented`."""
     raw: bytes = scope.get("query_string", b"")
-    return parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True)
+    pairs = parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True)
+    refuse_unknown((name for name, _ in pairs), query_names(documented))
+    return pairs
 
 
-def _query(scope: Scope) -> dict[str, str]:
-    return dict(_pairs(scope))
+def query_names(documented: Sequence[Param]) -> tuple[str, ...]:
+    """The names of a route's query parameters, as its OpenAPI entry lists them."""
+    return tuple(param.name for param in documented if param.location == "query")
 
 
 def _list_param(pairs: Sequence[tuple[str, str]], name: str, most: int) -> list[str]:

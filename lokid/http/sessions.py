@@ -88,7 +88,7 @@ def install_session_reads(surface: Surface, store: StoreActor) -> None:
         requires="read",
     )
     async def sessions_list(scope: Scope) -> LeanResponse:
-        query = parse_list_query(query_params(scope))
+        query = parse_list_query(query_params(scope), statuses=SESSION_STATUSES)
         return json_response(
             200,
             await store.read(
@@ -178,7 +178,7 @@ def install_task_reads(surface: Surface, store: StoreActor) -> None:
         requires="read",
     )
     async def tasks_active(scope: Scope) -> LeanResponse:
-        query = parse_list_query(query_params(scope))
+        query = parse_list_query(query_params(scope), statuses=None)
         return json_response(
             200,
             await store.read(lambda db: active_tasks(db, limit=query.limit, offset=query.offset)),
@@ -194,7 +194,7 @@ def install_task_reads(surface: Surface, store: StoreActor) -> None:
         requires="read",
     )
     async def tasks_queue(scope: Scope) -> LeanResponse:
-        query = parse_list_query(query_params(scope))
+        query = parse_list_query(query_params(scope), statuses=None)
         return json_response(
             200,
             await store.read(lambda db: queued_tasks(db, limit=query.limit, offset=query.offset)),

@@ -1,0 +1,132 @@
+"""Enterprise routes and the task lists over in-memory ASGI: a `Surface` with a real store,
+audit writer and gate (no sockets, no daemon). Query parameters are checked against the
+route's own documented list (never another route's), bad values answer the seed's error
+body naming the parameter with a precise message."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import pathlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from lokid.actors.audit_writer import AuditWriter
+from lokid.actors.store import StoreActor
+from lokid.http.enterprise import install_enterprise
+from lokid.http.gate import Gate
+from lokid.http.sessions import install_session_reads, install_task_reads
+from lokid.http.surface import Surface
+
+from .asgi import Answer, call
+from .child_status import StubChildStatus
+
+
+@attrs.frozen
+class Rig:
+    surface: Surface
+    store: StoreActor
+    audit: AuditWriter
+
+    async def get(self, path: str, **kwargs: Any) -> Answer:
+        return await call(self.surface, "GET", path, **kwargs)
+
+    async def post(self, path: str, body: Any, **kwargs: Any) -> Answer:
+        return await call(self.surface, "POST", path, body=json.dumps(body).encode(), **kwargs)
+
+
+@contextlib.asynccontextmanager
+async def rig(tmp_path: pathlib.Path) -> AsyncIterator[Rig]:
+    """Store and audit writer running; the enterprise, session and task read routes."""
+    store = StoreActor(tmp_path / "lokid.db")
+    audit = AuditWriter(store)
+    statuses = [StubChildStatus() for _ in range(2)]
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for actor, status in zip((store, audit), statuses, strict=True):
+                nursery.start_soon(functools.partial(actor.run, task_status=status))
+                await status.started_event.wait()
+            surface = Surface("test", "0")
+            gate = Gate(auth_enabled=False, store=store, audit=audit)
+            surface.gate = gate
+            install_enterprise(surface, store, audit, gate, rate_limit=False)
+            install_session_reads(surface, store)
+            install_task_reads(surface, store)
+            yield Rig(surface, store, audit)
+            for status in reversed(statuses):
+                status.shutdown_requested.set()
+
+
+def error_of(answer: Answer, status: int, code: str) -> dict[str, Any]:
+    assert answer.status == status, answer.body
+    body = answer.json()
+    assert set(body) == {"error"} and set(body["error"]) >= {"code", "message", "details"}
+    assert body["error"]["code"] == code
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+# -- each route's own query parameters ---------------------------------------------------------
+
+SESSION_WORDS = ("starting", "running", "paused")
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "/api/enterprise/tokens?status=revoked",
+        "/api/enterprise/tokens?status=running",
+        "/api/tasks/queue?status=pending",
+        "/api/tasks/active?status=completed",
+        "/api/tasks/active?status=",
+    ],
+)
+async def test_a_status_on_a_list_without_that_filter_is_400_naming_it(
+    tmp_path: pathlib.Path, query: str
+) -> None:
+    """Neither checked against the session statuses nor accepted and ignored."""
+    async with rig(tmp_path) as r:
+        error = error_of(await r.get(query), 400, "BAD_REQUEST")
+        assert error["details"]["field"] == "status"
+        assert "not a query parameter" in error["message"], error
+        assert "limit, offset" in error["message"]
+        assert not any(word in error["message"] for word in SESSION_WORDS), error
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("/api/enterprise/tokens?sort=name", "sort"),
+        ("/api/enterprise/audit?actor=tok-1", "actor"),
+        ("/api/tasks?session=s-1", "session"),
+        ("/api/tasks/queue?project_id=x", "project_id"),
+        ("/api/sessions?provider=claude", "provider"),
+        ("/api/sessions/s-1/tasks?column=done", "column"),
+        ("/api/tasks?status=running", "status"),  # a session word on a task list
+    ],
+)
+async def test_a_parameter_a_route_does_not_document_is_400(
+    tmp_path: pathlib.Path, query: str, field: str
+) -> None:
+    async with rig(tmp_path) as r:
+        error = error_of(await r.get(query), 400, "BAD_REQUEST")
+        assert error["details"]["field"] == field
+
+
+async def test_the_documented_parameters_are_taken(tmp_path: pathlib.Path) -> None:
+    async with rig(tmp_path) as r:
+        for query in (
+            "/api/enterprise/tokens?limit=5&offset=0",
+            "/api/enterprise/audit?start=2020-01-01&end=2030-01-01&action=token.*&limit=5&offset=0",
+            "/api/tasks?status=pending&limit=5&offset=0",
+            "/api/tasks/active?limit=5&offset=0",
+            "/api/tasks/queue?limit=5&offset=0",
+            "/api/sessions?status=running&limit=5&offset=0",
+        ):
+            answer = await r.get(query)
+            assert answer.status == 200, (query, answer.body)
