@@ -781,7 +781,11 @@ _TIMESTAMP = re.compile(  # [0-9], not \d: no other script's digits
 )
 
 
-def parse_timestamp(value: str, *, field: str, end: bool = False) -> str:
+TIME_RANGE = "0001-01-01 to 9999-12-31 UTC"
+"""The times a stored timestamp can hold (`datetime`'s)."""
+
+
+def parse_timestamp(value: str, *, field: str, end: bool = False) -> str | None:
     """A `start`/`end` bound as a stored timestamp (`...T..:..:..mmmZ`); 400 if not strict ISO.
 
     Accepted: a date `YYYY-MM-DD` (UTC), or `YYYY-MM-DDTHH:MM[:SS[.fraction]]`
@@ -790,6 +794,11 @@ def parse_timestamp(value: str, *, field: str, end: bool = False) -> str:
     next day for `end` (bounds are `start <= timestamp < end`, so
     `start=end=<day>` is that whole day). Fractions finer than a millisecond
     are rounded up, which keeps both comparisons exact on stored values.
+
+    A bound past the edge of `TIME_RANGE` (`end=9999-12-31`, whose next day
+    does not exist; an offset across year 1 or 9999) includes every stored
+    time when it is an end past the last or a start before the first: None,
+    no bound. The other way round it would match nothing: a 400 saying the range.
     """
     text = value.strip()
     if not _TIMESTAMP.fullmatch(text):
@@ -812,19 +821,33 @@ def parse_timestamp(value: str, *, field: str, end: bool = False) -> str:
             micros = -(-int(fraction) // 10 ** (len(fraction) - 6))  # rounded up
         text = text[: digits.start()] + text[digits.end() :]
     try:
-        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-        if date_only:
-            moment = moment.replace(tzinfo=dt.UTC)
-            if end:
-                moment += dt.timedelta(days=1)
-        moment += dt.timedelta(microseconds=micros)
-        moment = moment.astimezone(dt.UTC)
-    except (ValueError, OverflowError) as exc:
+        given = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:  # not on the calendar: February 30
         raise InvalidQuery(f"{field} is not a valid time: {exc}", field=field) from None
-    # Round up to the millisecond of the stored form.
+    try:
+        return iso(_to_stored(given, date_only=date_only, end=end, micros=micros))
+    except OverflowError:  # past the first or last moment a datetime holds
+        if (given.year == 1) != end:  # a start before the first, an end after the last
+            return None
+        raise InvalidQuery(
+            f"{field} is not a valid time: it lies outside {TIME_RANGE}, where it would "
+            "match no entry",
+            field=field,
+        ) from None
+
+
+def _to_stored(given: dt.datetime, *, date_only: bool, end: bool, micros: int) -> dt.datetime:
+    """`given` in UTC, rounded up to the millisecond; `OverflowError` past the range."""
+    moment = given
+    if date_only:
+        moment = moment.replace(tzinfo=dt.UTC)
+        if end:
+            moment += dt.timedelta(days=1)
+    moment += dt.timedelta(microseconds=micros)
+    moment = moment.astimezone(dt.UTC)
     if moment.microsecond % 1000:
         moment += dt.timedelta(microseconds=1000 - moment.microsecond % 1000)
-    return iso(moment)
+    return moment
 
 
 @attrs.frozen
@@ -880,6 +903,9 @@ class AuditQuery:
         return (" AND ".join(clauses) or "1"), params
 
 
+_INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits: "²" is a digit to str.isdigit()
+
+
 def _int(value: int | str | None, name: str, default: int, low: int, high: int) -> int:
     if value is None:
         return default
@@ -889,8 +915,10 @@ def _int(value: int | str | None, name: str, default: int, low: int, high: int) 
         number = value
     else:
         text = value.strip()
-        if not text.isascii() or not text.lstrip("-").isdigit() or len(text) > 20:
+        if not _INTEGER.fullmatch(text):
             raise InvalidQuery(f"{name} must be an integer, got {value[:50]!r}", field=name)
+        if len(text) > 20:  # an integer, beyond any bound: do not echo its digits
+            raise InvalidQuery(f"{name} must be between {low} and {high}", field=name)
         number = int(text)
     if not low <= number <= high:
         raise InvalidQuery(f"{name} must be between {low} and {high}, got {number}", field=name)

@@ -360,8 +360,27 @@ class _Walk:
 
 
 def expand_root(root: str) -> str:
-    """`~` expanded; the path made absolute and normalised (not resolved)."""
-    return os.path.normpath(os.path.abspath(os.path.expanduser(root)))
+    """`~` expanded; the path made absolute and normalised (not resolved).
+
+    A `~user` naming no user (or `~` without a home) is left as given: never resolved
+    against the daemon's working folder (`unexpanded` says so; callers report it)."""
+    expanded = os.path.expanduser(root)
+    if unexpanded(expanded):
+        return expanded
+    return os.path.normpath(os.path.abspath(expanded))
+
+
+def unexpanded(path: str) -> str | None:
+    """The `~` or `~user` prefix `os.path.expanduser` could not expand in `path`, else None."""
+    if not path.startswith("~"):
+        return None
+    return path.split("/", 1)[0]
+
+
+def _no_user(shown: str) -> Problem:
+    prefix = unexpanded(shown) or "~"
+    who = f"no user {prefix[1:]!r}" if len(prefix) > 1 else "no home folder"
+    return Problem(shown, "missing", f"{who} to expand {prefix}")
 
 
 def discover(
@@ -389,6 +408,11 @@ def discover(
     walked: set[str] = set()
     for given in roots:
         shown = expand_root(given)
+        if unexpanded(shown):
+            reports.append(RootReport(given, shown, "missing"))
+            if explicit:
+                walk.problems.add(_no_user(shown))
+            continue
         try:
             real = os.path.realpath(shown, strict=True)
             info = os.stat(real)
@@ -1416,6 +1440,8 @@ class Candidate:
 def resolve_folder(given: str) -> Candidate:
     """The real path of an existing folder (`~` expanded), or the problem with it."""
     shown = expand_root(given)
+    if unexpanded(shown):
+        return Candidate(given, None, False, _no_user(shown))
     try:
         real = os.path.realpath(shown, strict=True)
         info = os.stat(real)

@@ -544,8 +544,10 @@ def query_int(params: Mapping[str, Any], name: str, default: int, low: int, high
     if raw is None:
         return default
     text = str(raw).strip()
-    if len(text) > 20 or not _INTEGER.fullmatch(text):
+    if not _INTEGER.fullmatch(text):
         raise InvalidQuery(f"{name} must be an integer, got {str(raw)[:50]!r}", field=name)
+    if len(text) > 20:  # an integer, beyond any bound: say the bound, not its digits
+        raise InvalidQuery(f"{name} must be between {low} and {high}", field=name)
     value = int(text)
     if not low <= value <= high:
         raise InvalidQuery(f"{name} must be between {low} and {high}, got {value}", field=name)

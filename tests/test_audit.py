@@ -39,6 +39,7 @@ from lokid.actors.audit_writer import (
 from lokid.actors.store import StoreActor
 from lokid.audit import (
     GENESIS,
+    MAX_OFFSET,
     Anchor,
     AuditEntry,
     AuditQuery,
@@ -504,6 +505,35 @@ def test_bad_timestamps_are_400_naming_the_parameter(value: str) -> None:
         AuditQuery.parse(end=value)
     assert caught.value.field == "end"
     assert caught.value.code == "BAD_REQUEST"
+
+
+def test_a_bound_past_the_ends_of_time_is_no_bound_or_a_clear_400() -> None:
+    """`end=9999-12-31` means up to the end (its next day does not exist); a bound that
+    would match nothing says the range, never "date value out of range"."""
+    assert parse_timestamp("9999-12-31", field="end", end=True) is None
+    assert AuditQuery.parse(start="2026-01-01", end="9999-12-31").end is None
+    assert parse_timestamp("9999-12-31T23:00-02:00", field="end", end=True) is None
+    assert parse_timestamp("0001-01-01T00:30+01:00", field="start") is None
+    assert parse_timestamp("9999-12-31", field="start") == "9999-12-31T00:00:00.000Z"
+    for field, value in (
+        ("start", "9999-12-31T23:59:59.9999999Z"),
+        ("end", "0001-01-01T00:30+01:00"),
+    ):
+        with pytest.raises(InvalidQuery) as caught:
+            AuditQuery.parse(**{field: value})
+        assert caught.value.field == field
+        message = str(caught.value)
+        assert "0001-01-01 to 9999-12-31 UTC" in message and "out of range" not in message
+
+
+def test_a_huge_integer_is_told_the_bound_not_echoed() -> None:
+    with pytest.raises(InvalidQuery) as caught:
+        AuditQuery.parse(offset="100000000000000000000000")
+    assert caught.value.field == "offset"
+    assert str(caught.value) == f"offset must be between 0 and {MAX_OFFSET}"
+    with pytest.raises(InvalidQuery) as caught:
+        AuditQuery.parse(offset="--5")  # a ValueError from int() once
+    assert "must be an integer" in str(caught.value)
 
 
 def test_query_bounds() -> None:

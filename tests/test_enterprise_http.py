@@ -130,3 +130,31 @@ async def test_the_documented_parameters_are_taken(tmp_path: pathlib.Path) -> No
         ):
             answer = await r.get(query)
             assert answer.status == 200, (query, answer.body)
+
+
+# -- precise messages -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "route", ["/api/enterprise/audit", "/api/enterprise/tokens", "/api/tasks", "/api/sessions"]
+)
+async def test_a_huge_offset_is_told_the_bound(tmp_path: pathlib.Path, route: str) -> None:
+    async with rig(tmp_path) as r:
+        error = error_of(
+            await r.get(f"{route}?offset=100000000000000000000000"), 400, "BAD_REQUEST"
+        )
+        assert error["details"]["field"] == "offset"
+        assert error["message"].startswith("offset must be between 0 and "), error
+        assert "integer" not in error["message"] and "1000000000000" not in error["message"]
+
+
+async def test_an_end_on_the_last_day_there_is_lists_everything(tmp_path: pathlib.Path) -> None:
+    async with rig(tmp_path) as r:
+        made = await r.post("/api/enterprise/tokens", {"name": "ci", "scopes": ["read"]})
+        assert made.status == 201, made.body  # audited: one entry
+        everything = await r.get("/api/enterprise/audit?end=9999-12-31")
+        assert everything.status == 200, everything.body
+        assert everything.json()["total"] == 1
+        never = await r.get("/api/enterprise/audit?end=0001-01-01T00:30%2B01:00")
+        error = error_of(never, 400, "BAD_REQUEST")
+        assert error["details"]["field"] == "end" and "9999-12-31 UTC" in error["message"]

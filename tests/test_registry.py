@@ -247,6 +247,22 @@ def test_missing_roots_are_errors_only_when_named(tmp_path: Path) -> None:
     assert default.roots[0].status == "missing"
 
 
+def test_a_tilde_of_no_user_is_never_resolved_against_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project(tmp_path / "~nosuchuser-lokid" / "p")
+    monkeypatch.chdir(tmp_path)
+    result = registry.discover(["~nosuchuser-lokid"], 2)
+    assert result.projects == ()
+    assert [(r.status, r.path) for r in result.roots] == [("missing", "~nosuchuser-lokid")]
+    assert [p.message for p in result.errors] == [
+        "no user 'nosuchuser-lokid' to expand ~nosuchuser-lokid"
+    ]
+    assert registry.discover(["~nosuchuser-lokid"], 2, explicit=False).errors == ()
+    resolved = registry.resolve_folder("~nosuchuser-lokid/p")
+    assert resolved.path is None and resolved.problem is not None
+
+
 def test_tilde_roots_are_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     project(tmp_path / "git" / "p")

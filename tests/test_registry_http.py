@@ -234,6 +234,18 @@ async def test_malformed_json_is_400(tmp_path: pathlib.Path) -> None:
         error_of(await r.post("/api/registry/projects", b"[1]"), 400, "BAD_REQUEST")
 
 
+async def test_a_path_of_an_unknown_user_is_not_resolved_against_the_working_folder(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "~nosuchuser-lokid" / "x").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)  # where a relative "~nosuchuser-lokid/x" would be found
+    async with rig(tmp_path) as r:
+        answer = await r.post("/api/registry/projects", {"path": "~nosuchuser-lokid/x"})
+        error = error_of(answer, 422, "VALIDATION_ERROR")
+        assert error["details"]["field"] == "path"
+        assert "no user 'nosuchuser-lokid'" in error["message"], error
+
+
 async def test_a_missing_folder_says_so(tmp_path: pathlib.Path) -> None:
     async with rig(tmp_path) as r:
         gone = tmp_path / "gone"
@@ -387,6 +399,11 @@ async def test_discover_roots_comma_list_or_repeated_and_defaults(
         ("roots=relative/path", "roots"),
         ("register=maybe", "register"),
         ("roots=" + ",".join(f"/r{i}" for i in range(33)), "roots"),
+        ("roots=", "roots"),  # not "the configured roots"
+        ("roots=,,", "roots"),
+        ("roots=/tmp,", "roots"),
+        ("roots=%20", "roots"),
+        ("roots=~nosuchuser-lokid/x", "roots"),  # not a folder below the working folder
     ],
 )
 async def test_discover_bad_query_values_are_400(

@@ -493,6 +493,14 @@ def test_task_status_is_not_a_session_status() -> None:
         sr.parse_list_query({"status": "running"}, statuses=sr.TASK_STATUSES)
 
 
+@pytest.mark.parametrize("text", ["100000000000000000000000", "-" + "9" * 30])
+def test_a_huge_integer_is_told_the_bound_not_called_no_integer(text: str) -> None:
+    with pytest.raises(InvalidQuery) as info:
+        sr.query_int({"offset": text}, "offset", 0, 0, sr.MAX_OFFSET)
+    assert info.value.field == "offset"
+    assert str(info.value) == f"offset must be between 0 and {sr.MAX_OFFSET}"
+
+
 @pytest.mark.parametrize("status", ["completed", "running", ""])
 def test_a_list_without_a_status_filter_refuses_status(status: str) -> None:
     """Not a 400 listing the session statuses, not a filter silently ignored."""

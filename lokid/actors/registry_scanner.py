@@ -599,6 +599,8 @@ class RegistryScanner(Actor[Any]):
                 "symlink_loop": "is a symbolic link loop",
                 "permission_denied": "cannot be reached (permission denied)",
             }.get(problem.kind, f"cannot be used ({problem.message})")
+            if fs.unexpanded(problem.path):  # ~user: no such user (or no home)
+                reason = f"cannot be used ({problem.message})"
             raise ValidationFailed(
                 f"path {problem.path} {reason}",
                 field="path",

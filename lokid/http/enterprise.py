@@ -86,8 +86,10 @@ TIMESTAMP = {
     "pattern": f"^[{SPACE}]*{_YEAR}-{_DAY}(?:T{_HOUR}:{_MINUTE}(?::{_MINUTE}"
     f"(?:\\.[0-9]{{1,9}})?)?(?:Z|[+-]{_HOUR}:{_MINUTE}))?[{SPACE}]*$",
 }
-"""`lokid.audit.parse_timestamp`'s syntax. A date that is not on the calendar (February 30,
-or out of range once in UTC) is a 400 too, and so is an end at or before start."""
+"""`lokid.audit.parse_timestamp`'s syntax. A date that is not on the calendar (February 30)
+is a 400 too, and so are an end at or before start and a bound past year 1 or 9999 in UTC
+that would match nothing (an end past the last time, or a start before the first, is no
+bound)."""
 ACTION = {
     "anyOf": [
         stripped_text(audit_log.MAX_FILTER_CHARS, "*"),

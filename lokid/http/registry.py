@@ -23,10 +23,12 @@ it is one walk, capped at `MAX_DISCOVER_RESULTS` projects (`truncated`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl
 
+import trio
 from quart import request
 
 from lokid import idempotency
@@ -158,9 +160,10 @@ IDEMPOTENCY = Param(
 ROOT = {
     "type": "string",
     "maxLength": fs.MAX_PATH_CHARS,
-    "pattern": f"^[{SPACE}]*(?:[/~][^\\x00,]*)?$",
+    "pattern": f"^[{SPACE}]*[/~][^\\x00,]*$",
 }
-"""One root of `roots`: absolute or ~ once stripped (an empty one is skipped)."""
+"""One root of `roots`: absolute or ~ once stripped (an empty one is refused); a ~user
+must name a user with a home folder (else 400)."""
 LEARNING_WORDS = sorted(
     {w for t in fs.LEARNING_TYPES for w in (t, t[:-1], t[:-2]) if fs.learning_type(w) == t}
 )
@@ -187,7 +190,7 @@ DISCOVER_PARAMS = (
     Param(
         "roots",
         "query",
-        {"type": "array", "maxItems": fs.MAX_ROOTS, "items": ROOT},
+        {"type": "array", "minItems": 1, "maxItems": fs.MAX_ROOTS, "items": ROOT},
         explode=False,
         description="comma list (or repeated): absolute or ~ paths; default: config",
     ),
@@ -367,6 +370,8 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
         pairs = _pairs(scope, DISCOVER_PARAMS)
         params = dict(pairs)
         roots = parse_roots(pairs)
+        if roots and any(root.startswith("~") for root in roots):
+            await trio.to_thread.run_sync(refuse_unknown_users, roots)
         depth = _depth(params)
         register = bool_param(params, "register", False)
         if register:
@@ -501,10 +506,22 @@ def _encodable(text: str) -> bool:
 
 
 def parse_roots(pairs: Sequence[tuple[str, str]]) -> list[str] | None:
-    """`roots` (comma list, or repeated); None when not given (use the defaults)."""
-    roots = _list_param(pairs, "roots", fs.MAX_ROOTS)
-    if not roots:
+    """`roots` (comma list, or repeated); None when not given (use the defaults).
+
+    Given, it must name at least one root (`roots=` or `roots=,,` is not "the
+    defaults"), and each must be absolute or start with `~` (see also
+    `refuse_unknown_users`)."""
+    given = [value for key, value in pairs if key == "roots"]
+    if not given:
         return None
+    parts = [part.strip() for value in given for part in value.split(",")]
+    if not all(parts):
+        raise InvalidQuery(
+            "roots must not hold an empty root (a comma at an end, two in a row, or no "
+            "value); leave roots out for the configured ones",
+            field="roots",
+        )
+    roots = _list_param(pairs, "roots", fs.MAX_ROOTS)
     for root in roots:
         if len(root) > fs.MAX_PATH_CHARS or "\x00" in root:
             raise InvalidQuery(
@@ -515,6 +532,19 @@ def parse_roots(pairs: Sequence[tuple[str, str]]) -> list[str] | None:
                 f"each root must be absolute (or start with ~), got {root[:80]!r}", field="roots"
             )
     return roots
+
+
+def refuse_unknown_users(roots: Sequence[str]) -> None:
+    """400 for a root whose `~` or `~user` does not expand (no such user, no home): it
+    would otherwise be a folder named `~user` below the daemon's working folder. A user
+    lookup may block (NSS): call it off the trio loop."""
+    for root in roots:
+        prefix = fs.unexpanded(os.path.expanduser(root))
+        if prefix is not None:
+            raise InvalidQuery(
+                f"root {root[:80]!r}: {prefix[:80]} names no user with a home folder",
+                field="roots",
+            )
 
 
 def _pairs(scope: Scope, documented: Sequence[Param]) -> list[tuple[str, str]]:
