@@ -492,7 +492,12 @@ class _Found:
 
 
 class ChainVerifier:
-    """Streaming `verify`: `feed` pages of entries in id order, then `finish(anchor)`.
+    """Streaming `verify`: `feed` pages of entries in id order, then `finish()`.
+
+    `anchor` is the chain head stored apart (read in the same snapshot as the
+    entries): given first, so that the verifier keeps the hashes of the entry
+    it names as it passes (entries after it are not anchored: the report's
+    head is that entry, whose hash only the entry after it still knows).
 
     Memory is constant whatever the length of the chain. After the first
     problem the verifier needs no more entries (`wants_more` turns False),
@@ -501,9 +506,12 @@ class ChainVerifier:
     entry was written under.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, anchor: Anchor | None = None) -> None:
+        self._anchor = anchor
         self._next_id = 1
         self._prev_hash = GENESIS
+        self._last_prev_hash = GENESIS  # the last good entry's prev_hash
+        self._anchored: tuple[str, str] | None = None  # (prev_hash, hash) at anchor.last_id
         self._checked = 0
         self._found: _Found | None = None
         self._displaced: AuditEntry | None = None  # hash and link both wrong: moved?
@@ -559,9 +567,15 @@ class ChainVerifier:
             )
             return
         self._next_id = expected + 1
+        self._last_prev_hash = entry.prev_hash
         self._prev_hash = entry.hash
+        if self._anchor is not None and entry.id == self._anchor.last_id:
+            self._anchored = (entry.prev_hash, entry.hash)
 
-    def finish(self, anchor: Anchor | None) -> ChainReport:
+    def finish(self) -> ChainReport:
+        """The verdict. `head_id`/`head_hash` are the last entry found good: before a bad
+        entry, and never past the anchor's head (entries after it are not anchored)."""
+        anchor = self._anchor
         found = self._found
         if found is not None and self._displaced is not None:
             limit = max(self._max_id, anchor.last_id if anchor is not None else 0)
@@ -571,14 +585,14 @@ class ChainVerifier:
                 found = _Found(
                     Problem.REORDERED, at, f"entry {at} holds the entry written as {written_as}"
                 )
+        head_id, head_hash = self._next_id - 1, self._prev_hash
         if found is None:
             found = self._check_anchor(anchor)
-        head_id = self._next_id - 1
+            if found is not None and found.entry_id is not None and found.entry_id <= head_id:
+                head_id, head_hash = self._good_before(found.entry_id)
         if found is None:
             message = "empty audit log" if head_id == 0 else f"{head_id} entries, chain valid"
-            return ChainReport(
-                True, self._checked, None, None, message, head_id, self._prev_hash, anchor
-            )
+            return ChainReport(True, self._checked, None, None, message, head_id, head_hash, anchor)
         return ChainReport(
             False,
             self._checked,
@@ -586,9 +600,28 @@ class ChainVerifier:
             found.problem,
             found.message,
             head_id,
-            self._prev_hash,
+            head_hash,
             anchor,
         )
+
+    def _good_before(self, bad_id: int) -> tuple[int, str]:
+        """The id and hash of the entry before `bad_id`, which the anchor disagrees with:
+        the last entry (its prev_hash), or the one after the anchor's head (that entry's
+        kept hash; its prev_hash when the head itself disagrees)."""
+        last = self._next_id - 1
+        if bad_id == last:
+            return last - 1, self._last_prev_hash
+        if bad_id == 1:  # the anchor is of an empty log
+            return 0, GENESIS
+        assert self._anchored is not None and self._anchor is not None
+        prev_hash, hash = self._anchored
+        if bad_id == self._anchor.last_id:
+            return bad_id - 1, prev_hash
+        return bad_id - 1, hash
+
+    def _anchored_hash(self) -> str:
+        assert self._anchored is not None  # passed on the way to `last`
+        return self._anchored[1]
 
     def _check_anchor(self, anchor: Anchor | None) -> _Found | None:
         last = self._next_id - 1
@@ -608,6 +641,15 @@ class ChainVerifier:
                 + (f"{last}" if last else "none: the table is empty"),
             )
         if anchor.last_id < last:
+            kept = GENESIS if anchor.last_id == 0 else self._anchored_hash()
+            if kept != anchor.last_hash:
+                return _Found(
+                    Problem.ANCHOR_MISMATCH,
+                    anchor.last_id,
+                    f"entry {anchor.last_id}'s hash is not the anchor's, and entries "
+                    f"{anchor.last_id + 1}-{last} follow the anchor's head: the chain was "
+                    "rewritten or the anchor edited",
+                )
             return _Found(
                 Problem.ANCHOR_MISMATCH,
                 anchor.last_id + 1,
@@ -657,9 +699,9 @@ def _written_as(entry: AuditEntry, limit: int) -> int | None:
 
 def verify(entries: Iterable[AuditEntry], anchor: Anchor | None) -> ChainReport:
     """Check a whole chain given in id order against its anchor (see the module rules)."""
-    verifier = ChainVerifier()
+    verifier = ChainVerifier(anchor)
     verifier.feed(entries)
-    return verifier.finish(anchor)
+    return verifier.finish()
 
 
 # -- actions -----------------------------------------------------------------------

@@ -12,7 +12,7 @@ import functools
 import json
 import pathlib
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, cast
 
 import attrs
@@ -363,6 +363,42 @@ def test_verify_names_the_first_problem() -> None:
     assert bad([entries[0], entries[2], entries[1]], anchor) == (Problem.GAP, 2)
 
 
+@pytest.mark.parametrize(
+    ("anchor", "first_bad", "head"),
+    [
+        (lambda e: Anchor(6, e[5].hash, 6), 7, 6),  # 7 and 8 appended past the anchor
+        (lambda e: Anchor(6, "f" * 64, 6), 6, 5),  # ... and 6 is not the anchored one
+        (lambda e: Anchor(8, "f" * 64, 8), 8, 7),
+        (lambda e: Anchor(0, GENESIS, 0), 1, 0),  # the anchor of an empty log
+        (lambda e: Anchor(8, e[7].hash, 9), None, 8),  # the count edited: entries good
+        (lambda e: None, None, 8),
+    ],
+    ids=["appended", "appended-and-rewritten", "head-rewritten", "empty-anchor", "count", "none"],
+)
+def test_the_head_is_the_last_entry_found_good_never_the_first_bad(
+    anchor: Callable[[list[AuditEntry]], Anchor | None], first_bad: int | None, head: int
+) -> None:
+    """`loki audit verify` prints `first bad` and `last good`: never the same entry."""
+    entries = make_chain(8)
+    report = verify(entries, anchor(entries))
+    assert (report.valid, report.first_bad_id, report.head_id) == (False, first_bad, head)
+    assert report.head_hash == (entries[head - 1].hash if head else GENESIS)
+    assert report.problem in (Problem.ANCHOR_MISMATCH, Problem.ANCHOR_MISSING)
+
+
+def test_the_head_stops_before_any_bad_entry() -> None:
+    entries = make_chain(8)
+    cases = [
+        (entries[:2] + entries[4:], anchor_of(entries)),  # gap
+        ([*entries[:3], attrs.evolve(entries[3], actor="x"), *entries[4:]], anchor_of(entries)),
+        (entries[:6], anchor_of(entries)),  # truncated
+    ]
+    for entries_given, anchor in cases:
+        report = verify(entries_given, anchor)
+        assert report.first_bad_id is not None and report.head_id < report.first_bad_id
+        assert report.head_hash == entries[report.head_id - 1].hash
+
+
 def test_a_renumbered_entry_is_reported_as_reordered() -> None:
     entries = make_chain(8)
     swapped = list(entries)
@@ -379,11 +415,11 @@ def test_a_renumbered_entry_is_reported_as_reordered() -> None:
 
 def test_verifier_reads_no_further_than_it_needs() -> None:
     entries = make_chain(6)
-    verifier = audit.ChainVerifier()
+    verifier = audit.ChainVerifier(anchor_of(entries))
     verifier.feed(entries[:2] + entries[3:4])  # a gap: nothing after it matters
     assert not verifier.wants_more
     verifier.feed(entries[4:])
-    assert verifier.finish(anchor_of(entries)).entries_checked == 2
+    assert verifier.finish().entries_checked == 2
 
 
 @pytest.mark.parametrize(

@@ -15,9 +15,12 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
+import attrs
 import httpx
 import pytest
 
+from lokid.actors.audit_writer import entry_from_row
+from lokid.audit import entry_hash
 from lokid.cli import TOKEN_SCOPES
 from lokid.tokens import SCOPES, looks_like_token
 
@@ -294,6 +297,36 @@ def test_verify_offline_names_the_first_bad_entry(
         first_bad,
     )
     assert report["verified_by"] == "database"
+
+
+def test_an_entry_appended_past_the_anchor_is_not_the_last_good_one(
+    daemon_factory: Factory, loki: Cli
+) -> None:
+    """A correctly chained entry 4 written without the anchor: first bad 4, last good 3."""
+    home = stopped_log(daemon_factory, loki)
+    database = home / "lokid" / "lokid.db"
+    with sqlite3.connect(database) as db:
+        last = entry_from_row(db.execute("SELECT * FROM audit_log WHERE id = 3").fetchone())
+        forged = attrs.evolve(last, id=4, prev_hash=last.hash)
+        forged = attrs.evolve(forged, hash=entry_hash(last.hash, forged.fields()))
+        f = forged
+        db.execute(
+            "INSERT INTO audit_log (id, timestamp, actor, action, resource, method, path,"
+            " status, ip, details, prev_hash, hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (f.id, f.timestamp, f.actor, f.action, f.resource, f.method, f.path, f.status,
+             f.ip, json.dumps(f.details), f.prev_hash, f.hash),
+        )  # fmt: skip
+    db.close()
+
+    result = loki.fails(home, "audit", "verify", "--offline")
+    shown = fields("\n".join(result.out.splitlines()[1:]))
+    assert (shown["problem"], shown["first bad"], shown["last good"]) == (
+        "anchor mismatch",
+        "entry 4",
+        "entry 3",
+    )
+    report = json.loads(loki.fails(home, "audit", "verify", "--offline", "--json").out)
+    assert (report["first_bad_id"], report["head_id"], report["head_hash"]) == (4, 3, last.hash)
 
 
 def test_the_running_daemon_reports_an_edited_entry(daemon_factory: Factory, loki: Cli) -> None:

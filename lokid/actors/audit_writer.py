@@ -689,7 +689,7 @@ def verify_store(db: sqlite_utils.Database, *, page: int = VERIFY_PAGE) -> Chain
     Run it in one read transaction (`StoreActor.read` does) so the entries
     and the anchor are one snapshot.
     """
-    verifier = ChainVerifier()
+    verifier = ChainVerifier(read_anchor(db))
     after = 0
     while verifier.wants_more:
         rows = _fetch(
@@ -702,4 +702,4 @@ def verify_store(db: sqlite_utils.Database, *, page: int = VERIFY_PAGE) -> Chain
             break
         verifier.feed(entry_from_row(row) for row in rows)
         after = rows[-1][0]
-    return verifier.finish(read_anchor(db))
+    return verifier.finish()
