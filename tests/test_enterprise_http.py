@@ -158,3 +158,64 @@ async def test_an_end_on_the_last_day_there_is_lists_everything(tmp_path: pathli
         never = await r.get("/api/enterprise/audit?end=0001-01-01T00:30%2B01:00")
         error = error_of(never, 400, "BAD_REQUEST")
         assert error["details"]["field"] == "end" and "9999-12-31 UTC" in error["message"]
+
+
+# -- Idempotency-Key on token creation --------------------------------------------------------
+
+
+async def stored_tokens(store: StoreActor) -> list[tuple[str, str]]:
+    rows = await store.read(
+        lambda db: db.execute("SELECT id, token_sha256 FROM api_tokens ORDER BY id").fetchall()
+    )
+    return [(row[0], row[1]) for row in rows]
+
+
+async def test_a_token_create_with_a_key_happens_once_and_its_secret_is_shown_once(
+    tmp_path: pathlib.Path,
+) -> None:
+    body = {"name": "ci-bot", "scopes": ["read", "write"], "expires_days": 30}
+    key = {"Idempotency-Key": "tok-once-1"}
+    async with rig(tmp_path) as r:
+        first = await r.post("/api/enterprise/tokens", body, headers=key)
+        assert first.status == 201, first.body
+        made = first.json()
+        assert made["token"].startswith("loki_") and "message" not in made
+
+        again = await r.post("/api/enterprise/tokens", dict(reversed(body.items())), headers=key)
+        assert again.status == 201, again.body
+        replay = again.json()
+        assert replay == {**made, "token": None, "message": replay["message"]}
+        assert "secret" in replay["message"] and "revoke" in replay["message"]
+        assert [token_id for token_id, _ in await stored_tokens(r.store)] == [made["id"]]
+
+        other = await r.post("/api/enterprise/tokens", {**body, "name": "other"}, headers=key)
+        error = error_of(other, 409, "CONFLICT")
+        assert error["details"]["idempotencyKey"] == "tok-once-1"
+        assert len(await stored_tokens(r.store)) == 1
+
+        remembered = await r.store.read(
+            lambda db: db.execute("SELECT response FROM idempotency_keys").fetchall()
+        )
+        assert made["token"] not in json.dumps(remembered)  # the secret is never stored
+
+
+async def test_a_refused_token_body_stores_no_key_and_a_bad_key_is_400(
+    tmp_path: pathlib.Path,
+) -> None:
+    key = {"Idempotency-Key": "tok-once-2"}
+    async with rig(tmp_path) as r:
+        bad = await r.post("/api/enterprise/tokens", {"name": "x", "scopes": []}, headers=key)
+        assert error_of(bad, 422, "VALIDATION_ERROR")["details"]["field"] == "scopes"
+        fixed = await r.post(
+            "/api/enterprise/tokens", {"name": "x", "scopes": ["read"]}, headers=key
+        )
+        assert fixed.status == 201 and fixed.json()["token"]  # the key was still free
+        blank = await r.post(
+            "/api/enterprise/tokens", {"name": "y", "scopes": ["read"]},
+            headers={"Idempotency-Key": " "},
+        )  # fmt: skip
+        assert error_of(blank, 400, "BAD_REQUEST")["details"]["field"] == "Idempotency-Key"
+        without = [await r.post("/api/enterprise/tokens", {"name": "z", "scopes": ["read"]})
+                   for _ in range(2)]  # fmt: skip
+        assert [a.status for a in without] == [201, 201]
+        assert len(await stored_tokens(r.store)) == 3

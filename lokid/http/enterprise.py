@@ -9,17 +9,21 @@ is refused, and ends the WebSockets and SSE streams opened with it
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import sqlite_utils
 from quart import request
 
 from lokid import audit as audit_log
+from lokid import idempotency
 from lokid.actors.audit_writer import AuditWriter
 from lokid.actors.store import StoreActor
 from lokid.audit import AuditQuery
 from lokid.http.gate import Gate
 from lokid.http.surface import (
     CONTROL,
+    IDEMPOTENCY_KEY,
     SPACE,
     Link,
     Param,
@@ -41,6 +45,7 @@ from lokid.tokens import (
     count_tokens,
     create_token,
     list_tokens,
+    parse_token_request,
     revoke_token,
 )
 
@@ -121,6 +126,35 @@ AUDIT_PARAMS = (
     ),
     *PAGE_PARAMS,
 )
+TOKEN_ROUTE = "POST /api/enterprise/tokens"
+IDEMPOTENCY = Param(
+    idempotency.HEADER,
+    "header",
+    IDEMPOTENCY_KEY,
+    description="the same key and body within 24 h: the same token again, without its "
+    "secret (token null), nothing created; another body: 409",
+)
+REPLAYED = (
+    "an earlier request with this Idempotency-Key created this token; its secret was "
+    "shown only then. If that answer was lost, revoke this token and create another "
+    "with a new key"
+)
+TOKEN_CREATED: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "token", "name", "scopes", "created_at", "expires_at"],
+    "properties": {
+        "id": {"type": "string"},
+        "token": {
+            "type": ["string", "null"],
+            "description": "the secret: in the first answer only (null in a replay)",
+        },
+        "name": {"type": "string"},
+        "scopes": {"type": "array", "items": {"type": "string", "enum": list(SCOPES)}},
+        "created_at": {"type": "string", "format": "date-time"},
+        "expires_at": {"type": ["string", "null"], "format": "date-time"},
+        "message": {"type": "string", "description": "in a replay only: what happened"},
+    },
+}
 TOKEN_LINKS: dict[str, Link] = {
     "RevokeToken": ("DELETE", "/api/enterprise/tokens/{id}", {"id": "$response.body#/id"}),
 }
@@ -151,15 +185,26 @@ def install_enterprise(
         "POST",
         "/api/enterprise/tokens",
         "Create an API token (the raw token is in this answer only)",
-        responses={201: "The token, with its secret", 422: "Invalid field (details.field)"},
+        responses={
+            201: "The token, with its secret; a replay (same Idempotency-Key and body): the "
+            "same token with token null and a message, nothing created",
+            400: "Malformed JSON or Idempotency-Key",
+            409: "The Idempotency-Key was used for another body (details.idempotencyKey)",
+            422: "Invalid field (details.field)",
+        },
+        params=(IDEMPOTENCY,),
         request_body=TOKEN_BODY,
+        response_schema=TOKEN_CREATED,
         links=TOKEN_LINKS,
         tags=tags,
         requires="admin",
     )
     async def token_create() -> tuple[dict[str, Any], int]:
+        key = idempotency.validate_key(request.headers.get(idempotency.HEADER))
         body = await json_body()
-        return await store.write(lambda db: create_token(db, body)), 201
+        if key is None:
+            return await store.write(lambda db: create_token(db, body)), 201
+        return await create_token_once(store, body, key)
 
     @surface.route(
         "GET",
@@ -241,3 +286,31 @@ def install_enterprise(
     )
     async def audit_verify() -> dict[str, Any]:
         return (await audit.verify()).to_json()
+
+
+async def create_token_once(
+    store: StoreActor, body: Mapping[str, Any], key: str
+) -> tuple[dict[str, Any], int]:
+    """`POST /api/enterprise/tokens` with an `Idempotency-Key` (`lokid.idempotency`).
+
+    The secret is shown once, so it is never stored with the key: what is remembered
+    is the answer without it (`token: null`, `message`), which a replay gets back,
+    201, and no second token. Another body with the same key is 409. The body is
+    checked before the write (a 422 stores nothing: the client may fix it and retry).
+    """
+    digest = idempotency.body_digest(body)
+    first = await store.read(lambda db: idempotency.lookup_only(db, TOKEN_ROUTE, key, digest))
+    if first is not None:
+        return first.body, first.status
+    checked = parse_token_request(body)
+
+    def write(db: sqlite_utils.Database) -> tuple[dict[str, Any], int]:
+        remembered = idempotency.lookup(db, TOKEN_ROUTE, key, digest)
+        if remembered is not None:  # a retry that raced this one
+            return remembered.body, remembered.status
+        created = create_token(db, checked)
+        replay = {**created, "token": None, "message": REPLAYED}
+        idempotency.remember(db, TOKEN_ROUTE, key, digest, 201, replay)
+        return created, 201
+
+    return await store.write(write)
