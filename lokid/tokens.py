@@ -339,8 +339,9 @@ def validate_expires_days(value: Any) -> int | None:
         raise ValidationFailed(f"{field} must be an integer, not {value!r}", field=field)
     days = int(value)
     if not 1 <= days <= MAX_EXPIRES_DAYS:
+        got = str(days) if abs(days) < 10**12 else f"a number of {len(str(abs(days)))} digits"
         raise ValidationFailed(
-            f"{field} must be between 1 and {MAX_EXPIRES_DAYS}, got {days}",
+            f"{field} must be between 1 and {MAX_EXPIRES_DAYS}, got {got}",
             field=field,
             details={"min": 1, "max": MAX_EXPIRES_DAYS},
         )
