@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -696,7 +697,8 @@ def _print_event(event: dict[str, Any], *, as_json: bool) -> None:
         return
     session = f" [{event['sessionId']}]" if event.get("sessionId") else ""
     data = event.get("data") or {}
-    text = data.get("message") if isinstance(data.get("message"), str) else json.dumps(data)
+    message = data.get("message")
+    text = _shown(message) if isinstance(message, str) else json.dumps(data)
     level = event.get("level", "info")
     print(
         f"{event['timestamp']} {event['id']:>6} {level:<7} {event['type']}{session} {text}",
@@ -1278,10 +1280,22 @@ def _print_tasks(tasks: list[dict[str, Any]], *, with_session: bool) -> None:
     _print_table(headers, rows, empty="no tasks")
 
 
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+"""Control characters, line separators and bidirectional controls: a terminal would act
+on them (an escape sequence in a folder name or an agent's output could rewrite what
+the screen shows), so tables and event lines show them escaped."""
+
+
+def _shown(text: str) -> str:
+    """`text` with what `_UNPRINTABLE` matches written as a Python escape (`\\x1b`)."""
+    return _UNPRINTABLE.sub(lambda found: found.group().encode("unicode_escape").decode(), text)
+
+
 def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, empty: str) -> None:
     if not rows:
         print(empty)
         return
+    rows = [[_shown(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in (headers, *rows)) for i in range(len(headers))]
     for row in (headers, *rows):
         print(

@@ -90,6 +90,19 @@ def test_add_ls_rm_round_trip(
     assert gone == {"id": added["id"], "unregistered": True}
 
 
+def test_a_path_with_an_escape_sequence_is_listed_escaped(
+    daemon_factory: Factory, loki: Cli, tmp_path: Path
+) -> None:
+    """A folder name is anyone's to choose: `ls` must not hand its escapes to the terminal."""
+    daemon = daemon_factory().start()
+    sneaky = project(tmp_path / "p\x1b[2J\u202eevil")
+    loki.ok(daemon.home, "registry", "add", str(sneaky))
+    out = loki.ok(daemon.home, "registry", "ls").out
+    assert "\x1b" not in out and "\u202e" not in out
+    assert "p\\x1b[2J\\u202eevil" in out  # shown as escapes, still recognisable
+    assert loki.json(daemon.home, "registry", "ls")["projects"][0]["path"] == str(sneaky)
+
+
 def test_discover_register_and_sync(daemon_factory: Factory, loki: Cli, tmp_path: Path) -> None:
     daemon = daemon_factory().start()
     home = daemon.home
