@@ -8,6 +8,7 @@ agent received (the fake logs every invocation) and the processes left.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sqlite3
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 import pytest
 import trio
 
+from lokid.actors import session as session_module
 from lokid.actors.session import SessionActor
 from lokid.actors.store import StoreActor, StoreUnavailable
 
@@ -94,6 +96,43 @@ async def test_a_session_runs_every_task_and_completes(tmp_path: Path, agent_log
     assert orchestrator["metrics"]["tasksCompleted"] == 3
     autonomy = json.loads((loki / "autonomy-state.json").read_text())
     assert autonomy["status"] == "completion_promise_fulfilled"
+
+
+async def test_fifos_named_like_queue_files_do_not_hang_the_bootstrap(
+    tmp_path: Path, agent_log: Path
+) -> None:
+    """Another tool left FIFOs (no writer) where `.loki/` keeps its queues: a blocking open
+    would wait forever in the bootstrap; the session runs as usual."""
+    project = make_project(tmp_path)
+    queue = project / ".loki" / "queue"
+    queue.mkdir(parents=True)
+    for name in ("pending.json", "in-progress.json", "current-task.json"):
+        os.mkfifo(queue / name)
+    async with lab(tmp_path / "home") as lab_:
+        created = await lab_.create({"prd": str(project / "prd.md")})
+        session = await lab_.wait_status(created["id"], "completed", "failed")
+    assert (session["status"], session["tasks"]["completed"]) == ("completed", 3)
+
+
+async def test_a_prd_that_became_a_fifo_fails_the_bootstrap_instead_of_hanging(
+    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = make_project(tmp_path)
+    prd = project / "prd.md"
+    real_prepare = session_module._prepare_project
+
+    def swapped(paths: Any, prd_path: Path, new: bool) -> Any:
+        prd_path.unlink()  # replaced after the create's checks, before the bootstrap reads it
+        os.mkfifo(prd_path)
+        return real_prepare(paths, prd_path, new)
+
+    monkeypatch.setattr(session_module, "_prepare_project", swapped)
+    async with lab(tmp_path / "home") as lab_:
+        created = await lab_.create({"prd": str(prd)})
+        session = await lab_.wait_status(created["id"], "failed")
+        [failed] = await lab_.events(created["id"], "session.failed")
+    assert session["exitReason"] == "bootstrapFailed"
+    assert "not a regular file" in json.dumps(failed["data"])
 
 
 async def test_a_failing_task_is_retried_then_fails_the_session(

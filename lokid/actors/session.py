@@ -79,10 +79,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import logging
 import math
 import os
 import random
+import stat
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -1472,12 +1474,23 @@ def _fresh_run_files(paths: lokidir.LokiPaths) -> None:
 
 
 def _has_entries(path: Path) -> bool:
-    """The file holds something other than an empty list or object (cheap: no parse)."""
+    """The file holds something other than an empty list or object (cheap: no parse).
+
+    Opened without blocking: a FIFO named like a queue file (no writer) must not
+    hang the bootstrap; anything but a regular file is left to the readers, which
+    report it as a warning."""
     try:
-        with path.open("rb") as handle:
-            head = handle.read(64).strip()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        head = os.read(fd, 64).strip()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
     return head not in (b"", b"[]", b"{}")
 
 
@@ -1491,5 +1504,12 @@ def _provider_state_dirs() -> list[Path]:
 
 
 def _read_bounded(path: Path) -> bytes:
-    with path.open("rb") as handle:
-        return handle.read(MAX_PRD_BYTES + 1)
+    """The PRD's bytes; `LokiDirFormatError` if it is not a regular file of at most
+    `MAX_PRD_BYTES`.
+
+    Checked at creation, but a resume reads it again later: by then the path may be
+    a FIFO, which a blocking open would wait on forever."""
+    found = lokidir.read_file(path, limit=MAX_PRD_BYTES)
+    if found is None:
+        raise FileNotFoundError(errno.ENOENT, "PRD not found", str(path))
+    return found.data
