@@ -332,6 +332,17 @@ async def test_quiet_connections_get_keep_alive_pings(
         assert await next_message(ws) == {"type": "ping", "data": {}}
 
 
+async def test_a_websocket_opened_after_the_stop_began_is_closed_with_1001(
+    tmp_path: pathlib.Path,
+) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        assert daemon.hub.close_all() == 0  # what the stop does first
+        async with open_websocket_url(ws_url(daemon)) as ws:
+            with trio.fail_after(WAIT), pytest.raises(ConnectionClosed) as closed:
+                await ws.get_message()
+        assert closed.value.reason is not None and closed.value.reason.code == 1001
+
+
 async def test_a_stopping_daemon_closes_websockets_with_1001(tmp_path: pathlib.Path) -> None:
     async with open_websocket_url_after_start(tmp_path) as (daemon, ws):
         started = trio.current_time()

@@ -167,15 +167,22 @@ class DashboardHub:
         self.published = 0
         self.delivered = 0
         self.closed_slow = 0
+        self.stopping = False
 
     def connect(self) -> WsClient:
+        """A new connection's client; already ended (1001) once the daemon is stopping, so
+        a handshake that slips in after `close_all` cannot hold the listener's drain."""
         client = WsClient(self)
         self.clients.add(client)
         self.clients_total += 1
+        if self.stopping:
+            client.end(CLOSE_GOING_AWAY)
         return client
 
     def close_all(self) -> int:
-        """End every connection with 1001 (the daemon is stopping); how many."""
+        """End every connection with 1001 (the daemon is stopping), and every later one at
+        once; how many were open."""
+        self.stopping = True
         for client in self.clients:
             client.end(CLOSE_GOING_AWAY)
         return len(self.clients)
