@@ -502,9 +502,18 @@ def _alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2 :].split()[0] != "Z"
 
 
-def test_cli_events_history_and_follow(daemon: DaemonProcess) -> None:
-    import json
+def follow_events(home: Path) -> subprocess.Popen[str]:
+    """`loki events --follow --json` as a child; the caller reads and ends it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "lokid", "events", "--follow", "--json"],
+        env={**os.environ, "LOKI_HOME": str(home)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
+
+def test_cli_events_history_and_follow(daemon: DaemonProcess) -> None:
     listed = run_cli(["events", "--json"], daemon.home)
     assert listed.returncode == 0, listed.stderr
     first = json.loads(listed.stdout.splitlines()[0])
@@ -515,13 +524,7 @@ def test_cli_events_history_and_follow(daemon: DaemonProcess) -> None:
     bad = run_cli(["events", "--types", "nope"], daemon.home)
     assert bad.returncode == 1
     assert "unknown event type(s) in types: nope" in bad.stderr
-    follower = subprocess.Popen(
-        [sys.executable, "-m", "lokid", "events", "--follow", "--json"],
-        env={**os.environ, "LOKI_HOME": str(daemon.home)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    follower = follow_events(daemon.home)
     try:
         assert follower.stdout is not None
         replayed = json.loads(follower.stdout.readline())  # history first, then live
@@ -606,13 +609,7 @@ def test_cli_events_follow_ends_cleanly_when_the_daemon_stops(daemon: DaemonProc
     """`loki events -f` stops following (exit 0, one line on stderr) instead of reconnecting
     to a stopping daemon, which held the stop for 9 s and ended in "not running"."""
     assert daemon.process is not None
-    follower = subprocess.Popen(
-        [sys.executable, "-m", "lokid", "events", "--follow", "--json"],
-        env={**os.environ, "LOKI_HOME": str(daemon.home)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    follower = follow_events(daemon.home)
     try:
         assert follower.stdout is not None
         assert json.loads(follower.stdout.readline())["type"] == "log"  # following now
