@@ -338,8 +338,9 @@ class ChildStatistics:
     restart: str
     restarts: int
     last_exit: str | None
-    started_at: float | None
-    """trio clock time at which the current incarnation called `started()`."""
+    running_seconds: float | None
+    """Seconds since the current incarnation called `started()` (None: not running).
+    Not a time stamp: the supervisor keeps trio's clock, which is not wall time."""
     detail: object | None
     """The result of `ChildSpec.statistics()`, if the spec has one."""
 
@@ -395,6 +396,14 @@ class ChildStatus:
 
 class _ReturnedBeforeStarted(Exception):
     """Raised by the child wrapper so `_start` can tell this apart from a child's own error."""
+
+
+def _running_seconds(incarnation: _Incarnation | None) -> float | None:
+    """How long `incarnation` has been started (trio clock), None if not (yet) started."""
+    if incarnation is None or incarnation.status is None:
+        return None
+    started = incarnation.status._started_at
+    return None if started is None else trio.current_time() - started
 
 
 @attrs.define(eq=False)
@@ -930,11 +939,7 @@ class Supervisor:
                 restart=child.spec.restart.value,
                 restarts=child.restarts,
                 last_exit=child.last_exit,
-                started_at=(
-                    child.current.status._started_at
-                    if child.current is not None and child.current.status is not None
-                    else None
-                ),
+                running_seconds=_running_seconds(child.current),
                 detail=child.spec.statistics() if child.spec.statistics is not None else None,
             )
             for child in self._children.values()

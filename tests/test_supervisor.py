@@ -966,16 +966,17 @@ async def test_statistics(autojump_clock: MockClock) -> None:
         assert (stats.name, stats.strategy, stats.running) == ("s", "one_for_one", True)
         a, b = stats.children
         assert (a.id, a.restart, a.running, a.restarts) == ("a", "permanent", True, 1)
-        assert (a.last_exit, a.started_at, a.detail) == ("Boom: a crashed", 2.0, {"answer": 42})
+        assert (a.last_exit, a.detail) == ("Boom: a crashed", {"answer": 42})
+        assert a.running_seconds == 0.0  # restarted just now
         assert (b.id, b.restart, b.restarts, b.last_exit) == ("b", "transient", 0, None)
-        assert (b.started_at, b.detail) == (0.0, None)
+        assert (b.running_seconds, b.detail) == (2.0, None)  # started at 0
         assert (stats.restarts_total, stats.restarts_in_window) == (1, 1)
         assert stats.last_exit == "a: Boom: a crashed"
         await trio.sleep(10.5)
         assert sup.statistics().restarts_in_window == 0
         await h.exit("b", "normal")
         b = sup.statistics().children[1]
-        assert (b.running, b.started_at, b.last_exit) == (False, None, "normal")
+        assert (b.running, b.running_seconds, b.last_exit) == (False, None, "normal")
         sup.request_stop()
     assert calls == ["a"] * 4  # one per statistics() call
     assert sup.statistics().restarts_total == 1
