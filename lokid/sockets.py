@@ -29,7 +29,8 @@ def bind_tcp(host: str, port: int, *, what: str, fallback: bool = False) -> sock
     """Bind and listen on host:port; with `fallback`, a taken port moves to the next one."""
     attempts = PORT_FALLBACK_ATTEMPTS if fallback and port != 0 else 1
     last_error: OSError | None = None
-    for candidate in range(port, min(port + attempts, 65536)):
+    last = min(port + attempts, 65536) - 1
+    for candidate in range(port, last + 1):
         try:
             return _bind_one(host, candidate)
         except OSError as exc:
@@ -44,7 +45,7 @@ def bind_tcp(host: str, port: int, *, what: str, fallback: bool = False) -> sock
             f"cannot listen for the {what} on {host}:{port}: the port is in use "
             "(another lokid? choose another port)"
         )
-    raise StartupError(f"no free port for the {what} in {port}-{port + attempts - 1} on {host}")
+    raise StartupError(f"no free port for the {what} in {port}-{last} on {host}")
 
 
 def _bind_one(host: str, port: int) -> socket.socket:

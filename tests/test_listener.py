@@ -18,7 +18,7 @@ from lokid.errors import StartupError
 from lokid.http.surface import Scope
 from lokid.pidfile import DaemonLock, read_pid_file, running_daemon
 from lokid.process import ProcessIdentity, identity, is_same_process
-from lokid.sockets import bind_unix
+from lokid.sockets import bind_tcp, bind_unix
 from lokid.supervisor import ChildStatus
 from lokid.timefmt import utc_now_iso
 
@@ -220,3 +220,24 @@ def test_a_socket_someone_listens_on_is_not_taken_over(tmp_path: Path) -> None:
         probe.close()
     finally:
         first.close()
+
+
+def test_the_port_fallback_stops_at_65535_and_says_so() -> None:
+    """A dashboard port near the top looks at what is left, not past 65535."""
+    held = []
+    try:
+        for port in (65534, 65535):
+            sock = socket.socket()
+            try:
+                sock.bind(("127.0.0.1", port))
+                sock.listen()
+            except OSError:
+                sock.close()  # in use by someone else: as good for this test
+            else:
+                held.append(sock)
+        with pytest.raises(StartupError) as refused:
+            bind_tcp("127.0.0.1", 65534, what="dashboard", fallback=True)
+        assert refused.value.message == "no free port for the dashboard in 65534-65535 on 127.0.0.1"
+    finally:
+        for sock in held:
+            sock.close()
