@@ -473,7 +473,9 @@ def cmd_start(args: argparse.Namespace, config: Config) -> int:
         verb = "already running"
     _print_where(args.view, existing, verb)
     if getattr(args, "open", False):
-        webbrowser.open(existing["listeners"]["dashboard"])
+        url = existing["listeners"]["dashboard"]
+        if not webbrowser.open(url):  # e.g. a server without a desktop
+            print(f"loki: no web browser found here; open {url} yourself", file=sys.stderr)
     return 0
 
 

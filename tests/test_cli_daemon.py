@@ -24,7 +24,7 @@ from lokid import cli
 from lokid.cli import build_lokid_parser, build_parser, serve_argv
 
 from .cli_kit import Cli
-from .daemon_proc import run_cli, wait_until
+from .daemon_proc import DaemonProcess, run_cli, wait_until
 
 GLOBAL_OPTIONS = [("--config", "cfg/ok.toml"), ("--data-dir", "d"), ("--socket", "s/l.sock")]
 
@@ -262,3 +262,21 @@ def test_events_when_not_running_say_where_and_what_to_do(
     result = loki.fails(tmp_path, "events", *follow)
     assert result.err.startswith(f"lokid is not running (nothing answers on {sock}: ")
     assert result.err.endswith(f"). {HINT}\n")
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(("browser", "says"), [("false", True), ("true", False)])
+def test_dashboard_open_without_a_browser_says_where_to_go(
+    daemon: DaemonProcess, browser: str, says: bool
+) -> None:
+    """`webbrowser` runs $BROWSER: `false` is a machine where no browser opens."""
+    opened = subprocess.run(
+        [sys.executable, "-m", "lokid", "dashboard", "start", "--open"],
+        env={**os.environ, "LOKI_HOME": str(daemon.home), "BROWSER": browser},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert opened.returncode == 0, opened.stderr
+    assert ("no web browser found here; open http://127.0.0.1:" in opened.stderr) is says
