@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from lokid.errors import Unavailable, ValidationFailed
+from lokid.http.control import control_app
 from lokid.http.surface import (
     MAX_BODY_BYTES,
     LeanResponse,
@@ -77,6 +78,25 @@ async def test_lean_and_quart_routes_answer() -> None:
 async def test_unknown_route_is_404() -> None:
     error = assert_error(await call(make_surface(), "GET", "/nope"), 404, "NOT_FOUND")
     assert error["message"] == "No route for GET /nope"
+
+
+async def test_errors_name_the_path_as_sent_under_a_mount() -> None:
+    """On the control socket the Dashboard API is mounted at /dashboard: a message that
+    named the path without it pointed at the API's routes instead."""
+    mounted = control_app(make_surface(), make_surface())
+    cases = [
+        ("GET", "/dashboard/nope", 404, "No route for GET /dashboard/nope"),
+        ("POST", "/dashboard/fast", 405, "POST is not allowed on /dashboard/fast; allowed"),
+        ("DELETE", "/dashboard/things", 405, "DELETE is not allowed on /dashboard/things;"),
+        ("GET", "/nope", 404, "No route for GET /nope"),
+    ]
+    for method, path, status, message in cases:
+        error = assert_error(await call(mounted, method, path), status, error_code(status))
+        assert error["message"].startswith(message), (path, error["message"])
+
+
+def error_code(status: int) -> str:
+    return {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}[status]
 
 
 async def test_trailing_slash_is_not_a_redirect() -> None:

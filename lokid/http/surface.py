@@ -533,7 +533,7 @@ class Surface:
                     return
                 error = ApiError(
                     "METHOD_NOT_ALLOWED",
-                    f"{scope['method']} is not allowed on {path}; allowed: {allowed}",
+                    f"{scope['method']} is not allowed on {scope['path']}; allowed: {allowed}",
                     {"allowed": allowed.split(", ")},
                 )
                 await send_error(send, error, [(b"allow", allowed.encode())])
@@ -769,10 +769,11 @@ def _param_doc(param: Param) -> dict[str, Any]:
 def _target() -> tuple[str, str]:
     """(method, path) of the request Quart is handling; a WebSocket's method is
     `WebSocket`. Error handlers run for both kinds, and `request` exists only for HTTP."""
+    # With its mount's root path (`/dashboard` on the control socket): the path as sent.
     if has_request_context():
-        return request.method, request.path
+        return request.method, request.root_path + request.path
     if has_websocket_context():
-        return "WebSocket", websocket.path
+        return "WebSocket", websocket.root_path + websocket.path
     return "-", "-"
 
 
