@@ -248,6 +248,17 @@ async def test_history_and_stats_routes(tmp_path: pathlib.Path) -> None:
         assert stats["subscribers"] == 0
 
 
+def events_scope() -> dict[str, Any]:
+    """The ASGI scope of a plain `GET /api/events` (for a handler driven in memory)."""
+    return {
+        "type": "http",
+        "method": "GET",
+        "path": "/api/events",
+        "query_string": b"",
+        "headers": [],
+    }
+
+
 async def test_heartbeat_comments_on_the_virtual_clock(
     tmp_path: pathlib.Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -266,13 +277,7 @@ async def test_heartbeat_comments_on_the_virtual_clock(
         if message["type"] == "http.response.body":
             sent.append((trio.current_time(), message["body"]))
 
-    scope = {
-        "type": "http",
-        "method": "GET",
-        "path": "/api/events",
-        "query_string": b"",
-        "headers": [],
-    }
+    scope = events_scope()
     start = trio.current_time()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(surface, scope, receive, send)
@@ -306,13 +311,7 @@ async def test_a_stopping_daemon_ends_streams_and_refuses_new_ones(
             else:
                 body.append(message.get("body", b""))
 
-        scope = {
-            "type": "http",
-            "method": "GET",
-            "path": "/api/events",
-            "query_string": b"",
-            "headers": [],
-        }
+        scope = events_scope()
         await surface(scope, receive, send)
         return status[0], b"".join(body)
 
