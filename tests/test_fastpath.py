@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from typing import Any
 
@@ -12,6 +13,7 @@ from lokid.actors.listener import HttpListener
 from lokid.http.fastpath import parse_simple_request
 from lokid.http.surface import (
     LeanResponse,
+    Param,
     Receive,
     Scope,
     Send,
@@ -58,7 +60,9 @@ def test_connection_close_and_query_are_kept() -> None:
 def make_surface() -> Surface:
     surface = Surface("t", "0")
 
-    @surface.lean("GET", "/fast", "lean", responses={200: "ok"}, requires="read")
+    @surface.lean(
+        "GET", "/fast", "lean", responses={200: "ok"}, params=[Param("q", "query")], requires="read"
+    )
     async def fast(scope: Scope) -> LeanResponse:
         return json_response(200, {"path": scope["path"], "query": scope["query_string"].decode()})
 
@@ -148,12 +152,21 @@ CLOSE = b"GET /fast HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
             b"2\r\n{}\r\n0\r\n\r\n"
         ],
         [b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"],  # 404 from Quart, via hand-over
+        # a query parameter the route does not declare: 400 on lean, stream and Quart
+        # routes; the refused change's body is read, so the next request is served
+        [b"GET /fast?q=1&qq=2 HTTP/1.1\r\nHost: x\r\n\r\n"],
+        [b"GET /stream?q=1 HTTP/1.1\r\nHost: x\r\n\r\n"],
+        [
+            b'POST /things/t-1/echo?x HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n{"a": 1}',
+            b"GET /fast?q=3 HTTP/1.1\r\nHost: x\r\n\r\n",
+        ],
+        [b"POST /slow?now=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"],
         # a head over 16 KiB (Hypercorn answers it), in one piece
         [b"GET /fast HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 17000 + b"\r\n\r\n"],
         # pipelined: inline, inline, then a hand-over on the same connection
         [
             b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n",
-            b"GET /fast?2 HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /fast?q=2 HTTP/1.1\r\nHost: x\r\n\r\n",
             b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
         ],
     ],
@@ -189,3 +202,26 @@ async def test_a_body_over_the_limit_is_413_on_both_paths() -> None:
     for inline in (True, False):
         raw = await with_listener(inline, request + big)
         assert raw.startswith(b"HTTP/1.1 413"), raw[:200]
+
+
+async def test_a_query_parameter_the_route_does_not_declare_is_400_on_both_paths() -> None:
+    requests = [
+        b"GET /fast?q=1&qq=2 HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /stream?q=1 HTTP/1.1\r\nHost: x\r\n\r\n",
+        b'POST /things/t-1/echo?x HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n{"a": 1}',
+        b"POST /slow?now=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+        b"GET /fast?q=3 HTTP/1.1\r\nHost: x\r\n\r\n",  # declared: served
+    ]
+    for inline in (True, False):
+        answers = split(await with_listener(inline, b"".join(requests) + CLOSE), [False] * 6)
+        refused = [json.loads(body)["error"] for _, body in answers[:4]]
+        assert [status for status, _ in answers] == ["400"] * 4 + ["200"] * 2
+        assert [(e["code"], e["details"]["field"]) for e in refused] == [
+            ("BAD_REQUEST", "qq"),
+            ("BAD_REQUEST", "q"),
+            ("BAD_REQUEST", "x"),
+            ("BAD_REQUEST", "now"),
+        ]
+        assert "it takes q" in refused[0]["message"]
+        assert "it takes no query parameters" in refused[1]["message"]
+        assert json.loads(answers[4][1]) == {"path": "/fast", "query": "q=3"}

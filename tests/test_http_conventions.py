@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import trio
 
 from lokid.errors import Unavailable, ValidationFailed
 from lokid.http.control import control_app
+from lokid.http.gate import Gate
 from lokid.http.surface import (
     MAX_BODY_BYTES,
     LeanResponse,
@@ -314,16 +316,52 @@ class FakeDaemon:
 
 @pytest.mark.parametrize("which", ["api", "dashboard"])
 def test_daemon_surfaces_document_every_route(which: str) -> None:
+    surface = daemon_surface(which)
+    assert implemented(surface) == documented(surface)
+    assert ("GET", "/health") in documented(surface)
+
+
+def daemon_surface(which: str) -> Surface:
     from lokid.actors.store import StoreActor
     from lokid.http.api import create_api_surface
     from lokid.http.dashboard import create_dashboard_surface
 
     if which == "api":
-        surface = create_api_surface(FakeDaemon(), StoreActor(Path("unused.db")))
-    else:
-        surface = create_dashboard_surface(FakeDaemon())
-    assert implemented(surface) == documented(surface)
-    assert ("GET", "/health") in documented(surface)
+        return create_api_surface(FakeDaemon(), StoreActor(Path("unused.db")))
+    return create_dashboard_surface(FakeDaemon())
+
+
+@pytest.mark.parametrize("which", ["api", "dashboard"])
+async def test_every_route_refuses_a_query_parameter_it_does_not_declare(
+    which: str, tmp_path: Path
+) -> None:
+    """Generated from the route table: a new route cannot silently ignore a typo'd filter.
+
+    The refusal comes before the handler (none of these would work against `FakeDaemon`).
+    Open routes (probes, the web page's files) take any query.
+    """
+    from lokid.config import Config
+    from lokid.daemon import Daemon
+
+    daemon = Daemon(Config(loki_home=tmp_path))  # built, not started: its full route tables
+    surface = daemon.api if which == "api" else daemon.dashboard
+    surface.gate = Gate()  # open, no audit writer (the daemon is not running)
+    checked = 0
+    for route in surface.routes:
+        if route.path in surface._websocket_paths:
+            continue
+        path = re.sub(r"{\w+}", "x-1", route.path)
+        declared = {p.name for p in route.params if p.location == "query"}
+        query = "&".join(f"{name}=" for name in sorted(declared)[:1]) + "&zz_typo=1"
+        answer = await call(surface, route.method, f"{path}?{query.lstrip('&')}")
+        if route.requires == "open":
+            assert answer.status != 400 or "zz_typo" not in answer.body.decode(), route
+            continue
+        error = assert_error(answer, 400, "BAD_REQUEST")
+        assert error["details"] == {"field": "zz_typo"}, (route, error)
+        assert error["message"].startswith("'zz_typo' is not a query parameter of this route")
+        checked += 1
+    assert checked >= 10
 
 
 async def test_not_ready_is_503_with_the_reason() -> None:

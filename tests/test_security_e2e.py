@@ -91,16 +91,22 @@ def test_changes_on_every_surface_are_audited_and_the_chain_verifies(
     with httpx.Client(timeout=5) as client:
         assert client.post(f"{daemon.api_url}/api/sessions/nope/stop").status_code == 404
         assert client.delete(f"{daemon.dashboard_url}/api/enterprise/tokens/tok-x").status_code
+        # refused for a query parameter the route does not declare: audited too
+        assert client.post(f"{daemon.api_url}/api/sessions/nope/pause?nwo=1").status_code == 400
     with daemon.control() as owner:
         assert owner.post("/api/sessions/nope/pause").status_code == 404
+        assert owner.post("/dashboard/api/projects?dry=1", json={"name": "p"}).status_code == 400
         entries = owner.get("/dashboard/api/enterprise/audit").json()["entries"]
         summary = owner.get("/dashboard/api/enterprise/audit/summary").json()
     seen = [(e["action"], e["status"], e["actor"], e["resource"]) for e in reversed(entries)]
-    assert seen[-3:] == [
-        ("session.stop", 404, "127.0.0.1", "nope"),
-        ("token.revoke", 404, "127.0.0.1", "tok-x"),
-        ("session.pause", 404, f"uid:{os.getuid()}", "nope"),
+    assert [s[:3] for s in seen[-5:]] == [
+        ("session.stop", 404, "127.0.0.1"),
+        ("token.revoke", 404, "127.0.0.1"),
+        ("session.pause", 400, "127.0.0.1"),
+        ("session.pause", 404, f"uid:{os.getuid()}"),
+        ("project.create", 400, f"uid:{os.getuid()}"),
     ]
+    assert [s[3] for s in seen[-5:-1]] == ["nope", "tok-x", "nope", "nope"]
     assert summary["chain_valid"] is True
     assert summary["by_action"]["session.stop"] == 1
 

@@ -41,7 +41,7 @@ import attrs
 import trio
 
 from lokid.http.gate import PRINCIPAL
-from lokid.http.surface import BODY, MAX_BODY_BYTES, ASGIApp, Scope, Surface
+from lokid.http.surface import BODY, MAX_BODY_BYTES, ASGIApp, Scope, Surface, error_answer
 
 MAX_HEAD_BYTES = 16 * 1024
 RECEIVE_BYTES = 65536
@@ -189,21 +189,25 @@ class InlineConnection:
                     self._observe(scope, admission.answer[0], started)
                     if not await self._send_answer(request, *admission.answer):
                         return
-                elif lean is not None:
-                    handler, scope["path_params"] = lean
-                    scope[PRINCIPAL] = admission.principal
-                    answer = await self.surface.lean_answer(handler, scope, audited=admission.audit)
-                    if admission.audit:
-                        answer = await self.surface.gate.audit_answer(scope, admission, *answer)
-                    status, headers, body = answer
-                    self._observe(scope, status, started)
-                    if not await self._send_answer(
-                        request, status, [*headers, *admission.headers], body
-                    ):
-                        return
-                elif stream is not None:
-                    scope[PRINCIPAL] = admission.principal  # a revoke ends it (Gate.stream)
+                    continue
+                scope[PRINCIPAL] = admission.principal  # a revoke ends a stream (Gate.stream)
+                refusal = self.surface.query_refusal(scope)
+                if refusal is None and stream is not None:
                     await self._stream(scope, stream, admission.headers, started)
+                    return
+                if refusal is not None:
+                    answer = error_answer(refusal)
+                else:
+                    assert lean is not None
+                    handler, scope["path_params"] = lean
+                    answer = await self.surface.lean_answer(handler, scope, audited=admission.audit)
+                if admission.audit:
+                    answer = await self.surface.gate.audit_answer(scope, admission, *answer)
+                status, headers, body = answer
+                self._observe(scope, status, started)
+                if not await self._send_answer(
+                    request, status, [*headers, *admission.headers], body
+                ):
                     return
         finally:
             with trio.CancelScope(shield=True):

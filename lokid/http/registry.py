@@ -58,7 +58,6 @@ from lokid.http.surface import (
     stripped_text,
     words,
 )
-from lokid.session_records import refuse_unknown
 
 REGISTER_ROUTE = "POST /api/registry/projects"
 DEFAULT_LIMIT = 100
@@ -267,7 +266,7 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
         requires="read",
     )
     async def projects_list(scope: Scope) -> LeanResponse:
-        params = dict(_pairs(scope, PROJECTS_PARAMS))
+        params = dict(_pairs(scope))
         status = _choice(params, "status", ENTRY_STATUSES)
         limit, offset = _page(params)
         return json_response(200, await scanner.list_entries(status, limit, offset))
@@ -367,7 +366,7 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
         requires="read",
     )
     async def discover(scope: Scope) -> LeanResponse:
-        pairs = _pairs(scope, DISCOVER_PARAMS)
+        pairs = _pairs(scope)
         params = dict(pairs)
         roots = parse_roots(pairs)
         if roots and any(root.startswith("~") for root in roots):
@@ -433,7 +432,7 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
         requires="read",
     )
     async def tasks(scope: Scope) -> LeanResponse:
-        pairs = _pairs(scope, TASKS_PARAMS)
+        pairs = _pairs(scope)
         params = dict(pairs)
         ids = _list_param(pairs, "project_id", MAX_PROJECT_IDS)
         status = _choice(params, "status", tuple(STATUS_FILTER))
@@ -454,7 +453,7 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
         requires="read",
     )
     async def learnings(scope: Scope) -> LeanResponse:
-        params = dict(_pairs(scope, LEARNINGS_PARAMS))
+        params = dict(_pairs(scope))
         kind = None
         if params.get("type"):
             kind = fs.learning_type(params["type"])
@@ -547,17 +546,10 @@ def refuse_unknown_users(roots: Sequence[str]) -> None:
             )
 
 
-def _pairs(scope: Scope, documented: Sequence[Param]) -> list[tuple[str, str]]:
-    """The query's (name, value) pairs; 400 naming a parameter not in `documented`."""
+def _pairs(scope: Scope) -> list[tuple[str, str]]:
+    """The query's (name, value) pairs (the surface refused any the route does not declare)."""
     raw: bytes = scope.get("query_string", b"")
-    pairs = parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True)
-    refuse_unknown((name for name, _ in pairs), query_names(documented))
-    return pairs
-
-
-def query_names(documented: Sequence[Param]) -> tuple[str, ...]:
-    """The names of a route's query parameters, as its OpenAPI entry lists them."""
-    return tuple(param.name for param in documented if param.location == "query")
+    return parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True)
 
 
 def _list_param(pairs: Sequence[tuple[str, str]], name: str, most: int) -> list[str]:
