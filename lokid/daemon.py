@@ -19,11 +19,13 @@ The tree (start order; stop is the reverse):
         └── control                 Unix socket, HTTP API + /dashboard
 
 Life of a daemon: take the data directory lock, bind the sockets (or take
-them from systemd), start the tree, record the run in the store, tell
-systemd `READY=1`, serve until SIGTERM/SIGINT or `request_shutdown()`, then
-`STOPPING=1`, stop the tree in reverse order within `shutdown_grace`
-seconds, release the lock. A restart intensity escalation at the root ends
-the daemon with `DaemonFailed`.
+them from systemd; a control socket we bind has a lock of its own,
+`lokid.sockets.SocketPathLock`), start the tree, record the run in the
+store, tell systemd `READY=1`, serve until SIGTERM/SIGINT or
+`request_shutdown()`, then `STOPPING=1`, stop the tree in reverse order
+within `shutdown_grace` seconds, remove the socket file, release the locks.
+A restart intensity escalation at the root ends the daemon with
+`DaemonFailed`.
 
 The stop is bounded (docs/operations.md). When `shutdown_grace` runs out,
 or at a second SIGTERM/SIGINT, the stop is hurried: every agent gets SIGKILL
@@ -77,7 +79,7 @@ from lokid.http.ws import DashboardHub, install_ws
 from lokid.metrics import DaemonMetrics
 from lokid.pidfile import DaemonLock
 from lokid.ratelimit import RateLimiter
-from lokid.sockets import bind_tcp, bind_unix, is_loopback_socket, socket_url
+from lokid.sockets import SocketPathLock, bind_tcp, bind_unix, is_loopback_socket, socket_url
 from lokid.supervisor import (
     ChildSpec,
     RestartIntensityExceeded,
@@ -200,6 +202,7 @@ class Daemon:
         observe_requests(self.dashboard, "dashboard", self.metrics)
         self.root = Supervisor("lokid")  # replaced by the real tree in `_build_tree`
         self.listeners: Listeners | None = None
+        self._socket_lock: SocketPathLock | None = None  # held while we own the socket file
         self.failure: BaseException | None = None
         self.run_id: int | None = None
         self._stop = trio.Event()
@@ -238,6 +241,7 @@ class Daemon:
                     except OSError as exc:  # a data dir gone read-only: exit cleanly anyway
                         log.warning("could not remove %s: %s", self.config.socket, exc.strerror)
         finally:
+            self._release_socket_lock()  # only now: the socket file is gone
             lock.release()
         if self.failure is not None:
             raise DaemonFailed(f"the supervisor tree gave up: {self.failure}")
@@ -380,7 +384,7 @@ class Daemon:
             )
             self._refuse_insecure_remote(api, dashboard)
             # Last: a refusal above leaves no socket file behind.
-            control = passed.get("control") or _track(opened, bind_unix(config.socket))
+            control = passed.get("control") or _track(opened, self._bind_control())
             listeners = Listeners(api, dashboard, control, frozenset(passed))
         except BaseException:
             for sock in [*opened, *passed.values()]:
@@ -397,6 +401,20 @@ class Daemon:
                 dashboard.getsockname()[1],
             )
         return listeners
+
+    def _bind_control(self) -> socket.socket:
+        """Bind the control socket ourselves, keeping its path's lock until we exit.
+
+        Not for a socket systemd passed: systemd owns that path (and listens on it
+        from before we start), and its folder may be read-only to us.
+        """
+        sock, self._socket_lock = bind_unix(self.config.socket)
+        return sock
+
+    def _release_socket_lock(self) -> None:
+        if self._socket_lock is not None:
+            self._socket_lock.release()
+            self._socket_lock = None
 
     def _refuse_insecure_remote(self, api: socket.socket, dashboard: socket.socket) -> None:
         if self.config.auth_enabled or self.config.allow_insecure_remote:

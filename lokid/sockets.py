@@ -8,6 +8,7 @@ port, and socket activation needs no special path in the listeners.
 from __future__ import annotations
 
 import errno
+import fcntl
 import ipaddress
 import logging
 import os
@@ -17,6 +18,7 @@ import struct
 from pathlib import Path
 
 from lokid.errors import StartupError
+from lokid.process import ProcessIdentity, identity, is_same_process
 
 log = logging.getLogger("lokid")
 
@@ -68,7 +70,7 @@ def _bind_one(host: str, port: int) -> socket.socket:
     return sock
 
 
-def bind_unix(path: Path) -> socket.socket:
+def bind_unix(path: Path) -> tuple[socket.socket, SocketPathLock]:
     """The control socket, mode 0600: only lokid's account (and root) can connect.
 
     Its folder must belong to us. A missing folder is created with mode 0700; an
@@ -76,14 +78,26 @@ def bind_unix(path: Path) -> socket.socket:
     and the socket's own mode is what keeps other users out. A socket file already
     at `path` is replaced only when nothing listens on it (left by a daemon that
     crashed): `socket_path` is independent of the data directory, so the data
-    directory lock does not say that no other lokid serves on it. Every refusal
-    comes before anything on disk is changed.
+    directory lock does not say that no other lokid serves on it. That check and
+    the bind are made under the path's own lock (`SocketPathLock`), which the
+    caller holds until it has removed the socket file at exit. Every refusal
+    comes before anything on disk is changed, but for the lock file.
     """
     if len(os.fsencode(path)) >= 104:
         raise StartupError(
             f"control socket path {path} is too long for a Unix socket (max 103 bytes)"
         )
     _socket_folder(path.parent)
+    lock = SocketPathLock(path)
+    lock.acquire()
+    try:
+        return _bind_unix_locked(path), lock
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _bind_unix_locked(path: Path) -> socket.socket:
     _remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
@@ -98,6 +112,93 @@ def bind_unix(path: Path) -> socket.socket:
     sock.listen(BACKLOG)
     sock.set_inheritable(False)
     return sock
+
+
+class SocketPathLock:
+    """One daemon per control socket path: an exclusive `flock` on `<path>.lock`.
+
+    "Nothing listens, unlink the stale file, bind" is not atomic: two daemons
+    (two data dirs, so two data-dir locks) started at once on one socket path
+    could both find it free, and the second's unlink and bind would take the
+    path from the first (whose exit would then remove the second's socket).
+    Taken before that check and released only after the socket file is removed
+    at exit, the lock makes the path one daemon's at a time. Like `lokid.lock`
+    the file is never deleted (two daemons could otherwise lock two inodes of
+    one name), the kernel drops the lock when its process dies, and it holds
+    "pid start_ticks" of its holder, for the refusal's message only.
+    """
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        self.path = socket_path.with_name(socket_path.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = self._open()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            who = f" (pid {holder.pid})" if holder else ""
+            raise StartupError(
+                f"another lokid{who} serves or is starting on the control socket "
+                f"{self.socket_path} (it holds {self.path}); stop it, or choose another "
+                "socket path (--socket, LOKI_SOCKET)"
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise StartupError(f"cannot lock {self.path}: {exc.strerror}") from None
+        self._fd = fd
+        _record_holder(fd)
+
+    def _open(self) -> int:
+        """Our own regular file at `self.path` (created 0600), never through a symlink."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags, 0o600)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and _listening(
+                self.socket_path
+            ):
+                # e.g. systemd's /run/lokid: its listener is the news, not the folder's mode
+                raise _listening_refusal(self.socket_path) from None
+            raise StartupError(
+                f"cannot open the control socket's lock file {self.path}: {exc.strerror}"
+            ) from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+            os.close(fd)
+            raise StartupError(
+                f"{self.path} is not a regular file of ours (uid {info.st_uid}); "
+                "refusing to use it as the control socket's lock"
+            )
+        return fd
+
+    def release(self) -> None:
+        """Drop the lock; the file stays (see the class docstring)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _record_holder(fd: int) -> None:
+    me = identity()
+    try:
+        os.ftruncate(fd, 0)
+        if me is not None:
+            os.pwrite(fd, (me.render() + "\n").encode(), 0)
+    except OSError as exc:  # a full disk: the lock holds anyway, only the name is lost
+        log.warning("could not record our pid in the control socket's lock: %s", exc.strerror)
+
+
+def _lock_holder(fd: int) -> ProcessIdentity | None:
+    """The process recorded in the lock file, if it is still alive (not a reused pid)."""
+    try:
+        recorded = ProcessIdentity.parse(os.pread(fd, 64, 0).decode(errors="replace"))
+    except OSError:
+        return None
+    return recorded if recorded is not None and is_same_process(recorded) else None
 
 
 def _socket_folder(folder: Path) -> None:
@@ -141,14 +242,18 @@ def _remove_stale_socket(path: Path) -> None:
     if not stat.S_ISSOCK(existing.st_mode):
         raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
     if _listening(path):
-        raise StartupError(
-            f"another process listens on the control socket {path} (another lokid?); "
-            "stop it, or choose another socket path (--socket, LOKI_SOCKET)"
-        )
+        raise _listening_refusal(path)
     try:
         path.unlink(missing_ok=True)
     except OSError as exc:
         raise StartupError(f"cannot replace the stale socket {path}: {exc.strerror}") from None
+
+
+def _listening_refusal(path: Path) -> StartupError:
+    return StartupError(
+        f"another process listens on the control socket {path} (another lokid?); "
+        "stop it, or choose another socket path (--socket, LOKI_SOCKET)"
+    )
 
 
 def _listening(path: Path) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import httpx
 import pytest
 
 from lokid.daemon import HURRY_SECONDS
+from lokid.process import identity
 
 from . import fake_agent
 from .daemon_proc import DaemonProcess, group_members, run_cli, wait_until
@@ -112,11 +114,77 @@ def test_second_daemon_on_the_same_socket_is_refused_and_the_folder_kept(
     assert second.process is not None
     _, err = second.process.communicate(timeout=20)
     assert second.process.returncode == 1
-    assert f"another process listens on the control socket {path}" in err.decode()
+    assert first.process is not None
+    assert (
+        f"another lokid (pid {first.process.pid}) serves or is starting on the control socket "
+        f"{path} (it holds {path}.lock)"
+    ) in err.decode()
     assert "Traceback" not in err.decode()
     with first.control() as client:
-        assert client.get("/api/status").json()["pid"] == first.process.pid  # type: ignore[union-attr]
+        assert client.get("/api/status").json()["pid"] == first.process.pid
     assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+
+
+def test_serve_is_refused_while_another_start_holds_the_socket_path(
+    daemon_factory: Factory, tmp_path: Path
+) -> None:
+    """The test holds `<socket>.lock` as a daemon in the middle of its start would: a
+    stale socket file there, nobody listening yet. `loki serve` must not take the path."""
+    path = tmp_path / "s" / "l.sock"
+    path.parent.mkdir()
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()
+    inode = path.lstat().st_ino
+    me = identity()
+    assert me is not None
+    with open(path.with_name("l.sock.lock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write(me.render() + "\n")
+        held.flush()
+        second = daemon_factory(tmp_path / "b", extra_env={"LOKI_SOCKET": str(path)})
+        second.start(wait=False)
+        assert second.process is not None
+        _, err = second.process.communicate(timeout=20)
+    assert second.process.returncode == 1, err.decode()
+    assert (
+        f"lokid: another lokid (pid {me.pid}) serves or is starting on the control socket "
+        f"{path} (it holds {path}.lock); stop it, or choose another socket path "
+        "(--socket, LOKI_SOCKET)\n"
+    ) == err.decode()
+    assert path.lstat().st_ino == inode  # the holder's path is not touched
+
+
+def test_two_daemons_started_at_once_on_one_socket_one_serves(
+    daemon_factory: Factory, tmp_path: Path
+) -> None:
+    """Regression: "nobody listens, unlink, bind" was not atomic: two daemons (two data
+    dirs) started together could both find the path free, and the second took it from
+    the first. Now exactly one serves; the other exits 1 and leaves its files alone."""
+    path = tmp_path / "s" / "l.sock"
+    env = {"LOKI_SOCKET": str(path)}
+    pair = [daemon_factory(tmp_path / name, extra_env=env) for name in ("a", "b")]
+    for daemon in pair:
+        daemon.socket = path
+        daemon.start(wait=False)
+    processes = [daemon.process for daemon in pair if daemon.process is not None]
+    assert len(processes) == 2
+    wait_until(lambda: any(p.poll() is not None for p in processes), "one of the two exits")
+    loser, winner = sorted(pair, key=lambda d: d.process.poll() is None)  # type: ignore[union-attr]
+    assert loser.process is not None and winner.process is not None
+    _, err = loser.process.communicate(timeout=20)
+    assert loser.process.returncode == 1, err.decode()
+    # The winner may not have recorded its pid yet when the loser read the lock file.
+    message = err.decode().replace(f" (pid {winner.process.pid})", "")
+    assert f"another lokid serves or is starting on the control socket {path} " in message
+    assert "Traceback" not in message
+    assert winner.wait_ready()["pid"] == winner.process.pid
+    with winner.control() as client:
+        assert client.get("/api/status").json()["pid"] == winner.process.pid
+    code, err_text = winner.terminate()
+    assert code == 0, err_text
+    assert not path.exists()  # removed by the one that served it
+    assert stat.S_IMODE(path.with_name("l.sock.lock").stat().st_mode) == 0o600  # left in place
 
 
 def test_second_daemon_on_same_data_dir_exits_with_message(

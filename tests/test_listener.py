@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ from lokid.errors import StartupError
 from lokid.http.surface import Scope
 from lokid.pidfile import DaemonLock, read_pid_file, running_daemon
 from lokid.process import ProcessIdentity, identity, is_same_process
-from lokid.sockets import bind_tcp, bind_unix
+from lokid.sockets import SocketPathLock, bind_tcp, bind_unix
 from lokid.supervisor import ChildStatus
 from lokid.timefmt import utc_now_iso
 
@@ -149,18 +152,39 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.lstat().st_mode)
 
 
+@contextmanager
+def control_socket(path: Path) -> Iterator[socket.socket]:
+    """`bind_unix(path)`, its socket closed and its path's lock released at the end."""
+    sock, lock = bind_unix(path)
+    try:
+        yield sock
+    finally:
+        sock.close()
+        lock.release()
+
+
+def connects(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX)
+    probe.settimeout(5)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
 def test_control_socket_is_0600_and_a_missing_folder_is_made_0700(tmp_path: Path) -> None:
     path = tmp_path / "new" / "l.sock"
     old_umask = os.umask(0)  # the folder's mode must not depend on the umask
     try:
-        sock = bind_unix(path)
+        with control_socket(path):
+            assert mode(path) == 0o600
+            assert mode(path.parent) == 0o700
+            assert mode(tmp_path / "new" / "l.sock.lock") == 0o600
     finally:
         os.umask(old_umask)
-    try:
-        assert mode(path) == 0o600
-        assert mode(path.parent) == 0o700
-    finally:
-        sock.close()
 
 
 def test_an_existing_shared_folder_keeps_its_mode(tmp_path: Path) -> None:
@@ -168,15 +192,13 @@ def test_an_existing_shared_folder_keeps_its_mode(tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o1777)
-    sock = bind_unix(shared / "l.sock")
-    try:
+    with control_socket(shared / "l.sock"):
         assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
         assert mode(shared / "l.sock") == 0o600
-    finally:
-        sock.close()
 
 
 def test_a_refusal_changes_nothing_on_disk(tmp_path: Path) -> None:
+    """Nothing but the socket's lock file, which is left unlocked."""
     shared = tmp_path / "shared"
     (shared / "adir").mkdir(parents=True)
     shared.chmod(0o1777)
@@ -184,6 +206,8 @@ def test_a_refusal_changes_nothing_on_disk(tmp_path: Path) -> None:
         bind_unix(shared / "adir")
     assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
     assert (shared / "adir").is_dir()
+    with open(shared / "adir.lock") as lock_file:  # released: another start may take it
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_a_stale_socket_file_is_replaced(tmp_path: Path) -> None:
@@ -191,14 +215,8 @@ def test_a_stale_socket_file_is_replaced(tmp_path: Path) -> None:
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(path))  # bound, never listening: what a crashed daemon leaves
     stale.close()
-    sock = bind_unix(path)
-    try:
-        probe = socket.socket(socket.AF_UNIX)
-        probe.settimeout(5)
-        probe.connect(str(path))
-        probe.close()
-    finally:
-        sock.close()
+    with control_socket(path):
+        assert connects(path)
 
 
 def test_a_socket_someone_listens_on_is_not_taken_over(tmp_path: Path) -> None:
@@ -214,12 +232,69 @@ def test_a_socket_someone_listens_on_is_not_taken_over(tmp_path: Path) -> None:
         ):
             bind_unix(path)
         assert path.lstat().st_ino == inode  # the first one's socket file is still there
-        probe = socket.socket(socket.AF_UNIX)
-        probe.settimeout(5)
-        probe.connect(str(path))
-        probe.close()
+        assert connects(path)
     finally:
         first.close()
+
+
+def test_a_daemon_starting_on_the_path_holds_it_off(tmp_path: Path) -> None:
+    """Regression: two daemons starting at once on one socket path could both find it
+    free (a stale file, nobody listening yet); the second's unlink and bind took the
+    path from the first. The first holds `<path>.lock` from before its check."""
+    path = tmp_path / "l.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))  # what the first one is about to replace: nobody listens
+    stale.close()
+    inode = path.lstat().st_ino
+    me = identity()
+    assert me is not None
+    with open(tmp_path / "l.sock.lock", "w") as held:  # the first daemon, mid-start
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write(me.render() + "\n")
+        held.flush()
+        with pytest.raises(StartupError) as refused:
+            bind_unix(path)
+        assert path.lstat().st_ino == inode  # its file is not touched
+    assert refused.value.message == (
+        f"another lokid (pid {me.pid}) serves or is starting on the control socket {path} "
+        f"(it holds {path}.lock); stop it, or choose another socket path (--socket, LOKI_SOCKET)"
+    )
+
+
+def test_the_lock_outlives_the_socket_and_the_next_daemon_takes_it(tmp_path: Path) -> None:
+    """Held while the first one serves (its socket keeps working), and the file stays."""
+    path = tmp_path / "l.sock"
+    with control_socket(path):
+        with pytest.raises(StartupError, match=f"pid {os.getpid()}\\) serves or is starting"):
+            bind_unix(path)
+        assert connects(path)
+    assert (tmp_path / "l.sock.lock").exists()  # never deleted
+    with control_socket(path):  # the stale socket file of the first is replaced
+        assert connects(path)
+
+
+def test_a_dead_holder_is_not_named(tmp_path: Path) -> None:
+    path = tmp_path / "l.sock"
+    me = identity()
+    assert me is not None
+    with open(tmp_path / "l.sock.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write(f"{me.pid} {me.start_ticks + 1}\n")  # a reused pid
+        held.flush()
+        with pytest.raises(StartupError) as refused:
+            SocketPathLock(path).acquire()
+    assert refused.value.message.startswith(
+        f"another lokid serves or is starting on the control socket {path} "
+    )
+
+
+def test_a_lock_file_that_is_a_symlink_is_not_followed(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    (tmp_path / "l.sock.lock").symlink_to(target)
+    with pytest.raises(StartupError, match="cannot open the control socket's lock file"):
+        bind_unix(tmp_path / "l.sock")
+    assert not target.exists()
+    assert not (tmp_path / "l.sock").exists()
 
 
 def test_the_port_fallback_stops_at_65535_and_says_so() -> None:
@@ -241,3 +316,34 @@ def test_the_port_fallback_stops_at_65535_and_says_so() -> None:
     finally:
         for sock in held:
             sock.close()
+
+
+def test_a_lock_we_may_not_create_beside_a_listener_names_the_listener(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Say systemd's /run/lokid (read-only to us) and its socket: the news is the listener."""
+    path = tmp_path / "l.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen()
+    real_open = os.open
+
+    def no_lock_file(file: Any, flags: int, mode: int = 0o777) -> int:
+        if str(file).endswith(".lock"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(file, flags, mode)
+
+    monkeypatch.setattr(os, "open", no_lock_file)
+    try:
+        with pytest.raises(
+            StartupError, match=f"another process listens on the control socket {path}"
+        ):
+            bind_unix(path)
+        listener.close()  # nobody listens now: the folder is what is wrong
+        with pytest.raises(StartupError) as refused:
+            bind_unix(path)
+    finally:
+        listener.close()
+    assert refused.value.message == (
+        f"cannot open the control socket's lock file {path}.lock: Permission denied"
+    )
