@@ -541,7 +541,9 @@ def _wait_ready(config: Config) -> dict[str, Any]:
             status = _daemon_status(config, quiet=True)
         except DaemonNotAnswering:  # busy starting: keep waiting until START_TIMEOUT
             status = None
-        if status is not None and status.get("phase") == "running":
+        # Only our child's answer: a daemon of another data dir that won the socket
+        # path while ours started answers there too, and ours then exits refused.
+        if status is not None and status.get("phase") == "running" and status["pid"] == process.pid:
             if shown:
                 print(" ready", file=sys.stderr)
             return status

@@ -280,3 +280,44 @@ def test_dashboard_open_without_a_browser_says_where_to_go(
     )
     assert opened.returncode == 0, opened.stderr
     assert ("no web browser found here; open http://127.0.0.1:" in opened.stderr) is says
+
+
+@pytest.mark.e2e
+def test_api_start_whose_daemon_lost_the_socket_path_says_so(
+    loki: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: two `loki api start` at once (two data dirs, one socket path): the one
+    whose daemon lost the path took the winner's status on that path for its own and
+    printed `lokid started` with the winner's pid; its daemon had exited, refused."""
+    path = tmp_path / "s" / "l.sock"
+    winner = DaemonProcess(tmp_path / "a", extra_env={"LOKI_SOCKET": str(path)})
+    winner.socket = path
+    winner.start()
+    assert winner.process is not None
+    monkeypatch.setenv("LOKI_SOCKET", str(path))
+    monkeypatch.setenv("LOKI_API_PORT", "0")
+    monkeypatch.setenv("LOKI_DASHBOARD_PORT", "0")
+    monkeypatch.setattr(cli, "_spawned", [])
+    real_status = cli._daemon_status
+    calls = []
+
+    def nobody_at_first(config: Any, *, quiet: bool = False) -> Any:
+        """The check before the spawn ran before the winner was listening."""
+        calls.append(config)
+        return None if len(calls) == 1 else real_status(config, quiet=quiet)
+
+    monkeypatch.setattr(cli, "_daemon_status", nobody_at_first)
+    try:
+        result = loki.fails(tmp_path / "b", "api", "start")
+    finally:
+        for process in cli._spawned:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=10)
+        winner.kill()
+    assert result.out == ""
+    assert "lokid exited during start-up (exit 1):\n" in result.err, result.err
+    assert (
+        f"another lokid (pid {winner.process.pid}) serves or is starting on the control socket "
+        f"{path}"
+    ) in result.err
