@@ -533,6 +533,8 @@ def _wait_ready(config: Config) -> dict[str, Any]:
     while time.monotonic() < deadline:
         process = _spawned[-1]
         if process.poll() is not None:
+            if shown:  # end the "waiting ..." line before the error
+                print(" failed", file=sys.stderr)
             raise CliError(
                 f"lokid exited during start-up (exit {process.returncode}):\n"
                 + _tail(config.log_file)
@@ -551,6 +553,8 @@ def _wait_ready(config: Config) -> dict[str, Any]:
             print("waiting for lokid to become ready ...", end="", file=sys.stderr, flush=True)
             shown = True
         time.sleep(POLL_INTERVAL)
+    if shown:
+        print(" not ready", file=sys.stderr)
     raise CliError(f"lokid did not become ready within {START_TIMEOUT:g}s; see {config.log_file}")
 
 

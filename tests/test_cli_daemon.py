@@ -283,6 +283,24 @@ def test_dashboard_open_without_a_browser_says_where_to_go(
 
 
 @pytest.mark.e2e
+def test_a_start_failing_after_the_waiting_line_ends_that_line_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The error went on the same line as "waiting for lokid to become ready ..."."""
+    from lokid.config import Config
+
+    child = subprocess.Popen(["sh", "-c", "sleep 1.5; exit 3"])
+    monkeypatch.setattr(cli, "_spawned", [child])
+    monkeypatch.setattr(cli, "_daemon_status", lambda config, *, quiet=False: None)
+    try:
+        with pytest.raises(cli.CliError, match=r"lokid exited during start-up \(exit 3\)"):
+            cli._wait_ready(Config(loki_home=tmp_path))
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+    assert capsys.readouterr().err == "waiting for lokid to become ready ... failed\n"
+
+
 def test_api_start_whose_daemon_lost_the_socket_path_says_so(
     loki: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
