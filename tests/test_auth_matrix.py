@@ -8,7 +8,9 @@ this file records, not an accident.
 
 from __future__ import annotations
 
+import json
 import re
+import socket
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -267,3 +269,63 @@ def test_a_revoked_token_stops_working_at_once(
     answer = httpx.get(f"{daemon.api_url}/api/status", headers=headers)
     assert answer.status_code == 401
     assert answer.json()["error"]["details"]["reason"] == "revoked"
+
+
+def _raw(base: str, method: str, target: str, token: str) -> tuple[int, dict[str, Any]]:
+    """One request with `target` exactly as written (httpx would normalise it)."""
+    host, port = base.removeprefix("http://").split(":")
+    head = (
+        f"{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Length: 2\r\n\r\n{{}}"
+    )
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head.encode())
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    status_line, _, rest = raw.partition(b"\r\n")
+    body = rest.partition(b"\r\n\r\n")[2]
+    return int(status_line.split()[1]), json.loads(body) if body.startswith(b"{") else {}
+
+
+def test_no_spelling_of_a_path_gets_past_the_scope_check(
+    guarded: tuple[DaemonProcess, dict[str, str]], tmp_path: Path
+) -> None:
+    """Regression: `//api/enterprise/tokens`, `/%2Fapi/...` and the absolute form
+    `POST http://localhost/api/enterprise/tokens` let a read token mint admin tokens: the
+    gate judged an undeclared path while Quart's router merged slashes and parsed URLs."""
+    daemon, tokens = guarded
+    bases = {"api": daemon.api_url, "dashboard": daemon.dashboard_url}
+    checked = 0
+    wrong: list[str] = []
+    for surface, route in route_table(tmp_path):
+        if route.requires in (OPEN, "read", "authenticated"):
+            continue
+        path = re.sub(r"{\w+}", "nope-1", route.path)
+        base = bases[surface]
+        spellings = {
+            f"/{path}": 404,  # not the route: no route has `//api/...`
+            f"/%2F{path[1:]}": 404,
+            f"{base}{path}": 403,  # the absolute form of the route itself
+            f"http://localhost{path}": 403,
+        }
+        for target, expected in spellings.items():
+            status, body = _raw(base, route.method, target, tokens["read"])
+            where = f"{route.method} {surface} {target}: {status} {body}"
+            named = body.get("error", {}).get("details", {}).get("required_scope")
+            if status != expected or (expected == 403 and named != route.requires):
+                wrong.append(where)
+            checked += 1
+    assert not wrong, "\n".join(wrong)
+    assert checked > 40
+
+
+def test_an_absolute_form_target_is_served_as_its_path(
+    guarded: tuple[DaemonProcess, dict[str, str]],
+) -> None:
+    """RFC 9112 §3.2.2: a server must accept `GET http://host/path` (it was a 404 naming
+    the very route on the lean routes)."""
+    daemon, tokens = guarded
+    for base, path in ((daemon.api_url, "/api/status"), (daemon.dashboard_url, "/api/projects")):
+        status, body = _raw(base, "GET", f"{base}{path}?", tokens["read"])
+        assert status == 200, body

@@ -24,6 +24,7 @@ from lokid.http.errors import ApiError
 from lokid.http.gate import OPEN, PRINCIPAL, Gate, Principal
 from lokid.http.surface import (
     LeanResponse,
+    Param,
     Scope,
     Surface,
     json_body,
@@ -63,7 +64,12 @@ def make_surface(gate: Gate) -> Surface:
         return "", 204
 
     @surface.lean(
-        "GET", "/scan", "a read that may change something", responses={200: "ok"}, requires="read"
+        "GET",
+        "/scan",
+        "a read that may change something",
+        responses={200: "ok"},
+        params=[Param("register", "query")],
+        requires="read",
     )
     async def scan(scope: Scope) -> LeanResponse:  # as GET /api/registry/discover?register
         if "register" not in query_params(scope):

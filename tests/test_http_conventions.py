@@ -370,3 +370,29 @@ async def test_not_ready_is_503_with_the_reason() -> None:
     answer = await call(create_api_surface(FakeDaemon()), "GET", "/health/ready")
     assert answer.status == 503
     assert answer.json() == {"ready": False, "details": {"daemon": "starting"}}
+
+
+async def test_a_quart_route_the_gate_did_not_judge_is_a_404_not_served() -> None:
+    """The safety net under the gate: should the gate ever read a path differently from
+    Quart's router (as with `//api/x` before), the route's own view must not run."""
+    surface = make_surface()
+    ran: list[str] = []
+
+    @surface.route(
+        "DELETE", "/things/{thing_id}", "admin only", responses={200: "ok"}, requires="admin"
+    )
+    async def delete_thing(thing_id: str) -> dict[str, Any]:
+        ran.append(thing_id)
+        return {}
+
+    misjudged = surface.requirement
+    surface.requirement = lambda method, path: "authenticated"  # type: ignore[method-assign]
+    error = assert_error(await call(surface, "DELETE", "/things/7"), 404, "NOT_FOUND")
+    assert error["message"] == "No route for DELETE /things/7" and ran == []
+    surface.requirement = misjudged  # type: ignore[method-assign]
+    assert (await call(surface, "DELETE", "/things/7")).status == 200 and ran == ["7"]
+
+
+async def test_merged_slashes_are_not_the_route() -> None:
+    answer = await call(make_surface(), "GET", "//things/7")
+    assert assert_error(answer, 404, "NOT_FOUND")["message"] == "No route for GET //things/7"

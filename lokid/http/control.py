@@ -6,6 +6,7 @@ already checked the peer's uid (see `lokid.actors.listener`).
 
 from __future__ import annotations
 
+from lokid.http.gate import origin_form
 from lokid.http.surface import ASGIApp, Receive, Scope, Send
 
 DASHBOARD_PREFIX = "/dashboard"
@@ -19,6 +20,7 @@ def control_app(api: ASGIApp, dashboard: ASGIApp) -> ASGIApp:
     """
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        scope = origin_form(scope)  # `GET http://l/dashboard/...` is under /dashboard too
         path: str = scope.get("path", "")
         if path == DASHBOARD_PREFIX or path.startswith(DASHBOARD_PREFIX + "/"):
             inner = dict(scope)

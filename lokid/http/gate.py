@@ -57,7 +57,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NoReturn
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import attrs
 import trio
@@ -746,6 +746,33 @@ def _client_ip(scope: dict[str, Any]) -> str | None:
 
 def _full_path(scope: dict[str, Any]) -> str:
     return str(scope.get("path", ""))  # ASGI: the full path, root_path included
+
+
+def origin_form(scope: dict[str, Any]) -> dict[str, Any]:
+    """`scope` with an absolute-form target (`GET http://host/api/x`) made origin-form.
+
+    RFC 9112 §3.2.2: a server must accept the absolute form, and then use the
+    target's authority, not the `Host` header. Hypercorn passes the whole URL as
+    `path`; left so, the gate would judge an undeclared path (any token passes)
+    while Quart's router found the declared route behind it. Every path check
+    (gate, router, metrics) must see the one path, so this runs before all of them.
+    """
+    path = str(scope.get("path", ""))
+    if path.startswith("/") or scope.get("type") not in ("http", "websocket"):
+        return scope
+    target = urlsplit(path)
+    if target.scheme.lower() not in ("http", "https", "ws", "wss") or not target.netloc:
+        return scope  # `*` or nonsense: no route has it (404)
+    fixed = dict(scope)
+    fixed["path"] = target.path or "/"
+    raw = scope.get("raw_path")
+    if isinstance(raw, bytes):
+        fixed["raw_path"] = urlsplit(raw).path or b"/"
+    fixed["headers"] = [
+        *((k, v) for k, v in scope.get("headers", ()) if k.lower() != b"host"),
+        (b"host", target.netloc.encode("latin-1", "replace")),
+    ]
+    return fixed
 
 
 def local_path(scope: dict[str, Any]) -> str:

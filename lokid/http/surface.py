@@ -41,6 +41,7 @@ from lokid.http.gate import (
     Admission,
     Gate,
     local_path,
+    origin_form,
 )
 from lokid.ratelimit import is_exempt
 from lokid.session_records import refuse_unknown
@@ -238,8 +239,11 @@ class Surface:
         self._quart_paths: dict[str, list[str]] = {}
         self._quart_templates: list[tuple[re.Pattern[str], str]] = []
         self._websocket_paths: set[str] = set()
+        self._endpoint_requires: dict[str, str] = {}  # Quart endpoint -> the route's `requires`
         self.quart: Quart = QuartTrio(f"lokid-{title.lower().replace(' ', '-')}")
         self._configure_quart(self.quart)
+        self.quart.before_request(self._served_as_admitted)
+        self.quart.before_websocket(self._served_as_admitted)
         self._openapi_bytes: bytes | None = None
         self.lean(
             "GET",
@@ -367,7 +371,9 @@ class Surface:
             else:
                 self._quart_templates.append((pattern, method))
             rule = re.sub(r"{(\w+)}", r"<\1>", path)
-            self.quart.add_url_rule(rule, f"{method.lower()}:{path}", view, methods=[method])
+            endpoint = f"{method.lower()}:{path}"
+            self._endpoint_requires[endpoint] = route.requires
+            self.quart.add_url_rule(rule, endpoint, view, methods=[method])
             return view
 
         return register
@@ -394,6 +400,7 @@ class Surface:
         def register(view: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
             self._add(route)
             self._websocket_paths.add(path)
+            self._endpoint_requires[f"ws:{path}"] = route.requires
             self.quart.add_websocket(path, f"ws:{path}", view)
             return view
 
@@ -507,13 +514,30 @@ class Surface:
 
     async def admit(self, scope: Scope) -> Admission:
         """The gate's verdict on a request to this surface (see `lokid.http.gate`)."""
-        return await self.gate.admit(
-            scope, self.requirement(scope.get("method", "GET"), local_path(scope))
-        )
+        scope[REQUIRED] = self.requirement(scope.get("method", "GET"), local_path(scope))
+        return await self.gate.admit(scope, scope[REQUIRED])
+
+    async def _served_as_admitted(self) -> None:
+        """Quart's router must land on a route demanding what the gate demanded.
+
+        The gate judges the path as sent and Quart routes it its own way; should
+        the two ever read a path differently (as they once did `//api/...` and
+        absolute-form targets), a route the gate did not judge is a 404, never
+        a scope check skipped.
+        """
+        current = request if has_request_context() else websocket
+        rule = current.url_rule
+        if rule is None:
+            return  # Quart's 404 or 405 follows
+        if current.scope.get(REQUIRED) != self._endpoint_requires.get(rule.endpoint):
+            method, path = _target()
+            log.error("%s %s: routed to %s, not the route the gate judged", method, path, rule)
+            raise ApiError("NOT_FOUND", f"No route for {method} {path}")
 
     # -- ASGI -------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope = origin_form(scope)
         if scope["type"] == "websocket":
             admission = await self.admit(scope)
             if admission.answer is not None:
@@ -739,6 +763,7 @@ class Surface:
         app.json.sort_keys = False  # type: ignore[attr-defined]
         app.json.compact = True  # type: ignore[attr-defined]
         app.url_map.strict_slashes = True
+        app.url_map.merge_slashes = False  # `//api/x` is not `/api/x`: the gate sees it as sent
 
         @app.errorhandler(ApiError)
         async def _api_error(exc: ApiError) -> Response:
@@ -810,11 +835,12 @@ def _param_doc(param: Param) -> dict[str, Any]:
 def _target() -> tuple[str, str]:
     """(method, path) of the request Quart is handling; a WebSocket's method is
     `WebSocket`. Error handlers run for both kinds, and `request` exists only for HTTP."""
-    # With its mount's root path (`/dashboard` on the control socket): the path as sent.
+    # The ASGI path: as sent, with its mount's root path (`/dashboard` on the control
+    # socket). Werkzeug's `request.path` would show `//api/x` as `/api/x`.
     if has_request_context():
-        return request.method, request.root_path + request.path
+        return request.method, str(request.scope["path"])
     if has_websocket_context():
-        return "WebSocket", websocket.root_path + websocket.path
+        return "WebSocket", str(websocket.scope["path"])
     return "-", "-"
 
 
@@ -848,6 +874,7 @@ def quart_error(exc: ApiError) -> Response:
 
 
 BODY = "lokid.body"  # scope key: a lean handler's request body (bytes)
+REQUIRED = "lokid.required"  # scope key: what the gate demanded of the request
 BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
