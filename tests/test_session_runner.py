@@ -25,6 +25,7 @@ from lokid.actors.session import SessionActor
 from lokid.actors.store import StoreActor, StoreUnavailable
 
 from .sessions_kit import (
+    Lab,
     eventually,
     install_fake_agent,
     invocations,
@@ -222,6 +223,46 @@ async def test_limits_end_the_session(tmp_path: Path, agent_log: Path) -> None:
         )
 
 
+async def _assert_the_time_limit_ended_the_run(lab_: Lab, sid: str, limit: int) -> str:
+    """What a user sees of a session whose time limit cut its only run off, whichever
+    noticed the deadline first (the run's shortened hard timeout, or the scheduler's own
+    look at the limit): the run fails its task with the time limit's message (no retry),
+    the task is `pending` again, and the session fails `maxDurationSeconds`. Returns the
+    run's error."""
+    session = await lab_.wait_status(sid, "completed", "failed")
+    assert (session["status"], session["exitReason"]) == ("failed", "maxDurationSeconds")
+    name = f"the session's time limit (maxDurationSeconds: {limit} s)"
+    ends = await lab_.events(sid, "agent.failed", "task.failed", "session.failed")
+    assert [e["type"] for e in ends] == ["agent.failed", "task.failed", "session.failed"]
+    agent_failed, task_failed, session_failed = (e["data"] for e in ends)
+    error: str = task_failed["error"]
+    (task,) = await lab_.tasks(sid)
+    assert (task["status"], task["error"], task["attempts"]) == ("pending", error, 1)
+    assert re.fullmatch(re.escape(name) + r" ended the run after \d+(\.\d)? s", error), error
+    assert task_failed == {
+        "taskId": "prd-001",
+        "title": task["title"],
+        "attempt": 1,
+        "code": "timeout",
+        "error": error,
+        "retryInSeconds": None,  # the session ends: no retry
+    }
+    assert ends[1]["level"] == "warning"  # not the task's last attempt
+    assert {key: agent_failed[key] for key in ("taskId", "endReason", "code", "error")} == {
+        "taskId": "prd-001",
+        "endReason": "hard-timeout",
+        "code": "timeout",
+        "error": error,
+    }
+    assert session_failed["detail"] == f"{name} ran out"
+    autonomy = Path(session["projectDir"]) / ".loki" / "autonomy-state.json"
+    await eventually(  # the mirror follows the store
+        lambda: json_field(autonomy, "status") == "max_duration_reached",
+        "autonomy-state.json says max_duration_reached",
+    )
+    return error
+
+
 async def test_the_session_time_limit_ending_a_run_says_so(tmp_path: Path, agent_log: Path) -> None:
     # The run's hard timeout is cut to the 3 s left; the scheduler's own look at the
     # limit comes at its 2 s ticks (2 s, then 4 s), so the run's verdict comes first.
@@ -229,17 +270,43 @@ async def test_the_session_time_limit_ending_a_run_says_so(tmp_path: Path, agent
     options = {"maxDurationSeconds": 3}
     async with lab(tmp_path / "home") as lab_:
         sid = (await lab_.create({"prd": str(project / "prd.md"), "options": options}))["id"]
-        session = await lab_.wait_status(sid, "completed", "failed")
-        assert (session["status"], session["exitReason"]) == ("failed", "maxDurationSeconds")
-        (task_failed,) = await lab_.events(sid, "task.failed")
-        error = task_failed["data"]["error"]
-        limit = "the session's time limit (maxDurationSeconds: 3 s)"
-        assert re.fullmatch(re.escape(limit) + r" ended the run after (2\.[5-9]|3(\.\d)?) s", error)
-        assert task_failed["data"]["retryInSeconds"] is None  # the session ends: no retry
-        (session_failed,) = await lab_.events(sid, "session.failed")
-        assert session_failed["data"]["detail"] == f"{limit} ran out"
-        (task,) = await lab_.tasks(sid)
-        assert (task["status"], task["error"]) == ("pending", error)
+        error = await _assert_the_time_limit_ended_the_run(lab_, sid, 3)
+        assert re.search(r"after (2\.[5-9]|3(\.\d)?) s$", error)
+    assert len(invocations(agent_log)) == 1
+
+
+async def test_the_time_limit_seen_first_by_the_scheduler_reports_the_run_alike(
+    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deadline is on the wall clock, the run's timer on trio's: here the wall clock
+    jumps an hour (a suspended machine, a clock step) once the agent runs, so the run's
+    own timeout is still far off when the scheduler's look at the limit ends the session.
+    The run it cuts off is reported as if its timeout had fired, not silently requeued."""
+    jump = [0.0]
+    real_deadline_left = SessionActor._deadline_left
+    monkeypatch.setattr(
+        SessionActor, "_deadline_left", lambda actor: real_deadline_left(actor) - jump[0]
+    )
+    project = make_project(tmp_path, "# App\n\n## Features\n- A [mode:hang]\n")
+    options = {"maxDurationSeconds": 3600}
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md"), "options": options}))["id"]
+        await lab_.wait_event(sid, "agent.spawned")
+        jump[0] = 3600.0
+        await _assert_the_time_limit_ended_the_run(lab_, sid, 3600)
+    assert len(invocations(agent_log)) == 1
+
+
+async def test_the_time_limit_seen_by_the_scheduler_during_the_runs_grace_reports_it_once(
+    tmp_path: Path, agent_log: Path
+) -> None:
+    # The run's timeout fires at the 3 s deadline, but the agent ignores SIGTERM: its
+    # 2.5 s grace spans the scheduler's 2 s tick at 4 s, which ends the session first.
+    project = make_project(tmp_path, "# App\n\n## Features\n- A [mode:ignore-term]\n")
+    options = {"maxDurationSeconds": 3}
+    async with lab(tmp_path / "home", agent_grace=2.5) as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md"), "options": options}))["id"]
+        await _assert_the_time_limit_ended_the_run(lab_, sid, 3)
     assert len(invocations(agent_log)) == 1
 
 

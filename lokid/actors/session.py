@@ -33,7 +33,9 @@ Theory of operation:
   wrote `.loki/signals/COMPLETION_REQUESTED`: `complete` -> `completed`.
 * Limits end the session `failed` with `exitReason`: `maxIterations`
   (agent runs), `maxDurationSeconds` (since `startedAt`; a running agent's
-  hard timeout is cut to what is left), `budgetUsd` (sum of the provider's
+  hard timeout is cut to what is left, and a run the scheduler's look at
+  the limit cuts off first is reported as that timeout, so the outcome
+  does not depend on which came first), `budgetUsd` (sum of the provider's
   reported cost), `maxConsecutiveFailures`, `tasksFailed` (a task used up
   its attempts), `permanentError`, `bootstrapFailed`.
 * **pause** takes effect between runs: no new worker starts; running agents
@@ -200,6 +202,10 @@ class _Worker:
     task_id: str
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     cut_by_pause: bool = False
+    cut_at_deadline: bool = False
+    """The session's time limit ended the session while this worker ran."""
+    has_slot: bool = False
+    """It holds an agent slot: once cut off, it ends within its agent's stop."""
 
 
 @attrs.frozen
@@ -714,8 +720,26 @@ class SessionActor(Actor[Any]):
             await self._set_phase("development")
         async with trio.open_nursery() as workers:
             ending = await self._schedule(workers)
+            if ending is not None and ending.reason == "maxDurationSeconds":
+                await self._end_runs_at_deadline(ending)
             workers.cancel_scope.cancel()
         return ending
+
+    async def _end_runs_at_deadline(self, ending: Ending) -> None:
+        """The time limit ends the runs in flight, and they are reported as if their hard
+        timeout (cut to the same deadline) had fired: `agent.failed` and `task.failed`
+        with the time limit's message. So the events and the task do not depend on
+        whether the run's timeout or the scheduler's look at the limit came first.
+
+        Waits for the workers holding a slot (each within its agent's stop); the caller
+        cancels the rest, which wait for a slot and have no run to report.
+        """
+        self._ending = ending  # a worker given its slot now starts no run
+        for worker in self._workers.values():
+            worker.cut_at_deadline = True
+            worker.scope.cancel()
+        while any(worker.has_slot for worker in self._workers.values()):
+            await self._wait_change(self.settings.control_poll)
 
     async def _schedule(self, workers: trio.Nursery) -> Ending | None:
         """Start workers until the session ends; return how it ends."""
@@ -972,6 +996,7 @@ class SessionActor(Actor[Any]):
                 if self.status is not Status.RUNNING or self._ending is not None:
                     self.iteration -= 1  # paused or ending while we waited: no run
                     return
+                worker.has_slot = True
                 await self._run_task(worker, slot, task, iteration)
         except PoolBusy:  # the pool's queue is full: this task waits for a later round
             self.iteration -= 1
@@ -1133,9 +1158,14 @@ class SessionActor(Actor[Any]):
         if outcome.result is not None and outcome.result.cost_usd:
             self.cost_usd += outcome.result.cost_usd
         self._last_exit_code = result.exit_code
-        failure = self._verdict(
-            result, outcome, stderr, spec, seconds=trio.current_time() - run_started
-        )
+        seconds = trio.current_time() - run_started
+        if _cut_at_deadline(worker, result):
+            # Its hard timeout is that deadline: reported as that timeout, which may
+            # have fired already (the agent taking its grace) or not yet.
+            result = attrs.evolve(result, reason=EndReason.HARD_TIMEOUT)
+            failure = self._deadline_failure(seconds)
+        else:
+            failure = self._verdict(result, outcome, stderr, spec, seconds=seconds)
         await self.bus.publish(
             "agent.completed" if failure.ok else "agent.failed",
             self.id,
@@ -1209,13 +1239,18 @@ class SessionActor(Actor[Any]):
             return providers.timeout_failure("idle", self.settings.idle_timeout)
         if result.reason is EndReason.HARD_TIMEOUT:
             if spec.hard_timeout < self.settings.hard_timeout:  # cut to the session's deadline
-                return providers.Failure(
-                    providers.FailureKind.TRANSIENT,
-                    "timeout",
-                    f"{self._time_limit()} ended the run after {round(seconds, 1):g} s",
-                )
+                return self._deadline_failure(seconds)
             return providers.timeout_failure("hard", self.settings.hard_timeout)
         return outcome.failure(result.exit_code, stderr.text())
+
+    def _deadline_failure(self, seconds: float) -> providers.Failure:
+        """A run the session's time limit ended after `seconds`: transient, but the
+        session ends with it, so it is not retried."""
+        return providers.Failure(
+            providers.FailureKind.TRANSIENT,
+            "timeout",
+            f"{self._time_limit()} ended the run after {round(seconds, 1):g} s",
+        )
 
     async def _read_output(
         self,
@@ -1319,7 +1354,8 @@ class SessionActor(Actor[Any]):
             cap=self.settings.retry_cap,
         )
         final = delay is None or attempt >= self.settings.max_task_attempts
-        time_left = self._deadline_left()  # none: the session ends, nothing is retried
+        time_left = self._deadline_left()
+        no_retry = time_left <= 0 or self._ending is not None  # the session ends
         await self.store.write(
             lambda db: (
                 update_task(
@@ -1340,12 +1376,26 @@ class SessionActor(Actor[Any]):
             "attempt": attempt,
             "code": failure.code,
             "error": failure.reason,
-            "retryInSeconds": None if final or delay is None or time_left <= 0 else round(delay, 3),
+            "retryInSeconds": None if final or delay is None or no_retry else round(delay, 3),
         }
         await self.bus.publish(
             "task.failed", self.id, Level.ERROR if final else Level.WARNING, data
         )
         self._mirror_dirty.set()
+        if self._ending is None:  # else the session ends already (it may have cut this run)
+            self._after_failure(task, failure, delay, final=final, time_left=time_left)
+        self._poke()
+
+    def _after_failure(
+        self,
+        task: RunnerTask,
+        failure: providers.Failure,
+        delay: float | None,
+        *,
+        final: bool,
+        time_left: float,
+    ) -> None:
+        """What a failed run means for the session: its ending, or when to retry."""
         if failure.kind is providers.FailureKind.PERMANENT:
             self._ending = Ending(Trigger.FAIL, "permanentError", failure.reason)
         elif time_left <= 0:
@@ -1370,7 +1420,6 @@ class SessionActor(Actor[Any]):
                 self._not_before[task.id] = trio.current_time() + delay
         if self._ending is None:
             self._ending = self._limit_reached()
-        self._poke()
 
     # -- qa ------------------------------------------------------------------------------
 
@@ -1435,6 +1484,17 @@ def bootstrap_recorded(session: Mapping[str, Any]) -> bool:
     """The stored session finished its bootstrap: the bootstrap stores its tasks and
     phase `development` in one transaction, and a session has no phase before."""
     return session["phase"] is not None
+
+
+def _cut_at_deadline(worker: _Worker, result: RunResult) -> bool:
+    """The session's time limit cut this run off (`_end_runs_at_deadline`): its scope
+    was cancelled and the agent had not exited by itself (a run that had finished is
+    judged on its own result)."""
+    return (
+        worker.cut_at_deadline
+        and worker.scope.cancelled_caught
+        and result.reason is not EndReason.EXITED
+    )
 
 
 def _first_leaf(group: BaseExceptionGroup[StoreUnavailable]) -> StoreUnavailable:
