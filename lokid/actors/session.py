@@ -1489,9 +1489,11 @@ def bootstrap_recorded(session: Mapping[str, Any]) -> bool:
 def _cut_at_deadline(worker: _Worker, result: RunResult) -> bool:
     """The session's time limit cut this run off (`_end_runs_at_deadline`): its scope
     was cancelled and the agent had not exited by itself (a run that had finished is
-    judged on its own result)."""
+    judged on its own result). A pause `?now=true` that cut it too keeps its meaning:
+    the task goes back to `pending` without a failure."""
     return (
         worker.cut_at_deadline
+        and not worker.cut_by_pause
         and worker.scope.cancelled_caught
         and result.reason is not EndReason.EXITED
     )
