@@ -393,6 +393,19 @@ async def test_a_quart_route_the_gate_did_not_judge_is_a_404_not_served() -> Non
     assert (await call(surface, "DELETE", "/things/7")).status == 200 and ran == ["7"]
 
 
+@pytest.mark.parametrize("which", ["api", "dashboard"])
+def test_every_quart_view_has_the_requirement_of_its_route(which: str, tmp_path: Path) -> None:
+    """A view registered on Quart without one would always be a 404 (the safety net)."""
+    from lokid.config import Config
+    from lokid.daemon import Daemon
+
+    daemon = Daemon(Config(loki_home=tmp_path))
+    surface = daemon.api if which == "api" else daemon.dashboard
+    endpoints = {r.endpoint for r in surface.quart.url_map.iter_rules() if r.endpoint != "static"}
+    assert endpoints <= set(surface._endpoint_requires)
+    assert endpoints or which == "api"  # the API's routes are all lean
+
+
 async def test_merged_slashes_are_not_the_route() -> None:
     answer = await call(make_surface(), "GET", "//things/7")
     assert assert_error(answer, 404, "NOT_FOUND")["message"] == "No route for GET //things/7"

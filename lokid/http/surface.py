@@ -401,6 +401,8 @@ class Surface:
             self._add(route)
             self._websocket_paths.add(path)
             self._endpoint_requires[f"ws:{path}"] = route.requires
+            # the answer to a plain GET of the path (lokid.http.ws: "not an upgrade")
+            self._endpoint_requires[f"http:{path}"] = route.requires
             self.quart.add_websocket(path, f"ws:{path}", view)
             return view
 
