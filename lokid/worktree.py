@@ -36,12 +36,19 @@ Rules (docs/parallel-and-sandbox.md has the short version):
   MERGED; NOTHING (no change since the merge base); CONFLICT (`git merge
   --abort` has already run, the paths are listed); BLOCKED (the project's
   own state refuses the merge - uncommitted changes or untracked files the
-  merge would overwrite, or a merge, rebase, cherry-pick or revert in
-  progress, which we never abort - or the agent left such an operation
-  unfinished in its worktree). Only an unexpected git failure raises
-  `GitError`. The merge itself is shielded from cancellation (its git
-  commands keep their timeouts), and a merge that times out is aborted, so
-  the project is never left half-merged by us.
+  merge would overwrite, a merge, rebase, cherry-pick or revert in
+  progress, which we never abort, or an `index.lock` (another git command
+  runs, or a killed one left it), which would let `git merge` record a
+  merge that it can neither finish nor abort - or the agent left such an
+  operation or lock in its worktree; `MergeResult.blocked_by_project` says
+  which side). Only an unexpected git failure raises `GitError`. The merge
+  itself is shielded from cancellation (its git commands keep their
+  timeouts), and a merge that times out is aborted, so the project is never
+  left half-merged by us. If the index lock appears between our check and
+  the merge, git records the merge (`MERGE_HEAD`) without touching the
+  index or the files, and `git merge --abort` fails on the same lock: then
+  we remove the merge's state files ourselves (what the abort would have
+  done) and answer BLOCKED.
 * **One writer per project.** Every function that changes the repository
   holds a per-project `trio.Lock` (keyed by the resolved project path, in a
   weak dictionary, so it lives only while someone uses it) for its whole
@@ -94,6 +101,10 @@ MAX_NAME_CHARS = 64
 BRANCH_PREFIX = "loki"
 WORKTREES_DIR = Path(".loki") / "worktrees"
 EXCLUDE_LINE = "/.loki/"
+INDEX_LOCKED = (
+    "a locked index (`index.lock`: a git command is running, or one that was killed "
+    "left the file; delete it if no git command runs)"
+)
 
 _IDENTITY = ("-c", "user.name=lokid", "-c", "user.email=lokid@localhost")
 _GIT_CONFIG = (
@@ -128,12 +139,15 @@ _LOCAL_GIT_VARS = frozenset(
     }
 )
 _IN_PROGRESS = (
-    ("MERGE_HEAD", "a merge"),
-    ("rebase-merge", "a rebase"),
-    ("rebase-apply", "a rebase or `git am`"),
-    ("CHERRY_PICK_HEAD", "a cherry-pick"),
-    ("REVERT_HEAD", "a revert"),
+    ("MERGE_HEAD", "a merge in progress"),
+    ("rebase-merge", "a rebase in progress"),
+    ("rebase-apply", "a rebase or `git am` in progress"),
+    ("CHERRY_PICK_HEAD", "a cherry-pick in progress"),
+    ("REVERT_HEAD", "a revert in progress"),
+    ("index.lock", INDEX_LOCKED),
 )
+# What `git merge` leaves for a merge in progress; `git merge --abort` removes them.
+_MERGE_STATE_FILES = ("MERGE_HEAD", "MERGE_MODE", "MERGE_MSG", "MERGE_RR", "AUTO_MERGE")
 _REF_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _SHORTSTAT_FILES = re.compile(r"(\d+) files? changed")
 _WOULD_BE_OVERWRITTEN = re.compile(
@@ -195,6 +209,8 @@ class MergeResult:
     message: str  # one line for people: "merged 3 files", "conflict in a.py, b.py", ...
     blocked: tuple[str, ...] = ()  # project paths whose uncommitted state refused the merge
     outcome: MergeOutcome = attrs.field(default=attrs.Factory(_default_outcome, takes_self=True))
+    blocked_by_project: bool = False
+    """BLOCKED by the project's own state (the person must act), not by the agent's worktree."""
 
 
 NOTHING_TO_MERGE = "nothing to merge"
@@ -284,13 +300,7 @@ async def merge_worktree(project_dir: Path, worktree: Worktree, *, message: str)
         for where, cwd in (("the agent's worktree", worktree.path), ("the project", project)):
             busy = await _operation_in_progress(cwd)
             if busy is not None:
-                return MergeResult(
-                    False,
-                    None,
-                    (),
-                    f"not merged: {where} has {busy} in progress",
-                    outcome=MergeOutcome.BLOCKED,
-                )
+                return _blocked(f"not merged: {where} has {busy}", by_project=cwd == project)
         head = await _commit_leftovers(worktree, message)
         base = (await _git(project, "merge-base", "HEAD", head)).text().strip()
         stat = (await _git(project, "diff", "--shortstat", base, head)).text()
@@ -307,18 +317,20 @@ async def merge_worktree(project_dir: Path, worktree: Worktree, *, message: str)
                 noun = "file" if files == 1 else "files"
                 return MergeResult(True, commit, (), f"merged {files} {noun}")
             if await _git_path_exists(project, "MERGE_HEAD"):
+                if _index_unwritable(merge):
+                    await _forget_unwritten_merge(project)
+                    return _blocked(f"not merged: the project has {INDEX_LOCKED}", by_project=True)
                 return await _abort_conflicted_merge(project)
         blocked = _overwritten_paths(merge.stderr_text())
         if blocked:
-            return MergeResult(
-                False,
-                None,
-                (),
+            return _blocked(
                 "not merged: the project has uncommitted changes or untracked files in "
                 + _some(blocked),
-                blocked=tuple(blocked[:MAX_LISTED_PATHS]),
-                outcome=MergeOutcome.BLOCKED,
+                by_project=True,
+                paths=blocked,
             )
+        if _index_unwritable(merge):
+            return _blocked(f"not merged: the project has {INDEX_LOCKED}", by_project=True)
         raise merge.error()
 
 
@@ -444,7 +456,8 @@ async def _commit_leftovers(worktree: Worktree, message: str) -> str:
 
 
 async def _operation_in_progress(project: Path) -> str | None:
-    """What git operation the project is in the middle of (its state files), if any."""
+    """What the project is in the middle of, if anything: a git operation (its state
+    files) or a git command holding its index (`index.lock`), as "a merge in progress"."""
     args = [arg for name, _ in _IN_PROGRESS for arg in ("--git-path", name)]
     found = (await _git(project, "rev-parse", *args)).text().splitlines()
     exists = await trio.to_thread.run_sync(lambda: [(project / path).exists() for path in found])
@@ -470,6 +483,39 @@ async def _merge(project: Path, head: str, message: str) -> _Output:
             if await _git_path_exists(project, "MERGE_HEAD"):
                 await _git(project, "merge", "--abort")
         raise
+
+
+def _blocked(message: str, *, by_project: bool, paths: Sequence[str] = ()) -> MergeResult:
+    return MergeResult(
+        False,
+        None,
+        (),
+        message,
+        blocked=tuple(paths[:MAX_LISTED_PATHS]),
+        outcome=MergeOutcome.BLOCKED,
+        blocked_by_project=by_project,
+    )
+
+
+def _index_unwritable(merge: _Output) -> bool:
+    """`git merge` failed because it could not lock or write the project's index."""
+    text = merge.stderr_text()
+    return "index.lock" in text or "Unable to write index" in text
+
+
+async def _forget_unwritten_merge(project: Path) -> None:
+    """Undo a merge that git recorded but could not write: it changed neither the index
+    nor the files (both need the index lock it did not get), so removing its state
+    files is all `git merge --abort` would do - which fails on the same lock."""
+    args = [arg for name in _MERGE_STATE_FILES for arg in ("--git-path", name)]
+    found = (await _git(project, "rev-parse", *args)).text().splitlines()
+
+    def remove() -> None:
+        for path in found:
+            with contextlib.suppress(FileNotFoundError):
+                (project / path).unlink()
+
+    await trio.to_thread.run_sync(remove)
 
 
 async def _abort_conflicted_merge(project: Path) -> MergeResult:

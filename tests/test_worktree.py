@@ -227,6 +227,7 @@ async def test_a_merge_of_the_user_in_progress_is_left_alone(repo: Path) -> None
 
     assert result.outcome is MergeOutcome.BLOCKED
     assert result.message == "not merged: the project has a merge in progress"
+    assert result.blocked_by_project
     assert (repo / ".git/MERGE_HEAD").exists()  # not aborted by us
 
 
@@ -239,6 +240,57 @@ async def test_an_unfinished_rebase_in_the_worktree_blocks_the_merge(repo: Path)
     assert result.outcome is MergeOutcome.BLOCKED
     assert result.message == "not merged: the agent's worktree has a rebase in progress"
     assert await porcelain(tree.path) == " M b.txt\n"  # nothing committed on top of it
+
+
+async def test_a_locked_index_blocks_the_merge_and_leaves_no_merge_behind(repo: Path) -> None:
+    tree = await wt.create_worktree(repo, session_id="s1", task_id="t1")
+    (tree.path / "new.txt").write_text("agent\n")
+    (repo / ".git/index.lock").touch()  # a git command runs, or a killed one left it
+    before = await head(repo)
+
+    result = await wt.merge_worktree(repo, tree, message="m")
+
+    assert result.outcome is MergeOutcome.BLOCKED and result.blocked_by_project
+    assert result.message.startswith("not merged: the project has a locked index (`index.lock`")
+    assert not (repo / ".git/MERGE_HEAD").exists()
+    assert await head(repo) == before
+    (repo / ".git/index.lock").unlink()
+    assert await porcelain(repo) == ""  # not in the middle of a merge
+    assert (await wt.merge_worktree(repo, tree, message="m")).merged
+
+
+async def test_a_lock_taken_after_the_check_still_leaves_no_merge_behind(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = await wt.create_worktree(repo, session_id="s1", task_id="t1")
+    (tree.path / "new.txt").write_text("agent\n")
+    commit_leftovers = wt._commit_leftovers
+
+    async def then_lock(worktree: wt.Worktree, message: str) -> str:
+        head = await commit_leftovers(worktree, message)
+        (repo / ".git/index.lock").touch()  # another git command starts right now
+        return head
+
+    monkeypatch.setattr(wt, "_commit_leftovers", then_lock)
+    result = await wt.merge_worktree(repo, tree, message="m")
+
+    assert result.outcome is MergeOutcome.BLOCKED and result.blocked_by_project
+    assert "index.lock" in result.message
+    assert not (repo / ".git/MERGE_HEAD").exists() and not (repo / ".git/MERGE_MSG").exists()
+    (repo / ".git/index.lock").unlink()
+    assert await porcelain(repo) == ""
+    status = await git(repo, "status")
+    assert "merging" not in status and "new.txt" not in status
+
+
+async def test_a_locked_index_in_the_worktree_is_the_agents_block(repo: Path) -> None:
+    tree = await wt.create_worktree(repo, session_id="s1", task_id="t1")
+    (tree.path / "b.txt").write_text("agent\n")
+    lock = tree.path / (await git(tree.path, "rev-parse", "--git-path", "index.lock")).strip()
+    lock.touch()
+    result = await wt.merge_worktree(repo, tree, message="m")
+    assert result.outcome is MergeOutcome.BLOCKED and not result.blocked_by_project
+    assert result.message.startswith("not merged: the agent's worktree has a locked index")
 
 
 async def test_remove_twice_and_when_half_gone(repo: Path) -> None:
