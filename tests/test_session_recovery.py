@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -223,3 +224,49 @@ def test_a_session_end_to_end_over_sse_and_shutdown_leaves_no_agent(
     with sqlite3.connect(tmp_path / "home" / "lokid" / "lokid.db") as db:
         (status,) = db.execute("SELECT status FROM sessions WHERE id = ?", (busy_id,)).fetchone()
     assert status == "interrupted"
+
+
+def test_sigkill_then_restart_removes_the_worktrees_of_the_cut_off_runs(
+    tmp_path: Path, daemon_factory: Callable[..., DaemonProcess]
+) -> None:
+    env, log = agent_env(tmp_path)
+    prd = "# App\n\n## Features\n- One [mode:hang]\n- Two [mode:hang]\n"
+    project = make_project(tmp_path, prd)
+    for args in (("init", "-q", "-b", "main"), ("add", "-A"), ("commit", "-qm", "start")):
+        git(project, *args)
+    home = tmp_path / "home"
+    first = daemon_factory(home, extra_env=env).start()
+    with httpx.Client(base_url=first.api_url, timeout=10) as client:
+        body = {"prd": str(project / "prd.md"), "options": {"parallel": True}}
+        answer = client.post("/api/sessions", json=body)
+        assert answer.status_code == 201, answer.text
+        session_id = answer.json()["id"]
+        wait_until(lambda: len(invocations(log)) == 2, "both agents started")
+    assert git(project, "worktree", "list").count("\n") == 3
+    assert len(loki_branches(project)) == 2
+
+    first.kill()  # nothing of the daemon cleans up
+    assert git(project, "worktree", "list").count("\n") == 3
+
+    second = daemon_factory(home, extra_env=env).start()  # ready: reconciliation is done
+    assert git(project, "worktree", "list").count("\n") == 1
+    assert loki_branches(project) == []
+    assert not list((project / ".loki" / "worktrees").iterdir())
+    with httpx.Client(base_url=second.api_url, timeout=10) as client:
+        assert client.get(f"/api/sessions/{session_id}").json()["status"] == "interrupted"
+    code, _ = second.terminate()
+    assert code == 0
+
+
+def git(project: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", *args],
+        cwd=project,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+
+
+def loki_branches(project: Path) -> list[str]:
+    return git(project, "branch", "--list", "--format=%(refname:short)", "loki/*").split()

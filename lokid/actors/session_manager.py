@@ -31,7 +31,9 @@ Theory of operation:
   (`starting`/`running` -> `interrupted`, `stopping` -> `stopped`, `paused`
   stays `paused`), its active tasks go back to `pending`, and its `.loki/`
   files are rewritten from the store (a killed daemon left them saying
-  `running`; a folder that is gone or unwritable is a `warning`). Paused
+  `running`; a folder that is gone or unwritable is a `warning`), and the
+  git worktrees and branches of a parallel session's cut-off runs are
+  removed (`worktree.prune_worktrees`; a failure is a `warning`). Paused
   sessions get their actor again (so resume, stop and input work); with
   `resume_on_start` every `interrupted` session is resumed, oldest first
   (by a crash or a graceful shutdown alike; one whose `projectDir` is taken
@@ -52,13 +54,14 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import attrs
 import sqlite_utils
 import trio
 
-from lokid import __version__, idempotency, lokidir
+from lokid import __version__, idempotency, lokidir, worktree
 from lokid.actor import Actor, ActorStatistics, WhenFull, exception_leaves
 from lokid.actors.agent_pool import AgentPool
 from lokid.actors.event_bus import EventBus
@@ -194,6 +197,7 @@ class SessionManager(Actor[Any]):
                     {"status": transition.after.value, "reason": "daemon restart"},
                 )
             await self._rewrite_loki_dir(session_id)
+            await self._prune_worktrees(session_id)
             if transition.after is Status.PAUSED:
                 restore.append(session_id)
         # Interrupted now or by an earlier shutdown: a session the user did not want
@@ -219,6 +223,28 @@ class SessionManager(Actor[Any]):
             await self.bus.publish(
                 "warning", session_id, Level.WARNING, {"reason": "loki_dir", "message": message}
             )
+
+    async def _prune_worktrees(self, session_id: str) -> None:
+        """Remove the worktrees and branches a killed daemon left for a parallel session.
+
+        Its runs were cut off (their tasks are `pending` again, and a rerun gets a
+        new worktree), and its agents were killed before this, so nothing uses
+        them. Done before any session runs again, so it never races a new run of
+        the same session. A failure is a `warning`, never a crash."""
+        session = await self.store.read(lambda db: get_session(db, session_id))
+        if not session["options"].get("parallel"):
+            return
+        try:
+            removed = await worktree.prune_worktrees(Path(session["projectDir"]), session_id)
+        except LokiError as exc:
+            message = f"worktrees of the cut-off runs not removed: {exc.message}"
+            log.warning("session %s: %s", session_id, message)
+            await self.bus.publish(
+                "warning", session_id, Level.WARNING, {"reason": "worktree", "message": message}
+            )
+            return
+        if removed:
+            log.info("session %s: removed %d leftover worktree(s)/branch(es)", session_id, removed)
 
     async def serve(self) -> None:
         async with trio.open_nursery() as nursery:
