@@ -1278,3 +1278,13 @@ def test_event_payloads() -> None:
     long = to_event(AssistantText("z" * 5000))
     assert long is not None and len(long.data["text"]) == 2000
     assert to_event(ToolResult("t", False)) is None
+
+
+def test_an_error_result_is_never_logged_as_success() -> None:
+    usage_limit = to_event(res(is_error=True, text="Claude AI usage limit reached|1753113600"))
+    assert usage_limit is not None and usage_limit.data["message"] == "agent result: error"
+    assert usage_limit.data["isError"] is True
+    failed = to_event(res(is_error=True, subtype="error_during_execution"))
+    assert failed is not None and failed.data["message"] == "agent result: error_during_execution"
+    done = to_event(res())
+    assert done is not None and done.data["message"] == "agent result: success"

@@ -88,7 +88,10 @@ def to_event(record: AgentEvent) -> EventSpec | None:
                 "log",
                 Level.WARNING if record.is_error else Level.INFO,
                 {
-                    "message": f"agent result: {record.subtype}",
+                    # Claude reports a usage limit as subtype "success" with is_error.
+                    "message": "agent result: error"
+                    if record.is_error and record.subtype == "success"
+                    else f"agent result: {record.subtype}",
                     "isError": record.is_error,
                     "costUsd": record.cost_usd,
                     "durationMs": record.duration_ms,
