@@ -4,6 +4,9 @@ DESIGN: the project folder writable, the rest of the file system read-only,
 a private `/tmp`. This module only builds the command line (`bwrap_argv`, pure
 apart from resolving paths) and says whether bubblewrap works here
 (`sandbox_problem`); `lokid.agent_host` runs the result like any agent.
+`exec_failure` recognises a run where bubblewrap could not start the agent's
+command at all (a CLI the sandbox cannot see, such as one under the hidden
+`/tmp`), which is permanent, not a failed run worth a retry.
 
 Rules - the flags and why:
 
@@ -44,6 +47,7 @@ folder such as `~/.claude`, a package cache) has to be in `writable`.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -52,6 +56,10 @@ from pathlib import Path
 
 PROBE_TIMEOUT_SECONDS = 10.0
 MAX_REASON_CHARS = 300
+
+# bwrap's own line when its execvp of the command fails (then it exits 1).
+_EXEC_FAILED = re.compile(r"bwrap: execvp (?P<command>.+): (?P<why>[^:]+)")
+_EXEC_ERRORS = {"No such file or directory": "cli_missing", "Permission denied": "permission"}
 
 _probe_lock = threading.Lock()
 _probed: dict[str, str | None] = {}
@@ -77,6 +85,23 @@ def bwrap_argv(
         args.append("--die-with-parent")
     args += ["--chdir", os.fspath(Path(cwd).resolve()), "--", *argv]
     return tuple(args)
+
+
+def exec_failure(exit_code: int, stderr: str) -> tuple[str, str] | None:
+    """(code, reason) when bubblewrap could not start the command: exit 1 and stderr
+    nothing but its `bwrap: execvp CMD: ERROR` line (the command never ran, so it
+    printed nothing). `cli_missing` for a command the sandbox cannot find (a CLI
+    under the private `/tmp`, or not on PATH), `permission` for one it cannot run."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    if exit_code != 1 or len(lines) != 1:
+        return None
+    found = _EXEC_FAILED.fullmatch(lines[0])
+    if found is None or found["why"] not in _EXEC_ERRORS:
+        return None
+    reason = f"the sandbox cannot run {found['command']}: {found['why']}"
+    if found["why"] == "No such file or directory":
+        reason += " (inside the sandbox /tmp is private: a CLI installed under /tmp is not seen)"
+    return _EXEC_ERRORS[found["why"]], reason
 
 
 def sandbox_problem(bwrap: str | None = None) -> str | None:

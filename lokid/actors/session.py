@@ -24,8 +24,12 @@ Theory of operation:
   CLI and turns its output into events. The verdict of the run
   (`providers.classify`) completes the task, retries it later (exponential
   backoff with jitter; a rate limit holds the whole session until the
-  provider's reset), fails it after `max_task_attempts`, or - for a
-  permanent error (bad credentials, unknown model) - fails the session.
+  provider's reset and uses up no attempt), fails it after
+  `max_task_attempts`, or - for a permanent error (bad credentials, unknown
+  model, a CLI the sandbox cannot see) - fails the session. A parallel
+  run's work that cannot be merged (conflict, git error) is a failed run;
+  one the project's own state refuses (uncommitted changes in the way)
+  pauses the session until the person makes room (`_merge`).
 * **qa**: nothing pending and nothing running: `options.verify` runs as a
   process of the pool (own process group, recorded); a failure becomes a
   new task (`verify-001`, ...) and development goes on.
@@ -273,6 +277,7 @@ class SessionActor(Actor[Any]):
         self._not_before: dict[str, float] = {}  # task id -> trio time of its next attempt
         self._hold_until = -math.inf  # rate limit: no run before this trio time
         self._consecutive_failures = 0
+        self._consecutive_rate_limits = 0  # doubles the rate-limit wait's floor
         self._ending: Ending | None = None
         self._completion: str | None = None
         self._stop_wanted = self.status is Status.STOPPING  # a restart mid-stop finishes it
@@ -409,12 +414,17 @@ class SessionActor(Actor[Any]):
                 Status.STOPPED,
                 Status.FAILED,
             )
+            cut_off_by = (
+                "daemon shutdown"
+                if trigger is Trigger.DAEMON_RESTART
+                else f"the session {transition.after.value}"
+            )
 
             def write(db: sqlite_utils.Database) -> dict[str, Any]:
                 if also is not None:
                     also(db)
-                if requeue:
-                    requeue_active_tasks(db, self.id, f"run cut off: session {trigger.value}")
+                if requeue:  # in words, not the trigger's internal name
+                    requeue_active_tasks(db, self.id, f"run cut off: {cut_off_by}")
                 return update_session(db, self.id, **update)
 
             if before:
@@ -496,7 +506,7 @@ class SessionActor(Actor[Any]):
         self._mirror_dirty.set()
 
     async def _warn(self, reason: str, message: str, **data: Any) -> None:
-        key = f"{reason}:{message}"
+        key = f"{reason}:{data.get('taskId')}:{message}"  # one per task: each needs telling
         if key in self._warnings_seen:
             return
         if len(self._warnings_seen) < MAX_REMEMBERED_WARNINGS:
@@ -1091,7 +1101,9 @@ class SessionActor(Actor[Any]):
                 started_at=now,
                 completed_at=None,
             )
-            update_session(db, self.id, iteration=iteration)
+            # Parallel workers start in any order: keep the highest number reached.
+            reached = max(iteration, get_session(db, self.id)["iteration"])
+            update_session(db, self.id, iteration=reached)
 
         await self.store.write(start_task)
         await self.bus.publish(
@@ -1190,7 +1202,7 @@ class SessionActor(Actor[Any]):
         if not failure.ok:
             await self._task_failed(task, attempt, failure, resume_id)
             return
-        if tree is not None and not await self._merge(task, tree):
+        if tree is not None and not await self._merge(task, tree, attempt):
             return
         await self._task_completed(task, attempt)
 
@@ -1208,22 +1220,60 @@ class SessionActor(Actor[Any]):
             nursery.cancel_scope.cancel()
         return result
 
-    async def _merge(self, task: RunnerTask, tree: worktree.Worktree) -> bool:
-        """Merge a parallel run's worktree; False (task back to pending) when it did not."""
+    async def _merge(self, task: RunnerTask, tree: worktree.Worktree, attempt: int) -> bool:
+        """Merge a parallel run's worktree; False when it did not.
+
+        A run whose work is not merged is a failed run (backoff, counts toward
+        `max_task_attempts`): the task runs again on the merged work of the
+        others, in a new worktree. Only a project that refuses the merge by its
+        own state pauses the session instead (`_pause_for_project`): a rerun
+        cannot fix that, the person must."""
         try:
             merged = await worktree.merge_worktree(
                 self.project_dir, tree, message=f"loki: {task.id} {task.title}"
             )
         except worktree.GitError as exc:
             await self._warn("worktree", exc.message, taskId=task.id)
-            await self._requeue(task, f"merge failed: {exc.message}", [])
+            failure = _merge_failure("merge_failed", f"not merged: {exc.message}")
+            await self._task_failed(task, attempt, failure)
             return False
-        if merged.outcome in (worktree.MergeOutcome.CONFLICT, worktree.MergeOutcome.BLOCKED):
-            # The task runs again, on the merged work of the others (a new worktree).
-            await self._requeue(task, f"not merged: {merged.message}", [])
+        if merged.outcome is worktree.MergeOutcome.BLOCKED and merged.blocked_by_project:
+            await self._pause_for_project(task, merged.message)
+            return False
+        if merged.outcome is worktree.MergeOutcome.CONFLICT:
             await self._warn("merge", merged.message, taskId=task.id, branch=tree.branch)
+            failure = _merge_failure("merge_conflict", f"not merged: {merged.message}")
+            await self._task_failed(task, attempt, failure)
+            return False
+        if merged.outcome is worktree.MergeOutcome.BLOCKED:  # by the agent's worktree
+            await self._warn("merge", merged.message, taskId=task.id, branch=tree.branch)
+            await self._task_failed(task, attempt, _merge_failure("merge_blocked", merged.message))
             return False
         return True
+
+    async def _pause_for_project(self, task: RunnerTask, message: str) -> None:
+        """The project's own state refused the merge (uncommitted changes the merge
+        would overwrite, the person's merge or rebase, a locked index): the task goes
+        back to `pending` without counting a failure and the session pauses (source
+        `merge`, `.loki/PAUSE` created) until the person fixes it and resumes. Rerunning
+        the agent meanwhile would only pay for runs that cannot be merged either."""
+        await self._requeue(task, message, [])
+        await self.bus.publish(  # one per occurrence: each needs the person's resume
+            "warning",
+            self.id,
+            Level.WARNING,
+            {
+                "reason": "merge_blocked",
+                "message": f"{task.id}: {message}. The session is paused: commit or stash "
+                "those changes (or finish your git operation), then resume it",
+                "taskId": task.id,
+            },
+        )
+        with contextlib.suppress(IllegalTransition):  # paused already, or stopping
+            await self._fire(
+                Trigger.PAUSE, data={"source": "merge", "now": False, "taskId": task.id}
+            )
+            await self._control_file(self.paths.pause, present=True)
 
     def _verdict(
         self,
@@ -1241,6 +1291,13 @@ class SessionActor(Actor[Any]):
             if spec.hard_timeout < self.settings.hard_timeout:  # cut to the session's deadline
                 return self._deadline_failure(seconds)
             return providers.timeout_failure("hard", self.settings.hard_timeout)
+        if self.options.get("sandbox"):
+            unstarted = sandbox.exec_failure(result.exit_code, stderr.text())
+            if unstarted is not None:  # bwrap never started the CLI: no retry can help
+                code, reason = unstarted
+                return providers.Failure(
+                    providers.FailureKind.PERMANENT, code, reason, result.exit_code
+                )
         return outcome.failure(result.exit_code, stderr.text())
 
     def _deadline_failure(self, seconds: float) -> providers.Failure:
@@ -1295,7 +1352,7 @@ class SessionActor(Actor[Any]):
             )
 
     async def _task_completed(self, task: RunnerTask, attempt: int) -> None:
-        self._consecutive_failures = 0
+        self._consecutive_failures = self._consecutive_rate_limits = 0
         self._not_before.pop(task.id, None)
         now = utc_now_iso()
 
@@ -1342,18 +1399,24 @@ class SessionActor(Actor[Any]):
         failure: providers.Failure,
         resume_id: list[str] | None = None,
     ) -> None:
-        self._consecutive_failures += 1
+        # A rate limit is the provider's, not the task's or the agent's: it uses up no
+        # attempt and no consecutive failure; maxIterations and the waits bound it.
+        rate_limited = failure.kind is providers.FailureKind.RATE_LIMIT
+        if rate_limited:
+            self._consecutive_rate_limits += 1
+        else:
+            self._consecutive_failures += 1
         self._retries += 1
         now_wall = dt.datetime.now(dt.UTC)
         delay = providers.retry_delay(
             failure,
-            self._consecutive_failures,
+            self._consecutive_rate_limits if rate_limited else self._consecutive_failures,
             rng=self.rng,
             now=now_wall,
             base=self.settings.retry_base,
             cap=self.settings.retry_cap,
         )
-        final = delay is None or attempt >= self.settings.max_task_attempts
+        final = delay is None or (not rate_limited and attempt >= self.settings.max_task_attempts)
         time_left = self._deadline_left()
         no_retry = time_left <= 0 or self._ending is not None  # the session ends
         await self.store.write(
@@ -1478,6 +1541,11 @@ class SessionActor(Actor[Any]):
             )
         await self._set_phase("development")
         return False
+
+
+def _merge_failure(code: str, reason: str) -> providers.Failure:
+    """A run whose work was not merged: transient, retried with backoff like a failed run."""
+    return providers.Failure(providers.FailureKind.TRANSIENT, code, reason)
 
 
 def bootstrap_recorded(session: Mapping[str, Any]) -> bool:
