@@ -10,9 +10,12 @@ Rules:
 
 * Every file is written atomically (`lokidir.atomic_write_bytes`).
 * `queue/pending.json` is shared with the agent: it is replaced only if it
-  still has the stamp the runner's last ingest saw (`replace_if_unchanged`),
-  so a task the agent appended meanwhile is never overwritten; it is
-  ingested on the next round instead.
+  still has the stamp the runner last read (`replace_if_unchanged`) AND the
+  runner took in everything that version held (`PendingView.replaceable`).
+  A task the agent appended meanwhile, tasks left for the next read (more
+  than 50 new ones) and a file the runner could not read are never
+  overwritten; the file is read again instead. A rewrite keeps the file's
+  form (`{"tasks": [...], ...}` stays an object with its other keys).
 * A file whose content would not change is not rewritten (fewer writes,
   and readers polling mtimes see only real changes). The first write of a
   file in a `MirrorState` compares with what is on disk: a session starting
@@ -37,10 +40,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import attrs
+
 from lokid import lokidir as ld
 from lokid.session_records import RunnerTask
 
-__all__ = ["MirrorState", "write_mirror", "write_reconciled"]
+__all__ = ["MirrorState", "PendingView", "pending_view", "write_mirror", "write_reconciled"]
 
 T = TypeVar("T")
 
@@ -66,6 +71,29 @@ def _queue_task(task: RunnerTask, project: str) -> ld.QueueTask:
         completed_at=_time(task.completed_at),
         error=task.error,
     )
+
+
+@attrs.frozen
+class PendingView:
+    """What the runner knows of `queue/pending.json`, the file it shares with agents.
+
+    `stamp` is the version it last read or wrote (None: absent). It may replace
+    that version only if it took in all of it: `deferred` counts the new tasks
+    it left for the next read (over 50 per read, or a resumed session's yet to
+    be read), `readable` is False when the file could not be read at all
+    (malformed, oversized, half-written). `wrapper` holds the other keys of the
+    `{"tasks": [...]}` form, so a rewrite keeps it.
+    """
+
+    stamp: ld.FileStamp | None
+    deferred: int = 0
+    readable: bool = True
+    wrapper: dict[str, Any] | None = None
+
+    @property
+    def replaceable(self) -> bool:
+        """Replacing this version of the file loses nothing the store lacks."""
+        return self.readable and self.deferred == 0
 
 
 class MirrorState:
@@ -109,19 +137,20 @@ def write_mirror(
     session: Mapping[str, Any],
     tasks: Sequence[RunnerTask],
     *,
-    pending_stamp: ld.FileStamp | None,
+    pending: PendingView,
     pid: int,
     version: str,
     retries: int,
     last_exit_code: int,
     state: MirrorState,
-) -> ld.FileStamp | None:
+) -> PendingView:
     """Write orchestrator, autonomy state, queues and the current task.
 
-    Returns the stamp of `pending.json` after this write (for the next
-    ingest to know the file is ours), or `pending_stamp` when it was left
-    alone because someone wrote it after that stamp was taken - it must be
-    read again. Raises `LokiDirWriteError` when a write fails.
+    Returns what the runner now knows of `pending.json`: `pending` with the
+    stamp of this write (for the next ingest to know the file is ours), or
+    `pending` unchanged when the file was left alone - not all of it taken in,
+    or someone wrote it after that stamp was taken (it must be read again).
+    Raises `LokiDirWriteError` when a write fails.
     """
     project = Path(session["projectDir"]).name
     by_status: dict[str, list[ld.QueueTask]] = {status: [] for status in ld.QUEUE_FOR_STATUS}
@@ -170,20 +199,22 @@ def write_mirror(
             ld.encode_queue(by_status[status_name]),
         )
     state.write(paths.current_task, ld.encode_current_task(active[0] if active else None))
-    return _write_pending(paths.pending, by_status["pending"], pending_stamp, state)
+    return _write_pending(paths.pending, by_status["pending"], pending, state)
 
 
 def _write_pending(
-    path: Path, pending: Iterable[ld.QueueTask], stamp: ld.FileStamp | None, state: MirrorState
-) -> ld.FileStamp | None:
-    """Replace `pending.json` if it still has `stamp`; the stamp the caller has now seen."""
-    data = ld.encode_queue(pending)
+    path: Path, tasks: Iterable[ld.QueueTask], seen: PendingView, state: MirrorState
+) -> PendingView:
+    """Replace `pending.json` if that loses nothing; what the caller knows of it now."""
+    if not seen.replaceable:
+        return seen  # tasks or bytes the store lacks: left for the next read
+    data = ld.encode_queue(tasks, seen.wrapper)
     if state.written.get(path) == data:
-        return stamp  # nothing to write: what the caller saw is still what it saw
-    if not ld.replace_if_unchanged(path, data, stamp, durable=False):
-        return stamp  # someone wrote it: the caller's stamp is stale, it reads again
+        return seen  # nothing to write: what the caller saw is still what it saw
+    if not ld.replace_if_unchanged(path, data, seen.stamp, durable=False):
+        return seen  # someone wrote it: the caller's stamp is stale, it reads again
     state.written[path] = data
-    return ld.file_stamp(path)
+    return attrs.evolve(seen, stamp=ld.file_stamp(path))
 
 
 def write_reconciled(
@@ -215,7 +246,7 @@ def write_reconciled(
         paths,
         session,
         tasks,
-        pending_stamp=_pending_stamp_if_ours(paths.pending, {task.id for task in tasks}),
+        pending=pending_view(paths.pending, {task.id for task in tasks}),
         pid=pid,
         version=version,
         retries=orchestrator.retries if orchestrator is not None else 0,
@@ -233,13 +264,12 @@ def _readable(read: Callable[[Path], T | None], path: Path) -> T | None:
         return None
 
 
-def _pending_stamp_if_ours(path: Path, known_ids: set[str]) -> ld.FileStamp | None:
-    """The stamp that lets `write_mirror` replace `pending.json`, if the file holds only
-    tasks the store knows; else None, which leaves an existing file alone."""
+def pending_view(path: Path, known_ids: set[str]) -> PendingView:
+    """`pending.json` for a last rewrite that takes nothing in (a session that ended, or
+    was reconciled): replaceable only if it could be read and holds no task the store
+    lacks - those an agent appended are left for the runner to take on resume."""
     try:
         result, stamp = ld.ingest_pending_file(path, known_ids)
     except ld.LokiDirFormatError:
-        return None
-    if result.tasks or result.deferred:
-        return None
-    return stamp
+        return PendingView(ld.file_stamp(path), readable=False)
+    return PendingView(stamp, deferred=len(result.tasks) + result.deferred, wrapper=result.wrapper)

@@ -968,6 +968,9 @@ class IngestResult:
     """One line per rejected entry or cut field; deterministic, so repeats can be suppressed."""
     deferred: int
     """Valid new tasks past `max_new`, left in the file for the next read."""
+    wrapper: dict[str, Any] | None = None
+    """The other keys of the `{"tasks": [...]}` form (None: a bare array), for a rewrite
+    to keep the file's form."""
 
 
 def _derived_id(entry: Mapping[str, Any]) -> str:
@@ -1003,7 +1006,7 @@ def ingest_pending(
     * At most `max_new` tasks per read; the count of the rest is `deferred`.
     A file that is not a queue at all raises `LokiDirFormatError`.
     """
-    entries, _ = _entries(_loads(data, path), path)
+    entries, wrapper = _entries(_loads(data, path), path)
     known = set(known_ids)
     seen: set[str] = set()
     tasks: list[AgentTask] = []
@@ -1082,7 +1085,9 @@ def ingest_pending(
         warnings.append(
             f"{deferred} more new task(s) left for the next read (at most {max_new} per read)"
         )
-    return IngestResult(tasks=tuple(tasks), warnings=tuple(warnings), deferred=deferred)
+    return IngestResult(
+        tasks=tuple(tasks), warnings=tuple(warnings), deferred=deferred, wrapper=wrapper
+    )
 
 
 def _agent_criteria(value: Any, where: str, warnings: list[str]) -> tuple[str, ...]:

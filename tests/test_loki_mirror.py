@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from lokid import lokidir as ld
-from lokid.loki_mirror import MirrorState, write_mirror, write_reconciled
+from lokid.loki_mirror import MirrorState, PendingView, write_mirror, write_reconciled
 from lokid.session_records import RunnerTask
 
 
@@ -121,7 +121,7 @@ def mirror_of_a_killed_daemon(project: Path) -> ld.LokiPaths:
         paths,
         session_row(project),
         tasks,
-        pending_stamp=ld.file_stamp(paths.pending),
+        pending=PendingView(ld.file_stamp(paths.pending)),
         pid=DEAD_PID,
         version="test",
         retries=3,
@@ -171,6 +171,15 @@ def test_tasks_a_killed_agent_appended_are_left_for_the_runner(tmp_path: Path) -
     assert json.loads(paths.in_progress.read_text()) == []
 
 
+def test_a_malformed_pending_file_is_left_alone_by_reconciliation(tmp_path: Path) -> None:
+    paths = mirror_of_a_killed_daemon(tmp_path)
+    torn = b'[{"id": "agent-1", "title": "Wri'
+    paths.pending.write_bytes(torn)
+    session, tasks = reconciled(tmp_path)
+    assert write_reconciled(session, tasks, pid=NEW_PID, version="test")
+    assert paths.pending.read_bytes() == torn
+
+
 def test_files_of_another_session_are_left_alone(tmp_path: Path) -> None:
     paths = mirror_of_a_killed_daemon(tmp_path)
     before = paths.autonomy_state.read_bytes()
@@ -197,3 +206,84 @@ def test_a_gone_project_folder_or_a_failed_write_is_an_error(tmp_path: Path) -> 
     session, tasks = reconciled(tmp_path)
     with pytest.raises(ld.LokiDirWriteError):
         write_reconciled(session, tasks, pid=NEW_PID, version="test")
+
+
+# -- pending.json: replaced only when that loses nothing ----------------------------------
+
+
+def agent_entries(count: int) -> list[dict[str, str]]:
+    return [{"id": f"bulk-{n:03}", "title": f"Bulk {n}", "status": "pending"} for n in range(count)]
+
+
+def mirror_pending(paths: ld.LokiPaths, pending: PendingView, task_ids: list[str]) -> PendingView:
+    """`write_mirror` of a running session whose pending tasks are `task_ids`."""
+    return write_mirror(
+        paths,
+        session_row(paths.project),
+        [runner_task(task_id, "pending") for task_id in task_ids],
+        pending=pending,
+        pid=NEW_PID,
+        version="test",
+        retries=0,
+        last_exit_code=0,
+        state=MirrorState(),
+    )
+
+
+def ingested(paths: ld.LokiPaths, known: set[str]) -> tuple[PendingView, list[str]]:
+    """What the runner's ingest makes of the file: its view, and the ids it took."""
+    result, stamp = ld.ingest_pending_file(paths.pending, known)
+    view = PendingView(stamp, deferred=result.deferred, wrapper=result.wrapper)
+    return view, [task.id for task in result.tasks]
+
+
+def test_tasks_left_for_the_next_read_keep_the_file_as_it_is(tmp_path: Path) -> None:
+    """120 new entries: 50 taken per read; the file keeps the other 70 until they are taken."""
+    paths = ld.init_loki_dir(tmp_path)
+    data = json.dumps(agent_entries(120)).encode()
+    paths.pending.write_bytes(data)
+    view, taken = ingested(paths, set())
+    assert (len(taken), view.deferred, view.replaceable) == (50, 70, False)
+    assert mirror_pending(paths, view, taken) == view
+    assert paths.pending.read_bytes() == data
+
+    known = set(taken)
+    while view.deferred:
+        view, more = ingested(paths, known)
+        known.update(more)
+    assert len(known) == 120
+    after = mirror_pending(paths, view, sorted(known))  # all taken: now it is rewritten
+    assert after.stamp == ld.file_stamp(paths.pending) != view.stamp
+    assert [entry["id"] for entry in json.loads(paths.pending.read_text())] == sorted(known)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'[{"id": "half-1", "title": "half written", "stat',
+        b"[" + b" " * ld.MAX_LOKI_FILE_BYTES + b"]",
+    ],
+    ids=["torn", "oversized"],
+)
+def test_a_file_the_runner_cannot_read_is_never_overwritten(tmp_path: Path, content: bytes) -> None:
+    paths = ld.init_loki_dir(tmp_path)
+    paths.pending.write_bytes(content)
+    with pytest.raises(ld.LokiDirFormatError):
+        ld.ingest_pending_file(paths.pending, set())
+    view = PendingView(ld.file_stamp(paths.pending), readable=False)
+    assert mirror_pending(paths, view, ["prd-001"]) == view
+    assert paths.pending.read_bytes() == content
+
+
+def test_a_rewrite_keeps_the_object_form_and_its_other_keys(tmp_path: Path) -> None:
+    paths = ld.init_loki_dir(tmp_path)
+    form = {"meta": {"owner": "planner"}, "tasks": agent_entries(2), "version": 2}
+    paths.pending.write_text(json.dumps(form))
+    view, taken = ingested(paths, set())
+    mirror_pending(paths, view, ["prd-001", *taken])
+    written = json.loads(paths.pending.read_text())
+    assert {key: written[key] for key in ("meta", "version")} == {
+        "meta": {"owner": "planner"},
+        "version": 2,
+    }
+    assert [entry["id"] for entry in written["tasks"]] == ["prd-001", "bulk-000", "bulk-001"]

@@ -501,6 +501,83 @@ async def test_a_malformed_pending_queue_is_reported_once(tmp_path: Path, agent_
         assert warnings[0]["data"]["file"] == "queue/pending.json"
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """As another tool replaces a file: complete temp file, then rename."""
+    temp = path.with_name(f".{path.name}.other-tool")
+    temp.write_bytes(data)
+    temp.replace(path)
+
+
+def queue_ids(path: Path) -> list[str]:
+    data = json.loads(path.read_text())
+    entries = data["tasks"] if isinstance(data, dict) else data
+    return [entry["id"] for entry in entries]
+
+
+async def test_tasks_past_the_per_read_limit_are_taken_later_not_deleted(
+    tmp_path: Path, agent_log: Path
+) -> None:
+    """120 new tasks in pending.json: 50 per read, the rest stay in the file for the next
+    reads; the file keeps its object form."""
+    project = make_project(tmp_path, "# App\n\n## Features\n- First [mode:slow] [seconds:30]\n")
+    pending = project / ".loki" / "queue" / "pending.json"
+    bulk = [{"id": f"bulk-{n:03}", "title": f"Bulk {n}", "status": "pending"} for n in range(120)]
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        await lab_.wait_event(sid, "task.started")
+        write_atomically(pending, json.dumps({"tasks": bulk, "meta": {"by": "planner"}}).encode())
+
+        async def all_taken() -> bool:
+            return bool((await lab_.session(sid))["tasks"]["total"] == 121)
+
+        await eventually(all_taken, "all 120 tasks taken", timeout=15)
+        assert (await lab_.post(f"/api/sessions/{sid}/stop")).status_code == 200
+        await lab_.wait_status(sid, "stopped")
+    written = json.loads(pending.read_text())
+    assert written["meta"] == {"by": "planner"}
+    assert queue_ids(pending) == ["prd-001", *(entry["id"] for entry in bulk)]
+
+
+async def test_tasks_appended_during_a_run_survive_a_stop(tmp_path: Path, agent_log: Path) -> None:
+    prd = "# App\n\n## Features\n- First [mode:slow] [seconds:30]\n- Second\n"
+    project = make_project(tmp_path, prd)
+    pending = project / ".loki" / "queue" / "pending.json"
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        await lab_.wait_event(sid, "task.started")
+        await eventually(lambda: queue_ids(pending) == ["prd-002"], "the mirror's pending.json")
+        entries = json.loads(pending.read_text())
+        entries.append({"id": "ext-keep", "title": "Appended by another tool", "status": "pending"})
+        write_atomically(pending, json.dumps(entries).encode())
+        assert (await lab_.post(f"/api/sessions/{sid}/stop")).status_code == 200
+        await lab_.wait_status(sid, "stopped")
+        taken = "ext-keep" in [task["id"] for task in await lab_.tasks(sid)]
+    assert "ext-keep" in queue_ids(pending), f"ingested before the stop: {taken}"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b'[{"id": "half-1", "title": "half written", "stat', b"[" + b" " * 6_000_000 + b"]"],
+    ids=["torn", "oversized"],
+)
+async def test_a_pending_queue_lokid_cannot_read_is_never_overwritten(
+    tmp_path: Path, agent_log: Path, content: bytes
+) -> None:
+    prd = "# App\n\n## Features\n- First [mode:slow] [seconds:30]\n- Second\n"
+    project = make_project(tmp_path, prd)
+    pending = project / ".loki" / "queue" / "pending.json"
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        await lab_.wait_event(sid, "task.started")
+        write_atomically(pending, content)
+        await lab_.wait_event(sid, "warning")
+        await trio.sleep(1.5)  # a mirror round: it must not overwrite the file
+        assert pending.read_bytes() == content
+        assert (await lab_.post(f"/api/sessions/{sid}/stop")).status_code == 200
+        await lab_.wait_status(sid, "stopped")
+    assert pending.read_bytes() == content
+
+
 async def test_daemon_shutdown_interrupts_and_resume_continues(
     tmp_path: Path, agent_log: Path
 ) -> None:

@@ -107,7 +107,7 @@ from lokid.actors.store import StoreActor, StoreUnavailable
 from lokid.agent_host import AgentRun, AgentSpec, EndReason, RunResult, Stream
 from lokid.errors import LokiError
 from lokid.events import Level
-from lokid.loki_mirror import MirrorState, write_mirror
+from lokid.loki_mirror import MirrorState, PendingView, pending_view, write_mirror
 from lokid.prd import (
     MAX_PRD_BYTES,
     PrdParseResult,
@@ -287,7 +287,7 @@ class SessionActor(Actor[Any]):
         self._pause_file_seen = False
         self._warnings_seen: set[str] = set()
         self._mirror = MirrorState()
-        self._pending_seen: lokidir.FileStamp | None = None
+        self._pending = PendingView(None)  # what we last read or wrote of pending.json
         self._mirror_dirty = trio.Event()
         self._sync_lock = trio.Lock()
         self._survivors: list[int] = []
@@ -926,8 +926,10 @@ class SessionActor(Actor[Any]):
 
         Without `force` a file whose stamp is the one seen last (our own write,
         or the last read) is not read again: one `stat` instead of a thread hop
-        per scheduling step. The scheduler forces a read before it decides
-        that nothing is left to do.
+        per scheduling step - unless that read left tasks for the next one. The
+        scheduler forces a read before it decides that nothing is left to do.
+        What was read decides whether the mirror may replace the file
+        (`PendingView`): not while it holds tasks not taken or cannot be read.
         """
         if not self._bootstrapped:
             return False  # the PRD's tasks first
@@ -937,7 +939,8 @@ class SessionActor(Actor[Any]):
                 return False
             self._ingest_checked_at = now
             self._ingest_due = False
-            if lokidir.file_stamp(self.paths.pending) == self._pending_seen:
+            seen = self._pending
+            if not seen.deferred and lokidir.file_stamp(self.paths.pending) == seen.stamp:
                 return False
         try:
             result, stamp = await trio.to_thread.run_sync(
@@ -945,9 +948,9 @@ class SessionActor(Actor[Any]):
             )
         except lokidir.LokiDirFormatError as exc:
             await self._warn("malformed_file", exc.message, file="queue/pending.json")
-            self._pending_seen = lokidir.file_stamp(self.paths.pending)
+            self._pending = PendingView(lokidir.file_stamp(self.paths.pending), readable=False)
             return False
-        self._pending_seen = stamp
+        self._pending = PendingView(stamp, deferred=result.deferred, wrapper=result.wrapper)
         for line in result.warnings:
             await self._warn("malformed_file", line, file="queue/pending.json")
         if result.tasks:
@@ -962,14 +965,17 @@ class SessionActor(Actor[Any]):
             session, tasks = await self.store.read(self._read_state)
             if ingest and await self._ingest({task.id for task in tasks}, force=True):
                 session, tasks = await self.store.read(self._read_state)
-            stamp = self._pending_seen if ingest else lokidir.file_stamp(self.paths.pending)
+            pending = self._pending
+            if not ingest:  # the session ended: a file with tasks not taken stays as it is
+                known = {task.id for task in tasks}
+                pending = await trio.to_thread.run_sync(pending_view, self.paths.pending, known)
             try:
-                self._pending_seen = await trio.to_thread.run_sync(
+                self._pending = await trio.to_thread.run_sync(
                     lambda: write_mirror(
                         self.paths,
                         session,
                         tasks,
-                        pending_stamp=stamp,
+                        pending=pending,
                         pid=os.getpid(),
                         version=__version__,
                         retries=self._retries,
@@ -994,6 +1000,7 @@ class SessionActor(Actor[Any]):
                 Level.INFO,
                 {"taskId": task["id"], "title": task["title"], "source": "agent"},
             )
+        self._mirror_dirty.set()  # their files, and the next read of what a read left
         self._poke()
 
     # -- one task -----------------------------------------------------------------------
