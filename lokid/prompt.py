@@ -6,6 +6,11 @@ acceptance criteria), the human input queued since the last run, the
 previous failure of this task, and the house rules (`.loki/` conventions
 an agent may use: add tasks to `queue/pending.json`, request completion).
 
+An agent of a parallel session runs in a git worktree inside the project
+(`<project>/.loki/worktrees/<task>`), where a relative `.loki/` would be the
+worktree's own, never read and deleted with it: there the rules name the
+project's `.loki/` folder by its absolute path (`loki_dir`).
+
 The PRD itself is not pasted: the agent runs in the project folder and
 reads it (a PRD may be 5 MiB; a prompt argument is limited). Every part is
 bounded so the prompt stays far below `providers.MAX_ARGV_PROMPT_BYTES`
@@ -24,11 +29,27 @@ MAX_ERROR_CHARS = 2000
 
 RULES = """\
 How to work:
-- Work in the current folder (the project). Make the change, run the relevant tests.
-- Stay on this task; do not rewrite unrelated code.
-- If you find more work that must be done, append a task to .loki/queue/pending.json
-  ({"id": "...", "title": "...", "description": "...", "priority": "medium"}).
-- If the whole project is finished, write .loki/signals/COMPLETION_REQUESTED."""
+- Work in the current folder ({where}). Make the change, run the relevant tests.
+- Stay on this task; do not rewrite unrelated code.{loki_note}
+- If you find more work that must be done, append a task to {loki}/queue/pending.json
+  ({{"id": "...", "title": "...", "description": "...", "priority": "medium"}}).
+- If the whole project is finished, write {loki}/signals/COMPLETION_REQUESTED."""
+
+
+def rules(loki_dir: str | None = None) -> str:
+    """The house rules; `loki_dir`: the project's `.loki/` when the agent runs elsewhere."""
+    if loki_dir is None:
+        return RULES.format(where="the project", loki=".loki", loki_note="")
+    note = (
+        f"\n- The project's .loki folder is {loki_dir}: use it for every .loki file (queue,"
+        " signals, STOP, PAUSE), never a .loki in the current folder (it is not read)."
+    )
+    return RULES.format(
+        where="a git worktree of the project on its own branch; your work is merged when"
+        " you finish",
+        loki=loki_dir,
+        loki_note=note,
+    )
 
 
 @attrs.frozen
@@ -52,8 +73,9 @@ def build_prompt(
     human_input: Sequence[str] = (),
     previous_error: str | None = None,
     iteration: int = 1,
+    loki_dir: str | None = None,
 ) -> str:
-    """The whole prompt for one run of `task`."""
+    """The whole prompt for one run of `task`; `loki_dir` as in `rules`."""
     about = f" ({prd_title})" if prd_title else ""
     parts = [
         f"You are implementing the product described in the PRD at {prd_path}{about}.",
@@ -75,5 +97,5 @@ def build_prompt(
             f"This is attempt {task.attempt}. The previous attempt failed: "
             + _clip(previous_error.strip(), MAX_ERROR_CHARS)
         )
-    parts.append(RULES)
+    parts.append(rules(loki_dir))
     return "\n\n".join(parts) + "\n"

@@ -29,8 +29,10 @@ Mode: a `[mode:NAME]` marker in the prompt, else `$FAKE_AGENT_MODE`, else `ok`.
     malformed    five invalid lines between valid ones, then a good result; exit 0
     no-result    init and text, no result; exit 0
     flood        FAKE_AGENT_LINES (1000) assistant lines as fast as it can, a result
-    complete     writes .loki/signals/COMPLETION_REQUESTED in its cwd, then ok
-    add-task     appends a task to .loki/queue/pending.json in its cwd, then ok
+    complete     writes .loki/signals/COMPLETION_REQUESTED, then ok
+    add-task     appends a task to .loki/queue/pending.json, then ok
+                 (both: in the .loki folder the prompt names by absolute path, as
+                 lokid's prompt does for an agent in a worktree; else in its cwd)
 
 Other markers: `[seconds:N]`, `[lines:N]`, `[subagents:N]`, `[task:TITLE]` (they
 win over the variables). Variables: FAKE_AGENT_SUBAGENTS (1), FAKE_AGENT_COST
@@ -355,8 +357,15 @@ def write_json_atomically(path: Path, value: Any) -> None:
     os.replace(temp, path)
 
 
-def add_task(title: str) -> dict[str, Any]:
-    path = Path.cwd() / ".loki" / "queue" / "pending.json"
+def loki_dir(prompt: str) -> Path:
+    """The `.loki` folder the prompt tells the agent to use: an absolute path given
+    for `queue/` or `signals/`, else the one in the cwd."""
+    named = re.search(r"(/\S*/\.loki)/(?:queue|signals)/", prompt)
+    return Path(named.group(1)) if named else Path.cwd() / ".loki"
+
+
+def add_task(loki: Path, title: str) -> dict[str, Any]:
+    path = loki / "queue" / "pending.json"
     document: Any = json.loads(path.read_text()) if path.exists() else []
     tasks: list[Any] = document if isinstance(document, list) else document.setdefault("tasks", [])
     ids = {t.get("id") for t in tasks if isinstance(t, dict)}
@@ -453,15 +462,16 @@ def run(args: Args, prompt: str, mode: str) -> int:
         agent.result(f"flooded {lines} lines")
         return 0
     elif mode == "complete":
-        signals = Path.cwd() / ".loki" / "signals"
+        signals = loki_dir(prompt) / "signals"
         signals.mkdir(parents=True, exist_ok=True)
         target = signals / "COMPLETION_REQUESTED"
         target.write_text("All tasks are done (fake agent).\n")
         agent.tool("Write", {"file_path": str(target), "content": "..."}, "File written")
     elif mode == "add-task":
         title = setting(prompt, "task", "FAKE_AGENT_TASK_TITLE", "Follow-up found by the agent")
-        task = add_task(title)
-        path = str(Path.cwd() / ".loki" / "queue" / "pending.json")
+        loki = loki_dir(prompt)
+        task = add_task(loki, title)
+        path = str(loki / "queue" / "pending.json")
         agent.tool("Edit", {"file_path": path, "new_string": task["title"]}, "File updated")
 
     agent.work(prompt, subagents)

@@ -735,6 +735,41 @@ async def test_parallel_tasks_run_in_worktrees_and_are_merged(
     assert git(project, "worktree", "list").count("\n") == 1  # the worktrees are gone
 
 
+async def test_parallel_agents_in_worktrees_reach_the_projects_loki_folder(
+    tmp_path: Path, agent_log: Path
+) -> None:
+    """An agent in a worktree is told the project's `.loki/` by absolute path: the task it
+    adds and its completion request reach the session (a relative `.loki/` would be the
+    worktree's own, deleted with it)."""
+    prd = (
+        "# App\n\n## Features\n- One [mode:add-task] [task:Extra from agent]\n"
+        "- Two [mode:complete]\n- Three\n"
+    )
+    project = make_project(tmp_path, prd)
+    git(project, "init", "-q", "-b", "main")
+    git(project, "add", "prd.md")
+    git(project, "commit", "-qm", "start")
+    options = {"parallel": True, "maxAgents": 1}
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md"), "options": options}))["id"]
+        session = await lab_.wait_status(sid, "completed", "failed")
+        assert (session["status"], session["exitReason"]) == ("completed", "completionRequested")
+        tasks = await lab_.tasks(sid)
+        assert [(t["title"], t["source"], t["status"]) for t in tasks] == [
+            ("One [mode:add-task] [task:Extra from agent]", "prd", "completed"),
+            ("Two [mode:complete]", "prd", "completed"),
+            ("Three", "prd", "pending"),
+            ("Extra from agent", "agent", "pending"),
+        ]
+    calls = invocations(agent_log)
+    assert [call["cwd"] for call in calls] == [
+        str(project / ".loki" / "worktrees" / task_id) for task_id in ("prd-001", "prd-002")
+    ]
+    loki = project / ".loki"
+    assert all(f"{loki}/queue/pending.json" in call["prompt"] for call in calls)
+    assert not (loki / "signals" / "COMPLETION_REQUESTED").exists()  # consumed
+
+
 async def test_sandboxed_agents_write_only_the_project(tmp_path: Path, agent_log: Path) -> None:
     from lokid.sandbox import sandbox_problem
 

@@ -1064,6 +1064,7 @@ class SessionActor(Actor[Any]):
             human_input=[item["message"] for item in inputs],
             previous_error=task.error,
             iteration=iteration,
+            loki_dir=None if tree is None else str(self.paths.root),
         )
         try:
             command = providers.build_command(
