@@ -13,8 +13,12 @@ project's `.loki/` folder by its absolute path (`loki_dir`).
 
 The PRD itself is not pasted: the agent runs in the project folder and
 reads it (a PRD may be 5 MiB; a prompt argument is limited). Every part is
-bounded so the prompt stays far below `providers.MAX_ARGV_PROMPT_BYTES`
+bounded so the prompt stays below `providers.MAX_ARGV_PROMPT_BYTES`
 (the command builder moves a larger one to stdin anyway).
+
+Human input is never cut: the runner passes only the queued inputs that fit
+in `MAX_INPUT_BYTES_PER_PROMPT` together (`inputs_that_fit`), each in full,
+and the others wait for the next prompt (docs/sessions.md).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from collections.abc import Sequence
 import attrs
 
 MAX_DESCRIPTION_CHARS = 8000
-MAX_INPUT_CHARS = 16_000  # all human input of one prompt together
+MAX_INPUT_BYTES_PER_PROMPT = 64 * 1024  # the API's bound for one message: it always fits
 MAX_ERROR_CHARS = 2000
 
 RULES = """\
@@ -61,6 +65,21 @@ class PromptTask:
     attempt: int = 1
 
 
+def inputs_that_fit(messages: Sequence[str]) -> int:
+    """How many of the queued `messages` (oldest first) go into one prompt, in full.
+
+    As many as fit in `MAX_INPUT_BYTES_PER_PROMPT` of UTF-8 together, and at
+    least the first: one message is at most that (the API's and
+    `HUMAN_INPUT.md`'s bound), so every input is delivered whole, in order.
+    """
+    total = 0
+    for count, message in enumerate(messages):
+        total += len(message.strip().encode("utf-8", "surrogatepass"))
+        if total > MAX_INPUT_BYTES_PER_PROMPT and count > 0:
+            return count
+    return len(messages)
+
+
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
@@ -75,7 +94,10 @@ def build_prompt(
     iteration: int = 1,
     loki_dir: str | None = None,
 ) -> str:
-    """The whole prompt for one run of `task`; `loki_dir` as in `rules`."""
+    """The whole prompt for one run of `task`; `loki_dir` as in `rules`.
+
+    `human_input` goes in whole: the caller bounds it (`inputs_that_fit`).
+    """
     about = f" ({prd_title})" if prd_title else ""
     parts = [
         f"You are implementing the product described in the PRD at {prd_path}{about}.",
@@ -90,7 +112,7 @@ def build_prompt(
         joined = "\n\n".join(message.strip() for message in human_input)
         parts.append(
             "Instructions from the human operator (they override the plan where they differ):\n"
-            + _clip(joined, MAX_INPUT_CHARS)
+            + joined
         )
     if previous_error and task.attempt > 1:
         parts.append(

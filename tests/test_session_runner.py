@@ -412,6 +412,33 @@ async def test_input_goes_into_the_next_prompt(tmp_path: Path, agent_log: Path) 
     assert not (project / ".loki" / "HUMAN_INPUT.md").exists()
 
 
+async def test_large_inputs_go_whole_into_prompts_and_the_rest_waits(
+    tmp_path: Path, agent_log: Path
+) -> None:
+    """Two inputs of 60,000 characters (the API takes 65,536 bytes): the next prompt holds
+    the first whole, the one after the second; each is marked applied to its own task."""
+    prd = "# App\n\n## Features\n- First [mode:slow] [seconds:1]\n- Second\n- Third\n"
+    project = make_project(tmp_path, prd)
+    first, second = "a" * 59_999 + "!", "b" * 59_999 + "?"
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        await lab_.wait_event(sid, "task.started")
+        ids = []
+        for message in (first, second):
+            answer = await lab_.post(f"/api/sessions/{sid}/input", {"message": message})
+            assert answer.status_code == 202
+            ids.append(answer.json()["id"])
+        await lab_.wait_status(sid, "completed", "failed")
+        applied = await lab_.events(sid, "input.applied")
+    assert {e["data"]["inputId"]: e["data"]["taskId"] for e in applied} == {
+        ids[0]: "prd-002",
+        ids[1]: "prd-003",
+    }
+    prompts = [call["prompt"] for call in invocations(agent_log)]
+    assert first in prompts[1] and "b" * 100 not in prompts[1]
+    assert second in prompts[2] and "a" * 100 not in prompts[2]
+
+
 async def test_control_files_of_other_tools_are_honoured(tmp_path: Path, agent_log: Path) -> None:
     prd = "# App\n\n## Features\n- First [mode:slow] [seconds:30]\n"
     project = make_project(tmp_path, prd)

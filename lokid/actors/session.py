@@ -115,7 +115,7 @@ from lokid.prd import (
     parse_prd_detailed,
     validate_prd_bytes,
 )
-from lokid.prompt import PromptTask, build_prompt
+from lokid.prompt import PromptTask, build_prompt, inputs_that_fit
 from lokid.session_records import (
     RunnerTask,
     add_input,
@@ -1055,7 +1055,9 @@ class SessionActor(Actor[Any]):
         cwd: Path,
         tree: worktree.Worktree | None,
     ) -> None:
-        inputs = await self.store.read(lambda db: pending_inputs(db, self.id))
+        queued = await self.store.read(lambda db: pending_inputs(db, self.id))
+        # Each input whole; what does not fit waits (queued) for the next prompt.
+        inputs = queued[: inputs_that_fit([item["message"] for item in queued])]
         attempt = task.attempts + 1
         prompt = build_prompt(
             PromptTask(task.id, task.title, task.description, task.acceptance, attempt),
