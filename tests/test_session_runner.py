@@ -136,6 +136,19 @@ async def test_a_prd_that_became_a_fifo_fails_the_bootstrap_instead_of_hanging(
     assert "not a regular file" in json.dumps(failed["data"])
 
 
+async def test_a_loki_file_in_the_way_fails_the_bootstrap_naming_it_once(
+    tmp_path: Path, agent_log: Path
+) -> None:
+    project = make_project(tmp_path)
+    (project / ".loki").write_text("a file where lokid's folder goes")
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        session = await lab_.wait_status(sid, "failed")
+        [failed] = await lab_.events(sid, "session.failed")
+    assert session["exitReason"] == "bootstrapFailed"
+    assert failed["data"]["detail"] == f"{project / '.loki'}: exists and is not a folder"
+
+
 async def test_a_failing_task_is_retried_then_fails_the_session(
     tmp_path: Path, agent_log: Path
 ) -> None:
@@ -637,6 +650,8 @@ async def test_daemon_shutdown_interrupts_and_resume_continues(
         ]
     calls = invocations(agent_log)
     assert [call["prompt"].count("Second") > 0 for call in calls] == [False, True, True, False]
+    named = f"the PRD at {project / 'prd.md'} (App)."
+    assert all(named in call["prompt"] for call in calls)  # also after the resume
 
 
 async def test_a_bootstrap_cut_off_by_a_shutdown_is_finished_on_resume(

@@ -551,6 +551,8 @@ class SessionActor(Actor[Any]):
                 self._work_scope.cancel()
             if not self._bootstrapped:  # from the store: a resume may find it unfinished
                 ending = await self._bootstrap()
+            elif self.prd_title is None:
+                await self._recall_prd_title()
             if ending is None:
                 ending = await self._develop()
         return ending
@@ -665,8 +667,7 @@ class SessionActor(Actor[Any]):
                 _prepare_project, self.paths, self.prd_path, self.iteration == 0
             )
         except (LokiError, OSError) as exc:
-            message = exc.message if isinstance(exc, LokiError) else f"{exc.strerror}"
-            return Ending(Trigger.FAIL, "bootstrapFailed", f"{self.prd_path}: {message}")
+            return Ending(Trigger.FAIL, "bootstrapFailed", _bootstrap_problem(self.prd_path, exc))
         self.prd_title = parsed.title
 
         known = {task.id for task in await self.store.read(lambda db: runner_tasks(db, self.id))}
@@ -706,6 +707,18 @@ class SessionActor(Actor[Any]):
         self._bootstrapped = True
         await self.bus.emit("phase.started", self.id, Level.INFO, {"phase": "development"})
         return None
+
+    async def _recall_prd_title(self) -> None:
+        """A resumed session skips the bootstrap; its prompts still name the PRD's title.
+
+        Read from the PRD as it is now; one that cannot be read any more leaves
+        the prompts naming its path only (the agent finds out when it reads it).
+        """
+        try:
+            parsed = await trio.to_thread.run_sync(_read_prd, self.prd_path)
+        except (LokiError, OSError):
+            return
+        self.prd_title = parsed.title
 
     async def _record_bootstrap(self, new: list[PrdTask], events: list[EventArgs]) -> None:
         """Finish the bootstrap of a session that is past `starting` (resumed): its tasks,
@@ -1593,11 +1606,24 @@ class _FixTask:
     acceptance: tuple[str, ...]
 
 
+def _bootstrap_problem(prd_path: Path, exc: LokiError | OSError) -> str:
+    """Why the bootstrap failed, naming the file at fault once: a `.loki/` error names
+    its own path; anything else is about the PRD."""
+    if isinstance(exc, lokidir.LokiDirFormatError | lokidir.LokiDirWriteError):
+        return exc.message
+    message = exc.message if isinstance(exc, LokiError) else f"{exc.strerror}"
+    return f"{prd_path}: {message}"
+
+
 def _prepare_project(paths: lokidir.LokiPaths, prd_path: Path, new: bool) -> PrdParseResult:
     """Bootstrap's file work, in one worker thread: `.loki/`, the PRD, its tasks."""
     lokidir.init_loki_dir(paths.project)
     if new:  # nothing of an earlier run applies
         _fresh_run_files(paths)
+    return _read_prd(prd_path)
+
+
+def _read_prd(prd_path: Path) -> PrdParseResult:
     return parse_prd_detailed(validate_prd_bytes(_read_bounded(prd_path)))
 
 
