@@ -335,3 +335,31 @@ async def test_a_stopping_daemon_ends_streams_and_refuses_new_ones(
         "details": {},
     }
     assert bus.subscriber_count == 0
+
+
+async def test_head_on_the_stream_is_its_head_without_a_subscription(
+    tmp_path: pathlib.Path,
+) -> None:
+    """HEAD is answered for every GET route (docs/http.md), the SSE stream included: its
+    status and headers, no body, and no subscriber left behind; on every listener."""
+    async with running_daemon(tmp_path) as daemon:
+        assert daemon.listeners is not None
+        urls = daemon.listeners.urls()
+        transport = httpx.AsyncHTTPTransport(uds=urls["socket"])
+        async with (
+            httpx.AsyncClient(timeout=10) as client,
+            httpx.AsyncClient(transport=transport, timeout=10) as control,
+        ):
+            answers = [
+                await client.head(urls["api"] + "/api/events"),
+                await client.head(urls["dashboard"] + "/api/events"),
+                await control.head("http://lokid/api/events"),
+                await control.head("http://lokid/dashboard/api/events"),
+            ]
+            refused = await client.head(urls["api"] + "/api/events?minLevel=loud")
+        for answer in answers:
+            assert answer.status_code == 200
+            assert answer.headers["content-type"].startswith("text/event-stream")
+            assert answer.content == b""
+        assert refused.status_code == 400  # the same refusal as GET's
+        assert daemon.bus.subscriber_count == 0

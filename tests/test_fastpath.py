@@ -225,3 +225,19 @@ async def test_a_query_parameter_the_route_does_not_declare_is_400_on_both_paths
         assert "it takes q" in refused[0]["message"]
         assert "it takes no query parameters" in refused[1]["message"]
         assert json.loads(answers[4][1]) == {"path": "/fast", "query": "q=3"}
+
+
+def without_date(raw: bytes) -> bytes:
+    return b"\r\n".join(line for line in raw.split(b"\r\n") if not line.startswith(b"date:"))
+
+
+async def test_head_on_a_stream_route_is_its_head_on_both_paths() -> None:
+    """200 and the stream's headers, no body; the connection stays usable."""
+    data = b"HEAD /stream HTTP/1.1\r\nHost: x\r\n\r\n" + CLOSE
+    inline = without_date(await with_listener(True, data))
+    plain = without_date(await with_listener(False, data))
+    assert inline == plain
+    head, _, rest = inline.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert rest.startswith(b"HTTP/1.1 200 ")  # the next request's answer, no body between
+    assert rest.endswith(b'{"path":"/fast","query":""}')

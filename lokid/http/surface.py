@@ -595,7 +595,11 @@ class Surface:
                 every = {*lean_methods, *quart_methods, *(("HEAD",) if has_lean_get else ())}
                 allowed = ", ".join(sorted(every))
                 if method == "HEAD" and has_lean_get:
-                    handler, scope["path_params"] = self.lean_match("GET", path)  # type: ignore[misc]
+                    match = self.lean_match("GET", path)
+                    if match is None:  # GET is a stream (raw) route
+                        await _stream_head(self._raw[("GET", path)], scope, receive, send)
+                        return
+                    handler, scope["path_params"] = match
                     await self._serve_lean(handler, scope, send, head=True)
                     return
                 error = ApiError(
@@ -905,6 +909,24 @@ async def _refuse_handshake(scope: Scope, send: Send, error: ApiError) -> None:
     status, headers, body = answer
     await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
     await send({"type": "websocket.http.response.body", "body": body})
+
+
+async def _stream_head(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """HEAD on a stream route: its GET's status and headers, no body.
+
+    The handler runs until it sends its answer's head, so a bad query is the same 400
+    and a full server the same 503 as for GET, and is then cancelled: it sends no
+    event, and its subscription ends at once.
+    """
+    with trio.CancelScope() as cancel_scope:
+
+        async def head_only(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                await send(message)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                cancel_scope.cancel()
+
+        await app(scope, receive, head_only)
 
 
 def _template(path: str) -> re.Pattern[str]:
