@@ -1,9 +1,59 @@
-"""How error messages name the JSON type of a value ("expected a string, got a number")."""
+"""JSON from outside: how error messages name a value's type ("expected a string, got a
+number"), and `loads_bounded`, the parse for text lokid did not write."""
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Mapping
 from typing import Any
+
+MAX_JSON_DEPTH = 100
+"""How deeply JSON from outside (request bodies, WebSocket messages, `.loki` files) may
+nest. Deeper values are refused when parsed: near Python's recursion limit they would
+fail later, wherever they are encoded or walked (a 500, a crashed task)."""
+
+
+class UnusableJson(ValueError):
+    """Valid JSON that lokid does not take: nested past `MAX_JSON_DEPTH`, or an integer
+    with more digits than Python converts (`sys.get_int_max_str_digits`, 4300)."""
+
+
+def loads_bounded(text: str | bytes, **options: Any) -> Any:
+    """`json.loads` for untrusted text: `json.JSONDecodeError` for malformed text,
+    `UnusableJson` for text it parses but lokid refuses (see there)."""
+    try:
+        value = json.loads(text, parse_int=_bounded_int, **options)
+    except RecursionError:
+        raise UnusableJson(f"nested more than {MAX_JSON_DEPTH} levels deep") from None
+    if _deeper_than(value, MAX_JSON_DEPTH):
+        raise UnusableJson(f"nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+def json_error_text(exc: json.JSONDecodeError) -> str:
+    """`exc`'s message and place: "Invalid control character at line 1 column 11".
+    Some of the decoder's messages end in "at" already (they expect its own format)."""
+    return f"{exc.msg.removesuffix(' at')} at line {exc.lineno} column {exc.colno}"
+
+
+def _bounded_int(digits: str) -> int:
+    most = sys.get_int_max_str_digits()
+    if most and len(digits.lstrip("-")) > most:
+        raise UnusableJson(f"an integer has more than {most} digits")
+    return int(digits)
+
+
+def _deeper_than(value: Any, most: int) -> bool:
+    """Whether `value` nests arrays and objects more than `most` levels (no recursion)."""
+    pending: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, dict | list) else []
+    while pending:
+        item, depth = pending.pop()
+        if depth > most:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        pending.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
 
 
 def json_type_name(value: Any) -> str:

@@ -59,7 +59,7 @@ from typing import Any
 import attrs
 
 from lokid.errors import LokiError
-from lokid.jsontypes import json_type_name
+from lokid.jsontypes import json_error_text, json_type_name, loads_bounded
 from lokid.prd import (
     MAX_ACCEPTANCE_ITEMS,
     MAX_CRITERION_CHARS,
@@ -477,14 +477,10 @@ def _loads(data: bytes, path: Path | None) -> Any:
     if not text.strip():
         raise LokiDirFormatError(path, "is empty")
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return loads_bounded(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
-        raise LokiDirFormatError(
-            path, f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from None
-    except RecursionError:
-        raise LokiDirFormatError(path, "is not usable JSON: nested too deeply") from None
-    except ValueError as exc:  # NaN/Infinity, integers with too many digits
+        raise LokiDirFormatError(path, f"is not valid JSON: {json_error_text(exc)}") from None
+    except ValueError as exc:  # NaN/Infinity; too deep, an integer of too many digits
         raise LokiDirFormatError(path, f"is not usable JSON: {exc}") from None
 
 

@@ -61,6 +61,7 @@ from typing import Any, Generic, TypeVar
 
 import attrs
 
+from lokid.jsontypes import loads_bounded
 from lokid.lokidir import (
     MAX_LOKI_FILE_BYTES,
     LokiDirFormatError,
@@ -1338,9 +1339,9 @@ def _parse_learnings(kind: str) -> Callable[[bytes, str], tuple[LearningsFile, i
                 problems.append(Problem(path, "too_large", f"line {number}: {len(line)} bytes"))
                 continue
             try:
-                value = json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+                value = loads_bounded(line.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as exc:  # UnusableJson: too deep, ...
+                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
                 problems.append(Problem(path, "malformed", f"line {number}: {reason}"))
                 continue
             if not isinstance(value, dict):

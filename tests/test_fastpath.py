@@ -241,3 +241,21 @@ async def test_head_on_a_stream_route_is_its_head_on_both_paths() -> None:
     assert head.startswith(b"HTTP/1.1 200 ")
     assert rest.startswith(b"HTTP/1.1 200 ")  # the next request's answer, no body between
     assert rest.endswith(b'{"path":"/fast","query":""}')
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100000 + b"]" * 100000,
+        b'{"a":' * 990 + b"1" + b"}" * 990,
+        b'{"n": ' + b"9" * 5000 + b"}",
+    ],
+)
+async def test_json_too_deep_or_too_long_is_400_on_both_paths(body: bytes) -> None:
+    request = b"POST /things/t-1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    for inline in (True, False):
+        [(status, answer), _] = split(
+            await with_listener(inline, request + body + CLOSE), [False] * 2
+        )
+        assert status == "400", answer
+        assert json.loads(answer)["error"]["message"].startswith("Request body is not usable JSON")

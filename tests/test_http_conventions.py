@@ -133,6 +133,14 @@ async def test_head_on_lean_route_has_no_body() -> None:
         (b"[1, 2]", "Request body must be a JSON object"),
         (b'"text"', "Request body must be a JSON object"),
         (b"\xff\xfe", "Request body is not UTF-8 text"),
+        (
+            b'{"name": "a\x01b"}',
+            "Request body is not valid JSON: Invalid control character at line",
+        ),
+        # parsed by json, but past what lokid takes: a 400, not a RecursionError's 500
+        (b"[" * 100000 + b"]" * 100000, "Request body is not usable JSON: nested more than 100"),
+        (b'{"a":' * 990 + b"1" + b"}" * 990, "Request body is not usable JSON: nested more than"),
+        (b'{"n": ' + b"9" * 5000 + b"}", "Request body is not usable JSON: an integer has more"),
     ],
 )
 async def test_malformed_json_is_400(body: bytes, message: str) -> None:

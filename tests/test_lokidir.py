@@ -407,8 +407,11 @@ MALFORMED_FOR_ALL: list[tuple[str, bytes, str]] = [
     ("binary", b'{"a":\x00}', "is binary: NUL byte at offset 5"),
     ("not utf-8", b'{"status": "caf\xe9"}', "is not UTF-8: invalid byte 0xe9 at offset 15"),
     ("nan", b'{"status": NaN}', "is not usable JSON: NaN is not JSON"),
-    ("deep", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
-    ("huge int", b'{"pid": ' + b"9" * 5000 + b"}", "is not usable JSON: Exceeds the limit"),
+    ("control", b'{"a": "\x01"}', "is not valid JSON: Invalid control character at line 1"),
+    ("deep", b"[" * 100_000 + b"]" * 100_000, "is not usable JSON: nested more than 100 levels"),
+    # parses, but would fail wherever it is encoded again (a RecursionError near the limit)
+    ("deep 990", b'{"a":' * 990 + b"1" + b"}" * 990, "nested more than 100 levels deep"),
+    ("huge int", b'{"pid": ' + b"9" * 5000 + b"}", "usable JSON: an integer has more than 4300"),
     ("scalar", b"42", "got a number"),
 ]
 

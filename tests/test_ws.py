@@ -95,6 +95,28 @@ async def test_topics_ping_and_bad_messages(tmp_path: pathlib.Path) -> None:
         assert (await next_message(ws))["data"] == {"id": "task-2"}  # everything again
 
 
+@pytest.mark.parametrize(
+    ("message", "said"),
+    [
+        ("[" * 30000 + "]" * 30000, "not usable JSON: nested more than 100 levels deep"),
+        ('{"a":' * 990 + "1" + "}" * 990, "not usable JSON: nested more than 100 levels deep"),
+        ('{"type": "ping", "n": ' + "9" * 5000 + "}", "not usable JSON: an integer has more"),
+    ],
+)
+async def test_json_too_deep_or_too_long_is_an_error_message(
+    tmp_path: pathlib.Path, message: str, said: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Like any other bad JSON: an error message, the connection stays open, nothing logged."""
+    async with running_daemon(tmp_path) as daemon, open_websocket_url(ws_url(daemon)) as ws:
+        await ws.send_message(message)
+        answer = await next_message(ws)
+        assert answer["type"] == "error"
+        assert answer["data"]["message"].startswith(said)
+        await ws.send_message(json.dumps({"type": "ping"}))
+        assert await next_message(ws) == {"type": "pong", "data": {}}
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 async def test_topics_that_can_never_match_are_refused_by_name(tmp_path: pathlib.Path) -> None:
     async with running_daemon(tmp_path) as daemon, open_websocket_url(ws_url(daemon)) as ws:
         await ws.send_message(json.dumps({"type": "subscribe", "topics": ["task.moved"]}))

@@ -43,6 +43,7 @@ from lokid.http.gate import (
     local_path,
     origin_form,
 )
+from lokid.jsontypes import UnusableJson, json_error_text, loads_bounded
 from lokid.ratelimit import is_exempt
 from lokid.session_records import refuse_unknown
 
@@ -1028,14 +1029,14 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        value = json.loads(raw.decode("utf-8"))
+        value = loads_bounded(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ApiError("BAD_REQUEST", "Request body is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
-        raise ApiError(
-            "BAD_REQUEST",
-            f"Request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
-        ) from None
+        message = f"Request body is not valid JSON: {json_error_text(exc)}"
+        raise ApiError("BAD_REQUEST", message) from None
+    except UnusableJson as exc:  # too deep, or a number of thousands of digits
+        raise ApiError("BAD_REQUEST", f"Request body is not usable JSON: {exc}") from None
     if not isinstance(value, dict):
         raise ApiError("BAD_REQUEST", "Request body must be a JSON object")
     return value

@@ -54,6 +54,7 @@ from lokid.events import EVENT_TYPES, EncodedEvent
 from lokid.http.errors import ApiError
 from lokid.http.gate import TokenStream
 from lokid.http.surface import Surface
+from lokid.jsontypes import UnusableJson, loads_bounded
 
 CLIENT_QUEUE = 4096  # messages queued per client before it is closed as slow
 assert CLIENT_QUEUE >= MAX_BATCH_EVENTS + MAX_EMIT_MANY - 1  # one bus batch fits (module)
@@ -291,7 +292,9 @@ async def _receiver(client: WsClient) -> None:
 def _handle(client: WsClient, raw: str | bytes) -> dict[str, Any] | None:
     """The answer to one client message (None: none)."""
     try:
-        message = json.loads(raw)
+        message = loads_bounded(raw)
+    except UnusableJson as exc:  # parsed, but too deep or a number of thousands of digits
+        return _error(f"not usable JSON: {exc}")
     except (ValueError, UnicodeDecodeError):
         return _error('not JSON: send {"type": "subscribe", "topics": [...]} or ping')
     if not isinstance(message, dict):
