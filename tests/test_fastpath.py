@@ -45,6 +45,14 @@ from lokid.http.surface import (
         (b"GET /he%61lth HTTP/1.1\r\nHost: x", False),  # escapes: Hypercorn decodes
         (b"GET http://x/health HTTP/1.1\r\nHost: x", False),  # absolute form
         (b"GET /health HTTP/1.1\r\nHost : x", False),  # space before the colon
+        # what Hypercorn refuses with 400 is not simple either
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nHost: y", False),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: a\rb", False),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: a\x00b", False),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nX A: b", False),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nX(A: b", False),
+        (b"GET /health HTTP/1.1\r\nHost: x\nX-A: b", False),  # a bare LF inside
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: caf\xc3\xa9\tb", True),  # obs-text, tab
     ],
 )
 def test_only_certainly_simple_requests_are_inline(head: bytes, simple: bool) -> None:
@@ -259,3 +267,36 @@ async def test_json_too_deep_or_too_long_is_400_on_both_paths(body: bytes) -> No
         )
         assert status == "400", answer
         assert json.loads(answer)["error"]["message"].startswith("Request body is not usable JSON")
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /fast HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+        b"GET /fast HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n",
+        b"GET /fast HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+        b"GET /fast HTTP/1.1\r\nHost: x\r\nX A: b\r\n\r\n",
+        b"GET /fast HTTP/1.1\r\nHost: x\r\nX(A: b\r\n\r\n",
+    ],
+)
+async def test_a_head_hypercorn_refuses_is_refused_inline_too(head: bytes) -> None:
+    inline = without_date(await with_listener(True, head))
+    assert inline == without_date(await with_listener(False, head))
+    assert inline.startswith(b"HTTP/1.1 400 ")
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /fast HTTP/1.1\nHost: x\nConnection: close\n\n",
+        b"GET /fast HTTP/1.1\r\nHost: x\r\nConnection: close\n\n",
+        b"GET /fast HTTP/1.1\r\nHost: x\r\nConnection: close\n\r\n",
+    ],
+)
+async def test_a_head_with_bare_lf_line_ends_is_answered_at_once(head: bytes) -> None:
+    """Not after the keep-alive period: Hypercorn reads it as soon as it is seen."""
+    for inline in (True, False):
+        with trio.fail_after(2):
+            answer = await with_listener(inline, head)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        assert answer.endswith(b'{"path":"/fast","query":""}')

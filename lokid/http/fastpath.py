@@ -10,12 +10,14 @@ Rules:
 
 * Only what is certainly simple is served here: a request for a lean route
   (any method; `{name}` templates included) or a streaming route (`GET`) of
-  the listener's `Surface`, HTTP/1.1, `Host` present, a body only with a
-  `Content-Length` of at most `MAX_BODY_BYTES` (no `Transfer-Encoding`), no
-  `Expect`, no `Upgrade`, no obs-fold, origin-form target without percent
-  escapes, head under 16 KiB. Anything else - the first time it is seen on
-  a connection - hands the connection, with every byte already read, to
-  Hypercorn for good. Correctness beyond the simple case is Hypercorn's.
+  the listener's `Surface`, HTTP/1.1, CRLF line ends, one `Host`, header
+  names that are tokens, no control character in the request line or a
+  header, a body only with a `Content-Length` of at most `MAX_BODY_BYTES`
+  (no `Transfer-Encoding`), no `Expect`, no `Upgrade`, no obs-fold,
+  origin-form target without percent escapes, head under 16 KiB. Anything
+  else - the first time it is seen on a connection - hands the connection,
+  with every byte already read, to Hypercorn for good. Correctness beyond
+  the simple case is Hypercorn's.
 * The gate runs here as on the ASGI path (`Surface.admit`), and a change's
   audit entry is committed before its answer is written
   (`Gate.audit_answer`).
@@ -33,6 +35,7 @@ Rules:
 from __future__ import annotations
 
 import http
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -50,6 +53,12 @@ Handoff = Callable[[trio.abc.HalfCloseableStream], Awaitable[None]]
 
 
 INLINE_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE"})
+HEAD_END = re.compile(rb"\n\r?\n")
+"""Where a head ends as Hypercorn (h11) reads it: bare LF line ends count too."""
+CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+"""What may not appear in a request line or header (CR, LF, NUL, ...; a tab may)."""
+TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+"""A header name (RFC 9110 §5.1)."""
 
 
 @attrs.frozen
@@ -65,6 +74,8 @@ class SimpleRequest:
 def parse_simple_request(head: bytes) -> SimpleRequest | None:
     """The request if it is one the inline path may serve, else None (hand over)."""
     lines = head.split(b"\r\n")
+    if any(CONTROL.search(line) for line in lines):
+        return None  # a bare CR or LF, a NUL: Hypercorn refuses it with 400
     parts = lines[0].split(b" ")
     if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] not in INLINE_METHODS:
         return None
@@ -76,7 +87,7 @@ def parse_simple_request(head: bytes) -> SimpleRequest | None:
         if not line or line[:1] in (b" ", b"\t"):
             return None
         name, sep, value = line.partition(b":")
-        if not sep or not name or name.strip() != name:
+        if not sep or TOKEN.fullmatch(name) is None:
             return None
         headers.append((name.lower(), value.strip()))
     close = False
@@ -94,6 +105,8 @@ def parse_simple_request(head: bytes) -> SimpleRequest | None:
             if length > MAX_BODY_BYTES:
                 return None
         if name == b"host":
+            if has_host:
+                return None  # two Hosts: Hypercorn refuses it with 400
             has_host = True
         if name == b"connection" and b"close" in value.lower():
             close = True
@@ -216,14 +229,15 @@ class InlineConnection:
     async def _read_head(self) -> tuple[bytes, bool] | None:
         """(the next request head without its blank line, True), or None: closed, idle, stopped.
 
-        A head that grows past `MAX_HEAD_BYTES` comes back as (all bytes read so
-        far, False): the caller hands it to Hypercorn, which answers properly.
+        A head that grows past `MAX_HEAD_BYTES`, or that ends with bare LFs, comes
+        back as (all bytes read so far, False): the caller hands it to Hypercorn,
+        which answers properly.
         """
-        end = -1
+        end = None
         with trio.move_on_after(self.keep_alive) as idle:
             self.idle_scopes.add(idle)
             try:
-                while (end := self.buffer.find(b"\r\n\r\n")) < 0:
+                while (end := HEAD_END.search(self.buffer)) is None:
                     if len(self.buffer) > MAX_HEAD_BYTES:
                         partial = bytes(self.buffer)
                         self.buffer.clear()
@@ -241,10 +255,15 @@ class InlineConnection:
                     self.buffer += chunk
             finally:
                 self.idle_scopes.discard(idle)
-        if end < 0:  # idle, or stopped, before a whole head arrived
+        if end is None:  # idle, or stopped, before a whole head arrived
             return None
-        head = bytes(self.buffer[:end])
-        del self.buffer[: end + 4]
+        start, stop = end.span()
+        if stop - start != 3 or self.buffer[start - 1 : start] != b"\r":
+            partial = bytes(self.buffer)  # a bare LF ends it: not one to read here
+            self.buffer.clear()
+            return partial, False
+        head = bytes(self.buffer[: start - 1])
+        del self.buffer[:stop]
         return head, True
 
     async def _read_body(self, length: int) -> bytes | None:
