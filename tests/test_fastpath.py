@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from lokid.actors.listener import HttpListener
-from lokid.http.fastpath import parse_simple_request
+from lokid.http.errors import ApiError
+from lokid.http.fastpath import SEND_SECONDS, parse_simple_request
+from lokid.http.gate import Admission, Gate
 from lokid.http.surface import (
+    BODY_SECONDS,
     LeanResponse,
     Param,
     Receive,
     Scope,
     Send,
     Surface,
+    error_answer,
     json_response,
     lean_json,
     path_param,
@@ -33,7 +40,8 @@ from lokid.http.surface import (
         (b"POST /things HTTP/1.1\r\nHost: x", True),  # a change without a body
         (b"POST /things HTTP/1.1\r\nHost: x\r\nContent-Length: 12", True),
         (b"PUT /things/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 0", True),
-        (b"POST /things HTTP/1.1\r\nHost: x\r\nContent-Length: 1048577", False),  # > 1 MiB
+        (b"POST /things HTTP/1.1\r\nHost: x\r\nContent-Length: 1048577", True),  # 413 inline
+        (b"POST /things HTTP/1.1\r\nHost: x\r\nContent-Length: 123456789", False),  # huge
         (b"POST /things HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1", False),
         (b"POST /things HTTP/1.1\r\nHost: x\r\nContent-Length: -1", False),
         (b"OPTIONS /things HTTP/1.1\r\nHost: x", False),
@@ -97,7 +105,8 @@ def make_surface() -> Surface:
 async def exchange(port: int, data: bytes) -> bytes:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
-        await stream.send_all(data)
+        with contextlib.suppress(trio.BrokenResourceError):  # answered before all was sent
+            await stream.send_all(data)
         chunks = []
         with trio.move_on_after(3):
             while chunk := await stream.receive_some(65536):
@@ -105,11 +114,20 @@ async def exchange(port: int, data: bytes) -> bytes:
     return b"".join(chunks)
 
 
-async def with_listener(inline: bool, data: bytes) -> bytes:
+class Refusing(Gate):
+    """A gate that lets nothing through (as auth without a token)."""
+
+    async def admit(self, scope: dict[str, Any], requires: str) -> Admission:
+        return Admission(error_answer(ApiError("UNAUTHORIZED", "no token")))
+
+
+async def with_listener(inline: bool, data: bytes, *, gate: Gate | None = None) -> bytes:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen()
     surface = make_surface()
+    if gate is not None:
+        surface.gate = gate
     listener = HttpListener("t", surface, [sock], inline=surface if inline else None)
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
@@ -300,3 +318,112 @@ async def test_a_head_with_bare_lf_line_ends_is_answered_at_once(head: bytes) ->
             answer = await with_listener(inline, head)
         assert answer.startswith(b"HTTP/1.1 200 "), answer
         assert answer.endswith(b'{"path":"/fast","query":""}')
+
+
+ANNOUNCED = b"POST /things/t-1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+
+
+@pytest.mark.parametrize("length", [2_000_000, 123_456_789])
+async def test_a_body_announced_over_the_limit_is_413_at_once_on_both_paths(length: int) -> None:
+    """Without waiting for the body (none is sent), and the connection is closed."""
+    for inline in (True, False):
+        with trio.fail_after(2):
+            raw = await with_listener(inline, ANNOUNCED % length)
+        assert raw.startswith(b"HTTP/1.1 413 "), raw[:200]
+        assert json.loads(raw.partition(b"\r\n\r\n")[2])["error"]["code"] == "PAYLOAD_TOO_LARGE"
+
+
+@pytest.mark.parametrize("length", [1_000_000, 2_000_000])
+async def test_the_gate_refuses_before_the_body_is_read_on_both_paths(length: int) -> None:
+    for inline in (True, False):
+        with trio.fail_after(2):
+            raw = await with_listener(inline, ANNOUNCED % length, gate=Refusing())
+        assert raw.startswith(b"HTTP/1.1 401 "), raw[:200]
+
+
+async def test_a_refusal_with_its_body_here_keeps_the_connection() -> None:
+    data = ANNOUNCED % 2 + b"{}" + CLOSE
+    for inline in (True, False):
+        answers = split(await with_listener(inline, data, gate=Refusing()), [False] * 2)
+        assert [status for status, _ in answers] == ["401", "401"]
+
+
+@contextlib.asynccontextmanager
+async def listening(
+    inline: bool, surface: Surface | None = None
+) -> AsyncIterator[tuple[HttpListener, int]]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    surface = surface or make_surface()
+    listener = HttpListener("t", surface, [sock], inline=surface if inline else None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(listener.run)
+        yield listener, sock.getsockname()[1]
+        nursery.cancel_scope.cancel()
+    sock.close()
+
+
+async def drip_answer(inline: bool, head: bytes) -> tuple[bytes, float]:
+    """Send `head`, then one byte of body a second; the answer and when it came."""
+    async with listening(inline) as (_, port):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream, trio.open_nursery() as nursery:
+            await stream.send_all(head)
+
+            async def drip() -> None:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    for _ in range(1000):
+                        await trio.sleep(1)
+                        await stream.send_all(b" ")
+
+            nursery.start_soon(drip)
+            began = trio.current_time()
+            answer = b""
+            with trio.fail_after(BODY_SECONDS + 30):
+                while not answer.endswith(b"}}") and (chunk := await stream.receive_some()):
+                    answer += chunk
+            nursery.cancel_scope.cancel()
+    return answer, trio.current_time() - began
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /things/t-1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n",
+        b"POST /things/t-1/echo HTTP/1.0\r\nHost: x\r\nContent-Length: 1000\r\n\r\n",
+        b"POST /things/t-1/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ],
+)
+async def test_a_body_that_drips_is_400_after_body_seconds_on_both_paths(
+    head: bytes, autojump_clock: trio.testing.MockClock
+) -> None:
+    for inline in (True, False):
+        answer, waited = await drip_answer(inline, head)
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+        assert b"did not arrive within 60 s" in answer
+        assert BODY_SECONDS <= waited < BODY_SECONDS + 2
+
+
+async def test_a_client_that_never_reads_its_answers_is_let_go(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Pipelined requests whose answers are never read: after SEND_SECONDS of a write
+    taking nothing, the connection is closed (it was held forever)."""
+    surface = make_surface()
+
+    @surface.lean("GET", "/big", "a large answer", responses={200: "ok"}, requires="read")
+    async def big(scope: Scope) -> LeanResponse:
+        return LeanResponse(200, b"x" * (4 * 1024 * 1024))
+
+    for inline in (True, False):
+        async with listening(inline, surface) as (listener, port):
+            client = trio.socket.socket()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            await client.connect(("127.0.0.1", port))
+            await client.send(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n" * 4)
+            await trio.sleep(1)
+            assert listener.statistics().connections_open == 1
+            await trio.sleep(SEND_SECONDS + 1)
+            assert listener.statistics().connections_open == 0, inline
+            client.close()

@@ -38,7 +38,7 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 
 from lokid.http.errors import ApiError
-from lokid.http.fastpath import InlineConnection
+from lokid.http.fastpath import SEND_SECONDS, InlineConnection
 from lokid.http.surface import ASGIApp, Receive, Scope, Send, Surface, send_error
 from lokid.sockets import peer_credentials, socket_url
 
@@ -71,8 +71,14 @@ class _TCPServer(TCPServer):
     app's write fail with `BusyResourceError` ("Error in ASGI Framework" in
     the log). Here EOF is sent only when no write is in flight (taken
     without waiting, so a stuck write cannot stall the close), and the
-    stream is closed in every case, even when cancelled.
+    stream is closed in every case, even when cancelled. A write that the
+    client takes nothing of for `SEND_SECONDS` closes the connection.
     """
+
+    async def run(self) -> None:
+        self._abandon = trio.CancelScope()  # cancelled when a write takes too long
+        with self._abandon:
+            await super().run()
 
     async def protocol_send(self, event: Event) -> None:
         """Hypercorn's write path, without a scheduling pass when the lock is free.
@@ -84,13 +90,19 @@ class _TCPServer(TCPServer):
         if not isinstance(event, RawData):
             await super().protocol_send(event)
             return
+        sent = False
         try:
             self.send_lock.acquire_nowait()
         except trio.WouldBlock:
             await self.send_lock.acquire()
         try:
-            with trio.CancelScope(shield=True):
+            # Shielded from the app's cancellation (a half-written answer breaks the
+            # connection), but bounded: a client that takes nothing is gone.
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + SEND_SECONDS):
                 await self.stream.send_all(event.data)
+                sent = True
+            if not sent:  # the connection is gone: its requests, its idle timer
+                self._abandon.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             await self.protocol.handle(Closed())
         finally:

@@ -12,15 +12,18 @@ Rules:
   (any method; `{name}` templates included) or a streaming route (`GET`) of
   the listener's `Surface`, HTTP/1.1, CRLF line ends, one `Host`, header
   names that are tokens, no control character in the request line or a
-  header, a body only with a `Content-Length` of at most `MAX_BODY_BYTES`
-  (no `Transfer-Encoding`), no `Expect`, no `Upgrade`, no obs-fold,
-  origin-form target without percent escapes, head under 16 KiB. Anything
-  else - the first time it is seen on a connection - hands the connection,
-  with every byte already read, to Hypercorn for good. Correctness beyond
-  the simple case is Hypercorn's.
-* The gate runs here as on the ASGI path (`Surface.admit`), and a change's
-  audit entry is committed before its answer is written
-  (`Gate.audit_answer`).
+  header, a body only with a `Content-Length` (no `Transfer-Encoding`), no
+  `Expect`, no `Upgrade`, no obs-fold, origin-form target without percent
+  escapes, head under 16 KiB. Anything else - the first time it is seen on
+  a connection - hands the connection, with every byte already read, to
+  Hypercorn for good. Correctness beyond the simple case is Hypercorn's.
+* The gate runs here as on the ASGI path (`Surface.admit`), before the body
+  is read (a caller without a token cannot make us wait for one), and a
+  change's audit entry is committed before its answer is written
+  (`Gate.audit_answer`). A body announced over `MAX_BODY_BYTES` is a 413 at
+  once; a body is read within `BODY_SECONDS`. An answer sent with a body
+  unread closes the connection (after `LINGER_SECONDS` taking what still
+  comes, so that the close does not reset the answer away).
 * Handlers are the very same as on the ASGI path (`Surface.lean_answer`,
   the raw stream handlers), so both paths give identical answers; tests
   compare them.
@@ -43,10 +46,26 @@ from typing import Any
 import attrs
 import trio
 
+from lokid.http.errors import ApiError
 from lokid.http.gate import PRINCIPAL
-from lokid.http.surface import BODY, MAX_BODY_BYTES, ASGIApp, Scope, Surface, error_answer
+from lokid.http.surface import (
+    BODY,
+    BODY_SECONDS,
+    MAX_BODY_BYTES,
+    ASGIApp,
+    LeanHandler,
+    Scope,
+    Surface,
+    body_too_large,
+    body_too_slow,
+    error_answer,
+)
 
 MAX_HEAD_BYTES = 16 * 1024
+LINGER_SECONDS = 2.0
+SEND_SECONDS = 75.0
+"""How long one write may wait for a client that takes nothing (it then counts as gone):
+a client that pipelines requests and never reads its answers is not held forever."""
 RECEIVE_BYTES = 65536
 
 Handoff = Callable[[trio.abc.HalfCloseableStream], Awaitable[None]]
@@ -102,8 +121,6 @@ def parse_simple_request(head: bytes) -> SimpleRequest | None:
                 return None  # odd, repeated or huge: Hypercorn answers it properly
             seen_length = True
             length = int(value)
-            if length > MAX_BODY_BYTES:
-                return None
         if name == b"host":
             if has_host:
                 return None  # two Hosts: Hypercorn refuses it with 400
@@ -190,41 +207,85 @@ class InlineConnection:
                     replay = head + b"\r\n\r\n" + self.buffer if complete else head
                     await self.handoff(ReplayStream(self.stream, replay))
                     return
-                scope = self._scope(request)
-                started = time.perf_counter()  # request metrics (`_observe`)
-                if request.length:
-                    received = await self._read_body(request.length)
-                    if received is None:
-                        return
-                    scope[BODY] = received
-                admission = await self.surface.admit(scope)
-                if admission.answer is not None:
-                    self._observe(scope, admission.answer[0], started)
-                    if not await self._send_answer(request, *admission.answer):
-                        return
-                    continue
-                scope[PRINCIPAL] = admission.principal  # a revoke ends a stream (Gate.stream)
-                refusal = self.surface.query_refusal(scope)
-                if refusal is None and stream is not None:
-                    await self._stream(scope, stream, admission.headers, started)
-                    return
-                if refusal is not None:
-                    answer = error_answer(refusal)
-                else:
-                    assert lean is not None
-                    handler, scope["path_params"] = lean
-                    answer = await self.surface.lean_answer(handler, scope, audited=admission.audit)
-                if admission.audit:
-                    answer = await self.surface.gate.audit_answer(scope, admission, *answer)
-                status, headers, body = answer
-                self._observe(scope, status, started)
-                if not await self._send_answer(
-                    request, status, [*headers, *admission.headers], body
-                ):
+                if not await self._serve_one(request, lean, stream):
                     return
         finally:
             with trio.CancelScope(shield=True):
                 await self.stream.aclose()
+
+    async def _serve_one(
+        self,
+        request: SimpleRequest,
+        lean: tuple[LeanHandler, dict[str, str]] | None,
+        stream: ASGIApp | None,
+    ) -> bool:
+        """Answer one request (the gate first, then its body); False: close the connection."""
+        scope = self._scope(request)
+        started = time.perf_counter()  # request metrics (`_observe`)
+        admission = await self.surface.admit(scope)
+        if admission.answer is not None:
+            # Refused before its body is read (no token makes us wait for one): the
+            # connection is kept only when the whole body is here already.
+            self._observe(scope, admission.answer[0], started)
+            if self._drop_buffered(request.length):
+                return await self._send_answer(request, *admission.answer)
+            await self._send_answer(request, *admission.answer, close=True)
+            await self._linger()
+            return False
+        scope[PRINCIPAL] = admission.principal  # a revoke ends a stream (Gate.stream)
+        close = False
+        refusal = self.surface.query_refusal(scope)
+        if refusal is not None:
+            close = not self._drop_buffered(request.length)
+        elif request.length > MAX_BODY_BYTES:
+            refusal, close = body_too_large(), True  # at once, its body unread
+        elif request.length:
+            received = await self._read_body(request.length)
+            if received is None:
+                return False
+            if isinstance(received, ApiError):
+                refusal, close = received, True
+            else:
+                scope[BODY] = received
+        if refusal is None and stream is not None:
+            await self._stream(scope, stream, admission.headers, started)
+            return False
+        if refusal is not None:
+            answer = error_answer(refusal)
+        else:
+            assert lean is not None
+            handler, scope["path_params"] = lean
+            answer = await self.surface.lean_answer(handler, scope, audited=admission.audit)
+        if admission.audit:
+            answer = await self.surface.gate.audit_answer(scope, admission, *answer)
+        status, headers, body = answer
+        self._observe(scope, status, started)
+        kept = await self._send_answer(
+            request, status, [*headers, *admission.headers], body, close=close
+        )
+        if close:
+            await self._linger()
+        return kept
+
+    async def _linger(self) -> None:
+        """Before closing with request bytes unread: end our side, then take what the
+        client still sends for a moment. Closing a socket with unread bytes resets
+        the connection, which can destroy the answer before the client reads it."""
+        with trio.move_on_after(LINGER_SECONDS):
+            try:
+                await self.stream.send_eof()
+                while await self.stream.receive_some(RECEIVE_BYTES):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    def _drop_buffered(self, length: int) -> bool:
+        """Skip an unread body of `length` bytes if it has all arrived; False if not
+        (the connection cannot be reused: the rest of it is still to come)."""
+        if len(self.buffer) < length:
+            return False
+        del self.buffer[:length]
+        return True
 
     async def _read_head(self) -> tuple[bytes, bool] | None:
         """(the next request head without its blank line, True), or None: closed, idle, stopped.
@@ -266,9 +327,10 @@ class InlineConnection:
         del self.buffer[:stop]
         return head, True
 
-    async def _read_body(self, length: int) -> bytes | None:
-        """The next `length` bytes (the body), within one keep-alive period; None: gone."""
-        with trio.move_on_after(self.keep_alive):
+    async def _read_body(self, length: int) -> bytes | ApiError | None:
+        """The next `length` bytes (the body); a 400 when they take more than
+        `BODY_SECONDS` (as on every other route); None: the client is gone."""
+        with trio.move_on_after(BODY_SECONDS):
             while len(self.buffer) < length:
                 try:
                     chunk = await self.stream.receive_some(RECEIVE_BYTES)
@@ -280,7 +342,7 @@ class InlineConnection:
             body = bytes(self.buffer[:length])
             del self.buffer[:length]
             return body
-        return None
+        return body_too_slow()
 
     def _scope(self, request: SimpleRequest) -> Scope:
         return {
@@ -300,17 +362,26 @@ class InlineConnection:
         }
 
     async def _send_answer(
-        self, request: SimpleRequest, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+        self,
+        request: SimpleRequest,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        *,
+        close: bool = False,
     ) -> bool:
-        """One whole response; False when the connection is to be closed."""
-        if request.close:
+        """One whole response; False when the connection is to be closed (the client's
+        `Connection: close`, or `close`: what is left of its request was not read)."""
+        close = close or request.close
+        if close:
             headers = [*headers, (b"connection", b"close")]
         payload = _status_line(status, headers) + (b"" if request.method == "HEAD" else body)
         try:
-            await self.stream.send_all(payload)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            with trio.fail_after(SEND_SECONDS):
+                await self.stream.send_all(payload)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             return False
-        return not request.close
+        return not close
 
     def _observe(self, scope: Scope, status: int, started: float) -> None:
         """Tell the surface's request observer (metrics), if any, about an answer."""
@@ -366,8 +437,9 @@ class InlineConnection:
 
     async def _write(self, data: bytes, state: _StreamState) -> None:
         try:
-            await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            with trio.fail_after(SEND_SECONDS):
+                await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             state.gone = True
 
 

@@ -50,6 +50,8 @@ from lokid.session_records import refuse_unknown
 log = logging.getLogger("lokid.http")
 
 MAX_BODY_BYTES = 1024 * 1024  # DESIGN.md §4: larger bodies are 413
+BODY_SECONDS = 60.0
+"""How long a request body may take to arrive, whole (Quart's BODY_TIMEOUT, for every route)."""
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -580,7 +582,7 @@ class Surface:
                 handler, scope["path_params"] = match
                 if method not in BODYLESS_METHODS:
                     try:
-                        scope[BODY] = await _read_body(receive)
+                        scope[BODY] = await _read_body(scope, receive)
                     except ApiError as exc:
                         await send_error(send, exc)
                         return
@@ -766,6 +768,7 @@ class Surface:
     @staticmethod
     def _configure_quart(app: Quart) -> None:
         app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+        app.config["BODY_TIMEOUT"] = BODY_SECONDS
         app.config["PROPAGATE_EXCEPTIONS"] = False
         app.json.sort_keys = False  # type: ignore[attr-defined]
         app.json.compact = True  # type: ignore[attr-defined]
@@ -865,11 +868,9 @@ def _from_werkzeug(exc: HTTPException) -> ApiError:
             headers={"Allow": ", ".join(allowed)},
         )
     if status == 413:
-        return ApiError(
-            "PAYLOAD_TOO_LARGE",
-            f"Request body is larger than the limit of {MAX_BODY_BYTES} bytes",
-            {"limit": MAX_BODY_BYTES},
-        )
+        return body_too_large()
+    if status == 408:  # Quart's BODY_TIMEOUT
+        return body_too_slow()
     return ApiError.for_status(status, exc.description or exc.name)
 
 
@@ -935,25 +936,45 @@ def _template(path: str) -> re.Pattern[str]:
     return re.compile(re.sub(r"\\{(\w+)\\}", r"(?P<\1>[^/]+)", re.escape(path)))
 
 
-async def _read_body(receive: Receive) -> bytes:
-    """The whole request body from ASGI `receive`; 413 past `MAX_BODY_BYTES`."""
+def body_too_large() -> ApiError:
+    return ApiError(
+        "PAYLOAD_TOO_LARGE",
+        f"Request body is larger than the limit of {MAX_BODY_BYTES} bytes",
+        {"limit": MAX_BODY_BYTES},
+    )
+
+
+def body_too_slow() -> ApiError:
+    return ApiError("BAD_REQUEST", f"Request body did not arrive within {BODY_SECONDS:g} s")
+
+
+def announced_too_large(length: str | None) -> bool:
+    """Whether a Content-Length value announces more than `MAX_BODY_BYTES`."""
+    digits = (length or "").strip()
+    return digits.isdigit() and (len(digits) > 12 or int(digits) > MAX_BODY_BYTES)
+
+
+async def _read_body(scope: Scope, receive: Receive) -> bytes:
+    """The whole request body from ASGI `receive`: 413 past `MAX_BODY_BYTES` (at once
+    when announced), 400 when it takes more than `BODY_SECONDS` (a byte now and then
+    does not hold a request open)."""
+    if announced_too_large(header(scope, "content-length")):
+        raise body_too_large()
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            raise ApiError("BAD_REQUEST", "The client went away before sending the body")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise ApiError(
-                "PAYLOAD_TOO_LARGE",
-                f"Request body is larger than the limit of {MAX_BODY_BYTES} bytes",
-                {"limit": MAX_BODY_BYTES},
-            )
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+    with trio.move_on_after(BODY_SECONDS):
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise ApiError("BAD_REQUEST", "The client went away before sending the body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise body_too_large()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+    raise body_too_slow()
 
 
 def lean_json(scope: Scope) -> dict[str, Any]:
