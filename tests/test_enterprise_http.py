@@ -132,6 +132,34 @@ async def test_the_documented_parameters_are_taken(tmp_path: pathlib.Path) -> No
             assert answer.status == 200, (query, answer.body)
 
 
+@pytest.mark.parametrize(
+    "route", ["/api/enterprise/audit", "/api/enterprise/tokens", "/api/tasks", "/api/sessions"]
+)
+async def test_a_repeated_query_key_takes_its_last_value_on_every_route(
+    tmp_path: pathlib.Path, route: str
+) -> None:
+    """Quart views as lean routes (docs/http.md): `?limit=abc&limit=2` is limit 2, and
+    `?limit=2&limit=abc` names the bad last value."""
+    async with rig(tmp_path) as r:
+        answer = await r.get(f"{route}?limit=abc&limit=2")
+        assert answer.status == 200, answer.body
+        assert answer.json()["limit"] == 2
+        error = error_of(await r.get(f"{route}?limit=2&limit=abc"), 400, "BAD_REQUEST")
+        assert error["details"]["field"] == "limit"
+
+
+@pytest.mark.parametrize(
+    "route", ["/api/enterprise/audit", "/api/enterprise/tokens", "/api/tasks", "/api/sessions"]
+)
+async def test_a_query_value_in_raw_utf8_is_echoed_as_sent(
+    tmp_path: pathlib.Path, route: str
+) -> None:
+    async with rig(tmp_path) as r:
+        answer = await r.get(f"{route}?limit=caf\u00e9")  # raw UTF-8 bytes, not escaped
+        error = error_of(answer, 400, "BAD_REQUEST")
+        assert "'caf\u00e9'" in error["message"], error
+
+
 # -- precise messages -------------------------------------------------------------------------
 
 

@@ -29,6 +29,7 @@ from lokid.http.surface import (
     Param,
     Surface,
     json_body,
+    query_params,
     stripped_text,
 )
 from lokid.session_records import (
@@ -215,7 +216,7 @@ def install_enterprise(
         requires="admin",
     )
     async def token_list() -> dict[str, Any]:
-        query = parse_list_query(request.args, statuses=None)
+        query = parse_list_query(query_params(request.scope), statuses=None)
 
         def read(db: Any) -> dict[str, Any]:
             tokens = list_tokens(db, limit=query.limit, offset=query.offset)
@@ -252,7 +253,8 @@ def install_enterprise(
         requires="audit",
     )
     async def audit_list() -> dict[str, Any]:
-        args = request.args  # undeclared parameters are refused by the surface
+        # as on lean routes: a repeated key's last value; undeclared ones are refused
+        args = query_params(request.scope)
         query = AuditQuery.parse(
             start=args.get("start"),
             end=args.get("end"),

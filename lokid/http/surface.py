@@ -1071,10 +1071,13 @@ def query_names(documented: Iterable[Param]) -> tuple[str, ...]:
     return tuple(param.name for param in documented if param.location == "query")
 
 
-def query_params(scope: Scope) -> dict[str, str]:
-    """The query string as a dict (a repeated key: the last value wins)."""
-    raw: bytes = scope.get("query_string", b"")
-    return dict(parse_qsl(raw.decode("latin-1"), keep_blank_values=True))
+def query_params(scope: Mapping[str, object]) -> dict[str, str]:
+    """The query string as a dict (a repeated key: the last value wins, on every route:
+    Quart views read it through here too). UTF-8, escaped or not; a byte that is not
+    UTF-8 becomes U+FFFD."""
+    raw = scope.get("query_string", b"")
+    assert isinstance(raw, bytes)
+    return dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
 
 
 def int_param(
