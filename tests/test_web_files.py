@@ -73,6 +73,7 @@ async def test_files_are_served_with_type_csp_and_etag(
     assert again.body == b""
     assert again.headers["etag"] == etag
     assert again.headers["content-security-policy"] == CSP
+    assert "content-length" not in again.headers  # RFC 9110 §8.6: not 0 for a 304
 
     stale = await call(surface, "GET", path, headers={"If-None-Match": '"0000"'})
     assert stale.status == 200 and stale.body == answer.body

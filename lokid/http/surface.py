@@ -654,7 +654,9 @@ class Surface:
             if not response.headers or response.headers[0][0] != b"content-type"
             else []
         )
-        headers = [*base, *response.headers, (b"content-length", str(len(response.body)).encode())]
+        headers = [*base, *response.headers]
+        if response.status not in (204, 304):  # RFC 9110 §8.6: a 304's would be the 200's
+            headers.append((b"content-length", str(len(response.body)).encode()))
         return response.status, headers, response.body
 
     def lean_match(self, method: str, path: str) -> tuple[LeanHandler, dict[str, str]] | None:
