@@ -417,3 +417,24 @@ def test_every_quart_view_has_the_requirement_of_its_route(which: str, tmp_path:
 async def test_merged_slashes_are_not_the_route() -> None:
     answer = await call(make_surface(), "GET", "//things/7")
     assert assert_error(answer, 404, "NOT_FOUND")["message"] == "No route for GET //things/7"
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"), [("/things", ["POST"]), ("/fast", ["GET", "HEAD"]), ("/things/1", None)]
+)
+async def test_options_is_405_on_quart_and_lean_routes_alike(
+    path: str, allowed: list[str] | None
+) -> None:
+    """Not Quart's automatic empty text/html 200 (a CORS preflight is the gate's)."""
+    answer = await call(make_surface(), "OPTIONS", path)
+    error = assert_error(answer, 405, "METHOD_NOT_ALLOWED")
+    if allowed is not None:
+        assert error["details"]["allowed"] == allowed
+    assert answer.headers["allow"] == ", ".join(error["details"]["allowed"])
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/nothing"), ("GET", "/things")])
+async def test_quart_errors_are_not_stored_by_caches(method: str, path: str) -> None:
+    answer = await call(make_surface(), method, path)
+    assert answer.status in (404, 405)
+    assert answer.headers["cache-control"] == "no-store"

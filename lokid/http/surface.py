@@ -771,6 +771,9 @@ class Surface:
     def _configure_quart(app: Quart) -> None:
         app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
         app.config["BODY_TIMEOUT"] = BODY_SECONDS
+        # OPTIONS is a 405 naming the methods, as on lean routes (a CORS preflight is the
+        # gate's, before any route); Quart's own was an empty text/html 200.
+        app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
         app.config["PROPAGATE_EXCEPTIONS"] = False
         app.json.sort_keys = False  # type: ignore[attr-defined]
         app.json.compact = True  # type: ignore[attr-defined]
@@ -878,6 +881,7 @@ def _from_werkzeug(exc: HTTPException) -> ApiError:
 
 def quart_error(exc: ApiError) -> Response:
     response = Response(exc.body_bytes(), status=exc.status, content_type="application/json")
+    response.headers["Cache-Control"] = "no-store"  # as every lean and gate error
     for name, value in exc.headers.items():
         response.headers[name] = value
     return response
