@@ -633,6 +633,50 @@ def test_sigterm_with_open_event_streams_exits_promptly(daemon: DaemonProcess) -
     assert ": closed: shutdown" in tail
 
 
+def test_sigterm_with_a_control_socket_stream_nobody_reads_is_bounded(
+    daemon_factory: Factory, tmp_path: Path
+) -> None:
+    """`loki events -f | less` left on a page: the control socket's stream (served by
+    Hypercorn) has a write stuck on a full socket buffer. The stop still exits 0 within
+    `shutdown_grace` + `HURRY_SECONDS` (docs/operations.md); the write held it forever."""
+    bin_dir = tmp_path / "bin"
+    fake_agent.install(bin_dir, ("claude",))
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_AGENT_LIFETIME": "60"}
+    daemon = daemon_factory(extra_env=env).start("--shutdown-grace", "2")
+    assert daemon.process is not None
+    project = tmp_path / "project"
+    project.mkdir()
+    stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(str(daemon.socket))
+        stalled.sendall(b"GET /api/events HTTP/1.1\r\nHost: lokid\r\n\r\n")  # never read
+        body = {
+            "prdText": "# Flood\n\n## Features\n- Flood [mode:flood] [lines:30000]\n",
+            "projectDir": str(project),
+            "provider": "claude",
+        }
+        created = httpx.post(f"{daemon.api_url}/api/sessions", json=body, timeout=10)
+        assert created.status_code == 201, created.text
+
+        def cut_slow() -> bool:
+            stats = httpx.get(f"{daemon.api_url}/api/events/stats", timeout=5).json()
+            return bool(stats["bus"]["subscribersCutSlow"])
+
+        wait_until(cut_slow, "the stalled stream fell behind")  # its writes are stuck now
+        started = time.monotonic()
+        daemon.process.send_signal(signal.SIGTERM)
+        try:
+            _, err = daemon.process.communicate(timeout=2 + HURRY_SECONDS + 10)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the daemon did not exit while the stream was stalled") from None
+        elapsed = time.monotonic() - started
+    finally:
+        stalled.close()
+    assert daemon.process.returncode == 0, err.decode()
+    assert elapsed < 2 + HURRY_SECONDS, err.decode()
+
+
 def test_sigterm_with_a_client_that_reopens_its_stream_exits_at_once(
     daemon: DaemonProcess,
 ) -> None:

@@ -80,6 +80,49 @@ async def test_listener_restart_reuses_the_same_socket() -> None:
     sock.close()
 
 
+async def test_a_stop_cuts_a_write_to_a_peer_that_stopped_reading() -> None:
+    """Hypercorn shields its writes from cancellation; a write blocked by a peer that never
+    reads held the listener's stop (and the daemon's) forever. It ends with the drain."""
+    sock = loopback_socket()
+    port = sock.getsockname()[1]
+    sent: list[int] = []
+
+    async def flood_app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        while True:
+            await send({"type": "http.response.body", "body": b"x" * 65536, "more_body": True})
+            sent.append(1)
+
+    listener = HttpListener("t", flood_app, [sock], graceful_timeout=0.5)
+    stop = trio.Event()
+    stopped = trio.Event()
+    stopped_at: list[float] = []
+
+    async def run_supervised(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        await listener.run(task_status=ChildStatus(task_status, shutdown_requested=stop))
+        stopped_at.append(trio.current_time())
+        stopped.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_supervised)
+            peer = await trio.open_tcp_stream("127.0.0.1", port)
+            await peer.send_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")  # and never read
+            seen = -1
+            while seen != len(sent):  # the app's writes stopped: one is stuck
+                seen = len(sent)
+                await trio.sleep(0.3)
+            started = trio.current_time()
+            stop.set()
+            with trio.move_on_after(3):
+                await stopped.wait()
+            await peer.aclose()  # before, only this ended the write (and the stop)
+    assert stopped_at[0] - started < 0.5 + 0.5
+    sock.close()
+
+
 class FakeStream:
     def __init__(self) -> None:
         self.calls: list[str] = []

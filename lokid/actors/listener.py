@@ -15,7 +15,9 @@ because we need three things it does not offer:
 
 Graceful stop (supervisor shutdown request): stop accepting, tell Hypercorn's
 protocols to close idle keep-alive connections, give open requests
-`graceful_timeout` seconds, then cancel what is left (e.g. SSE streams).
+`graceful_timeout` seconds, then cancel what is left (e.g. SSE streams) -
+including a Hypercorn write shielded from cancellation (`WriteShields`), so
+a peer that stopped reading cannot hold the stop.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import attrs
@@ -63,6 +66,38 @@ class ListenerStatistics:
     peers_refused: int
 
 
+class WriteShields:
+    """Hypercorn's shields around its writes, with an end the listener sets.
+
+    Hypercorn shields each write from cancellation, so a cancelled app task
+    never leaves half a frame on the wire. But a peer that stops reading
+    (`loki events -f | less` on the control socket) blocks a write for good,
+    and a shielded one ignored the drain's deadline and every later cancel:
+    the daemon never stopped. From `end_at(deadline)` on, every write in
+    flight and every later one is cancelled at that deadline.
+    """
+
+    def __init__(self) -> None:
+        self._scopes: set[trio.CancelScope] = set()
+        self._deadline = math.inf
+
+    @contextlib.contextmanager
+    def shield(self, seconds: float = math.inf) -> Iterator[trio.CancelScope]:
+        """A shield for one write of at most `seconds`, ended by `end_at` too."""
+        deadline = min(self._deadline, trio.current_time() + seconds)
+        with trio.CancelScope(shield=True, deadline=deadline) as scope:
+            self._scopes.add(scope)
+            try:
+                yield scope
+            finally:
+                self._scopes.discard(scope)
+
+    def end_at(self, deadline: float) -> None:
+        self._deadline = min(self._deadline, deadline)
+        for scope in self._scopes:
+            scope.deadline = min(scope.deadline, deadline)
+
+
 class _TCPServer(TCPServer):
     """Hypercorn's connection handler with a close that cannot collide with a write.
 
@@ -71,12 +106,18 @@ class _TCPServer(TCPServer):
     app's write fail with `BusyResourceError` ("Error in ASGI Framework" in
     the log). Here EOF is sent only when no write is in flight (taken
     without waiting, so a stuck write cannot stall the close), and the
-    stream is closed in every case, even when cancelled. A write that the
-    client takes nothing of for `SEND_SECONDS` closes the connection.
+    stream is closed in every case, even when cancelled. A write is shielded
+    from the app's cancellation, but bounded: it ends with the listener's drain
+    (`WriteShields`), and a write the client takes nothing of for
+    `SEND_SECONDS` closes the connection.
     """
 
+    def __init__(self, *args: Any, shields: WriteShields) -> None:
+        super().__init__(*args)
+        self.shields = shields
+
     async def run(self) -> None:
-        self._abandon = trio.CancelScope()  # cancelled when a write takes too long
+        self._abandon = trio.CancelScope()  # cancelled when a write is cut off
         with self._abandon:
             await super().run()
 
@@ -90,19 +131,19 @@ class _TCPServer(TCPServer):
         if not isinstance(event, RawData):
             await super().protocol_send(event)
             return
-        sent = False
         try:
             self.send_lock.acquire_nowait()
         except trio.WouldBlock:
             await self.send_lock.acquire()
         try:
             # Shielded from the app's cancellation (a half-written answer breaks the
-            # connection), but bounded: a client that takes nothing is gone.
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + SEND_SECONDS):
+            # connection), but bounded: a client that takes nothing is gone, and the
+            # listener's drain ends every write (`WriteShields`).
+            with self.shields.shield(SEND_SECONDS) as write:
                 await self.stream.send_all(event.data)
-                sent = True
-            if not sent:  # the connection is gone: its requests, its idle timer
-                self._abandon.cancel()
+            if write.cancelled_caught:  # the stream is in an unknown state: drop it
+                self._abandon.cancel()  # its requests, its idle timer
+                raise trio.ClosedResourceError("write cut off (client not reading, or stop)")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             await self.protocol.handle(Closed())
         finally:
@@ -153,6 +194,7 @@ class HttpListener:
         self.on_refused = on_refused
         self.inline = inline if not check_peer else None
         self._idle_scopes: set[trio.CancelScope] = set()
+        self._shields = WriteShields()  # a new one per run
         self._stopping = False
         self.max_connections = max_connections
         self.graceful_timeout = graceful_timeout
@@ -175,6 +217,7 @@ class HttpListener:
         ]
         self._running = True
         self._stopping = False
+        self._shields = WriteShields()
         try:
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as acceptors:
@@ -193,7 +236,9 @@ class HttpListener:
                 for listener in listeners:
                     await listener.aclose()
                 await context.terminated.set()
-                connections.cancel_scope.deadline = trio.current_time() + self.graceful_timeout
+                drained = trio.current_time() + self.graceful_timeout
+                self._shields.end_at(drained)
+                connections.cancel_scope.deadline = drained
         finally:
             self._running = False
             with trio.CancelScope(shield=True):
@@ -231,7 +276,14 @@ class HttpListener:
                 app = wrap_app(self._peer_app(stream), self._config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
 
             async def hypercorn(connection: trio.abc.HalfCloseableStream) -> None:
-                server = _TCPServer(app, self._config, context, ConnectionState({}), connection)  # type: ignore[arg-type]
+                server = _TCPServer(
+                    app,
+                    self._config,
+                    context,
+                    ConnectionState({}),
+                    connection,
+                    shields=self._shields,
+                )
                 await server.run()
 
             if self.inline is not None:
