@@ -29,6 +29,7 @@ from lokid.config import Config, load_config
 from lokid.errors import ConfigError, LokiError, StartupError
 from lokid.pidfile import running_daemon
 from lokid.session_state import Status
+from lokid.timefmt import utc_now_iso
 
 START_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 40.0  # the daemon answers a session command within 30 s
@@ -703,6 +704,11 @@ def _print_event(event: dict[str, Any], *, as_json: bool) -> None:
     if as_json:
         print(json.dumps(event, separators=(",", ":")), flush=True)
         return
+    if event.get("type") == "stream.reset" and "id" not in event:
+        # Not an event envelope (no id, no timestamp): the daemon could not replay all.
+        text = _shown(_reset_text(event.get("data") or {}))
+        print(f"{utc_now_iso()} {'-':>6} {'warning':<7} stream.reset {text}", flush=True)
+        return
     session = f" [{event['sessionId']}]" if event.get("sessionId") else ""
     data = event.get("data") or {}
     message = data.get("message")
@@ -712,6 +718,28 @@ def _print_event(event: dict[str, Any], *, as_json: bool) -> None:
         f"{event['timestamp']} {event['id']:>6} {level:<7} {event['type']}{session} {text}",
         flush=True,
     )
+
+
+def _reset_text(data: dict[str, Any]) -> str:
+    """What a `stream.reset` means for the reader: which events it will not see."""
+    after = int(data.get("lastEventId") or 0)
+    if data.get("reason") == "expired":
+        first = data.get("firstAvailableId")
+        if first is None:
+            return f"every event after {after} was removed by retention; following new events"
+        lost = (
+            f"event {after + 1} was"
+            if first == after + 2
+            else f"events {after + 1}-{first - 1} were"
+        )
+        return f"{lost} removed by retention, missed here; replaying from {first}"
+    if data.get("reason") == "unknown":
+        latest = data.get("latestId")
+        return (
+            f"the daemon has no event {after} (its latest is {latest}, so none up to "
+            f"{latest} is replayed); following new events"
+        )
+    return str(data.get("message", "the stream could not be replayed completely"))
 
 
 def cmd_config_show(args: argparse.Namespace, config: Config) -> int:

@@ -264,6 +264,68 @@ def test_events_when_not_running_say_where_and_what_to_do(
     assert result.err.endswith(f"). {HINT}\n")
 
 
+def _envelope(event_id: int, message: str) -> dict[str, Any]:
+    return {
+        "id": event_id,
+        "type": "log",
+        "timestamp": "2026-11-29T10:00:00.000Z",
+        "sessionId": None,
+        "level": "info",
+        "data": {"message": message},
+    }
+
+
+RESETS = [
+    (
+        {"reason": "expired", "lastEventId": 41, "firstAvailableId": 120, "message": "m"},
+        "events 42-119 were removed by retention, missed here; replaying from 120",
+    ),
+    (
+        {"reason": "expired", "lastEventId": 41, "firstAvailableId": 43, "message": "m"},
+        "event 42 was removed by retention, missed here; replaying from 43",
+    ),
+    (
+        {"reason": "expired", "lastEventId": 41, "firstAvailableId": None, "message": "m"},
+        "every event after 41 was removed by retention; following new events",
+    ),
+    (
+        {"reason": "unknown", "lastEventId": 900, "latestId": 12, "message": "m"},
+        "the daemon has no event 900 (its latest is 12, so none up to 12 is replayed); "
+        "following new events",
+    ),
+]
+
+
+@pytest.mark.parametrize(("reset", "said"), RESETS)
+def test_events_follow_shows_a_stream_reset_and_keeps_following(
+    loki: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reset: dict[str, Any], said: str
+) -> None:
+    """Regression: a `stream.reset` (no id, no timestamp: no event envelope) ended
+    `loki events -f` with KeyError 'timestamp' after a reconnect past retention."""
+
+    class ResettingClient:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def __enter__(self) -> ResettingClient:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def stream_events(self, params: dict[str, str]) -> Iterator[dict[str, Any]]:
+            yield _envelope(41, "before")
+            yield {"type": "stream.reset", "data": reset}
+            yield _envelope(120, "after")
+
+    monkeypatch.setattr(cli, "ControlClient", ResettingClient)
+    result = loki.ok(tmp_path, "events", "-f")
+    before, shown, after = result.out.splitlines()
+    assert before.endswith("    41 info    log before")
+    assert shown.endswith(f"     - warning stream.reset {said}")
+    assert after.endswith("   120 info    log after")
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize(("browser", "says"), [("false", True), ("true", False)])
 def test_dashboard_open_without_a_browser_says_where_to_go(
