@@ -18,7 +18,7 @@ from lokid.session_records import (
     update_task,
 )
 
-from .test_events_http import api, running_daemon
+from .test_events_http import api, running_daemon, stream
 
 
 def write_project(project: pathlib.Path) -> tuple[SessionRequest, list[PrdTask]]:
@@ -99,3 +99,28 @@ async def test_empty_lists_are_lists(tmp_path: pathlib.Path) -> None:
         for path, key in (("/api/sessions", "sessions"), ("/api/tasks", "tasks")):
             body = (await client.get(api(daemon) + path)).json()
             assert body == {key: [], "total": 0, "limit": 100, "offset": 0}
+
+
+async def test_a_deleted_sessions_events_are_not_replayed(tmp_path: pathlib.Path) -> None:
+    """Regression: DELETE removed the rows, but a replay with Last-Event-ID served from the
+    bus's in-memory tail still sent the deleted session's events."""
+    async with running_daemon(tmp_path / "home") as daemon, httpx.AsyncClient(timeout=10) as client:
+        sid = (await make_session(daemon, tmp_path / "project"))["id"]
+        await daemon.store.write(
+            lambda db: db.execute("UPDATE sessions SET status = 'completed' WHERE id = ?", [sid])
+        )
+        mark = (await daemon.bus.publish("log", None, data={"message": "mark"})).id
+        ids: dict[str | None, list[int]] = {sid: [], "other": []}
+        for n in range(3):
+            for owner in (sid, "other"):
+                ids[owner].append((await daemon.bus.publish("log", owner, data={"n": n})).id)
+        deleted = await client.delete(f"{api(daemon)}/api/sessions/{sid}")
+        assert deleted.status_code == 204, deleted.text
+        headers = {"Last-Event-ID": str(mark)}
+        async with stream(api(daemon), None, headers) as sse:
+            replayed = await sse.events(3)
+            live = (await daemon.bus.publish("log", "other")).id
+            assert [e["id"] for e in replayed + await sse.events(1)] == [*ids["other"], live]
+        async with stream(api(daemon), {"sessionId": sid}, headers) as sse:
+            live = (await daemon.bus.publish("log", sid)).id  # a first event after the delete
+            assert [e["id"] for e in await sse.events(1)] == [live]

@@ -698,6 +698,20 @@ class EventBus(Actor[Any]):
                 self._tail.popleft()
         return deleted_total
 
+    def forget_session(self, session_id: str) -> None:
+        """Drop a deleted session's events from the tail.
+
+        Call once `DELETE /api/sessions/{id}` removed them from the store: the
+        tail is a cache of the store, and a replay served from it must not
+        resurrect them. The rest keeps its order, and the tail still holds
+        every stored event from its first one on, so `replay` may keep serving
+        from it (a range starting below its new first id is read from the store).
+        """
+        kept = [item for item in self._tail if item.event.session_id != session_id]
+        if len(kept) < len(self._tail):
+            self._tail.clear()
+            self._tail.extend(kept)
+
     def statistics(self) -> EventBusStatistics:
         base = super().statistics()
         return EventBusStatistics(

@@ -542,7 +542,11 @@ class SessionManager(Actor[Any]):
                     await event.wait()
             if session_id in self._live:
                 raise Conflict(f"session {session_id} is finishing; retry in a moment")
-        await self.store.write(lambda db: delete_session(db, session_id))
+        # The tail goes with the rows, in commit order: a replay must not resurrect them.
+        await self.store.write(
+            lambda db: delete_session(db, session_id),
+            on_commit=lambda _: self.bus.forget_session(session_id),
+        )
 
     # -- what /api/status reads --------------------------------------------------------
 
