@@ -81,7 +81,7 @@ __all__ = [
     "get_task",
     "insert_session",
     "insert_tasks",
-    "interrupted_session_ids",
+    "interrupted_by_last_stop",
     "list_sessions",
     "list_tasks",
     "mark_inputs_applied",
@@ -1164,12 +1164,21 @@ def active_session_ids(db: sqlite_utils.Database) -> list[tuple[str, str]]:
     ]
 
 
-def interrupted_session_ids(db: sqlite_utils.Database) -> list[str]:
-    """Ids of `interrupted` sessions, oldest first (`LOKI_RESUME_ON_START`)."""
+def interrupted_by_last_stop(db: sqlite_utils.Database) -> list[str]:
+    """Ids of the sessions the last daemon run's graceful stop interrupted, oldest first
+    (`LOKI_RESUME_ON_START`); read before this run is recorded.
+
+    They are `interrupted` since that run's `stopped_at` (recorded as its stop began);
+    a session interrupted before (and left so) is not one of them. After a crash (no
+    `stopped_at`) there are none: the start's reconciliation interrupts what ran.
+    """
+    row = db.execute("SELECT stopped_at FROM daemon_runs ORDER BY id DESC LIMIT 1").fetchone()
+    if row is None or row[0] is None:
+        return []
     return [
         row["id"]
         for row in db.query(
-            "SELECT id FROM sessions WHERE status = ? ORDER BY created_at, id",
-            (Status.INTERRUPTED.value,),
+            "SELECT id FROM sessions WHERE status = ? AND updated_at >= ? ORDER BY created_at, id",
+            (Status.INTERRUPTED.value, row[0]),
         )
     ]

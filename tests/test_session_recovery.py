@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from . import fake_agent
 from .daemon_proc import DaemonProcess, wait_until
@@ -175,6 +176,43 @@ def test_resume_on_start_continues_interrupted_sessions(
         ]
     code, _ = second.terminate()
     assert code == 0
+
+
+@pytest.mark.parametrize("stop", ["sigkill", "sigterm"])
+def test_resume_on_start_resumes_what_the_last_stop_cut_off_not_older_sessions(
+    tmp_path: Path, daemon_factory: Callable[..., DaemonProcess], stop: str
+) -> None:
+    """Regression: every `interrupted` session was resumed, oldest first, so one abandoned
+    after an earlier restart took the folder and the session running at the crash (or the
+    graceful stop) stayed interrupted ("already running in ...")."""
+    env, log = agent_env(tmp_path)
+    project = make_project(tmp_path, "# App\n\n## Features\n- Long job [mode:slow] [seconds:60]\n")
+    home = tmp_path / "home"
+
+    def end(daemon: DaemonProcess) -> None:
+        if stop == "sigkill":
+            daemon.kill()  # its agent is killed by the next start
+        else:
+            assert daemon.terminate()[0] == 0
+
+    first = daemon_factory(home, extra_env=env).start()
+    older, _ = start_hanging_session(first, project, log)
+    end(first)
+    second = daemon_factory(home, extra_env=env).start()  # older: interrupted, left so
+    newer, _ = start_hanging_session(second, project, log)
+    end(second)
+    third = daemon_factory(home, extra_env={**env, "LOKI_RESUME_ON_START": "true"}).start()
+    with httpx.Client(base_url=third.api_url, timeout=10) as client:
+        (resumed,) = wait_until(
+            lambda: events(client, newer, "session.resumed"), "the newer session resumed"
+        )
+        assert resumed["data"]["source"] == "LOKI_RESUME_ON_START"
+        assert client.get(f"/api/sessions/{newer}").json()["status"] == "running"
+        assert client.get(f"/api/sessions/{older}").json()["status"] == "interrupted"
+        assert events(client, older, "session.resumed") == []
+    code, err = third.terminate()
+    assert code == 0
+    assert "could not resume" not in err
 
 
 def test_a_session_end_to_end_over_sse_and_shutdown_leaves_no_agent(

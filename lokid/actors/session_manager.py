@@ -35,9 +35,10 @@ Theory of operation:
   git worktrees and branches of a parallel session's cut-off runs are
   removed (`worktree.prune_worktrees`; a failure is a `warning`). Paused
   sessions get their actor again (so resume, stop and input work); with
-  `resume_on_start` every `interrupted` session is resumed, oldest first
-  (by a crash or a graceful shutdown alike; one whose `projectDir` is taken
-  meanwhile is left interrupted, with a log line).
+  `resume_on_start` the sessions active when the last daemon ended are
+  resumed (interrupted by its graceful stop, or here after a crash), not
+  one interrupted by an earlier stop and left so (one whose `projectDir` is
+  taken meanwhile is left interrupted, with a log line).
 * **Shutdown**: every live actor is told to wind down at once (their agents
   stop in parallel), then the supervisor stops them in order.
 
@@ -76,7 +77,7 @@ from lokid.session_records import (
     delete_session,
     get_session,
     insert_session,
-    interrupted_session_ids,
+    interrupted_by_last_stop,
     parse_session_request,
     requeue_active_tasks,
     runner_tasks,
@@ -171,8 +172,15 @@ class SessionManager(Actor[Any]):
         self._to_restore, self._to_resume = await self._reconcile()
 
     async def _reconcile(self) -> tuple[list[str], list[str]]:
-        """Fire `daemon_restart` on every active session; (paused to restore, to resume)."""
+        """Fire `daemon_restart` on every active session; (paused to restore, to resume).
+
+        To resume (`resume_on_start`): the sessions that were active when the last
+        daemon ended - those its graceful stop interrupted, and those turned
+        `interrupted` here (it died) - oldest first; not one interrupted by an
+        earlier stop and left so, which would take the folder of the one running then.
+        """
         restore: list[str] = []
+        resume = await self.store.read(interrupted_by_last_stop) if self.resume_on_start else []
         for session_id, status_text in await self.store.read(active_session_ids):
             status = Status(status_text)
             transition = step(status, Trigger.DAEMON_RESTART)
@@ -200,9 +208,8 @@ class SessionManager(Actor[Any]):
             await self._prune_worktrees(session_id)
             if transition.after is Status.PAUSED:
                 restore.append(session_id)
-        # Interrupted now or by an earlier shutdown: a session the user did not want
-        # continued would have been stopped.
-        resume = await self.store.read(interrupted_session_ids) if self.resume_on_start else []
+            elif transition.after is Status.INTERRUPTED and self.resume_on_start:
+                resume.append(session_id)
         return restore, resume
 
     async def _rewrite_loki_dir(self, session_id: str) -> None:
