@@ -226,9 +226,12 @@ def write_reconciled(
     `state/orchestrator.json` names another session (another run took the
     folder since). `pending.json` is replaced only if it holds nothing the
     store lacks: tasks a killed agent appended are left for the runner to
-    take on resume. The counters only the dead runner knew (retries, last
-    exit code) are carried over from its files. Raises `LokiDirWriteError`
-    when the project folder is gone or a write fails.
+    take on resume. When it is left alone, so are `in-progress.json` and
+    `current-task.json`: the task the crash cut off (back to `pending` in the
+    store) stays in the file that had it instead of vanishing from every
+    queue file until the resume. The counters only the dead runner knew
+    (retries, last exit code) are carried over from its files. Raises
+    `LokiDirWriteError` when the project folder is gone or a write fails.
     """
     paths = ld.LokiPaths.for_project(session["projectDir"])
     if not paths.project.is_dir():
@@ -242,18 +245,34 @@ def write_reconciled(
     ):
         return False
     autonomy = _readable(ld.read_autonomy_state, paths.autonomy_state)
+    pending = pending_view(paths.pending, {task.id for task in tasks})
+    state = MirrorState()
+    if not pending.replaceable:  # pending.json stays, and the task the crash cut off with it
+        state = _Keeping({paths.in_progress, paths.current_task})
     write_mirror(
         paths,
         session,
         tasks,
-        pending=pending_view(paths.pending, {task.id for task in tasks}),
+        pending=pending,
         pid=pid,
         version=version,
         retries=orchestrator.retries if orchestrator is not None else 0,
         last_exit_code=autonomy.last_exit_code if autonomy is not None else 0,
-        state=MirrorState(),
+        state=state,
     )
     return True
+
+
+class _Keeping(MirrorState):
+    """A `MirrorState` that leaves the files in `keep` as they are."""
+
+    def __init__(self, keep: set[Path]) -> None:
+        super().__init__()
+        self.keep = keep
+
+    def write(self, path: Path, data: bytes) -> None:
+        if path not in self.keep:
+            super().write(path, data)
 
 
 def _readable(read: Callable[[Path], T | None], path: Path) -> T | None:

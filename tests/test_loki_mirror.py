@@ -162,13 +162,21 @@ def test_reconciled_files_say_interrupted_with_the_task_back_in_pending(tmp_path
 
 
 def test_tasks_a_killed_agent_appended_are_left_for_the_runner(tmp_path: Path) -> None:
+    """pending.json is left alone, and so are in-progress.json and current-task.json:
+    emptying them dropped the cut-off task (prd-002) from every queue file."""
     paths = mirror_of_a_killed_daemon(tmp_path)
     appended = b'[{"id": "agent-1", "title": "Write the docs", "status": "pending"}]\n'
     paths.pending.write_bytes(appended)
     session, tasks = reconciled(tmp_path)
     assert write_reconciled(session, tasks, pid=NEW_PID, version="test")
     assert paths.pending.read_bytes() == appended  # ingested on resume, not overwritten
-    assert json.loads(paths.in_progress.read_text()) == []
+    in_progress = ld.read_queue(paths.in_progress)
+    assert in_progress is not None
+    assert [task.id for task in in_progress.tasks] == ["prd-002"]
+    current = ld.read_current_task(paths.current_task)
+    assert current is not None and current.id == "prd-002"
+    autonomy = ld.read_autonomy_state(paths.autonomy_state)
+    assert autonomy is not None and autonomy.status == "interrupted"  # the rest is rewritten
 
 
 def test_a_malformed_pending_file_is_left_alone_by_reconciliation(tmp_path: Path) -> None:
