@@ -402,6 +402,33 @@ async def test_stop_kills_the_whole_process_group(tmp_path: Path, agent_log: Pat
     assert len(invocations(agent_log)) == 1
 
 
+@pytest.mark.parametrize("how", ["stop", "shutdown"])
+async def test_an_agent_a_stop_or_shutdown_cuts_off_gets_its_end_event(
+    tmp_path: Path, agent_log: Path, how: str
+) -> None:
+    """Regression: the cancellation skipped the end publish, so an agent killed by a stop or
+    the daemon's shutdown had `agent.spawned` and never `agent.completed`/`agent.failed`."""
+    project = make_project(tmp_path, "# App\n\n## Features\n- Forever [mode:hang]\n")
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        (spawned,) = await lab_.wait_event(sid, "agent.spawned")
+        if how == "stop":
+            assert (await lab_.post(f"/api/sessions/{sid}/stop")).status_code == 200
+            await lab_.wait_status(sid, "stopped")
+    # leaving `lab` is a graceful stop of the daemon
+    async with lab(tmp_path / "home") as lab_:  # the events as stored
+        ends = await lab_.events(sid, "agent.completed", "agent.failed")
+        kinds = [e["type"] for e in await lab_.events(sid, "agent.*", "session.*")]
+    [ended] = ends
+    assert ended["data"]["agentId"] == spawned["data"]["agentId"]
+    assert ended["data"]["taskId"] == spawned["data"]["taskId"]
+    assert ended["data"]["endReason"] == "stopped"
+    assert ended["data"]["code"] == "stopped"
+    why = "the session was stopped" if how == "stop" else "the daemon is stopping"
+    assert ended["data"]["error"] == f"run cut off: {why}"
+    assert kinds.index("agent.failed") > kinds.index("agent.spawned")
+
+
 async def test_input_goes_into_the_next_prompt(tmp_path: Path, agent_log: Path) -> None:
     prd = "# App\n\n## Features\n- First [mode:slow] [seconds:1]\n- Second\n"
     project = make_project(tmp_path, prd)

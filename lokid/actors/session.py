@@ -139,6 +139,9 @@ CONTROL_MIN_INTERVAL = 0.1  # seconds between two looks at the control files
 
 HOLD_POLL = 0.5  # seconds between two looks at `store.writable` while held
 
+CUT_OFF_END_WAIT = 1.0
+"""Seconds the end event of a run a stop or shutdown cut off may take (shielded)."""
+
 _RNG = random.Random()  # retry jitter; one for all sessions (seeding one each costs ~1 ms)
 
 EventArgs = tuple[str, str | None, Level, Mapping[str, Any]]
@@ -1142,6 +1145,8 @@ class SessionActor(Actor[Any]):
         stderr = providers.TailBuffer()
         resume_id: list[str] = []
         run_started = trio.current_time()
+        agent_id = ""  # set with its `agent.spawned`
+        cut_off = False
         try:
             with worker.scope:
                 try:
@@ -1179,12 +1184,17 @@ class SessionActor(Actor[Any]):
                     await self._inputs_applied([item["id"] for item in inputs], task.id)
                 await self._read_output(run, parser, stderr, task.id, resume_id)
                 result = await run.wait()
+        except BaseException:  # a stop, a shutdown (or a crash): no end publish below
+            cut_off = True
+            raise
         finally:
             if run is not None and result is None:  # cut off: stop it before the slot goes
                 with trio.CancelScope(shield=True):
                     result = await self._stop_unread(run)
             if result is not None:
                 self._survivors.extend(result.survivors)
+                if cut_off and agent_id:
+                    await self._agent_cut_off(agent_id, task.id, result, parser.finish())
         if result is None or run is None:
             if worker.cut_by_pause:  # paused ?now=true before the agent started
                 await self._requeue(task, "stopped by pause ?now=true", resume_id)
@@ -1228,6 +1238,40 @@ class SessionActor(Actor[Any]):
         if tree is not None and not await self._merge(task, tree, attempt):
             return
         await self._task_completed(task, attempt)
+
+    async def _agent_cut_off(
+        self, agent_id: str, task_id: str, result: RunResult, outcome: providers.Outcome
+    ) -> None:
+        """`agent.failed` for a run cut off by a stop, a shutdown or the session's end,
+        whose cancellation skips the end publish of `_run_agent`: every
+        `agent.spawned` gets its end.
+        Shielded, for at most `CUT_OFF_END_WAIT` s (a hurried stop must stay bounded);
+        not stored is logged."""
+        why = "run cut off"  # e.g. the session ended another way, or a hurried stop
+        if self._stop_wanted:
+            why = "run cut off: the session was stopped"
+        elif self._shutdown:
+            why = "run cut off: the daemon is stopping"
+        data = {
+            "agentId": agent_id,
+            "kind": "process",
+            "taskId": task_id,
+            "exitCode": result.exit_code,
+            "endReason": result.reason.value,
+            "summary": outcome.summary,
+            "costUsd": outcome.result.cost_usd if outcome.result else None,
+            "survivors": list(result.survivors),
+            "code": "stopped",
+            "error": why,
+        }
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + CUT_OFF_END_WAIT
+            try:
+                await self.bus.publish("agent.failed", self.id, Level.WARNING, data)
+            except LokiError as exc:
+                log.warning("%s: the end of %s was not recorded: %s", self.name, agent_id, exc)
+        if scope.cancelled_caught:
+            log.warning("%s: the end of %s was not recorded in time", self.name, agent_id)
 
     async def _stop_unread(self, run: AgentRun) -> RunResult:
         """Stop a run whose output is no longer read, discarding what it still prints:
