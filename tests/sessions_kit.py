@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -158,3 +159,14 @@ def json_field(path: Path, key: str) -> Any:
         return json.loads(path.read_text()).get(key)
     except FileNotFoundError:
         return None
+
+
+def git(project: Path, *args: str) -> str:
+    """Run git in `project` (with an author for commits); its output."""
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", *args],
+        cwd=project,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout

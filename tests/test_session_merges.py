@@ -7,7 +7,6 @@ agents that are shell scripts (`provider: command`) in real git projects.
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +16,7 @@ import trio
 from lokid import providers, worktree
 from lokid.sandbox import exec_failure, sandbox_problem
 
-from .sessions_kit import eventually, json_field, lab, make_project
-
-
-def git(project: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", *args],
-        cwd=project,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+from .sessions_kit import Lab, eventually, git, json_field, lab, make_project
 
 
 def git_project(tmp_path: Path, prd: str) -> Path:
@@ -38,6 +27,12 @@ def git_project(tmp_path: Path, prd: str) -> Path:
     git(project, "add", "-A")
     git(project, "commit", "-qm", "start")
     return project
+
+
+async def start(lab_: Lab, project: Path, options: dict[str, Any]) -> str:
+    """Start a `command` session on `project`'s PRD with `options`; its id."""
+    body = {"prd": str(project / "prd.md"), "provider": "command", "options": options}
+    return str((await lab_.create(body))["id"])
 
 
 def runs(log: Path) -> list[str]:
@@ -58,15 +53,7 @@ async def test_uncommitted_changes_in_the_way_pause_the_session_until_the_person
     log = tmp_path / "runs.log"
     command = agent(log, "echo agent > shared.txt; echo done")
     async with lab(tmp_path / "home") as lab_:
-        sid = (
-            await lab_.create(
-                {
-                    "prd": str(project / "prd.md"),
-                    "provider": "command",
-                    "options": {"parallel": True, "command": command},
-                }
-            )
-        )["id"]
+        sid = await start(lab_, project, {"parallel": True, "command": command})
         session = await lab_.wait_status(sid, "paused", "failed", "completed")
         assert session["status"] == "paused"
         (paused,) = await lab_.events(sid, "session.paused")
@@ -111,20 +98,16 @@ async def test_conflicts_back_off_count_as_failed_runs_and_warn_for_each_task(
         " echo done"
     )
     async with lab(tmp_path / "home") as lab_:
-        sid = (
-            await lab_.create(
-                {
-                    "prd": str(project / "prd.md"),
-                    "provider": "command",
-                    "options": {
-                        "parallel": True,
-                        "maxAgents": 1,
-                        "maxIterations": 20,
-                        "command": agent(log, body),
-                    },
-                }
-            )
-        )["id"]
+        sid = await start(
+            lab_,
+            project,
+            {
+                "parallel": True,
+                "maxAgents": 1,
+                "maxIterations": 20,
+                "command": agent(log, body),
+            },
+        )
         session = await lab_.wait_status(sid, "failed", "completed")
         assert session["exitReason"] == "maxConsecutiveFailures", session
         failures = await lab_.events(sid, "task.failed")
@@ -155,19 +138,15 @@ async def test_a_git_error_while_merging_fails_the_task_after_its_attempts(
     project = git_project(tmp_path, "# App\n\n## Features\n- Only task\n")
     log = tmp_path / "runs.log"
     async with lab(tmp_path / "home") as lab_:
-        sid = (
-            await lab_.create(
-                {
-                    "prd": str(project / "prd.md"),
-                    "provider": "command",
-                    "options": {
-                        "parallel": True,
-                        "maxIterations": 10,
-                        "command": agent(log, "echo x > new.txt; echo done"),
-                    },
-                }
-            )
-        )["id"]
+        sid = await start(
+            lab_,
+            project,
+            {
+                "parallel": True,
+                "maxIterations": 10,
+                "command": agent(log, "echo x > new.txt; echo done"),
+            },
+        )
         session = await lab_.wait_status(sid, "failed", "completed")
         assert session["exitReason"] == "tasksFailed", session
         assert runs(log) == ["prd-001"] * 3
@@ -202,15 +181,7 @@ async def test_a_rate_limit_uses_up_no_attempt_and_no_consecutive_failure(
         " echo done"
     )
     async with lab(tmp_path / "home") as lab_:
-        sid = (
-            await lab_.create(
-                {
-                    "prd": str(project / "prd.md"),
-                    "provider": "command",
-                    "options": {"command": agent(log, limited)},
-                }
-            )
-        )["id"]
+        sid = await start(lab_, project, {"command": agent(log, limited)})
         session = await lab_.wait_status(sid, "failed", "completed")
         assert session["status"] == "completed", session
         failures = await lab_.events(sid, "task.failed")
@@ -237,15 +208,7 @@ async def test_a_parallel_session_keeps_the_highest_iteration(
     log = tmp_path / "runs.log"
     command = agent(log, 'echo x > "$LOKI_TASK_ID.txt"; sleep 1; echo done')
     async with lab(tmp_path / "home") as lab_:
-        sid = (
-            await lab_.create(
-                {
-                    "prd": str(project / "prd.md"),
-                    "provider": "command",
-                    "options": {"parallel": True, "command": command},
-                }
-            )
-        )["id"]
+        sid = await start(lab_, project, {"parallel": True, "command": command})
         started = await lab_.wait_event(sid, "task.started", count=3)
         assert started[-1]["data"]["taskId"] == "prd-001"
         assert (await lab_.session(sid))["iteration"] == 3
@@ -278,15 +241,7 @@ async def test_a_cli_the_sandbox_cannot_see_is_a_permanent_error(tmp_path: Path)
     cli.chmod(0o755)
     project = make_project(tmp_path, "# App\n\n## Features\n- Only task\n")
     async with lab(tmp_path / "home") as lab_:
-        sid = (
-            await lab_.create(
-                {
-                    "prd": str(project / "prd.md"),
-                    "provider": "command",
-                    "options": {"sandbox": True, "command": [str(cli)]},
-                }
-            )
-        )["id"]
+        sid = await start(lab_, project, {"sandbox": True, "command": [str(cli)]})
         session = await lab_.wait_status(sid, "failed", "completed")
         assert session["exitReason"] == "permanentError", session
         (failed,) = await lab_.events(sid, "task.failed")
@@ -298,15 +253,7 @@ async def test_a_run_cut_off_by_a_stop_says_so_in_words(tmp_path: Path) -> None:
     project = make_project(tmp_path, "# App\n\n## Features\n- Only task\n")
     log = tmp_path / "runs.log"
     async with lab(tmp_path / "home") as lab_:
-        sid = (
-            await lab_.create(
-                {
-                    "prd": str(project / "prd.md"),
-                    "provider": "command",
-                    "options": {"command": agent(log, "sleep 30")},
-                }
-            )
-        )["id"]
+        sid = await start(lab_, project, {"command": agent(log, "sleep 30")})
         await lab_.wait_event(sid, "agent.spawned")
         assert (await lab_.post(f"/api/sessions/{sid}/stop")).status_code == 200
         await lab_.wait_status(sid, "stopped")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 
 from . import fake_agent
 from .daemon_proc import DaemonProcess, wait_until
-from .sessions_kit import invocations, json_field, live_members, make_project
+from .sessions_kit import git, invocations, json_field, live_members, make_project
 
 WAIT = 30.0
 
@@ -294,16 +293,6 @@ def test_sigkill_then_restart_removes_the_worktrees_of_the_cut_off_runs(
         assert client.get(f"/api/sessions/{session_id}").json()["status"] == "interrupted"
     code, _ = second.terminate()
     assert code == 0
-
-
-def git(project: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", *args],
-        cwd=project,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
 
 
 def loki_branches(project: Path) -> list[str]:

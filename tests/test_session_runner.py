@@ -27,6 +27,7 @@ from lokid.actors.store import StoreActor, StoreUnavailable
 from .sessions_kit import (
     Lab,
     eventually,
+    git,
     install_fake_agent,
     invocations,
     json_field,
@@ -754,18 +755,6 @@ async def test_a_project_folder_gone_after_a_crash_is_a_warning_at_restart(
         assert warning["data"]["reason"] == "loki_dir"
         assert "the project folder is gone" in warning["data"]["message"]
         assert (await lab_.client.get("/api/status")).status_code == 200
-
-
-def git(project: Path, *args: str) -> str:
-    import subprocess
-
-    return subprocess.run(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", *args],
-        cwd=project,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
 
 
 async def test_parallel_tasks_run_in_worktrees_and_are_merged(
