@@ -14,6 +14,7 @@ BENCHMARKS = {
     "peer": "bench.peer",
     "registry": "bench.registry",
     "board": "bench.board",
+    "board_moves": "bench.board_moves",
 }
 
 
