@@ -150,6 +150,11 @@ def write_mirror(
     stamp of this write (for the next ingest to know the file is ours), or
     `pending` unchanged when the file was left alone - not all of it taken in,
     or someone wrote it after that stamp was taken (it must be read again).
+    When it is left alone and no task is active (the session ended, or was
+    reconciled after a crash), `in-progress.json` and `current-task.json`
+    are left alone too: the task a stop or a crash cut off (back to `pending`
+    in the store) stays in the file that had it, instead of vanishing from
+    every queue file until `pending.json` can be rewritten (on resume).
     Raises `LokiDirWriteError` when a write fails.
     """
     project = Path(session["projectDir"]).name
@@ -193,12 +198,14 @@ def write_mirror(
             )
         ),
     )
-    for status_name in ("active", "completed", "failed"):
+    keep_cut_off = not pending.replaceable and not active  # see the docstring
+    for status_name in ("completed", "failed", *(() if keep_cut_off else ("active",))):
         state.write(
             paths.queue(ld.QUEUE_FOR_STATUS[status_name]),
             ld.encode_queue(by_status[status_name]),
         )
-    state.write(paths.current_task, ld.encode_current_task(active[0] if active else None))
+    if not keep_cut_off:
+        state.write(paths.current_task, ld.encode_current_task(active[0] if active else None))
     return _write_pending(paths.pending, by_status["pending"], pending, state)
 
 
@@ -226,10 +233,8 @@ def write_reconciled(
     `state/orchestrator.json` names another session (another run took the
     folder since). `pending.json` is replaced only if it holds nothing the
     store lacks: tasks a killed agent appended are left for the runner to
-    take on resume. When it is left alone, so are `in-progress.json` and
-    `current-task.json`: the task the crash cut off (back to `pending` in the
-    store) stays in the file that had it instead of vanishing from every
-    queue file until the resume. The counters only the dead runner knew
+    take on resume; then `in-progress.json` and `current-task.json` keep the
+    task the crash cut off (`write_mirror`). The counters only the dead runner knew
     (retries, last exit code) are carried over from its files. Raises
     `LokiDirWriteError` when the project folder is gone or a write fails.
     """
@@ -246,9 +251,6 @@ def write_reconciled(
         return False
     autonomy = _readable(ld.read_autonomy_state, paths.autonomy_state)
     pending = pending_view(paths.pending, {task.id for task in tasks})
-    state = MirrorState()
-    if not pending.replaceable:  # pending.json stays, and the task the crash cut off with it
-        state = _Keeping({paths.in_progress, paths.current_task})
     write_mirror(
         paths,
         session,
@@ -258,21 +260,9 @@ def write_reconciled(
         version=version,
         retries=orchestrator.retries if orchestrator is not None else 0,
         last_exit_code=autonomy.last_exit_code if autonomy is not None else 0,
-        state=state,
+        state=MirrorState(),
     )
     return True
-
-
-class _Keeping(MirrorState):
-    """A `MirrorState` that leaves the files in `keep` as they are."""
-
-    def __init__(self, keep: set[Path]) -> None:
-        super().__init__()
-        self.keep = keep
-
-    def write(self, path: Path, data: bytes) -> None:
-        if path not in self.keep:
-            super().write(path, data)
 
 
 def _readable(read: Callable[[Path], T | None], path: Path) -> T | None:

@@ -621,6 +621,10 @@ async def test_tasks_appended_during_a_run_survive_a_stop(tmp_path: Path, agent_
         await lab_.wait_status(sid, "stopped")
         taken = "ext-keep" in [task["id"] for task in await lab_.tasks(sid)]
     assert "ext-keep" in queue_ids(pending), f"ingested before the stop: {taken}"
+    # and the run the stop cut off is in some queue file still (in-progress.json, when
+    # pending.json holds what lokid has not read)
+    in_progress = project / ".loki" / "queue" / "in-progress.json"
+    assert "prd-001" in queue_ids(pending) + queue_ids(in_progress), taken
 
 
 @pytest.mark.parametrize(
