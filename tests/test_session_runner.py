@@ -480,6 +480,33 @@ async def test_large_inputs_go_whole_into_prompts_and_the_rest_waits(
     assert second in prompts[2] and "a" * 100 not in prompts[2]
 
 
+async def test_inputs_no_run_took_are_reported_when_the_session_ends(
+    tmp_path: Path, agent_log: Path
+) -> None:
+    """Two large inputs, one task left: the second reaches no agent. It was dropped
+    silently; now a warning names it (and the first is applied as before)."""
+    prd = "# App\n\n## Features\n- First [mode:slow] [seconds:1]\n- Second\n"
+    project = make_project(tmp_path, prd)
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        await lab_.wait_event(sid, "task.started")
+        ids = []
+        for message in ("a" * 60_000, "b" * 60_000):
+            answer = await lab_.post(f"/api/sessions/{sid}/input", {"message": message})
+            ids.append(answer.json()["id"])
+        session = await lab_.wait_status(sid, "completed", "failed")
+        applied = await lab_.events(sid, "input.applied")
+        warnings = [
+            w["data"]
+            for w in await lab_.events(sid, "warning")
+            if w["data"]["reason"] == "input_undelivered"
+        ]
+    assert session["status"] == "completed"
+    assert [e["data"]["inputId"] for e in applied] == [ids[0]]
+    assert [w["inputIds"] for w in warnings] == [[ids[1]]]
+    assert "1 input(s) reached no agent" in warnings[0]["message"]
+
+
 async def test_control_files_of_other_tools_are_honoured(tmp_path: Path, agent_log: Path) -> None:
     prd = "# App\n\n## Features\n- First [mode:slow] [seconds:30]\n"
     project = make_project(tmp_path, prd)

@@ -638,6 +638,8 @@ class SessionActor(Actor[Any]):
                     raise
 
     async def _end_once(self, ending: Ending | None) -> None:
+        if self.status is Status.STOPPING or (ending is not None and not self._shutdown):
+            await self._warn_undelivered_inputs()  # the session ends for good
         if self.status is Status.STOPPING:
             await self._fire(
                 Trigger.AGENTS_GONE,
@@ -655,6 +657,20 @@ class SessionActor(Actor[Any]):
             )
         elif self.status in (Status.STARTING, Status.RUNNING, Status.PAUSED):
             await self._fire(Trigger.DAEMON_RESTART, data={"reason": "daemon shutdown"})
+
+    async def _warn_undelivered_inputs(self) -> None:
+        """Input accepted (202) but still queued when the session ends for good reaches
+        no agent (a prompt takes what fits in 64 KiB; no task was left for the rest):
+        say so rather than drop it silently. An interrupted or paused session keeps
+        its queue for the resume."""
+        queued = await self.store.read(lambda db: pending_inputs(db, self.id))
+        if queued:
+            await self._warn(
+                "input_undelivered",
+                f"{len(queued)} input(s) reached no agent: the session ended before a "
+                "run took them",
+                inputIds=[item["id"] for item in queued],
+            )
 
     async def _bootstrap(self) -> Ending | None:
         """Prepare `.loki/`, parse the PRD, then tasks + `running` in one store write.
