@@ -183,6 +183,7 @@ async def test_unavailable_is_503() -> None:
 async def handshake(surface: Surface, path: str) -> Answer:
     """A WebSocket handshake to `path`, refused as HTTP (the `websocket.http.response`
     extension, as Hypercorn offers it): the answer."""
+    path, _, query = path.partition("?")
     scope: Scope = {
         "type": "websocket",
         "asgi": {"version": "3.0"},
@@ -190,7 +191,7 @@ async def handshake(surface: Surface, path: str) -> Answer:
         "scheme": "ws",
         "path": path,
         "raw_path": path.encode(),
-        "query_string": b"",
+        "query_string": query.encode(),
         "root_path": "",
         "headers": [(b"host", b"test")],
         "client": ("127.0.0.1", 50000),
@@ -223,6 +224,16 @@ def with_websocket(surface: Surface) -> Surface:
         raise RuntimeError("secret internals")
 
     return surface
+
+
+async def test_a_handshake_with_a_query_parameter_it_does_not_declare_is_refused() -> None:
+    """As on every route (it was accepted on `/ws`); `token` is the one a WebSocket takes."""
+    surface = with_websocket(make_surface())
+    error = assert_error(await handshake(surface, "/live?token=t&foo=1"), 400, "BAD_REQUEST")
+    assert error["details"] == {"field": "foo"}
+    assert error["message"] == "'foo' is not a query parameter of this route (it takes token)"
+    # `?token=` alone passes the check: the view runs (and this one crashes)
+    assert (await handshake(surface, "/live?token=t")).status == 500
 
 
 @pytest.mark.parametrize(

@@ -82,6 +82,14 @@ class Param:
     explode: bool | None = None  # an array in the query: False = one comma-separated value
 
 
+WEBSOCKET_TOKEN = Param(
+    "token",
+    "query",
+    description="The API token, for clients that cannot send an Authorization header on a "
+    "WebSocket handshake (browsers); the header wins when both are sent",
+)
+"""Every WebSocket route's one query parameter (`lokid.http.gate`, security.md)."""
+
 Link = tuple[str, str, Mapping[str, str]]
 """An OpenAPI link of a route's 2xx answer: (method, path, {parameter: runtime expression})."""
 
@@ -395,6 +403,7 @@ class Surface:
             path,
             summary + " (WebSocket: connect with an Upgrade request)",
             {101: "Switching Protocols", 400: "Not a WebSocket upgrade request"},
+            (WEBSOCKET_TOKEN,),
             tags=tuple(tags),
             requires=requires,
             media_type="application/json",
@@ -507,7 +516,7 @@ class Surface:
         raw: bytes = scope.get("query_string", b"")
         if not raw:
             return None
-        route = self.route_of(scope["method"], local_path(scope))
+        route = self.route_of(scope.get("method", "GET"), local_path(scope))  # a handshake: GET
         if route is None or route.requires == OPEN:
             return None
         pairs = parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True)
@@ -556,6 +565,10 @@ class Surface:
             scope[PRINCIPAL] = admission.principal
             if local_path(scope) not in self._websocket_paths:
                 await _refuse_handshake(scope, send, self._not_a_websocket(scope))
+                return
+            refusal = self.query_refusal(scope)
+            if refusal is not None:
+                await _refuse_handshake(scope, send, refusal)
                 return
         if scope["type"] == "http":
             if self.observer is not None:
