@@ -137,7 +137,7 @@ def test_all_options_are_typed(tmp_path: Path) -> None:
     request = parse(
         {
             "prd": str(prd),
-            "provider": "codex",
+            "provider": "claude",
             "options": {
                 "parallel": True,
                 "sandbox": True,
@@ -150,7 +150,7 @@ def test_all_options_are_typed(tmp_path: Path) -> None:
             },
         }
     )
-    assert request.provider == "codex"
+    assert request.provider == "claude"
     assert request.options == sr.SessionOptions(
         parallel=True,
         sandbox=True,
@@ -305,6 +305,18 @@ def test_provider_cli_missing(tmp_path: Path) -> None:
     assert parse({"prd": str(prd), "provider": "gemini"}, which=lacking("claude")).provider == (
         "gemini"
     )
+
+
+@pytest.mark.parametrize("provider", ["codex", "gemini", "aider", "cline", "opencode"])
+def test_a_budget_for_a_provider_that_reports_no_cost_is_refused(
+    tmp_path: Path, provider: str
+) -> None:
+    """It was accepted and could never stop the session (only claude reports its cost)."""
+    body = {"prd": str(write_prd(tmp_path / "prd.md")), "provider": provider}
+    error = refused({**body, "options": {"budgetUsd": 1}})
+    assert error.field == "options.budgetUsd"
+    assert f"{provider!r} reports none" in error.message
+    assert parse({**body, "options": {"budgetUsd": None}}).options.budget_usd is None
 
 
 def test_default_provider_cli_missing(tmp_path: Path) -> None:

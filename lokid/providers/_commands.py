@@ -212,8 +212,14 @@ def validate_options(
 
     `model`, when given, is the model the run will use instead of `options["model"]`.
     """
-    provider_info(provider)
+    info = provider_info(provider)
     model = validate_model(options.get("model")) if model is None else model
+    if options.get("budgetUsd") is not None and info.output_format != "stream-json":
+        raise ValidationFailed(
+            f"options.budgetUsd needs a provider that reports its cost (claude); "
+            f"{provider!r} reports none, so the budget could never stop the session",
+            field="options.budgetUsd",
+        )
     if provider == "command":
         if "command" not in options:
             raise ValidationFailed(
