@@ -237,6 +237,21 @@ async def test_limits_end_the_session(tmp_path: Path, agent_log: Path) -> None:
         )
 
 
+async def test_a_budget_the_last_run_spends_lets_the_session_complete(
+    tmp_path: Path, agent_log: Path
+) -> None:
+    """Like a last run that is the `maxIterations`-th: nothing is left to stop. It was
+    `failed`/`budgetUsd` with every task completed."""
+    project = make_project(tmp_path, "# App\n\n## Features\n- First\n- Second\n")
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md"), "options": {"budgetUsd": 0.02}}))[
+            "id"
+        ]
+        session = await lab_.wait_status(sid, "completed", "failed")
+    assert (session["status"], session["exitReason"]) == ("completed", "allTasksCompleted")
+    assert session["costUsd"] == pytest.approx(2 * 0.0123)  # over the budget, by the last run
+
+
 async def _assert_the_time_limit_ended_the_run(lab_: Lab, sid: str, limit: int) -> str:
     """What a user sees of a session whose time limit cut its only run off, whichever
     noticed the deadline first (the run's shortened hard timeout, or the scheduler's own

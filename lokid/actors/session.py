@@ -40,7 +40,8 @@ Theory of operation:
   hard timeout is cut to what is left, and a run the scheduler's look at
   the limit cuts off first is reported as that timeout, so the outcome
   does not depend on which came first), `budgetUsd` (sum of the provider's
-  reported cost), `maxConsecutiveFailures`, `tasksFailed` (a task used up
+  reported cost; only while work is left: a last run that spends it
+  completes the session), `maxConsecutiveFailures`, `tasksFailed` (a task used up
   its attempts), `permanentError`, `bootstrapFailed`.
 * **pause** takes effect between runs: no new worker starts; running agents
   finish (`?now=true` stops them, and their tasks go back to `pending`
@@ -792,9 +793,12 @@ class SessionActor(Actor[Any]):
             if self.status is not Status.RUNNING:
                 await self._wait_change(self.settings.control_poll)
                 continue
-            limit = self._limit_reached()
+            limit = self._time_up()
             if limit is not None:
                 return limit
+            spent = self._budget_spent()
+            if spent is not None and self._workers:
+                return spent  # runs in flight: work is left (see `_budget_spent`)
             if self._completion is not None:
                 if not self._workers:
                     return Ending(Trigger.COMPLETE, "completionRequested", self._completion)
@@ -811,8 +815,10 @@ class SessionActor(Actor[Any]):
             if await self._ingest({t.id for t in tasks}, force=False):
                 continue
             task = self._next_task(tasks, now)
+            pending = [t for t in tasks if t.status == "pending"]
+            if spent is not None and (task is not None or pending):
+                return spent
             if task is None:
-                pending = [t for t in tasks if t.status == "pending"]
                 if self._workers or pending:
                     waits = [self._not_before.get(t.id, now) - now for t in pending]
                     await self._wait_change(min(waits, default=self.settings.control_poll))
@@ -867,8 +873,17 @@ class SessionActor(Actor[Any]):
         )
 
     def _limit_reached(self) -> Ending | None:
+        return self._time_up() or self._budget_spent()
+
+    def _time_up(self) -> Ending | None:
         if self._deadline_left() <= 0:
             return Ending(Trigger.FAIL, "maxDurationSeconds", f"{self._time_limit()} ran out")
+        return None
+
+    def _budget_spent(self) -> Ending | None:
+        """The budget ends a session that has work left (a run to start, one running or
+        waiting for a retry); a session whose last run spent it completes as usual,
+        as one whose last run is its `maxIterations`-th does."""
         budget = self.options.get("budgetUsd")
         if budget is not None and self.cost_usd >= float(budget):
             return Ending(Trigger.FAIL, "budgetUsd", f"${self.cost_usd:.4f} of ${budget}")
@@ -1459,8 +1474,9 @@ class SessionActor(Actor[Any]):
             {"taskId": task.id, "title": task.title, "attempts": attempt},
         )
         self._mirror_dirty.set()
-        if self._limit_reached() is not None and self._ending is None:
-            self._ending = self._limit_reached()
+        if self._ending is None:  # the budget is the scheduler's (it knows what is left)
+            self._ending = self._time_up()
+        self._poke()
 
     async def _requeue(self, task: RunnerTask, note: str, resume_id: list[str]) -> None:
         await self.store.write(
