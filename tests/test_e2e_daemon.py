@@ -97,6 +97,25 @@ def test_control_socket_is_private(daemon: DaemonProcess) -> None:
     assert stat.S_IMODE(daemon.socket.parent.stat().st_mode) == 0o700
 
 
+def test_control_socket_connections_whose_client_hung_up_are_let_go(
+    daemon: DaemonProcess,
+) -> None:
+    """Hypercorn held each for its keep-alive timeout (75 s): 4,000 clients that send a
+    request and hang up without reading filled the socket's connection slots."""
+    for _ in range(10):
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(daemon.socket))
+            client.sendall(b"GET /health HTTP/1.1\r\nHost: l\r\n\r\n")
+    metric = 'lokid_listener_connections{listener="control"} '
+
+    def only_the_asking_one() -> bool:
+        with daemon.control() as owner:
+            lines = owner.get("/metrics").text.splitlines()
+        return [line for line in lines if line.startswith(metric)] == [metric + "1.0"]
+
+    wait_until(only_the_asking_one, "the hung-up connections let go", timeout=5)
+
+
 def test_second_daemon_on_the_same_socket_is_refused_and_the_folder_kept(
     daemon_factory: Factory, tmp_path: Path
 ) -> None:

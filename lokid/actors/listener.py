@@ -121,6 +121,14 @@ class _TCPServer(TCPServer):
         with self._abandon:
             await super().run()
 
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        # The client is gone (EOF, reset). Hypercorn's idle timer would hold the
+        # connection - its slot of `max_connections`, its fd, its count in the
+        # metrics - for `keep_alive_timeout` more; a request still being answered
+        # (its app task) is waited for as before.
+        await self.idle_task.stop()
+
     async def protocol_send(self, event: Event) -> None:
         """Hypercorn's write path, without a scheduling pass when the lock is free.
 
