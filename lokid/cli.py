@@ -25,7 +25,7 @@ from typing import Any
 
 from lokid import __version__
 from lokid.client import ApiCallFailed, ControlClient, DaemonNotAnswering, DaemonNotRunning
-from lokid.config import Config, load_config
+from lokid.config import Config, load_config, shown_text
 from lokid.errors import ConfigError, LokiError, StartupError
 from lokid.pidfile import running_daemon
 from lokid.session_state import Status
@@ -63,18 +63,19 @@ def _idempotency_key(raw: str) -> str:
 
 
 SERVE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    # flag -> (config field, argparse options)
+    # flag -> (config field, argparse options). Values stay text: `lokid.config` checks
+    # them as it checks the environment's, with the same one-line message.
     "--host": ("api_host", {"metavar": "ADDR", "help": "HTTP API listen address"}),
-    "--port": ("api_port", {"type": int, "metavar": "N", "help": "HTTP API port (0 = any)"}),
+    "--port": ("api_port", {"metavar": "N", "help": "HTTP API port (0 = any)"}),
     "--dashboard-host": ("dashboard_host", {"metavar": "ADDR", "help": "dashboard address"}),
-    "--dashboard-port": ("dashboard_port", {"type": int, "metavar": "N", "help": "dashboard port"}),
+    "--dashboard-port": ("dashboard_port", {"metavar": "N", "help": "dashboard port"}),
     "--allow-insecure-remote": (
         "allow_insecure_remote",
         {"action": "store_const", "const": True, "help": "allow non-loopback without auth"},
     ),
     "--provider": ("default_provider", {"metavar": "NAME", "help": "default provider"}),
-    "--max-agents": ("max_agents", {"type": int, "metavar": "N", "help": "agent process cap"}),
-    "--shutdown-grace": ("shutdown_grace", {"type": float, "metavar": "S", "help": "seconds"}),
+    "--max-agents": ("max_agents", {"metavar": "N", "help": "agent process cap"}),
+    "--shutdown-grace": ("shutdown_grace", {"metavar": "S", "help": "seconds"}),
     "--log-level": ("log_level", {"metavar": "LEVEL", "help": "debug|info|warning|error"}),
 }
 
@@ -132,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         actions = group.add_subparsers(dest="action", required=True, metavar="ACTION")
         start = actions.add_parser("start", help="start the daemon in the background if needed")
         start.add_argument(
-            "--port", dest=f"cfg_{port_field}", type=int, default=None, metavar="N", help=port_help
+            "--port", dest=f"cfg_{port_field}", default=None, metavar="N", help=port_help
         )
         if name == "dashboard":
             start.add_argument(
@@ -747,10 +748,11 @@ def cmd_config_show(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         print(json.dumps({key: {"value": value, "source": source} for key, value, source in rows}))
         return 0
-    width = max(len(key) for key, _, _ in rows)
-    value_width = max(len(value) for _, value, _ in rows)
-    for key, value, source in rows:
-        print(f"{key:<{width}}  {value:<{value_width}}  ({source})")
+    texts = [(key, shown_text(value), source) for key, value, source in rows]
+    width = max(len(key) for key, _, _ in texts)
+    value_width = max(len(text) for _, text, _ in texts)
+    for key, text, source in texts:
+        print(f"{key:<{width}}  {text:<{value_width}}  ({source})")
     return 0
 
 

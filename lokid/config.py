@@ -11,6 +11,7 @@ came from. Values are validated once, here; a bad value from any source is a
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -98,6 +99,14 @@ SETTINGS: dict[str, Setting] = {
 }
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)(e[+-]?[0-9]+)?|inf(inity)?|nan)", re.I)
+"""What a setting written as text may be: ASCII digits, no `_` separators."""
+
+ShownValue = str | int | float | bool | list[str] | None
+"""A setting's value as `Config.show` gives it (what JSON can say)."""
+
+
 def _port(value: Any) -> int:
     port = _int(value)
     if not 0 <= port <= 65535:
@@ -111,10 +120,9 @@ def _int(value: Any) -> int:
     if isinstance(value, int):
         return value
     text = str(value).strip()
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not an integer") from None
+    if not _INTEGER.fullmatch(text):  # int() also takes "1_000", "٣", full-width digits
+        raise ValueError(f"{text!r} is not an integer")
+    return int(text)
 
 
 def _count(value: Any) -> int:
@@ -129,6 +137,8 @@ def _count(value: Any) -> int:
 def _positive_float(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a number, not a boolean")
+    if isinstance(value, str) and not _DECIMAL.fullmatch(value.strip()):
+        raise ValueError(f"{value!r} is not a number")  # float() takes "1_0", "٣"
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -326,18 +336,41 @@ class Config:
         """Where `loki api start` sends the output of a background daemon."""
         return self.data_path / "lokid.log"
 
-    def show(self) -> list[tuple[str, str, str]]:
-        """(key, value, source) rows for `loki config show`."""
-        rows = [("loki_home", str(self.loki_home), "LOKI_HOME or default")]
-        rows.append(("config_file", str(self.config_file or "-"), "search"))
+    def show(self) -> list[tuple[str, ShownValue, str]]:
+        """(key, value, source) rows for `loki config show`; values as JSON has them
+        (a list, a boolean, a number, null), not Python's reprs (`shown_text`)."""
+        rows: list[tuple[str, ShownValue, str]] = [
+            ("loki_home", str(self.loki_home), "LOKI_HOME or default"),
+            ("config_file", None if self.config_file is None else str(self.config_file), "search"),
+        ]
         for name in SETTINGS:
             value = getattr(self, name)
             if name == "socket_path":
                 value = self.socket
             elif name == "data_dir":
                 value = self.data_path
-            rows.append((name, str(value), self.sources.get(name, "default")))
+            rows.append((name, _plain(value), self.sources.get(name, "default")))
         return rows
+
+
+def _plain(value: Any) -> ShownValue:
+    """A setting's value as JSON: paths and a rate limit as text, tuples as lists."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, tuple | list):
+        return [str(item) for item in value]
+    return str(value)  # a Path, a RateLimit ("100/60")
+
+
+def shown_text(value: ShownValue) -> str:
+    """A `show` value for the table: lists comma-separated, booleans and null in words."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(value) or "-"
+    return str(value)
 
 
 def find_config_file(loki_home: Path) -> Path | None:

@@ -213,6 +213,26 @@ def test_a_config_file_that_is_not_utf8_is_a_config_error(
 
 
 @pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "--port", "http"], "invalid api_port from flag: 'http' is not an integer"),
+        (["serve", "--max-agents", "1_0"], "invalid max_agents from flag: '1_0' is not an integer"),
+        (
+            ["serve", "--shutdown-grace", "x"],
+            "invalid shutdown_grace from flag: 'x' is not a number",
+        ),
+        (["api", "start", "--port", "-"], "invalid api_port from flag: '-' is not an integer"),
+    ],
+)
+def test_a_bad_flag_value_is_the_one_line_config_error(
+    loki: Cli, tmp_path: Path, args: list[str], message: str
+) -> None:
+    """Not argparse's usage and `invalid int value` (the environment's got one line)."""
+    result = loki(tmp_path, *args)
+    assert (result.code, result.err) == (2, f"loki: {message}\n")
+
+
+@pytest.mark.parametrize(
     ("variable", "setting"),
     [("LOKI_HOME", "LOKI_HOME"), ("LOKI_DATA_DIR", "data_dir"), ("LOKI_SOCKET", "socket_path")],
 )

@@ -61,6 +61,11 @@ def test_explicit_config_file_is_used(tmp_path: Path) -> None:
         ({"LOKI_MAX_AGENTS": "0"}, "0 must be at least 1"),
         ({"LOKI_PROVIDER": "gpt"}, "'gpt' is not one of claude"),
         ({"LOKI_SHUTDOWN_GRACE": "inf"}, "must be a positive, finite number"),
+        # What int() and float() take but a setting must not: separators, other digits
+        ({"LOKI_API_PORT": "8_4_2_0"}, "'8_4_2_0' is not an integer"),
+        ({"LOKI_MAX_AGENTS": "\uff15"}, "'\uff15' is not an integer"),  # a full-width 5
+        ({"LOKI_MAX_AGENTS": "\u0663"}, "'\u0663' is not an integer"),  # an Arabic-Indic 3
+        ({"LOKI_AGENT_GRACE": "1_0"}, "'1_0' is not a number"),
         # Bounds: each of these crashed the daemon at start (a date or SQLite overflow).
         (
             {"LOKI_EVENT_RETENTION_DAYS": "1000000"},
@@ -195,3 +200,22 @@ def test_a_path_of_no_such_user_is_a_config_error(tmp_path: Path, variable: str)
     env = {"LOKI_HOME": str(tmp_path), variable: "~nosuchuser/x"}
     with pytest.raises(ConfigError, match=f"from env {variable}: .* of user 'nosuchuser'"):
         load_config({}, environ=env)
+
+
+def test_show_gives_values_as_json_has_them(tmp_path: Path) -> None:
+    """Not Python's reprs ("('http://a.com',)", "True", "None") inside JSON strings."""
+    env = {
+        "LOKI_HOME": str(tmp_path),
+        "LOKI_CORS_ORIGINS": "http://a.com",
+        "LOKI_ENTERPRISE_AUTH": "yes",
+        "LOKI_RATE_LIMIT": "100/60",
+    }
+    shown = {key: value for key, value, _ in load_config({}, environ=env).show()}
+    assert shown["cors_origins"] == ["http://a.com"]
+    assert shown["auth_enabled"] is True
+    assert shown["max_agents"] == 10
+    assert shown["rate_limit"] == "100/60"
+    assert shown["config_file"] is None
+    assert shown["socket_path"] == str(tmp_path / "lokid" / "lokid.sock")
+    bare = {key: value for key, value, _ in load_config({}, environ={"LOKI_HOME": "/x"}).show()}
+    assert (bare["rate_limit"], bare["cors_origins"]) == (None, [])
