@@ -233,6 +233,60 @@ def test_an_api_error_is_shown_in_words(tab: Tab, daemon: DaemonProcess, root: P
     expect(page.get_by_test_id("empty-state")).to_contain_text("No such session")
 
 
+def test_a_number_the_browser_cannot_read_is_refused_at_its_field(
+    tab: Tab, daemon: DaemonProcess, api: Api, root: Path
+) -> None:
+    """Chromium reports "5e" in a number field as value "" with validity.badInput: the
+    form must say so, not start a session without the budget (or a token that never
+    expires, or a discovery at the default depth)."""
+    project = make_project(root, "bad-number", THREE_FEATURES)
+    before = api.json("GET", "/api/sessions")["total"]
+    page = open_view(tab, daemon, "/sessions")
+    posts: list[str] = []  # every POST, and every discovery (a GET)
+    page.on(
+        "request",
+        lambda r: posts.append(r.url) if r.method == "POST" or "discover" in r.url else None,
+    )
+    form = page.get_by_test_id("start-form")
+    form.get_by_label("PRD path").fill(str(project / "prd.md"))
+    form.get_by_text("Options").click()
+    for label, typed in (("Budget (USD)", "5e"), ("Max iterations", "2-3")):
+        control = form.get_by_label(label)
+        control.click()
+        page.keyboard.type(typed)
+        form.get_by_role("button", name="Start session").click()
+        expect(page.get_by_test_id("start-error")).to_have_text(f"{label} must be a number.")
+        expect(control).to_have_attribute("aria-invalid", "true")
+        expect(control).to_be_focused()
+        note = form.get_by_test_id("field-error")
+        expect(note).to_have_text(f"{label} must be a number.")
+        assert (note.get_attribute("id") or "?") in (
+            control.get_attribute("aria-describedby") or ""
+        )
+        control.fill("")
+    assert posts == []
+    expect(page).to_have_url(re.compile(r"#/sessions$"))
+    assert api.json("GET", "/api/sessions")["total"] == before
+
+    # emptied, the fields are left out again (the daemon's defaults apply)
+    with page.expect_request(lambda r: r.method == "POST") as sent:
+        form.get_by_role("button", name="Start session").click()
+    assert "options" not in (sent.value.post_data_json or {})
+    expect(page).to_have_url(re.compile(r"#/sessions/session-"))
+    session_id = page.url.rsplit("/", 1)[1]
+
+    page.goto(f"{daemon.dashboard_url}/#/registry")
+    depth = page.get_by_label("Depth")
+    depth.fill("")
+    depth.click()
+    page.keyboard.type("3e")
+    page.get_by_role("button", name="Discover", exact=True).click()
+    expect(page.get_by_test_id("discover-error")).to_have_text("Depth must be a number.")
+    expect(depth).to_have_attribute("aria-invalid", "true")
+    assert not any("/api/registry/discover" in url for url in posts), posts
+    api.wait_session(session_id, lambda s: s["status"] == "completed")
+
+
 def test_pause_resume_input_and_stop_from_the_page(
     tab: Tab, daemon: DaemonProcess, api: Api, root: Path
 ) -> None:
@@ -580,6 +634,19 @@ def test_with_auth_on_a_token_prompt_then_every_view_and_the_admin_views(
 
             page.get_by_test_id("nav-tokens").click()
             expect(page.get_by_test_id("token-row")).to_have_count(2)
+            # "1e" in the days: refused at the field, not a token that never expires
+            page.get_by_label("Name").fill("days-1e")
+            page.get_by_label("Expires after (days)").click()
+            page.keyboard.type("1e")
+            page.get_by_role("button", name="Create token").click()
+            expect(page.get_by_test_id("token-create-error")).to_have_text(
+                "Expires after (days) must be a number."
+            )
+            expect(page.get_by_label("Expires after (days)")).to_have_attribute(
+                "aria-invalid", "true"
+            )
+            expect(page.get_by_test_id("token-row")).to_have_count(2)
+            page.get_by_label("Expires after (days)").fill("")
             page.get_by_label("Name").fill("ci-bot")
             page.get_by_test_id("token-scope-write").check()
             page.get_by_label("Expires after (days)").fill("30")

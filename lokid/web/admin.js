@@ -6,7 +6,7 @@
  */
 
 import { del, get, isForbidden, post } from "./api.js";
-import { badge, checkbox, dataTable, emptyState, errorBox, field, formatTime, h, replace, showFormError, toast } from "./dom.js";
+import { badge, checkbox, clearInvalid, dataTable, emptyState, errorBox, field, formatTime, h, markInvalid, numberValue, replace, showFormError, toast } from "./dom.js";
 
 const PAGE = 50;
 
@@ -309,9 +309,19 @@ export function mountTokens(root) {
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     showFormError(error, null);
+    clearInvalid(form);
     secret.hidden = true;
     const body = { name: name.value.trim(), scopes: scopeBoxes.filter((b) => b.input.checked).map((b) => b.scope) };
-    if (days.value.trim()) body.expires_days = Number(days.value);
+    try {
+      const expiresDays = numberValue(days, "Expires after (days)");
+      if (expiresDays !== undefined) body.expires_days = expiresDays;
+    } catch (err) {
+      // "1e" must not become a token that never expires.
+      markInvalid(err.control, err.message);
+      showFormError(error, err);
+      days.focus();
+      return;
+    }
     try {
       const made = await post("/api/enterprise/tokens", body);
       const value = h("div", { class: "secret", dataset: { testid: "token-secret-value" }, text: made.token });

@@ -73,6 +73,67 @@ export function field(labelText, control, hint) {
   return h("div", { class: "field" }, parts);
 }
 
+/**
+ * The number typed in an `<input type=number>`: `undefined` when the field is
+ * empty, else the number. Text the browser cannot read as a number ("1e",
+ * "7-") reaches a script as `value === ""` with `validity.badInput` set; it
+ * must not pass for an empty field (the option would be silently left out),
+ * so it throws a `FieldError` naming the field, as does a number too large
+ * for JavaScript ("1e400").
+ * @param {HTMLInputElement} control
+ * @param {string} label the field's label, for the message
+ */
+export function numberValue(control, label) {
+  if (control.validity && control.validity.badInput) throw new FieldError(control, `${label} must be a number.`);
+  const text = control.value.trim();
+  if (text === "") return undefined;
+  const value = Number(text);
+  if (!Number.isFinite(value)) throw new FieldError(control, `${label} must be a number.`);
+  return value;
+}
+
+/** A form field the page itself refuses (before anything is sent). */
+export class FieldError extends Error {
+  constructor(control, message) {
+    super(message);
+    this.name = "FieldError";
+    this.control = control;
+  }
+}
+
+/**
+ * Mark `control` invalid (`aria-invalid`) with `message` written under it and
+ * tied to it by `aria-describedby`, so the field itself says what is wrong.
+ */
+export function markInvalid(control, message) {
+  control.setAttribute("aria-invalid", "true");
+  if (!message) return;
+  const holder = control.closest(".field") || control.parentElement;
+  let note = holder.querySelector(".field-error");
+  if (!note) {
+    if (!control.id) control.id = uid("field");
+    note = h("span", { class: "field-error", id: `${control.id}-error`, dataset: { testid: "field-error" } });
+    holder.append(note);
+    const described = control.getAttribute("aria-describedby");
+    control.setAttribute("aria-describedby", described ? `${described} ${note.id}` : note.id);
+  }
+  note.textContent = message;
+}
+
+/** Undo every `markInvalid` inside `form`. */
+export function clearInvalid(form) {
+  for (const control of form.querySelectorAll("[aria-invalid]")) control.removeAttribute("aria-invalid");
+  for (const note of form.querySelectorAll(".field-error")) {
+    const control = form.querySelector(`[aria-describedby~="${CSS.escape(note.id)}"]`);
+    if (control) {
+      const rest = control.getAttribute("aria-describedby").split(" ").filter((id) => id !== note.id);
+      if (rest.length) control.setAttribute("aria-describedby", rest.join(" "));
+      else control.removeAttribute("aria-describedby");
+    }
+    note.remove();
+  }
+}
+
 /** A checkbox with its label on the right. */
 export function checkbox(labelText, props = {}) {
   const input = h("input", { type: "checkbox", id: uid("check"), ...props });

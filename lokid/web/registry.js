@@ -8,7 +8,7 @@
  */
 
 import { del, get, post } from "./api.js";
-import { badge, dataTable, emptyState, errorBox, field, formatAge, formatBytes, formatTime, h, replace, showFormError, throttle, toast } from "./dom.js";
+import { badge, clearInvalid, dataTable, emptyState, errorBox, field, formatAge, formatBytes, formatTime, h, markInvalid, numberValue, replace, showFormError, throttle, toast } from "./dom.js";
 import { live } from "./ws.js";
 
 /** `3 pending · 1 active · 5 done · 1 failed`, or an em dash. */
@@ -250,8 +250,18 @@ export function mount(root) {
 
   async function discover(register) {
     showFormError(discError, null);
+    clearInvalid(discForm);
+    let depthValue;
+    try {
+      depthValue = numberValue(depth, "Depth");
+    } catch (err) {
+      markInvalid(err.control, err.message);
+      showFormError(discError, err);
+      depth.focus();
+      return;
+    }
     replace(discResults, h("p", { class: "muted", text: "Searching…" }));
-    const query = { roots: roots.value.split(",").map((r) => r.trim()).filter(Boolean).join(","), depth: depth.value, register: register ? "true" : "" };
+    const query = { roots: roots.value.split(",").map((r) => r.trim()).filter(Boolean).join(","), depth: depthValue, register: register ? "true" : "" };
     try {
       const found = await get("/api/registry/discover", query);
       renderFound(found);

@@ -15,6 +15,7 @@ import { ApiError, del, get, post } from "./api.js";
 import {
   badge,
   checkbox,
+  clearInvalid,
   dataTable,
   emptyState,
   errorBox,
@@ -23,7 +24,10 @@ import {
   formatClock,
   formatCost,
   formatTime,
+  FieldError,
   h,
+  markInvalid,
+  numberValue,
   replace,
   select,
   showFormError,
@@ -309,7 +313,7 @@ function startForm(ctx) {
 
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
-    for (const control of Object.values(fields)) control.removeAttribute("aria-invalid");
+    clearInvalid(form);
     showFormError(error, null);
     const body = { provider: provider.value };
     if (sourceText.checked) body.prdText = prdText.value;
@@ -318,13 +322,24 @@ function startForm(ctx) {
     const options = {};
     if (parallel.input.checked) options.parallel = true;
     if (sandbox.input.checked) options.sandbox = true;
-    for (const [key, control] of [
-      ["maxAgents", maxAgents],
-      ["maxIterations", maxIterations],
-      ["maxDurationSeconds", maxDurationSeconds],
-      ["budgetUsd", budgetUsd],
-    ]) {
-      if (control.value.trim() !== "") options[key] = Number(control.value);
+    try {
+      for (const [key, control, label] of [
+        ["maxAgents", maxAgents, "Max agents"],
+        ["maxIterations", maxIterations, "Max iterations"],
+        ["maxDurationSeconds", maxDurationSeconds, "Max duration (s)"],
+        ["budgetUsd", budgetUsd, "Budget (USD)"],
+      ]) {
+        const value = numberValue(control, label);
+        if (value !== undefined) options[key] = value;
+      }
+    } catch (err) {
+      if (!(err instanceof FieldError)) throw err;
+      // Refuse the form rather than start a session without the limit typed.
+      advanced.open = true;
+      markInvalid(err.control, err.message);
+      showFormError(error, err);
+      err.control.focus();
+      return;
     }
     if (model.value.trim()) options.model = model.value.trim();
     if (verify.value.trim()) options.verify = verify.value.trim();
