@@ -476,6 +476,112 @@ def test_the_ws_client_reconnects_with_backoff_and_sends_the_token(
     assert result["patterns"] == [True, False, True, True]
 
 
+def test_the_ws_client_backs_off_from_refused_handshakes_and_stops_on_forbidden(
+    tab: Tab, daemon: DaemonProcess
+) -> None:
+    """The daemon accepts a refused handshake and closes it with 1008: an `open` that
+    never delivers must not reset the backoff nor count as live (views re-read on
+    "open"); a 1008 FORBIDDEN (a token without `read`) ends the retries."""
+    page = open_view(tab, daemon, "/registry")
+    result = page.evaluate(
+        """async () => {
+      const { LiveSocket } = await import('/ui/ws.js');
+      const urls = [];
+      const delays = [];
+      const realTimeout = window.setTimeout;
+      let refusal = 'UNAUTHORIZED: Token revoked';
+      class RefusedSocket extends EventTarget {
+        constructor(url) {
+          super();
+          urls.push(url);
+          this.readyState = 0;
+          realTimeout(() => {
+            this.readyState = 1;
+            this.dispatchEvent(new Event('open'));
+            this.readyState = 3;
+            const reason = urls.length < 5 ? refusal : 'FORBIDDEN: This token lacks the read scope';
+            this.dispatchEvent(new CloseEvent('close', { code: 1008, reason }));
+          }, 1);
+        }
+        send() {}
+        close() {}
+      }
+      RefusedSocket.OPEN = 1;
+      const RealSocket = window.WebSocket;
+      window.WebSocket = RefusedSocket;
+      // the retry timers run at once, their delays recorded
+      window.setTimeout = (fn, ms, ...args) => {
+        if (ms >= 500) delays.push(ms);
+        return realTimeout(fn, 0, ...args);
+      };
+      const states = [];
+      const socket = new LiveSocket();
+      try {
+        await new Promise((resolve, reject) => {
+          realTimeout(() => reject(new Error('never refused for good')), 5000);
+          socket.onStatus((state, detail) => {
+            states.push(detail && detail.reason ? `${state}: ${detail.reason}` : state);
+            if (state === 'refused') resolve();
+          });
+          socket.connect();
+        });
+        await new Promise((resolve) => realTimeout(resolve, 200));  // no retry follows
+      } finally {
+        window.setTimeout = realTimeout;
+        socket.close();
+        window.WebSocket = RealSocket;
+      }
+      return { tries: urls.length, delays, states };
+    }"""
+    )
+    assert result["tries"] == 5, result
+    assert not any(state.startswith("open") for state in result["states"]), result["states"]
+    assert result["states"][-2] == "refused: FORBIDDEN: This token lacks the read scope"
+    # 1 s, 2 s, 4 s, 8 s, each ±25 %
+    delays = result["delays"]
+    assert len(delays) == 4, delays
+    for attempt, delay in enumerate(delays):
+        assert 0.75 * 1000 * 2**attempt <= delay <= 1.25 * 1000 * 2**attempt, delays
+
+
+def test_a_token_without_read_gets_one_websocket_try_and_says_why(
+    browser: Browser, root: Path
+) -> None:
+    """An audit-only token signs in; the page's WebSocket is refused with 1008 FORBIDDEN,
+    which the header shows, and it is not retried (each try was a 403 in the audit log)."""
+    with running_daemon(root / "audit-only", LOKI_ENTERPRISE_AUTH="true") as daemon:
+        with daemon.control() as owner:
+            auditor = owner.post(
+                "/dashboard/api/enterprise/tokens", json={"name": "auditor", "scopes": ["audit"]}
+            ).json()
+        context = browser.new_context(viewport=VIEWPORT)
+        context.set_default_timeout(TIMEOUT_MS)
+        try:
+            tab = Tab(context)
+            page = tab.page
+            sockets: list[str] = []
+            page.on("websocket", lambda ws: sockets.append(ws.url))
+            page.goto(f"{daemon.dashboard_url}/#/audit")
+            page.get_by_label("API token").fill(auditor["token"])
+            page.get_by_role("button", name="Sign in").click()
+            expect(page.get_by_test_id("audit-row").first).to_be_visible()
+            expect(page.get_by_test_id("live-status")).to_have_text(
+                "Live updates: off (refused: FORBIDDEN: This token lacks the 'read' scope "
+                "needed for GET /ws)"
+            )
+            page.wait_for_timeout(2500)  # the old page retried about once a second
+            assert len(sockets) == 1, sockets
+            with daemon.control() as owner:
+                refused = owner.get(
+                    "/dashboard/api/enterprise/audit?action=auth.forbidden&limit=100"
+                ).json()
+            ws_refusals = [e for e in refused["entries"] if e["path"] == "/ws"]
+            assert len(ws_refusals) == 1, ws_refusals
+            assert tab.problems == []
+        finally:
+            context.close()
+
+
 # -- the board --------------------------------------------------------------------------
 
 

@@ -118,7 +118,7 @@ async function refreshStatus() {
 const refreshStatusSoon = throttle(() => refreshStatus().catch(() => {}), 1500);
 
 live.onStatus((state, detail) => {
-  const words = { open: "live", connecting: "connecting", reconnecting: "reconnecting…", closed: "off" };
+  const words = { open: "live", connecting: "connecting", reconnecting: "reconnecting…", closed: "off", refused: "off" };
   const refused = detail && detail.reason ? ` (refused: ${detail.reason})` : "";
   liveStatus.textContent = `Live updates: ${words[state] || state}${refused}`;
   liveStatus.dataset.state = state;

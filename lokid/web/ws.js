@@ -5,6 +5,13 @@
  * reconnects with bounded, jittered backoff, and a view refetches what it
  * shows when the socket comes back (it may have missed messages meanwhile).
  * Browsers cannot set headers on a WebSocket, so the token goes in `?token=`.
+ *
+ * The daemon accepts a handshake it refuses and closes it at once with 1008
+ * and its reason, so a socket that opens has not proven anything yet: the
+ * state becomes "open" (and the backoff starts again from 1 s) only once the
+ * daemon sent a message, the `pong` to the `ping` sent on open. A refusal
+ * that retrying cannot change (1008 `FORBIDDEN: …`: the token lacks `read`,
+ * or a foreign origin) ends the retries with state "refused".
  * @module ws
  */
 
@@ -21,6 +28,8 @@ export class LiveSocket {
     this.attempt = 0;
     this.timer = null;
     this.wanted = false;
+    /** Whether the current socket has delivered a message (see the module's doc). */
+    this.proven = false;
   }
 
   /** ws(s)://<this origin>/ws[?token=…] */
@@ -44,19 +53,39 @@ export class LiveSocket {
       return;
     }
     this.socket = socket;
-    socket.addEventListener("open", () => {
-      this.attempt = 0;
-      this.setState("open");
+    this.proven = false;
+    // A refused handshake opens too (then closes with 1008): ask for a pong to
+    // tell a real connection from one.
+    socket.addEventListener("open", () => this.send({ type: "ping" }));
+    socket.addEventListener("message", (event) => {
+      if (this.socket !== socket) return;
+      if (!this.proven) {
+        this.proven = true;
+        this.attempt = 0;
+        this.setState("open");
+      }
+      this.dispatch(event.data);
     });
-    socket.addEventListener("message", (event) => this.dispatch(event.data));
     socket.addEventListener("close", (event) => {
       if (this.socket !== socket) return;
       this.socket = null;
-      // 1008: the daemon refused the handshake (token or origin) and its
-      // reason says why ("UNAUTHORIZED: …"). Retry with backoff either way:
-      // a bad token is also noticed by the HTTP calls, which ask for a new one.
-      this.scheduleRetry(event.code, event.code === 1008 ? event.reason : "");
+      const reason = event.code === 1008 ? event.reason : "";
+      if (isFinalRefusal(event.code, reason)) {
+        this.refuse(event.code, reason);
+        return;
+      }
+      // Any other 1008 ("UNAUTHORIZED: Token revoked", "RATE_LIMITED: …"):
+      // retry with growing delays; a bad token is also noticed by the HTTP
+      // calls, which ask for a new one.
+      this.scheduleRetry(event.code, reason);
     });
+  }
+
+  /** Stop retrying: the daemon refused this token for good (until reconnect()). */
+  refuse(code, reason) {
+    this.wanted = false;
+    clearTimeout(this.timer);
+    this.setState("refused", { code, reason });
   }
 
   /** Close for good (until connect() is called again). */
@@ -138,6 +167,15 @@ export class LiveSocket {
     handler(this.state);
     return () => this.statusHandlers.delete(handler);
   }
+}
+
+/**
+ * A close that another try with the same token cannot change: 1008 with
+ * `FORBIDDEN: …` (the token lacks `read`, or the page's origin is foreign).
+ * Retrying it would be refused (and audited) every time.
+ */
+export function isFinalRefusal(code, reason) {
+  return code === 1008 && typeof reason === "string" && reason.startsWith("FORBIDDEN");
 }
 
 /** `task.*` matches `task.moved`; `*` matches everything. */
