@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -789,6 +791,39 @@ def test_with_auth_on_a_token_prompt_then_every_view_and_the_admin_views(
             assert tab.problems == []
         finally:
             context.close()
+
+
+def test_the_audit_date_filter_takes_days_in_the_time_zone_the_table_shows(
+    browser: Browser, daemon: DaemonProcess, api: Api
+) -> None:
+    """The table shows local times; From and To are local days, sent as the UTC
+    instants of their midnights (the API reads a bare date as a UTC day)."""
+    api.create_project("Audited")  # at least one entry
+    context = browser.new_context(viewport=VIEWPORT, timezone_id="Pacific/Kiritimati")  # UTC+14
+    context.set_default_timeout(TIMEOUT_MS)
+    try:
+        tab = Tab(context)
+        page = open_view(tab, daemon, "/audit")
+        newest = page.get_by_test_id("audit-row").first
+        shown = newest.locator("td").nth(1).inner_text()  # "YYYY-MM-DD HH:MM:SS", local
+        number = newest.locator("td").first.inner_text()
+        day = shown.split(" ")[0]
+        page.get_by_label("From", exact=True).fill(day)
+        page.get_by_label("To", exact=True).fill(day)
+        with page.expect_request(lambda r: "/api/enterprise/audit?" in r.url) as sent:
+            page.get_by_role("button", name="Apply").click()
+        query = parse_qs(urlsplit(sent.value.url).query)
+        year, month, date = map(int, day.split("-"))
+        midnight = datetime(year, month, date, tzinfo=timezone(timedelta(hours=14)))
+        utc = "%Y-%m-%dT%H:%M:%S.000Z"  # Date.toISOString()
+        assert query["start"] == [midnight.astimezone(UTC).strftime(utc)]  # the day before, 10:00
+        assert query["end"] == [(midnight + timedelta(days=1)).astimezone(UTC).strftime(utc)]
+        # the entry shown on that day is found by that day
+        expect(page.get_by_test_id("audit-row").filter(has_text=shown).first).to_be_visible()
+        expect(page.get_by_test_id("audit-row").first.locator("td").first).to_have_text(number)
+        assert tab.problems == []
+    finally:
+        context.close()
 
 
 # -- screenshots ------------------------------------------------------------------------

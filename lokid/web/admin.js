@@ -31,6 +31,30 @@ function statusTone(status) {
 
 // -- audit --------------------------------------------------------------------------
 
+/**
+ * The instant a local day starts, `days` after the date `YYYY-MM-DD` (a date
+ * input's value), as an ISO time in UTC; null past the API's years (0001 to
+ * 9999), where the bound is better left out. The table shows local times, so
+ * the filter's days must be local days too: the API reads a bare date as a
+ * UTC day.
+ */
+export function localDayStart(value, days = 0) {
+  const [year, month, day] = value.split("-").map(Number);
+  const date = new Date(2000, 0, 1); // local midnight; setFullYear keeps years < 100 as they are
+  date.setFullYear(year, month - 1, day + days);
+  if (Number.isNaN(date.getTime())) return null;
+  const utcYear = date.getUTCFullYear();
+  return utcYear < 1 || utcYear > 9999 ? null : date.toISOString();
+}
+
+/** `start`/`end` for the audit query: From's local midnight to the midnight after To. */
+function dayBounds(from, to) {
+  return {
+    start: from ? localDayStart(from) : null,
+    end: to ? localDayStart(to, 1) : null,
+  };
+}
+
 /** #/audit: summary, filters, and a page of entries, newest first. */
 export function mountAudit(root) {
   let stopped = false;
@@ -40,8 +64,8 @@ export function mountAudit(root) {
   const subtitle = h("p", { class: "subtitle", dataset: { testid: "audit-subtitle" } });
   const cards = h("dl", { class: "stat-cards", dataset: { testid: "audit-summary" } });
   const action = h("input", { type: "text", placeholder: "session.* or token.create", spellcheck: "false", dataset: { testid: "audit-action" } });
-  const start = h("input", { type: "date" });
-  const end = h("input", { type: "date" });
+  const start = h("input", { type: "date", dataset: { testid: "audit-start" } });
+  const end = h("input", { type: "date", dataset: { testid: "audit-end" } });
   const error = h("p", { class: "form-error", role: "alert", hidden: true, dataset: { testid: "audit-error" } });
   const filterForm = h(
     "form",
@@ -96,7 +120,7 @@ export function mountAudit(root) {
 
   filterForm.addEventListener("submit", (event) => {
     event.preventDefault();
-    filters = { action: action.value.trim(), start: start.value, end: end.value };
+    filters = { action: action.value.trim(), ...dayBounds(start.value, end.value) };
     offset = 0;
     loadEntries();
   });
