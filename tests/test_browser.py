@@ -339,6 +339,24 @@ def test_pause_resume_input_and_stop_from_the_page(
     expect(page.get_by_role("button", name="Delete")).to_be_enabled()
 
 
+def test_a_session_deleted_elsewhere_turns_into_no_such_session(
+    tab: Tab, daemon: DaemonProcess, api: Api, root: Path
+) -> None:
+    """A delete sends no event: the page of a finished session re-reads it every 15 s
+    (the page's clock is driven here) and then says it is gone."""
+    project = make_project(root, "deleted-elsewhere", THREE_FEATURES)
+    session_id = api.create_session({"prd": str(project / "prd.md")})
+    api.wait_session(session_id, lambda s: s["status"] == "completed")
+    tab.page.clock.install()
+    page = open_view(tab, daemon, f"/sessions/{session_id}")
+    expect(page.get_by_test_id("session-status-slot")).to_have_text("completed")
+    expect(page.get_by_role("button", name="Delete")).to_be_enabled()
+    api.json("DELETE", f"/api/sessions/{session_id}", expect=204)
+    page.clock.run_for(16_000)
+    expect(page.get_by_test_id("empty-state")).to_contain_text("No such session")
+    expect(page.get_by_role("button", name="Delete")).to_have_count(0)
+
+
 def test_the_event_log_keeps_at_most_1000_lines(
     tab: Tab, daemon: DaemonProcess, api: Api, root: Path
 ) -> None:

@@ -44,6 +44,8 @@ const PAGE = 50;
 /** The event log keeps at most this many events (and DOM lines). */
 export const MAX_LOG_LINES = 1000;
 const HISTORY = 300;
+/** A finished session is re-read every this many 5-s polls (15 s). */
+const IDLE_POLL_TICKS = 3;
 const LEVELS = ["debug", "info", "warning", "error"];
 
 /** The last path segment, for showing a project folder compactly. */
@@ -766,6 +768,7 @@ export function mountDetail(root, { id }, ctx) {
     query: { sessionId: id, minLevel: "debug", history: HISTORY },
     onEvents: addEvents,
     onStatus: (state, detail) => {
+      if (state === "reconnecting") refresh(); // the stream broke: the session may be gone
       if (state === "open") logState.textContent = "live";
       else if (state === "reconnecting") logState.textContent = detail && detail.delay ? `reconnecting in ${Math.ceil(detail.delay / 1000)} s…` : "reconnecting…";
       else if (state === "failed") logState.textContent = `stopped: ${detail ? detail.message : "error"}`;
@@ -774,9 +777,14 @@ export function mountDetail(root, { id }, ctx) {
   });
   stream.start();
   loadSession();
-  // The stream carries every change; a slow poll covers a missed event.
+  // The stream carries every change; a poll covers a missed event (every 5 s
+  // while the session is active). A delete sends no event, so a finished
+  // session is re-read every 15 s too: a session deleted elsewhere turns
+  // into "No such session" instead of staying on the page.
+  let ticks = 0;
   const poll = setInterval(() => {
-    if (session && ACTIVE.has(session.status)) refresh();
+    ticks += 1;
+    if (session && (ACTIVE.has(session.status) || ticks % IDLE_POLL_TICKS === 0)) refresh();
   }, 5000);
 
   function stop() {
