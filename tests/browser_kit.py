@@ -154,13 +154,23 @@ UNLABELLED = """() => [...document.querySelectorAll('input, select, textarea, bu
   .map((el) => el.outerHTML.slice(0, 160))"""
 
 
+OVERFLOWING_TABLES = """() => [...document.querySelectorAll('.table-wrap')]
+  .filter((wrap) => wrap.getClientRects().length > 0 && wrap.scrollWidth > wrap.clientWidth)
+  .map((wrap) => `${wrap.querySelector('caption')?.textContent}: `
+    + `${wrap.scrollWidth} px in ${wrap.clientWidth} px`)"""
+
+
 def check_view(page: Page) -> None:
     """What every view must do: a name on every visible control (label, aria-label or
-    text), and no horizontal scrolling at the page's width (1280 px: a laptop)."""
+    text), and no horizontal scrolling at the page's width (1280 px: a laptop), of the
+    page or of a table in its wrapper."""
     unlabelled: list[str] = page.evaluate(UNLABELLED)
     assert unlabelled == [], f"controls without an accessible name: {unlabelled}"
     overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 0, f"the page scrolls sideways by {overflow} px"
+    # a table scrolling inside its wrapper hides its last columns (the buttons) just the same
+    tables: list[str] = page.evaluate(OVERFLOWING_TABLES)
+    assert tables == [], f"tables that scroll sideways: {tables}"
 
 
 class Shots:

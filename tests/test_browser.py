@@ -758,8 +758,20 @@ def test_with_auth_on_a_token_prompt_then_every_view_and_the_admin_views(
             expect(rows.filter(has_text="auth.unauthorized").first).to_be_visible()
             shots.take(page, "audit")
 
+            # every column of the tokens table at its widest: a used token, an expiry
+            with daemon.control() as owner:
+                owner.post(
+                    "/dashboard/api/enterprise/tokens",
+                    json={"name": "ops", "scopes": ["read", "write", "audit"], "expires_days": 9},
+                )
+            used = Api(daemon, reader["token"])
+            used.json("GET", "/api/sessions")
+            used.close()
             page.get_by_test_id("nav-tokens").click()
-            expect(page.get_by_test_id("token-row")).to_have_count(2)
+            expect(page.get_by_test_id("token-row")).to_have_count(3)
+            viewer = page.get_by_test_id("token-row").filter(has_text="viewer")
+            expect(viewer.locator("td").nth(5)).not_to_have_text("never")
+            check_view(page)  # 1280 px: no sideways scroll, in the table either
             # "1e" in the days: refused at the field, not a token that never expires
             page.get_by_label("Name").fill("days-1e")
             page.get_by_label("Expires after (days)").click()
@@ -771,7 +783,7 @@ def test_with_auth_on_a_token_prompt_then_every_view_and_the_admin_views(
             expect(page.get_by_label("Expires after (days)")).to_have_attribute(
                 "aria-invalid", "true"
             )
-            expect(page.get_by_test_id("token-row")).to_have_count(2)
+            expect(page.get_by_test_id("token-row")).to_have_count(3)
             page.get_by_label("Expires after (days)").fill("")
             page.get_by_label("Name").fill("ci-bot")
             page.get_by_test_id("token-scope-write").check()
@@ -780,7 +792,7 @@ def test_with_auth_on_a_token_prompt_then_every_view_and_the_admin_views(
             page.get_by_role("button", name="Create token").click()
             secret = page.get_by_test_id("token-secret-value")
             expect(secret).to_have_text(re.compile(r"^loki_\w{49}$"))
-            expect(page.get_by_test_id("token-row")).to_have_count(3)
+            expect(page.get_by_test_id("token-row")).to_have_count(4)
             row = page.get_by_test_id("token-row").filter(has_text="ci-bot")
             expect(row).to_contain_text("read, write")
             expect(row.get_by_test_id("token-state")).to_have_text("active")

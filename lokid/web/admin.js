@@ -295,11 +295,13 @@ export function mountTokens(root) {
           "tr",
           { dataset: { testid: "token-row", id: t.id } },
           h("td", {}, h("strong", { text: t.name }), h("div", { class: "muted small mono nowrap", text: t.id })),
-          h("td", { class: "mono small nowrap", text: t.scopes.join(", ") }),
+          // Scopes and times may wrap (at ", " and between date and time): seven
+          // columns fit the 1280-px layout's table only so (docs/web-dashboard.md).
+          h("td", { class: "mono small", text: t.scopes.join(", ") }),
           h("td", {}, tokenState(t)),
-          h("td", { class: "nowrap", text: formatTime(t.created_at) }),
-          h("td", { class: "nowrap", text: t.expires_at ? formatTime(t.expires_at) : "never" }),
-          h("td", { class: "nowrap", text: t.last_used_at ? formatTime(t.last_used_at) : "never" }),
+          h("td", { class: "small", text: formatTime(t.created_at) }),
+          h("td", { class: "small", text: t.expires_at ? formatTime(t.expires_at) : "never" }),
+          h("td", { class: "small", text: t.last_used_at ? formatTime(t.last_used_at) : "never" }),
           h(
             "td",
             {},
