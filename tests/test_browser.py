@@ -900,11 +900,17 @@ def test_screenshots_of_each_view(
         api.json("POST", "/api/registry/projects", {"path": str(slow)}, expect=201)
         page.goto(f"{daemon.dashboard_url}/#/registry")
         expect(page.get_by_test_id("registry-row")).to_have_count(2)
+        # a control acting on an item names it: one "Check health of …" per project
+        for name in ("webshop", "slow-shop"):
+            expect(
+                page.get_by_role("button", name=f"Check health of {name}", exact=True)
+            ).to_have_count(1)
         page.get_by_test_id("registry-row").first.get_by_role("button", name="Check health").click()
         expect(page.get_by_test_id("health-status")).to_have_text(re.compile("healthy|degraded"))
         page.get_by_test_id("discover-roots").fill(str(root))
         page.get_by_role("button", name="Discover", exact=True).click()
         expect(page.get_by_test_id("found-row").first).to_be_visible()
+        expect(page.get_by_role("button", name="Register blog", exact=True)).to_have_count(1)
         shots.take(page, "registry")
         page.get_by_role("button", name="Sync all").click()
         expect(page.get_by_test_id("registry-sync-result")).to_contain_text("Synced 2: 2 ok")

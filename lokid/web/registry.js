@@ -122,6 +122,7 @@ export function mount(root) {
         type: "button",
         class: "button button-small",
         text: "Check health",
+        "aria-label": `Check health of ${entry.name}`,
         "aria-expanded": "false",
         dataset: { testid: "registry-health" },
         onclick: () => health(entry, healthRow, healthButton),
