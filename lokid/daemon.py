@@ -22,8 +22,10 @@ Life of a daemon: take the data directory lock, bind the sockets (or take
 them from systemd; a control socket we bind has a lock of its own,
 `lokid.sockets.SocketPathLock`), start the tree, record the run in the
 store, tell systemd `READY=1`, serve until SIGTERM/SIGINT or
-`request_shutdown()`, then `STOPPING=1`, stop the tree in reverse order
-within `shutdown_grace` seconds, remove the socket file, release the locks.
+`request_shutdown()`, then `STOPPING=1`, tell the sessions to wind down
+(no new agent run from then on; their agents are stopped at once, in
+parallel with what follows), stop the tree in reverse order within
+`shutdown_grace` seconds, remove the socket file, release the locks.
 A restart intensity escalation at the root ends the daemon with
 `DaemonFailed`.
 
@@ -283,6 +285,9 @@ class Daemon:
             await self._stop.wait()
             self.phase = Phase.STOPPING
             log.info("shutting down")
+            # First, before any await: the listeners stop first and may drain for most
+            # of `shutdown_grace`; no session may start an agent run meanwhile.
+            self.sessions.wind_down()
             self.notifier.stopping("stopping: closing listeners, flushing the store")
             with trio.move_on_after(self.config.shutdown_grace) as grace:
                 await self._until_hurried(self._stop_tree)

@@ -1217,3 +1217,79 @@ async def test_a_runner_crash_for_an_unwritable_store_is_not_counted(
         assert session["status"] == "completed"
         assert runs["n"] == 2  # restarted
         assert lab_.daemon.sessions.statistics().session_crashes == 0
+
+
+async def test_a_session_whose_runs_the_pool_refuses_ends_interrupted(
+    tmp_path: Path, agent_log: Path
+) -> None:
+    """Regression: `PoolClosed` (the pool stopping) crashed the session runner, three
+    times, then the session was `failed` (`runnerCrashed`) and could not be resumed."""
+    project = make_project(tmp_path)
+    async with lab(tmp_path / "home") as lab_:
+        await lab_.daemon.pool.stop_all()  # what the daemon's stop does to the pool
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        session = await lab_.wait_status(sid, "interrupted", "failed")
+        assert (session["status"], session["exitReason"]) == ("interrupted", None)
+        assert session["iteration"] == 0  # no run
+        assert [t["status"] for t in await lab_.tasks(sid)] == ["pending"] * 3
+        assert await lab_.events(sid, "task.*", "agent.*") == [
+            e for e in await lab_.events(sid, "task.created")
+        ]
+        assert lab_.daemon.sessions.statistics().session_crashes == 0
+    assert invocations(agent_log) == []
+
+
+async def test_a_run_the_pool_kills_is_cut_off_not_failed(tmp_path: Path, agent_log: Path) -> None:
+    """Regression: an agent the hurried stop killed (`AgentPool.hurry`) was judged a failed
+    run (`code: signal`) and retried; the retry met the closed pool and crashed the
+    runner. It is cut off by the daemon stopping: the task goes back to `pending`."""
+    project = make_project(tmp_path, "# App\n\n## Features\n- Forever [mode:hang]\n- Next\n")
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        (spawned,) = await lab_.wait_event(sid, "agent.spawned")
+        assert lab_.daemon.pool.hurry() == 1  # the session is not told first
+        session = await lab_.wait_status(sid, "interrupted", "failed")
+        assert (session["status"], session["exitReason"]) == ("interrupted", None)
+        assert [t["status"] for t in await lab_.tasks(sid)] == ["pending", "pending"]
+        assert await lab_.events(sid, "task.failed") == []
+        (ended,) = await lab_.events(sid, "agent.failed")
+        assert ended["data"]["agentId"] == spawned["data"]["agentId"]
+        assert (ended["data"]["endReason"], ended["data"]["code"], ended["data"]["error"]) == (
+            "stopped",
+            "stopped",
+            "run cut off: the daemon is stopping",
+        )
+        (interrupted,) = await lab_.events(sid, "session.interrupted")
+        assert interrupted["data"]["reason"] == "daemon shutdown"
+        assert lab_.daemon.sessions.statistics().session_crashes == 0
+        spawned_all = await lab_.events(sid, "agent.spawned")
+        assert [e["data"]["taskId"] for e in spawned_all if e["data"]["kind"] == "process"] == [
+            "prd-001"
+        ]
+
+
+async def test_wind_down_ends_the_runs_and_refuses_new_ones(
+    tmp_path: Path, agent_log: Path
+) -> None:
+    """What the daemon does the moment its stop begins (before the listeners drain): no
+    session starts another run (it used to, until the supervisor reached the sessions),
+    its run is cut off, it ends `interrupted`; new sessions and resumes get 503."""
+    prd = "# App\n\n## Features\n- First [mode:slow] [seconds:1]\n- Second\n"
+    project = make_project(tmp_path, prd)
+    other = make_project(tmp_path, name="other")
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        await lab_.wait_event(sid, "agent.spawned")
+        lab_.daemon.sessions.wind_down()
+        session = await lab_.wait_status(sid, "interrupted", "completed", "failed")
+        assert session["status"] == "interrupted"
+        assert [t["status"] for t in await lab_.tasks(sid)] == ["pending", "pending"]
+        (ended,) = await lab_.events(sid, "agent.failed")
+        assert ended["data"]["error"] == "run cut off: the daemon is stopping"
+        refused = await lab_.client.post("/api/sessions", json={"prd": str(other / "prd.md")})
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["message"] == "lokid is stopping: no new session runs"
+        resumed = await lab_.post(f"/api/sessions/{sid}/resume")
+        assert resumed.status_code == 503, resumed.text
+        await trio.sleep(1.5)  # the first run would have ended; the second never starts
+        assert len(await lab_.events(sid, "task.started")) == 1

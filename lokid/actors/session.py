@@ -50,9 +50,15 @@ Theory of operation:
   group is left), active tasks go back to `pending`, then `agents_gone` ->
   `stopped`, with the survivors (none, unless a process sits in
   uninterruptible sleep) in the event.
-* **daemon shutdown** (`on_stop_requested`): like stop, but the session
-  ends `interrupted` (`daemon_restart`; a paused one stays paused), so the
-  next daemon continues it on `resume` or with `LOKI_RESUME_ON_START`.
+* **daemon shutdown** (`on_stop_requested`, as soon as the daemon's stop
+  begins): like stop, but the session ends `interrupted` (`daemon_restart`;
+  a paused one stays paused), so the next daemon continues it on `resume`
+  or with `LOKI_RESUME_ON_START`. The agent pool refusing a run
+  (`PoolClosed`) or stopping a running agent itself (a hurried stop's
+  SIGKILL) means the same: the pool only does that when it stops. Such a
+  run is cut off, never a failed run: its task goes back to `pending`
+  without a retry, and its `agent.failed` says `run cut off: the daemon is
+  stopping`.
 * **The store refuses writes** (`StoreUnavailable`: disk full, read-only,
   I/O error): hold, don't crash. The runner's work is cancelled like a
   stop's (every agent is stopped: group SIGTERM, grace, SIGKILL; an agent
@@ -102,7 +108,7 @@ import trio
 
 from lokid import __version__, lokidir, providers, sandbox, worktree
 from lokid.actor import Actor, ActorStatistics, WhenFull
-from lokid.actors.agent_pool import AgentPool, PoolBusy, Slot
+from lokid.actors.agent_pool import AgentPool, PoolBusy, PoolClosed, Slot
 from lokid.actors.event_bus import EventBus
 from lokid.actors.store import StoreActor, StoreUnavailable
 from lokid.agent_host import AgentRun, AgentSpec, EndReason, RunResult, Stream
@@ -353,10 +359,19 @@ class SessionActor(Actor[Any]):
             await self.dispatch(message)
 
     def on_stop_requested(self) -> None:
+        """The daemon stops: no new run; the runs in flight are cut off; end `interrupted`."""
         self._shutdown = True
         if self._work_scope is not None:
             self._work_scope.cancel()
         self._poke()
+
+    def _pool_stopping(self) -> None:
+        """The agent pool refused a run or stopped an agent itself: it stops, and so
+        does the daemon (a pool that restarts after a crash restarts the sessions after
+        it too). Wind down as on the daemon's shutdown instead of failing the run."""
+        if not self._shutdown:
+            log.info("%s: the agent pool is stopping; winding down", self.name)
+            self.on_stop_requested()
 
     async def _mailbox(self) -> None:
         while (message := await self.next_message()) is not None:
@@ -1065,6 +1080,10 @@ class SessionActor(Actor[Any]):
         except PoolBusy:  # the pool's queue is full: this task waits for a later round
             self.iteration -= 1
             self._not_before[task.id] = trio.current_time() + self.settings.control_poll
+        except PoolClosed:  # no run: the task, if marked active, is put back by the end
+            if not worker.has_slot:
+                self.iteration -= 1
+            self._pool_stopping()
         finally:
             self._workers.pop(task.id, None)
             self._controls_due = self._ingest_due = True
@@ -1229,6 +1248,12 @@ class SessionActor(Actor[Any]):
         if result is None or run is None:
             if worker.cut_by_pause:  # paused ?now=true before the agent started
                 await self._requeue(task, "stopped by pause ?now=true", resume_id)
+            return
+        if result.reason is EndReason.STOPPED and not worker.scope.cancel_called:
+            # Not stopped by this session: by the pool, which only does so when it stops
+            # (a hurried daemon stop). Cut off, not failed: the end puts the task back.
+            self._pool_stopping()
+            await self._agent_cut_off(agent_id, task.id, result, parser.finish())
             return
         outcome = parser.finish()
         if outcome.result is not None and outcome.result.cost_usd:
@@ -1599,11 +1624,18 @@ class SessionActor(Actor[Any]):
             stop_grace=self.settings.grace,
         )
         output = providers.TailBuffer(VERIFY_OUTPUT_CHARS)
-        async with self.pool.slot(self.id) as slot:
-            run = await slot.start(spec, None)
-            async for line in run.lines():
-                output.feed(line.data + b"\n")
-            result = await run.wait()
+        try:
+            async with self.pool.slot(self.id) as slot:
+                run = await slot.start(spec, None)
+                async for line in run.lines():
+                    output.feed(line.data + b"\n")
+                result = await run.wait()
+        except PoolClosed:  # not run: the session winds down (its work scope is cancelled)
+            self._pool_stopping()
+            return False
+        if result.reason is EndReason.STOPPED:  # stopped by the pool, not a verdict
+            self._pool_stopping()
+            return False
         passed = result.exit_code == 0 and result.reason is EndReason.EXITED
         await self.bus.publish(
             "log",

@@ -39,8 +39,13 @@ Theory of operation:
   resumed (interrupted by its graceful stop, or here after a crash), not
   one interrupted by an earlier stop and left so (one whose `projectDir` is
   taken meanwhile is left interrupted, with a log line).
-* **Shutdown**: every live actor is told to wind down at once (their agents
-  stop in parallel), then the supervisor stops them in order.
+* **Shutdown**: `wind_down`, called by the daemon the moment its stop begins
+  (before the listeners drain), tells every live actor to wind down at once
+  (their agents stop in parallel; no session starts another agent run) and
+  refuses new sessions and resumes (503) from then on; an actor started or
+  restarted meanwhile is told at once. When the supervisor tree reaches the
+  manager, the same is done again (a manager stopped on its own, e.g. by a
+  `rest_for_one` restart), then the session supervisor stops them in order.
 
 Mailbox: like the agent pool, the API is methods called from request
 handlers (`create`, `command`, `delete`, `summary`); each command still
@@ -150,6 +155,7 @@ class SessionManager(Actor[Any]):
         self._to_restore: list[str] = []
         self._to_resume: list[str] = []
         self._background: trio.Nursery | None = None  # retries of `_fail_offline`
+        self._winding_down = False  # the daemon is stopping: one way, never reset
         self._created = 0
         self._reconciled = 0
         self._crash_total = 0
@@ -275,6 +281,23 @@ class SessionManager(Actor[Any]):
                 actor.on_stop_requested()
             self.supervisor.request_stop()
 
+    def wind_down(self) -> None:
+        """The daemon is stopping: no session starts another agent run from now on.
+
+        Called when the stop begins, not when the supervisor tree reaches this
+        actor (after the listeners, which may drain for most of `shutdown_grace`):
+        every live session ends its runs now (agents get SIGTERM, `agent_grace`,
+        SIGKILL) and ends `interrupted`; new sessions and resumes are refused.
+        Synchronous, so a second signal cannot cut it short.
+        """
+        self._winding_down = True
+        for actor in list(self._live.values()):
+            actor.on_stop_requested()
+
+    def _refuse_if_winding_down(self) -> None:
+        if self._winding_down:
+            raise Unavailable("lokid is stopping: no new session runs")
+
     # -- create --------------------------------------------------------------------------
 
     async def create(
@@ -283,6 +306,7 @@ class SessionManager(Actor[Any]):
         """`POST /api/sessions`: (201, `{id, status, createdAt}`), or a remembered answer."""
         if not self.running:
             raise Unavailable("the session manager is not running")
+        self._refuse_if_winding_down()
 
         async def prepare() -> SessionRequest:  # (a retry got its first answer before this)
             self._check_capacity()
@@ -371,6 +395,8 @@ class SessionManager(Actor[Any]):
             on_finished=self._forget,
         )
         self._live[session_id] = actor
+        if self._winding_down:  # started (or restarted) after the daemon's stop began
+            actor.on_stop_requested()
         self._finished_events[session_id] = trio.Event()
         crash: Exception | None = None
         try:
@@ -430,6 +456,7 @@ class SessionManager(Actor[Any]):
             # Active without an actor: it is being started or finishing right now.
             raise Unavailable(f"session {session_id} is changing state; retry")
         if transition.after is Status.RUNNING:
+            self._refuse_if_winding_down()
             self._check_capacity()
         fields: dict[str, Any] = {"status": transition.after.value}
         if transition.after is Status.STOPPED:
