@@ -203,6 +203,7 @@ class Daemon:
         observe_requests(self.api, "api", self.metrics)
         observe_requests(self.dashboard, "dashboard", self.metrics)
         self.root = Supervisor("lokid")  # replaced by the real tree in `_build_tree`
+        self._http_listeners: list[HttpListener] = []
         self.listeners: Listeners | None = None
         self._socket_lock: SocketPathLock | None = None  # held while we own the socket file
         self.failure: BaseException | None = None
@@ -288,6 +289,9 @@ class Daemon:
             # First, before any await: the listeners stop first and may drain for most
             # of `shutdown_grace`; no session may start an agent run meanwhile.
             self.sessions.wind_down()
+            drained = trio.current_time() + self._listener_grace()
+            for listener in self._http_listeners:  # drained together, not one after another
+                listener.drain_by(drained)
             self.notifier.stopping("stopping: closing listeners, flushing the store")
             with trio.move_on_after(self.config.shutdown_grace) as grace:
                 await self._until_hurried(self._stop_tree)
@@ -433,9 +437,14 @@ class Daemon:
                     "--allow-insecure-remote if you really mean it"
                 )
 
+    def _listener_grace(self) -> float:
+        """Seconds the listeners drain open requests; the rest of the stop gets 1 s."""
+        return max(self.config.shutdown_grace - 1.0, 0.5)
+
     def _build_tree(self, listeners: Listeners) -> None:
-        grace = max(self.config.shutdown_grace - 1.0, 0.5)
+        grace = self._listener_grace()
         listener_specs = []
+        self._http_listeners = []
         for name, app, sock, check in (
             ("api", self.api, listeners.api, False),
             ("dashboard", self.dashboard, listeners.dashboard, False),
@@ -451,6 +460,7 @@ class Daemon:
                 on_refused=self.gate.refuse_stranger,
                 graceful_timeout=grace,
             )
+            self._http_listeners.append(listener)
             listener_specs.append(
                 ChildSpec(
                     name,

@@ -756,3 +756,105 @@ def test_cli_events_follow_ends_cleanly_when_the_daemon_stops(daemon: DaemonProc
     assert follower.returncode == 0, errors
     assert errors == "loki: lokid is stopping: the event stream ended\n"
     assert json.loads(out.splitlines()[-1])["data"]["message"] == "lokid stopping"
+
+
+def _stalled_client(
+    family: socket.AddressFamily, address: tuple[str, int] | str, request: bytes
+) -> socket.socket:
+    """A client that sends `request` and never reads what comes back (a small buffer)."""
+    client = socket.socket(family, socket.SOCK_STREAM)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(address)
+    client.sendall(request)
+    return client
+
+
+def test_a_stop_with_stalled_stream_clients_interrupts_the_session_and_exits_0(
+    daemon_factory: Factory, tmp_path: Path
+) -> None:
+    """Regression: with stream clients that stopped reading on every listener, the
+    listeners drained one after the other (each up to `shutdown_grace` - 1 s) while the
+    session kept starting runs; the hurry then killed its agent, which was failed and
+    retried, the retry met the closed agent pool (`PoolClosed`: 3 crashes,
+    `runnerCrashed`), and a shielded write held the hurried stop: `loki api stop`
+    said "did not stop". Now the session winds down the moment the stop begins (no
+    new run; its run is cut off, not failed) and ends `interrupted`, and the stop
+    exits 0 within `shutdown_grace` + `HURRY_SECONDS`."""
+    bin_dir = tmp_path / "bin"
+    fake_agent.install(bin_dir, ("claude",))
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_AGENT_LIFETIME": "90"}
+    grace = 4.0
+    daemon = daemon_factory(extra_env=env).start("--shutdown-grace", str(grace))
+    assert daemon.process is not None
+    api = daemon.api_url.removeprefix("http://").split(":")
+    dash = daemon.dashboard_url.removeprefix("http://").split(":")
+    api_address, dash_address = (api[0], int(api[1])), (dash[0], int(dash[1]))
+    sse = b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    websocket = (
+        b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    project = tmp_path / "project"
+    project.mkdir()
+    prd = (
+        "# Stalled\n\n## Features\n- One [mode:flood] [lines:20000]\n"
+        "- Two [mode:slow] [seconds:2]\n- Three [mode:slow] [seconds:60]\n"
+    )
+    stalled: list[socket.socket] = []
+    try:
+        stalled += [
+            _stalled_client(socket.AF_INET, api_address, sse),
+            _stalled_client(socket.AF_INET, api_address, sse),
+            _stalled_client(socket.AF_INET, dash_address, sse.replace(b"1.1", b"1.0")),
+            _stalled_client(socket.AF_INET, dash_address, websocket),
+            _stalled_client(socket.AF_UNIX, str(daemon.socket), sse),
+        ]
+        body = {"prdText": prd, "projectDir": str(project), "provider": "claude"}
+        created = httpx.post(f"{daemon.api_url}/api/sessions", json=body, timeout=10)
+        assert created.status_code == 201, created.text
+        sid = created.json()["id"]
+
+        def second_run_started() -> bool:
+            history = httpx.get(
+                f"{daemon.api_url}/api/events/history",
+                params={"sessionId": sid, "types": "task.started"},
+                timeout=5,
+            ).json()["events"]
+            return len(history) >= 2
+
+        wait_until(second_run_started, "the second run started")
+        started = time.monotonic()
+        stopped = run_cli(["api", "stop"], daemon.home)
+        elapsed = time.monotonic() - started
+        _, err = daemon.process.communicate(timeout=10)
+    finally:
+        for client in stalled:
+            client.close()
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr + err.decode()
+    assert "did not stop" not in stopped.stdout + stopped.stderr
+    assert daemon.process.returncode == 0, err.decode()
+    assert elapsed < grace + HURRY_SECONDS, err.decode()
+    assert "crashed" not in err.decode()
+
+    with sqlite3.connect(daemon.data / "lokid.db") as db:
+        status, reason = db.execute(
+            "SELECT status, exit_reason FROM sessions WHERE id = ?", (sid,)
+        ).fetchone()
+        tasks = db.execute(
+            "SELECT id, status FROM tasks WHERE session_id = ? ORDER BY id", (sid,)
+        ).fetchall()
+        events = db.execute(
+            "SELECT id, type, data FROM events WHERE session_id = ? OR session_id IS NULL"
+            " ORDER BY id",
+            (sid,),
+        ).fetchall()
+    assert (status, reason) == ("interrupted", None)
+    assert tasks == [("prd-001", "completed"), ("prd-002", "pending"), ("prd-003", "pending")]
+    (stop_at,) = [i for i, _, data in events if json.loads(data).get("message") == "lokid stopping"]
+    after = [kind for i, kind, _ in events if i > stop_at]
+    assert not [kind for kind in after if kind in ("task.started", "agent.spawned", "task.failed")]
+    assert [kind for kind in after if kind.startswith("session.")] == ["session.interrupted"]
+    ends = [json.loads(data) for _, kind, data in events if kind == "agent.failed"]
+    assert [(end["taskId"], end["code"], end["error"]) for end in ends] == [
+        ("prd-002", "stopped", "run cut off: the daemon is stopping")
+    ]

@@ -17,7 +17,8 @@ Graceful stop (supervisor shutdown request): stop accepting, tell Hypercorn's
 protocols to close idle keep-alive connections, give open requests
 `graceful_timeout` seconds, then cancel what is left (e.g. SSE streams) -
 including a Hypercorn write shielded from cancellation (`WriteShields`), so
-a peer that stopped reading cannot hold the stop.
+a peer that stopped reading cannot hold the stop. A listener cancelled
+before that (a hurried daemon stop) ends those writes at once.
 """
 
 from __future__ import annotations
@@ -204,6 +205,7 @@ class HttpListener:
         self._idle_scopes: set[trio.CancelScope] = set()
         self._shields = WriteShields()  # a new one per run
         self._stopping = False
+        self._drain_by = math.inf  # `drain_by`: the drain ends then at the latest
         self.max_connections = max_connections
         self.graceful_timeout = graceful_timeout
         self.addresses = tuple(socket_url(s) for s in sockets)
@@ -227,31 +229,53 @@ class HttpListener:
         self._stopping = False
         self._shields = WriteShields()
         try:
-            async with trio.open_nursery() as connections:
-                async with trio.open_nursery() as acceptors:
+            async with trio.open_nursery() as guard:
+                guard.start_soon(self._end_writes_when_cancelled)
+                async with trio.open_nursery() as connections:
+                    async with trio.open_nursery() as acceptors:
+                        for listener in listeners:
+                            acceptors.start_soon(
+                                self._accept_loop, listener, connections, slots, context
+                            )
+                        task_status.started(self)
+                        if stop is None:
+                            await trio.sleep_forever()
+                        await stop.wait()
+                        acceptors.cancel_scope.cancel()
+                    self._stopping = True
+                    for scope in list(self._idle_scopes):  # idle inline keep-alive connections
+                        scope.cancel()
                     for listener in listeners:
-                        acceptors.start_soon(
-                            self._accept_loop, listener, connections, slots, context
-                        )
-                    task_status.started(self)
-                    if stop is None:
-                        await trio.sleep_forever()
-                    await stop.wait()
-                    acceptors.cancel_scope.cancel()
-                self._stopping = True
-                for scope in list(self._idle_scopes):  # idle inline keep-alive connections
-                    scope.cancel()
-                for listener in listeners:
-                    await listener.aclose()
-                await context.terminated.set()
-                drained = trio.current_time() + self.graceful_timeout
-                self._shields.end_at(drained)
-                connections.cancel_scope.deadline = drained
+                        await listener.aclose()
+                    await context.terminated.set()
+                    drained = min(trio.current_time() + self.graceful_timeout, self._drain_by)
+                    self._shields.end_at(drained)
+                    connections.cancel_scope.deadline = drained
+                guard.cancel_scope.cancel()
         finally:
             self._running = False
             with trio.CancelScope(shield=True):
                 for listener in listeners:
                     await listener.aclose()
+
+    def drain_by(self, deadline: float) -> None:
+        """End the coming drain at trio time `deadline` at the latest.
+
+        The daemon sets one deadline for all its listeners when its stop begins:
+        they are stopped one after the other, and each drain of `graceful_timeout`
+        counted from its own start added up past `shutdown_grace` (peers that
+        stopped reading on two listeners held the stop twice as long).
+        """
+        self._drain_by = min(self._drain_by, deadline)
+
+    async def _end_writes_when_cancelled(self) -> None:
+        """A listener cancelled (a hurried daemon stop) ends its shielded writes now,
+        not at its drain's deadline, which may be seconds later: a peer that stopped
+        reading must not hold a hurried stop. At a normal end nothing is left to end."""
+        try:
+            await trio.sleep_forever()
+        finally:
+            self._shields.end_at(trio.current_time())
 
     async def _accept_loop(
         self,
