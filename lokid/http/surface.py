@@ -239,7 +239,6 @@ class Surface:
         self.routes: list[Route] = []
         self.gate = Gate()  # open; the daemon installs its own (auth, limits, CORS, audit)
         self.observer: RequestObserver | None = None  # request metrics; the daemon sets it
-        self._requires: dict[tuple[str, str], str] = {}
         self._exact_routes: dict[tuple[str, str], Route] = {}
         self._exact_paths: set[str] = set()  # the paths of routes without a template
         self._templates: list[tuple[re.Pattern[str], Route]] = []
@@ -443,7 +442,6 @@ class Surface:
         self.routes.append(route)
         self._openapi_bytes = None
         if "{" not in route.path:
-            self._requires[(route.method, route.path)] = route.requires
             self._exact_routes[(route.method, route.path)] = route
             self._exact_paths.add(route.path)
             return None
@@ -458,14 +456,9 @@ class Surface:
         without one, route names are not probed: 401 before 404), except
         under `/health`, which is open.
         """
-        if method == "HEAD":
-            method = "GET"
-        found = self._requires.get((method, path))
-        if found is not None:
-            return found
-        for pattern, route in self._templates:
-            if route.method == method and pattern.fullmatch(path):
-                return route.requires
+        route = self.route_of(method, path)
+        if route is not None:
+            return route.requires
         return OPEN if is_exempt(path) else AUTHENTICATED
 
     def _not_a_websocket(self, scope: Scope) -> ApiError:
