@@ -220,6 +220,8 @@ class _Worker:
     """The session's time limit ended the session while this worker ran."""
     has_slot: bool = False
     """It holds an agent slot: once cut off, it ends within its agent's stop."""
+    run_over: bool = False
+    """Its agent ended and was judged: it only records the outcome now."""
 
 
 @attrs.frozen
@@ -812,8 +814,8 @@ class SessionActor(Actor[Any]):
             if limit is not None:
                 return limit
             spent = self._budget_spent()
-            if spent is not None and self._workers:
-                return spent  # runs in flight: work is left (see `_budget_spent`)
+            if spent is not None and any(not w.run_over for w in self._workers.values()):
+                return spent  # runs in flight or about to start: work is left
             if self._completion is not None:
                 if not self._workers:
                     return Ending(Trigger.COMPLETE, "completionRequested", self._completion)
@@ -1267,6 +1269,7 @@ class SessionActor(Actor[Any]):
             failure = self._deadline_failure(seconds)
         else:
             failure = self._verdict(result, outcome, stderr, spec, seconds=seconds)
+        worker.run_over = True
         await self.bus.publish(
             "agent.completed" if failure.ok else "agent.failed",
             self.id,
