@@ -408,13 +408,21 @@ class Surface:
             media_type="application/json",
         )
 
+        async def not_an_upgrade() -> dict[str, Any]:
+            """A plain GET of the path (Quart's own answer would be werkzeug's vague 400)."""
+            raise ApiError(
+                "BAD_REQUEST",
+                f"{path} is a WebSocket: open it with an Upgrade: websocket request "
+                "(GET with Connection: Upgrade, Sec-WebSocket-Key and Sec-WebSocket-Version: 13)",
+            )
+
         def register(view: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
             self._add(route)
             self._websocket_paths.add(path)
-            self._endpoint_requires[f"ws:{path}"] = route.requires
-            # the answer to a plain GET of the path (lokid.http.ws: "not an upgrade")
-            self._endpoint_requires[f"http:{path}"] = route.requires
+            for endpoint in (f"ws:{path}", f"http:{path}"):
+                self._endpoint_requires[endpoint] = route.requires
             self.quart.add_websocket(path, f"ws:{path}", view)
+            self.quart.add_url_rule(path, f"http:{path}", not_an_upgrade, methods=["GET"])
             return view
 
         return register

@@ -51,7 +51,6 @@ from quart import websocket
 
 from lokid.actors.event_bus import MAX_BATCH_EVENTS, MAX_EMIT_MANY
 from lokid.events import EVENT_TYPES, EncodedEvent
-from lokid.http.errors import ApiError
 from lokid.http.gate import TokenStream
 from lokid.http.surface import Surface
 from lokid.jsontypes import UnusableJson, loads_bounded
@@ -247,17 +246,6 @@ def install_ws(surface: Surface, hub: DashboardHub) -> None:
                         await websocket.close(client.close_code, client.close_reason)
             finally:
                 hub.disconnect(client)
-
-    async def not_an_upgrade() -> dict[str, Any]:
-        """A plain GET of `/ws` (Quart's own answer would be werkzeug's vague 400)."""
-        raise ApiError(
-            "BAD_REQUEST",
-            "/ws is a WebSocket: open it with an Upgrade: websocket request "
-            "(GET with Connection: Upgrade, Sec-WebSocket-Key and Sec-WebSocket-Version: 13)",
-        )
-
-    # Same path and method as the WebSocket rule (documented once, as its upgrade GET)
-    surface.quart.add_url_rule("/ws", "http:/ws", not_an_upgrade, methods=["GET"])
 
 
 async def _sender(client: WsClient) -> None:
