@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import socket
 import stat
@@ -390,3 +391,50 @@ def test_a_lock_we_may_not_create_beside_a_listener_names_the_listener(
     assert refused.value.message == (
         f"cannot open the control socket's lock file {path}.lock: Permission denied"
     )
+
+
+@pytest.mark.parametrize(
+    ("pieces", "status", "message"),
+    [
+        (
+            [b"GET / HTTP/1.1\r\n\r\n"],
+            400,
+            "malformed HTTP request: Missing mandatory Host: header",
+        ),
+        ([b"GARBAGE\r\n\r\n"], 400, "malformed HTTP request: illegal request line"),
+        (
+            [b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: zz\r\n\r\n"],
+            400,
+            "malformed HTTP request: bad Content-Length",
+        ),
+        # over h11's limit while still incomplete
+        (
+            [b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 17000, b"\r\n\r\n"],
+            431,
+            "request head too large (over 16384 bytes)",
+        ),
+    ],
+)
+async def test_a_head_hypercorn_refuses_gets_the_error_body(
+    pieces: list[bytes], status: int, message: str
+) -> None:
+    sock = loopback_socket()
+    port = sock.getsockname()[1]
+    listener = HttpListener("t", hello_app, [sock], graceful_timeout=1)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(listener.run)
+            client = await trio.open_tcp_stream("127.0.0.1", port)
+            async with client:
+                for piece in pieces:
+                    await client.send_all(piece)
+                    await trio.sleep(0.05)
+                answer = b""
+                while chunk := await client.receive_some():
+                    answer += chunk
+            nursery.cancel_scope.cancel()
+    sock.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status}".encode())
+    assert b"content-type: application/json" in head.lower()
+    assert json.loads(body) == {"error": {"code": "BAD_REQUEST", "message": message, "details": {}}}

@@ -33,9 +33,11 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import attrs
+import h11
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Closed, Event, RawData
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
@@ -51,6 +53,7 @@ log = logging.getLogger("lokid.listener")
 # accept() errors that mean "out of resources, try again soon" (as trio.serve_listeners).
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 ACCEPT_BACKOFF = 0.1
+H11_MAX_HEAD_BYTES = HypercornConfig().h11_max_incomplete_size  # h11 answers 431 above it
 
 RefusalHook = Callable[[Scope, int, ApiError], Awaitable[ApiError]]
 """Called for each request of a refused socket peer (uid); answers the error to send."""
@@ -123,6 +126,7 @@ class _TCPServer(TCPServer):
             await super().run()
 
     async def _read_data(self) -> None:
+        _answer_protocol_errors_with_a_body(self.protocol.protocol)
         await super()._read_data()
         # The client is gone (EOF, reset). Hypercorn's idle timer would hold the
         # connection - its slot of `max_connections`, its fd, its count in the
@@ -171,6 +175,53 @@ class _TCPServer(TCPServer):
                     self.send_lock.release()
         finally:
             await self.stream.aclose()
+
+
+def _answer_protocol_errors_with_a_body(protocol: object) -> None:
+    """Hypercorn's own 400/431 (a head h11 cannot parse) with the seed's error body.
+
+    h11 refuses a malformed head (no `Host`, a bad request line, a bare LF,
+    a head over the size limit...) before any app code runs, and Hypercorn
+    answered it with the status alone. Here the connection keeps h11's
+    reason, and the answer carries it in the error body every other refusal
+    has. Only an HTTP/1.1 connection's protocol has this path (h2 is not
+    offered without TLS).
+    """
+    if not isinstance(protocol, H11Protocol) or not isinstance(protocol.connection, h11.Connection):
+        return
+    connection = protocol.connection
+    parse = connection.next_event
+    reason = ["the request's head could not be parsed"]
+
+    def next_event() -> Any:
+        try:
+            return parse()
+        except h11.RemoteProtocolError as exc:
+            reason[0] = str(exc) or reason[0]
+            raise
+
+    async def send_error_response(status_code: int) -> None:
+        error = ApiError.for_status(status_code, protocol_error_message(status_code, reason[0]))
+        body = error.body_bytes()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+            *protocol.config.response_headers("h11"),
+        ]
+        await protocol._send_h11_event(h11.Response(status_code=status_code, headers=headers))
+        await protocol._send_h11_event(h11.Data(data=body))
+        await protocol._send_h11_event(h11.EndOfMessage())
+
+    connection.next_event = next_event  # type: ignore[method-assign]
+    protocol._send_error_response = send_error_response  # type: ignore[method-assign]
+
+
+def protocol_error_message(status: int, reason: str) -> str:
+    """The message for a head h11 refused; `reason` is h11's own, without the bytes it quotes."""
+    if status == 431:
+        return f"request head too large (over {H11_MAX_HEAD_BYTES} bytes)"
+    return f"malformed HTTP request: {reason.partition(': bytearray(')[0]}"
 
 
 def hypercorn_config(graceful_timeout: float) -> HypercornConfig:
