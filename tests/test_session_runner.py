@@ -339,6 +339,128 @@ async def test_the_time_limit_seen_by_the_scheduler_during_the_runs_grace_report
     assert len(invocations(agent_log)) == 1
 
 
+def _jump_wall_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Let a test move the sessions' wall clock (the deadline's) forward: set `[0]`."""
+    jump = [0.0]
+    real_deadline_left = SessionActor._deadline_left
+    monkeypatch.setattr(
+        SessionActor, "_deadline_left", lambda actor: real_deadline_left(actor) - jump[0]
+    )
+    return jump
+
+
+PAUSED_DETAIL = (
+    "the session's time limit (maxDurationSeconds: 3600 s) ran out while the session was paused"
+)
+
+
+async def test_a_paused_session_fails_when_its_deadline_passes(
+    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """maxDurationSeconds is a deadline: a pause does not hold it off. A paused session
+    fails within a scheduler tick of it instead of waiting for a resume forever."""
+    jump = _jump_wall_clock(monkeypatch)
+    project = make_project(tmp_path, "# App\n\n## Features\n- A [mode:hang]\n- B\n")
+    options = {"maxDurationSeconds": 3600}
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md"), "options": options}))["id"]
+        await lab_.wait_event(sid, "agent.spawned")
+        answer = await lab_.client.post(f"/api/sessions/{sid}/pause", params={"now": "true"})
+        assert answer.status_code == 200
+        await eventually(
+            lambda: lab_.daemon.sessions._live[sid]._workers == {}, "the run is stopped"
+        )
+        jump[0] = 3600.0
+        session = await lab_.wait_status(sid, "failed", "completed", timeout=10)
+        assert (session["status"], session["exitReason"]) == ("failed", "maxDurationSeconds")
+        ends = await lab_.events(sid, "session.*")
+        assert [e["type"] for e in ends] == ["session.started", "session.paused", "session.failed"]
+        assert ends[2]["data"] == {
+            "status": "failed",
+            "exitReason": "maxDurationSeconds",
+            "detail": PAUSED_DETAIL,
+        }
+        assert [t["status"] for t in await lab_.tasks(sid)] == ["pending", "pending"]
+        assert len(await lab_.events(sid, "agent.spawned")) == 1  # no run after the pause
+
+
+async def test_a_deadline_passing_while_paused_ends_the_run_still_in_flight(
+    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paused by `.loki/PAUSE` while an agent runs (a pause lets it finish): the deadline
+    fails the session and ends that run, reported as the time limit's timeout."""
+    jump = _jump_wall_clock(monkeypatch)
+    project = make_project(tmp_path, "# App\n\n## Features\n- A [mode:hang]\n")
+    options = {"maxDurationSeconds": 3600}
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md"), "options": options}))["id"]
+        await lab_.wait_event(sid, "agent.spawned")
+        (project / ".loki" / "PAUSE").touch()
+        (paused,) = await lab_.wait_event(sid, "session.paused")
+        assert paused["data"]["source"] == ".loki/PAUSE"
+        jump[0] = 3600.0
+        session = await lab_.wait_status(sid, "failed", "completed", timeout=10)
+        assert (session["status"], session["exitReason"]) == ("failed", "maxDurationSeconds")
+        (failed,) = await lab_.events(sid, "session.failed")
+        assert failed["data"]["detail"] == PAUSED_DETAIL
+        (agent_failed,) = await lab_.events(sid, "agent.failed")
+        assert (agent_failed["data"]["endReason"], agent_failed["data"]["code"]) == (
+            "hard-timeout",
+            "timeout",
+        )
+        assert len(await lab_.events(sid, "agent.spawned")) == 1
+
+
+async def test_a_session_resumed_after_its_deadline_fails_before_any_run(
+    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Interrupted, and the daemon was down past the deadline: `resume` is accepted (the
+    state machine's `interrupted -> running`), and the session fails at its first look
+    at the limit, before any run, saying the time ran out before the resume."""
+    jump = _jump_wall_clock(monkeypatch)
+    project = make_project(tmp_path, "# App\n\n## Features\n- A [mode:hang]\n")
+    options = {"maxDurationSeconds": 3600}
+    home = tmp_path / "home"
+    async with lab(home) as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md"), "options": options}))["id"]
+        await lab_.wait_event(sid, "agent.spawned")
+    jump[0] = 3600.0
+    async with lab(home) as lab_:
+        assert (await lab_.session(sid))["status"] == "interrupted"
+        answer = await lab_.post(f"/api/sessions/{sid}/resume")
+        assert answer.status_code == 200 and answer.json()["status"] == "running"
+        session = await lab_.wait_status(sid, "failed", "completed", timeout=10)
+        assert (session["status"], session["exitReason"]) == ("failed", "maxDurationSeconds")
+        (failed,) = await lab_.events(sid, "session.failed")
+        assert failed["data"]["detail"] == (
+            "the session's time limit (maxDurationSeconds: 3600 s) ran out before the "
+            "session was resumed"
+        )
+        assert len(await lab_.events(sid, "agent.spawned")) == 1  # none after the resume
+
+
+async def test_a_session_paused_past_its_deadline_fails_when_the_daemon_starts(
+    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A paused session stays paused over a daemon restart and gets its actor back: one
+    whose deadline passed while the daemon was down fails at once."""
+    jump = _jump_wall_clock(monkeypatch)
+    project = make_project(tmp_path, "# App\n\n## Features\n- A [mode:hang]\n")
+    options = {"maxDurationSeconds": 3600}
+    home = tmp_path / "home"
+    async with lab(home) as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md"), "options": options}))["id"]
+        await lab_.wait_event(sid, "agent.spawned")
+        answer = await lab_.client.post(f"/api/sessions/{sid}/pause", params={"now": "true"})
+        assert answer.status_code == 200
+    jump[0] = 3600.0
+    async with lab(home) as lab_:
+        session = await lab_.wait_status(sid, "failed", "completed", timeout=10)
+        assert (session["status"], session["exitReason"]) == ("failed", "maxDurationSeconds")
+        (failed,) = await lab_.events(sid, "session.failed")
+        assert failed["data"]["detail"] == PAUSED_DETAIL
+
+
 async def test_pause_waits_for_the_running_agent_and_resume_goes_on(
     tmp_path: Path, agent_log: Path
 ) -> None:

@@ -39,10 +39,12 @@ Theory of operation:
   (agent runs), `maxDurationSeconds` (since `startedAt`; a running agent's
   hard timeout is cut to what is left, and a run the scheduler's look at
   the limit cuts off first is reported as that timeout, so the outcome
-  does not depend on which came first), `budgetUsd` (sum of the provider's
-  reported cost; only while work is left: a last run that spends it
-  completes the session), `maxConsecutiveFailures`, `tasksFailed` (a task used up
-  its attempts), `permanentError`, `bootstrapFailed`.
+  does not depend on which came first; a paused session fails at its
+  deadline too, and one resumed past it fails before any run), `budgetUsd`
+  (sum of the provider's reported cost; only while work is left: a last run
+  that spends it completes the session), `maxConsecutiveFailures`,
+  `tasksFailed` (a task used up its attempts), `permanentError`,
+  `bootstrapFailed`.
 * **pause** takes effect between runs: no new worker starts; running agents
   finish (`?now=true` stops them, and their tasks go back to `pending`
   without counting a failure). **stop** cancels the work: each slot stops
@@ -309,6 +311,9 @@ class SessionActor(Actor[Any]):
         self._held_since: float | None = None  # trio time the current hold began
         self._held_cause = ""
         self._holds = 0
+        # Resumed (or restarted) past its deadline, e.g. after the daemon was down: the
+        # first look at the limit fails it before any run, and its detail says why.
+        self._resumed_late = self.status is Status.RUNNING and self._deadline_left() <= 0
 
     # -- what the manager reads ------------------------------------------------------
 
@@ -808,7 +813,10 @@ class SessionActor(Actor[Any]):
             if self._ending is not None:
                 return self._ending
             if self.status is not Status.RUNNING:
-                await self._wait_change(self.settings.control_poll)
+                limit = self._time_up_while_paused()
+                if limit is not None:
+                    return limit
+                await self._wait_change(max(self._deadline_left(), CONTROL_MIN_INTERVAL))
                 continue
             limit = self._time_up()
             if limit is not None:
@@ -893,9 +901,22 @@ class SessionActor(Actor[Any]):
         return self._time_up() or self._budget_spent()
 
     def _time_up(self) -> Ending | None:
-        if self._deadline_left() <= 0:
-            return Ending(Trigger.FAIL, "maxDurationSeconds", f"{self._time_limit()} ran out")
-        return None
+        if self._deadline_left() > 0:
+            return None
+        late = " before the session was resumed" if self._resumed_late else ""
+        return Ending(Trigger.FAIL, "maxDurationSeconds", f"{self._time_limit()} ran out{late}")
+
+    def _time_up_while_paused(self) -> Ending | None:
+        """The deadline of a paused session (by the person, `.loki/PAUSE` or a blocked
+        merge): it is a deadline, not a budget of work, so a pause does not hold it off
+        and the session fails instead of waiting for a resume that could only fail it."""
+        if self.status is not Status.PAUSED or self._deadline_left() > 0:
+            return None
+        return Ending(
+            Trigger.FAIL,
+            "maxDurationSeconds",
+            f"{self._time_limit()} ran out while the session was paused",
+        )
 
     def _budget_spent(self) -> Ending | None:
         """The budget ends a session that has work left (a run to start, one running or
