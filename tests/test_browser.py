@@ -501,7 +501,8 @@ def test_the_ws_client_backs_off_from_refused_handshakes_and_stops_on_forbidden(
 ) -> None:
     """The daemon accepts a refused handshake and closes it with 1008: an `open` that
     never delivers must not reset the backoff nor count as live (views re-read on
-    "open"); a 1008 FORBIDDEN (a token without `read`) ends the retries."""
+    "open"); a 1008 FORBIDDEN (a token without `read`) ends the retries. (A 1008
+    UNAUTHORIZED ends them too, and asks for a token: a test with a daemon below.)"""
     page = open_view(tab, daemon, "/registry")
     result = page.evaluate(
         """async () => {
@@ -509,7 +510,7 @@ def test_the_ws_client_backs_off_from_refused_handshakes_and_stops_on_forbidden(
       const urls = [];
       const delays = [];
       const realTimeout = window.setTimeout;
-      let refusal = 'UNAUTHORIZED: Token revoked';
+      let refusal = 'RATE_LIMITED: Too many requests; retry after 1 s';
       class RefusedSocket extends EventTarget {
         constructor(url) {
           super();
@@ -597,6 +598,52 @@ def test_a_token_without_read_gets_one_websocket_try_and_says_why(
                 ).json()
             ws_refusals = [e for e in refused["entries"] if e["path"] == "/ws"]
             assert len(ws_refusals) == 1, ws_refusals
+            assert tab.problems == []
+        finally:
+            context.close()
+
+
+def test_a_token_revoked_under_the_page_asks_for_a_token_at_once_without_ws_retries(
+    browser: Browser, root: Path
+) -> None:
+    """The page's token is revoked while the page is open: the daemon closes `/ws` with
+    1008 `UNAUTHORIZED: Token revoked`, and that close alone brings the sign-in prompt
+    back (no HTTP call is due: the page's clock is driven past every backoff delay and
+    the status timer only afterwards). The socket is not tried again: one handshake,
+    and no `/ws` refusal in the audit log."""
+    with running_daemon(root / "revoked", LOKI_ENTERPRISE_AUTH="true") as daemon:
+        with daemon.control() as owner:
+            reader = owner.post(
+                "/dashboard/api/enterprise/tokens", json={"name": "viewer", "scopes": ["read"]}
+            ).json()
+        context = browser.new_context(viewport=VIEWPORT)
+        context.set_default_timeout(TIMEOUT_MS)
+        try:
+            tab = Tab(context)
+            page = tab.page
+            page.clock.install()
+            sockets: list[str] = []
+            page.on("websocket", lambda ws: sockets.append(ws.url))
+            page.goto(f"{daemon.dashboard_url}/#/board")
+            page.get_by_label("API token").fill(reader["token"])
+            page.get_by_role("button", name="Sign in").click()
+            expect(page.get_by_test_id("live-status")).to_have_text("Live updates: live")
+            page.clock.pause_at(page.evaluate("Date.now()") + 1000)  # no timer fires by itself
+            with daemon.control() as owner:
+                owner.delete(f"/dashboard/api/enterprise/tokens/{reader['id']}")
+            dialog = page.get_by_test_id("token-dialog")
+            expect(dialog).to_be_visible(timeout=3000)
+            expect(page.get_by_test_id("token-error")).to_have_text("Token revoked")
+            expect(page.get_by_test_id("live-status")).to_have_text("Live updates: off")
+            assert page.evaluate("sessionStorage.getItem('lokid.token')") is None
+            page.clock.run_for(60_000)  # 1 + 2 + 4 + 8 + 16 s of backoff would have passed
+            page.wait_for_timeout(500)  # a handshake started by a timer would show by now
+            assert len(sockets) == 1, sockets
+            with daemon.control() as owner:
+                refused = owner.get(
+                    "/dashboard/api/enterprise/audit?action=auth.unauthorized&limit=100"
+                ).json()
+            assert [e for e in refused["entries"] if e["path"] == "/ws"] == []
             assert tab.problems == []
         finally:
             context.close()
@@ -800,10 +847,9 @@ def test_with_auth_on_a_token_prompt_then_every_view_and_the_admin_views(
             row.get_by_role("button", name="Revoke ci-bot").click()
             expect(row.get_by_test_id("token-state")).to_have_text("revoked")
 
-            # a token revoked under the page: the next call asks for a token again
+            # a token revoked under the page: its WebSocket's close asks for a token again
             with daemon.control() as owner:
                 owner.delete(f"/dashboard/api/enterprise/tokens/{made['id']}")
-            page.get_by_test_id("nav-sessions").click()
             expect(dialog).to_be_visible()
             expect(page.get_by_test_id("token-error")).to_have_text("Token revoked")
 

@@ -10,12 +10,14 @@
  * and its reason, so a socket that opens has not proven anything yet: the
  * state becomes "open" (and the backoff starts again from 1 s) only once the
  * daemon sent a message, the `pong` to the `ping` sent on open. A refusal
- * that retrying cannot change (1008 `FORBIDDEN: …`: the token lacks `read`,
- * or a foreign origin) ends the retries with state "refused".
+ * that retrying cannot change ends the retries with state "refused": 1008
+ * `FORBIDDEN: …` (the token lacks `read`, or a foreign origin), and 1008
+ * `UNAUTHORIZED: …` (the token was revoked, expired or is unknown), which also
+ * fires "auth-required" so that the page asks for a new token at once.
  * @module ws
  */
 
-import { getToken } from "./api.js";
+import { ApiError, authEvents, getToken } from "./api.js";
 import { backoffDelay } from "./sse.js";
 
 export class LiveSocket {
@@ -72,11 +74,16 @@ export class LiveSocket {
       const reason = event.code === 1008 ? event.reason : "";
       if (isFinalRefusal(event.code, reason)) {
         this.refuse(event.code, reason);
+        if (isUnauthorized(event.code, reason)) {
+          // As a 401 of an HTTP call: the page asks for a token (its message is the
+          // daemon's, without the code: "Token revoked").
+          const message = reason.slice("UNAUTHORIZED:".length).trim() || "The token was refused.";
+          const error = new ApiError(401, "UNAUTHORIZED", message);
+          authEvents.dispatchEvent(new CustomEvent("auth-required", { detail: error }));
+        }
         return;
       }
-      // Any other 1008 ("UNAUTHORIZED: Token revoked", "RATE_LIMITED: …"):
-      // retry with growing delays; a bad token is also noticed by the HTTP
-      // calls, which ask for a new one.
+      // Any other 1008 ("RATE_LIMITED: …") or break: retry with growing delays.
       this.scheduleRetry(event.code, reason);
     });
   }
@@ -171,11 +178,17 @@ export class LiveSocket {
 
 /**
  * A close that another try with the same token cannot change: 1008 with
- * `FORBIDDEN: …` (the token lacks `read`, or the page's origin is foreign).
- * Retrying it would be refused (and audited) every time.
+ * `FORBIDDEN: …` (the token lacks `read`, or the page's origin is foreign) or
+ * `UNAUTHORIZED: …` (the token was revoked or expired while the page was open,
+ * or is unknown). Retrying it would be refused (and audited) every time.
  */
 export function isFinalRefusal(code, reason) {
-  return code === 1008 && typeof reason === "string" && reason.startsWith("FORBIDDEN");
+  return code === 1008 && typeof reason === "string" && (reason.startsWith("FORBIDDEN") || isUnauthorized(code, reason));
+}
+
+/** 1008 `UNAUTHORIZED: …`: the token stopped working; a new one is needed. */
+export function isUnauthorized(code, reason) {
+  return code === 1008 && typeof reason === "string" && reason.startsWith("UNAUTHORIZED");
 }
 
 /** `task.*` matches `task.moved`; `*` matches everything. */
