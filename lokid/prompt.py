@@ -7,9 +7,11 @@ previous failure of this task, and the house rules (`.loki/` conventions
 an agent may use: add tasks to `queue/pending.json`, request completion).
 
 An agent of a parallel session runs in a git worktree inside the project
-(`<project>/.loki/worktrees/<task>`), where a relative `.loki/` would be the
-worktree's own, never read and deleted with it: there the rules name the
-project's `.loki/` folder by its absolute path (`loki_dir`).
+(`<project>/.loki/worktrees/<task>`), where a relative `.loki/` is the
+worktree's own, deleted with it: there the rules name the project's `.loki/`
+folder by its absolute path (`loki_dir`). A CLI confined to its working
+folder cannot write there; the tasks and completion request it leaves in
+the worktree's `.loki/` are taken when its run ends, so the rules say so.
 
 The PRD itself is not pasted: the agent runs in the project folder and
 reads it (a PRD may be 5 MiB; a prompt argument is limited). Every part is
@@ -46,7 +48,8 @@ def rules(loki_dir: str | None = None) -> str:
         return RULES.format(where="the project", loki=".loki", loki_note="")
     note = (
         f"\n- The project's .loki folder is {loki_dir}: use it for every .loki file (queue,"
-        " signals, STOP, PAUSE), never a .loki in the current folder (it is not read)."
+        " signals, STOP, PAUSE). Only if you cannot write there, append tasks and request"
+        " completion in .loki in the current folder: those two are read when you finish."
     )
     return RULES.format(
         where="a git worktree of the project on its own branch; your work is merged when"

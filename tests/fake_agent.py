@@ -32,9 +32,12 @@ Mode: a `[mode:NAME]` marker in the prompt, else `$FAKE_AGENT_MODE`, else `ok`.
     complete     writes .loki/signals/COMPLETION_REQUESTED, then ok
     add-task     appends a task to .loki/queue/pending.json, then ok
                  (both: in the .loki folder the prompt names by absolute path, as
-                 lokid's prompt does for an agent in a worktree; else in its cwd)
+                 lokid's prompt does for an agent in a worktree; else, or with the
+                 marker `[loki:cwd]` - a CLI that may only write in its working
+                 folder - in its cwd; `[loki:both]`: the same task or signal in both)
 
-Other markers: `[seconds:N]`, `[lines:N]`, `[subagents:N]`, `[task:TITLE]` (they
+Other markers: `[seconds:N]`, `[lines:N]`, `[subagents:N]`, `[task:TITLE]`, `[id:ID]`
+(add-task's id, else the next free `agent-NNN` of that queue) (they
 win over the variables). Variables: FAKE_AGENT_SUBAGENTS (1), FAKE_AGENT_COST
 (0.0123), FAKE_AGENT_SUBAGENT_TOOL (Task; `Agent` as in Claude Code >= 2.1.63),
 FAKE_AGENT_TASK_TITLE, FAKE_AGENT_LOG (append one JSON line per invocation:
@@ -359,12 +362,26 @@ def write_json_atomically(path: Path, value: Any) -> None:
 
 def loki_dir(prompt: str) -> Path:
     """The `.loki` folder the prompt tells the agent to use: an absolute path given
-    for `queue/` or `signals/`, else the one in the cwd."""
+    for `queue/` or `signals/`, else (or confined by `[loki:cwd]`) the one in the cwd."""
+    if marker(prompt, "loki") == "cwd":
+        return Path.cwd() / ".loki"
     named = re.search(r"(/\S*/\.loki)/(?:queue|signals)/", prompt)
     return Path(named.group(1)) if named else Path.cwd() / ".loki"
 
 
-def add_task(loki: Path, title: str) -> dict[str, Any]:
+def loki_dirs(prompt: str) -> list[Path]:
+    """Where `complete` and `add-task` write: `loki_dir`, or with `[loki:both]` the
+    folder the prompt names and then the one in the cwd."""
+    if marker(prompt, "loki") != "both":
+        return [loki_dir(prompt)]
+    return [loki_dir(prompt.replace("[loki:both]", "")), Path.cwd() / ".loki"]
+
+
+def add_task(
+    loki: Path, title: str, same_as: dict[str, Any] | None = None, task_id: str | None = None
+) -> dict[str, Any]:
+    """Append a new task (`task_id`, else the next free `agent-NNN`), or `same_as`, to
+    the queue of `loki`; the entry."""
     path = loki / "queue" / "pending.json"
     document: Any = json.loads(path.read_text()) if path.exists() else []
     tasks: list[Any] = document if isinstance(document, list) else document.setdefault("tasks", [])
@@ -372,8 +389,8 @@ def add_task(loki: Path, title: str) -> dict[str, Any]:
     n = len(tasks) + 1
     while f"agent-{n:03d}" in ids:
         n += 1
-    task = {
-        "id": f"agent-{n:03d}",
+    task = same_as or {
+        "id": task_id or f"agent-{n:03d}",
         "title": title,
         "description": f"{title}\n(added by the fake agent)",
         "priority": "medium",
@@ -462,17 +479,21 @@ def run(args: Args, prompt: str, mode: str) -> int:
         agent.result(f"flooded {lines} lines")
         return 0
     elif mode == "complete":
-        signals = loki_dir(prompt) / "signals"
-        signals.mkdir(parents=True, exist_ok=True)
-        target = signals / "COMPLETION_REQUESTED"
-        target.write_text("All tasks are done (fake agent).\n")
-        agent.tool("Write", {"file_path": str(target), "content": "..."}, "File written")
+        for loki in loki_dirs(prompt):
+            signals = loki / "signals"
+            signals.mkdir(parents=True, exist_ok=True)
+            target = signals / "COMPLETION_REQUESTED"
+            target.write_text("All tasks are done (fake agent).\n")
+            agent.tool("Write", {"file_path": str(target), "content": "..."}, "File written")
     elif mode == "add-task":
         title = setting(prompt, "task", "FAKE_AGENT_TASK_TITLE", "Follow-up found by the agent")
-        loki = loki_dir(prompt)
-        task = add_task(loki, title)
-        path = str(loki / "queue" / "pending.json")
-        agent.tool("Edit", {"file_path": path, "new_string": task["title"]}, "File updated")
+        first, *others = loki_dirs(prompt)
+        task = add_task(first, title, task_id=marker(prompt, "id"))
+        for loki in others:  # the very same entry (same id) in the other queue too
+            add_task(loki, title, task)
+        for loki in (first, *others):
+            path = str(loki / "queue" / "pending.json")
+            agent.tool("Edit", {"file_path": path, "new_string": task["title"]}, "File updated")
 
     agent.work(prompt, subagents)
     agent.result(f"Done: {prompt.strip()[:200]}")

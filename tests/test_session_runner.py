@@ -996,6 +996,97 @@ async def test_parallel_agents_in_worktrees_reach_the_projects_loki_folder(
     assert not (loki / "signals" / "COMPLETION_REQUESTED").exists()  # consumed
 
 
+async def test_what_a_worktree_agent_leaves_in_its_own_loki_folder_is_taken(
+    tmp_path: Path, agent_log: Path
+) -> None:
+    """A CLI that may only write in its working folder (codex's workspace-write sandbox)
+    writes the worktree's `.loki/`: its task and completion request are taken before the
+    worktree is removed, and never reach the project's git history. A task written to
+    both queues (same id, same title) is taken once; one numbered like another task of
+    the session (each worktree's queue starts empty) is taken under an id of its own."""
+    prd = (
+        "# App\n\n## Features\n- One [mode:add-task] [task:Extra from worktree] [loki:cwd]\n"
+        "- Two [mode:add-task] [task:Written twice] [id:twice] [loki:both]\n"
+        "- Three [mode:add-task] [task:Same number] [loki:cwd]\n"
+        "- Four [mode:complete] [loki:cwd]\n- Five\n"
+    )
+    project = make_project(tmp_path, prd)
+    git(project, "init", "-q", "-b", "main")
+    git(project, "add", "prd.md")
+    git(project, "commit", "-qm", "start")
+    options = {"parallel": True, "maxAgents": 1}
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md"), "options": options}))["id"]
+        session = await lab_.wait_status(sid, "completed", "failed")
+        assert (session["status"], session["exitReason"]) == ("completed", "completionRequested")
+        tasks = await lab_.tasks(sid)
+        agent_tasks = [(t["id"], t["title"]) for t in tasks if t["source"] == "agent"]
+        assert [t["status"] for t in tasks] == 4 * ["completed"] + 4 * ["pending"]
+        assert agent_tasks[:2] == [("agent-001", "Extra from worktree"), ("twice", "Written twice")]
+        renamed, title = agent_tasks[2]
+        assert re.fullmatch(r"agent-[0-9a-f]{12}", renamed) and title == "Same number"
+        created = await lab_.events(sid, "task.created")
+        assert [e["data"]["title"] for e in created if e["data"]["source"] == "agent"] == [
+            "Extra from worktree",
+            "Written twice",
+            "Same number",
+        ]
+        (warning,) = await lab_.events(sid, "warning")
+        assert warning["data"]["reason"] == "worktree"
+        assert warning["data"]["message"] == (
+            "task agent-001 ('Same number') has the id of another task of the session; "
+            f"it is taken as {renamed}"
+        )
+    calls = invocations(agent_log)
+    worktrees = project / ".loki" / "worktrees"
+    assert [call["cwd"] for call in calls] == [str(worktrees / f"prd-00{n}") for n in (1, 2, 3, 4)]
+    assert not worktrees.exists() or list(worktrees.iterdir()) == []  # removed, .loki/ and all
+    tracked = git(project, "log", "--all", "--name-only", "--format=").split()
+    assert not [path for path in tracked if path.startswith(".loki")], tracked
+
+
+async def test_a_worktree_agent_that_fails_still_has_its_tasks_taken(
+    tmp_path: Path, agent_log: Path
+) -> None:
+    """Taken whatever the run's outcome: a failed run's task is as much work left."""
+    script = (
+        'cat >/dev/null; if [ "$LOKI_TASK_ID" = prd-001 ]; then mkdir -p .loki/queue;'
+        ' echo \'[{"id": "found-1", "title": "Found while failing"}, {"title": ""}]\''
+        " > .loki/queue/pending.json; exit 3; fi; echo done"
+    )
+    project = make_project(tmp_path, "# App\n\n## Features\n- Alpha\n")
+    git(project, "init", "-q", "-b", "main")
+    git(project, "add", "prd.md")
+    git(project, "commit", "-qm", "start")
+    options = {
+        "parallel": True,
+        "maxAgents": 1,
+        "command": ["/bin/sh", "-c", script],
+    }
+    async with lab(tmp_path / "home") as lab_:
+        body = {"prd": str(project / "prd.md"), "provider": "command", "options": options}
+        sid = (await lab_.create(body))["id"]
+        session = await lab_.wait_status(sid, "completed", "failed")
+        assert (session["status"], session["exitReason"]) == ("failed", "tasksFailed")
+        tasks = await lab_.tasks(sid)
+        assert [(t["id"], t["source"], t["status"]) for t in tasks] == [
+            ("prd-001", "prd", "failed"),
+            ("found-1", "agent", "completed"),
+        ]
+        (warning,) = await lab_.events(sid, "warning")  # once, not once per attempt
+        pending = project / ".loki" / "worktrees" / "prd-001" / ".loki" / "queue" / "pending.json"
+        message = warning["data"].pop("message")
+        assert re.fullmatch(r"entry 1 \(agent-[0-9a-f]{12}\): no title; rejected", message)
+        assert warning["data"] == {
+            "reason": "malformed_file",
+            "file": str(pending),
+            "taskId": "prd-001",
+        }
+        assert [e["data"]["taskId"] for e in await lab_.events(sid, "task.created")][-1:] == [
+            "found-1"  # taken once, though each of the three failed attempts wrote it
+        ]
+
+
 async def test_sandboxed_agents_write_only_the_project(tmp_path: Path, agent_log: Path) -> None:
     from lokid.sandbox import sandbox_problem
 
