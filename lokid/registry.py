@@ -730,8 +730,12 @@ def _cached_file(
 
 
 def _cached_listing(path: str, cache: FileCache | None, now_ns: int) -> tuple[str, ...] | None:
-    """The names of the regular `*.json` files in folder `path` (sorted), cached by the
-    folder's stamp; None when the folder does not exist. Raises `OSError` otherwise."""
+    """The names of the `*.json` entries of folder `path` (sorted; hidden ones left out),
+    cached by the folder's stamp; None when the folder does not exist. Raises `OSError`
+    otherwise.
+
+    Every such entry is listed, whatever it is: a folder, a FIFO or a link named
+    `pending.json` is then refused by `read_file` and reported, not silently skipped."""
     key = path + "/"
     stamp: Stamp | None = None
     if cache is not None:
@@ -749,9 +753,7 @@ def _cached_listing(path: str, cache: FileCache | None, now_ns: int) -> tuple[st
             found = sorted(
                 entry.name
                 for entry in entries
-                if entry.name.endswith(".json")
-                and not entry.name.startswith(".")
-                and not entry.is_dir(follow_symlinks=False)
+                if entry.name.endswith(".json") and not entry.name.startswith(".")
             )
     except FileNotFoundError:
         return None

@@ -371,6 +371,26 @@ def test_malformed_files_and_entries_are_reported_never_raised(tmp_path: Path) -
     assert len(pending_problems) == 2  # the entry without id, the string entry
 
 
+def test_a_queue_file_that_is_a_folder_is_reported_like_a_fifo(tmp_path: Path) -> None:
+    """A folder named `pending.json` is no queue file: a problem, never silently skipped."""
+    root = project(tmp_path / "p", {"completed": [task("c1", "completed")]})
+    queue = root / ".loki" / "queue"
+    (queue / "pending.json").mkdir()
+    os.mkfifo(queue / "in-progress.json")
+    (queue / ".hidden.json").mkdir()  # hidden: not a queue file at all
+    cache = FileCache()
+    for _ in range(2):  # cold, then from the cache
+        found = registry.read_tasks(str(root), cache)
+        assert [t["id"] for t in found.tasks()] == ["c1"]
+        by_file = {Path(p.path).name: p.message for p in found.problems}
+        assert by_file == {
+            "pending.json": "is a folder",
+            "in-progress.json": "is not a regular file",
+        }
+    checks = registry.health(str(root)).checks
+    assert checks["queue"] == {"ok": True, "present": True, "files": 3}
+
+
 def test_an_unreadable_queue_folder_is_a_problem(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
