@@ -315,7 +315,9 @@ class Found:
 
 @attrs.frozen
 class RootReport:
-    """What became of one root: `ok`, `missing`, `not_a_folder`, `duplicate` or `error`."""
+    """What became of one root: `ok` (walked), `missing`, `not_a_folder`, `duplicate`,
+    `skipped` (a bound stopped the discovery first) or `error` (it could not be examined,
+    or its own listing failed: its problem is in the discovery's `errors`)."""
 
     given: str
     path: str
@@ -437,13 +439,13 @@ def discover(
             reports.append(RootReport(given, real, "skipped"))
             continue
         before_folders, before_found = walk.folders, len(walk.found)
-        _walk_root(real, depth, walk)
+        listed = _walk_root(real, depth, walk)
         walk.found[before_found:] = sorted(walk.found[before_found:], key=lambda f: f.path)
         reports.append(
             RootReport(
                 given,
                 real,
-                "ok",
+                "ok" if listed else "error",
                 walk.folders - before_folders,
                 len(walk.found) - before_found,
             )
@@ -463,8 +465,9 @@ def discover(
     )
 
 
-def _walk_root(root: str, depth: int, walk: _Walk) -> None:
-    """Depth-first over one real root; the hot loop of discovery (keep it lean).
+def _walk_root(root: str, depth: int, walk: _Walk) -> bool:
+    """Depth-first over one real root; the hot loop of discovery (keep it lean). Whether
+    the root itself could be listed (a root that cannot be is no `ok` root).
 
     Per folder: one `scandir`, and per entry only what `readdir` already
     told (`d_type`): no `stat`, no `realpath`. Children are collected and
@@ -490,6 +493,8 @@ def _walk_root(root: str, depth: int, walk: _Walk) -> None:
                         children.append(entry.path)
         except OSError as exc:
             walk.problems.add(problem_from(path, exc))
+            if not level:
+                return False
             continue
         walk.folders += 1
         if not walk.folders % YIELD_EVERY:
@@ -502,7 +507,7 @@ def _walk_root(root: str, depth: int, walk: _Walk) -> None:
                     walk.stop_reason = (
                         f"stopped at {walk.max_results} projects (the most one discovery reports)"
                     )
-                    return
+                    return True
             continue
         if children:
             level += 1
@@ -510,12 +515,13 @@ def _walk_root(root: str, depth: int, walk: _Walk) -> None:
         if walk.folders % check_every == 0:
             if walk.folders >= walk.max_folders:
                 walk.stop_reason = f"stopped after listing {walk.max_folders} folders"
-                return
+                return True
             if time.monotonic() > walk.deadline:
                 walk.stop_reason = "stopped at the time limit of one discovery"
-                return
+                return True
     if walk.folders >= walk.max_folders:
         walk.stop_reason = f"stopped after listing {walk.max_folders} folders"
+    return True
 
 
 def _is_loki_folder(entry: os.DirEntry[str], walk: _Walk) -> bool:

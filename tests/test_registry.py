@@ -213,6 +213,43 @@ def test_permission_denied_for_real(tmp_path: Path) -> None:
     assert kinds(result.errors) == ["permission_denied"]
 
 
+def test_a_root_that_cannot_be_listed_is_an_error_not_ok(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its `stat` succeeds but its listing is refused: `error` with the reason, as a root
+    whose `stat` fails; the other roots are walked. (Simulated: `chmod 000` does not
+    refuse root; the next test does it for real for other users.)"""
+    denied = tmp_path / "denied"
+    project(denied / "inside")
+    project(tmp_path / "open" / "p")
+
+    def refuse(path: str) -> None:
+        if path.endswith("/denied"):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(registry, "_scandir", fake_scandir(refuse))
+    result = registry.discover([str(denied), str(tmp_path / "open")], 2)
+    assert [(r.status, r.folders, r.projects) for r in result.roots] == [
+        ("error", 0, 0),
+        ("ok", 2, 1),
+    ]
+    assert kinds(result.errors) == ["permission_denied"]
+    assert [f.name for f in result.projects] == ["p"]
+
+
+@pytest.mark.skipif(IS_ROOT, reason="root is not refused by chmod 000")
+def test_a_root_that_cannot_be_listed_for_real(tmp_path: Path) -> None:
+    denied = tmp_path / "denied"
+    denied.mkdir()
+    denied.chmod(0)
+    try:
+        result = registry.discover([str(denied)], 2)
+    finally:
+        denied.chmod(0o755)
+    assert [r.status for r in result.roots] == ["error"]
+    assert kinds(result.errors) == ["permission_denied"]
+
+
 def test_a_root_that_is_a_file_or_a_fifo_is_not_a_folder(tmp_path: Path) -> None:
     """As root too: a file where a folder is expected fails the same way for everyone."""
     (tmp_path / "file").write_text("x")
