@@ -1220,14 +1220,18 @@ def cmd_registry_rm(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_registry_discover(args: argparse.Namespace, config: Config) -> int:
     params: dict[str, Any] = {}
-    if args.roots:
-        params["roots"] = [os.path.abspath(os.path.expanduser(root)) for root in args.roots]
+    roots = [os.path.abspath(os.path.expanduser(root)) for root in args.roots or ()]
+    for root in roots:
+        if "," in root:
+            raise CliError(f"loki: a root cannot hold a comma (roots are a comma list): {root}")
+    if roots:  # one comma list: of a repeated `roots` only the last would count
+        params["roots"] = ",".join(roots)
     if args.depth is not None:
         params["depth"] = args.depth
     if args.register:
         params["register"] = "true"
     if not args.json:
-        where = ", ".join(params.get("roots", [])) or "the configured roots"
+        where = ", ".join(roots) or "the configured roots"
         print(f"looking for .loki folders under {where} ...", file=sys.stderr, flush=True)
     answer = _call(config, "GET", f"{REGISTRY}/discover", params=params, timeout=REGISTRY_TIMEOUT)
     if args.json:

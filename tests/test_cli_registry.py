@@ -117,6 +117,12 @@ def test_discover_register_and_sync(daemon_factory: Factory, loki: Cli, tmp_path
     assert rows[0] == ["ID", "NAME", "REGISTERED", "PATH"]
     assert [(r[1], r[2]) for r in rows[1:]] == [("one", "yes"), ("two", "no")]
     assert "2 projects in" in found.err and "looking for .loki folders" in found.err
+    # several --root: one comma list (a repeated `roots` key would count only the last)
+    both = loki.json(
+        home, "registry", "discover", "--root", str(root / "a"), "--root", str(root / "b")
+    )
+    assert [p["name"] for p in both["projects"]] == ["one", "two"]
+    assert [r["status"] for r in both["roots"]] == ["ok", "ok"]
 
     answer = loki.json(home, "registry", "discover", "--root", str(root), "--register")
     assert answer["registered"] == 2 and answer["total"] == 3
@@ -154,3 +160,11 @@ def test_discover_reports_problems_as_warnings(
 def test_registry_commands_without_a_daemon_exit_1(loki: Cli, tmp_path: Path) -> None:
     for args in (("registry",), ("registry", "sync"), ("registry", "add", str(tmp_path))):
         loki.fails(tmp_path / "home", *args, words=("not running",))
+
+
+def test_a_root_holding_a_comma_is_refused_before_asking(loki: Cli, tmp_path: Path) -> None:
+    """`roots` is a comma list: the daemon would walk two other folders."""
+    loki.fails(
+        tmp_path / "home", "registry", "discover", "--root", str(tmp_path / "a,b"),
+        words=("cannot hold a comma",),
+    )  # fmt: skip

@@ -374,7 +374,7 @@ async def test_discover_finds_projects_with_registered_flags(tmp_path: pathlib.P
         assert deeper["total"] == 3
 
 
-async def test_discover_roots_comma_list_or_repeated_and_defaults(
+async def test_discover_roots_comma_list_last_key_counts_and_defaults(
     tmp_path: pathlib.Path,
 ) -> None:
     project(tmp_path / "x" / "p1")
@@ -383,7 +383,9 @@ async def test_discover_roots_comma_list_or_repeated_and_defaults(
         both = f"/api/registry/discover?roots={tmp_path / 'x'},{tmp_path / 'y'}"
         assert [p["name"] for p in (await r.get(both)).json()["projects"]] == ["p1", "p2"]
         repeated = f"/api/registry/discover?roots={tmp_path / 'x'}&roots={tmp_path / 'y'}"
-        assert (await r.get(repeated)).json()["total"] == 2
+        last = (await r.get(repeated)).json()  # a repeated key: its last value (docs/http.md)
+        assert [p["name"] for p in last["projects"]] == ["p2"]
+        assert [root["given"] for root in last["roots"]] == [str(tmp_path / "y")]
         default = (await r.get("/api/registry/discover")).json()
         assert [p["name"] for p in default["projects"]] == ["p2"]
         assert [root["status"] for root in default["roots"]] == ["ok", "missing"]
@@ -620,7 +622,10 @@ async def test_tasks_aggregate_filter_and_page(tmp_path: pathlib.Path) -> None:
         assert [t["project_name"] for t in only_a["tasks"]] == ["Alpha", "Alpha"]
         both = f"/api/registry/tasks?project_id={a['id']},{b['id']}&status=in_progress"
         assert [t["id"] for t in (await r.get(both)).json()["tasks"]] == ["b1"]
-        repeated = f"/api/registry/tasks?project_id={a['id']}&project_id={b['id']}&status=failed"
+        # a repeated key counts with its last value (docs/http.md), a list too
+        repeated = f"/api/registry/tasks?project_id={b['id']}&project_id={a['id']}"
+        assert [t["id"] for t in (await r.get(repeated)).json()["tasks"]] == ["a1", "a2"]
+        repeated = "/api/registry/tasks?status=bogus&status=failed"
         assert [t["id"] for t in (await r.get(repeated)).json()["tasks"]] == ["b2"]
         page = (await r.get("/api/registry/tasks?limit=2&offset=1")).json()
         assert [t["id"] for t in page["tasks"]] == ["b2", "a1"]
@@ -631,6 +636,34 @@ async def test_tasks_aggregate_filter_and_page(tmp_path: pathlib.Path) -> None:
         for query, field in (("status=bogus", "status"), ("limit=abc", "limit")):
             error = error_of(await r.get(f"/api/registry/tasks?{query}"), 400, "BAD_REQUEST")
             assert error["details"]["field"] == field
+
+
+@pytest.mark.parametrize(
+    ("route", "query", "field"),
+    [
+        ("tasks", "project_id=", "project_id"),
+        ("tasks", "project_id=,,", "project_id"),
+        ("tasks", "project_id=%20", "project_id"),
+        ("tasks", "project_id={id},", "project_id"),
+        ("tasks", "project_id={id},,{id}", "project_id"),
+        ("tasks", "project_id={id}&project_id=", "project_id"),  # the last one counts
+        ("tasks", "status=", "status"),
+        ("tasks", "status=failed&status=", "status"),
+        ("projects", "status=", "status"),
+        ("learnings", "type=", "type"),
+        ("learnings", "type=%20", "type"),
+    ],
+)
+async def test_an_empty_filter_value_is_400_never_no_filter(
+    tmp_path: pathlib.Path, route: str, query: str, field: str
+) -> None:
+    """`?status=` would otherwise answer every item, as if the filter had been applied."""
+    async with rig(tmp_path) as r:
+        entry = await r.register(project(tmp_path / "p", {"pending": [task("t")]}))
+        answer = await r.get(f"/api/registry/{route}?{query.format(id=entry['id'])}")
+        error = error_of(answer, 400, "BAD_REQUEST")
+        assert error["details"]["field"] == field
+        assert error["message"].startswith(field)
 
 
 async def test_tasks_with_malformed_files_and_a_deleted_project_are_200(

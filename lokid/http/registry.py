@@ -4,7 +4,9 @@ Every view parses and checks its input, then asks the registry scanner
 (`lokid.actors.registry_scanner`); no view touches the file system or the
 store itself. Reads need `read`, changes `write`. Query values that cannot
 be used are 400 naming the parameter, body fields 422 naming the field
-(DESIGN.md §4). File-system trouble (an unreadable folder, a malformed
+(DESIGN.md §4); an empty value is one of them (`status=`, `project_id=`,
+`project_id=a,,b`: never "no filter"), and a repeated key counts with its
+last value, as on every route (docs/http.md). File-system trouble (an unreadable folder, a malformed
 queue file, a folder deleted during the scan, a symlink loop) is never an
 error status: it is listed in the answer's `errors` (`{"path", "kind",
 "message"}`) or shows in an entry's `status`.
@@ -26,7 +28,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import parse_qsl
 
 import trio
 from quart import request
@@ -55,6 +56,7 @@ from lokid.http.surface import (
     int_param,
     json_body,
     json_response,
+    query_params,
     stripped_text,
     words,
 )
@@ -176,12 +178,7 @@ ENTRY_LINKS: dict[str, Link] = {
 }
 
 PROJECTS_PARAMS = (
-    Param(
-        "status",
-        "query",
-        {"type": "string", "enum": ["", *ENTRY_STATUSES]},
-        description="empty: no filter",
-    ),
+    Param("status", "query", {"type": "string", "enum": list(ENTRY_STATUSES)}),
     *PAGE_PARAMS,
 )
 
@@ -191,7 +188,8 @@ DISCOVER_PARAMS = (
         "query",
         {"type": "array", "minItems": 1, "maxItems": fs.MAX_ROOTS, "items": ROOT},
         explode=False,
-        description="comma list (or repeated): absolute or ~ paths; default: config",
+        description="comma list of absolute or ~ paths (a repeated roots: the last one "
+        "counts); default: config",
     ),
     Param(
         "depth",
@@ -214,17 +212,19 @@ TASKS_PARAMS = (
         "query",
         {
             "type": "array",
+            "minItems": 1,
             "maxItems": MAX_PROJECT_IDS,
-            "items": {"type": "string", "pattern": "^[^,]*$"},
+            "items": {"type": "string", "pattern": f"^[{SPACE}]*[^,{SPACE}][^,]*$"},
         },
         explode=False,
-        description="comma list (or repeated) of reg- ids; an unknown one is 404",
+        description="comma list of reg- ids (a repeated project_id: the last one counts); "
+        "an unknown one is 404",
     ),
     Param(
         "status",
         "query",
-        {"type": "string", "enum": ["", *STATUS_FILTER]},
-        description="in_progress is active; empty: no filter",
+        {"type": "string", "enum": list(STATUS_FILTER)},
+        description="in_progress is active",
     ),
     *PAGE_PARAMS,
 )
@@ -233,19 +233,14 @@ LEARNINGS_PARAMS = (
     Param(
         "type",
         "query",
-        {
-            "anyOf": [
-                {"const": ""},
-                words(*LEARNING_WORDS),
-            ]
-        },
-        description="patterns, mistakes or successes (any case, or singular); empty: no filter",
+        words(*LEARNING_WORDS),
+        description="patterns, mistakes or successes (any case, or singular)",
     ),
     Param(
         "q",
         "query",
         {"type": "string", "maxLength": MAX_QUERY_CHARS},
-        description="text in description, category or project; empty: no filter",
+        description="text in description, category or project (empty: every entry holds it)",
     ),
     *PAGE_PARAMS,
 )
@@ -266,7 +261,7 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
         requires="read",
     )
     async def projects_list(scope: Scope) -> LeanResponse:
-        params = dict(_pairs(scope))
+        params = query_params(scope)
         status = _choice(params, "status", ENTRY_STATUSES)
         limit, offset = _page(params)
         return json_response(200, await scanner.list_entries(status, limit, offset))
@@ -366,9 +361,8 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
         requires="read",
     )
     async def discover(scope: Scope) -> LeanResponse:
-        pairs = _pairs(scope)
-        params = dict(pairs)
-        roots = parse_roots(pairs)
+        params = query_params(scope)
+        roots = parse_roots(params)
         if roots and any(root.startswith("~") for root in roots):
             await trio.to_thread.run_sync(refuse_unknown_users, roots)
         depth = _depth(params)
@@ -432,13 +426,12 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
         requires="read",
     )
     async def tasks(scope: Scope) -> LeanResponse:
-        pairs = _pairs(scope)
-        params = dict(pairs)
-        ids = _list_param(pairs, "project_id", MAX_PROJECT_IDS)
+        params = query_params(scope)
+        ids = _list_param(params, "project_id", MAX_PROJECT_IDS)
         status = _choice(params, "status", tuple(STATUS_FILTER))
         limit, offset = _page(params)
         answer = await scanner.tasks(
-            ids or None, STATUS_FILTER[status] if status else None, limit, offset
+            ids, STATUS_FILTER[status] if status is not None else None, limit, offset
         )
         return json_response(200, answer)
 
@@ -453,9 +446,9 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
         requires="read",
     )
     async def learnings(scope: Scope) -> LeanResponse:
-        params = dict(_pairs(scope))
+        params = query_params(scope)
         kind = None
-        if params.get("type"):
+        if "type" in params:
             kind = fs.learning_type(params["type"])
             if kind is None:
                 raise InvalidQuery(
@@ -504,23 +497,15 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def parse_roots(pairs: Sequence[tuple[str, str]]) -> list[str] | None:
-    """`roots` (comma list, or repeated); None when not given (use the defaults).
+def parse_roots(params: Mapping[str, str]) -> list[str] | None:
+    """`roots` (a comma list); None when not given (use the defaults).
 
-    Given, it must name at least one root (`roots=` or `roots=,,` is not "the
+    Given, it must name roots (`roots=`, `roots=,,` or `roots=/a,` is not "the
     defaults"), and each must be absolute or start with `~` (see also
     `refuse_unknown_users`)."""
-    given = [value for key, value in pairs if key == "roots"]
-    if not given:
+    roots = _list_param(params, "roots", fs.MAX_ROOTS, "leave roots out for the configured ones")
+    if roots is None:
         return None
-    parts = [part.strip() for value in given for part in value.split(",")]
-    if not all(parts):
-        raise InvalidQuery(
-            "roots must not hold an empty root (a comma at an end, two in a row, or no "
-            "value); leave roots out for the configured ones",
-            field="roots",
-        )
-    roots = _list_param(pairs, "roots", fs.MAX_ROOTS)
     for root in roots:
         if len(root) > fs.MAX_PATH_CHARS or "\x00" in root:
             raise InvalidQuery(
@@ -546,23 +531,33 @@ def refuse_unknown_users(roots: Sequence[str]) -> None:
             )
 
 
-def _pairs(scope: Scope) -> list[tuple[str, str]]:
-    """The query's (name, value) pairs (the surface refused any the route does not declare)."""
-    raw: bytes = scope.get("query_string", b"")
-    return parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True)
+def _list_param(
+    params: Mapping[str, str], name: str, most: int, absent: str = "leave it out for all"
+) -> list[str] | None:
+    """A comma list's values (stripped, repeats once, order kept); None when not given.
 
-
-def _list_param(pairs: Sequence[tuple[str, str]], name: str, most: int) -> list[str]:
-    values = [part.strip() for key, value in pairs if key == name for part in value.split(",")]
-    values = [v for v in values if v]
+    Given, every item must hold something: `name=`, `name=,,` and `name=a,,b` are
+    400, never "no filter" (an empty item is a typo or a value that went missing
+    in the caller's code; `absent` tells what leaving the parameter out does)."""
+    value = params.get(name)
+    if value is None:
+        return None
+    values = [part.strip() for part in value.split(",")]
+    if not all(values):
+        raise InvalidQuery(
+            f"{name} must not hold an empty item (no value, a comma at an end, or two in "
+            f"a row); {absent}",
+            field=name,
+        )
     if len(values) > most:
         raise InvalidQuery(f"{name}: at most {most} values", field=name)
-    return list(dict.fromkeys(values))  # repeated values once, order kept
+    return list(dict.fromkeys(values))
 
 
 def _choice(params: Mapping[str, str], name: str, allowed: Sequence[str]) -> str | None:
+    """One of `allowed`, None when not given; an empty value is not "no filter" (400)."""
     value = params.get(name)
-    if value is None or value == "":
+    if value is None:
         return None
     if value not in allowed:
         raise InvalidQuery(
