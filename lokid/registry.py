@@ -61,7 +61,7 @@ from typing import Any, Generic, TypeVar
 
 import attrs
 
-from lokid.jsontypes import loads_bounded
+from lokid.jsontypes import json_type_name, loads_bounded
 from lokid.lokidir import (
     MAX_LOKI_FILE_BYTES,
     LokiDirFormatError,
@@ -1323,14 +1323,60 @@ def learning_type(word: str) -> str | None:
 
 @attrs.frozen
 class LearningsFile:
+    """One learnings file, parsed: its usable entries (as written, plus `type`), the
+    moment of each (None: no `timestamp`), and the problems of the other lines."""
+
     entries: tuple[dict[str, Any], ...]
+    times: tuple[dt.datetime | None, ...]
     problems: tuple[Problem, ...]
+
+
+_NO_TIME = dt.datetime.min.replace(tzinfo=dt.UTC)
+"""The sort key's moment of a learning without `timestamp` (those sort after the others)."""
+
+LEARNING_TEXT_FIELDS = ("category", "project")
+"""Optional fields of a learning that must be strings when present (`q` searches them)."""
+
+
+class _BadLearning(Exception):
+    """Why a line holding a `description` is no usable learning."""
+
+
+def _learning_time(entry: Mapping[str, Any]) -> dt.datetime | None:
+    """The learning's `timestamp` as an aware moment (a time without a zone is UTC), None
+    when it has none; `_BadLearning` when it is not a string or not ISO 8601. The
+    entries are sorted by it: a string compared as text would put "zzz" first."""
+    value = entry.get("timestamp")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _BadLearning(f"timestamp must be an ISO-8601 string, not {json_type_name(value)}")
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise _BadLearning(f"timestamp is not ISO 8601: {value[:40]!r}") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)
+
+
+def _check_learning(entry: Mapping[str, Any]) -> dt.datetime | None:
+    """Check the documented shape (reference/runtime.md §3.7: `description`, `category`,
+    `project` strings, `timestamp` ISO 8601; other keys are kept as written); the
+    learning's moment. `_BadLearning` says what is wrong."""
+    description = entry["description"]
+    if not isinstance(description, str):
+        raise _BadLearning(f"description must be a string, not {json_type_name(description)}")
+    for key in LEARNING_TEXT_FIELDS:
+        value = entry.get(key)
+        if value is not None and not isinstance(value, str):
+            raise _BadLearning(f"{key} must be a string, not {json_type_name(value)}")
+    return _learning_time(entry)
 
 
 def _parse_learnings(kind: str) -> Callable[[bytes, str], tuple[LearningsFile, int]]:
     def parse(data: bytes, path: str) -> tuple[LearningsFile, int]:
         problems: list[Problem] = []
         entries: list[dict[str, Any]] = []
+        times: list[dt.datetime | None] = []
         start = 0
         if len(data) > MAX_LEARNINGS_BYTES:
             cut = len(data) - MAX_LEARNINGS_BYTES
@@ -1357,8 +1403,14 @@ def _parse_learnings(kind: str) -> Callable[[bytes, str], tuple[LearningsFile, i
                 continue
             if "description" not in value:  # the header line, or not a learning
                 continue
+            try:
+                times.append(_check_learning(value))
+            except _BadLearning as exc:
+                problems.append(Problem(path, "malformed", f"line {number}: {exc}"))
+                continue
             entries.append({"type": kind, **value})
-        return LearningsFile(tuple(entries), tuple(problems)), max(1, len(entries))
+        learnings = LearningsFile(tuple(entries), tuple(times), tuple(problems))
+        return learnings, max(1, len(entries))
 
     return parse
 
@@ -1375,10 +1427,14 @@ def read_learnings(
     """Learnings from `<loki_home>/learnings/{patterns,mistakes,successes}.jsonl`.
 
     Each line a JSON object; only objects with a `description` count (the
-    first line is a header). Bad lines are reported, not fatal. `type`
-    keeps one file; `q` keeps entries whose description, category or
-    project contains it (case-insensitive). Newest first (by `timestamp`,
-    then by position in the file). Bounds: `limit` 1-1000 entries answered;
+    first line is a header). Bad lines are reported, not fatal: a line that is
+    no JSON object, or an entry whose `description`, `category` or `project`
+    is not a string or whose `timestamp` is not an ISO-8601 string, is a
+    problem with its line number and is not answered. `type` keeps one file;
+    `q` keeps entries whose description, category or project contains it
+    (case-insensitive). Newest first (by the moment of `timestamp`, a time
+    without a zone taken as UTC; entries without one last; then by position
+    in the file, later first). Bounds: `limit` 1-1000 entries answered;
     the last 16 MiB of a file are read; lines over 64 KiB are skipped.
 
     `{"learnings": [...], "total", "limit", "offset", "counts": by type,
@@ -1388,7 +1444,7 @@ def read_learnings(
     kinds = [type] if type is not None else list(LEARNING_TYPES)
     now = time.time_ns()
     problems = Problems()
-    rows: list[tuple[str, int, dict[str, Any]]] = []
+    rows: list[tuple[tuple[bool, dt.datetime], int, dict[str, Any]]] = []
     counts = dict.fromkeys(kinds, 0)
     needle = q.strip().lower() if q else None
     for kind in kinds:
@@ -1407,12 +1463,12 @@ def read_learnings(
         if parsed is None:
             continue
         problems.extend(parsed.problems)
-        for position, entry in enumerate(parsed.entries):
+        for position, (entry, moment) in enumerate(zip(parsed.entries, parsed.times, strict=True)):
             if needle is not None and not _matches(entry, needle):
                 continue
             counts[kind] += 1
-            stamp = entry.get("timestamp")
-            rows.append((stamp if isinstance(stamp, str) else "", position, entry))
+            when = (True, moment) if moment is not None else (False, _NO_TIME)
+            rows.append((when, position, entry))
     rows.sort(key=lambda row: (row[0], row[1]), reverse=True)
     return {
         "learnings": [entry for _, _, entry in rows[offset : offset + limit]],

@@ -806,6 +806,52 @@ def test_learnings_newest_first_with_filters_and_bad_lines_reported(tmp_path: Pa
     assert [e["description"] for e in page["learnings"]] == ["Use trio nurseries"]
 
 
+def test_learnings_of_the_wrong_shape_are_problems_with_their_line_and_not_answered(
+    tmp_path: Path,
+) -> None:
+    """The documented shape: `description`, `category`, `project` strings, `timestamp`
+    ISO 8601. A bogus timestamp must not sort first, a number must not be a description."""
+    write_learnings(
+        tmp_path,
+        "patterns",
+        [
+            {"version": "1.0"},
+            {"description": 5},
+            {"description": ["x"], "category": {"a": 1}, "timestamp": "zzz"},
+            {"description": "bad ts", "timestamp": 12345},
+            {"description": "bad category", "category": 7},
+            {"description": "bad project", "project": ["p"]},
+            {"description": "unparseable", "timestamp": "zzz"},
+            {"description": None},
+            learning("2026-01-02T00:00:00Z", "good, UTC"),
+            {"description": "no timestamp", "extra": {"kept": True}},
+            learning("2026-01-02T03:00:00+05:00", "good, earlier in UTC"),
+            learning("2026-01-01T12:00:00", "good, no zone: UTC"),
+        ],
+    )
+    answer = registry.read_learnings(str(tmp_path))
+    assert [e["description"] for e in answer["learnings"]] == [
+        "good, UTC",
+        "good, earlier in UTC",  # 2026-01-01T22:00Z
+        "good, no zone: UTC",
+        "no timestamp",
+    ]
+    assert answer["learnings"][0]["timestamp"] == "2026-01-02T00:00:00Z"  # as written
+    assert answer["learnings"][3]["extra"] == {"kept": True}
+    assert answer["total"] == 4 and answer["counts"]["patterns"] == 4
+    messages = [e["message"] for e in answer["errors"]]
+    assert messages == [
+        "line 2: description must be a string, not a number",
+        "line 3: description must be a string, not an array",
+        "line 4: timestamp must be an ISO-8601 string, not a number",
+        "line 5: category must be a string, not a number",
+        "line 6: project must be a string, not an array",
+        "line 7: timestamp is not ISO 8601: 'zzz'",
+        "line 8: description must be a string, not null",
+    ]
+    assert set(kinds(answer["errors"])) == {"malformed"}
+
+
 def test_learnings_without_files_are_empty_and_types_accept_singulars(tmp_path: Path) -> None:
     empty = registry.read_learnings(str(tmp_path))
     assert (empty["learnings"], empty["total"], empty["errors"]) == ([], 0, [])
