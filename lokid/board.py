@@ -313,20 +313,22 @@ def parse_project_create(body: Mapping[str, Any]) -> NewProject:
 
 
 def parse_project_update(body: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate a `PUT /api/projects/{id}` body: the columns to set (`path` None clears it).
+    """Validate a `PUT /api/projects/{id}` body: the columns to set.
 
-    A `path` string is as given until `check_project_path`.
+    A `null` counts as left out (as in every board body), except `path` (None
+    clears it) and `description` (null is empty). A `path` string is as given
+    until `check_project_path`.
     """
     _check_keys(body, _PROJECT_UPDATE_KEYS, _PROJECT_READ_ONLY)
     changes: dict[str, Any] = {}
-    if "name" in body:
+    if body.get("name") is not None:
         changes["name"] = _line(body["name"], "name", MAX_NAME_CHARS)
     if "path" in body:
         path = body["path"]
         changes["path"] = _path_text(path) if path is not None else None
     if "description" in body:
         changes["description"] = _description(body["description"])
-    if "status" in body:
+    if body.get("status") is not None:
         changes["status"] = _choice(body["status"], "status", PROJECT_STATUSES)
     return changes
 

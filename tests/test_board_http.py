@@ -190,8 +190,9 @@ async def test_project_lifecycle_and_notifications(the_board: Board, tmp_path: P
     assert [p["id"] for p in archived] == [made["id"]]
     cleared = await the_board.ok("PUT", f"/api/projects/{made['id']}", {"path": None})
     assert cleared["path"] is None
-    same = await the_board.ok("PUT", f"/api/projects/{made['id']}", {})
-    assert same == cleared  # nothing to change: nothing written, nothing announced
+    for nothing in ({}, {"name": None, "status": None}):  # a null counts as left out
+        same = await the_board.ok("PUT", f"/api/projects/{made['id']}", nothing)
+        assert same == cleared  # nothing to change: nothing written, nothing announced
 
     deleted = await the_board.send("DELETE", f"/api/projects/{made['id']}")
     assert (deleted.status, deleted.body) == (204, b"")
@@ -250,7 +251,7 @@ async def test_bad_project_input(the_board: Board, tmp_path: Path) -> None:
     made = await the_board.project()
     for body, field in (
         ({"status": "done"}, "status"),
-        ({"name": None}, "name"),
+        ({"name": ""}, "name"),
         ({"path": str(tmp_path / "missing")}, "path"),
         ({"taskCount": 9}, "taskCount"),
     ):

@@ -144,12 +144,14 @@ PROJECT_CREATE_BODY: dict[str, Any] = {
 }
 PROJECT_UPDATE_BODY: dict[str, Any] = {
     "type": "object",
+    "description": "Fields left out (or null) stay as they are, but a null path clears it "
+    "and a null description empties it.",
     "additionalProperties": False,
     "properties": {
-        "name": _NAME,
+        "name": {**_NAME, "type": ["string", "null"]},
         "path": {**_PATH, "description": "an existing folder; null clears the path"},
         "description": _DESCRIPTION,
-        "status": {"type": "string", "enum": list(board.PROJECT_STATUSES)},
+        "status": {"type": ["string", "null"], "enum": [*board.PROJECT_STATUSES, None]},
     },
 }
 TASK_CREATE_BODY: dict[str, Any] = {
