@@ -57,7 +57,7 @@ import secrets
 import stat
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import attrs
 import sqlite_utils
@@ -907,6 +907,16 @@ def insert_task(
     }
 
 
+class Moved(NamedTuple):
+    """What `move_task` did: the task now, where it was (None: the move left it where it
+    was), and whether anything changed (a move to its own place with its own status
+    writes nothing: no `updated_at`, no notification)."""
+
+    task: dict[str, Any]
+    came_from: dict[str, Any] | None
+    changed: bool
+
+
 def move_task(
     db: sqlite_utils.Database,
     task_id: str,
@@ -915,13 +925,14 @@ def move_task(
     *,
     status: str | None = None,
     now: str | None = None,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Move a task to `position` (0-based; None or past the end: the end) of `column`.
+) -> Moved:
+    """Move a task to `position` (0-based; None or past the end: the end) of `column`,
+    in the caller's transaction (one row written; see the module).
 
-    Renumbers the source and the destination column densely, in the caller's
-    transaction. Moving to another column re-derives the status unless
-    `status` is `failed`; a reorder in the same column keeps it. Returns the
-    task and where it was: `{"column", "position"}`.
+    Moving to another column re-derives the status unless `status` is
+    `failed`; a reorder in the same column keeps it. A move that leaves the
+    task where it was changes at most its status (and then `updated_at`):
+    its rank is not rewritten, and `came_from` is None.
     `ValidationFailed` on `column` / `position` / `status`, `NotFound` for no such task.
     """
     _choice(column, "column", COLUMNS)
@@ -937,8 +948,28 @@ def move_task(
         new_status = COLUMN_STATUS[column]
     else:
         new_status = old_status
-    _relocate(db, rowid, project_id, column, position, new_status, now or utc_now_iso())
-    return get_task(db, task_id), {"column": source, "position": old_position}
+    now = now or utc_now_iso()
+    if column == source and _landing(db, project_id, column, position) == old_position:
+        if new_status == old_status:
+            return Moved(get_task(db, task_id), None, changed=False)
+        db.execute(
+            "UPDATE board_tasks SET status = ?, updated_at = ? WHERE rowid = ?",
+            (new_status, now, rowid),
+        )
+        return Moved(get_task(db, task_id), None, changed=True)
+    _relocate(db, rowid, project_id, column, position, new_status, now)
+    return Moved(get_task(db, task_id), {"column": source, "position": old_position}, True)
+
+
+def _landing(db: sqlite_utils.Database, project_id: str, column: str, position: int | None) -> int:
+    """The position a task of (project, column) ends at when moved to `position` of its
+    own column (None or past the end: the last place)."""
+    (count,) = db.execute(
+        "SELECT COUNT(*) FROM board_tasks WHERE project_id = ? AND column_name = ?",
+        (project_id, column),
+    ).fetchone()
+    last = int(count) - 1
+    return last if position is None else min(position, last)
 
 
 def update_task(

@@ -551,7 +551,7 @@ def test_move_across_columns_renumbers_both(db: sqlite_utils.Database) -> None:
     ids = {name: task(db, project_id, name) for name in "abcde"}
     for name in "xyz":
         task(db, project_id, name, column="review")
-    moved, came_from = board.move_task(db, ids["b"], "review", 1)
+    moved, came_from, _ = board.move_task(db, ids["b"], "review", 1)
     assert came_from == {"column": "backlog", "position": 1}
     assert (moved["column"], moved["position"], moved["status"]) == ("review", 1, "active")
     assert titles(db, project_id, "backlog") == ["a", "c", "d", "e"]
@@ -574,9 +574,37 @@ def test_move_within_a_column(db: sqlite_utils.Database) -> None:
     assert titles(db, project_id, "backlog") == ["e", "a", "c", "d", "b", "f"]
     board.move_task(db, ids["a"], "backlog")
     assert titles(db, project_id, "backlog") == ["e", "c", "d", "b", "f", "a"]
-    _, came_from = board.move_task(db, ids["d"], "backlog", 2)
-    assert came_from == {"column": "backlog", "position": 2}
-    assert titles(db, project_id, "backlog") == ["e", "c", "d", "b", "f", "a"]
+    _, came_from, _ = board.move_task(db, ids["f"], "backlog", 2)
+    assert came_from == {"column": "backlog", "position": 4}
+    assert titles(db, project_id, "backlog") == ["e", "c", "f", "d", "b", "a"]
+
+
+@pytest.mark.parametrize(
+    ("name", "position"), [("a", 0), ("b", 1), ("c", 2), ("c", None), ("c", 10**30)]
+)
+def test_a_move_to_its_own_place_writes_nothing(
+    db: sqlite_utils.Database, name: str, position: int | None
+) -> None:
+    """No `from` (it was not moved), no new `updated_at`, no rank rewritten, no change."""
+    project_id = project(db)
+    ids = {n: task(db, project_id, n, column="todo") for n in "abc"}
+    before = board.get_task(db, ids[name])
+    ranks = db.execute("SELECT id, rank FROM board_tasks ORDER BY id").fetchall()
+    moved = board.move_task(db, ids[name], "todo", position, now="2099-01-01T00:00:00.000Z")
+    assert moved == (before, None, False)
+    assert db.execute("SELECT id, rank FROM board_tasks ORDER BY id").fetchall() == ranks
+
+
+def test_a_move_to_its_own_place_with_a_new_status_changes_only_that(
+    db: sqlite_utils.Database,
+) -> None:
+    project_id = project(db)
+    task_id = task(db, project_id, column="todo")
+    later = "2099-01-01T00:00:00.000Z"
+    moved = board.move_task(db, task_id, "todo", 0, status="failed", now=later)
+    assert moved.came_from is None and moved.changed
+    assert (moved.task["status"], moved.task["position"]) == ("failed", 0)
+    assert moved.task["updated_at"] == later
 
 
 def test_move_refuses_bad_arguments(db: sqlite_utils.Database) -> None:
@@ -602,17 +630,17 @@ def test_move_status_rules(db: sqlite_utils.Database) -> None:
     task_id = task(db, project_id, column="in_progress", failed=True)
     other = task(db, project_id, column="in_progress")
     assert board.get_task(db, task_id)["status"] == "failed"
-    moved, _ = board.move_task(db, task_id, "in_progress", 1)  # a reorder keeps failed
+    moved, _, _ = board.move_task(db, task_id, "in_progress", 1)  # a reorder keeps failed
     assert (moved["position"], moved["status"]) == (1, "failed")
-    moved, _ = board.move_task(db, task_id, "review", 0, status="failed")  # said so: kept
+    moved, _, _ = board.move_task(db, task_id, "review", 0, status="failed")  # said so: kept
     assert moved["status"] == "failed"
-    moved, _ = board.move_task(db, task_id, "todo", 0)  # another column: re-derived
+    moved, _, _ = board.move_task(db, task_id, "todo", 0)  # another column: re-derived
     assert moved["status"] == "pending"
-    moved, _ = board.move_task(db, task_id, "done", 0)
+    moved, _, _ = board.move_task(db, task_id, "done", 0)
     assert moved["status"] == "completed"
-    moved, _ = board.move_task(db, task_id, "done", 0, status="failed")
+    moved, _, _ = board.move_task(db, task_id, "done", 0, status="failed")
     assert moved["status"] == "failed"
-    moved, _ = board.move_task(db, task_id, "done", 0, status="completed")  # explicit: cleared
+    moved, _, _ = board.move_task(db, task_id, "done", 0, status="completed")  # explicit: cleared
     assert moved["status"] == "completed"
     assert board.get_task(db, other)["position"] == 0
 

@@ -10,8 +10,10 @@ After a change has committed, `notify(type, data)` is called once,
 synchronously, before the answer is sent: `project.created|updated|deleted`,
 `task.created|updated|moved|deleted`. `data` is the full object (a copy);
 for deletes `{"id", "project_id"}`; for moves the task plus
-`"from": {"column", "position"}` (a `PUT` that moved the task carries `from`
-too, under `task.updated`). Never inside the write function: the store may
+`"from": {"column", "position"}` (null when the move left the task in its
+place; a `PUT` that moved the task carries `from` too, under
+`task.updated`). A change that changes nothing (an empty `PUT`, a move to
+the task's own place) announces nothing. Never inside the write function: the store may
 run a write function twice (see `StoreActor`), and a rolled-back change must
 not be announced. A notify that raises is logged; the change stands.
 
@@ -280,6 +282,12 @@ def _with_origin(value: tuple[dict[str, Any], dict[str, Any] | None]) -> dict[st
     return task if came_from is None else {**task, "from": came_from}
 
 
+def _if_moved(moved: board.Moved) -> dict[str, Any] | None:
+    """A move's `task.moved`: the task with `from` (null: it stayed in its place, its
+    status changed); nothing when the move changed nothing."""
+    return {**moved.task, "from": moved.came_from} if moved.changed else None
+
+
 def install_board(surface: Surface, store: StoreActor, notify: Notify) -> None:
     """Declare the project and board-task routes on `surface` (the Dashboard API)."""
     _install_projects(surface, store, notify)
@@ -532,10 +540,8 @@ def _install_tasks(surface: Surface, store: StoreActor, notify: Notify) -> None:
     async def task_move(scope: Scope) -> LeanResponse:
         id = path_param(scope, "id")
         move = board.parse_move(lean_json(scope))
-        task, _ = await store.write(
+        moved = await store.write(
             lambda db: board.move_task(db, id, move.column, move.position, status=move.status),
-            on_commit=_announcing(
-                notify, "task.moved", lambda moved: {**moved[0], "from": moved[1]}
-            ),
+            on_commit=_announcing(notify, "task.moved", _if_moved),
         )
-        return json_response(200, task)
+        return json_response(200, moved.task)
