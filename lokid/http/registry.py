@@ -6,10 +6,11 @@ store itself. Reads need `read`, changes `write`. Query values that cannot
 be used are 400 naming the parameter, body fields 422 naming the field
 (DESIGN.md §4); an empty value is one of them (`status=`, `project_id=`,
 `project_id=a,,b`: never "no filter"), and a repeated key counts with its
-last value, as on every route (docs/http.md). File-system trouble (an unreadable folder, a malformed
-queue file, a folder deleted during the scan, a symlink loop) is never an
-error status: it is listed in the answer's `errors` (`{"path", "kind",
-"message"}`) or shows in an entry's `status`.
+last value, as on every route (docs/http.md). File-system trouble (an
+unreadable folder, a malformed queue file, a folder deleted during the
+scan, a symlink loop) is never an error status: it is listed in the
+answer's `errors` (`{"path", "kind", "message"}`) or shows in an entry's
+`status`.
 
 `GET /api/registry/discover?register=true` changes the registry although
 it is a GET: the view demands `write` of the caller before registering
