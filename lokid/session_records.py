@@ -1073,17 +1073,23 @@ def pending_inputs(db: sqlite_utils.Database, session_id: str) -> list[dict[str,
 
 def mark_inputs_applied(
     db: sqlite_utils.Database, input_ids: Sequence[str], *, now: str | None = None
-) -> int:
-    """Mark inputs delivered (`applied`); return how many changed."""
+) -> list[str]:
+    """Mark queued inputs delivered (`applied`); return the ids this changed.
+
+    An id already applied is left as it is and not returned: the caller
+    publishes `input.applied` for the returned ids only, so an input is
+    reported applied once.
+    """
     now = now or utc_now_iso()
-    changed = 0
+    changed: list[str] = []
     for input_id in input_ids:
         cursor = db.execute(
             "UPDATE session_inputs SET status = 'applied', applied_at = ?"
             " WHERE id = ? AND status = 'queued'",
             (now, input_id),
         )
-        changed += cursor.rowcount
+        if cursor.rowcount:
+            changed.append(input_id)
     return changed
 
 

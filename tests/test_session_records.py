@@ -938,7 +938,10 @@ async def test_inputs(store: StoreActor, tmp_path: Path) -> None:
 
     pending = await store.read(lambda db: sr.pending_inputs(db, "session-a"))
     assert [p["message"] for p in pending] == ["hello"]
-    assert await store.write(lambda db: sr.mark_inputs_applied(db, [answer["id"]])) == 1
+    applied = await store.write(lambda db: sr.mark_inputs_applied(db, [answer["id"]]))
+    assert applied == [answer["id"]]
+    again = await store.write(lambda db: sr.mark_inputs_applied(db, [answer["id"]]))
+    assert again == []  # applied once: a second mark changes nothing
     assert await store.read(lambda db: sr.pending_inputs(db, "session-a")) == []
 
 

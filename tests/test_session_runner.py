@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import pytest
 import trio
 
+from lokid.actors import agent_pool as agent_pool_module
 from lokid.actors import session as session_module
 from lokid.actors.session import SessionActor
 from lokid.actors.store import StoreActor, StoreUnavailable
@@ -642,6 +643,92 @@ async def test_inputs_no_run_took_are_reported_when_the_session_ends(
     assert [e["data"]["inputId"] for e in applied] == [ids[0]]
     assert [w["inputIds"] for w in warnings] == [[ids[1]]]
     assert "1 input(s) reached no agent" in warnings[0]["message"]
+
+
+async def test_parallel_runs_starting_together_share_no_input(
+    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paused with inputs queued, a parallel session resumes into two runs that start
+    together (each holds its agent's start until the other built its prompt too): each
+    input goes into one prompt and is `input.applied` once. Every starting worker took
+    every queued input, and published each as applied."""
+    features = "".join(f"- {name} [mode:slow] [seconds:1]\n" for name in "ABCDEF")
+    project = make_project(tmp_path, f"# App\n\n## Features\n{features}")
+    messages = [f"ONLY-ONCE-{n}" for n in range(6)]
+    real_start = agent_pool_module.Slot.start
+    armed, arrived, together = False, 0, trio.Event()
+
+    async def start(slot: Any, spec: Any, task_id: str | None = None) -> Any:
+        nonlocal arrived
+        if armed and not together.is_set():  # the first two starts after the resume
+            arrived += 1
+            if arrived == 2:
+                together.set()
+            with trio.move_on_after(10):
+                await together.wait()
+        return await real_start(slot, spec, task_id)
+
+    monkeypatch.setattr(agent_pool_module.Slot, "start", start)
+    async with lab(tmp_path / "home") as lab_:
+        options = {"parallel": True, "maxAgents": 2}
+        sid = (await lab_.create({"prd": str(project / "prd.md"), "options": options}))["id"]
+        await lab_.wait_event(sid, "task.started")
+        assert (await lab_.post(f"/api/sessions/{sid}/pause")).status_code == 200
+        ids = []
+        for message in messages:
+            answer = await lab_.post(f"/api/sessions/{sid}/input", {"message": message})
+            assert answer.status_code == 202
+            ids.append(answer.json()["id"])
+        armed = True
+        assert (await lab_.post(f"/api/sessions/{sid}/resume")).status_code == 200
+        session = await lab_.wait_status(sid, "completed", "failed")
+        applied = await lab_.events(sid, "input.applied")
+    assert together.is_set()
+    assert session["status"] == "completed"
+    assert sorted(e["data"]["inputId"] for e in applied) == sorted(ids)
+    prompts = [call["prompt"] for call in invocations(agent_log)]
+    assert [sum(message in prompt for prompt in prompts) for message in messages] == [1] * 6
+
+
+async def test_an_input_whose_run_never_started_goes_into_a_later_prompt(
+    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run cut off (pause ?now=true) while its agent is being started took the queued
+    input into its prompt: the input goes back to the queue, into the next run's prompt."""
+    prd = "# App\n\n## Features\n- First [mode:slow] [seconds:1]\n- Second\n"
+    project = make_project(tmp_path, prd)
+    real_start = agent_pool_module.Slot.start
+    held = trio.Event()
+    starts = 0
+
+    async def start(slot: Any, spec: Any, task_id: str | None = None) -> Any:
+        nonlocal starts
+        starts += 1
+        if starts == 2:  # the run that took the input never gets its agent
+            held.set()
+            await trio.sleep_forever()
+        return await real_start(slot, spec, task_id)
+
+    monkeypatch.setattr(agent_pool_module.Slot, "start", start)
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        await lab_.wait_event(sid, "task.started")
+        answer = await lab_.post(f"/api/sessions/{sid}/input", {"message": "COME-BACK"})
+        input_id = answer.json()["id"]
+        with trio.fail_after(30):
+            await held.wait()
+        paused = await lab_.client.post(f"/api/sessions/{sid}/pause", params={"now": "true"})
+        assert paused.status_code == 200
+        await lab_.wait_status(sid, "paused")
+        assert (await lab_.post(f"/api/sessions/{sid}/resume")).status_code == 200
+        session = await lab_.wait_status(sid, "completed", "failed")
+        applied = await lab_.events(sid, "input.applied")
+        warnings = await lab_.events(sid, "warning")
+    assert session["status"] == "completed"
+    assert [(e["data"]["inputId"], e["data"]["taskId"]) for e in applied] == [(input_id, "prd-002")]
+    assert not [w for w in warnings if w["data"]["reason"] == "input_undelivered"]
+    prompts = [call["prompt"] for call in invocations(agent_log)]
+    assert len(prompts) == 2 and "COME-BACK" in prompts[1]
 
 
 async def test_control_files_of_other_tools_are_honoured(tmp_path: Path, agent_log: Path) -> None:

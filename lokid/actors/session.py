@@ -314,6 +314,8 @@ class SessionActor(Actor[Any]):
         self._mirror_dirty = trio.Event()
         self._sync_lock = trio.Lock()
         self._survivors: list[int] = []
+        # Queued inputs a worker put into its prompt, until its run started or never will.
+        self._claimed_inputs: set[str] = set()
         self._runs = 0
         self._retries = 0
         self._last_exit_code = 0
@@ -1138,9 +1140,12 @@ class SessionActor(Actor[Any]):
                 cwd = tree.path
             except LokiError as exc:
                 await self._warn("worktree", exc.message, taskId=task.id)
+        inputs = await self._claim_inputs()
         try:
-            await self._run_agent(worker, slot, task, iteration, cwd, tree)
+            await self._run_agent(worker, slot, task, iteration, cwd, tree, inputs)
         finally:
+            # Applied once its agent started; else back to the queue for a later prompt.
+            self._claimed_inputs.difference_update(item["id"] for item in inputs)
             if tree is not None:
                 with trio.CancelScope(shield=True):
                     with trio.move_on_after(WORKTREE_LOKI_WAIT):
@@ -1222,6 +1227,20 @@ class SessionActor(Actor[Any]):
         if new:
             await self._add_agent_tasks(tuple(new))
 
+    async def _claim_inputs(self) -> list[dict[str, Any]]:
+        """The queued inputs for the next prompt, claimed for it: oldest first, each whole.
+
+        Parallel workers build their prompts at the same time and the inputs stay
+        `queued` in the store until an agent started: the claim (in memory, so a
+        crash loses none) keeps another worker's prompt from taking them too. What
+        does not fit waits for the next prompt; the caller releases the claim.
+        """
+        queued = await self.store.read(lambda db: pending_inputs(db, self.id))
+        free = [item for item in queued if item["id"] not in self._claimed_inputs]
+        inputs = free[: inputs_that_fit([item["message"] for item in free])]
+        self._claimed_inputs.update(item["id"] for item in inputs)
+        return inputs
+
     async def _run_agent(
         self,
         worker: _Worker,
@@ -1230,10 +1249,8 @@ class SessionActor(Actor[Any]):
         iteration: int,
         cwd: Path,
         tree: worktree.Worktree | None,
+        inputs: list[dict[str, Any]],
     ) -> None:
-        queued = await self.store.read(lambda db: pending_inputs(db, self.id))
-        # Each input whole; what does not fit waits (queued) for the next prompt.
-        inputs = queued[: inputs_that_fit([item["message"] for item in queued])]
         attempt = task.attempts + 1
         prompt = build_prompt(
             PromptTask(task.id, task.title, task.description, task.acceptance, attempt),
@@ -1579,8 +1596,9 @@ class SessionActor(Actor[Any]):
         )
 
     async def _inputs_applied(self, input_ids: list[str], task_id: str) -> None:
-        await self.store.write(lambda db: mark_inputs_applied(db, input_ids))
-        for input_id in input_ids:
+        """Mark the inputs of a started agent's prompt applied; one event per input."""
+        applied = await self.store.write(lambda db: mark_inputs_applied(db, input_ids))
+        for input_id in applied:  # none already applied: published once
             await self.bus.publish(
                 "input.applied", self.id, Level.INFO, {"inputId": input_id, "taskId": task_id}
             )
