@@ -11,7 +11,8 @@ Rules:
   the client reused a key by mistake, and guessing which request it meant
   would lose one of them.
 * Keys are scoped by route (`POST /api/sessions` and a future create route
-  may share a key) and kept for `RETENTION_SECONDS` (24 h); older rows are
+  may share a key; a session's input route is scoped to that session, so one
+  key serves one input per session) and kept for `RETENTION_SECONDS` (24 h); older rows are
   pruned by the writer that checks them, at most `PRUNE_BATCH` at a time.
 * Only successful answers are stored: a 4xx is not "the first response" a
   retry must repeat (the client may fix the PRD and retry with the same key).
@@ -45,6 +46,7 @@ __all__ = [
     "MAX_KEY_CHARS",
     "RETENTION_SECONDS",
     "CreateOutcome",
+    "Once",
     "Remembered",
     "body_digest",
     "create_once",
@@ -66,6 +68,20 @@ class Remembered:
 
     status: int
     body: Any
+
+
+@attrs.frozen
+class Once:
+    """A keyed request, for a create that an actor commits (its write remembers the answer)."""
+
+    route: str
+    key: str
+    digest: str
+
+    @classmethod
+    def of(cls, route: str, key: str | None, body: Any) -> Once | None:
+        """None without a key: the request is not idempotent."""
+        return None if key is None else cls(route, key, body_digest(body))
 
 
 def validate_key(raw: str | None) -> str | None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+import trio
 
 from lokid.config import PROVIDERS
 from lokid.prd import MAX_PRD_BYTES
@@ -348,6 +349,54 @@ async def test_idempotency_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         assert (await listing(the_lab))["total"] == 1
         await the_lab.wait_event(first.json()["id"], "agent.spawned")
         await stop(the_lab, first.json()["id"])
+
+
+async def test_idempotency_key_on_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An input is a record with its own id: a key queues it once (DESIGN.md §4)."""
+    async with fake_lab(tmp_path, monkeypatch) as the_lab:
+        sid = (await start_slow(the_lab, tmp_path, "one"))["id"]
+        other = (await start_slow(the_lab, tmp_path, "two"))["id"]
+
+        async def send(session_id: str, message: str, key: str | bytes) -> httpx.Response:
+            raw = key.encode() if isinstance(key, str) else key
+            return await the_lab.client.post(
+                f"/api/sessions/{session_id}/input",
+                json={"message": message},
+                headers={b"Idempotency-Key": raw},
+            )
+
+        answers: list[httpx.Response] = []
+
+        async def send_once() -> None:
+            answers.append(await send(sid, "use SQLite", "input-once-1"))
+
+        async with trio.open_nursery() as nursery:  # a request and its retries at once
+            for _ in range(4):
+                nursery.start_soon(send_once)
+        await send_once()  # and one after
+        first = answers[0]
+        assert first.status_code == 202, first.text
+        assert [(r.status_code, r.json()) for r in answers] == [(202, first.json())] * 5
+        received = await the_lab.events(sid, "input.received")
+        assert [e["data"]["inputId"] for e in received] == [first.json()["id"]]
+
+        changed = await send(sid, "use Postgres", "input-once-1")
+        error = error_of(changed, 409, "CONFLICT")
+        assert error["details"]["idempotencyKey"] == "input-once-1"
+        elsewhere = await send(other, "use SQLite", "input-once-1")  # keys are per session
+        assert elsewhere.status_code == 202, elsewhere.text
+        assert elsewhere.json()["id"] != first.json()["id"]
+        for bad in (b"k" * 300, b"cl\xe9"):
+            error = error_of(await send(sid, "use SQLite", bad), 400, "BAD_REQUEST")
+            assert error["details"]["field"] == "Idempotency-Key"
+        assert len(await the_lab.events(sid, "input.received")) == 1
+
+        await stop(the_lab, sid)
+        late = await send(sid, "use SQLite", "input-once-1")  # a retry after the end
+        assert (late.status_code, late.json()) == (202, first.json())
+        fresh = await send(sid, "use SQLite", "input-once-2")
+        assert error_of(fresh, 409, "CONFLICT")["details"]["status"] == "stopped"
+        await stop(the_lab, other)
 
 
 # -- commands: stop, pause, resume, input, delete ----------------------------------

@@ -112,7 +112,7 @@ import attrs
 import sqlite_utils
 import trio
 
-from lokid import __version__, lokidir, providers, sandbox, worktree
+from lokid import __version__, idempotency, lokidir, providers, sandbox, worktree
 from lokid.actor import Actor, ActorStatistics, WhenFull
 from lokid.actors.agent_pool import AgentPool, PoolBusy, PoolClosed, Slot
 from lokid.actors.event_bus import EventBus
@@ -211,6 +211,7 @@ class Stop:
 class Input:
     message: str
     source: str = "api"
+    once: idempotency.Once | None = None  # an `Idempotency-Key`: its answer is remembered
 
 
 @attrs.frozen
@@ -411,8 +412,8 @@ class SessionActor(Actor[Any]):
                 return session
             case Stop():
                 return await self._stop("api")
-            case Input(message=text, source=source):
-                return await self._add_input(text, source)
+            case Input(message=text, source=source, once=once):
+                return await self._add_input(text, source, once)
         raise TypeError(f"{self.name}: unexpected message {message!r}")
 
     # -- transitions -----------------------------------------------------------------
@@ -511,9 +512,29 @@ class SessionActor(Actor[Any]):
             self._work_scope.cancel()
         self._poke()
 
-    async def _add_input(self, text: str, source: str) -> dict[str, Any]:
+    async def _add_input(
+        self, text: str, source: str, once: idempotency.Once | None = None
+    ) -> dict[str, Any]:
+        """Queue an input (`input.received`); with `once`, its answer is stored with it.
+
+        A request with the key of one stored meanwhile (a concurrent retry) gets
+        that answer and queues nothing.
+        """
         step(self.lifecycle.status, Trigger.INPUT)  # 409 unless running or paused
-        answer: dict[str, Any] = await self.store.write(lambda db: add_input(db, self.id, text))
+
+        def write(db: sqlite_utils.Database) -> tuple[dict[str, Any], bool]:
+            if once is not None:
+                first = idempotency.lookup(db, once.route, once.key, once.digest)
+                if first is not None:
+                    return dict(first.body), False
+            answer = add_input(db, self.id, text)
+            if once is not None:
+                idempotency.remember(db, once.route, once.key, once.digest, 202, answer)
+            return answer, True
+
+        answer, created = await self.store.write(write)
+        if not created:
+            return answer
         await self.bus.publish(
             "input.received",
             self.id,

@@ -96,6 +96,7 @@ from lokid.timefmt import utc_now_iso
 log = logging.getLogger("lokid.sessions")
 
 CREATE_ROUTE = "POST /api/sessions"
+INPUT_ROUTE = "POST /api/sessions/{id}/input"  # keys are scoped to the session: {id} filled in
 MAX_SESSION_CRASHES = 3
 COMMAND_TIMEOUT = 30.0
 FINISH_WAIT_SECONDS = 10.0
@@ -446,6 +447,26 @@ class SessionManager(Actor[Any]):
             answer: dict[str, Any] = await actor.ask(message, timeout=COMMAND_TIMEOUT)
             return answer
         return await self._offline(session_id, message, source="api")
+
+    async def add_input(
+        self, session_id: str, message: str, *, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """`POST /api/sessions/{id}/input`: the queued input, or the remembered answer.
+
+        A retry (same key and message) is answered from the store before the
+        session's status is looked at: the session may have ended since. The
+        first answer is stored by the actor, in the write that queues the input.
+        """
+        route = INPUT_ROUTE.replace("{id}", session_id)
+        once = idempotency.Once.of(route, idempotency_key, {"message": message})
+        if once is not None:
+            first = await self.store.read(
+                lambda db: idempotency.lookup_only(db, once.route, once.key, once.digest)
+            )
+            if first is not None:
+                remembered: dict[str, Any] = first.body
+                return remembered
+        return await self.command(session_id, Input(message, once=once))
 
     async def _offline(self, session_id: str, message: Command, *, source: str) -> dict[str, Any]:
         trigger = _TRIGGER[type(message)]

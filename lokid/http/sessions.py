@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from lokid import idempotency
-from lokid.actors.session import Input, Pause, Resume, Stop
+from lokid.actors.session import Pause, Resume, Stop
 from lokid.actors.session_manager import SessionManager
 from lokid.actors.store import StoreActor
 from lokid.config import PROVIDERS
@@ -390,19 +390,22 @@ def install_session_writes(surface: Surface, manager: SessionManager) -> None:
         "/api/sessions/{id}/input",
         "Send human input into the next agent prompt",
         responses={
-            202: "Queued",
+            202: "Queued; a retry (same Idempotency-Key and message): the first answer",
+            400: "Malformed JSON or Idempotency-Key",
             404: "No such session",
-            409: "Not running or paused",
+            409: "Not running or paused, or the key was used for another message",
             422: "Invalid message",
         },
+        params=(IDEMPOTENCY,),
         request_body=INPUT_BODY,
         tags=tags,
         requires="write",
     )
     async def session_input(scope: Scope) -> LeanResponse:
         id = path_param(scope, "id")
+        key = idempotency.validate_key(header(scope, idempotency.HEADER))
         message = validate_input_message(lean_json(scope))
-        return json_response(202, await manager.command(id, Input(message)))
+        return json_response(202, await manager.add_input(id, message, idempotency_key=key))
 
     @surface.lean(
         "DELETE",
