@@ -76,6 +76,7 @@ __all__ = [
     "active_session_ids",
     "active_tasks",
     "add_input",
+    "agents_without_end",
     "delete_session",
     "get_session",
     "get_task",
@@ -1139,6 +1140,32 @@ def runner_tasks(db: sqlite_utils.Database, session_id: str) -> list[RunnerTask]
             "SELECT * FROM tasks WHERE session_id = ? ORDER BY priority, position", (session_id,)
         )
     ]
+
+
+def agents_without_end(db: sqlite_utils.Database, session_id: str) -> list[dict[str, Any]]:
+    """The `agent.spawned` data of the session's agent processes that have no
+    `agent.completed`/`agent.failed` yet (a daemon crash cut their runs off), in order.
+
+    Two passes over the session's agent events, not one subquery per agent: a
+    session's history may hold many thousands of output events.
+    """
+    ended = {
+        row["agent_id"]
+        for row in db.query(
+            "SELECT json_extract(data, '$.agentId') AS agent_id FROM events"
+            " WHERE session_id = ? AND type IN ('agent.completed', 'agent.failed')",
+            (session_id,),
+        )
+    }
+    spawned = [
+        json.loads(row["data"])
+        for row in db.query(
+            "SELECT data FROM events WHERE session_id = ? AND type = 'agent.spawned'"
+            " AND json_extract(data, '$.kind') = 'process' ORDER BY id",
+            (session_id,),
+        )
+    ]
+    return [data for data in spawned if data.get("agentId") not in ended]
 
 
 def requeue_active_tasks(db: sqlite_utils.Database, session_id: str, note: str) -> int:

@@ -880,6 +880,19 @@ async def next_spawn(spawns: Path, journal: Journal, timeout: float = 5.0) -> No
     journal.note(f"no agent spawn within {timeout} s")
 
 
+# Every process `agent.spawned` gets its `agent.completed`/`agent.failed` (docs/sessions.md);
+# after the restart nothing runs, so (session, agentId) of any without one is a problem.
+UNENDED_AGENTS = """
+SELECT s.session_id, json_extract(s.data, '$.agentId') FROM events s
+WHERE s.type = 'agent.spawned' AND json_extract(s.data, '$.kind') = 'process'
+AND NOT EXISTS (
+    SELECT 1 FROM events e
+    WHERE e.session_id = s.session_id AND e.type IN ('agent.completed', 'agent.failed')
+    AND json_extract(e.data, '$.agentId') = json_extract(s.data, '$.agentId')
+)
+"""
+
+
 async def check_restarted(
     root: Path,
     daemon: CrashDaemon,
@@ -914,6 +927,9 @@ async def check_restarted(
     open_rows = query(db, "SELECT id, session_id, pid FROM agents WHERE ended_at IS NULL")
     if open_rows:
         problems.append(f"agent records still open after the restart: {open_rows}")
+    unended = query(db, UNENDED_AGENTS)
+    if unended:
+        problems.append(f"agent processes spawned and never ended after the restart: {unended}")
 
     async with (
         httpx.AsyncClient(base_url=daemon.api_url, timeout=REQUEST_SECONDS) as api,

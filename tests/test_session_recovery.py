@@ -90,6 +90,16 @@ def test_sigkill_then_restart_kills_the_orphan_and_resume_continues(
         assert task["status"] == "pending"
         (interrupted,) = events(client, session_id, "session.interrupted")
         assert interrupted["data"]["reason"] == "daemon restart"
+        # The killed run gets its end (every agent.spawned gets one), before the interrupt.
+        (spawned,) = events(client, session_id, "agent.spawned")
+        (ended,) = events(client, session_id, "agent.completed,agent.failed")
+        assert ended["type"] == "agent.failed"
+        assert ended["data"]["agentId"] == spawned["data"]["agentId"]
+        assert ended["data"]["taskId"] == spawned["data"]["taskId"] == task["id"]
+        assert (ended["data"]["endReason"], ended["data"]["code"]) == ("stopped", "stopped")
+        assert ended["data"]["error"] == "run cut off: daemon restart"
+        assert ended["data"]["exitCode"] is None and ended["data"]["survivors"] == []
+        assert spawned["id"] < ended["id"] < interrupted["id"]
 
         answer = client.post(f"/api/sessions/{session_id}/resume")
         assert answer.status_code == 200 and answer.json()["status"] == "running"

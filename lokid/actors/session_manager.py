@@ -73,12 +73,14 @@ from lokid.actors.agent_pool import AgentPool
 from lokid.actors.event_bus import EventBus
 from lokid.actors.session import Input, Pause, Resume, RunnerSettings, SessionActor, Stop
 from lokid.actors.store import StoreActor, StoreUnavailable
+from lokid.agent_host import EndReason
 from lokid.errors import ActorError, Conflict, LokiError, Unavailable
 from lokid.events import Level
 from lokid.loki_mirror import write_reconciled
 from lokid.session_records import (
     SessionRequest,
     active_session_ids,
+    agents_without_end,
     delete_session,
     get_session,
     insert_session,
@@ -97,6 +99,7 @@ log = logging.getLogger("lokid.sessions")
 
 CREATE_ROUTE = "POST /api/sessions"
 INPUT_ROUTE = "POST /api/sessions/{id}/input"  # keys are scoped to the session: {id} filled in
+CUT_OFF_BY_RESTART = "run cut off: daemon restart"  # a task's error, an agent's end
 MAX_SESSION_CRASHES = 3
 COMMAND_TIMEOUT = 30.0
 FINISH_WAIT_SECONDS = 10.0
@@ -199,9 +202,10 @@ class SessionManager(Actor[Any]):
             def write(
                 db: sqlite_utils.Database, sid: str = session_id, values: dict[str, Any] = fields
             ) -> None:
-                requeue_active_tasks(db, sid, "run cut off: daemon restart")
+                requeue_active_tasks(db, sid, CUT_OFF_BY_RESTART)
                 update_session(db, sid, **values)
 
+            await self._end_cut_off_agents(session_id)
             await self.store.write(write)
             self._reconciled += 1
             if transition.event is not None:
@@ -218,6 +222,40 @@ class SessionManager(Actor[Any]):
             elif transition.after is Status.INTERRUPTED and self.resume_on_start:
                 resume.append(session_id)
         return restore, resume
+
+    async def _end_cut_off_agents(self, session_id: str) -> None:
+        """`agent.failed` for each agent process of the session that the crash left
+        without an end (every `agent.spawned` gets one), before the session's own event.
+
+        The pool's reconciliation (run before this) killed what was still alive and
+        closed the rows; the dead daemon never published their ends. Published before
+        the session's transition is stored, so a crash in between repeats none: the
+        next start looks at the events again.
+        """
+        survivors = {
+            f"agent-{outcome.row_id}": list(outcome.survivors)
+            for outcome in self.pool.last_reconcile
+            if outcome.session_id == session_id
+        }
+        for spawned in await self.store.read(lambda db: agents_without_end(db, session_id)):
+            agent_id = spawned.get("agentId")
+            await self.bus.publish(
+                "agent.failed",
+                session_id,
+                Level.WARNING,
+                {
+                    "agentId": agent_id,
+                    "kind": "process",
+                    "taskId": spawned.get("taskId"),
+                    "exitCode": None,  # not seen: the daemon that waited for it was gone
+                    "endReason": EndReason.STOPPED.value,
+                    "summary": None,
+                    "costUsd": None,
+                    "survivors": survivors.get(str(agent_id), []),
+                    "code": "stopped",
+                    "error": CUT_OFF_BY_RESTART,
+                },
+            )
 
     async def _rewrite_loki_dir(self, session_id: str) -> None:
         """Make a reconciled session's `.loki/` files say what the store now says: a
