@@ -93,7 +93,10 @@ Decisions (where DESIGN.md §5 is silent):
   record; the status row keeps it as "no change" and `removes_record` says
   the rest. A deleted session accepts nothing: `SessionDeleted` (404).
 * Entering `stopping` emits no event (the API answer shows `stopping`);
-  `session.stopped` is emitted when the session is `stopped`.
+  `session.stopped` is emitted when the session is `stopped`, with `status`,
+  `source` and `survivors` whichever way it got there (the runner, the
+  restart's reconciliation, a stop of an `interrupted` session;
+  [sessions.md](sessions.md), "Events a session publishes").
 * `daemon_restart` on a status that is not active is a 409: reconciliation
   fires it only for active sessions, so it would be a caller bug.
 """

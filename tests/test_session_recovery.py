@@ -121,6 +121,44 @@ def test_sigkill_then_restart_kills_the_orphan_and_resume_continues(
     assert code == 0
 
 
+def test_session_stopped_carries_source_and_survivors_after_a_restart(
+    tmp_path: Path, daemon_factory: Callable[..., DaemonProcess]
+) -> None:
+    """Every `session.stopped` has `status, source, survivors` (docs/sessions.md): a stop
+    the crash cut short, finished by the restart, and a stop of an `interrupted` session
+    had `{status, reason}` and `{status, source}`."""
+    env, log = agent_env(tmp_path)
+    stubborn = make_project(tmp_path, "# A\n\n## Features\n- Stubborn [mode:ignore-term]\n", "a")
+    hanging = make_project(tmp_path, "# B\n\n## Features\n- Job [mode:slow] [seconds:60]\n", "b")
+    home = tmp_path / "home"
+    first = daemon_factory(home, extra_env={**env, "LOKI_AGENT_GRACE": "60"}).start()
+    stopping, _ = start_hanging_session(first, stubborn, log)
+    interrupted, _ = start_hanging_session(first, hanging, log)
+    with httpx.Client(base_url=first.api_url, timeout=10) as client:
+        answer = client.post(f"/api/sessions/{stopping}/stop")  # its agent ignores SIGTERM
+        assert answer.status_code == 200 and answer.json()["status"] == "stopping"
+    first.kill()
+
+    second = daemon_factory(home, extra_env=env).start()
+    with httpx.Client(base_url=second.api_url, timeout=10) as client:
+        (finished,) = events(client, stopping, "session.stopped")
+        assert finished["data"] == {
+            "status": "stopped",
+            "source": "daemon restart",
+            "survivors": [],
+            "reason": "daemon restart",
+        }
+        assert finished["level"] == "info"
+        (ended,) = events(client, stopping, "agent.failed")
+        assert ended["id"] < finished["id"]
+
+        assert client.post(f"/api/sessions/{interrupted}/stop").status_code == 200
+        (stopped,) = events(client, interrupted, "session.stopped")
+        assert stopped["data"] == {"status": "stopped", "source": "api", "survivors": []}
+    code, _ = second.terminate()
+    assert code == 0
+
+
 def test_sigkill_then_restart_rewrites_the_loki_files(
     tmp_path: Path, daemon_factory: Callable[..., DaemonProcess]
 ) -> None:

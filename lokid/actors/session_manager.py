@@ -209,12 +209,15 @@ class SessionManager(Actor[Any]):
             await self.store.write(write)
             self._reconciled += 1
             if transition.event is not None:
-                await self.bus.publish(
-                    transition.event,
-                    session_id,
-                    Level.WARNING,
-                    {"status": transition.after.value, "reason": "daemon restart"},
-                )
+                data: dict[str, Any] = {
+                    "status": transition.after.value,
+                    "reason": "daemon restart",
+                }
+                level = Level.WARNING  # session.interrupted
+                if transition.event == "session.stopped":  # a stop the crash cut short
+                    data.update(source="daemon restart", survivors=self._survivors_of(session_id))
+                    level = Level.INFO
+                await self.bus.publish(transition.event, session_id, level, data)
             await self._rewrite_loki_dir(session_id)
             await self._prune_worktrees(session_id)
             if transition.after is Status.PAUSED:
@@ -256,6 +259,15 @@ class SessionManager(Actor[Any]):
                     "error": CUT_OFF_BY_RESTART,
                 },
             )
+
+    def _survivors_of(self, session_id: str) -> list[int]:
+        """Pids of the session's agents that this start's kill left alive (none expected)."""
+        return sorted(
+            pid
+            for outcome in self.pool.last_reconcile
+            if outcome.session_id == session_id
+            for pid in outcome.survivors
+        )
 
     async def _rewrite_loki_dir(self, session_id: str) -> None:
         """Make a reconciled session's `.loki/` files say what the store now says: a
@@ -529,9 +541,10 @@ class SessionManager(Actor[Any]):
         session = await self.store.write(write)
         event = EVENT_FOR.get((status, transition.after))
         if event is not None:
-            await self.bus.publish(
-                event, session_id, Level.INFO, {"status": transition.after.value, "source": source}
-            )
+            data: dict[str, Any] = {"status": transition.after.value, "source": source}
+            if event == "session.stopped":
+                data["survivors"] = []  # an interrupted session has no process left to kill
+            await self.bus.publish(event, session_id, Level.INFO, data)
         if transition.after is Status.RUNNING:
             try:
                 await self._start_actor(session_id)
