@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from lokid import __version__
-from lokid.client import ApiCallFailed, ControlClient, DaemonNotAnswering, DaemonNotRunning
+from lokid.client import (
+    ApiCallFailed,
+    ControlClient,
+    DaemonHungUp,
+    DaemonNotAnswering,
+    DaemonNotRunning,
+)
 from lokid.config import Config, load_config, shown_text
 from lokid.errors import ConfigError, LokiError, StartupError
 from lokid.pidfile import running_daemon
@@ -34,7 +40,7 @@ from lokid.timefmt import utc_now_iso
 START_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 40.0  # the daemon answers a session command within 30 s
 STATUS_TIMEOUT = 5.0  # /api/status answers at once; a daemon that does not is stuck
-EVENTS_TIMEOUT = 10.0  # `loki events`: one page of history
+EVENTS_TIMEOUT = 10.0  # `loki events`: one page of history; `-f`: the stream's head
 POLL_INTERVAL = 0.1
 
 
@@ -543,7 +549,7 @@ def _wait_ready(config: Config) -> dict[str, Any]:
             )
         try:
             status = _daemon_status(config, quiet=True)
-        except DaemonNotAnswering:  # busy starting: keep waiting until START_TIMEOUT
+        except (DaemonNotAnswering, DaemonHungUp):  # busy starting: wait until START_TIMEOUT
             status = None
         # Only our child's answer: a daemon of another data dir that won the socket
         # path while ours started answers there too, and ours then exits refused.
@@ -691,7 +697,7 @@ def cmd_events(args: argparse.Namespace, config: Config) -> int:
             _print_event(event, as_json=args.json)
         return 0
     try:
-        with ControlClient(config.socket) as client:
+        with ControlClient(config.socket, timeout=EVENTS_TIMEOUT) as client:
             for event in client.stream_events(params={**query, "history": str(args.limit)}):
                 _print_event(event, as_json=args.json)
     except DaemonNotRunning as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,16 @@ class DaemonNotRunning(LokiError):
 
 class DaemonNotAnswering(LokiError):
     """The control socket accepts connections, but no answer came in time."""
+
+
+class DaemonHungUp(LokiError):
+    """The control socket took the connection, then closed or reset it without an
+    answer: a daemon that is stopping (not one to start a second daemon beside)."""
+
+
+class SocketRefused(LokiError):
+    """This user may not look at or connect to the control socket (EACCES): the
+    daemon may well run, as another account, so "not running" would mislead."""
 
 
 class ApiCallFailed(LokiError):
@@ -58,28 +69,46 @@ class ControlClient:
         self._http.close()
 
     def _check_socket(self) -> None:
-        if not self.socket_path.exists():
+        try:
+            exists = self.socket_path.exists()
+        except PermissionError:  # a folder on the way is another account's (0700)
+            raise self._refused("cannot look into its folder") from None
+        if not exists:
             raise DaemonNotRunning(
                 f"lokid is not running (no control socket at {self.socket_path})"
             )
 
-    def _nothing_answers(self, exc: Exception) -> DaemonNotRunning:
-        return DaemonNotRunning(
-            f"lokid is not running (nothing answers on {self.socket_path}: {exc})"
+    def _refused(self, what: str) -> SocketRefused:
+        return SocketRefused(
+            f"this user (uid {os.getuid()}) may not use lokid's control socket "
+            f"{self.socket_path}: {what} (Permission denied). lokid may be running as "
+            "another account: run loki as that account or as root"
+        )
+
+    def _failed(self, exc: httpx.TransportError, seconds: float | None) -> LokiError:
+        """What an httpx transport error means for the reader, in one line."""
+        if isinstance(exc, httpx.TimeoutException):
+            return DaemonNotAnswering(
+                f"lokid did not answer on {self.socket_path} within {seconds:g} s "
+                "(stopped, or too busy?)"
+            )
+        if isinstance(exc, httpx.ConnectError):
+            if isinstance(_os_error_of(exc), PermissionError):
+                return self._refused("it does not let this user connect")
+            return DaemonNotRunning(
+                f"lokid is not running (nothing answers on {self.socket_path}: {exc})"
+            )
+        return DaemonHungUp(
+            f"lokid closed the connection on {self.socket_path} without a whole answer "
+            f"(stopping?): {str(exc) or type(exc).__name__}"
         )
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         self._check_socket()
         try:
             response = self._http.request(method, path, **kwargs)
-        except (httpx.ConnectError, httpx.RemoteProtocolError, FileNotFoundError) as exc:
-            raise self._nothing_answers(exc) from None
-        except httpx.TimeoutException:
-            seconds = kwargs.get("timeout", self.timeout)
-            raise DaemonNotAnswering(
-                f"lokid did not answer on {self.socket_path} within {seconds:g} s "
-                "(stopped, or too busy?)"
-            ) from None
+        except httpx.TransportError as exc:
+            raise self._failed(exc, kwargs.get("timeout", self.timeout)) from None
         if response.status_code >= 400:
             try:
                 error = response.json()["error"]
@@ -106,6 +135,8 @@ class ControlClient:
 
         Ends when the daemon ended the stream because it is stopping: a
         reconnect would only meet a stopping daemon (503) or none at all.
+        The answer's head must come within `timeout`; the stream itself may then
+        be quiet for as long as it likes (the daemon's keep-alives are its own).
         """
         self._check_socket()
         last_id: int | None = None
@@ -116,7 +147,7 @@ class ControlClient:
                 params = {k: v for k, v in params.items() if k != "history"}
             try:
                 with self._http.stream(
-                    "GET", "/api/events", params=params, headers=headers, timeout=None
+                    "GET", "/api/events", params=params, headers=headers
                 ) as response:
                     if response.status_code >= 400:
                         response.read()
@@ -124,12 +155,34 @@ class ControlClient:
                         raise ApiCallFailed(
                             response.status_code, error["code"], error["message"], error["details"]
                         )
+                    _no_read_timeout(response)
                     for event in parse_sse(_noting_stop(response.iter_lines(), stopping)):
                         if isinstance(event.get("id"), int):
                             last_id = event["id"]
                         yield event
-            except (httpx.ConnectError, httpx.RemoteProtocolError, FileNotFoundError) as exc:
-                raise self._nothing_answers(exc) from None
+            except httpx.TransportError as exc:
+                raise self._failed(exc, self.timeout) from None
+
+
+def _no_read_timeout(response: httpx.Response) -> None:
+    """Wait for the rest of `response` without a read timeout.
+
+    httpx has one timeout for the whole request; httpcore reads the request's
+    `timeout` extension again when the body is first read, so clearing `read`
+    now bounds the wait for the head only."""
+    timeouts = response.request.extensions.get("timeout")
+    if isinstance(timeouts, dict):
+        timeouts["read"] = None
+
+
+def _os_error_of(exc: BaseException) -> OSError | None:
+    """The OSError an httpx error was raised from (httpx and httpcore wrap it)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _noting_stop(lines: Iterable[str], stopping: list[str]) -> Iterator[str]:
