@@ -31,7 +31,7 @@ from lokid.client import (
     DaemonNotAnswering,
     DaemonNotRunning,
 )
-from lokid.config import Config, load_config, shown_text
+from lokid.config import Config, expand_user, load_config, shown_text
 from lokid.errors import ConfigError, LokiError, StartupError
 from lokid.pidfile import running_daemon
 from lokid.session_state import Status
@@ -411,7 +411,7 @@ def _add_registry_commands(commands: Any) -> None:
     add.add_argument("--json", action="store_true", help="print the API answer")
     add.set_defaults(handler=cmd_registry_add)
     rm = actions.add_parser("rm", help="unregister a project (its files are not touched)")
-    rm.add_argument("project", metavar="ID|PATH", help="a reg- id, or the registered folder")
+    rm.add_argument("target", metavar="ID|PATH", help="a reg- id, or the registered folder")
     rm.add_argument("--json", action="store_true", help='print {"id", "unregistered": true}')
     rm.set_defaults(handler=cmd_registry_rm)
     discover = actions.add_parser("discover", help="find folders holding .loki/")
@@ -442,6 +442,53 @@ def _add_registry_list_flags(parser: argparse.ArgumentParser, default: Any) -> N
     )
     _add_page_flags(parser, default)
     parser.add_argument("--json", action="store_true", default=default, help="the API answer")
+
+
+ARGUMENT_NAMES = {
+    # dest -> what the user typed, for the messages of `check_arguments`
+    "prd": "PRD",
+    "path": "PATH",
+    "id": "ID",
+    "message": "MESSAGE",
+    "target": "ID|PATH",
+    "audit_action": "--action",
+    "roots": "--root",
+}
+NOT_EMPTY = frozenset({"prd", "path", "id", "target", "project", "session", "roots"})
+"""Paths and ids: an empty one (an unset `$VAR`) would mean this folder, or a route's
+collection, not what the user meant."""
+
+
+def _argument_name(dest: str) -> str:
+    return ARGUMENT_NAMES.get(dest, "--" + dest.replace("_", "-"))
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse, in one line, text arguments lokid cannot take (exit 2, as argparse's).
+
+    Python hands undecodable argv bytes over as lone surrogates: they cannot go
+    into the API's JSON or URLs (httpx failed with a UnicodeEncodeError). The
+    config flags (`cfg_*`) are local paths and values `lokid.config` checks.
+    """
+    for dest, value in vars(args).items():
+        if dest.startswith("cfg_") or dest in ("handler", "config"):
+            continue
+        for text in value if isinstance(value, list) else [value]:
+            if not isinstance(text, str):
+                continue
+            name = _argument_name(dest)
+            if not _is_utf8(text):
+                raise CliError(f"loki: {name} is not valid UTF-8: {_shown(text)}", code=2)
+            if dest in NOT_EMPTY and not text:
+                raise CliError(f"loki: {name} is empty (an unset variable?)", code=2)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -479,12 +526,36 @@ def cmd_start(args: argparse.Namespace, config: Config) -> int:
         verb = "started"
     else:
         verb = "already running"
+        _check_running_port(args, config, existing)
     _print_where(args.view, existing, verb)
     if getattr(args, "open", False):
         url = existing["listeners"]["dashboard"]
         if not webbrowser.open(url):  # e.g. a server without a desktop
             print(f"loki: no web browser found here; open {url} yourself", file=sys.stderr)
     return 0
+
+
+def _check_running_port(args: argparse.Namespace, config: Config, status: dict[str, Any]) -> None:
+    """A `--port` the running daemon does not serve on: its port stays (a start does not
+    move a running daemon). The API's port is a fixed address, so that is an error; the
+    dashboard's is a wish anyway (taken -> the next free one), so a warning."""
+    field = f"{args.view}_port"
+    if getattr(args, f"cfg_{field}", None) is None or getattr(config, field) == 0:
+        return
+    wanted = getattr(config, field)
+    try:
+        running = urllib.parse.urlsplit(status["listeners"][args.view]).port
+    except (KeyError, TypeError, ValueError):
+        return
+    if running == wanted:
+        return
+    said = (
+        f"lokid already runs with the {args.view} on port {running}, not {wanted}; "
+        f"to move it, stop it first (`loki {args.view} stop`)"
+    )
+    if args.view == "api":
+        raise CliError(f"loki: {said}")
+    print(f"loki: warning: {said}", file=sys.stderr)
 
 
 def serve_argv(args: argparse.Namespace) -> list[str]:
@@ -680,7 +751,27 @@ def _duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+EVENTS_FLAGS = {
+    "history": "--limit",
+    "limit": "--limit",
+    "sessionId": "--session",
+    "types": "--types",
+    "minLevel": "--min-level",
+}
+"""The query parameter `loki events` sends for each flag: a refusal names the flag."""
+
+
 def cmd_events(args: argparse.Namespace, config: Config) -> int:
+    try:
+        return _events(args, config)
+    except ApiCallFailed as exc:
+        flag = EVENTS_FLAGS.get(exc.field or "")
+        if flag is None or exc.field is None or not exc.message.startswith(exc.field):
+            raise
+        raise CliError(f"loki: {flag}{exc.message.removeprefix(exc.field)}") from None
+
+
+def _events(args: argparse.Namespace, config: Config) -> int:
     query = {
         key: value
         for key, value in (
@@ -789,12 +880,22 @@ def _call(config: Config, method: str, path: str, **kwargs: Any) -> Any:
 # -- sessions and tasks ----------------------------------------------------------
 
 
+def _path_argument(text: str, name: str) -> str:
+    """A path argument as the daemon needs it: absolute, relative ones against this
+    folder, a leading `~` or `~user` expanded (in every path argument, as in the
+    config's paths, quoted or not)."""
+    try:
+        return os.path.abspath(expand_user(text))
+    except ValueError as exc:
+        raise CliError(f"loki: {name}: {exc}", code=2) from None
+
+
 def cmd_session_start(args: argparse.Namespace, config: Config) -> int:
-    body: dict[str, Any] = {"prd": os.path.abspath(args.prd)}
+    body: dict[str, Any] = {"prd": _path_argument(args.prd, "PRD")}
     if args.provider is not None:
         body["provider"] = args.provider
     if args.project is not None:
-        body["projectDir"] = os.path.abspath(args.project)
+        body["projectDir"] = _path_argument(args.project, "--project")
     options: dict[str, Any] = {}
     if args.parallel:
         options["parallel"] = True
@@ -887,7 +988,7 @@ def cmd_sessions_command(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_sessions_input(args: argparse.Namespace, config: Config) -> int:
-    message = sys.stdin.read() if args.message == "-" else args.message
+    message = _stdin_text("MESSAGE") if args.message == "-" else args.message
     path = f"/api/sessions/{_quote(args.id)}/input"
     answer = _call(config, "POST", path, json={"message": message})
     if args.json:
@@ -895,6 +996,17 @@ def cmd_sessions_input(args: argparse.Namespace, config: Config) -> int:
     else:
         print(f"{answer['id']} {answer['status']} for {answer['sessionId']}")
     return 0
+
+
+def _stdin_text(name: str) -> str:
+    """All of stdin as UTF-8 text (the API takes nothing else); exit 2 if it is not."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CliError(
+            f"loki: {name} on stdin is not valid UTF-8: {exc.reason} at byte {exc.start}", code=2
+        ) from None
 
 
 def cmd_sessions_rm(args: argparse.Namespace, config: Config) -> int:
@@ -1184,7 +1296,7 @@ def _task_counts(tasks: dict[str, int]) -> str:
 
 
 def cmd_registry_add(args: argparse.Namespace, config: Config) -> int:
-    body: dict[str, Any] = {"path": os.path.abspath(os.path.expanduser(args.path))}
+    body: dict[str, Any] = {"path": _path_argument(args.path, "PATH")}
     if args.name is not None:
         body["name"] = args.name
     entry = _call(config, "POST", f"{REGISTRY}/projects", json=body)
@@ -1204,18 +1316,24 @@ def cmd_registry_add(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+REGISTRY_ID = re.compile(r"reg-[0-9a-f]{12}")
+
+
 def _registry_id_of(project: str) -> str:
-    """An id as given, or the id of a folder (what the daemon computes from its real path)."""
-    if project.startswith("reg-"):
+    """An id as given, or the id of a folder (what the daemon computes from its real path).
+
+    Only the exact id form is an id: a folder named `reg-stuff` is a folder (one named
+    like an id is reached as `./reg-…`)."""
+    if REGISTRY_ID.fullmatch(project):
         return project
     import hashlib
 
-    real = os.path.realpath(os.path.expanduser(project))
+    real = os.path.realpath(_path_argument(project, "ID|PATH"))
     return "reg-" + hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
 def cmd_registry_rm(args: argparse.Namespace, config: Config) -> int:
-    registry_id = _registry_id_of(args.project)
+    registry_id = _registry_id_of(args.target)
     _call(config, "DELETE", f"{REGISTRY}/projects/{_quote(registry_id)}")
     if args.json:
         _print_json({"id": registry_id, "unregistered": True})
@@ -1226,7 +1344,7 @@ def cmd_registry_rm(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_registry_discover(args: argparse.Namespace, config: Config) -> int:
     params: dict[str, Any] = {}
-    roots = [os.path.abspath(os.path.expanduser(root)) for root in args.roots or ()]
+    roots = [_path_argument(root, "--root") for root in args.roots or ()]
     for root in roots:
         if "," in root:
             raise CliError(f"loki: a root cannot hold a comma (roots are a comma list): {root}")
@@ -1328,15 +1446,23 @@ def _print_tasks(tasks: list[dict[str, Any]], *, with_session: bool) -> None:
     _print_table(headers, rows, empty="no tasks")
 
 
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\udc80-\udcff]")
 """Control characters, line separators and bidirectional controls: a terminal would act
 on them (an escape sequence in a folder name or an agent's output could rewrite what
-the screen shows), so tables and event lines show them escaped."""
+the screen shows), so tables and event lines show them escaped. The lone surrogates
+Python makes of a path's undecodable bytes cannot be printed at all: shown as `\\xff`."""
 
 
 def _shown(text: str) -> str:
     """`text` with what `_UNPRINTABLE` matches written as a Python escape (`\\x1b`)."""
-    return _UNPRINTABLE.sub(lambda found: found.group().encode("unicode_escape").decode(), text)
+    return _UNPRINTABLE.sub(_escaped, text)
+
+
+def _escaped(found: re.Match[str]) -> str:
+    character = found.group()
+    if "\udc80" <= character <= "\udcff":  # an undecodable byte of a path (surrogateescape)
+        return f"\\x{ord(character) - 0xDC00:02x}"
+    return character.encode("unicode_escape").decode()
 
 
 def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, empty: str) -> None:
@@ -1404,6 +1530,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the command `args` name; an error is one line on stderr and its exit code."""
     handler: Callable[[argparse.Namespace, Config], int] = args.handler
     try:
+        check_arguments(args)
         config = config_from_args(args)
         return handler(args, config)
     except ConfigError as exc:

@@ -7,11 +7,17 @@ arguments. Most tests run `loki` in this process against a fake socket.
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import re
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -132,3 +138,217 @@ def test_events_follow_waits_for_a_quiet_stream_past_the_head_timeout(
     result = loki.ok(home, "events", "-f")
     assert result.out.endswith("     7 info    log late\n"), result.out
     assert result.err == "loki: lokid is stopping: the event stream ended\n"
+
+
+class Recorder:
+    """A fake daemon's handler: records each request, answers every one with `answer`."""
+
+    def __init__(self, answer: dict[str, Any]) -> None:
+        self.answer = answer
+        self.requests: list[tuple[str, Any]] = []
+
+    def __call__(self, conn: socket.socket) -> None:
+        conn.settimeout(5)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = re.search(rb"(?i)content-length: (\d+)", head)
+        while length is not None and len(body) < int(length.group(1)):
+            body += conn.recv(65536)
+        target = head.split(b"\r\n")[0].decode()
+        self.requests.append((target, json.loads(body) if body else None))
+        payload = json.dumps(self.answer).encode()
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(payload), payload)
+        )
+
+
+# -- arguments lokid cannot take ------------------------------------------------------
+
+NOT_UTF8 = [
+    (["start", "p\udcff.md"], "PRD is not valid UTF-8: p\\xff.md"),
+    (["start", "p.md", "--project", "d\udcff"], "--project is not valid UTF-8: d\\xff"),
+    (["registry", "add", "bad\udcffdir"], "PATH is not valid UTF-8: bad\\xffdir"),
+    (["registry", "rm", "bad\udcffdir"], "ID|PATH is not valid UTF-8: bad\\xffdir"),
+    (["registry", "discover", "--root", "\udcff"], "--root is not valid UTF-8: \\xff"),
+    (["sessions", "show", "\udcff"], "ID is not valid UTF-8: \\xff"),
+    (["sessions", "input", "s1", "\udcff"], "MESSAGE is not valid UTF-8: \\xff"),
+    (["token", "create", "--name", "\udcff", "--scopes", "read"], "--name is not valid UTF-8"),
+    (["token", "create", "--name", "n", "--scopes", "\udcff"], "--scopes is not valid UTF-8"),
+    (["events", "--types", "\udcff"], "--types is not valid UTF-8: \\xff"),
+    (["audit", "--action", "\udcff"], "--action is not valid UTF-8: \\xff"),
+]
+
+
+@pytest.mark.parametrize(("args", "said"), NOT_UTF8, ids=[" ".join(a[:2]) for a, _ in NOT_UTF8])
+def test_an_argument_that_is_not_utf8_is_refused_by_name(
+    loki: Cli, fake_daemon: Callable[[Handler], Path], args: list[str], said: str
+) -> None:
+    """Regression: a UnicodeEncodeError traceback from httpx (argv bytes that are not
+    UTF-8 reach Python as lone surrogates, which JSON and URLs cannot carry)."""
+    recorder = Recorder({})
+    home = fake_daemon(recorder)
+    result = loki(home, *args)
+    assert result.code == 2
+    assert result.err.startswith(f"loki: {said}") and result.err.count("\n") == 1, result.err
+    assert recorder.requests == []
+
+
+def test_a_message_on_stdin_that_is_not_utf8_is_refused(
+    loki: Cli, fake_daemon: Callable[[Handler], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: `head -c 300 /dev/urandom | loki sessions input ID -` (a traceback)."""
+    recorder = Recorder({})
+    home = fake_daemon(recorder)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"ok \xff\xfe")))
+    result = loki(home, "sessions", "input", "s1", "-")
+    assert (result.code, result.err) == (
+        2,
+        "loki: MESSAGE on stdin is not valid UTF-8: invalid start byte at byte 3\n",
+    )
+    assert recorder.requests == []
+
+
+EMPTY = [
+    (["start", ""], "PRD"),
+    (["start", "p.md", "--project", ""], "--project"),
+    (["registry", "add", ""], "PATH"),
+    (["registry", "rm", ""], "ID|PATH"),
+    (["registry", "discover", "--root", ""], "--root"),
+    (["sessions", "show", ""], "ID"),
+    (["sessions", "stop", ""], "ID"),
+    (["tasks", "--session", ""], "--session"),
+    (["token", "revoke", ""], "ID"),
+]
+
+
+@pytest.mark.parametrize(("args", "name"), EMPTY, ids=[" ".join(a[:2]) for a, _ in EMPTY])
+def test_an_empty_path_or_id_is_refused(
+    loki: Cli, fake_daemon: Callable[[Handler], Path], args: list[str], name: str
+) -> None:
+    """Regression: `registry add ""` registered this folder, `token revoke ""` said
+    "No route for DELETE /dashboard/api/enterprise/tokens/"."""
+    recorder = Recorder({})
+    home = fake_daemon(recorder)
+    result = loki(home, *args)
+    assert (result.code, result.err) == (2, f"loki: {name} is empty (an unset variable?)\n")
+    assert recorder.requests == []
+
+
+def test_every_path_argument_expands_a_leading_tilde(
+    loki: Cli,
+    fake_daemon: Callable[[Handler], Path],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """One rule: `start` and `--project` took "~/x" literally, `registry add` expanded it."""
+    recorder = Recorder({"id": "s1", "status": "starting"})
+    home = fake_daemon(recorder)
+    monkeypatch.setenv("HOME", str(tmp_path / "me"))
+    loki.ok(home, "start", "~/x/prd.md", "--project", "~/x")
+    loki.ok(home, "registry", "add", "~/x", "--json")
+    loki.ok(home, "registry", "discover", "--root", "~/x", "--json")
+    me = tmp_path / "me"
+    assert recorder.requests[0][1] == {"prd": f"{me}/x/prd.md", "projectDir": f"{me}/x"}
+    assert recorder.requests[1][1] == {"path": f"{me}/x"}
+    assert recorder.requests[2][0].startswith(
+        f"GET /dashboard/api/registry/discover?roots={urllib.parse.quote(str(me), safe='')}%2Fx "
+    ), recorder.requests[2]
+
+
+def test_registry_rm_takes_only_the_exact_id_form_for_an_id(
+    loki: Cli,
+    fake_daemon: Callable[[Handler], Path],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Regression: a folder named `reg-stuff` was sent as the id `reg-stuff` (404)."""
+    recorder = Recorder({})
+    home = fake_daemon(recorder)
+    (tmp_path / "reg-stuff").mkdir()
+    monkeypatch.chdir(tmp_path)
+    folder_id = "reg-" + hashlib.sha256(str(tmp_path / "reg-stuff").encode()).hexdigest()[:12]
+    assert loki.ok(home, "registry", "rm", "reg-stuff").out == f"{folder_id} unregistered\n"
+    assert loki.ok(home, "registry", "rm", "reg-0123456789ab").out == (
+        "reg-0123456789ab unregistered\n"
+    )
+    assert [target for target, _ in recorder.requests] == [
+        f"DELETE /dashboard/api/registry/projects/{folder_id} HTTP/1.1",
+        "DELETE /dashboard/api/registry/projects/reg-0123456789ab HTTP/1.1",
+    ]
+
+
+def _refusing(field: str, message: str) -> Handler:
+    """A fake daemon that refuses every request with a 400 naming `field`."""
+
+    def handler(conn: socket.socket) -> None:
+        conn.settimeout(5)
+        conn.recv(65536)
+        error = {"code": "INVALID_QUERY", "message": message, "details": {"field": field}}
+        payload = json.dumps({"error": error}).encode()
+        conn.sendall(
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(payload), payload)
+        )
+
+    return handler
+
+
+@pytest.mark.parametrize(("follow", "field"), [([], "limit"), (["-f"], "history")])
+def test_events_names_the_flag_the_daemon_refused(
+    loki: Cli, fake_daemon: Callable[[Handler], Path], follow: list[str], field: str
+) -> None:
+    """Regression: `loki events -f --limit -1` said `history must be ...`, a query
+    parameter the user never typed."""
+    home = fake_daemon(_refusing(field, f"{field} must be between 0 and 1000, got -1"))
+    result = loki.fails(home, "events", *follow, "--limit", "-1")
+    assert result.err == "loki: --limit must be between 0 and 1000, got -1 (400 INVALID_QUERY)\n"
+
+
+STATUS = {
+    "phase": "running",
+    "pid": 4242,
+    "listeners": {
+        "api": "http://127.0.0.1:8420",
+        "dashboard": "http://127.0.0.1:57374",
+        "socket": "/x/lokid.sock",
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "said"),
+    [
+        (["api", "start", "--port", "8420"], 0, ""),
+        (["api", "start", "--port", "0"], 0, ""),
+        (["api", "start"], 0, ""),
+        (
+            ["api", "start", "--port", "1234"],
+            1,
+            "loki: lokid already runs with the api on port 8420, not 1234; "
+            "to move it, stop it first (`loki api stop`)\n",
+        ),
+        (
+            ["dashboard", "start", "--port", "1234"],
+            0,
+            "loki: warning: lokid already runs with the dashboard on port 57374, not 1234; "
+            "to move it, stop it first (`loki dashboard stop`)\n",
+        ),
+    ],
+)
+def test_a_start_with_another_port_than_the_running_daemons_says_so(
+    loki: Cli,
+    fake_daemon: Callable[[Handler], Path],
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    code: int,
+    said: str,
+) -> None:
+    """Regression: `loki api start --port 1234` said "already running" (port 8420), exit 0."""
+    monkeypatch.setattr(cli, "_spawned", [])
+    home = fake_daemon(Recorder(STATUS))
+    result = loki(home, *args)
+    assert (result.code, result.err) == (code, said)
+    assert cli._spawned == []
