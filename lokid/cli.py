@@ -531,7 +531,7 @@ def cmd_start(args: argparse.Namespace, config: Config) -> int:
     if getattr(args, "open", False):
         url = existing["listeners"]["dashboard"]
         if not webbrowser.open(url):  # e.g. a server without a desktop
-            print(f"loki: no web browser found here; open {url} yourself", file=sys.stderr)
+            print(_shown(f"loki: no web browser found here; open {url} yourself"), file=sys.stderr)
     return 0
 
 
@@ -685,10 +685,10 @@ def cmd_view_status(args: argparse.Namespace, config: Config) -> int:
 def _print_where(view: str, status: dict[str, Any], verb: str) -> None:
     listeners = status["listeners"]
     main = listeners["dashboard"] if view == "dashboard" else listeners["api"]
-    print(f"lokid {verb}: {main} (pid {status['pid']})")
+    print(_shown(f"lokid {verb}: {main} (pid {status['pid']})"))
     other = "api" if view == "dashboard" else "dashboard"
-    print(f"  {other}: {listeners[other]}")
-    print(f"  socket: {listeners['socket']}")
+    print(_shown(f"  {other}: {listeners[other]}"))
+    print(_shown(f"  socket: {listeners['socket']}"))
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
@@ -710,12 +710,10 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
         ("dashboard", status["listeners"]["dashboard"]),
         ("socket", status["listeners"]["socket"]),
     ]
-    width = max(len(key) for key, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+    _print_fields(rows)
     print("\nsupervisor tree:")
     for line in _tree_lines(status["supervisor"]):
-        print(line)
+        print(_shown(line))
     return 0
 
 
@@ -845,7 +843,7 @@ def cmd_config_show(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         print(json.dumps({key: {"value": value, "source": source} for key, value, source in rows}))
         return 0
-    texts = [(key, shown_text(value), source) for key, value, source in rows]
+    texts = [(key, _shown(shown_text(value)), _shown(source)) for key, value, source in rows]
     width = max(len(key) for key, _, _ in texts)
     value_width = max(len(text) for _, text, _ in texts)
     for key, text, source in texts:
@@ -970,9 +968,7 @@ def cmd_sessions_show(args: argparse.Namespace, config: Config) -> int:
         ("ended", session["endedAt"] or "-"),
         ("exit reason", session["exitReason"] or "-"),
     ]
-    width = max(len(key) for key, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+    _print_fields(rows)
     listed = _call(config, "GET", f"/api/sessions/{_quote(args.id)}/tasks")
     print()
     _print_tasks(listed["tasks"], with_session=False)
@@ -994,7 +990,7 @@ def cmd_sessions_input(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         _print_json(answer)
     else:
-        print(f"{answer['id']} {answer['status']} for {answer['sessionId']}")
+        print(_shown(f"{answer['id']} {answer['status']} for {answer['sessionId']}"))
     return 0
 
 
@@ -1014,7 +1010,7 @@ def cmd_sessions_rm(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         _print_json({"id": args.id, "deleted": True})
     else:
-        print(f"{args.id} deleted")
+        print(_shown(f"{args.id} deleted"))
     return 0
 
 
@@ -1114,7 +1110,7 @@ def cmd_token_revoke(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         _print_json(token)
     else:
-        print(f"{token['id']} revoked at {token['revoked_at']}")
+        print(_shown(f"{token['id']} revoked at {token['revoked_at']}"))
     return 0
 
 
@@ -1178,9 +1174,9 @@ def cmd_audit_summary(args: argparse.Namespace, config: Config) -> int:
         print(f"\nby {key}:")
         if not counts:
             print("  -")
-        width = max((len(name) for name in counts), default=0)
+        width = max((len(_shown(name)) for name in counts), default=0)
         for name, count in counts.items():
-            print(f"  {name:<{width}}  {count}")
+            print(f"  {_shown(name):<{width}}  {count}")
         if omitted.get(key):
             print(f"  ({omitted[key]} more)")
     return 0
@@ -1200,12 +1196,12 @@ def cmd_audit_verify(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         _print_json(report)
     elif report["valid"]:
-        print(f"audit log valid: {report['message']} ({how})")
+        print(_shown(f"audit log valid: {report['message']} ({how})"))
         if report["head_id"]:
             print(f"head: entry {report['head_id']}, hash {report['head_hash']}")
     else:
         first_bad = report["first_bad_id"]
-        print(f"audit log INVALID ({how})")
+        print(_shown(f"audit log INVALID ({how})"))
         _print_fields(
             [
                 ("problem", report["reason"]),
@@ -1356,7 +1352,7 @@ def cmd_registry_discover(args: argparse.Namespace, config: Config) -> int:
         params["register"] = "true"
     if not args.json:
         where = ", ".join(roots) or "the configured roots"
-        print(f"looking for .loki folders under {where} ...", file=sys.stderr, flush=True)
+        print(_shown(f"looking for .loki folders under {where} ..."), file=sys.stderr, flush=True)
     answer = _call(config, "GET", f"{REGISTRY}/discover", params=params, timeout=REGISTRY_TIMEOUT)
     if args.json:
         _print_json(answer)
@@ -1380,7 +1376,7 @@ def cmd_registry_discover(args: argparse.Namespace, config: Config) -> int:
     print(summary, file=sys.stderr)
     _print_problems(answer)
     if answer["truncated"]:
-        print(f"warning: {answer['truncated_reason']}", file=sys.stderr)
+        print(_shown(f"warning: {answer['truncated_reason']}"), file=sys.stderr)
     return 0
 
 
@@ -1406,7 +1402,7 @@ def _print_problems(answer: dict[str, Any]) -> None:
     """The file-system problems an answer lists, as warnings on stderr."""
     for problem in answer.get("errors", []):
         where = f"{problem['path']}: " if problem["path"] else ""
-        print(f"warning: {where}{problem['message']} ({problem['kind']})", file=sys.stderr)
+        print(_shown(f"warning: {where}{problem['message']} ({problem['kind']})"), file=sys.stderr)
     if answer.get("errors_omitted"):
         print(f"warning: {answer['errors_omitted']} more problems", file=sys.stderr)
 
@@ -1421,9 +1417,10 @@ def _problem(report: dict[str, Any]) -> str:
 
 
 def _print_fields(rows: Sequence[tuple[str, str]]) -> None:
+    """A key/value view; values shown escaped (`_shown`): paths and names are anyone's."""
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+        print(f"{key:<{width}}  {_shown(value)}")
 
 
 TITLE_WIDTH = 60
@@ -1488,7 +1485,7 @@ def _print_id_and_status(args: argparse.Namespace, answer: dict[str, Any]) -> in
     if args.json:
         _print_json(answer)
     else:
-        print(f"{answer['id']} {answer['status']}")
+        print(_shown(f"{answer['id']} {answer['status']}"))
     return 0
 
 
@@ -1526,6 +1523,12 @@ def lokid_main(argv: Sequence[str] | None = None) -> int:
     return run(build_lokid_parser().parse_args(argv))
 
 
+def _print_error(message: str) -> None:
+    """An error on stderr, each line shown escaped: it quotes paths and the daemon's text
+    (a start-up failure's lines of the log are the only ones a message spans)."""
+    print("\n".join(_shown(line) for line in message.split("\n")), file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the command `args` name; an error is one line on stderr and its exit code."""
     handler: Callable[[argparse.Namespace, Config], int] = args.handler
@@ -1534,17 +1537,17 @@ def run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         return handler(args, config)
     except ConfigError as exc:
-        print(f"loki: {exc.message}", file=sys.stderr)
+        _print_error(f"loki: {exc.message}")
         return 2
     except CliError as exc:
-        print(str(exc), file=sys.stderr)
+        _print_error(str(exc))
         return exc.code
     except ApiCallFailed as exc:
         field = f" [field: {exc.field}]" if exc.field else ""
-        print(f"loki: {exc.message}{field}", file=sys.stderr)
+        _print_error(f"loki: {exc.message}{field}")
         return 1
     except LokiError as exc:
-        print(f"loki: {exc.message}", file=sys.stderr)
+        _print_error(f"loki: {exc.message}")
         return 1
     except KeyboardInterrupt:
         return 130

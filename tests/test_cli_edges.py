@@ -143,7 +143,7 @@ def test_events_follow_waits_for_a_quiet_stream_past_the_head_timeout(
 class Recorder:
     """A fake daemon's handler: records each request, answers every one with `answer`."""
 
-    def __init__(self, answer: dict[str, Any]) -> None:
+    def __init__(self, answer: dict[str, Any] | Callable[[str], dict[str, Any]]) -> None:
         self.answer = answer
         self.requests: list[tuple[str, Any]] = []
 
@@ -158,7 +158,8 @@ class Recorder:
             body += conn.recv(65536)
         target = head.split(b"\r\n")[0].decode()
         self.requests.append((target, json.loads(body) if body else None))
-        payload = json.dumps(self.answer).encode()
+        answer = self.answer(target) if callable(self.answer) else self.answer
+        payload = json.dumps(answer).encode()
         conn.sendall(
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(payload), payload)
@@ -352,3 +353,93 @@ def test_a_start_with_another_port_than_the_running_daemons_says_so(
     result = loki(home, *args)
     assert (result.code, result.err) == (code, said)
     assert cli._spawned == []
+
+
+# -- terminal escapes in what the daemon says ------------------------------------------
+
+ESC = "p7\x1b[31mRED"
+SHOWN = "p7\\x1b[31mRED"
+
+
+def _session(target: str) -> dict[str, Any]:
+    if target.startswith("GET /api/sessions/s1/tasks"):
+        return {"tasks": [], "offset": 0, "total": 0}
+    counts = {"completed": 0, "total": 0, "active": 0, "pending": 0, "failed": 0}
+    return {
+        "id": "s1",
+        "status": "running",
+        "provider": "claude",
+        "prd": f"/x/{ESC}/prd.md",
+        "projectDir": f"/x/{ESC}",
+        "phase": None,
+        "iteration": 0,
+        "tasks": counts,
+        "agents": {"active": 0, "total": 0},
+        "costUsd": 0.0,
+        "options": {"verify": f"make {ESC}"},
+        "createdAt": "2026-11-29T10:00:00.000Z",
+        "startedAt": None,
+        "updatedAt": None,
+        "endedAt": None,
+        "exitReason": None,
+    }
+
+
+def test_sessions_show_escapes_control_characters(
+    loki: Cli, fake_daemon: Callable[[Handler], Path]
+) -> None:
+    """Regression: `prd` and `project` printed a raw ESC (the terminal turned red)."""
+    home = fake_daemon(Recorder(_session))
+    out = loki.ok(home, "sessions", "show", "s1").out
+    assert "\x1b" not in out
+    assert f"prd          /x/{SHOWN}/prd.md\n" in out
+    assert f"project      /x/{SHOWN}\n" in out
+    assert f"options      verify=make {SHOWN}\n" in out
+
+
+def test_registry_add_escapes_control_characters(
+    loki: Cli, fake_daemon: Callable[[Handler], Path]
+) -> None:
+    """Regression: `loki registry add $'r\\x1b[2Jx'` printed `path .../r^[[2Jx` (clears
+    the screen)."""
+    entry = {
+        "id": "reg-0123456789ab",
+        "name": ESC,
+        "path": f"/x/{ESC}",
+        "status": "ok",
+        "has_loki": False,
+        "tasks": {"total": 0},
+    }
+    out = loki.ok(fake_daemon(Recorder(entry)), "registry", "add", "x").out
+    assert "\x1b" not in out
+    assert f"name    {SHOWN}\npath    /x/{SHOWN}\n" in out
+
+
+def test_an_error_quoting_the_daemons_text_escapes_control_characters(
+    loki: Cli, fake_daemon: Callable[[Handler], Path]
+) -> None:
+    """The daemon's messages quote paths: `PRD /x/p7\\x1b[31mRED is a directory`."""
+    home = fake_daemon(_refusing("prd", f"PRD /x/{ESC} is a directory"))
+    result = loki.fails(home, "start", "prd.md")
+    assert result.err == f"loki: PRD /x/{SHOWN} is a directory (400 INVALID_QUERY) [field: prd]\n"
+
+
+def test_status_escapes_control_characters(
+    loki: Cli, fake_daemon: Callable[[Handler], Path]
+) -> None:
+    """Regression: the `loki status` rows printed the daemon's paths raw."""
+    status = {
+        "status": "ok",
+        "version": "1",
+        "pid": 1,
+        "uptimeSeconds": 3,
+        "provider": "claude",
+        "session": None,
+        "agents": {"active": 0, "total": 0},
+        "listeners": {"api": "http://a", "dashboard": "http://d", "socket": f"/x/{ESC}.sock"},
+        "supervisor": {"name": ESC, "strategy": "one_for_one", "restartsTotal": 0, "children": []},
+    }
+    out = loki.ok(fake_daemon(Recorder(status)), "status").out
+    assert "\x1b" not in out
+    assert f"socket     /x/{SHOWN}.sock\n" in out
+    assert f"  {SHOWN} (one_for_one) restarts=0\n" in out
