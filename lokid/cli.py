@@ -645,10 +645,18 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def cmd_stop(args: argparse.Namespace, config: Config) -> int:
+    _check_pid_file(config.pid_file)
     daemon = running_daemon(config.pid_file)
     if daemon is None:
         raise CliError(f"lokid is not running (no live daemon recorded in {config.pid_file})")
-    os.kill(daemon.pid, signal.SIGTERM)
+    try:
+        os.kill(daemon.pid, signal.SIGTERM)
+    except PermissionError:
+        raise CliError(
+            f"loki: lokid (pid {daemon.pid}) runs as another account: this user may not stop "
+            "it (Operation not permitted); stop it as that account or as root "
+            "(`systemctl stop lokid` for the system units)"
+        ) from None
     deadline = time.monotonic() + config.shutdown_grace + 5.0
     print(f"stopping lokid (pid {daemon.pid}) ...", end="", file=sys.stderr, flush=True)
     while running_daemon(config.pid_file) is not None and _alive(daemon.pid):
@@ -662,6 +670,20 @@ def cmd_stop(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _check_pid_file(path: Path) -> None:
+    """An unreadable pid file is not "not running": the daemon is another account's."""
+    try:
+        with path.open("rb"):
+            pass
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise CliError(
+            f"loki: cannot read lokid's pid file {path}: {exc.strerror} (lokid runs as "
+            "another account? stop it as that account or as root)"
+        ) from None
+
+
 def _alive(pid: int) -> bool:
     from lokid.process import is_zombie
 
@@ -669,6 +691,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    except PermissionError:  # another account's process: alive
+        return True
     return not is_zombie(pid)
 
 
@@ -1231,7 +1255,11 @@ def _verify_offline(database: Path) -> dict[str, Any]:
 
     from lokid.actors.audit_writer import verify_store
 
-    if not database.is_file():
+    try:
+        found = database.is_file()
+    except OSError as exc:  # a data dir of another account
+        raise CliError(f"loki: cannot open {database}: {exc.strerror}") from None
+    if not found:
         raise CliError(f"loki: no database to verify at {database} (is LOKI_HOME right?)")
     uri = database.resolve().as_uri() + "?mode=ro"
     try:

@@ -374,9 +374,17 @@ def shown_text(value: ShownValue) -> str:
 
 
 def find_config_file(loki_home: Path) -> Path | None:
+    """The first config file there is; ConfigError when a place cannot even be looked at
+    (LOKI_HOME of another account, mode 0700): skipping it would run without its settings."""
     for candidate in (loki_home / "lokid.toml", Path("/etc/lokid/lokid.toml")):
-        if candidate.is_file():
-            return candidate
+        try:
+            if candidate.is_file():
+                return candidate
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot look for the config file {candidate}: {exc.strerror} "
+                "(its folder belongs to another account? set LOKI_HOME to one of yours)"
+            ) from None
     return None
 
 

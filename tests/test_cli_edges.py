@@ -7,13 +7,17 @@ arguments. Most tests run `loki` in this process against a fake socket.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import os
 import re
 import socket
+import tempfile
 import threading
 import time
+import traceback
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +26,8 @@ from typing import Any
 import pytest
 
 from lokid import cli
+from lokid.cli import main
+from lokid.process import identity
 
 from .cli_kit import Cli
 
@@ -443,3 +449,118 @@ def test_status_escapes_control_characters(
     assert "\x1b" not in out
     assert f"socket     /x/{SHOWN}.sock\n" in out
     assert f"  {SHOWN} (one_for_one) restarts=0\n" in out
+
+
+# -- another account's daemon -----------------------------------------------------------
+
+NOBODY = 65534
+
+
+def as_nobody(args: list[str], home: Path) -> tuple[int, str]:
+    """`loki *args` in a forked child that dropped root for uid/gid 65534: the real
+    EACCES/EPERM of the system-unit setup (a python nobody could exec is not at hand).
+    (code, stderr); a traceback is code 99."""
+    with contextlib.redirect_stderr(io.StringIO()):  # import what a request needs
+        main(["--socket", str(home / "warm.sock"), "status"])
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code, err = 99, io.StringIO()
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            os.environ["LOKI_HOME"] = str(home)
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                code = main(args)
+        except BaseException:
+            err.write(traceback.format_exc())
+        finally:
+            os.write(write_end, f"{code}\n{err.getvalue()}".encode())
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read().decode()
+    os.waitpid(pid, 0)
+    first, _, said = data.partition("\n")
+    return int(first), said
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another uid needs root")
+
+
+@pytest.fixture
+def root_home() -> Iterator[Path]:
+    """A LOKI_HOME of root's; the path to it is open to everyone (pytest's tmp_path is
+    under a 0700 folder)."""
+    with tempfile.TemporaryDirectory(prefix="loki-other-", dir="/tmp") as where:
+        home = Path(where) / "home"
+        (home / "lokid").mkdir(parents=True)
+        Path(where).chmod(0o755)
+        yield home
+
+
+@needs_root
+@pytest.mark.parametrize("command", [["status"], ["config", "show"]])
+def test_a_loki_home_of_another_account_is_a_config_error(
+    root_home: Path, command: list[str]
+) -> None:
+    """Regression: every command ended in `PermissionError ... lokid.toml`."""
+    root_home.chmod(0o700)
+    assert as_nobody(command, root_home) == (
+        2,
+        f"loki: cannot look for the config file {root_home}/lokid.toml: Permission denied "
+        "(its folder belongs to another account? set LOKI_HOME to one of yours)\n",
+    )
+
+
+@needs_root
+@pytest.mark.parametrize("command", [["status"], ["api", "start"], ["sessions"]])
+def test_a_socket_of_another_account_is_not_not_running(
+    root_home: Path, command: list[str]
+) -> None:
+    """Regression: a data dir 0700 gave `PermissionError ... lokid.sock`; a socket 0600
+    gave "lokid is not running ... Start it", inviting a second daemon."""
+    root_home.chmod(0o755)
+    sock = root_home / "lokid" / "lokid.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(sock))
+        listener.listen()
+        sock.chmod(0o600)
+        (root_home / "lokid").chmod(0o700)
+        hidden = as_nobody(command, root_home)
+        (root_home / "lokid").chmod(0o755)
+        refused = as_nobody(command, root_home)
+    said = (
+        f"loki: this user (uid {NOBODY}) may not use lokid's control socket {sock}: "
+        "{} (Permission denied). lokid may be running as another account: run loki as "
+        "that account or as root\n"
+    )
+    assert hidden == (1, said.format("cannot look into its folder"))
+    assert refused == (1, said.format("it does not let this user connect"))
+    assert not (root_home / "lokid" / "lokid.log").exists()  # `api start` started nothing
+
+
+@needs_root
+def test_api_stop_of_another_accounts_daemon_says_so(root_home: Path) -> None:
+    """Regression: `PermissionError: [Errno 1] Operation not permitted` (os.kill); an
+    unreadable pid file said "not running"."""
+    root_home.chmod(0o755)
+    pid_file = root_home / "lokid" / "lokid.pid"
+    me = identity()
+    assert me is not None
+    pid_file.write_text(me.render() + "\n")  # this test's process: root's, alive
+    pid_file.chmod(0o644)
+    assert as_nobody(["api", "stop"], root_home) == (
+        1,
+        f"loki: lokid (pid {me.pid}) runs as another account: this user may not stop it "
+        "(Operation not permitted); stop it as that account or as root "
+        "(`systemctl stop lokid` for the system units)\n",
+    )
+    pid_file.chmod(0o600)
+    assert as_nobody(["api", "stop"], root_home) == (
+        1,
+        f"loki: cannot read lokid's pid file {pid_file}: Permission denied (lokid runs as "
+        "another account? stop it as that account or as root)\n",
+    )
