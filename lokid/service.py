@@ -29,6 +29,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -318,6 +319,20 @@ def _render_control_socket(s: UnitSettings) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _check_unit_text(what: str, value: str | None) -> None:
+    """Refuse text a unit file cannot hold as it is: a newline would start a line of its
+    own (`Environment=`, `ReadWritePaths=` injection), other control characters would be
+    taken as C escapes or cut the line, and bytes that are not UTF-8 cannot be written.
+    Escaping them per systemd.syntax(7) differs per directive; such paths are rare."""
+    if value is None:
+        return
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in value):
+        raise ServiceError(
+            f"{what} {value!r} holds a control character or bytes that are not UTF-8, "
+            "which a unit file cannot hold; use a path without them"
+        )
+
+
 def _environment(name: str, value: str) -> str:
     assignment = f"{name}={value}"
     return f"Environment={_quote(assignment)}"
@@ -437,6 +452,15 @@ def settings_for(
         if account.pw_uid == 0:
             run_as = None
         run_as_home = account.pw_dir
+    for what, value in (
+        ("the lokid command", " ".join(argv)),
+        ("LOKI_HOME", os.fspath(config.loki_home) if user else None),
+        ("the data dir", None if data is None else os.fspath(data)),
+        ("the control socket path", os.fspath(control)),
+        ("--run-as", run_as),
+        ("the home of --run-as", run_as_home),
+    ):
+        _check_unit_text(what, value)
     if not control.is_absolute():
         raise ServiceError(f"the control socket path must be absolute, not {control}")
     if len(os.fsencode(control)) > MAX_SOCKET_PATH:

@@ -212,6 +212,34 @@ def test_contradictory_options_are_refused(loki: Cli, tmp_path: Path) -> None:
     assert "no such user" in loki(tmp_path, *args, "--run-as", "no-such-user-here").err
 
 
+@pytest.mark.parametrize(
+    ("where", "what", "value"),
+    [
+        (["--data-dir"], "the data dir", "/tmp/x\ny"),
+        (["--data-dir"], "the data dir", "/tmp/x\x1b[2Jy"),
+        (["--data-dir"], "the data dir", "/tmp/x\udcffy"),
+        (["--socket"], "the control socket path", "/tmp/s\nExecStartPre=/bin/evil"),
+        ([], "LOKI_HOME", "/tmp/h\ny"),
+    ],
+)
+def test_a_path_a_unit_file_cannot_hold_is_refused(
+    loki: Cli, tmp_path: Path, where: list[str], what: str, value: str
+) -> None:
+    """Regression: a newline in --data-dir split `Environment="LOKI_DATA_DIR=/tmp/x` and
+    `ReadWritePaths=` over two lines (unit file injection)."""
+    home = Path(value) if not where else tmp_path / "home"
+    user = ["--user"] if not where else ["--run-as", "nobody"]
+    args = [*where, value] if where else []
+    units = tmp_path / "units"
+    result = loki(home, *args, "service", "install", *user, "--unit-dir", str(units))
+    assert result.code == 1
+    assert result.err == (
+        f"loki: {what} {value!r} holds a control character or bytes that are not UTF-8, "
+        "which a unit file cannot hold; use a path without them\n"
+    ), result.err
+    assert not units.exists()
+
+
 # -- rendering details -----------------------------------------------------------------------
 
 
