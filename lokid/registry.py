@@ -50,6 +50,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import stat
 import threading
 import time
@@ -225,6 +226,45 @@ def folder_label(name: str) -> str:
     return "".join("\ufffd" if forbidden_character(char) else char for char in name)
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def undecodable(text: str) -> bool:
+    """Whether `text` holds a lone surrogate: a file name whose bytes are not UTF-8 (Python
+    turns each such byte into U+DC80-U+DCFF, PEP 383), or a JSON string's lone "\\ud800".
+
+    JSON answers, SQLite and the API cannot carry such a name faithfully (UTF-8 cannot
+    encode it), so a path holding one is never registered, listed or stored: it is only
+    reported, `shown` (docs/registry.md "Names that are not UTF-8").
+    """
+    return _LONE_SURROGATE.search(text) is not None
+
+
+def shown(text: str) -> str:
+    """`text` with each lone surrogate written as an escape, for problems and messages: a
+    byte that is not UTF-8 as `\\xff` (its value, as the CLI shows a control character),
+    any other lone surrogate as `\\ud800`. Valid text is returned as it is."""
+    if not undecodable(text):
+        return text
+    return _LONE_SURROGATE.sub(_escape_surrogate, text)
+
+
+def _escape_surrogate(found: re.Match[str]) -> str:
+    code = ord(found.group())
+    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape: the byte it stands for
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\u{code:04x}"
+
+
+def not_utf8(path: str, what: str) -> Problem:
+    """The problem of a path that is not valid UTF-8 (`undecodable`): reported, never used."""
+    return Problem(
+        path,
+        "not_utf8",
+        f"{what} is not valid UTF-8: lokid cannot name it in JSON or store it (rename it)",
+    )
+
+
 def registry_id(realpath: str) -> str:
     """`reg-` + the first 12 hex digits of sha256 of the real path (DESIGN.md §4 and §7)."""
     return "reg-" + hashlib.sha256(realpath.encode("utf-8", "surrogateescape")).hexdigest()[:12]
@@ -239,12 +279,14 @@ class Problem:
 
     Kinds: `permission_denied`, `vanished` (it existed a moment ago),
     `missing`, `not_a_folder`, `symlink_loop`, `malformed` (a file's
-    content), `too_large`, `limit` (a bound was hit), `os_error`.
+    content), `too_large`, `limit` (a bound was hit), `not_utf8` (a name that
+    is not UTF-8: `undecodable`), `os_error`. `path` and `message` are kept
+    `shown`, so any problem can go into a JSON answer as it is.
     """
 
-    path: str
+    path: str = attrs.field(converter=shown)
     kind: str
-    message: str
+    message: str = attrs.field(converter=shown)
 
     def to_json(self) -> dict[str, str]:
         return {"path": self.path, "kind": self.kind, "message": self.message}
@@ -319,8 +361,8 @@ class RootReport:
     `skipped` (a bound stopped the discovery first) or `error` (it could not be examined,
     or its own listing failed: its problem is in the discovery's `errors`)."""
 
-    given: str
-    path: str
+    given: str = attrs.field(converter=shown)
+    path: str = attrs.field(converter=shown)
     status: str
     folders: int = 0
     projects: int = 0
@@ -434,6 +476,10 @@ def discover(
         if real in walked:
             reports.append(RootReport(given, real, "duplicate"))
             continue
+        if undecodable(real):  # nothing below it could be registered
+            reports.append(RootReport(given, real, "error"))
+            walk.problems.add(not_utf8(real, "the root's real path"))
+            continue
         walked.add(real)
         if walk.stop_reason is not None:
             reports.append(RootReport(given, real, "skipped"))
@@ -500,7 +546,9 @@ def _walk_root(root: str, depth: int, walk: _Walk) -> bool:
         if not walk.folders % YIELD_EVERY:
             yield_cpu()
         if project:
-            if path not in walk.seen:
+            if undecodable(path):
+                walk.problems.add(not_utf8(path, "the project folder's path"))
+            elif path not in walk.seen:
                 walk.seen.add(path)
                 walk.found.append(_found(path))
                 if len(walk.found) >= walk.max_results:
@@ -919,6 +967,9 @@ def read_tasks(
     files: list[FileTasks] = []
     for name in wanted:
         path = folder + "/" + name
+        if undecodable(name):  # its queue name could not be answered
+            problems.append(not_utf8(path, "the queue file's name"))
+            continue
         queue = name[: -len(".json")]
         try:
             parsed = _cached_file(path, cache, now, _parse_queue(queue))
@@ -1516,4 +1567,6 @@ def resolve_folder(given: str) -> Candidate:
         return Candidate(given, None, False, Problem(shown, "malformed", str(exc)))
     if not stat.S_ISDIR(info.st_mode):
         return Candidate(given, None, False, Problem(real, "not_a_folder", "not a folder"))
+    if undecodable(real):  # e.g. a symbolic link to a folder whose name is not UTF-8
+        return Candidate(given, None, False, not_utf8(real, "the folder's real path"))
     return Candidate(given, real, os.path.isdir(real.rstrip("/") + "/.loki"), None)

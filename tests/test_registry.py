@@ -684,6 +684,78 @@ def test_resolve_folder(tmp_path: Path) -> None:
     assert not_dir is not None and not_dir.kind == "not_a_folder"
 
 
+# -- names that are not UTF-8 ------------------------------------------------------------
+
+
+def bad_name(parent: Path, raw: bytes = b"bad\xffname") -> str:
+    """A folder under `parent` whose name is the bytes `raw` (not UTF-8), as Python names it."""
+    path = os.fsencode(parent) + b"/" + raw
+    os.makedirs(path)
+    return os.fsdecode(path)
+
+
+def test_shown_escapes_lone_surrogates_and_keeps_valid_text() -> None:
+    assert registry.shown(os.fsdecode(b"/x/bad\xffname")) == "/x/bad\\xffname"
+    assert registry.shown("a\ud800b") == "a\\ud800b"
+    assert registry.shown("ünï cødé 🙂") == "ünï cødé 🙂"
+    assert registry.undecodable(os.fsdecode(b"\xfe")) and not registry.undecodable("é")
+    problem = registry.Problem(os.fsdecode(b"/p/\xfe"), "os_error", os.fsdecode(b"at \xfe"))
+    assert problem.to_json() == {"path": "/p/\\xfe", "kind": "os_error", "message": "at \\xfe"}
+
+
+def test_a_project_whose_path_is_not_utf8_is_reported_not_found(tmp_path: Path) -> None:
+    project(tmp_path / "good")
+    bad = bad_name(tmp_path)
+    os.makedirs(os.fsencode(bad) + b"/.loki/queue")
+    outer = bad_name(tmp_path, b"old\xfe")  # below a bad folder, the path is not UTF-8 either
+    os.makedirs(os.fsencode(outer) + b"/sub/.loki")
+    result = registry.discover([str(tmp_path)], 3)
+    assert found_paths(result) == [str(tmp_path / "good")]
+    assert kinds(result.errors) == ["not_utf8", "not_utf8"]
+    assert sorted(p.path for p in result.errors) == [
+        f"{tmp_path}/bad\\xffname",
+        f"{tmp_path}/old\\xfe/sub",
+    ]
+    assert "not valid UTF-8" in result.errors[0].message
+    answer = [p.to_json() for p in result.errors] + [r.to_json() for r in result.roots]
+    json.dumps(answer, ensure_ascii=False).encode()  # what the HTTP answer does: no error
+
+
+def test_a_root_whose_real_path_is_not_utf8_is_an_error(tmp_path: Path) -> None:
+    bad = bad_name(tmp_path)
+    os.makedirs(os.fsencode(bad) + b"/p/.loki")
+    os.symlink(os.fsencode(bad), os.fsencode(tmp_path / "link"))
+    result = registry.discover([str(tmp_path / "link")], 3)
+    assert result.projects == ()
+    assert [(r.status, r.path) for r in result.roots] == [("error", f"{tmp_path}/bad\\xffname")]
+    assert kinds(result.errors) == ["not_utf8"]
+
+
+def test_resolve_folder_refuses_a_real_path_that_is_not_utf8(tmp_path: Path) -> None:
+    bad = bad_name(tmp_path)
+    os.symlink(os.fsencode(bad), os.fsencode(tmp_path / "link"))
+    resolved = registry.resolve_folder(str(tmp_path / "link"))
+    assert resolved.path is None and resolved.problem is not None
+    assert (resolved.problem.kind, resolved.problem.path) == (
+        "not_utf8",
+        f"{tmp_path}/bad\\xffname",
+    )
+
+
+def test_a_queue_file_whose_name_is_not_utf8_is_a_problem(tmp_path: Path) -> None:
+    root = project(tmp_path / "p", {"pending": [task("a")]})
+    queue = os.fsencode(root / ".loki" / "queue")
+    with open(queue + b"/\xff.json", "w") as handle:
+        json.dump([task("b")], handle)
+    found = registry.read_tasks(str(root), FileCache())
+    assert [t["id"] for t in found.tasks()] == ["a"]
+    assert [(p.kind, p.path) for p in found.problems] == [
+        ("not_utf8", f"{root}/.loki/queue/\\xff.json")
+    ]
+    assert registry.probe(str(root)).status == "ok"
+    assert registry.health(str(root)).status == "healthy"
+
+
 # -- health -----------------------------------------------------------------------------
 
 

@@ -115,6 +115,11 @@ def project(path: pathlib.Path, tasks: dict[str, Any] | None = None) -> pathlib.
     return path
 
 
+def project_file(root: pathlib.Path, relative: bytes, text: str) -> None:
+    """Write `text` to the file named by the bytes `relative` (which need not be UTF-8)."""
+    pathlib.Path(os.fsdecode(os.fsencode(root) + b"/" + relative)).write_text(text)
+
+
 def task(id: str, status: str = "pending") -> dict[str, Any]:
     return {"id": id, "title": f"task {id}", "status": status}
 
@@ -496,6 +501,54 @@ async def test_discover_register_needs_the_write_scope(tmp_path: pathlib.Path) -
         actions = [(e["action"], e["status"]) for e in await audit_entries(r.store)]
         assert ("auth.forbidden", 403) in actions and ("registry.discover", 200) in actions
         error_of(await r.get("/api/registry/projects"), 401, "UNAUTHORIZED")
+
+
+async def test_a_folder_whose_name_is_not_utf8_is_reported_by_discover_and_register(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Such a folder cannot be named in JSON or stored: it is a `not_utf8` problem in a 200
+    answer, never a 500 or a crashed scanner (it crashed the actor, then the daemon)."""
+    root = tmp_path / "root"
+    project(root / "good")
+    bad = os.fsencode(root) + b"/bad\xffname"
+    os.makedirs(bad + b"/.loki/queue")
+    os.symlink(bad, os.fsencode(tmp_path / "link"))
+    shown = f"{root}/bad\\xffname"
+    async with rig(tmp_path) as r:
+        for _ in range(3):
+            for query in ("", "&register=true"):
+                answer = await r.get(f"/api/registry/discover?roots={root}{query}")
+                assert answer.status == 200, answer.body
+                body = answer.json()
+                assert [p["name"] for p in body["projects"]] == ["good"]
+                assert [(e["kind"], e["path"]) for e in body["errors"]] == [("not_utf8", shown)]
+        refused = await r.post("/api/registry/projects", {"path": str(tmp_path / "link")})
+        error = error_of(refused, 422, "VALIDATION_ERROR")
+        assert error["details"] == {"field": "path", "kind": "not_utf8", "path": shown}
+        assert "bad\\xffname is not valid UTF-8" in error["message"]
+        listed = (await r.get("/api/registry/projects")).json()
+        assert [p["name"] for p in listed["projects"]] == ["good"]
+        stats = r.scanner.statistics()
+        assert (stats.running, stats.crashes) == (True, 0)
+
+
+async def test_a_queue_file_whose_name_is_not_utf8_is_reported_by_tasks_and_sync(
+    tmp_path: pathlib.Path,
+) -> None:
+    alpha = project(tmp_path / "alpha", {"pending": [task("a1")]})
+    project_file(alpha, b".loki/queue/\xfe.json", json.dumps([task("b1")]))
+    shown = f"{alpha}/.loki/queue/\\xfe.json"
+    async with rig(tmp_path) as r:
+        entry = await r.register(alpha)
+        assert entry["tasks"]["total"] == 1
+        tasks = await r.get("/api/registry/tasks")
+        assert tasks.status == 200, tasks.body
+        assert [t["id"] for t in tasks.json()["tasks"]] == ["a1"]
+        assert [(e["kind"], e["path"]) for e in tasks.json()["errors"]] == [("not_utf8", shown)]
+        synced = await r.post("/api/registry/sync")
+        assert synced.status == 200 and synced.json()["errors"][0]["path"] == shown
+        health = await r.get(f"/api/registry/projects/{entry['id']}/health")
+        assert health.status == 200 and health.json()["status"] == "healthy"
 
 
 # -- sync ------------------------------------------------------------------------------------

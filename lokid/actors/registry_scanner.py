@@ -598,6 +598,8 @@ class RegistryScanner(Actor[Any]):
                 "not_a_folder": "is not a folder",
                 "symlink_loop": "is a symbolic link loop",
                 "permission_denied": "cannot be reached (permission denied)",
+                "not_utf8": "is not valid UTF-8 (lokid cannot name it in JSON or store it; "
+                "rename the folder)",
             }.get(problem.kind, f"cannot be used ({problem.message})")
             if fs.unexpanded(problem.path):  # ~user: no such user (or no home)
                 reason = f"cannot be used ({problem.message})"
