@@ -14,6 +14,9 @@ Rules of operation (everything that decides when a child runs lives here):
   into a reason and never reaches the supervisor's nursery, so it cannot
   cancel siblings. `BaseException`s that are not `Exception`s
   (`KeyboardInterrupt`, foreign `Cancelled`) propagate as trio wants.
+  Such a crash, and a restart whose start fails, is logged at ERROR on
+  ``lokid.supervisor`` with its traceback (OTP's crash report): the reason
+  alone does not say where the bug is.
 * Restart types: PERMANENT children are always restarted, TRANSIENT ones only
   after an abnormal exit (anything but ``"normal"``), TEMPORARY ones never, and
   a temporary child's spec is removed when it exits for any reason. A child
@@ -100,6 +103,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -131,6 +135,8 @@ __all__ = [
     "SupervisorStatistics",
     "TooManyChildren",
 ]
+
+log = logging.getLogger("lokid.supervisor")
 
 BRUTAL_KILL: float = 0.0
 """`ChildSpec.shutdown` value: cancel the child at once, never ask it to stop."""
@@ -701,6 +707,14 @@ class Supervisor:
                     if not status._started:
                         raise
                     reason = _describe(exc)
+                    # OTP's crash report: the reason alone does not say where the bug is.
+                    log.error(
+                        "supervisor %r: child %r crashed: %s",
+                        self.name,
+                        child.spec.id,
+                        reason,
+                        exc_info=exc,
+                    )
                 else:
                     if not status._started:
                         raise _ReturnedBeforeStarted
@@ -834,7 +848,14 @@ class Supervisor:
                 continue
             try:
                 await self._start(target)
-            except ChildStartError:
+            except ChildStartError as exc:
+                log.error(
+                    "supervisor %r: restarting child %r failed: %s",
+                    self.name,
+                    target.spec.id,
+                    exc.reason,
+                    exc_info=exc.cause,
+                )
                 target.restarting = True
                 self._retries[target] = None
                 return

@@ -10,6 +10,7 @@ tasks are blocked, so timeouts are exact and cost nothing.
 from __future__ import annotations
 
 import functools
+import logging
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -346,6 +347,28 @@ async def test_dynamic_child_crash_is_restarted(autojump_clock: MockClock) -> No
         await h.exit("a", "crash")
         assert h.log == ["exit a crash", "stop d", "start a", "start d"]
         sup.request_stop()
+
+
+async def test_a_crash_and_a_failed_restart_are_logged_with_their_traceback(
+    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OTP's crash report: the exit reason alone does not say where the bug is (a crashed
+    actor left only its reason in the daemon's log)."""
+    h = Harness()
+    sup = Supervisor("s", [h.spec("a")], max_restarts=3)
+    with caplog.at_level(logging.ERROR, logger="lokid.supervisor"):
+        async with trio.open_nursery() as nursery:
+            await start(nursery, sup)
+            h.fail_start["a"] = 1
+            await h.exit("a", "crash")
+            sup.request_stop()
+    crash, failed = caplog.records
+    assert crash.getMessage() == "supervisor 's': child 'a' crashed: Boom: a crashed"
+    assert crash.exc_info is not None and isinstance(crash.exc_info[1], Boom)
+    assert "in child" in caplog.text  # the frame that raised, in Harness.child
+    restart = "supervisor 's': restarting child 'a' failed: Boom: a cannot start"
+    assert failed.getMessage() == restart
+    assert failed.exc_info is not None and str(failed.exc_info[1]) == "a cannot start"
 
 
 # -- restart intensity -------------------------------------------------------
