@@ -28,6 +28,7 @@ from typing import Any
 import attrs
 
 from lokid.errors import InvalidQuery
+from lokid.jsontypes import LONE_SURROGATE, without_lone_surrogates
 
 
 class Level(enum.IntEnum):
@@ -254,8 +255,18 @@ def event_from_row(row: Mapping[str, Any]) -> Event:
 
 def check_publishable(
     event_type: str, data: Mapping[str, Any], known: Iterable[str] = EVENT_TYPES
-) -> None:
-    """Internal publishers must use known types and JSON-able data (a bug otherwise)."""
+) -> dict[str, Any]:
+    """Internal publishers must use known types and JSON-able data (a bug otherwise).
+
+    Returns the data to publish: `data` itself, or a copy with each lone surrogate
+    replaced by U+FFFD (`without_lone_surrogates`). Agent output may hold one (a JSON
+    "\\ud800" escape in a stream-json line), and neither SQLite nor a UTF-8 frame can
+    carry it: it crashed the event bus, and with it every actor started after it.
+    """
     if event_type not in known or event_type == "stream.reset":
         raise ValueError(f"cannot publish event type {event_type!r}")
-    json.dumps(data)
+    text = json.dumps(data, ensure_ascii=False)
+    if LONE_SURROGATE.search(text) is None:
+        return dict(data)
+    cleaned: dict[str, Any] = without_lone_surrogates(dict(data))
+    return cleaned

@@ -4,6 +4,7 @@ number"), and `loads_bounded`, the parse for text lokid did not write."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -48,6 +49,31 @@ def _brackets(text: str | bytes) -> int:
     if isinstance(text, bytes):
         return text.count(b"[") + text.count(b"{")
     return text.count("[") + text.count("{")
+
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+"""A character UTF-8 cannot encode: a file name's byte that is not UTF-8 (PEP 383), or what
+JSON's "\\ud800" escape decodes to when it is not half of a pair."""
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def may_hold_lone_surrogates(text: str) -> bool:
+    """Whether JSON `text` may decode to a lone surrogate (cheap: one search of the text)."""
+    return LONE_SURROGATE.search(text) is not None or _ESCAPED_SURROGATE.search(text) is not None
+
+
+def without_lone_surrogates(value: Any) -> Any:
+    """`value` (parsed JSON) with each lone surrogate in its strings and keys replaced by
+    U+FFFD, as `errors="replace"` does for bytes that are not UTF-8: text lokid did not
+    write goes into SQLite, events and answers, none of which can carry one (a crashed
+    actor, a 500). The same object when there is none."""
+    if isinstance(value, str):
+        return LONE_SURROGATE.sub("\ufffd", value) if LONE_SURROGATE.search(value) else value
+    if isinstance(value, list):
+        return [without_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {without_lone_surrogates(k): without_lone_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def json_error_text(exc: json.JSONDecodeError) -> str:

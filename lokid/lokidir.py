@@ -59,7 +59,13 @@ from typing import Any
 import attrs
 
 from lokid.errors import LokiError
-from lokid.jsontypes import json_error_text, json_type_name, loads_bounded
+from lokid.jsontypes import (
+    json_error_text,
+    json_type_name,
+    loads_bounded,
+    may_hold_lone_surrogates,
+    without_lone_surrogates,
+)
 from lokid.prd import (
     MAX_ACCEPTANCE_ITEMS,
     MAX_CRITERION_CHARS,
@@ -477,11 +483,14 @@ def _loads(data: bytes, path: Path | None) -> Any:
     if not text.strip():
         raise LokiDirFormatError(path, "is empty")
     try:
-        return loads_bounded(text, parse_constant=_reject_constant)
+        value = loads_bounded(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise LokiDirFormatError(path, f"is not valid JSON: {json_error_text(exc)}") from None
     except ValueError as exc:  # NaN/Infinity; too deep, an integer of too many digits
         raise LokiDirFormatError(path, f"is not usable JSON: {exc}") from None
+    if may_hold_lone_surrogates(text):  # "\ud800": SQLite, events and answers refuse it
+        return without_lone_surrogates(value)
+    return value
 
 
 def _dumps(value: Any) -> bytes:

@@ -62,7 +62,13 @@ from typing import Any, Generic, TypeVar
 
 import attrs
 
-from lokid.jsontypes import json_type_name, loads_bounded
+from lokid.jsontypes import (
+    LONE_SURROGATE,
+    json_type_name,
+    loads_bounded,
+    may_hold_lone_surrogates,
+    without_lone_surrogates,
+)
 from lokid.lokidir import (
     MAX_LOKI_FILE_BYTES,
     LokiDirFormatError,
@@ -226,9 +232,6 @@ def folder_label(name: str) -> str:
     return "".join("\ufffd" if forbidden_character(char) else char for char in name)
 
 
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def undecodable(text: str) -> bool:
     """Whether `text` holds a lone surrogate: a file name whose bytes are not UTF-8 (Python
     turns each such byte into U+DC80-U+DCFF, PEP 383), or a JSON string's lone "\\ud800".
@@ -237,7 +240,7 @@ def undecodable(text: str) -> bool:
     encode it), so a path holding one is never registered, listed or stored: it is only
     reported, `shown` (docs/registry.md "Names that are not UTF-8").
     """
-    return _LONE_SURROGATE.search(text) is not None
+    return LONE_SURROGATE.search(text) is not None
 
 
 def shown(text: str) -> str:
@@ -246,7 +249,7 @@ def shown(text: str) -> str:
     any other lone surrogate as `\\ud800`. Valid text is returned as it is."""
     if not undecodable(text):
         return text
-    return _LONE_SURROGATE.sub(_escape_surrogate, text)
+    return LONE_SURROGATE.sub(_escape_surrogate, text)
 
 
 def _escape_surrogate(found: re.Match[str]) -> str:
@@ -1444,7 +1447,8 @@ def _parse_learnings(kind: str) -> Callable[[bytes, str], tuple[LearningsFile, i
                 problems.append(Problem(path, "too_large", f"line {number}: {len(line)} bytes"))
                 continue
             try:
-                value = loads_bounded(line.decode("utf-8"))
+                text = line.decode("utf-8")
+                value = loads_bounded(text)
             except (UnicodeDecodeError, ValueError) as exc:  # UnusableJson: too deep, ...
                 reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
                 problems.append(Problem(path, "malformed", f"line {number}: {reason}"))
@@ -1454,6 +1458,8 @@ def _parse_learnings(kind: str) -> Callable[[bytes, str], tuple[LearningsFile, i
                 continue
             if "description" not in value:  # the header line, or not a learning
                 continue
+            if may_hold_lone_surrogates(text):  # "\ud800": no answer can carry it
+                value = without_lone_surrogates(value)
             try:
                 times.append(_check_learning(value))
             except _BadLearning as exc:

@@ -267,6 +267,28 @@ async def test_emit_is_stored_and_delivered_in_order_with_publishes(tmp_path: pa
     assert [e.data["n"] for e in stored] == list(range(50))
 
 
+async def test_a_lone_surrogate_in_event_data_is_replaced_not_fatal(tmp_path: pathlib.Path) -> None:
+    """Agent output may hold one (a stream-json "\\ud800"): SQLite and the UTF-8 frames
+    cannot carry it, and it crashed the bus. It is published as U+FFFD."""
+    async with running_bus(tmp_path) as bus:
+        subscriber = bus.subscribe(EventFilter())
+        published = await bus.publish("log", None, Level.INFO, {"message": "a\ud800b"})
+        await bus.emit("agent.output", "s", Level.DEBUG, {"text": "x\udcffy", "\udc80": 1})
+        await bus.emit_many([("agent.output", "s", Level.DEBUG, {"lines": ["\udfff"]})])
+        assert published.data == {"message": "a\ufffdb"}
+        frames: list[bytes] = []
+        while len(frames) < 3:
+            frames.extend(await subscriber.next_frames())
+        assert "a\ufffdb" in frames[0].decode() and "x\ufffdy" in frames[1].decode()
+        stored = await bus.history(EventFilter())
+        assert [e.data for e in stored] == [
+            {"message": "a\ufffdb"},
+            {"text": "x\ufffdy", "\ufffd": 1},
+            {"lines": ["\ufffd"]},
+        ]
+        assert (bus.running, bus.statistics().crashes) == (True, 0)
+
+
 async def test_publish_with_commits_the_change_and_the_event_together(
     tmp_path: pathlib.Path,
 ) -> None:

@@ -133,6 +133,18 @@ def test_comment_and_unnumbered_frames() -> None:
     assert "id:" not in frame
 
 
+def test_publishable_data_has_lone_surrogates_replaced() -> None:
+    data = {"text": "ok 🙂", "n": [1, {"k": "é"}]}
+    assert check_publishable("log", data) == data
+    dirty = {"text": "a\ud800", "list": ["\udcff", 2], "\udc80": {"x": "\ud83d"}}
+    assert check_publishable("log", dirty) == {
+        "text": "a\ufffd",
+        "list": ["\ufffd", 2],
+        "\ufffd": {"x": "\ufffd"},
+    }
+    assert dirty["text"] == "a\ud800"  # the caller's value is left alone
+
+
 def test_publishing_unknown_or_reserved_types_is_a_bug() -> None:
     with pytest.raises(ValueError):
         check_publishable("nope", {})

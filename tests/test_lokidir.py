@@ -516,6 +516,17 @@ def test_pure_decoders_bound_their_input_too() -> None:
         assert info.value.path is None and info.value.message.startswith("<data>: ")
 
 
+def test_a_lone_surrogate_escape_in_a_loki_file_is_read_as_u_fffd() -> None:
+    """JSON allows "\\ud800"; SQLite, events and answers cannot carry what it decodes
+    to (a crashed actor, a 500), so `.loki` files are read with U+FFFD in its place.
+    A proper pair ("\\ud83d\\ude00") is one character and is kept."""
+    data = b'[{"id": "a\\ud800", "title": "x\\udcff \\ud83d\\ude00", "description": "ok"}]'
+    (task,) = decode_queue(data).tasks
+    assert (task.id, task.title, task.description) == ("a\ufffd", "x\ufffd \U0001f600", "ok")
+    clean = b'[{"id": "b", "title": "\\ud83d\\ude00"}]'
+    assert decode_queue(clean).tasks[0].title == "\U0001f600"
+
+
 def test_queue_entries_are_read_leniently() -> None:
     data = json.dumps(
         [

@@ -924,6 +924,16 @@ def test_learnings_of_the_wrong_shape_are_problems_with_their_line_and_not_answe
     assert set(kinds(answer["errors"])) == {"malformed"}
 
 
+def test_a_learning_with_a_lone_surrogate_escape_is_read_as_u_fffd(tmp_path: Path) -> None:
+    folder = tmp_path / "learnings"
+    folder.mkdir()
+    line = '{"timestamp": "2026-01-01T00:00:00Z", "description": "bad \\udcff here"}'
+    (folder / "patterns.jsonl").write_text(line + "\n")
+    found = registry.read_learnings(str(tmp_path))
+    assert [e["description"] for e in found["learnings"]] == ["bad \ufffd here"]
+    json.dumps(found, ensure_ascii=False).encode()  # what the HTTP answer does: no error
+
+
 def test_learnings_without_files_are_empty_and_types_accept_singulars(tmp_path: Path) -> None:
     empty = registry.read_learnings(str(tmp_path))
     assert (empty["learnings"], empty["total"], empty["errors"]) == ([], 0, [])

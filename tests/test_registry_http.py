@@ -545,6 +545,9 @@ async def test_a_queue_file_whose_name_is_not_utf8_is_reported_by_tasks_and_sync
         assert tasks.status == 200, tasks.body
         assert [t["id"] for t in tasks.json()["tasks"]] == ["a1"]
         assert [(e["kind"], e["path"]) for e in tasks.json()["errors"]] == [("not_utf8", shown)]
+        project_file(alpha, b".loki/queue/review.json", '[{"id": "r\\ud800", "title": "t"}]')
+        review = (await r.get("/api/registry/tasks?status=active")).json()
+        assert [t["id"] for t in review["tasks"]] == ["r\ufffd"]  # a JSON "\\ud800"
         synced = await r.post("/api/registry/sync")
         assert synced.status == 200 and synced.json()["errors"][0]["path"] == shown
         health = await r.get(f"/api/registry/projects/{entry['id']}/health")

@@ -255,8 +255,7 @@ class EventBus(Actor[Any]):
         timeout: float = 30.0,
     ) -> Event:
         """Store and deliver one event; returns it with its id once it is durable."""
-        payload = dict(data or {})
-        check_publishable(type, payload)
+        payload = check_publishable(type, data or {})
         event: Event = await self.ask(Publish(type, session_id, level, payload), timeout=timeout)
         return event
 
@@ -277,8 +276,7 @@ class EventBus(Actor[Any]):
         raises, nothing of it and no event is stored and the caller gets the
         exception; the other events of the batch are not affected.
         """
-        payload = dict(data or {})
-        check_publishable(type, payload)
+        payload = check_publishable(type, data or {})
         answer: tuple[Event, T] = await self.ask(
             Publish(type, session_id, level, payload, write), timeout=timeout
         )
@@ -298,8 +296,7 @@ class EventBus(Actor[Any]):
         order with every other publish; if the store refuses the batch it is
         logged, since nobody is waiting to be told.
         """
-        payload = dict(data or {})
-        check_publishable(type, payload)
+        payload = check_publishable(type, data or {})
         await self._emit_message(Publish(type, session_id, level, payload), 1)
 
     async def emit_many(
@@ -310,8 +307,7 @@ class EventBus(Actor[Any]):
         hop instead of one per line. Each message waits for room in the backlog."""
         items = []
         for type, session_id, level, data in events:
-            payload = dict(data)
-            check_publishable(type, payload)
+            payload = check_publishable(type, data)
             items.append(Publish(type, session_id, level, payload))
         for start in range(0, len(items), MAX_EMIT_MANY):
             chunk = tuple(items[start : start + MAX_EMIT_MANY])
