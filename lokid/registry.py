@@ -50,7 +50,6 @@ import errno
 import hashlib
 import json
 import os
-import re
 import stat
 import threading
 import time
@@ -63,10 +62,11 @@ from typing import Any, Generic, TypeVar
 import attrs
 
 from lokid.jsontypes import (
-    LONE_SURROGATE,
     json_type_name,
     loads_bounded,
     may_hold_lone_surrogates,
+    shown,
+    undecodable,
     without_lone_surrogates,
 )
 from lokid.lokidir import (
@@ -230,33 +230,6 @@ def folder_label(name: str) -> str:
     if forbidden_character(name) is None:
         return name
     return "".join("\ufffd" if forbidden_character(char) else char for char in name)
-
-
-def undecodable(text: str) -> bool:
-    """Whether `text` holds a lone surrogate: a file name whose bytes are not UTF-8 (Python
-    turns each such byte into U+DC80-U+DCFF, PEP 383), or a JSON string's lone "\\ud800".
-
-    JSON answers, SQLite and the API cannot carry such a name faithfully (UTF-8 cannot
-    encode it), so a path holding one is never registered, listed or stored: it is only
-    reported, `shown` (docs/registry.md "Names that are not UTF-8").
-    """
-    return LONE_SURROGATE.search(text) is not None
-
-
-def shown(text: str) -> str:
-    """`text` with each lone surrogate written as an escape, for problems and messages: a
-    byte that is not UTF-8 as `\\xff` (its value, as the CLI shows a control character),
-    any other lone surrogate as `\\ud800`. Valid text is returned as it is."""
-    if not undecodable(text):
-        return text
-    return LONE_SURROGATE.sub(_escape_surrogate, text)
-
-
-def _escape_surrogate(found: re.Match[str]) -> str:
-    code = ord(found.group())
-    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape: the byte it stands for
-        return f"\\x{code - 0xDC00:02x}"
-    return f"\\u{code:04x}"
 
 
 def not_utf8(path: str, what: str) -> Problem:

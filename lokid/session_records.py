@@ -56,7 +56,7 @@ import sqlite_utils
 from lokid import providers
 from lokid.config import PROVIDERS
 from lokid.errors import Conflict, InvalidQuery, NotFound, ValidationFailed
-from lokid.jsontypes import json_type_name
+from lokid.jsontypes import json_type_name, shown, undecodable
 from lokid.prd import MAX_PRD_BYTES, validate_prd_bytes
 from lokid.sandbox import sandbox_problem
 from lokid.session_state import ACTIVE, Status, Trigger, is_active, next_status
@@ -324,6 +324,7 @@ def _parse_options(raw: Any) -> tuple[SessionOptions, dict[str, Any]]:
 
 def _read_prd(path: Path, field: str) -> str:
     """The PRD file's text, or `ValidationFailed(field)` naming what is wrong with it."""
+    _utf8_path(path, field, "PRD")
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -382,8 +383,21 @@ def _default_project_dir(prd_path: Path) -> Path:
     return prd_path.parent
 
 
+def _utf8_path(path: Path, field: str, what: str) -> None:
+    """A 422 for a path that is not UTF-8 (e.g. a symbolic link resolved to a folder whose
+    name is not): SQLite, events and answers cannot carry it (docs/sessions.md)."""
+    if undecodable(str(path)):
+        text = shown(str(path))
+        raise _fail(
+            f"{what} {text} is not valid UTF-8: lokid cannot store or name it (rename it)",
+            field,
+            path=text,
+        )
+
+
 def _check_project_dir(path: Path) -> None:
     field = "projectDir"
+    _utf8_path(path, field, "projectDir")
     try:
         st = path.stat()
     except FileNotFoundError:

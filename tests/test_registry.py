@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from lokid import registry
+from lokid import jsontypes, registry
 from lokid.registry import FileCache, ProjectRef
 
 IS_ROOT = os.geteuid() == 0
@@ -695,10 +695,10 @@ def bad_name(parent: Path, raw: bytes = b"bad\xffname") -> str:
 
 
 def test_shown_escapes_lone_surrogates_and_keeps_valid_text() -> None:
-    assert registry.shown(os.fsdecode(b"/x/bad\xffname")) == "/x/bad\\xffname"
-    assert registry.shown("a\ud800b") == "a\\ud800b"
-    assert registry.shown("ünï cødé 🙂") == "ünï cødé 🙂"
-    assert registry.undecodable(os.fsdecode(b"\xfe")) and not registry.undecodable("é")
+    assert jsontypes.shown(os.fsdecode(b"/x/bad\xffname")) == "/x/bad\\xffname"
+    assert jsontypes.shown("a\ud800b") == "a\\ud800b"
+    assert jsontypes.shown("ünï cødé 🙂") == "ünï cødé 🙂"
+    assert jsontypes.undecodable(os.fsdecode(b"\xfe")) and not jsontypes.undecodable("é")
     problem = registry.Problem(os.fsdecode(b"/p/\xfe"), "os_error", os.fsdecode(b"at \xfe"))
     assert problem.to_json() == {"path": "/p/\\xfe", "kind": "os_error", "message": "at \\xfe"}
 

@@ -439,6 +439,22 @@ def test_project_dir_must_be_an_existing_directory(tmp_path: Path) -> None:
     assert (error.field, "absolute" in error.message) == ("projectDir", True)
 
 
+def test_a_real_path_that_is_not_utf8_is_refused_with_the_path_shown(tmp_path: Path) -> None:
+    """A link whose real path is not UTF-8: SQLite, events and the 422 itself could not
+    carry it (the body could not be encoded: a 500)."""
+    bad = os.fsencode(tmp_path) + b"/bad\xffname"
+    os.makedirs(bad)
+    os.symlink(bad, os.fsencode(tmp_path / "link"))
+    prd = write_prd(tmp_path / "prd.md")
+    shown = f"{tmp_path}/bad\\xffname"
+    error = refused({"prd": str(prd), "projectDir": str(tmp_path / "link")})
+    assert (error.field, error.details["path"]) == ("projectDir", shown)
+    assert f"projectDir {shown} is not valid UTF-8" in error.message
+    write_prd(Path(os.fsdecode(bad + b"/prd.md")))
+    error = refused({"prd": str(tmp_path / "link" / "prd.md")})
+    assert (error.field, error.details["path"]) == ("prd", shown + "/prd.md")
+
+
 def test_project_dir_must_be_writable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     project = tmp_path / "ro"
     prd = write_prd(project / "prd.md")
