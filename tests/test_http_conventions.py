@@ -11,6 +11,7 @@ import trio
 
 from lokid.errors import Unavailable, ValidationFailed
 from lokid.http.control import control_app
+from lokid.http.convert import dumps
 from lokid.http.gate import Gate
 from lokid.http.surface import (
     MAX_BODY_BYTES,
@@ -449,3 +450,10 @@ async def test_quart_errors_are_not_stored_by_caches(method: str, path: str) -> 
     answer = await call(make_surface(), method, path)
     assert answer.status in (404, 405)
     assert answer.headers["cache-control"] == "no-store"
+
+
+def test_a_lone_surrogate_that_reaches_an_answer_is_sent_as_u_fffd() -> None:
+    """The last net under the checks where names are read: valid UTF-8, never a 500."""
+    assert dumps({"path": "/tmp/bad\udcffname", "ok": "é"}) == (
+        '{"path":"/tmp/bad\ufffdname","ok":"é"}'.encode()
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,10 @@ from typing import Any
 import attrs
 import cattrs
 from cattrs.gen import make_dict_unstructure_fn, override
+
+from lokid.jsontypes import LONE_SURROGATE
+
+log = logging.getLogger("lokid.http")
 
 
 def camel(name: str) -> str:
@@ -53,5 +58,15 @@ dashboard_converter = _make_converter(rename=False)
 
 
 def dumps(value: Any) -> bytes:
-    """Compact JSON bytes, the one encoder of every response body."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    """Compact JSON bytes, the one encoder of every response body.
+
+    A lone surrogate (a name whose bytes are not UTF-8) is refused or replaced where
+    lokid reads it (docs/registry.md "Names that are not UTF-8"); one that got past
+    every check becomes U+FFFD here, as there, rather than a 500.
+    """
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        log.warning("a response held a lone surrogate; sent as U+FFFD")
+        return LONE_SURROGATE.sub("\ufffd", text).encode()
