@@ -556,11 +556,19 @@ class SessionActor(Actor[Any]):
         if self.phase == phase:
             return
         previous = self.phase
-        await self.store.write(lambda db: update_session(db, self.id, phase=phase))
+        # The phase and its first event in one transaction; `phase.started` after a
+        # `phase.completed` is emitted (stored in order, before the next publish).
+        first = ("phase.started", phase) if previous is None else ("phase.completed", previous)
+        await self.bus.publish_with(
+            lambda db: update_session(db, self.id, phase=phase),
+            first[0],
+            self.id,
+            Level.INFO,
+            {"phase": first[1]},
+        )
         self.phase = phase  # after the write: a refused one is written again on the retry
         if previous is not None:
-            await self.bus.publish("phase.completed", self.id, Level.INFO, {"phase": previous})
-        await self.bus.publish("phase.started", self.id, Level.INFO, {"phase": phase})
+            await self.bus.emit("phase.started", self.id, Level.INFO, {"phase": phase})
         self._mirror_dirty.set()
 
     async def _warn(self, reason: str, message: str, **data: Any) -> None:
@@ -1329,8 +1337,8 @@ class SessionActor(Actor[Any]):
             reached = max(iteration, get_session(db, self.id)["iteration"])
             update_session(db, self.id, iteration=reached)
 
-        await self.store.write(start_task)
-        await self.bus.publish(
+        await self.bus.publish_with(
+            start_task,
             "task.started",
             self.id,
             Level.INFO,
@@ -1641,8 +1649,8 @@ class SessionActor(Actor[Any]):
             )
             update_session(db, self.id, cost_usd=self.cost_usd)
 
-        await self.store.write(write)
-        await self.bus.publish(
+        await self.bus.publish_with(
+            write,
             "task.completed",
             self.id,
             Level.INFO,
@@ -1693,20 +1701,19 @@ class SessionActor(Actor[Any]):
         final = delay is None or (not rate_limited and attempt >= self.settings.max_task_attempts)
         time_left = self._deadline_left()
         no_retry = time_left <= 0 or self._ending is not None  # the session ends
-        await self.store.write(
-            lambda db: (
-                update_task(
-                    db,
-                    self.id,
-                    task.id,
-                    status="failed" if final else "pending",
-                    error=failure.reason,
-                    completed_at=utc_now_iso() if final else None,
-                    resume_id=None,
-                ),
-                update_session(db, self.id, cost_usd=self.cost_usd, last_error=failure.reason),
+
+        def write(db: sqlite_utils.Database) -> None:
+            update_task(
+                db,
+                self.id,
+                task.id,
+                status="failed" if final else "pending",
+                error=failure.reason,
+                completed_at=utc_now_iso() if final else None,
+                resume_id=None,
             )
-        )
+            update_session(db, self.id, cost_usd=self.cost_usd, last_error=failure.reason)
+
         data = {
             "taskId": task.id,
             "title": task.title,
@@ -1715,8 +1722,8 @@ class SessionActor(Actor[Any]):
             "error": failure.reason,
             "retryInSeconds": None if final or delay is None or no_retry else round(delay, 3),
         }
-        await self.bus.publish(
-            "task.failed", self.id, Level.ERROR if final else Level.WARNING, data
+        await self.bus.publish_with(
+            write, "task.failed", self.id, Level.ERROR if final else Level.WARNING, data
         )
         self._mirror_dirty.set()
         if self._ending is None:  # else the session ends already (it may have cut this run)
