@@ -163,6 +163,7 @@ class LocalAgentRun:
         self._grace_scope: trio.CancelScope | None = None  # between SIGTERM and SIGKILL
         self._last_output = 0.0
         self._escalated = False
+        self._group_empty = False  # the last look at the agent's group found no live member
 
     # -- what the session uses ----------------------------------------------------
 
@@ -266,8 +267,10 @@ class LocalAgentRun:
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                members = await group_scanner().members(pid)
-                survivors = tuple(p for p, state in members if p != pid and state != "Z")
+                survivors: tuple[int, ...] = ()
+                if not self._group_empty:  # else nothing is left to find: no second pass
+                    members = await group_scanner().members(pid)
+                    survivors = tuple(p for p, state in members if p != pid and state != "Z")
                 exit_code = await process.wait()  # reap only now: the group is empty
                 os.close(pidfd)
                 self._send.close()
@@ -278,22 +281,28 @@ class LocalAgentRun:
         self, pgid: int, grace: float, *, quiet_if_empty: bool = False
     ) -> None:
         """TERM the group, wait `grace` for it to empty, KILL, wait until it is empty."""
-        if quiet_if_empty and not await _live_members(pgid):
+        if quiet_if_empty and not await self._live_members(pgid):
             return
         if self._stop_requested is not None:  # asked (again) while we looked
             grace = min(grace, self._stop_requested[0])
         _signal_group(pgid, signal.SIGTERM)
         # Polling /proc: the kernel offers no event for "this group is now empty".
         with trio.move_on_after(grace) as self._grace_scope:
-            while await _live_members(pgid):  # noqa: ASYNC110
+            while await self._live_members(pgid):  # noqa: ASYNC110
                 await trio.sleep(GROUP_POLL_SECONDS)
         self._grace_scope = None
-        if await _live_members(pgid):
+        if await self._live_members(pgid):
             self._escalated = True
             _signal_group(pgid, signal.SIGKILL)
             with trio.move_on_after(KILL_WAIT_SECONDS):
-                while await _live_members(pgid):  # noqa: ASYNC110
+                while await self._live_members(pgid):  # noqa: ASYNC110
                     await trio.sleep(GROUP_POLL_SECONDS)
+
+    async def _live_members(self, pgid: int) -> list[int]:
+        """Live members of the agent's group (`_live_members`); remembers whether any."""
+        live = await _live_members(pgid)
+        self._group_empty = not live
+        return live
 
     async def _read_all(self, process: trio.Process, done: trio.Event) -> None:
         async with trio.open_nursery() as nursery:

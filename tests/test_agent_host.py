@@ -20,7 +20,7 @@ from lokid.agent_host import (
     OutputLine,
     Stream,
 )
-from lokid.process import group_members, is_same_process
+from lokid.process import group_members, group_scanner, is_same_process, scan_groups
 
 PY = sys.executable
 
@@ -117,6 +117,29 @@ async def test_leftovers_of_an_agent_that_exited_are_stopped(tmp_path: pathlib.P
     assert result.reason is EndReason.EXITED
     assert result.exit_code == 0
     assert live(run.identity.pid) == []
+
+
+async def test_an_agent_that_exits_alone_costs_one_group_pass(tmp_path: pathlib.Path) -> None:
+    # The look that finds its group empty is the last: no second /proc pass for survivors.
+    spec = AgentSpec(("/bin/sh", "-c", "echo hi"), tmp_path)
+    scanner = group_scanner()
+    before = scanner.passes
+    _lines, result = await run_host(spec)
+    assert result.exit_code == 0 and result.survivors == ()  # type: ignore[attr-defined]
+    assert scanner.passes == before + 1
+
+
+def test_scan_groups_finds_the_members_of_a_group_and_their_states() -> None:
+    child = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        found = scan_groups({child.pid, os.getpgrp()})
+        [(pid, state)] = found[child.pid]
+        assert pid == child.pid and state in ("R", "S")
+        assert (os.getpid(), "R") in found[os.getpgrp()]
+        assert scan_groups(set()) == {}
+    finally:
+        child.kill()
+        child.wait()
 
 
 @pytest.mark.parametrize(
