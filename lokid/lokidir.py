@@ -48,6 +48,7 @@ import errno
 import hashlib
 import json
 import os
+import random
 import re
 import stat
 import tempfile
@@ -241,17 +242,21 @@ def init_loki_dir(project_dir: str | os.PathLike[str]) -> LokiPaths:
     if not project.is_dir():
         raise LokiDirWriteError(project, "project folder does not exist or is not a folder")
     paths = LokiPaths.for_project(project)
+    made: set[Path] = set()  # new folders: nothing in them to sweep
     for folder in (paths.root, paths.state_dir, paths.queue_dir, paths.signals_dir, paths.logs_dir):
         try:
-            folder.mkdir(mode=0o755, exist_ok=True)
+            os.mkdir(folder, 0o755)
+            made.add(folder)
         except FileExistsError:
-            raise LokiDirWriteError(folder, "exists and is not a folder") from None
+            if not folder.is_dir():
+                raise LokiDirWriteError(folder, "exists and is not a folder") from None
         except OSError as exc:
             raise LokiDirWriteError(folder, f"cannot create folder: {_why(exc)}") from exc
     for name in QUEUE_NAMES:
         _create_if_absent(paths.queue(name), b"[]\n")
     for folder in (paths.root, paths.state_dir, paths.queue_dir):
-        sweep_temp_files(folder)
+        if folder not in made:
+            sweep_temp_files(folder)
     return paths
 
 
@@ -302,16 +307,38 @@ def _why(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
+_TEMP_NAMES = random.Random()  # temp file names only: not secrets, O_EXCL settles a clash
+_TEMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"  # `tempfile`'s own
+
+
 def _temp_file(path: Path, data: bytes, mode: int, *, durable: bool = True) -> str:
-    """A complete (with `durable`: fsync'd) temp file next to `path`; its name."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
+    """A complete (with `durable`: fsync'd) temp file next to `path`; its name.
+
+    `tempfile.mkstemp`'s name and flags (`.<name>.<8 random>.lokid-tmp`, `O_EXCL`,
+    mode 0600 until the `fchmod`), without its path handling or a file object:
+    half the Python time of a write (every `.loki/` write makes one).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    prefix = f"{os.fspath(path.parent)}/.{path.name}."
+    for _ in range(tempfile.TMP_MAX):
+        tmp = prefix + "".join(_TEMP_NAMES.choices(_TEMP_CHARS, k=8)) + _TEMP_SUFFIX
+        try:
+            fd = os.open(tmp, flags, 0o600)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(errno.EEXIST, "no usable temporary file name found")
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fchmod(handle.fileno(), mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fchmod(fd, mode)
             if durable:
-                os.fsync(handle.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -128,6 +128,34 @@ def test_init_sweeps_stale_temp_files_only(tmp_path: Path) -> None:
     assert fresh.exists() and other.exists()
 
 
+def test_init_sweeps_only_folders_it_did_not_just_make(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    swept: list[Path] = []
+    real = lokidir.sweep_temp_files
+
+    def sweep(folder: Path, **kwargs: Any) -> list[Path]:
+        swept.append(folder)
+        return real(folder, **kwargs)
+
+    monkeypatch.setattr(lokidir, "sweep_temp_files", sweep)
+    paths = init_loki_dir(tmp_path)
+    assert swept == []  # a new .loki/ holds no temp file of ours
+    init_loki_dir(tmp_path)
+    assert swept == [paths.root, paths.state_dir, paths.queue_dir]
+
+
+def test_temp_files_are_named_for_the_sweep_and_get_the_mode(tmp_path: Path) -> None:
+    target = tmp_path / "orchestrator.json"
+    tmp = lokidir._temp_file(target, b"{}\n", 0o644, durable=False)
+    name = os.path.basename(tmp)
+    assert os.path.dirname(tmp) == str(tmp_path)
+    assert name.startswith(".orchestrator.json.") and name.endswith(".lokid-tmp")
+    assert len(name) == len(".orchestrator.json.") + 8 + len(".lokid-tmp")
+    assert stat.S_IMODE(os.stat(tmp).st_mode) == 0o644
+    assert Path(tmp).read_bytes() == b"{}\n"
+
+
 # -- round trips -----------------------------------------------------------------------
 
 ORCHESTRATOR = OrchestratorState(
