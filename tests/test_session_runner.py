@@ -820,6 +820,57 @@ async def test_a_malformed_pending_queue_is_reported_once(tmp_path: Path, agent_
         assert warnings[0]["data"]["file"] == "queue/pending.json"
 
 
+async def test_the_mirror_reads_pending_json_again_only_when_it_changed(
+    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each mirror write looks at the stamp of `pending.json` (its compare-and-swap is on
+    that stamp); the file is read again only when someone else changed it."""
+    import functools
+
+    from lokid import daemon as daemon_module
+    from lokid import loki_mirror, lokidir
+
+    monkeypatch.setattr(
+        daemon_module,
+        "RunnerSettings",
+        functools.partial(session_module.RunnerSettings, mirror_interval=0.05),
+    )
+    syncs, reads = [0], [0]
+    real_write, real_read = loki_mirror.write_mirror, lokidir.ingest_pending_file
+
+    def counted_write(*args: Any, **kwargs: Any) -> Any:
+        syncs[0] += 1
+        return real_write(*args, **kwargs)
+
+    def counted_read(*args: Any, **kwargs: Any) -> Any:
+        reads[0] += 1
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(session_module, "write_mirror", counted_write)
+    monkeypatch.setattr(lokidir, "ingest_pending_file", counted_read)
+    prd = (
+        "# App\n\n## Features\n- First [mode:slow] [seconds:1]\n- Second [mode:slow] [seconds:1]\n"
+    )
+    project = make_project(tmp_path, prd)
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        await lab_.wait_event(sid, "task.started")
+        await trio.sleep(0.5)
+        before = reads[0]
+        write_atomically(
+            project / ".loki" / "queue" / "pending.json",
+            json.dumps([{"id": "agent-1", "title": "Added", "status": "pending"}]).encode(),
+        )
+        session = await lab_.wait_status(sid, "completed", "failed")
+        assert session["status"] == "completed"
+        assert session["tasks"]["total"] == 3  # the agent's task was taken
+    # Read: at the first scheduling step, after the agent's change, before the end is
+    # decided (4 here; 7 when every mirror write read it first).
+    assert syncs[0] >= 3
+    assert reads[0] - before >= 1
+    assert reads[0] <= 5
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """As another tool replaces a file: complete temp file, then rename."""
     temp = path.with_name(f".{path.name}.other-tool")

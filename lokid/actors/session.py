@@ -1046,12 +1046,15 @@ class SessionActor(Actor[Any]):
             except StoreUnavailable as exc:  # the files follow at the next change
                 log.warning("%s: .loki/ update skipped: %s", self.name, exc.message)
 
-    async def _ingest(self, known: set[str], *, force: bool) -> bool:
+    async def _ingest(self, known: set[str], *, force: bool, throttle: bool = True) -> bool:
         """Take the tasks the agent appended to `queue/pending.json`; True if any.
 
         Without `force` a file whose stamp is the one seen last (our own write,
         or the last read) is not read again: one `stat` instead of a thread hop
-        per scheduling step - unless that read left tasks for the next one. The
+        per scheduling step - unless that read left tasks for the next one -
+        and, with `throttle`, not looked at more than every
+        `CONTROL_MIN_INTERVAL` s. The mirror looks at the stamp before each
+        write (its compare-and-swap of the file is on the same stamp); the
         scheduler forces a read before it decides that nothing is left to do.
         What was read decides whether the mirror may replace the file
         (`PendingView`): not while it holds tasks not taken or cannot be read.
@@ -1059,11 +1062,12 @@ class SessionActor(Actor[Any]):
         if not self._bootstrapped:
             return False  # the PRD's tasks first
         if not force:
-            now = trio.current_time()
-            if not self._ingest_due and now - self._ingest_checked_at < CONTROL_MIN_INTERVAL:
-                return False
-            self._ingest_checked_at = now
-            self._ingest_due = False
+            if throttle:
+                now = trio.current_time()
+                if not self._ingest_due and now - self._ingest_checked_at < CONTROL_MIN_INTERVAL:
+                    return False
+                self._ingest_checked_at = now
+                self._ingest_due = False
             seen = self._pending
             if not seen.deferred and lokidir.file_stamp(self.paths.pending) == seen.stamp:
                 return False
@@ -1088,11 +1092,11 @@ class SessionActor(Actor[Any]):
             return  # not bootstrapped yet
         async with self._sync_lock:
             session, tasks = await self.store.read(self._read_state)
-            if ingest and await self._ingest({task.id for task in tasks}, force=True):
+            known = {task.id for task in tasks}
+            if ingest and await self._ingest(known, force=False, throttle=False):
                 session, tasks = await self.store.read(self._read_state)
             pending = self._pending
             if not ingest:  # the session ended: a file with tasks not taken stays as it is
-                known = {task.id for task in tasks}
                 pending = await trio.to_thread.run_sync(pending_view, self.paths.pending, known)
             try:
                 self._pending = await trio.to_thread.run_sync(
