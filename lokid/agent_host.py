@@ -159,7 +159,10 @@ class LocalAgentRun:
         self._done = trio.Event()
         self._result: RunResult | None = None
         self._stop_requested: tuple[float, EndReason] | None = None
-        self._stop_wakeup = trio.Event()
+        self._leader_wait: trio.CancelScope | None = None  # cancelled by a stop request
+        self._timing_from: float | None = None  # when the timeouts began to count (release)
+        self._readers_left = 0
+        self._readers_done = trio.Event()
         self._grace_scope: trio.CancelScope | None = None  # between SIGTERM and SIGKILL
         self._last_output = 0.0
         self._escalated = False
@@ -179,7 +182,31 @@ class LocalAgentRun:
 
     def release(self) -> None:
         """Let a held agent run (it has been recorded); a no-op for one not held."""
-        self._released.set()
+        if not self._released.is_set():
+            self._released.set()
+            self._start_timing()
+
+    def _start_timing(self) -> None:
+        self._timing_from = self._last_output = trio.current_time()
+        if self._leader_wait is not None:
+            self._leader_wait.deadline = self._timeout_deadline()
+
+    def _timeout_deadline(self) -> float:
+        """When the next timeout may be due (the idle one moves with output: look again)."""
+        if self._timing_from is None:
+            return math.inf
+        spec = self.spec
+        return min(self._timing_from + spec.hard_timeout, self._last_output + spec.idle_timeout)
+
+    def _check_timeouts(self) -> None:
+        """Ask for the stop of a timeout that is due."""
+        if self._timing_from is None:
+            return
+        spec, now = self.spec, trio.current_time()
+        if now >= self._timing_from + spec.hard_timeout:
+            self._request_stop(spec.stop_grace, EndReason.HARD_TIMEOUT)
+        elif now >= self._last_output + spec.idle_timeout:
+            self._request_stop(spec.stop_grace, EndReason.IDLE_TIMEOUT)
 
     async def stop(self, grace: float) -> RunResult:
         self.request_stop(grace)
@@ -204,7 +231,8 @@ class LocalAgentRun:
         """Ask for a stop; one already asked for keeps its reason and takes the shorter grace."""
         if self._stop_requested is None:
             self._stop_requested = (grace, reason)
-            self._stop_wakeup.set()
+            if self._leader_wait is not None:
+                self._leader_wait.cancel()
         elif grace < self._stop_requested[0]:
             self._stop_requested = (grace, self._stop_requested[1])
         if self._grace_scope is not None:  # SIGTERM sent already: bring the SIGKILL forward
@@ -232,6 +260,8 @@ class LocalAgentRun:
         self.identity = ProcessIdentity(pid, start_ticks(pid) or 0)
         pidfd = os.pidfd_open(pid)
         self._last_output = trio.current_time()
+        if not self.held:
+            self._start_timing()
         reason = EndReason.EXITED
         try:
             task_status.started(self)
@@ -240,22 +270,24 @@ class LocalAgentRun:
                     opening = b"\n" if self.held else b""
                     data = opening + (spec.stdin or b"")
                     nursery.start_soon(self._feed_when_released, process.stdin, data)
-                readers_done = trio.Event()
-                nursery.start_soon(self._read_all, process, readers_done)
-                nursery.start_soon(self._watch_timeouts)
-                # Wait for the leader to exit (without reaping) or a stop request.
-                async with trio.open_nursery() as race:
-
-                    async def leader_exit() -> None:
+                pipes = [(Stream.STDOUT, process.stdout), (Stream.STDERR, process.stderr)]
+                for stream, pipe in pipes:
+                    if pipe is not None:
+                        self._readers_left += 1
+                        nursery.start_soon(self._read_lines, stream, pipe)
+                if not self._readers_left:
+                    self._readers_done.set()
+                # Wait for the leader to exit (without reaping), a stop request (which
+                # cancels the wait) or a timeout (its deadline): one task, no race.
+                while self._stop_requested is None:
+                    with trio.CancelScope(deadline=self._timeout_deadline()) as wait:
+                        self._leader_wait = wait
                         await trio.lowlevel.wait_readable(pidfd)
-                        race.cancel_scope.cancel()
-
-                    async def stop_request() -> None:
-                        await self._stop_wakeup.wait()
-                        race.cancel_scope.cancel()
-
-                    race.start_soon(leader_exit)
-                    race.start_soon(stop_request)
+                    self._leader_wait = None
+                    if not wait.cancelled_caught:
+                        break  # the leader exited
+                    if self._stop_requested is None:
+                        self._check_timeouts()
                 if self._stop_requested is not None:
                     grace, reason = self._stop_requested
                     await self._terminate_group(pid, grace)
@@ -263,7 +295,7 @@ class LocalAgentRun:
                     # The leader is gone; helpers it left in the group go too.
                     await self._terminate_group(pid, spec.stop_grace, quiet_if_empty=True)
                 with trio.move_on_after(KILL_WAIT_SECONDS):
-                    await readers_done.wait()
+                    await self._readers_done.wait()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
@@ -304,13 +336,6 @@ class LocalAgentRun:
         self._group_empty = not live
         return live
 
-    async def _read_all(self, process: trio.Process, done: trio.Event) -> None:
-        async with trio.open_nursery() as nursery:
-            for stream, pipe in ((Stream.STDOUT, process.stdout), (Stream.STDERR, process.stderr)):
-                if pipe is not None:
-                    nursery.start_soon(self._read_lines, stream, pipe)
-        done.set()
-
     async def _read_lines(self, stream: Stream, pipe: trio.abc.ReceiveStream) -> None:
         buffer = bytearray()
         skipping = False  # inside the rest of a line already cut at MAX_LINE_BYTES
@@ -344,6 +369,9 @@ class LocalAgentRun:
                     await self._emit(batch)
         if buffer:
             await self._emit([_line(stream, bytes(buffer))])
+        self._readers_left -= 1
+        if not self._readers_left:
+            self._readers_done.set()
 
     async def _emit(self, batch: list[OutputLine]) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
@@ -352,22 +380,6 @@ class LocalAgentRun:
     async def _feed_when_released(self, stdin: trio.abc.SendStream, data: bytes) -> None:
         await self._released.wait()
         await _feed(stdin, data)
-
-    async def _watch_timeouts(self) -> None:
-        spec = self.spec
-        await self._released.wait()
-        started = self._last_output = trio.current_time()
-        while True:
-            now = trio.current_time()
-            hard_left = started + spec.hard_timeout - now
-            idle_left = self._last_output + spec.idle_timeout - now
-            if hard_left <= 0:
-                self._request_stop(spec.stop_grace, EndReason.HARD_TIMEOUT)
-                return
-            if idle_left <= 0:
-                self._request_stop(spec.stop_grace, EndReason.IDLE_TIMEOUT)
-                return
-            await trio.sleep(min(hard_left, idle_left))
 
 
 def _line(stream: Stream, data: bytes) -> OutputLine:

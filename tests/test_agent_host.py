@@ -205,6 +205,28 @@ async def test_a_held_agent_runs_only_after_release_as_the_same_process(
     assert [line.data for line in lines] == [b"the prompt"]  # the prompt follows the release
 
 
+async def test_a_held_agents_timeouts_count_from_the_release(tmp_path: pathlib.Path) -> None:
+    spec = AgentSpec(("/bin/sh", "-c", "sleep 0.2; echo done"), tmp_path, hard_timeout=0.6)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            run = await LocalAgentHost(nursery).start(spec, held=True)
+            await trio.sleep(0.8)  # longer than the hard timeout: held time does not count
+            run.release()
+            result = await run.wait()
+    assert (result.reason, result.exit_code) == (EndReason.EXITED, 0)
+
+    spec = AgentSpec(("/bin/sh", "-c", "sleep 5"), tmp_path, hard_timeout=0.4, stop_grace=1)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            run = await LocalAgentHost(nursery).start(spec, held=True)
+            await trio.sleep(0.2)
+            released = trio.current_time()
+            run.release()
+            result = await run.wait()
+    assert result.reason is EndReason.HARD_TIMEOUT
+    assert trio.current_time() - released >= 0.4
+
+
 def test_a_held_agent_whose_daemon_died_never_runs(tmp_path: pathlib.Path) -> None:
     """The launcher alone: end-of-file instead of the release line (the daemon is gone)."""
     marker = tmp_path / "ran"
