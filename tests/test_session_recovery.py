@@ -225,6 +225,35 @@ def test_resume_on_start_continues_interrupted_sessions(
     assert code == 0
 
 
+def test_an_input_queued_before_a_restart_reaches_the_resumed_run(
+    tmp_path: Path, daemon_factory: Callable[..., DaemonProcess]
+) -> None:
+    """The resumed session's actor did not take the input itself: it reads the store's."""
+    env, log = agent_env(tmp_path)
+    project = make_project(tmp_path, "# App\n\n## Features\n- Job [mode:slow] [seconds:2]\n")
+    home = tmp_path / "home"
+    first = daemon_factory(home, extra_env=env).start()
+    session_id, _call = start_hanging_session(first, project, log)
+    with httpx.Client(base_url=first.api_url, timeout=10) as client:
+        answer = client.post(f"/api/sessions/{session_id}/input", json={"message": "Use SQLite"})
+        assert answer.status_code == 202, answer.text
+    code, _ = first.terminate()
+    assert code == 0
+
+    second = daemon_factory(home, extra_env={**env, "LOKI_RESUME_ON_START": "true"}).start()
+    with httpx.Client(base_url=second.api_url, timeout=10) as client:
+        wait_until(
+            lambda: client.get(f"/api/sessions/{session_id}").json()["status"] == "completed",
+            "the resumed session completed",
+        )
+        (applied,) = events(client, session_id, "input.applied")
+        assert applied["data"]["inputId"] == answer.json()["id"]
+    code, _ = second.terminate()
+    assert code == 0
+    prompts = [c["prompt"] for c in invocations(log) if c["cwd"] == str(project)]
+    assert "Use SQLite" not in prompts[0] and "Use SQLite" in prompts[-1]
+
+
 @pytest.mark.parametrize("stop", ["sigkill", "sigterm"])
 def test_resume_on_start_resumes_what_the_last_stop_cut_off_not_older_sessions(
     tmp_path: Path, daemon_factory: Callable[..., DaemonProcess], stop: str

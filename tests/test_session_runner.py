@@ -591,6 +591,27 @@ async def test_input_goes_into_the_next_prompt(tmp_path: Path, agent_log: Path) 
     assert not (project / ".loki" / "HUMAN_INPUT.md").exists()
 
 
+async def test_a_new_session_given_no_input_never_reads_the_input_queue(
+    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lokid import session_records
+
+    reads: list[str] = []
+    real = session_records.pending_inputs
+
+    def counted(db: Any, session_id: str) -> Any:
+        reads.append(session_id)
+        return real(db, session_id)
+
+    monkeypatch.setattr(session_module, "pending_inputs", counted)
+    project = make_project(tmp_path)
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        session = await lab_.wait_status(sid, "completed", "failed")
+        assert (session["status"], session["iteration"]) == ("completed", 3)
+    assert reads == []
+
+
 async def test_large_inputs_go_whole_into_prompts_and_the_rest_waits(
     tmp_path: Path, agent_log: Path
 ) -> None:

@@ -295,6 +295,10 @@ class SessionActor(Actor[Any]):
         self._ingest_due = False
         self.prd_title: str | None = None
         self._bootstrapped = bootstrap_recorded(session)
+        # Inputs are added only through this actor (`_add_input`), and only once the
+        # session runs: a new session has none in the store until then, so its runs
+        # and its end skip the read. A restored one (resumed, restarted) may have some.
+        self._inputs_maybe = self.lifecycle.status is not Status.STARTING
         self._lock = trio.Lock()
         self._wakeup = trio.Event()
         self._workers: dict[str, _Worker] = {}
@@ -522,6 +526,8 @@ class SessionActor(Actor[Any]):
         """
         step(self.lifecycle.status, Trigger.INPUT)  # 409 unless running or paused
 
+        self._inputs_maybe = True  # before the write: a refused one may still have landed
+
         def write(db: sqlite_utils.Database) -> tuple[dict[str, Any], bool]:
             if once is not None:
                 first = idempotency.lookup(db, once.route, once.key, once.digest)
@@ -726,6 +732,8 @@ class SessionActor(Actor[Any]):
         no agent (a prompt takes what fits in 64 KiB; no task was left for the rest):
         say so rather than drop it silently. An interrupted or paused session keeps
         its queue for the resume."""
+        if not self._inputs_maybe:
+            return
         queued = await self.store.read(lambda db: pending_inputs(db, self.id))
         if queued:
             await self._warn(
@@ -752,7 +760,13 @@ class SessionActor(Actor[Any]):
             return Ending(Trigger.FAIL, "bootstrapFailed", _bootstrap_problem(self.prd_path, exc))
         self.prd_title = parsed.title
 
-        known = {task.id for task in await self.store.read(lambda db: runner_tasks(db, self.id))}
+        # A session still `starting` has no task in the store: its PRD's tasks are
+        # inserted with the `bootstrapped` transition, agents add theirs after it.
+        known = (
+            set()
+            if self.status is Status.STARTING
+            else {task.id for task in await self.store.read(lambda db: runner_tasks(db, self.id))}
+        )
         new = [task for task in parsed.tasks if task.id not in known]
         src = "prd"
         events: list[EventArgs] = [
@@ -1268,6 +1282,8 @@ class SessionActor(Actor[Any]):
         crash loses none) keeps another worker's prompt from taking them too. What
         does not fit waits for the next prompt; the caller releases the claim.
         """
+        if not self._inputs_maybe:  # a new session given no input: nothing to read
+            return []
         queued = await self.store.read(lambda db: pending_inputs(db, self.id))
         free = [item for item in queued if item["id"] not in self._claimed_inputs]
         inputs = free[: inputs_that_fit([item["message"] for item in free])]
