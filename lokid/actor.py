@@ -94,6 +94,7 @@ class Actor(Generic[M]):
         self.name = name or type(self).__name__
         self._send, self._receive = trio.open_memory_channel[Any](self.mailbox_size)
         self._running = False
+        self._end_scopes: set[trio.CancelScope] = set()  # cancelled when `run` ends
         self._stop_requested = False
         self._receive_scope: trio.CancelScope | None = None
         self._handled = 0
@@ -158,8 +159,23 @@ class Actor(Generic[M]):
                     nursery.cancel_scope.cancel()
         finally:
             self._running = False
+            for scope in list(self._end_scopes):
+                scope.cancel()
             with trio.CancelScope(shield=True):
                 await self.teardown()
+
+    @contextlib.contextmanager
+    def cancelled_when_ended(self, scope: trio.CancelScope) -> Iterator[None]:
+        """Inside, `scope` is cancelled once this actor's task ends (at once if it is not
+        running): a caller waiting for its answer stops waiting, without a task polling
+        `running`."""
+        if not self._running:
+            scope.cancel()
+        self._end_scopes.add(scope)
+        try:
+            yield
+        finally:
+            self._end_scopes.discard(scope)
 
     async def _watch_stop(self, stop_event: trio.Event) -> None:
         await stop_event.wait()

@@ -225,3 +225,24 @@ async def test_reply_to_a_caller_that_gave_up_does_not_crash_the_actor(
         assert await counter.ask(Add(1)) == 1
         nursery.cancel_scope.cancel()
     assert counter.statistics().crashes == 0
+
+
+async def test_a_scope_is_cancelled_when_the_actor_ends() -> None:
+    counter = Counter()
+    with trio.CancelScope() as early, counter.cancelled_when_ended(early):
+        await trio.sleep_forever()  # not running yet: cancelled at once
+    assert early.cancelled_caught
+    async with trio.open_nursery() as nursery:
+        actor_scope = trio.CancelScope()
+
+        async def run_counter(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            with actor_scope:
+                await counter.run(task_status=task_status)
+
+        await nursery.start(run_counter)
+        with trio.CancelScope() as waiting, counter.cancelled_when_ended(waiting):
+            assert await counter.ask(Add(1)) == 1  # running: not cancelled
+            actor_scope.cancel()
+            await trio.sleep_forever()
+        assert waiting.cancelled_caught
+    assert not counter._end_scopes  # forgotten on the way out

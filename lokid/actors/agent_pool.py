@@ -568,14 +568,11 @@ class AgentPool(Actor[Any]):
             )
 
         failure: str | None = None
-        with trio.CancelScope() as store_stopped:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._cancel_when_store_stops, store_stopped)
-                try:
-                    await self.store.write(close, timeout=ROW_WRITE_TIMEOUT)
-                except LokiError as exc:
-                    failure = str(exc)
-                nursery.cancel_scope.cancel()
+        with trio.CancelScope() as store_stopped, self.store.cancelled_when_ended(store_stopped):
+            try:
+                await self.store.write(close, timeout=ROW_WRITE_TIMEOUT)
+            except LokiError as exc:
+                failure = str(exc)
         if store_stopped.cancelled_caught:
             self._record_failures += 1
             log.warning(
@@ -586,12 +583,6 @@ class AgentPool(Actor[Any]):
             # The row stays open; the next start's reconciliation closes it ("gone").
             self._record_failures += 1
             log.error("could not close the row of agent %d: %s", agent.row_id, failure)
-
-    async def _cancel_when_store_stops(self, scope: trio.CancelScope) -> None:
-        # Polled: the store offers no event for "my task ended"; a row write takes ms.
-        while self.store.running:  # noqa: ASYNC110
-            await trio.sleep(POLL_SECONDS)
-        scope.cancel()
 
     def _account_end(self, agent: _Agent, result: RunResult) -> None:
         self._ended_total += 1
