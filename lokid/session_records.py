@@ -79,6 +79,7 @@ __all__ = [
     "agents_without_end",
     "delete_session",
     "get_session",
+    "get_session_fields",
     "get_task",
     "insert_session",
     "insert_tasks",
@@ -96,6 +97,8 @@ __all__ = [
     "requeue_active_tasks",
     "runner_tasks",
     "session_counts",
+    "session_iteration",
+    "set_session_fields",
     "task_counts",
     "update_session",
     "update_task",
@@ -663,8 +666,10 @@ def _agent_counts(db: sqlite_utils.Database, session_id: str) -> dict[str, int]:
     return {"active": int(row["active"] or 0), "total": int(row["total"] or 0)}
 
 
-def _session_json(db: sqlite_utils.Database, row: Mapping[str, Any]) -> dict[str, Any]:
-    return {
+def _session_json(
+    db: sqlite_utils.Database, row: Mapping[str, Any], *, counts: bool = True
+) -> dict[str, Any]:
+    session = {
         "id": row["id"],
         "status": row["status"],
         "provider": row["provider"],
@@ -678,10 +683,14 @@ def _session_json(db: sqlite_utils.Database, row: Mapping[str, Any]) -> dict[str
         "updatedAt": row["updated_at"],
         "endedAt": row["ended_at"],
         "exitReason": row["exit_reason"],
-        "agents": _agent_counts(db, row["id"]),
-        "tasks": task_counts(db, row["id"]),
+        "agents": None,
+        "tasks": None,
         "costUsd": row["cost_usd"],
     }
+    if counts:
+        session["agents"] = _agent_counts(db, row["id"])
+        session["tasks"] = task_counts(db, row["id"])
+    return session
 
 
 def _other_active(
@@ -740,6 +749,17 @@ def get_session(db: sqlite_utils.Database, session_id: str) -> dict[str, Any]:
     return _session_json(db, _session_row(db, session_id))
 
 
+def get_session_fields(db: sqlite_utils.Database, session_id: str) -> dict[str, Any]:
+    """`get_session` without the counts (`agents` and `tasks` are None): one query, not
+    three, for a reader that wants the session's own fields (the `.loki/` mirror)."""
+    return _session_json(db, _session_row(db, session_id), counts=False)
+
+
+def session_iteration(db: sqlite_utils.Database, session_id: str) -> int:
+    """The session's `iteration` (one query, not the whole JSON)."""
+    return int(_session_row(db, session_id)["iteration"])
+
+
 def session_options(db: sqlite_utils.Database, session_id: str) -> SessionOptions:
     """The stored options of a session, typed."""
     return SessionOptions.from_json(json.loads(_session_row(db, session_id)["options"]))
@@ -776,6 +796,13 @@ def update_session(db: sqlite_utils.Database, session_id: str, **fields: Any) ->
     `updated_at` is set to now unless given. Making a session active checks
     the one-active-session-per-projectDir rule (409). Returns the session's JSON.
     """
+    set_session_fields(db, session_id, **fields)
+    return get_session(db, session_id)
+
+
+def set_session_fields(db: sqlite_utils.Database, session_id: str, **fields: Any) -> None:
+    """`update_session` for a writer that does not want the session's JSON back (it
+    costs three more queries: the row, its tasks' and its agents' counts)."""
     unknown = set(fields) - _SESSION_COLUMNS
     if unknown:
         raise TypeError(f"update_session: unknown fields {sorted(unknown)}")
@@ -796,7 +823,6 @@ def update_session(db: sqlite_utils.Database, session_id: str, **fields: Any) ->
         f"UPDATE sessions SET {', '.join(f'{name} = ?' for name in names)} WHERE id = ?",
         [*(fields[name] for name in names), session_id],
     )
-    return get_session(db, session_id)
 
 
 def delete_session(db: sqlite_utils.Database, session_id: str) -> None:

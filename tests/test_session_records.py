@@ -735,6 +735,22 @@ async def test_update_session(store: StoreActor, tmp_path: Path) -> None:
         await store.write(lambda db: sr.update_session(db, "session-a", status="bogus"))
 
 
+async def test_set_session_fields_and_the_reads_without_counts(
+    store: StoreActor, tmp_path: Path
+) -> None:
+    await create(store, tmp_path / "p", session_id="session-a", now="2026-01-01T00:00:00.000Z")
+    await store.write(lambda db: sr.set_session_fields(db, "session-a", iteration=4))
+    full = await store.read(lambda db: sr.get_session(db, "session-a"))
+    fields = await store.read(lambda db: sr.get_session_fields(db, "session-a"))
+    assert fields == {**full, "agents": None, "tasks": None}
+    assert fields["iteration"] == 4 and fields["updatedAt"] != "2026-01-01T00:00:00.000Z"
+    assert await store.read(lambda db: sr.session_iteration(db, "session-a")) == 4
+    with pytest.raises(NotFound):
+        await store.write(lambda db: sr.set_session_fields(db, "session-x", phase="x"))
+    with pytest.raises(TypeError):
+        await store.write(lambda db: sr.set_session_fields(db, "session-a", colour="red"))
+
+
 async def test_list_sessions_order_filter_pagination(store: StoreActor, tmp_path: Path) -> None:
     ids = []
     for i in range(5):

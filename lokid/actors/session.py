@@ -132,12 +132,14 @@ from lokid.prompt import PromptTask, build_prompt, inputs_that_fit
 from lokid.session_records import (
     RunnerTask,
     add_input,
-    get_session,
+    get_session_fields,
     insert_tasks,
     mark_inputs_applied,
     pending_inputs,
     requeue_active_tasks,
     runner_tasks,
+    session_iteration,
+    set_session_fields,
     update_session,
     update_task,
 )
@@ -566,7 +568,7 @@ class SessionActor(Actor[Any]):
         # `phase.completed` is emitted (stored in order, before the next publish).
         first = ("phase.started", phase) if previous is None else ("phase.completed", previous)
         await self.bus.publish_with(
-            lambda db: update_session(db, self.id, phase=phase),
+            lambda db: set_session_fields(db, self.id, phase=phase),
             first[0],
             self.id,
             Level.INFO,
@@ -825,7 +827,7 @@ class SessionActor(Actor[Any]):
 
             def write(db: sqlite_utils.Database) -> None:
                 insert_tasks(db, self.id, new)
-                update_session(db, self.id, phase="development", **started)
+                set_session_fields(db, self.id, phase="development", **started)
 
             await self.bus.emit_many(events)
             await self.store.write(write)
@@ -1130,7 +1132,7 @@ class SessionActor(Actor[Any]):
                 await self._warn("loki_dir", exc.message)
 
     def _read_state(self, db: sqlite_utils.Database) -> tuple[dict[str, Any], list[RunnerTask]]:
-        return get_session(db, self.id), runner_tasks(db, self.id)
+        return get_session_fields(db, self.id), runner_tasks(db, self.id)
 
     async def _add_agent_tasks(self, new: tuple[lokidir.AgentTask, ...]) -> None:
         def write(db: sqlite_utils.Database) -> list[dict[str, Any]]:
@@ -1354,8 +1356,8 @@ class SessionActor(Actor[Any]):
                 completed_at=None,
             )
             # Parallel workers start in any order: keep the highest number reached.
-            reached = max(iteration, get_session(db, self.id)["iteration"])
-            update_session(db, self.id, iteration=reached)
+            reached = max(iteration, session_iteration(db, self.id))
+            set_session_fields(db, self.id, iteration=reached)
 
         await self.bus.publish_with(
             start_task,
@@ -1667,7 +1669,7 @@ class SessionActor(Actor[Any]):
                 error=None,
                 resume_id=None,
             )
-            update_session(db, self.id, cost_usd=self.cost_usd)
+            set_session_fields(db, self.id, cost_usd=self.cost_usd)
 
         await self.bus.publish_with(
             write,
@@ -1732,7 +1734,7 @@ class SessionActor(Actor[Any]):
                 completed_at=utc_now_iso() if final else None,
                 resume_id=None,
             )
-            update_session(db, self.id, cost_usd=self.cost_usd, last_error=failure.reason)
+            set_session_fields(db, self.id, cost_usd=self.cost_usd, last_error=failure.reason)
 
         data = {
             "taskId": task.id,
