@@ -20,7 +20,8 @@ Rules:
   and readers polling mtimes see only real changes). The first write of a
   file in a `MirrorState` compares with what is on disk: a session starting
   in a folder that `init_loki_dir` just filled with empty queues leaves
-  them alone. A rewrite creates a file (temp file + rename), and on this
+  them alone (`pending.json` too, if it is still the version the runner
+  read). A rewrite creates a file (temp file + rename), and on this
   machine kind creating a file costs ~0.5 ms of kernel CPU, a read ~20 us
   (docs/performance.md, "Sessions").
 * Writes are atomic but not fsync'd (`durable=False`): after a power loss
@@ -109,8 +110,9 @@ class MirrorState:
         self.written[path] = data
 
 
-def _on_disk(path: Path, size: int) -> bytes | None:
-    """The content of `path` if it is a regular file (not a link) of `size` bytes, else None.
+def _on_disk(path: Path, size: int, stamp: ld.FileStamp | None = None) -> bytes | None:
+    """The content of `path` if it is a regular file (not a link) of `size` bytes (and,
+    with `stamp`, of that stamp), else None.
 
     Opened without following a link and without blocking (a FIFO planted there
     must not hang the mirror); anything but a plain file of that size is
@@ -124,6 +126,8 @@ def _on_disk(path: Path, size: int) -> bytes | None:
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+            return None
+        if stamp is not None and ld.FileStamp.of(info) != stamp:
             return None
         return os.read(fd, size + 1)
     except OSError:
@@ -218,6 +222,15 @@ def _write_pending(
     data = ld.encode_queue(tasks, seen.wrapper)
     if state.written.get(path) == data:
         return seen  # nothing to write: what the caller saw is still what it saw
+    # The first write: the version the caller took in may hold these bytes already
+    # (the empty queue `init_loki_dir` made): then it stays, no new file.
+    if (
+        path not in state.written
+        and seen.stamp is not None
+        and _on_disk(path, len(data), seen.stamp) == data
+    ):
+        state.written[path] = data
+        return seen
     if not ld.replace_if_unchanged(path, data, seen.stamp, durable=False):
         return seen  # someone wrote it: the caller's stamp is stale, it reads again
     state.written[path] = data

@@ -12,7 +12,13 @@ from typing import Any
 import pytest
 
 from lokid import lokidir as ld
-from lokid.loki_mirror import MirrorState, PendingView, write_mirror, write_reconciled
+from lokid.loki_mirror import (
+    MirrorState,
+    PendingView,
+    _write_pending,
+    write_mirror,
+    write_reconciled,
+)
 from lokid.session_records import RunnerTask
 
 
@@ -70,6 +76,26 @@ def test_a_session_starting_in_a_fresh_loki_dir_keeps_its_empty_queues(tmp_path:
     for name in names:
         state.write(paths.queue(name), ld.encode_queue([]))
     assert {name: paths.queue(name).stat().st_ino for name in names} == inodes
+
+
+def test_the_first_pending_write_leaves_the_version_read_if_it_holds_those_bytes(
+    tmp_path: Path,
+) -> None:
+    paths = ld.init_loki_dir(tmp_path)
+    inode = paths.pending.stat().st_ino
+    seen = PendingView(ld.file_stamp(paths.pending))
+    state = MirrorState()
+    after = _write_pending(paths.pending, [], seen, state)
+    assert after == seen and paths.pending.stat().st_ino == inode  # no new file
+    # A version it did not read (another stamp) is replaced as before, by compare-and-swap.
+    other = tmp_path / "other.json"
+    other.write_bytes(b"[]\n")
+    stale = PendingView(ld.FileStamp(0, 0, 3, 0))
+    assert _write_pending(other, [], stale, MirrorState()) == stale  # refused: re-read
+    fresh = PendingView(ld.file_stamp(other))
+    task = ld.QueueTask(id="t-1", title="One")
+    written = _write_pending(other, [task], fresh, MirrorState())
+    assert written.stamp == ld.file_stamp(other) and b"t-1" in other.read_bytes()
 
 
 # -- write_reconciled: the files of a session reconciled after a killed daemon ---------------
