@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -141,7 +142,8 @@ class LokiDirWriteError(LokiError):
 
 @attrs.frozen
 class LokiPaths:
-    """Where everything lives under `<project>/.loki/`."""
+    """Where everything lives under `<project>/.loki/` (each path built once: a
+    session looks at some of them on every scheduling step and mirror write)."""
 
     project: Path
     root: Path
@@ -151,56 +153,56 @@ class LokiPaths:
         project = Path(project_dir)
         return cls(project=project, root=project / ".loki")
 
-    @property
+    @functools.cached_property
     def state_dir(self) -> Path:
         return self.root / "state"
 
-    @property
+    @functools.cached_property
     def queue_dir(self) -> Path:
         return self.root / "queue"
 
-    @property
+    @functools.cached_property
     def signals_dir(self) -> Path:
         return self.root / "signals"
 
-    @property
+    @functools.cached_property
     def logs_dir(self) -> Path:
         return self.root / "logs"
 
-    @property
+    @functools.cached_property
     def orchestrator(self) -> Path:
         return self.state_dir / "orchestrator.json"
 
-    @property
+    @functools.cached_property
     def autonomy_state(self) -> Path:
         return self.root / "autonomy-state.json"
 
-    @property
+    @functools.cached_property
     def prd(self) -> Path:
         """Where an inline `prdText` is written (DESIGN.md §5)."""
         return self.root / "prd.md"
 
-    @property
+    @functools.cached_property
     def pause(self) -> Path:
         return self.root / "PAUSE"
 
-    @property
+    @functools.cached_property
     def stop(self) -> Path:
         return self.root / "STOP"
 
-    @property
+    @functools.cached_property
     def human_input(self) -> Path:
         return self.root / "HUMAN_INPUT.md"
 
-    @property
+    @functools.cached_property
     def completion_requested(self) -> Path:
         return self.signals_dir / "COMPLETION_REQUESTED"
 
-    @property
+    @functools.cached_property
     def task_completion_claimed(self) -> Path:
         return self.signals_dir / "TASK_COMPLETION_CLAIMED"
 
-    @property
+    @functools.cached_property
     def current_task(self) -> Path:
         return self.queue_dir / "current-task.json"
 
@@ -210,19 +212,19 @@ class LokiPaths:
             raise ValueError(f"unknown queue {name!r}")
         return self.queue_dir / f"{name}.json"
 
-    @property
+    @functools.cached_property
     def pending(self) -> Path:
         return self.queue("pending")
 
-    @property
+    @functools.cached_property
     def in_progress(self) -> Path:
         return self.queue("in-progress")
 
-    @property
+    @functools.cached_property
     def completed(self) -> Path:
         return self.queue("completed")
 
-    @property
+    @functools.cached_property
     def failed(self) -> Path:
         return self.queue("failed")
 
