@@ -72,7 +72,8 @@ class Remembered:
 
 @attrs.frozen
 class Once:
-    """A keyed request, for a create that an actor commits (its write remembers the answer)."""
+    """A keyed request, for a create that an actor commits (its write remembers the answer):
+    a session's input, a registry register."""
 
     route: str
     key: str

@@ -67,7 +67,6 @@ from lokid.timefmt import utc_now_iso
 __all__ = [
     "MAX_ENTRIES",
     "MAX_NAME_CHARS",
-    "Idempotent",
     "RegistryEntry",
     "RegistryScanner",
     "RegistryScannerStatistics",
@@ -202,19 +201,10 @@ class GetEntry:
 
 
 @attrs.frozen
-class Idempotent:
-    """An `Idempotency-Key` for a register: the first answer is stored with the insert."""
-
-    route: str
-    key: str
-    digest: str
-
-
-@attrs.frozen
 class Register:
     path: str
     name: str | None
-    idempotent: Idempotent | None = None
+    idempotent: idempotency.Once | None = None  # the first answer is stored with the insert
 
 
 @attrs.frozen
@@ -375,7 +365,7 @@ class RegistryScanner(Actor[Any]):
         return answer
 
     async def register(
-        self, path: str, name: str | None = None, *, idempotent: Idempotent | None = None
+        self, path: str, name: str | None = None, *, idempotent: idempotency.Once | None = None
     ) -> dict[str, Any]:
         """Register an existing folder (422 `path` if it is not one; 409 if registered).
 

@@ -38,7 +38,6 @@ from lokid import registry as fs
 from lokid.actors.registry_scanner import (
     ENTRY_STATUSES,
     MAX_NAME_CHARS,
-    Idempotent,
     RegistryScanner,
 )
 from lokid.errors import InvalidQuery, ValidationFailed
@@ -288,9 +287,7 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
         key = idempotency.validate_key(request.headers.get(idempotency.HEADER))
         body = await json_body()
         path, name = parse_register_body(body)
-        once = None
-        if key is not None:
-            once = Idempotent(REGISTER_ROUTE, key, idempotency.body_digest(body))
+        once = idempotency.Once.of(REGISTER_ROUTE, key, body)
         return await scanner.register(path, name, idempotent=once), 201
 
     @surface.route(
