@@ -285,6 +285,12 @@ def _add_session_commands(commands: Any) -> None:
     send = actions.add_parser("input", help="send a message into the next agent prompt")
     send.add_argument("id", metavar="ID", help=SESSION_ID)
     send.add_argument("message", metavar="MESSAGE", help="the message; `-` reads it from stdin")
+    send.add_argument(
+        "--idempotency-key",
+        metavar="K",
+        type=_idempotency_key,
+        help="retry-safe: same key, one input (1-255 printable ASCII characters)",
+    )
     send.add_argument("--json", action="store_true", help="print the API answer")
     send.set_defaults(handler=cmd_sessions_input)
     rm = actions.add_parser("rm", help="delete a session that is not active (not its files)")
@@ -1010,7 +1016,8 @@ def cmd_sessions_command(args: argparse.Namespace, config: Config) -> int:
 def cmd_sessions_input(args: argparse.Namespace, config: Config) -> int:
     message = _stdin_text("MESSAGE") if args.message == "-" else args.message
     path = f"/api/sessions/{_quote(args.id)}/input"
-    answer = _call(config, "POST", path, json={"message": message})
+    headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
+    answer = _call(config, "POST", path, json={"message": message}, headers=headers)
     if args.json:
         _print_json(answer)
     else:

@@ -7,6 +7,7 @@ the commands look at and steer the session, which the test stops at the end.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -151,6 +152,19 @@ def test_a_session_from_start_to_rm(tmp_path: Path, daemon_factory: Factory) -> 
     queued = ok(loki(["sessions", "input", sid, "-"], home, stdin="Focus on auth first\n"))
     input_id, state, _, target = queued.split()
     assert input_id.startswith("input-") and (state, target) == ("queued", sid)
+    # With a key, a retry queues nothing more: the first answer; another message is 409.
+    keyed = ["sessions", "input", sid, "Add tests", "--idempotency-key", "in-1"]
+    first = ok(run_cli(keyed, home))
+    assert ok(run_cli(keyed, home)) == first and first.split()[0] != input_id
+    keyed[3] = "Something else"
+    fails(run_cli(keyed, home), "409 CONFLICT", "Idempotency-Key 'in-1'")
+    with daemon.control() as client:
+        params = {"sessionId": sid, "types": "input.received"}
+        received = client.get("/api/events/history", params=params)
+    assert [e["data"]["inputId"] for e in received.json()["events"]] == [
+        input_id,
+        first.split()[0],
+    ]
     assert ok(run_cli(["sessions", "resume", sid], home)) == f"{sid} running\n"
     fails(run_cli(["sessions", "rm", sid], home), "409 CONFLICT")
     stopping = json.loads(ok(run_cli(["sessions", "stop", sid, "--json"], home)))
@@ -185,8 +199,9 @@ def test_api_errors_go_to_stderr_with_the_field(tmp_path: Path, daemon: DaemonPr
 
 def test_an_unusable_idempotency_key_is_a_usage_error(tmp_path: Path) -> None:
     """Refused before anything is sent (an HTTP client cannot even send some values)."""
-    for key in ("clé", "tab\there", " " * 3, "k" * 256):
-        result = loki(["start", "prd.md", "--idempotency-key", key], tmp_path / "nohome")
+    commands = (["start", "prd.md"], ["sessions", "input", "session-x", "hi"])
+    for command, key in itertools.product(commands, ("clé", "tab\there", " " * 3, "k" * 256)):
+        result = loki([*command, "--idempotency-key", key], tmp_path / "nohome")
         assert result.returncode == 2, (key, result.stderr)
         assert "Idempotency-Key must be 1-255 printable ASCII characters" in result.stderr
         assert "Traceback" not in result.stderr
