@@ -126,7 +126,8 @@ def test_session_stopped_carries_source_and_survivors_after_a_restart(
 ) -> None:
     """Every `session.stopped` has `status, source, survivors` (docs/sessions.md): a stop
     the crash cut short, finished by the restart, and a stop of an `interrupted` session
-    had `{status, reason}` and `{status, source}`."""
+    had `{status, reason}` and `{status, source}`. Both ends also report the input
+    still queued (`warning` `input_undelivered`, before the end), which they skipped."""
     env, log = agent_env(tmp_path)
     stubborn = make_project(tmp_path, "# A\n\n## Features\n- Stubborn [mode:ignore-term]\n", "a")
     hanging = make_project(tmp_path, "# B\n\n## Features\n- Job [mode:slow] [seconds:60]\n", "b")
@@ -135,6 +136,11 @@ def test_session_stopped_carries_source_and_survivors_after_a_restart(
     stopping, _ = start_hanging_session(first, stubborn, log)
     interrupted, _ = start_hanging_session(first, hanging, log)
     with httpx.Client(base_url=first.api_url, timeout=10) as client:
+        queued = {}  # no run takes them: each session's only task is running
+        for sid in (stopping, interrupted):
+            answer = client.post(f"/api/sessions/{sid}/input", json={"message": "too late"})
+            assert answer.status_code == 202, answer.text
+            queued[sid] = answer.json()["id"]
         answer = client.post(f"/api/sessions/{stopping}/stop")  # its agent ignores SIGTERM
         assert answer.status_code == 200 and answer.json()["status"] == "stopping"
     first.kill()
@@ -151,10 +157,21 @@ def test_session_stopped_carries_source_and_survivors_after_a_restart(
         assert finished["level"] == "info"
         (ended,) = events(client, stopping, "agent.failed")
         assert ended["id"] < finished["id"]
+        (warning,) = events(client, stopping, "warning")
+        assert warning["data"]["reason"] == "input_undelivered"
+        assert warning["data"]["inputIds"] == [queued[stopping]]
+        assert warning["id"] < finished["id"]
 
         assert client.post(f"/api/sessions/{interrupted}/stop").status_code == 200
         (stopped,) = events(client, interrupted, "session.stopped")
         assert stopped["data"] == {"status": "stopped", "source": "api", "survivors": []}
+        (warning,) = events(client, interrupted, "warning")
+        assert warning["data"] == {
+            "reason": "input_undelivered",
+            "message": "1 input(s) reached no agent: the session ended before a run took them",
+            "inputIds": [queued[interrupted]],
+        }
+        assert warning["id"] < stopped["id"]
     code, _ = second.terminate()
     assert code == 0
 

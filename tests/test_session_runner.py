@@ -1349,6 +1349,31 @@ async def test_a_runner_that_keeps_crashing_fails_its_session(
         assert lab_.daemon.core_problems() == {}  # the daemon itself is fine
 
 
+async def test_a_session_failed_for_its_crashing_runner_reports_its_queued_input(
+    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manager fails a session whose runner keeps crashing (here on every prompt that
+    holds the input): the input it never delivered is a `warning` `input_undelivered`."""
+    from lokid.prompt import build_prompt as real
+
+    def broken(*args: Any, **kwargs: Any) -> str:
+        if kwargs.get("human_input"):
+            raise RuntimeError("a bug in the runner")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("lokid.actors.session.build_prompt", broken)
+    project = make_project(tmp_path, "# App\n\n## Features\n- A [mode:slow] [seconds:1]\n- B\n")
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        await lab_.wait_event(sid, "task.started")
+        answer = await lab_.post(f"/api/sessions/{sid}/input", {"message": "never read"})
+        session = await lab_.wait_status(sid, "completed", "failed")
+        assert (session["status"], session["exitReason"]) == ("failed", "runnerCrashed")
+        (warning,) = await lab_.events(sid, "warning")
+        assert warning["data"]["reason"] == "input_undelivered"
+        assert warning["data"]["inputIds"] == [answer.json()["id"]]
+
+
 async def test_a_rate_limit_holds_the_session_until_the_reset(
     tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

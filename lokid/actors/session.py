@@ -730,20 +730,12 @@ class SessionActor(Actor[Any]):
             await self._fire(Trigger.DAEMON_RESTART, data={"reason": "daemon shutdown"})
 
     async def _warn_undelivered_inputs(self) -> None:
-        """Input accepted (202) but still queued when the session ends for good reaches
-        no agent (a prompt takes what fits in 64 KiB; no task was left for the rest):
-        say so rather than drop it silently. An interrupted or paused session keeps
-        its queue for the resume."""
-        if not self._inputs_maybe:
+        """`undelivered_inputs_warning`, before the session's end is announced."""
+        if not self._inputs_maybe:  # a new session given no input
             return
-        queued = await self.store.read(lambda db: pending_inputs(db, self.id))
-        if queued:
-            await self._warn(
-                "input_undelivered",
-                f"{len(queued)} input(s) reached no agent: the session ended before a "
-                "run took them",
-                inputIds=[item["id"] for item in queued],
-            )
+        warning = await self.store.read(lambda db: undelivered_inputs_warning(db, self.id))
+        if warning is not None:
+            await self._warn(**warning)
 
     async def _bootstrap(self) -> Ending | None:
         """Prepare `.loki/`, parse the PRD, then tasks + `running` in one store write.
@@ -1851,6 +1843,26 @@ class SessionActor(Actor[Any]):
             )
         await self._set_phase("development")
         return False
+
+
+def undelivered_inputs_warning(db: sqlite_utils.Database, session_id: str) -> dict[str, Any] | None:
+    """The `warning` data (`reason: input_undelivered`, `message`, `inputIds`) for the
+    inputs still queued, or None: for a session that ends for good (completed, failed,
+    stopped), whoever ends it - its actor, or the manager for a session without one.
+
+    Input accepted (202) but still queued then reaches no agent (a prompt takes what
+    fits in 64 KiB; no task was left for the rest): say so rather than drop it
+    silently. An interrupted or paused session keeps its queue for the resume.
+    """
+    queued = pending_inputs(db, session_id)
+    if not queued:
+        return None
+    return {
+        "reason": "input_undelivered",
+        "message": f"{len(queued)} input(s) reached no agent: the session ended before a "
+        "run took them",
+        "inputIds": [item["id"] for item in queued],
+    }
 
 
 def _worktree_task_id(task: lokidir.AgentTask) -> str:

@@ -71,7 +71,15 @@ from lokid import __version__, idempotency, lokidir, worktree
 from lokid.actor import Actor, ActorStatistics, WhenFull, exception_leaves
 from lokid.actors.agent_pool import AgentPool
 from lokid.actors.event_bus import EventBus
-from lokid.actors.session import Input, Pause, Resume, RunnerSettings, SessionActor, Stop
+from lokid.actors.session import (
+    Input,
+    Pause,
+    Resume,
+    RunnerSettings,
+    SessionActor,
+    Stop,
+    undelivered_inputs_warning,
+)
 from lokid.actors.store import StoreActor, StoreUnavailable
 from lokid.agent_host import EndReason
 from lokid.errors import ActorError, Conflict, LokiError, Unavailable
@@ -217,6 +225,7 @@ class SessionManager(Actor[Any]):
                 if transition.event == "session.stopped":  # a stop the crash cut short
                     data.update(source="daemon restart", survivors=self._survivors_of(session_id))
                     level = Level.INFO
+                    await self._warn_undelivered_inputs(session_id)
                 await self.bus.publish(transition.event, session_id, level, data)
             await self._rewrite_loki_dir(session_id)
             await self._prune_worktrees(session_id)
@@ -544,6 +553,7 @@ class SessionManager(Actor[Any]):
             data: dict[str, Any] = {"status": transition.after.value, "source": source}
             if event == "session.stopped":
                 data["survivors"] = []  # an interrupted session has no process left to kill
+                await self._warn_undelivered_inputs(session_id)
             await self.bus.publish(event, session_id, Level.INFO, data)
         if transition.after is Status.RUNNING:
             try:
@@ -634,7 +644,20 @@ class SessionManager(Actor[Any]):
             return False
         except LokiError as exc:  # not the store's state: trying again would not help
             log.error("session %s: could not record it failed (%s): %s", session_id, reason, exc)
+            return True
+        try:  # after its end (a retry must not repeat it); the store just took a write
+            await self._warn_undelivered_inputs(session_id)
+        except LokiError as exc:
+            log.warning("session %s: queued inputs not reported: %s", session_id, exc)
         return True
+
+    async def _warn_undelivered_inputs(self, session_id: str) -> None:
+        """The `warning` `input_undelivered` of a session without an actor that ends for
+        good here (the actor says it itself otherwise): before its end is announced,
+        except a failure, whose end commits with its event."""
+        warning = await self.store.read(lambda db: undelivered_inputs_warning(db, session_id))
+        if warning is not None:
+            await self.bus.publish("warning", session_id, Level.WARNING, warning)
 
     async def delete(self, session_id: str) -> None:
         """`DELETE /api/sessions/{id}`: 404, 409 while active, else the record goes."""
