@@ -66,7 +66,8 @@ Rules (docs/parallel-and-sandbox.md has the short version):
 * **Removal forgets the work.** `remove_worktree` deletes the worktree and
   its branch, also when they are half gone; call it after a merge or when
   the work is abandoned. `prune_worktrees` does that for every worktree and
-  branch a session left behind (after a crash).
+  branch a session left behind (after a crash); `session_worktrees` lists
+  those worktrees first, so that what is in them can be read.
 """
 
 from __future__ import annotations
@@ -341,6 +342,21 @@ async def remove_worktree(project_dir: Path, worktree: Worktree) -> None:
         await _remove(project, worktree.path, worktree.branch)
 
 
+async def session_worktrees(project_dir: Path, session_id: str) -> list[Path]:
+    """The folders of the worktrees `session_id` has (after a crash), by path.
+
+    Read before `prune_worktrees` removes them: their `.loki/` may hold what a
+    cut-off agent left. A project that is no longer a git repository has none.
+    """
+    project = await _resolve(project_dir)
+    if await _top_level_problem(project) is not None:
+        return []
+    prefix = _session_refs(session_id)
+    async with _project_lock(project):
+        registered = await _registered_worktrees(project)
+    return sorted(path for path, ref in registered.items() if ref and ref.startswith(prefix))
+
+
 async def prune_worktrees(project_dir: Path, session_id: str) -> int:
     """Remove every worktree and branch of `session_id` (after a crash); how many were removed.
 
@@ -350,7 +366,7 @@ async def prune_worktrees(project_dir: Path, session_id: str) -> int:
     project = await _resolve(project_dir)
     if await _top_level_problem(project) is not None:
         return 0
-    prefix = f"refs/heads/{BRANCH_PREFIX}/{ref_component(session_id)}/"
+    prefix = _session_refs(session_id)
     removed = 0
     async with _project_lock(project):
         await _git(project, "worktree", "prune")
@@ -369,6 +385,12 @@ async def prune_worktrees(project_dir: Path, session_id: str) -> int:
 
 
 # -- steps ----------------------------------------------------------------------------
+
+
+def _session_refs(session_id: str) -> str:
+    """The prefix of the refs of the branches of `session_id`'s worktrees."""
+    return f"refs/heads/{BRANCH_PREFIX}/{ref_component(session_id)}/"
+
 
 _LOCKS: weakref.WeakValueDictionary[Path, trio.Lock] = weakref.WeakValueDictionary()
 

@@ -37,7 +37,8 @@ Mode: a `[mode:NAME]` marker in the prompt, else `$FAKE_AGENT_MODE`, else `ok`.
                  folder - in its cwd; `[loki:both]`: the same task or signal in both)
 
 Other markers: `[seconds:N]`, `[lines:N]`, `[subagents:N]`, `[task:TITLE]`, `[id:ID]`
-(add-task's id, else the next free `agent-NNN` of that queue) (they
+(add-task's id, else the next free `agent-NNN` of that queue), `[then:hang]` (after
+what the mode wrote, hang: a run a daemon crash cuts off) (they
 win over the variables). Variables: FAKE_AGENT_SUBAGENTS (1), FAKE_AGENT_COST
 (0.0123), FAKE_AGENT_SUBAGENT_TOOL (Task; `Agent` as in Claude Code >= 2.1.63),
 FAKE_AGENT_TASK_TITLE, FAKE_AGENT_LOG (append one JSON line per invocation:
@@ -494,6 +495,8 @@ def run(args: Args, prompt: str, mode: str) -> int:
         for loki in (first, *others):
             path = str(loki / "queue" / "pending.json")
             agent.tool("Edit", {"file_path": path, "new_string": task["title"]}, "File updated")
+    if marker(prompt, "then") == "hang":
+        sleep_forever(lifetime)
 
     agent.work(prompt, subagents)
     agent.result(f"Done: {prompt.strip()[:200]}")

@@ -389,5 +389,69 @@ def test_sigkill_then_restart_removes_the_worktrees_of_the_cut_off_runs(
     assert code == 0
 
 
+def test_sigkill_then_restart_takes_what_cut_off_agents_left_in_their_worktrees(
+    tmp_path: Path, daemon_factory: Callable[..., DaemonProcess]
+) -> None:
+    """Agents confined to their worktree (`[loki:cwd]`) wrote its own `.loki/` - a task,
+    a completion request - and the daemon was killed: the restart takes them before it
+    prunes the worktrees (it pruned them unread), as a run's end does: the task (its id
+    taken by another task of the session: renamed, with a warning) is the session's, and
+    the completion request ends the session on resume."""
+    env, _ = agent_env(tmp_path)
+    prd = (
+        "# App\n\n## Features\n"
+        "- One [mode:add-task] [task:Left in a worktree] [id:prd-003] [loki:cwd] [then:hang]\n"
+        "- Two [mode:complete] [loki:cwd] [then:hang]\n"
+        "- Three\n"
+    )
+    project = make_project(tmp_path, prd)
+    for args in (("init", "-q", "-b", "main"), ("add", "-A"), ("commit", "-qm", "start")):
+        git(project, *args)
+    trees = project / ".loki" / "worktrees"
+    left = [
+        trees / "prd-001" / ".loki" / "queue" / "pending.json",
+        trees / "prd-002" / ".loki" / "signals" / "COMPLETION_REQUESTED",
+    ]
+    home = tmp_path / "home"
+    first = daemon_factory(home, extra_env=env).start()
+    with httpx.Client(base_url=first.api_url, timeout=10) as client:
+        body = {"prd": str(project / "prd.md"), "options": {"parallel": True, "maxAgents": 2}}
+        answer = client.post("/api/sessions", json=body)
+        assert answer.status_code == 201, answer.text
+        session_id = answer.json()["id"]
+        wait_until(lambda: all(path.exists() for path in left), "both agents wrote")
+    first.kill()
+
+    second = daemon_factory(home, extra_env=env).start()  # ready: reconciliation is done
+    assert not list(trees.iterdir())  # pruned, after being read
+    assert (project / ".loki" / "signals" / "COMPLETION_REQUESTED").exists()
+    with httpx.Client(base_url=second.api_url, timeout=10) as client:
+        assert client.get(f"/api/sessions/{session_id}").json()["status"] == "interrupted"
+        tasks = client.get(f"/api/sessions/{session_id}/tasks").json()["tasks"]
+        (taken,) = [t for t in tasks if t["source"] == "agent"]
+        assert taken["title"] == "Left in a worktree" and taken["status"] == "pending"
+        assert taken["id"].startswith("agent-") and len(taken["id"]) == len("agent-") + 12
+        (warning,) = events(client, session_id, "warning")
+        assert warning["data"] == {
+            "reason": "worktree",
+            "message": "task prd-003 ('Left in a worktree') has the id of another task of "
+            f"the session; it is taken as {taken['id']}",
+            "file": str(left[0]),
+            "taskId": "prd-001",
+        }
+        created = events(client, session_id, "task.created")
+        (interrupted,) = events(client, session_id, "session.interrupted")
+        assert created[-1]["data"]["taskId"] == taken["id"]
+        assert created[-1]["id"] < interrupted["id"]
+
+        assert client.post(f"/api/sessions/{session_id}/resume").status_code == 200
+        ended = wait_until(
+            lambda: events(client, session_id, "session.completed"), "the session completed"
+        )
+        assert ended[0]["data"]["exitReason"] == "completionRequested"
+    code, _ = second.terminate()
+    assert code == 0
+
+
 def loki_branches(project: Path) -> list[str]:
     return git(project, "branch", "--list", "--format=%(refname:short)", "loki/*").split()

@@ -80,7 +80,7 @@ Theory of operation:
   input. Tasks the agent appends to `queue/pending.json` are ingested; an
   agent in a worktree that wrote its worktree's own `.loki/` instead (a CLI
   confined to its working folder) has its tasks and completion request taken
-  when its run ends, before the worktree goes (`_take_worktree_loki`).
+  when its run ends, before the worktree goes (`lokid.worktree_loki`).
   The state files are rewritten after changes, at most every
   `mirror_interval` seconds. A malformed file is a `warning` event, once
   per distinct problem, never a crash.
@@ -98,7 +98,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import errno
-import hashlib
 import logging
 import math
 import os
@@ -145,6 +144,7 @@ from lokid.session_records import (
 )
 from lokid.session_state import IllegalTransition, Lifecycle, Status, Trigger, step
 from lokid.timefmt import utc_now_iso
+from lokid.worktree_loki import WORKTREE_LOKI_WAIT, add_agent_tasks, take_worktree_loki
 
 log = logging.getLogger("lokid.sessions")
 
@@ -162,11 +162,6 @@ _RNG = random.Random()  # retry jitter; one for all sessions (seeding one each c
 EventArgs = tuple[str, str | None, Level, Mapping[str, Any]]
 """(type, session id, level, data) of one event for `EventBus.emit_many`."""
 VERIFY_OUTPUT_CHARS = 4000
-
-WORKTREE_LOKI_WAIT = 30.0
-"""Seconds taking a worktree's `.loki/` may take before the worktree is removed anyway."""
-MAX_WORKTREE_TASKS = 500
-"""New tasks taken from one worktree's `queue/pending.json` (the bound of a PRD's tasks)."""
 
 _LEVEL_FOR_EVENT = {
     "session.failed": Level.ERROR,
@@ -1127,20 +1122,7 @@ class SessionActor(Actor[Any]):
         return get_session_fields(db, self.id), runner_tasks(db, self.id)
 
     async def _add_agent_tasks(self, new: tuple[lokidir.AgentTask, ...]) -> None:
-        def write(db: sqlite_utils.Database) -> list[dict[str, Any]]:
-            # Two reads may offer the same task (the project's queue and a worktree's,
-            # or the scheduler's and the mirror's read): the store's ids decide.
-            known = {task.id for task in runner_tasks(db, self.id)}
-            return insert_tasks(db, self.id, [t for t in new if t.id not in known], source="agent")
-
-        created = await self.store.write(write)
-        for task in created:
-            await self.bus.emit(
-                "task.created",
-                self.id,
-                Level.INFO,
-                {"taskId": task["id"], "title": task["title"], "source": "agent"},
-            )
+        await add_agent_tasks(self.store, self.bus, self.id, new)
         self._mirror_dirty.set()  # their files, and the next read of what a read left
         self._poke()
 
@@ -1198,75 +1180,20 @@ class SessionActor(Actor[Any]):
                             await self._warn("worktree", exc.message, taskId=task.id)
 
     async def _take_worktree_loki(self, tree: worktree.Worktree, task_id: str) -> None:
-        """Take what the agent wrote in its worktree's own `.loki/` before the worktree
-        (and that folder with it) is removed, whatever the run's outcome.
-
-        Its prompt names the project's `.loki/` by absolute path, but a CLI that may
-        only write in its working folder (codex's `--sandbox workspace-write`) cannot
-        reach it: so the tasks appended to the worktree's `queue/pending.json` and a
-        completion request in its `signals/` count as if written in the project's.
-        Tasks the session has already (written to both files) are not taken twice.
-        The person's controls (`PAUSE`, `STOP`, `HUMAN_INPUT.md`) are not read there.
-        """
-        paths = lokidir.LokiPaths.for_project(tree.path)
-        if not paths.root.is_dir():
-            return
+        """Take what the agent wrote in its worktree's own `.loki/` (`lokid.worktree_loki`)
+        before the worktree, and that folder with it, is removed, whatever the run's
+        outcome: its new tasks, and a completion request, as if written in the project's."""
         try:
-            await self._ingest_worktree_tasks(paths, task_id)
-            request = await trio.to_thread.run_sync(lokidir.consume_completion_request, paths)
-            if request is not None and self._completion is None:
-                self._completion = request.statement or "the agent requested completion"
-                self._poke()
+            request = await take_worktree_loki(
+                self.store, self.bus, self.id, tree.path, task_id, self._warn
+            )
         except LokiError as exc:  # the store refused: they go with the worktree
             log.warning("%s: %s's .loki/ not taken: %s", self.name, tree.path, exc.message)
-
-    async def _ingest_worktree_tasks(self, paths: lokidir.LokiPaths, task_id: str) -> None:
-        """The worktree's new tasks, validated as the project's (`lokidir.ingest_pending`,
-        the same `warning` events), at most `MAX_WORKTREE_TASKS`: there is no next read.
-
-        The worktree's queue starts empty, so an agent numbering its tasks picks ids
-        the session may have given other tasks: an id the session knows with the same
-        title is that task (written to both queues, or by an earlier attempt) and is
-        skipped; with another title it is a new task, taken under an id of its own.
-        """
-        shown = str(paths.pending)
-        stored = await self.store.read(lambda db: runner_tasks(db, self.id))
-        titles = {task.id: task.title for task in stored}
-        try:
-            result, _ = await trio.to_thread.run_sync(
-                lambda: lokidir.ingest_pending_file(paths.pending, (), max_new=MAX_WORKTREE_TASKS)
-            )
-        except lokidir.LokiDirFormatError as exc:
-            await self._warn("malformed_file", exc.message, file=shown, taskId=task_id)
             return
-        # Its last line promises a next read of the rest, which a removed file never gets.
-        lines = result.warnings[:-1] if result.deferred else result.warnings
-        for line in lines:
-            await self._warn("malformed_file", line, file=shown, taskId=task_id)
-        if result.deferred:
-            await self._warn(
-                "malformed_file",
-                f"{result.deferred} more new task(s) not taken: at most {MAX_WORKTREE_TASKS} "
-                "from a worktree's queue, which is removed with the worktree",
-                file=shown,
-                taskId=task_id,
-            )
-        new: list[lokidir.AgentTask] = []
-        for task in result.tasks:
-            if titles.get(task.id, task.title) != task.title:
-                own = _worktree_task_id(task)
-                await self._warn(
-                    "worktree",
-                    f"task {task.id} ({task.title!r}) has the id of another task of the "
-                    f"session; it is taken as {own}",
-                    file=shown,
-                    taskId=task_id,
-                )
-                task = attrs.evolve(task, id=own)
-            if titles.get(task.id) != task.title:
-                new.append(task)
-        if new:
-            await self._add_agent_tasks(tuple(new))
+        self._mirror_dirty.set()
+        if request is not None and self._completion is None:
+            self._completion = request.statement or "the agent requested completion"
+        self._poke()
 
     async def _claim_inputs(self) -> list[dict[str, Any]]:
         """The queued inputs for the next prompt, claimed for it: oldest first, each whole.
@@ -1863,14 +1790,6 @@ def undelivered_inputs_warning(db: sqlite_utils.Database, session_id: str) -> di
         "run took them",
         "inputIds": [item["id"] for item in queued],
     }
-
-
-def _worktree_task_id(task: lokidir.AgentTask) -> str:
-    """An id for a worktree's task whose own id the session gave another task: derived
-    from both (`agent-<12 hex>`, as for an entry without id), so a later read of the same
-    entry maps to the same id and is recognised as taken."""
-    digest = hashlib.sha256(f"{task.id}\n{task.title}".encode()).hexdigest()[:12]
-    return f"agent-{digest}"
 
 
 def _merge_failure(code: str, reason: str) -> providers.Failure:

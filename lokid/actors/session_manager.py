@@ -33,7 +33,9 @@ Theory of operation:
   files are rewritten from the store (a killed daemon left them saying
   `running`; a folder that is gone or unwritable is a `warning`), and the
   git worktrees and branches of a parallel session's cut-off runs are
-  removed (`worktree.prune_worktrees`; a failure is a `warning`). Paused
+  removed (`worktree.prune_worktrees`; a failure is a `warning`), once what
+  their agents left in each worktree's own `.loki/` is taken, before the
+  transition (`_take_leftover_worktrees`). Paused
   sessions get their actor again (so resume, stop and input work); with
   `resume_on_start` the sessions active when the last daemon ended are
   resumed (interrupted by its graceful stop, or here after a crash), not
@@ -102,6 +104,7 @@ from lokid.session_records import (
 from lokid.session_state import EVENT_FOR, Status, Trigger, is_active, step
 from lokid.supervisor import ChildSpec, Restart, Strategy, Supervisor, SupervisorStatistics
 from lokid.timefmt import utc_now_iso
+from lokid.worktree_loki import WORKTREE_LOKI_WAIT, take_worktree_loki
 
 log = logging.getLogger("lokid.sessions")
 
@@ -214,6 +217,7 @@ class SessionManager(Actor[Any]):
                 update_session(db, sid, **values)
 
             await self._end_cut_off_agents(session_id)
+            await self._take_leftover_worktrees(session_id, transition.after)
             await self.store.write(write)
             self._reconciled += 1
             if transition.event is not None:
@@ -296,6 +300,46 @@ class SessionManager(Actor[Any]):
             await self.bus.publish(
                 "warning", session_id, Level.WARNING, {"reason": "loki_dir", "message": message}
             )
+
+    async def _take_leftover_worktrees(self, session_id: str, after: Status) -> None:
+        """Take what the cut-off agents of a parallel session left in their worktrees'
+        own `.loki/` (`lokid.worktree_loki`, as after a run) before `_prune_worktrees`
+        removes them: their new tasks, and a completion request, which goes to the
+        project's `signals/` for the actor that runs the session next (none for one
+        that ends `stopped`: a stop wins over a completion, as in the runner).
+
+        Before the transition is stored, so a start killed halfway takes them again
+        (the worktrees are still there; a task taken is recognised). Each worktree
+        gets at most `WORKTREE_LOKI_WAIT` s; a failure is logged, never a crash.
+        """
+        session, tasks = await self.store.read(
+            lambda db: (get_session(db, session_id), runner_tasks(db, session_id))
+        )
+        if not session["options"].get("parallel"):
+            return
+        project = Path(session["projectDir"])
+        by_folder = {worktree.ref_component(task.id): task.id for task in tasks}
+        try:
+            trees = await worktree.session_worktrees(project, session_id)
+        except LokiError as exc:  # _prune_worktrees meets it again and warns
+            log.warning("session %s: worktrees not listed: %s", session_id, exc.message)
+            return
+
+        async def warn(reason: str, message: str, **data: Any) -> None:
+            data = {"reason": reason, "message": message, **data}
+            await self.bus.publish("warning", session_id, Level.WARNING, data)
+
+        for tree in trees:
+            with trio.move_on_after(WORKTREE_LOKI_WAIT):
+                try:
+                    request = await take_worktree_loki(
+                        self.store, self.bus, session_id, tree, by_folder.get(tree.name), warn
+                    )
+                    if request is not None and after is not Status.STOPPED:
+                        paths = lokidir.LokiPaths.for_project(project)
+                        await trio.to_thread.run_sync(_forward_completion, paths, request)
+                except (LokiError, OSError) as exc:
+                    log.warning("session %s: %s's .loki/ not taken: %s", session_id, tree, exc)
 
     async def _prune_worktrees(self, session_id: str) -> None:
         """Remove the worktrees and branches a killed daemon left for a parallel session.
@@ -709,6 +753,15 @@ def _write_inline_prd(request: SessionRequest) -> None:
     assert request.prd_text is not None
     lokidir.init_loki_dir(request.project_dir)
     lokidir.atomic_write_bytes(request.prd_path, request.prd_text.encode("utf-8"))
+
+
+def _forward_completion(paths: lokidir.LokiPaths, request: lokidir.CompletionRequest) -> None:
+    """Write a worktree's completion request as the project's `COMPLETION_REQUESTED`
+    (its text is the statement), unless the project has one already."""
+    if os.path.lexists(paths.completion_requested):
+        return
+    paths.completion_requested.parent.mkdir(parents=True, exist_ok=True)
+    lokidir.atomic_write_bytes(paths.completion_requested, (request.statement or "").encode())
 
 
 def _store_refused(exc: BaseException) -> bool:
