@@ -326,6 +326,12 @@ def _m0009_sparse_board_ranks(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m0010_stop_source(db: sqlite_utils.Database) -> None:
+    # Who asked a session to stop (`api`, `.loki/STOP`): an actor restarted in the
+    # middle of the stop reports it in its `session.stopped`. Not part of the API.
+    db.execute("ALTER TABLE sessions ADD COLUMN stop_source TEXT")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "meta and daemon_runs", _m0001_meta_and_daemon_runs),
     Migration(2, "events", _m0002_events),
@@ -336,6 +342,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(7, "board and registry", _m0007_board_and_registry),
     Migration(8, "cheaper board shifts", _m0008_cheaper_board_shifts),
     Migration(9, "sparse board ranks", _m0009_sparse_board_ranks),
+    Migration(10, "stop source", _m0010_stop_source),
 )
 
 

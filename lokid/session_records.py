@@ -628,6 +628,7 @@ _SESSION_COLUMNS = frozenset(
         "exit_reason",
         "cost_usd",
         "last_error",
+        "stop_source",
     }
 )
 
@@ -758,6 +759,12 @@ def get_session_fields(db: sqlite_utils.Database, session_id: str) -> dict[str, 
 def session_iteration(db: sqlite_utils.Database, session_id: str) -> int:
     """The session's `iteration` (one query, not the whole JSON)."""
     return int(_session_row(db, session_id)["iteration"])
+
+
+def stop_source(db: sqlite_utils.Database, session_id: str) -> str | None:
+    """Who asked the session to stop (`api`, `.loki/STOP`), as stored with the stop."""
+    source: str | None = _session_row(db, session_id)["stop_source"]
+    return source
 
 
 def session_options(db: sqlite_utils.Database, session_id: str) -> SessionOptions:

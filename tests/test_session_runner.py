@@ -1349,6 +1349,34 @@ async def test_a_runner_that_keeps_crashing_fails_its_session(
         assert lab_.daemon.core_problems() == {}  # the daemon itself is fine
 
 
+async def test_a_runner_restarted_in_the_middle_of_a_stop_reports_who_asked(
+    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner crashes after `.loki/STOP` made the session `stopping`: the restarted
+    actor finishes the stop with the stored source (it said `api`)."""
+    real = SessionActor._warn_undelivered_inputs  # the first step of a session's end
+    crashed = False
+
+    async def crash_once(actor: SessionActor) -> None:
+        nonlocal crashed
+        if not crashed:
+            crashed = True
+            raise RuntimeError("a bug in the runner")
+        await real(actor)
+
+    monkeypatch.setattr(SessionActor, "_warn_undelivered_inputs", crash_once)
+    project = make_project(tmp_path, "# App\n\n## Features\n- A [mode:slow] [seconds:30]\n")
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        await lab_.wait_event(sid, "task.started")
+        (project / ".loki" / "STOP").touch()
+        session = await lab_.wait_status(sid, "stopped", "failed")
+        (stopped,) = await lab_.events(sid, "session.stopped")
+        assert crashed and lab_.daemon.sessions.statistics().session_crashes == 1
+    assert session["status"] == "stopped"
+    assert stopped["data"] == {"status": "stopped", "source": ".loki/STOP", "survivors": []}
+
+
 async def test_a_session_failed_for_its_crashing_runner_reports_its_queued_input(
     tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

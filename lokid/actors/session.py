@@ -139,6 +139,7 @@ from lokid.session_records import (
     runner_tasks,
     session_iteration,
     set_session_fields,
+    stop_source,
     update_session,
     update_task,
 )
@@ -306,7 +307,7 @@ class SessionActor(Actor[Any]):
         self._ending: Ending | None = None
         self._completion: str | None = None
         self._stop_wanted = self.status is Status.STOPPING  # a restart mid-stop finishes it
-        self._stop_source = "api"
+        self._stop_source: str | None = None  # None: from the store (a restart mid-stop)
         self._shutdown = False
         self._work_scope: trio.CancelScope | None = None
         self._pause_file_seen = False
@@ -492,7 +493,10 @@ class SessionActor(Actor[Any]):
     async def _stop(self, source: str) -> dict[str, Any]:
         try:
             session = await self._fire(
-                Trigger.STOP, data={"source": source}, in_memory_if_unstored=True
+                Trigger.STOP,
+                data={"source": source},
+                in_memory_if_unstored=True,
+                stop_source=source,  # for an actor restarted before the stop is done
             )
         except StoreUnavailable as exc:
             # Stop anyway: the agents go now, `stopped` is recorded once the store
@@ -707,6 +711,9 @@ class SessionActor(Actor[Any]):
         if self.status is Status.STOPPING or (ending is not None and not self._shutdown):
             await self._warn_undelivered_inputs()  # the session ends for good
         if self.status is Status.STOPPING:
+            if self._stop_source is None:  # this actor was restarted in the middle of the stop
+                stored = await self.store.read(lambda db: stop_source(db, self.id))
+                self._stop_source = stored or "api"  # (a stop stored before lokid kept it)
             await self._fire(
                 Trigger.AGENTS_GONE,
                 data={"survivors": self._survivors, "source": self._stop_source},
