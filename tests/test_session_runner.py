@@ -1390,11 +1390,14 @@ async def test_a_session_failed_for_its_crashing_runner_reports_its_queued_input
         return real(*args, **kwargs)
 
     monkeypatch.setattr("lokid.actors.session.build_prompt", broken)
-    project = make_project(tmp_path, "# App\n\n## Features\n- A [mode:slow] [seconds:1]\n- B\n")
+    project = make_project(tmp_path, "# App\n\n## Features\n- A [mode:slow] [seconds:3]\n- B\n")
     async with lab(tmp_path / "home") as lab_:
         sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
         await lab_.wait_event(sid, "task.started")
+        # Paused while A runs (3 s), no prompt is built until the input is queued.
+        assert (await lab_.post(f"/api/sessions/{sid}/pause")).status_code == 200
         answer = await lab_.post(f"/api/sessions/{sid}/input", {"message": "never read"})
+        assert (await lab_.post(f"/api/sessions/{sid}/resume")).status_code == 200
         session = await lab_.wait_status(sid, "completed", "failed")
         assert (session["status"], session["exitReason"]) == ("failed", "runnerCrashed")
         (warning,) = await lab_.events(sid, "warning")
