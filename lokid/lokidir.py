@@ -1369,6 +1369,23 @@ def consume_human_input(paths: LokiPaths, *, now: dt.datetime | None = None) -> 
     return HumanInput(text=text, processed_path=claimed)
 
 
+def return_human_input(paths: LokiPaths, note: HumanInput) -> bool:
+    """Put a claimed `HUMAN_INPUT.md` back where it was; False if it cannot be.
+
+    For an input the store refused (`StoreUnavailable`: nothing of it was
+    stored): back in place, it is noticed again once the store takes writes,
+    even after a daemon restart. A hard link never replaces a `HUMAN_INPUT.md`
+    written meanwhile (False: the caller keeps the note itself).
+    """
+    try:
+        os.link(note.processed_path, paths.human_input)
+    except OSError:
+        return False
+    with contextlib.suppress(OSError):  # a copy left in logs/ is never read again
+        os.unlink(note.processed_path)
+    return True
+
+
 @attrs.frozen
 class CompletionRequest:
     """The agent asked to complete the session (reference §1.10)."""

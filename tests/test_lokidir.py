@@ -767,6 +767,23 @@ def test_human_input_is_claimed_by_rename_then_read(paths: LokiPaths) -> None:
     assert again.processed_path.name == "human-input-20260301T123045.123Z-2.md"
 
 
+def test_a_refused_human_input_is_put_back_unless_a_new_one_took_its_place(
+    paths: LokiPaths,
+) -> None:
+    paths.human_input.write_text("First.")
+    taken = consume_human_input(paths, now=T0)
+    assert taken is not None
+    assert lokidir.return_human_input(paths, taken)
+    assert paths.human_input.read_text() == "First."
+    assert not taken.processed_path.exists()
+    again = consume_human_input(paths, now=T0)
+    assert again is not None and again.text == "First."
+    paths.human_input.write_text("Second.")  # written while the first was out
+    assert not lokidir.return_human_input(paths, again)
+    assert paths.human_input.read_text() == "Second."  # never replaced
+    assert again.processed_path.read_text() == "First."
+
+
 def test_blank_human_input_is_consumed_and_ignored(paths: LokiPaths) -> None:
     paths.human_input.write_text(" \n\t")
     assert consume_human_input(paths, now=T0) is None

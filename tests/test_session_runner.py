@@ -1589,6 +1589,38 @@ async def test_a_stop_the_store_refuses_still_stops_the_agent_and_is_recorded_la
     assert len(invocations(agent_log)) == 1
 
 
+async def test_human_input_the_store_refuses_is_put_back_and_taken_after_the_hold(
+    tmp_path: Path, agent_log: Path, full_disk_store: None
+) -> None:
+    """The file was moved into logs/ before its input was stored: a refused store lost it
+    (never stored, delivered or reported). Now it is put back and taken after the hold."""
+    project = make_project(tmp_path, "# App\n\n## Features\n- Forever [mode:hang]\n")
+    human_input = project / ".loki" / "HUMAN_INPUT.md"
+    logs = project / ".loki" / "logs"
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md"), "projectDir": str(project)}))[
+            "id"
+        ]
+        await lab_.wait_event(sid, "agent.spawned")
+        actor = lab_.daemon.sessions._live[sid]
+        disk_of(lab_).full = True
+        human_input.write_text("Use PostgreSQL, not SQLite.\n")
+        await eventually(lambda: actor.statistics().held, "the session holds")
+        assert human_input.read_text() == "Use PostgreSQL, not SQLite.\n"  # put back
+        assert sorted(logs.glob("human-input-*.md")) == []
+
+        disk_of(lab_).full = False
+        (received,) = await lab_.wait_event(sid, "input.received")
+        assert received["data"]["source"] == ".loki/HUMAN_INPUT.md"
+        await eventually(lambda: len(invocations(agent_log)) == 2, "the cut run again")
+        assert "Use PostgreSQL, not SQLite." in invocations(agent_log)[1]["prompt"]
+        assert not human_input.exists()
+        assert len(list(logs.glob("human-input-*.md"))) == 1
+        assert len(await lab_.events(sid, "input.received")) == 1  # stored once
+        assert (await lab_.post(f"/api/sessions/{sid}/stop")).status_code == 200
+        await lab_.wait_status(sid, "stopped")
+
+
 async def test_failing_a_crashed_session_waits_for_the_store_instead_of_crashing_the_manager(
     tmp_path: Path, agent_log: Path, full_disk_store: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -77,7 +77,8 @@ Theory of operation:
 * `.loki/` files: `PAUSE` appearing pauses, its removal resumes a session
   paused by it; API pause/resume create/remove it (other tools see the
   state). `STOP` is consumed and stops. `HUMAN_INPUT.md` is consumed as
-  input. Tasks the agent appends to `queue/pending.json` are ingested; an
+  input; one the store refuses is put back, taken again after the hold.
+  Tasks the agent appends to `queue/pending.json` are ingested; an
   agent in a worktree that wrote its worktree's own `.loki/` instead (a CLI
   confined to its working folder) has its tasks and completion request taken
   when its run ends, before the worktree goes (`lokid.worktree_loki`).
@@ -324,6 +325,9 @@ class SessionActor(Actor[Any]):
         self._last_exit_code = 0
         self._held_since: float | None = None  # trio time the current hold began
         self._held_cause = ""
+        # A HUMAN_INPUT.md the store refused that could not be put back (a new one
+        # was written meanwhile): stored before the next file is taken.
+        self._unstored_human_input: lokidir.HumanInput | None = None
         self._holds = 0
         # Resumed (or restarted) past its deadline, e.g. after the daemon was down: the
         # first look at the limit fails it before any run, and its detail says why.
@@ -525,6 +529,16 @@ class SessionActor(Actor[Any]):
         A request with the key of one stored meanwhile (a concurrent retry) gets
         that answer and queues nothing.
         """
+        answer, created = await self._store_input(text, once)
+        if created:
+            await self._announce_input(answer, source, text)
+        return answer
+
+    async def _store_input(
+        self, text: str, once: idempotency.Once | None = None
+    ) -> tuple[dict[str, Any], bool]:
+        """Store an input (and the answer of `once`): the answer, and False if `once`
+        found one stored already. `StoreUnavailable`: nothing of it was stored."""
         step(self.lifecycle.status, Trigger.INPUT)  # 409 unless running or paused
 
         self._inputs_maybe = True  # before the write: a refused one may still have landed
@@ -539,9 +553,9 @@ class SessionActor(Actor[Any]):
                 idempotency.remember(db, once.route, once.key, once.digest, 202, answer)
             return answer, True
 
-        answer, created = await self.store.write(write)
-        if not created:
-            return answer
+        return await self.store.write(write)
+
+    async def _announce_input(self, answer: Mapping[str, Any], source: str, text: str) -> None:
         await self.bus.publish(
             "input.received",
             self.id,
@@ -549,7 +563,6 @@ class SessionActor(Actor[Any]):
             {"inputId": answer["id"], "source": source, "chars": len(text)},
         )
         self._poke()
-        return answer
 
     def _poke(self) -> None:
         self._wakeup.set()
@@ -1007,21 +1020,9 @@ class SessionActor(Actor[Any]):
         except StoreUnavailable:
             self._pause_file_seen = not controls.pause  # not taken: noticed again after the hold
             raise
-        if controls.human_input and self.status in (Status.RUNNING, Status.PAUSED):
-            try:
-                note = await trio.to_thread.run_sync(lokidir.consume_human_input, self.paths)
-            except lokidir.LokiDirFormatError as exc:
-                await self._warn("malformed_file", exc.message, file="HUMAN_INPUT.md")
-            else:
-                if note is not None:
-                    try:
-                        await self._add_input(note.text, ".loki/HUMAN_INPUT.md")
-                    except IllegalTransition as exc:
-                        await self._warn(
-                            "input_refused",
-                            f"HUMAN_INPUT.md not delivered: {exc.message}; "
-                            f"it is kept in {note.processed_path}",
-                        )
+        human_input = controls.human_input or self._unstored_human_input is not None
+        if human_input and self.status in (Status.RUNNING, Status.PAUSED):
+            await self._take_human_input()
         if controls.completion_requested and self._completion is None:
             try:
                 request = await trio.to_thread.run_sync(
@@ -1032,6 +1033,38 @@ class SessionActor(Actor[Any]):
             else:
                 if request is not None:
                     self._completion = request.statement or "the agent requested completion"
+
+    async def _take_human_input(self) -> None:
+        """Queue the text of `HUMAN_INPUT.md` (claimed by moving it into `logs/`).
+
+        An input the store refuses is put back as `HUMAN_INPUT.md`, to be taken
+        again after the hold (nothing of it was stored, so it is never stored
+        twice); if a new file took its place meanwhile, the note waits here.
+        """
+        note = self._unstored_human_input
+        if note is None:
+            try:
+                note = await trio.to_thread.run_sync(lokidir.consume_human_input, self.paths)
+            except lokidir.LokiDirFormatError as exc:
+                await self._warn("malformed_file", exc.message, file="HUMAN_INPUT.md")
+                return
+            if note is None:
+                return
+        try:
+            answer, _ = await self._store_input(note.text)
+        except IllegalTransition as exc:
+            self._unstored_human_input = None
+            await self._warn(
+                "input_refused",
+                f"HUMAN_INPUT.md not delivered: {exc.message}; it is kept in {note.processed_path}",
+            )
+            return
+        except StoreUnavailable:
+            returned = await trio.to_thread.run_sync(lokidir.return_human_input, self.paths, note)
+            self._unstored_human_input = None if returned else note
+            raise
+        self._unstored_human_input = None
+        await self._announce_input(answer, ".loki/HUMAN_INPUT.md", note.text)
 
     async def _control_file(self, path: Path, *, present: bool) -> None:
         try:
