@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import random
@@ -55,6 +56,7 @@ from lokid.providers import (
     parse_reset,
     parser_for,
     retry_delay,
+    spawn_failure,
     summarize_tool_input,
     timeout_failure,
     to_event,
@@ -1288,3 +1290,22 @@ def test_an_error_result_is_never_logged_as_success() -> None:
     assert failed is not None and failed.data["message"] == "agent result: error_during_execution"
     done = to_event(res())
     assert done is not None and done.data["message"] == "agent result: success"
+
+
+def test_a_spawn_failure_is_judged_by_what_failed() -> None:
+    """Every OSError of a spawn was a permanent `cli_missing`: out of descriptors failed
+    the session for good, and so did a deleted project folder, both blaming the CLI."""
+    emfile = spawn_failure(OSError(errno.EMFILE, "Too many open files"), "claude", "/p")
+    assert (emfile.kind, emfile.code) == (FailureKind.TRANSIENT, "spawn_failed")
+    assert emfile.reason == "cannot start claude: Too many open files"
+    for number in (errno.ENFILE, errno.ENOMEM, errno.EAGAIN):
+        assert spawn_failure(OSError(number, "x"), "claude", "/p").code == "spawn_failed"
+    gone = spawn_failure(FileNotFoundError(errno.ENOENT, "No such file", "/p"), "claude", "/p")
+    assert (gone.kind, gone.code) == (FailureKind.PERMANENT, "workdir_missing")
+    assert gone.reason == "cannot start claude: its working folder /p is gone (No such file)"
+    shut = spawn_failure(PermissionError(errno.EACCES, "Permission denied", "/p"), "claude", "/p")
+    assert (shut.kind, shut.code) == (FailureKind.PERMANENT, "permission")
+    assert "working folder /p" in shut.reason
+    for number in (errno.ENOENT, errno.EACCES, errno.ENOEXEC):
+        cli = spawn_failure(OSError(number, "no", "claude"), "claude", "/p")
+        assert (cli.kind, cli.code) == (FailureKind.PERMANENT, "cli_missing")

@@ -7,6 +7,7 @@ agent received (the fake logs every invocation) and the processes left.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -168,6 +169,55 @@ async def test_a_failing_task_is_retried_then_fails_the_session(
         assert failures[0]["data"]["retryInSeconds"] is not None
         assert failures[-1]["data"]["retryInSeconds"] is None
     assert len(invocations(agent_log)) == 3
+
+
+async def test_out_of_file_descriptors_at_a_spawn_is_retried_not_a_missing_cli(
+    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EMFILE from the spawn was a permanent `cli_missing` that failed the session."""
+    real = trio.lowlevel.open_process
+    refused: list[int] = []
+
+    async def short_of_descriptors(*args: Any, **kwargs: Any) -> Any:
+        if not refused:
+            refused.append(1)
+            raise OSError(errno.EMFILE, "Too many open files")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(trio.lowlevel, "open_process", short_of_descriptors)
+    project = make_project(tmp_path, "# App\n\n## Features\n- Build it\n")
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        session = await lab_.wait_status(sid, "completed", "failed")
+        assert session["status"] == "completed", session
+        (failed,) = await lab_.events(sid, "task.failed")
+        assert failed["data"]["code"] == "spawn_failed"
+        assert failed["data"]["error"] == "cannot start claude: Too many open files"
+        assert failed["data"]["retryInSeconds"] is not None
+        (task,) = await lab_.tasks(sid)
+        assert task["attempts"] == 2
+    assert len(invocations(agent_log)) == 1
+
+
+async def test_a_deleted_project_folder_fails_the_session_naming_the_folder(
+    tmp_path: Path, agent_log: Path
+) -> None:
+    """It was `cli_missing` "cannot start ...: No such file or directory" (the CLI is fine)."""
+    prd = "# App\n\n## Features\n- First [mode:slow] [seconds:1]\n- Second\n"
+    project = make_project(tmp_path, prd)
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md"), "projectDir": str(project)}))[
+            "id"
+        ]
+        await lab_.wait_event(sid, "agent.spawned")
+        shutil.rmtree(project)  # under the first run: the second cannot start in it
+        session = await lab_.wait_status(sid, "completed", "failed")
+        assert (session["status"], session["exitReason"]) == ("failed", "permanentError")
+        failed = (await lab_.events(sid, "task.failed"))[-1]  # the run in it may fail first
+        assert (failed["data"]["taskId"], failed["data"]["code"]) == ("prd-002", "workdir_missing")
+        assert failed["data"]["error"] == (
+            f"cannot start claude: its working folder {project} is gone (No such file or directory)"
+        )
 
 
 async def test_a_task_names_the_agent_that_works_or_last_worked_on_it(

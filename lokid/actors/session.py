@@ -1338,16 +1338,9 @@ class SessionActor(Actor[Any]):
             with worker.scope:
                 try:
                     run = await slot.start(spec, task.id)
-                except OSError as exc:
-                    await self._task_failed(
-                        task,
-                        attempt,
-                        providers.Failure(
-                            providers.FailureKind.PERMANENT,
-                            "cli_missing",
-                            f"cannot start {argv[0]}: {exc.strerror}",
-                        ),
-                    )
+                except OSError as exc:  # by errno: the CLI, the folder or a shortage
+                    failure = providers.spawn_failure(exc, argv[0], os.fspath(spec.cwd))
+                    await self._task_failed(task, attempt, failure)
                     return
                 self._runs += 1
                 agent_id = f"agent-{slot.row_id}"

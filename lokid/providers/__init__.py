@@ -29,6 +29,7 @@ from lokid.providers._classify import (
     is_rate_limit_text,
     parse_reset,
     retry_delay,
+    spawn_failure,
     timeout_failure,
 )
 from lokid.providers._commands import (
@@ -138,6 +139,7 @@ __all__ = [
     "parser_for",
     "provider_info",
     "retry_delay",
+    "spawn_failure",
     "summarize_tool_input",
     "timeout_failure",
     "to_event",

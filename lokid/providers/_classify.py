@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import math
+import os
 import random
 import re
 from datetime import UTC, datetime, timedelta
@@ -75,9 +77,10 @@ class Failure:
     """The verdict on one provider run.
 
     `code` is machine-readable: `ok`; permanent `auth`, `unknown_model`,
-    `billing`, `permission`, `cli_missing`, `budget`; `rate_limit`;
-    transient `overloaded`, `server_error`, `network`, `timeout`, `signal`,
-    `error_result`, `no_result`, `empty_output`, `exit`.
+    `billing`, `permission`, `cli_missing`, `workdir_missing`, `budget`;
+    `rate_limit`; transient `overloaded`, `server_error`, `network`,
+    `timeout`, `signal`, `error_result`, `no_result`, `empty_output`, `exit`,
+    `spawn_failed`.
     """
 
     kind: FailureKind
@@ -415,6 +418,40 @@ def timeout_failure(which: str, seconds: float) -> Failure:
     return Failure(
         FailureKind.TRANSIENT, "timeout", f"{which} timeout: {what} for {seconds:g} s", None
     )
+
+
+# Spawn errors about the executable itself: it is missing or cannot be run.
+SPAWN_CLI_ERRNOS = frozenset(
+    {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOEXEC, errno.ENOTDIR, errno.EISDIR}
+)
+
+
+def spawn_failure(exc: OSError, program: str, cwd: str) -> Failure:
+    """The verdict when the agent could not be started at all (`OSError` from the spawn).
+
+    By what failed: the working folder (`exc.filename` is `cwd`: the child's
+    `chdir`) is `workdir_missing` (gone) or `permission`, permanent; the
+    executable (`ENOENT`, `EACCES`, `ENOEXEC`...) is `cli_missing`, permanent, as
+    exit 127 is; a shortage (`EMFILE`, `ENFILE`, `ENOMEM`, `EAGAIN`: out of
+    descriptors, processes or memory) or any other error is `spawn_failed`,
+    transient: the machine, not the session, is at fault, and the retries are bounded.
+    """
+    why = exc.strerror or str(exc)
+    if exc.filename is not None and os.fspath(exc.filename) == cwd:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return Failure(
+                FailureKind.PERMANENT,
+                "workdir_missing",
+                f"cannot start {program}: its working folder {cwd} is gone ({why})",
+            )
+        return Failure(
+            FailureKind.PERMANENT,
+            "permission",
+            f"cannot start {program}: cannot enter its working folder {cwd} ({why})",
+        )
+    if exc.errno in SPAWN_CLI_ERRNOS:
+        return Failure(FailureKind.PERMANENT, "cli_missing", f"cannot start {program}: {why}")
+    return Failure(FailureKind.TRANSIENT, "spawn_failed", f"cannot start {program}: {why}")
 
 
 # -- waiting -------------------------------------------------------------------------------
