@@ -42,7 +42,10 @@ Rules of the local implementation:
   Batches, not lines, cross the channel: one task switch per read instead
   of two per line (`batches()`; `lines()` flattens them).
 * Timeouts: `idle_timeout` (no output) and `hard_timeout` (total) stop the
-  run with that reason.
+  run with that reason. Output counts when it is written, not when it is
+  read: an idle deadline that passes while output waits unread in a pipe
+  (the daemon was frozen or starved, or a slow consumer holds the reader
+  back) is pushed back instead of ending the run.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ import enum
 import errno
 import math
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -165,6 +169,7 @@ class LocalAgentRun:
         self._readers_done = trio.Event()
         self._grace_scope: trio.CancelScope | None = None  # between SIGTERM and SIGKILL
         self._last_output = 0.0
+        self._pipe_fds: set[int] = set()  # the output pipes still open, for `_output_waiting`
         self._escalated = False
         self._group_empty = False  # the last look at the agent's group found no live member
 
@@ -206,7 +211,10 @@ class LocalAgentRun:
         if now >= self._timing_from + spec.hard_timeout:
             self._request_stop(spec.stop_grace, EndReason.HARD_TIMEOUT)
         elif now >= self._last_output + spec.idle_timeout:
-            self._request_stop(spec.stop_grace, EndReason.IDLE_TIMEOUT)
+            if self._output_waiting():
+                self._last_output = now  # written, not read yet: the agent is not idle
+            else:
+                self._request_stop(spec.stop_grace, EndReason.IDLE_TIMEOUT)
 
     async def stop(self, grace: float) -> RunResult:
         self.request_stop(grace)
@@ -339,34 +347,39 @@ class LocalAgentRun:
     async def _read_lines(self, stream: Stream, pipe: trio.abc.ReceiveStream) -> None:
         buffer = bytearray()
         skipping = False  # inside the rest of a line already cut at MAX_LINE_BYTES
+        fd = pipe.fileno() if isinstance(pipe, trio.lowlevel.FdStream) else -1
         async with pipe:
-            while True:
-                try:
-                    chunk = await pipe.receive_some(READ_BYTES)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    chunk = b""
-                if not chunk:
-                    break
-                self._last_output = trio.current_time()
-                if skipping:
-                    newline = chunk.find(b"\n")
-                    if newline < 0:
-                        continue
-                    skipping = False
-                    chunk = chunk[newline + 1 :]
-                buffer += chunk
-                batch: list[OutputLine] = []
-                start = 0
-                while (end := buffer.find(b"\n", start)) >= 0:
-                    batch.append(_line(stream, bytes(buffer[start:end]).removesuffix(b"\r")))
-                    start = end + 1
-                del buffer[:start]
-                if len(buffer) > MAX_LINE_BYTES:
-                    batch.append(OutputLine(stream, bytes(buffer[:MAX_LINE_BYTES]), True))
-                    buffer.clear()
-                    skipping = True
-                if batch:
-                    await self._emit(batch)
+            self._pipe_fds.add(fd)
+            try:
+                while True:
+                    try:
+                        chunk = await pipe.receive_some(READ_BYTES)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        chunk = b""
+                    if not chunk:
+                        break
+                    self._last_output = trio.current_time()
+                    if skipping:
+                        newline = chunk.find(b"\n")
+                        if newline < 0:
+                            continue
+                        skipping = False
+                        chunk = chunk[newline + 1 :]
+                    buffer += chunk
+                    batch: list[OutputLine] = []
+                    start = 0
+                    while (end := buffer.find(b"\n", start)) >= 0:
+                        batch.append(_line(stream, bytes(buffer[start:end]).removesuffix(b"\r")))
+                        start = end + 1
+                    del buffer[:start]
+                    if len(buffer) > MAX_LINE_BYTES:
+                        batch.append(OutputLine(stream, bytes(buffer[:MAX_LINE_BYTES]), True))
+                        buffer.clear()
+                        skipping = True
+                    if batch:
+                        await self._emit(batch)
+            finally:
+                self._pipe_fds.discard(fd)  # before the close: the number may be reused
         if buffer:
             await self._emit([_line(stream, bytes(buffer))])
         self._readers_left -= 1
@@ -380,6 +393,19 @@ class LocalAgentRun:
     async def _feed_when_released(self, stdin: trio.abc.SendStream, data: bytes) -> None:
         await self._released.wait()
         await _feed(stdin, data)
+
+    def _output_waiting(self) -> bool:
+        """Whether an output pipe holds bytes not read yet (a zero-time poll).
+
+        After the daemon was frozen (SIGSTOP) or starved, this task may run
+        before the readers, although the agent kept printing; and a reader
+        held back by a slow consumer leaves the output in its pipe.
+        """
+        poller = select.poll()
+        for fd in self._pipe_fds:
+            if fd >= 0:
+                poller.register(fd, select.POLLIN)
+        return any(events & select.POLLIN for _, events in poller.poll(0))
 
 
 def _line(stream: Stream, data: bytes) -> OutputLine:

@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import trio
@@ -169,6 +170,49 @@ async def test_timeouts_stop_the_run(
             result = await run.wait()
     assert result.reason is reason
     assert live(run.identity.pid) == []
+
+
+TICKER = "import time\nfor i in range({n}):\n    print('tick', i, flush=True); time.sleep({every})"
+
+
+async def test_output_waiting_in_the_pipe_is_not_idleness(tmp_path: pathlib.Path) -> None:
+    """A consumer that stops reading for longer than the idle timeout while the agent
+    keeps printing: the reader waits, the output waits in the pipe. The idle deadline
+    was checked against what had been read and killed a busy agent ("idle-timeout")."""
+    spec = AgentSpec((PY, "-c", TICKER.format(n=60, every=0.05)), tmp_path, idle_timeout=1.0)
+    lines: list[OutputLine] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            run = await LocalAgentHost(nursery).start(spec)
+            await trio.sleep(2.5)  # the reader is held back from ~0.9 s on
+            async for line in run.lines():
+                lines.append(line)
+            result = await run.wait()
+    assert result.reason is EndReason.EXITED
+    assert len(lines) == 60
+
+
+async def test_a_frozen_daemon_does_not_kill_an_agent_that_kept_printing(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The daemon frozen (SIGSTOP) longer than the idle timeout: once it runs again,
+    the output that piled up in the pipe counts, whichever task trio runs first."""
+    spec = AgentSpec((PY, "-c", TICKER.format(n=40, every=0.1)), tmp_path, idle_timeout=1.0)
+    lines: list[OutputLine] = []
+
+    async def freeze() -> None:
+        await trio.sleep(0.5)
+        time.sleep(2.0)  # noqa: ASYNC251 - the point: nothing in the daemon runs
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            run = await LocalAgentHost(nursery).start(spec)
+            nursery.start_soon(freeze)
+            async for line in run.lines():
+                lines.append(line)
+            result = await run.wait()
+    assert result.reason is EndReason.EXITED
+    assert len(lines) == 40
 
 
 async def test_missing_executable_fails_at_start(tmp_path: pathlib.Path) -> None:
