@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -29,7 +30,7 @@ from lokid.actors.agent_pool import (
     PoolBusy,
     PoolClosed,
 )
-from lokid.actors.store import StoreActor, StoreError
+from lokid.actors.store import StoreActor, StoreError, StoreUnavailable
 from lokid.agent_host import AgentSpec, EndReason, RunResult
 from lokid.process import ProcessIdentity, group_members, is_same_process, start_ticks
 
@@ -615,6 +616,48 @@ async def test_a_stopped_store_is_not_waited_for_to_close_a_row(
     assert left_open[0]["ended_at"] is None
     assert [(o.end_reason, o.detail) for o in outcomes] == [(GONE, "exited")]
     assert rows[0]["ended_at"] is not None
+
+
+class RefusingStore(StoreActor):
+    """A store that refuses every write while `refuse` (a database locked by another
+    process): `StoreUnavailable`, nothing committed."""
+
+    refuse = False
+
+    async def write(self, fn: Any, *, timeout: float = 10.0, on_commit: Any = None) -> Any:
+        if self.refuse:
+            raise StoreUnavailable("store: nothing of this write was committed: database is locked")
+        return await super().write(fn, timeout=timeout, on_commit=on_commit)
+
+
+async def test_a_row_close_the_store_refused_is_retried_once_it_takes_writes(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The row was written once and left open until the next start: a stopped session
+    still counted an active agent. Now the slot is freed and the close retried."""
+    caplog.set_level(logging.INFO, "lokid.agents")
+    with trio.fail_after(WAIT):
+        store = RefusingStore(tmp_path / "lokid.db")
+        async with trio.open_nursery() as outer:
+            await outer.start(store.run)
+            async with running_pool(store, grace=0.5) as pool:
+                async with pool.slot("s-1") as slot:
+                    run = await slot.start(sleeper(tmp_path, 20))
+                    store.refuse = True
+                    await run.stop(0.5)
+                assert pool.statistics().slots_held == 0  # not held for the store
+                assert (await agent_rows(store))[0]["ended_at"] is None
+                await trio.sleep(1.0)  # tries that are refused too (CLOSE_RETRY_FIRST is 0.5 s)
+                store.refuse = False
+                while (await agent_rows(store))[0]["ended_at"] is None:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+                (row,) = await agent_rows(store)
+                stats = pool.statistics()
+            outer.cancel_scope.cancel()
+    assert row["end_reason"] == "stopped" and row["exit_code"] is not None
+    assert stats.record_failures == 1
+    assert "could not close the row of agent 1: store: nothing of this write" in caplog.text
+    assert "row of agent 1 closed after the store took writes again" in caplog.text
 
 
 async def test_graceful_stop_restart_opens_the_pool_again(tmp_path: pathlib.Path) -> None:

@@ -39,7 +39,11 @@ Theory of operation:
   (a daemon stop cut short, a store crash restarting the pool too): a
   stopped store never answers, and the next start's reconciliation closes
   the row (`gone`, "exited"). So stopping the pool never waits for a store
-  that has gone.
+  that has gone. A close the store refuses (disk full, database locked)
+  frees the slot at once and is tried again in the background with
+  backoff (`CLOSE_RETRY_FIRST` doubling to `CLOSE_RETRY_CAP`) for at most
+  `CLOSE_RETRY_FOR` (1 h), with the end time of the run: an open row
+  counts as a live agent (`agents.active` of its session).
 * **Hurry** (`hurry`, a daemon stop that ran out of `shutdown_grace` or got
   a second signal): the pool closes and every live agent gets SIGKILL at
   once instead of waiting out its SIGTERM grace; every later stop of this
@@ -116,9 +120,17 @@ DEFAULT_GRACE = 5.0
 KILL_WAIT_SECONDS = 5.0  # after SIGKILL, how long reconciled groups may take to disappear
 POLL_SECONDS = 0.05  # /proc polling while waiting for a group to empty
 ROW_WRITE_TIMEOUT = 10.0
+# A row close the store refused (disk full, database locked) is tried again after
+# CLOSE_RETRY_FIRST s, doubling up to CLOSE_RETRY_CAP, for CLOSE_RETRY_FOR s at most;
+# then (or when the pool or the store stops) the next start's reconciliation closes it.
+CLOSE_RETRY_FIRST = 0.5
+CLOSE_RETRY_CAP = 30.0
+CLOSE_RETRY_FOR = 3600.0
 RECONCILE_PAGE = 256
 ARGV_ITEM_LIMIT = 1024  # characters of one argv item kept in the row
 ARGV_ITEMS_LIMIT = 64  # argv items kept in the row
+
+_STORE_STOPPED = "the store has stopped"
 
 RECONCILED = "reconciled"
 GONE = "gone"
@@ -556,9 +568,52 @@ class AgentPool(Actor[Any]):
             agent.closed.set()
 
     async def _close_row(self, agent: _Agent, result: RunResult) -> None:
-        """Record the end in the agent's row, unless the store stops first (module rules)."""
+        """Record the end in the agent's row, unless the store stops first (module rules).
+
+        A close the store refuses is retried in the background (module rules),
+        so the slot is freed meanwhile.
+        """
         assert agent.row_id is not None
         row = (utc_now_iso(), result.exit_code, result.reason.value, agent.row_id)
+        failure = await self._write_close(row)
+        if failure is None:
+            return
+        self._record_failures += 1
+        if failure is _STORE_STOPPED:
+            log.warning(
+                "row of agent %d left open, the store has stopped; the next start closes it",
+                agent.row_id,
+            )
+        elif self._nursery is None:  # the pool is going: reconciliation closes it
+            log.error("could not close the row of agent %d: %s", agent.row_id, failure)
+        else:
+            log.error(
+                "could not close the row of agent %d: %s; trying again for up to %g s",
+                agent.row_id,
+                failure,
+                CLOSE_RETRY_FOR,
+            )
+            self._nursery.start_soon(self._close_row_later, row)
+
+    async def _close_row_later(self, row: tuple[str, int | None, str, int]) -> None:
+        """Retry a refused close with backoff, for `CLOSE_RETRY_FOR` s at most."""
+        give_up_at = trio.current_time() + CLOSE_RETRY_FOR
+        delay = CLOSE_RETRY_FIRST
+        while True:
+            await trio.sleep(delay)
+            failure = await self._write_close(row)
+            if failure is None:
+                log.info("row of agent %d closed after the store took writes again", row[3])
+                return
+            if failure is _STORE_STOPPED or trio.current_time() >= give_up_at:
+                log.warning(
+                    "row of agent %d left open (%s); the next start closes it", row[3], failure
+                )
+                return
+            delay = min(2 * delay, CLOSE_RETRY_CAP)
+
+    async def _write_close(self, row: tuple[str, int | None, str, int]) -> str | None:
+        """One try at closing a row: None when done, else why not (`_STORE_STOPPED`)."""
 
         def close(db: sqlite_utils.Database) -> None:
             db.execute(
@@ -573,16 +628,7 @@ class AgentPool(Actor[Any]):
                 await self.store.write(close, timeout=ROW_WRITE_TIMEOUT)
             except LokiError as exc:
                 failure = str(exc)
-        if store_stopped.cancelled_caught:
-            self._record_failures += 1
-            log.warning(
-                "row of agent %d left open, the store has stopped; the next start closes it",
-                agent.row_id,
-            )
-        elif failure is not None:
-            # The row stays open; the next start's reconciliation closes it ("gone").
-            self._record_failures += 1
-            log.error("could not close the row of agent %d: %s", agent.row_id, failure)
+        return _STORE_STOPPED if store_stopped.cancelled_caught else failure
 
     def _account_end(self, agent: _Agent, result: RunResult) -> None:
         self._ended_total += 1
