@@ -238,11 +238,8 @@ class Daemon:
                 await self._serve(handle_signals, task_status)
             finally:
                 self.listeners.close()
-                if "control" not in self.listeners.from_systemd:
-                    try:
-                        self.config.socket.unlink(missing_ok=True)
-                    except OSError as exc:  # a data dir gone read-only: exit cleanly anyway
-                        log.warning("could not remove %s: %s", self.config.socket, exc.strerror)
+                if self._socket_lock is not None:  # bound by us, not passed by systemd
+                    self._socket_lock.remove_socket()  # only if it is still ours
         finally:
             self._release_socket_lock()  # only now: the socket file is gone
             lock.release()
@@ -500,6 +497,8 @@ class Daemon:
             problems["store"] = "not running"
         elif not self.store.writable:
             problems["store"] = f"not writable: {self.store.unwritable_reason}"
+        elif (lost := self.store.file_problem) is not None:
+            problems["store"] = lost
         if not self.audit.running:
             problems["audit_writer"] = "not running"
         if not self.bus.running:

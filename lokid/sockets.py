@@ -91,10 +91,13 @@ def bind_unix(path: Path) -> tuple[socket.socket, SocketPathLock]:
     lock = SocketPathLock(path)
     lock.acquire()
     try:
-        return _bind_unix_locked(path), lock
+        sock = _bind_unix_locked(path)
+        info = os.lstat(path)
     except BaseException:
         lock.release()
         raise
+    lock.bound = (info.st_dev, info.st_ino)
+    return sock, lock
 
 
 def _bind_unix_locked(path: Path) -> socket.socket:
@@ -132,6 +135,7 @@ class SocketPathLock:
         self.socket_path = socket_path
         self.path = socket_path.with_name(socket_path.name + ".lock")
         self._fd: int | None = None
+        self.bound: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we bound
 
     def acquire(self) -> None:
         fd = self._open()
@@ -174,6 +178,32 @@ class SocketPathLock:
                 "refusing to use it as the control socket's lock"
             )
         return fd
+
+    def remove_socket(self) -> None:
+        """Remove the socket file at exit, only if it is still the one we bound.
+
+        Our data dir may have been removed under us (`rm -rf`, locks and all) and
+        a new daemon started on it: the socket at the path is then its own, and
+        removing it by name would cut that daemon off. Compared by (st_dev,
+        st_ino), with `lstat` right before the `unlink`.
+        """
+        try:
+            info = os.lstat(self.socket_path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("could not check %s: %s", self.socket_path, exc.strerror)
+            return
+        if (info.st_dev, info.st_ino) != self.bound:
+            log.warning(
+                "%s is no longer the socket this daemon bound (another daemon's?): left in place",
+                self.socket_path,
+            )
+            return
+        try:
+            self.socket_path.unlink(missing_ok=True)
+        except OSError as exc:  # a data dir gone read-only: exit cleanly anyway
+            log.warning("could not remove %s: %s", self.socket_path, exc.strerror)
 
     def release(self) -> None:
         """Drop the lock; the file stays (see the class docstring)."""

@@ -144,6 +144,36 @@ def test_second_daemon_on_the_same_socket_is_refused_and_the_folder_kept(
     assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
 
 
+def test_a_daemon_whose_data_dir_was_removed_leaves_the_next_daemons_socket(
+    daemon_factory: Factory, tmp_path: Path
+) -> None:
+    """`rm -rf $LOKI_HOME/lokid` under a daemon, a second daemon on the same home, then
+    SIGTERM to the first: it removed the second's `lokid.sock` by name. And the first's
+    /health said healthy while every write it acknowledged was to be lost."""
+    home = tmp_path / "home"
+    first = daemon_factory(home).start()
+    shutil.rmtree(home / "lokid")
+    # Its writes still succeed, into an unlinked file: /health says they are lost at exit.
+    health = httpx.get(f"{first.api_url}/health", timeout=5)
+    assert health.status_code == 503, health.text
+    assert health.json()["details"]["store"] == (
+        f"the database {home / 'lokid' / 'lokid.db'} was removed: "
+        "what is written now is lost at exit"
+    )
+    second = daemon_factory(home).start()
+    inode = second.socket.lstat().st_ino
+    code, err = first.terminate()
+    assert code == 0, err
+    assert "is no longer the socket this daemon bound (another daemon's?): left in place" in err
+    assert second.socket.lstat().st_ino == inode
+    assert second.process is not None
+    with second.control() as client:
+        assert client.get("/api/status").json()["pid"] == second.process.pid
+    code, err = second.terminate()
+    assert code == 0, err
+    assert not second.socket.exists()  # its own socket: removed as before
+
+
 def test_serve_is_refused_while_another_start_holds_the_socket_path(
     daemon_factory: Factory, tmp_path: Path
 ) -> None:

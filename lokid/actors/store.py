@@ -296,6 +296,7 @@ class StoreActor(Actor[Any]):
         self._schema_version: int | None = None
         self._writable = False
         self._unwritable_reason: str | None = None
+        self._file_identity: tuple[int, int] | None = None  # (st_dev, st_ino) when opened
         self._guard = False  # read by the authorizer, on the writer thread
         self._writer = ThreadLane(f"{name}-writer")  # one thread: the one writer
         self._reader = ThreadLane(f"{name}-reader", readers)
@@ -431,6 +432,30 @@ class StoreActor(Actor[Any]):
         return None if self._writable else self._unwritable_reason or "not writable"
 
     @property
+    def file_problem(self) -> str | None:
+        """Why the open database is no longer the file at `path`, for `/health`; else None.
+
+        A data dir removed under a running daemon (`rm -rf`): SQLite keeps writing
+        to the unlinked file and every write succeeds, but all of it is lost when
+        the daemon exits, and a new daemon on that path has its own file. One
+        `stat`: cheap enough for every `/health`. Writes are not refused for it.
+        """
+        if self._db is None or self._file_identity is None:
+            return None
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            return f"the database {self.path} was removed: what is written now is lost at exit"
+        except OSError:
+            return None  # not the question asked here (a full or read-only disk shows elsewhere)
+        if (info.st_dev, info.st_ino) != self._file_identity:
+            return (
+                f"the database {self.path} was replaced by another file: "
+                "what is written now is lost at exit"
+            )
+        return None
+
+    @property
     def schema_version(self) -> int | None:
         return self._schema_version
 
@@ -534,6 +559,8 @@ class StoreActor(Actor[Any]):
             version = _migrations.current_version(db)
             conn.set_authorizer(self._authorize)
             _fsync_dir(path.parent)
+            opened = os.stat(path)
+            self._file_identity = (opened.st_dev, opened.st_ino)
         except BaseException as exc:
             if conn is not None:
                 with contextlib.suppress(sqlite3.Error):
