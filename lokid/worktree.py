@@ -270,7 +270,9 @@ async def create_worktree(project_dir: Path, *, session_id: str, task_id: str) -
     """A new worktree for `task_id` on branch `loki/<session>/<task>` at the project's HEAD.
 
     A leftover at the same path (a worktree or a stray folder) is removed
-    first; an existing branch of that name is reset to HEAD.
+    first; an existing branch of that name is reset to HEAD. When the add
+    fails (a full disk), git has made the branch already: it is deleted with
+    what was written of the folder, and the `GitError` is raised.
     """
     project = await _resolve(project_dir)
     problem = await _top_level_problem(project)
@@ -283,7 +285,12 @@ async def create_worktree(project_dir: Path, *, session_id: str, task_id: str) -
         await _ensure_excluded(project)
         await _remove(project, path, None)
         await trio.to_thread.run_sync(partial(path.parent.mkdir, parents=True, exist_ok=True))
-        await _git(project, "worktree", "add", "--quiet", "-B", branch, str(path), base)
+        try:
+            await _git(project, "worktree", "add", "--quiet", "-B", branch, str(path), base)
+        except GitError:
+            with contextlib.suppress(GitError):  # best effort: the add's error is the news
+                await _remove(project, path, branch)
+            raise
     return Worktree(path=path, branch=branch, base=base)
 
 

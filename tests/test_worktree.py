@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -319,6 +320,26 @@ async def test_create_replaces_a_leftover_at_the_same_path(repo: Path) -> None:
     (new.path.parent / "t2" / "junk").write_text("x")
     tree = await wt.create_worktree(repo, session_id="new", task_id="t2")
     assert sorted(p.name for p in tree.path.iterdir()) == [".git", "a.txt", "b.txt"]
+
+
+async def test_a_failed_add_leaves_no_branch_behind(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """git makes the `-B` branch before it writes the folder: an add that failed (a full
+    disk; here a file in the way) left `loki/<session>/<task>` behind."""
+    real = wt._git
+
+    async def add_into_an_obstacle(cwd: Path, *args: str, **kwargs: Any) -> Any:
+        if args[:2] == ("worktree", "add"):
+            await trio.Path(args[-2]).write_text("in the way\n")
+        return await real(cwd, *args, **kwargs)
+
+    monkeypatch.setattr(wt, "_git", add_into_an_obstacle)
+    with pytest.raises(GitError, match="already exists"):
+        await wt.create_worktree(repo, session_id="s1", task_id="prd-002")
+    assert await branches(repo) == []
+    assert not wt.worktree_path(repo, "prd-002").exists()
+    assert await porcelain(repo) == ""
 
 
 async def test_prune_removes_what_a_session_left(repo: Path) -> None:
