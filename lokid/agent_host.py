@@ -266,7 +266,11 @@ class LocalAgentRun:
         pid = process.pid
         # The child is not reaped before we say so: its /proc entry is there.
         self.identity = ProcessIdentity(pid, start_ticks(pid) or 0)
-        pidfd = os.pidfd_open(pid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:  # out of file descriptors: a child nobody would supervise
+            await _discard(process)
+            raise
         self._last_output = trio.current_time()
         if not self.held:
             self._start_timing()
@@ -406,6 +410,21 @@ class LocalAgentRun:
             if fd >= 0:
                 poller.register(fd, select.POLLIN)
         return any(events & select.POLLIN for _, events in poller.poll(0))
+
+
+async def _discard(process: trio.Process) -> None:
+    """Kill the group of a child that cannot be supervised, close its pipes, reap it.
+
+    Only right after the spawn: nothing of the run was reported yet (a held
+    start never let the agent run), so there is nothing to stop gently.
+    """
+    _signal_group(process.pid, signal.SIGKILL)  # the leader is not reaped yet
+    with trio.CancelScope(shield=True):
+        for pipe in (process.stdin, process.stdout, process.stderr):
+            if pipe is not None:
+                await pipe.aclose()
+        with trio.move_on_after(KILL_WAIT_SECONDS):
+            await process.wait()
 
 
 def _line(stream: Stream, data: bytes) -> OutputLine:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import pathlib
@@ -213,6 +214,28 @@ async def test_a_frozen_daemon_does_not_kill_an_agent_that_kept_printing(
             result = await run.wait()
     assert result.reason is EndReason.EXITED
     assert len(lines) == 40
+
+
+async def test_out_of_descriptors_after_the_spawn_leaves_no_process(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EMFILE at the pidfd taken after the spawn: `start` fails (a spawn error the
+    session retries), and the child it could not supervise was left running."""
+    spawned: list[int] = []
+
+    def out_of_descriptors(pid: int, flags: int = 0) -> int:
+        spawned.append(pid)
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "pidfd_open", out_of_descriptors)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(OSError, match="Too many open files"):
+                spec = AgentSpec((PY, "-c", "import time; time.sleep(300)"), tmp_path)
+                await LocalAgentHost(nursery).start(spec)
+    [pid] = spawned
+    assert live(pid) == []
+    assert not pathlib.Path(f"/proc/{pid}").exists()  # noqa: ASYNC240 - reaped, not a zombie
 
 
 async def test_missing_executable_fails_at_start(tmp_path: pathlib.Path) -> None:
