@@ -311,6 +311,13 @@ def test_systemd_socket_activate_names_reach_the_daemon(tmp_path: Path) -> None:
     daemon.socket = control_path
     argv = [SOCKET_ACTIVATE, "-l", str(control_path), "-l", f"127.0.0.1:{dashboard_port}"]
     argv += ["-l", f"127.0.0.1:{api_port}", "--fdname=control:dashboard:api"]
+    # systemd-socket-activate passes on only TERM, PATH, USER and HOME: without these
+    # the daemon would use ~/.loki, the real home of whoever runs the tests.
+    argv += [
+        f"--setenv={key}={value}"
+        for key, value in daemon.env.items()
+        if key.startswith("LOKI_") or key == "PYTHONPATH"
+    ]
     argv += [sys.executable, "-m", "lokid", "serve", "--port", "0", "--dashboard-port", "0"]
     daemon.process = subprocess.Popen(
         argv,
@@ -328,6 +335,7 @@ def test_systemd_socket_activate_names_reach_the_daemon(tmp_path: Path) -> None:
         }
         dashboard_doc = httpx.get(f"http://127.0.0.1:{dashboard_port}/openapi.json", timeout=5)
         assert dashboard_doc.json()["info"]["title"] == "lokid Dashboard API"
+        assert (tmp_path / "home" / "lokid" / "lokid.db").exists()  # its own home, not ~/.loki
         code, err = daemon.terminate()
         assert code == 0, err
     finally:
