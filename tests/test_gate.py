@@ -445,6 +445,54 @@ async def test_changes_from_a_foreign_origin_are_refused(
     ]
 
 
+async def test_refusals_of_web_pages_are_rate_limited_and_carry_the_headers(
+    audited: tuple[StoreActor, AuditWriter],
+) -> None:
+    """A flood of cross-origin changes is limited like any other (each 403 would be a
+    committed audit entry), and each 403 names the token and carries every header."""
+    store, writer = audited
+    made = await store.write(lambda db: create_token(db, {"name": "w", "scopes": ["write"]}))
+    gate = Gate(
+        auth_enabled=True,
+        store=store,
+        audit=writer,
+        limiter=RateLimiter(parse_rate_limit("2/60")),
+        cors=CorsPolicy.from_origins([ORIGIN]),
+    )
+    bearer = {"Authorization": f"Bearer {made['token']}", "Origin": "http://evil.example"}
+    answers = [await call(make_surface(gate), "POST", "/things", headers=bearer) for _ in range(3)]
+    assert [a.status for a in answers] == [403, 403, 429]
+    assert [a.headers["x-ratelimit-remaining"] for a in answers] == ["1", "0", "0"]
+    assert all(a.headers["vary"] == "Origin" for a in answers)
+    refusals = await entries(store)
+    assert [(e["action"], e["actor"]) for e in refusals] == [("auth.forbidden", made["id"])] * 2
+
+
+async def test_refusals_of_foreign_hosts_are_rate_limited_and_readable_by_listed_origins(
+    audited: tuple[StoreActor, AuditWriter],
+) -> None:
+    store, writer = audited
+    gate = Gate(
+        store=store,
+        audit=writer,
+        loopback_hosts=True,
+        limiter=RateLimiter(parse_rate_limit("2/60")),
+        cors=CorsPolicy.from_origins([ORIGIN]),
+    )
+    surface = make_surface(gate)
+    listed = {"Origin": ORIGIN}
+    answers = [
+        await call(surface, "POST", "/things", headers=listed, host="evil.example")
+        for _ in range(3)
+    ]
+    assert [a.status for a in answers] == [403, 403, 429]
+    assert answers[0].json()["error"]["details"] == {"reason": "host"}
+    assert answers[0].headers["access-control-allow-origin"] == ORIGIN  # the page can read why
+    assert answers[0].headers["x-ratelimit-limit"] == "2"
+    assert len(await entries(store)) == 2
+    assert gate.statistics().rate_limited == 1
+
+
 async def test_a_websocket_from_a_foreign_origin_is_refused() -> None:
     gate = Gate()
     scope: Scope = {

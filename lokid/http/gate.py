@@ -8,7 +8,7 @@ be reached around it. Rules, in order:
    `Access-Control-Request-Method`) is answered here, before auth (browsers
    send preflights without credentials): 204 with the CORS headers for a
    listed origin asking for an allowed method and headers, else 403.
-2. **Who is calling.**
+2. **Who is calling** (cheap: a cached token, no store read for a malformed one).
    * A control-socket peer (`scope["lokid.peer"]`, whose uid the listener
      checked) is the owner: actor `uid:<n>`, every scope. A token it sends
      is ignored.
@@ -16,11 +16,15 @@ be reached around it. Rules, in order:
    * Auth on: `Authorization: Bearer <token>` (a WebSocket may instead pass
      `?token=`). Routes that require `open` (`/health*`) skip this.
 3. **Rate limit** (when configured; never `/health*` or the socket), keyed
-   by token id, else by client address. It is checked before the 401/403
-   decision, so guessing tokens is limited too. Refused: 429.
-4. **Authorisation.** No valid token: 401. A valid token without the
+   by token id, else by client address. It is checked before every 401/403
+   decision, so guessing tokens and floods of refused requests are limited
+   too. Refused: 429.
+4. **Web pages** (TCP only, `_browser_guard`): a change or WebSocket from a
+   foreign origin, or (auth off) a non-loopback `Host`: 403, whose actor is
+   the caller as identified (a valid token's id).
+5. **Authorisation.** No valid token: 401. A valid token without the
    route's scope: 403 with `details.required_scope`.
-5. **Audit.** A 401 or 403 is recorded before it is sent. A mutating
+6. **Audit.** A 401 or 403 is recorded before it is sent. A mutating
    request (any method but GET, HEAD, OPTIONS) that reached its handler is
    recorded with its final status before its response starts
    (`audited_send`). A read that changes something asks the gate again as a
@@ -30,7 +34,7 @@ be reached around it. Rules, in order:
    recorded (a flood must not become an audit-log flood).
 
 Every response carries the rate-limit headers (when on) and the CORS
-headers (when on); errors use the seed's body.
+headers (when on), refusals included; errors use the seed's body.
 
 Token lookups are cached (`TokenCache`: valid tokens only, at most
 `TOKEN_CACHE_SIZE` for `TOKEN_CACHE_SECONDS`); a revoke through the API
@@ -119,7 +123,9 @@ class Admission:
     """The gate's verdict: an `answer` to send instead of the handler, or go ahead.
 
     When going ahead, `headers` go on the handler's response and `audit`
-    says whether its outcome must be recorded (`Gate.audited_send`).
+    says whether its outcome must be recorded (`Gate.audited_send`). With an
+    `answer`, `headers` are its rate-limit and CORS headers alone, for a refused
+    WebSocket handshake (accepted, then closed: its accept carries them).
     """
 
     answer: Answer | None
@@ -254,7 +260,7 @@ class Gate:
     # -- the verdict -------------------------------------------------------------
 
     async def admit(self, scope: dict[str, Any], requires: str) -> Admission:
-        """The verdict for one HTTP request or WebSocket handshake (module rules 1-4)."""
+        """The verdict for one HTTP request or WebSocket handshake (module rules 1-5)."""
         method: str = scope.get("method", "GET")
         mutating = scope["type"] == "http" and method not in READ_METHODS
         peer = scope.get("lokid.peer")
@@ -268,18 +274,8 @@ class Gate:
                 method, headers.get("origin"), headers.get("access-control-request-method")
             ):
                 return self._preflight(headers)  # CORS off: refused like any unlisted origin
-            if requires != OPEN:
-                refusal = self._browser_guard(scope, headers, mutating)
-                if refusal is not None:
-                    self._counts["forbidden"] += 1
-                    ip = _client_ip(scope)
-                    return await self._refuse(scope, Principal(ip or "-", ip), refusal, [])
-        if self.idle:  # no auth, limit or CORS: only the audit of changes remains
-            self._counts["admitted"] += 1
-            if not mutating or self.audit is None or requires == OPEN:
-                return PASS
-            principal, _ = await self._identify(scope, headers, peer)
-            return Admission(None, (), principal, audit=True)
+        if self.idle:  # no auth, limit or CORS: the browser guard and the audit of changes
+            return await self._admit_idle(scope, headers, peer, requires, mutating)
         cors_headers: list[Header] = []
         if peer is None and self.cors.enabled:
             cors_headers = self.cors.response_headers(headers.get("origin"))
@@ -291,7 +287,7 @@ class Gate:
         try:
             principal, failure = await self._identify(scope, headers, peer)
         except LokiError as exc:  # the token table cannot be read: nobody is let in
-            return Admission(_answer(ApiError.from_loki(exc), extra))
+            return Admission(_answer(ApiError.from_loki(exc), extra), tuple(extra))
         if self.limiter is not None and peer is None:
             key = ratelimit.client_key(
                 principal.token.id if principal.token else None, principal.ip
@@ -305,7 +301,12 @@ class Gate:
                     ratelimit.ERROR_MESSAGE,
                     extra=ratelimit.error_details(decision),
                 )
-                return Admission(_answer(error, extra))
+                return Admission(_answer(error, extra), tuple(extra))
+        if peer is None:  # after the limit: a flood of refused pages is limited too
+            refusal = self._browser_guard(scope, headers, mutating)
+            if refusal is not None:
+                self._counts["forbidden"] += 1
+                return await self._refuse(scope, principal, refusal, extra)
         if failure is not None:
             self._counts["unauthorized"] += 1
             return await self._refuse(scope, principal, failure, extra)
@@ -322,6 +323,28 @@ class Gate:
                 return await self._refuse(scope, principal, error, extra)
         self._counts["admitted"] += 1
         return Admission(None, tuple(extra), principal, audit=mutating and self.audit is not None)
+
+    async def _admit_idle(
+        self,
+        scope: dict[str, Any],
+        headers: dict[str, str],
+        peer: Any,
+        requires: str,
+        mutating: bool,
+    ) -> Admission:
+        """`admit` with auth, limit and CORS off: only the browser guard can refuse, and
+        only a change needs its caller named (for its audit entry)."""
+        if peer is None and requires != OPEN:
+            refusal = self._browser_guard(scope, headers, mutating)
+            if refusal is not None:
+                self._counts["forbidden"] += 1
+                principal, _ = await self._identify(scope, headers, peer)
+                return await self._refuse(scope, principal, refusal, [])
+        self._counts["admitted"] += 1
+        if not mutating or self.audit is None or requires == OPEN:
+            return PASS
+        principal, _ = await self._identify(scope, headers, peer)
+        return Admission(None, (), principal, audit=True)
 
     def _browser_guard(
         self, scope: dict[str, Any], headers: dict[str, str], mutating: bool
@@ -455,6 +478,7 @@ class Gate:
     ) -> Admission:
         """A 401/403, recorded in the audit log before it is answered."""
         details = {k: v for k, v in error.details.items() if k in ("reason", "required_scope")}
+        headers = tuple(extra)  # what a refused WebSocket handshake's accept carries
         if error.status == 401:  # RFC 9110: a 401 names the scheme to use
             challenge = 'Bearer realm="lokid"'
             if details.get("reason") not in (None, "missing"):
@@ -463,8 +487,8 @@ class Gate:
         try:
             await self._record(scope, principal, error.status, None, details, auth_failure=True)
         except LokiError as exc:
-            return Admission(_answer(_audit_down(exc, None), extra))
-        return Admission(_answer(error, extra))
+            return Admission(_answer(_audit_down(exc, None), extra), headers)
+        return Admission(_answer(error, extra), headers)
 
     # -- audit -------------------------------------------------------------------
 
