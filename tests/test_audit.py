@@ -828,8 +828,8 @@ async def test_an_anchor_changed_while_running_is_detected_not_repaired(
         report = await writer.verify()
         summary = await writer.summary()
     assert not stats.head_ok and stats.head_problem is not None
-    assert entry.id == 5  # recorded after the mismatch entry (id 4)
-    assert not report.valid and report.problem is Problem.BROKEN_LINK
+    assert entry.id == 6  # after the mismatch entry (id 5): the deleted id 4 is not reused
+    assert not report.valid and (report.problem, report.first_bad_id) == (Problem.GAP, 4)
     assert summary["chain_valid"] is False and summary["by_action"][MISMATCH_ACTION] == 1
 
 
@@ -917,6 +917,48 @@ async def test_a_writer_restarted_on_a_tampered_log_keeps_the_break_visible(
             "SELECT action, details FROM audit_log WHERE id = 11"
         ).fetchone()
     assert action == MISMATCH_ACTION and json.loads(details)["problem"] == stats.head_problem
+
+
+@pytest.mark.parametrize(
+    "statements",
+    [
+        (
+            "DELETE FROM audit_log WHERE id > 5",
+            "UPDATE audit_anchor SET last_id = 5, entries = 5,"
+            " last_hash = (SELECT hash FROM audit_log WHERE id = 5)",
+        ),
+        ("DELETE FROM audit_log", "DELETE FROM audit_anchor"),
+    ],
+)
+async def test_a_log_rewound_while_the_writer_runs_stays_broken(
+    tmp_path: pathlib.Path, statements: tuple[str, ...]
+) -> None:
+    """Entries the writer committed, deleted behind its back with the anchor moved
+    back to match: found as at start-up, never papered over by reusing their ids."""
+    path = db_path(tmp_path)
+    async with running(path) as (store, writer):
+        await append_n(writer, 8)
+
+        def rewind(db: sqlite_utils.Database) -> None:
+            for statement in statements:
+                db.execute(statement)
+
+        await store.write(rewind)
+        entry = await writer.append(actor="a", action="session.create")
+        stats = writer.statistics()
+        summary = await writer.summary()
+        report = await writer.verify()
+    assert entry.id == 10  # 9 is the writer's audit.head_mismatch entry; no id reused
+    assert not stats.head_ok and "rewound" in (stats.head_problem or "")
+    assert summary["chain_valid"] is False
+    assert not report.valid and not verify_file(path).valid
+    with raw(path) as conn:
+        action, details = conn.execute(
+            "SELECT action, details FROM audit_log WHERE id = 9"
+        ).fetchone()
+    assert action == MISMATCH_ACTION and json.loads(details)["problem"] == stats.head_problem
+    async with running(path) as (_, writer):  # a restart does not make it valid either
+        assert not (await writer.verify()).valid
 
 
 # -- list and summary ------------------------------------------------------------------------

@@ -19,7 +19,12 @@ Theory of operation:
   a disagreement is logged at ERROR, shown in `statistics()` (`head_ok`,
   `head_problem`) and in the summary's `chain_valid`, and recorded as an
   `audit.head_mismatch` entry - never a crash. The chain then continues
-  from the anchor so the break stays visible to `verify`.
+  from the anchor so the break stays visible to `verify`. A reload while
+  running is checked against the writer's own head too: a log rewound
+  behind its back (entries it committed deleted or replaced, the anchor
+  moved back to match) is the same kind of problem, and the chain goes on
+  after the writer's own last entry, so no id is used twice and the next
+  entry's `prev_hash` shows the break.
 * **The head is checked in every write.** The write function reads the
   anchor inside the transaction and refuses to append if it is not what the
   writer last wrote or loaded (someone changed the table behind its back,
@@ -452,6 +457,9 @@ class AuditWriter(Actor[Any]):
 
         anchor, newest = await self.store.read(load)
         head = resume_head(anchor, newest)
+        known = self._head if self._head_loads else None  # what this writer wrote or read last
+        if known is not None and _rewound(known, head):
+            head = _continue_after(known, head)
         self._head_loads += 1
         self._head = attrs.evolve(head, problem=None)
         self._anchor = anchor
@@ -554,6 +562,28 @@ def insert_rows(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> No
         while total - start >= size:
             conn.execute(sql, [value for row in rows[start : start + size] for value in row])
             start += size
+
+
+def _rewound(known: Head, found: Head) -> bool:
+    """Whether the log's head `found` lies behind (or beside) the head this writer
+    itself wrote or read, `known`: entries it committed were deleted or replaced.
+    A head ahead of `known` is a batch that timed out and committed later."""
+    return found.last_id < known.last_id or (
+        found.last_id == known.last_id and found.last_hash != known.last_hash
+    )
+
+
+def _continue_after(known: Head, found: Head) -> Head:
+    """The head to continue from after a rewind: the writer's own, so no id is used
+    twice and the next entry's link shows the break to every later `verify`."""
+    seen = f"entry {found.last_id}" if found.last_id else "empty"
+    problem = (
+        f"rewound behind the writer's back: it had written up to entry {known.last_id}, "
+        f"the log's head is now {seen}"
+        + (f" ({found.problem})" if found.problem else "")
+        + f"; continuing at {known.last_id + 1}"
+    )
+    return attrs.evolve(known, problem=problem)
 
 
 def _mismatch_item(problem: str) -> tuple[Mapping[str, Any], str]:
