@@ -874,6 +874,39 @@ async def test_tampering_is_reported_with_the_first_bad_entry(
         assert (report.problem, report.first_bad_id) == (problem, first_bad), report.message
 
 
+@pytest.mark.parametrize(
+    "stored",
+    [
+        '{"action":"session.create","reason":"revoked","reason":"missing"}',  # duplicate key
+        '{"reason":"missing","action":"session.create"}',  # keys reordered
+        '{"action":"session\\u002ecreate","reason":"missing"}',  # an escape
+        '{"action": "session.create", "reason": "missing"}',  # spaces
+    ],
+)
+async def test_details_text_that_parses_to_the_same_value_is_an_edit(
+    tmp_path: pathlib.Path, stored: str
+) -> None:
+    """The hash covers the parsed details, so the stored text must be their canonical
+    JSON: any other text that parses alike is an edit (a duplicate key even reads
+    differently in SQLite's `json_extract`)."""
+    path = db_path(tmp_path)
+    async with running(path) as (_, writer):
+        await append_n(writer, 2)
+        details = {"action": "session.create", "reason": "missing"}
+        await writer.append(actor="a", action="auth.unauthorized", details=details)
+        await append_n(writer, 2)
+    with raw(path) as conn:
+        assert conn.execute("SELECT details FROM audit_log WHERE id = 3").fetchone()[0] == (
+            '{"action":"session.create","reason":"missing"}'
+        )
+        conn.execute("UPDATE audit_log SET details = ? WHERE id = 3", [stored])
+    report = verify_file(path)
+    assert (report.valid, report.problem, report.first_bad_id) == (False, Problem.EDITED, 3)
+    with raw(path) as conn:
+        [listed] = list_audit(sqlite_utils.Database(conn), limit=1, offset=2)["entries"]
+    assert listed["details"] == stored  # shown as stored, not as one reading of it
+
+
 async def test_an_edited_and_rehashed_entry_breaks_the_next_link(tmp_path: pathlib.Path) -> None:
     path = await make_log(tmp_path)
     with raw(path) as conn:

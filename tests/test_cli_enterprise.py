@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from lokid.actors.audit_writer import entry_from_row
-from lokid.audit import entry_hash
+from lokid.audit import details_json, entry_hash
 from lokid.cli import TOKEN_SCOPES
 from lokid.tokens import SCOPES, looks_like_token
 
@@ -314,7 +314,7 @@ def test_an_entry_appended_past_the_anchor_is_not_the_last_good_one(
             "INSERT INTO audit_log (id, timestamp, actor, action, resource, method, path,"
             " status, ip, details, prev_hash, hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (f.id, f.timestamp, f.actor, f.action, f.resource, f.method, f.path, f.status,
-             f.ip, json.dumps(f.details), f.prev_hash, f.hash),
+             f.ip, details_json(f.details), f.prev_hash, f.hash),
         )  # fmt: skip
     db.close()
 

@@ -629,11 +629,17 @@ def entry_from_row(row: Sequence[Any]) -> AuditEntry:
     """An entry from an `audit_log` row (columns in table order).
 
     Never raises on edited rows: `details` that are not JSON stay the stored
-    text, which no longer hashes to the entry's hash.
+    text, which no longer hashes to the entry's hash. So do `details` that are
+    JSON but not the canonical text the writer stores (`details_json`): the
+    hash covers the parsed value, so an edit that parses to the same value (a
+    duplicate key, which SQLite's `json_extract` reads otherwise; reordered
+    keys, an escape, spaces) would pass `verify` unseen.
     """
     text = row[9]
     try:
         details = json.loads(text)
+        if details_json(details) != text:
+            details = text
     except (TypeError, ValueError):
         details = text
     return AuditEntry(
