@@ -18,6 +18,10 @@ Rules:
   retry must repeat (the client may fix the PRD and retry with the same key).
 * A key is 1-255 printable ASCII characters; anything else is a 400 naming
   the header.
+* A replay is told apart: a remembered object answer comes back as a
+  `Replayed` dict, whose route answers it with `Idempotent-Replayed: true`
+  (`replay_headers`); the gate records that answer's audit entry with
+  `details.replay = true`, so a retry is not read as a second creation.
 
 The functions take a `sqlite_utils.Database` and run inside
 `StoreActor.write` (one transaction with the create itself).
@@ -44,22 +48,36 @@ T = TypeVar("T")
 __all__ = [
     "HEADER",
     "MAX_KEY_CHARS",
+    "REPLAYED_HEADER",
     "RETENTION_SECONDS",
     "CreateOutcome",
     "Once",
     "Remembered",
+    "Replayed",
     "body_digest",
     "create_once",
     "lookup",
     "lookup_only",
     "remember",
+    "replay_headers",
     "validate_key",
 ]
 
 HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"  # "true" on an answer given again for a key
 MAX_KEY_CHARS = 255
 RETENTION_SECONDS = 24 * 3600
 PRUNE_BATCH = 100
+
+
+class Replayed(dict[str, Any]):
+    """A remembered answer given again: a plain JSON object that says it is a replay
+    (its route adds `replay_headers`, and the gate's audit entry says `replay`)."""
+
+
+def replay_headers(answer: Any) -> dict[str, str]:
+    """The headers that mark `answer` as a replay (none for a first answer)."""
+    return {REPLAYED_HEADER: "true"} if isinstance(answer, Replayed) else {}
 
 
 @attrs.frozen
@@ -145,7 +163,8 @@ def lookup_only(
             "use a new key for a new request",
             details={"idempotencyKey": key},
         )
-    return Remembered(int(row["status"]), json.loads(row["response"]))
+    body = json.loads(row["response"])
+    return Remembered(int(row["status"]), Replayed(body) if isinstance(body, dict) else body)
 
 
 def remember(

@@ -192,3 +192,38 @@ def test_revoking_a_token_ends_the_event_streams_opened_with_it(
             assert [line for line in lines if line] == [": closed: Token revoked"]
     again = httpx.get(f"{daemon.api_url}/api/events/stats", headers=token, timeout=5)
     assert again.json()["error"]["message"] == "Token revoked"
+
+
+def test_an_idempotent_replay_is_audited_as_a_replay(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """A retry with the same `Idempotency-Key` creates nothing: its entry says `replay`,
+    and its answer `Idempotent-Replayed: true` (lean routes inline, and Quart routes)."""
+    (tmp_path / "reg").mkdir()
+    dashboard = daemon.dashboard_url
+    with httpx.Client(timeout=5) as client:
+        project = client.post(f"{dashboard}/api/projects", json={"name": "p"}).json()
+        creates = [
+            (f"{dashboard}/api/projects", {"name": "q"}),
+            (f"{dashboard}/api/tasks", {"project_id": project["id"], "title": "t"}),
+            (f"{dashboard}/api/registry/projects", {"path": str(tmp_path / "reg")}),
+            (f"{dashboard}/api/enterprise/tokens", {"name": "ci", "scopes": ["read"]}),
+        ]
+        for n, (url, body) in enumerate(creates):
+            key = {"Idempotency-Key": f"once-{n}"}
+            first = client.post(url, json=body, headers=key)
+            again = client.post(url, json=body, headers=key)
+            assert (first.status_code, again.status_code) == (201, 201), url
+            assert "idempotent-replayed" not in first.headers
+            assert again.headers["idempotent-replayed"] == "true"
+    with daemon.control() as owner:
+        entries = owner.get("/dashboard/api/enterprise/audit").json()["entries"]
+    seen = [(e["action"], e["details"].get("replay", False)) for e in reversed(entries)][1:]
+    assert seen == [
+        ("project.create", False),
+        ("project.create", True),
+        ("task.create", False),
+        ("task.create", True),
+        ("registry.add", False),
+        ("registry.add", True),
+        ("token.create", False),
+        ("token.create", True),
+    ]

@@ -321,12 +321,14 @@ async def test_idempotency_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         key = {"Idempotency-Key": "create-once-1"}
         first = await the_lab.client.post("/api/sessions", json=body, headers=key)
         assert first.status_code == 201, first.text
+        assert "idempotent-replayed" not in first.headers
         # Same key, same body (other key order): the first answer, no second session
         # (without the key this would be a 409: the project has an active session).
         reordered = {"provider": "claude", "prd": body["prd"]}
         again = await the_lab.client.post("/api/sessions", json=reordered, headers=key)
         assert again.status_code == 201, again.text
         assert again.json() == first.json()
+        assert again.headers["idempotent-replayed"] == "true"  # audited as a replay
         assert (await listing(the_lab))["total"] == 1
         # A retry is answered even when the request would no longer validate.
         (project / "prd.md").rename(project / "prd.moved")
@@ -377,6 +379,8 @@ async def test_idempotency_key_on_input(tmp_path: Path, monkeypatch: pytest.Monk
         first = answers[0]
         assert first.status_code == 202, first.text
         assert [(r.status_code, r.json()) for r in answers] == [(202, first.json())] * 5
+        replayed = [r.headers.get("idempotent-replayed") for r in answers]
+        assert sorted(replayed, key=str) == [None] + ["true"] * 4  # one queued, four replays
         received = await the_lab.events(sid, "input.received")
         assert [e["data"]["inputId"] for e in received] == [first.json()["id"]]
 

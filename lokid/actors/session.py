@@ -547,7 +547,7 @@ class SessionActor(Actor[Any]):
             if once is not None:
                 first = idempotency.lookup(db, once.route, once.key, once.digest)
                 if first is not None:
-                    return dict(first.body), False
+                    return first.body, False  # a `Replayed`: the route says so
             answer = add_input(db, self.id, text)
             if once is not None:
                 idempotency.remember(db, once.route, once.key, once.digest, 202, answer)

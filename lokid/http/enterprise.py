@@ -199,12 +199,13 @@ def install_enterprise(
         tags=tags,
         requires="admin",
     )
-    async def token_create() -> tuple[dict[str, Any], int]:
+    async def token_create() -> tuple[dict[str, Any], int, dict[str, str]]:
         key = idempotency.validate_key(request.headers.get(idempotency.HEADER))
         body = await json_body()
         if key is None:
-            return await store.write(lambda db: create_token(db, body)), 201
-        return await create_token_once(store, body, key)
+            return await store.write(lambda db: create_token(db, body)), 201, {}
+        answer, status = await create_token_once(store, body, key)
+        return answer, status, idempotency.replay_headers(answer)
 
     @surface.route(
         "GET",

@@ -66,7 +66,7 @@ from urllib.parse import parse_qs, urlsplit
 import attrs
 import trio
 
-from lokid import ratelimit
+from lokid import idempotency, ratelimit
 from lokid.actors.audit_writer import AuditWriter
 from lokid.actors.store import StoreActor
 from lokid.audit import classify
@@ -520,8 +520,9 @@ class Gate:
             start = next((m for m in held if m["type"] == "http.response.start"), None)
             status = int(start["status"]) if start is not None else 500
             body = b"".join(m.get("body", b"") for m in held if m["type"] == "http.response.body")
+            details = _answer_details(start.get("headers", ()) if start is not None else ())
             try:
-                await self._record(scope, principal, status, body, {})
+                await self._record(scope, principal, status, body, details)
             except LokiError as exc:
                 error = _audit_down(exc, status, body)
                 code, headers, payload = _answer(error, list(admission.headers))
@@ -547,7 +548,7 @@ class Gate:
         a 503 in its place when the audit log cannot record it."""
         assert admission.principal is not None
         try:
-            await self._record(scope, admission.principal, status, body, {})
+            await self._record(scope, admission.principal, status, body, _answer_details(headers))
         except LokiError as exc:
             return _answer(_audit_down(exc, status, body), [])
         return status, headers, body
@@ -806,6 +807,16 @@ def local_path(scope: dict[str, Any]) -> str:
     if root and (path == root or path.startswith(root + "/")):
         return path[len(root) :] or "/"
     return path
+
+
+_REPLAYED = idempotency.REPLAYED_HEADER.lower().encode()
+
+
+def _answer_details(headers: Iterable[Header]) -> dict[str, Any]:
+    """What an answer's headers add to its audit entry: `replay` for an answer given
+    again for an `Idempotency-Key` (no second creation happened)."""
+    replayed = any(name.lower() == _REPLAYED and value == b"true" for name, value in headers)
+    return {"replay": True} if replayed else {}
 
 
 def _created_id(body: bytes) -> str | None:

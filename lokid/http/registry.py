@@ -283,12 +283,13 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
         tags=tags,
         requires="write",
     )
-    async def project_register() -> tuple[dict[str, Any], int]:
+    async def project_register() -> tuple[dict[str, Any], int, dict[str, str]]:
         key = idempotency.validate_key(request.headers.get(idempotency.HEADER))
         body = await json_body()
         path, name = parse_register_body(body)
         once = idempotency.Once.of(REGISTER_ROUTE, key, body)
-        return await scanner.register(path, name, idempotent=once), 201
+        answer = await scanner.register(path, name, idempotent=once)
+        return answer, 201, idempotency.replay_headers(answer)
 
     @surface.route(
         "GET",

@@ -29,6 +29,7 @@ from quart import Quart, Response, has_request_context, has_websocket_context, r
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from lokid import idempotency
 from lokid.actors.store import SYNC_FOLLOWS
 from lokid.errors import InvalidQuery, LokiError
 from lokid.http.convert import dumps
@@ -136,7 +137,12 @@ H = TypeVar("H")
 
 
 def json_response(status: int, payload: Any) -> LeanResponse:
-    return LeanResponse(status, dumps(payload))
+    """A JSON answer; a remembered one given again (`idempotency.Replayed`) says so."""
+    headers = tuple(
+        (name.lower().encode(), value.encode())
+        for name, value in idempotency.replay_headers(payload).items()
+    )
+    return LeanResponse(status, dumps(payload), headers)
 
 
 ERROR_SCHEMA: dict[str, Any] = {
