@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -227,3 +228,38 @@ def test_an_idempotent_replay_is_audited_as_a_replay(daemon: DaemonProcess, tmp_
         ("token.create", False),
         ("token.create", True),
     ]
+
+
+def handshake(url: str, target: str) -> tuple[int, dict[str, str]]:
+    """A WebSocket handshake over a raw socket: the answer's status and headers."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    request = (
+        f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=5) as conn:
+        conn.sendall(request.encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+    lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers
+
+
+def test_websocket_handshakes_carry_the_rate_limit_headers(
+    daemon_factory: Callable[..., DaemonProcess],
+) -> None:
+    daemon = daemon_factory(extra_env={"LOKI_RATE_LIMIT": "4/3600"}).start()
+    answers = [
+        handshake(daemon.dashboard_url, target)
+        for target in ("/ws", "/ws?foo=1", "/wsx", "/ws", "/ws")
+    ]
+    assert [status for status, _ in answers] == [101, 400, 404, 101, 101]
+    remaining = [headers.get("x-ratelimit-remaining") for _, headers in answers]
+    assert remaining == ["3", "2", "1", "0", "0"]  # the last: refused (429), closed with 1008
+    assert all(headers["x-ratelimit-limit"] == "4" for _, headers in answers)

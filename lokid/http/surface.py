@@ -565,11 +565,13 @@ class Surface:
                 # Accepted, then closed with 1008 and the reason: a handshake refused
                 # before accept reaches a browser as a bare 1006, which a page cannot
                 # tell from a network failure.
-                await send({"type": "websocket.accept"})
+                await send({"type": "websocket.accept", "headers": list(admission.headers)})
                 reason = _close_reason(admission.answer)
                 await send({"type": "websocket.close", "code": 1008, "reason": reason})
                 return
             scope[PRINCIPAL] = admission.principal
+            if admission.headers:  # the rate-limit (and CORS) headers, on every answer
+                send = _with_headers(send, admission.headers)
             if local_path(scope) not in self._websocket_paths:
                 await _refuse_handshake(scope, send, self._not_a_websocket(scope))
                 return
@@ -1022,12 +1024,16 @@ def header(scope: Scope, name: str) -> str | None:
     return None
 
 
+_STARTS = frozenset({"http.response.start", "websocket.accept", "websocket.http.response.start"})
+
+
 def _with_headers(send: Send, extra: Iterable[tuple[bytes, bytes]]) -> Send:
-    """`send` adding `extra` headers to the response start (the gate's rate-limit and CORS)."""
+    """`send` adding `extra` headers to the response start (the gate's rate-limit and CORS):
+    an HTTP answer's, a WebSocket's accept (101), or a refused handshake's."""
     added = list(extra)
 
     async def sending(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
+        if message["type"] in _STARTS:
             message = {**message, "headers": [*message.get("headers", []), *added]}
         await send(message)
 
