@@ -263,3 +263,30 @@ def test_websocket_handshakes_carry_the_rate_limit_headers(
     remaining = [headers.get("x-ratelimit-remaining") for _, headers in answers]
     assert remaining == ["3", "2", "1", "0", "0"]  # the last: refused (429), closed with 1008
     assert all(headers["x-ratelimit-limit"] == "4" for _, headers in answers)
+
+
+def test_a_flood_of_refused_web_page_requests_is_rate_limited(
+    daemon_factory: Callable[..., DaemonProcess],
+) -> None:
+    """Cross-origin and foreign-Host 403s use up the budget (each is an audit entry):
+    on the inline path (a lean route) and through Quart (a Quart view) alike."""
+    daemon = daemon_factory(extra_env={"LOKI_RATE_LIMIT": "4/3600"}).start()
+    page = {"Origin": "http://evil.example"}
+    with httpx.Client(timeout=5) as client:
+        inline = [
+            client.post(f"{daemon.api_url}/api/sessions/x/stop", headers=page) for _ in range(2)
+        ]
+        tokens = f"{daemon.dashboard_url}/api/enterprise/tokens"
+        quart = [client.post(tokens, json={}, headers={"Host": "evil.example"}) for _ in range(3)]
+    answers = [*inline, *quart]  # one budget: the client's address
+    assert [a.status_code for a in answers] == [403, 403, 403, 403, 429]
+    assert [a.headers["x-ratelimit-remaining"] for a in answers] == ["3", "2", "1", "0", "0"]
+    assert [a.json()["error"]["details"].get("reason") for a in answers[:4]] == [
+        "cross_origin",
+        "cross_origin",
+        "host",
+        "host",
+    ]
+    with daemon.control() as owner:
+        refusals = owner.get("/dashboard/api/enterprise/audit?action=auth.*").json()["total"]
+    assert refusals == 4
