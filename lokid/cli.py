@@ -35,6 +35,7 @@ from lokid.config import Config, expand_user, load_config, shown_text
 from lokid.errors import ConfigError, LokiError, StartupError
 from lokid.pidfile import running_daemon
 from lokid.session_state import Status
+from lokid.textrules import unshown
 from lokid.timefmt import utc_now_iso
 
 START_TIMEOUT = 30.0
@@ -1478,20 +1479,19 @@ def _print_tasks(tasks: list[dict[str, Any]], *, with_session: bool) -> None:
     _print_table(headers, rows, empty="no tasks")
 
 
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\udc80-\udcff]")
-"""Control characters, line separators and bidirectional controls: a terminal would act
-on them (an escape sequence in a folder name or an agent's output could rewrite what
-the screen shows), so tables and event lines show them escaped. The lone surrogates
-Python makes of a path's undecodable bytes cannot be printed at all: shown as `\\xff`."""
-
-
 def _shown(text: str) -> str:
-    """`text` with what `_UNPRINTABLE` matches written as a Python escape (`\\x1b`)."""
-    return _UNPRINTABLE.sub(_escaped, text)
+    """`text` with every character `lokid.textrules.unshown` names written as a Python
+    escape (`\\x1b`, `\\u200e`): control and format characters (bidirectional controls,
+    zero-width ones), line separators. A terminal would act on them or hide them (an
+    escape sequence in a folder name or an agent's output could rewrite what the screen
+    shows), so tables and event lines show them escaped. The lone surrogates Python
+    makes of a path's undecodable bytes cannot be printed at all: shown as `\\xff`."""
+    if text.isprintable():  # the common case, checked in C
+        return text
+    return "".join(_escaped(char) if unshown(char) else char for char in text)
 
 
-def _escaped(found: re.Match[str]) -> str:
-    character = found.group()
+def _escaped(character: str) -> str:
     if "\udc80" <= character <= "\udcff":  # an undecodable byte of a path (surrogateescape)
         return f"\\x{ord(character) - 0xDC00:02x}"
     return character.encode("unicode_escape").decode()

@@ -53,7 +53,6 @@ import os
 import stat
 import threading
 import time
-import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -61,6 +60,7 @@ from typing import Any, Generic, TypeVar
 
 import attrs
 
+from lokid import textrules
 from lokid.jsontypes import (
     json_type_name,
     loads_bounded,
@@ -80,7 +80,6 @@ from lokid.lokidir import (
 )
 from lokid.process import is_zombie, start_ticks
 from lokid.timefmt import iso
-from lokid.tokens import _BIDI_CONTROLS, _FORBIDDEN_CATEGORIES
 
 T = TypeVar("T")
 
@@ -213,15 +212,12 @@ def yield_cpu() -> None:
 def forbidden_character(text: str) -> str | None:
     """The first character of `text` an entry's name may not hold, else None.
 
-    The rule of token names (`lokid.tokens.validate_name`, reused: one rule for the
-    names lokid shows): control characters, line and paragraph separators and
-    bidirectional controls, which would let a name rewrite a terminal (`loki registry
-    ls`), split a log line or reorder what is shown around it.
+    The rule of token names (`lokid.textrules`: one rule for the names lokid shows):
+    control and format characters (bidirectional controls, zero-width characters),
+    line and paragraph separators, which would let a name rewrite a terminal (`loki
+    registry ls`), split a log line or reorder what is shown around it.
     """
-    for char in text:
-        if char in _BIDI_CONTROLS or unicodedata.category(char) in _FORBIDDEN_CATEGORIES:
-            return char
-    return None
+    return textrules.forbidden_character(text)
 
 
 def folder_label(name: str) -> str:

@@ -95,7 +95,6 @@ import hmac
 import json
 import re
 import secrets
-import unicodedata
 import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -105,6 +104,7 @@ import sqlite_utils
 
 from lokid.errors import NotFound, ValidationFailed
 from lokid.jsontypes import json_type_name
+from lokid.textrules import forbidden_character
 from lokid.timefmt import iso, utc_now
 
 __all__ = [
@@ -249,8 +249,6 @@ def grants(scopes: Iterable[str], required: str) -> bool:
 MAX_NAME_CHARS = 100
 MAX_EXPIRES_DAYS = 3650
 _BODY_KEYS = ("name", "scopes", "expires_days")
-_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
 
 
 @attrs.frozen
@@ -271,12 +269,13 @@ def validate_name(value: Any) -> str:
     name = value.strip()
     if not name:
         raise ValidationFailed("name must not be empty", field="name")
-    for char in name:
-        if char in _BIDI_CONTROLS or unicodedata.category(char) in _FORBIDDEN_CATEGORIES:
-            raise ValidationFailed(
-                f"name must not contain control characters (found U+{ord(char):04X})",
-                field="name",
-            )
+    char = forbidden_character(name)
+    if char is not None:
+        raise ValidationFailed(
+            "name must not contain control, format or bidirectional characters "
+            f"(found U+{ord(char):04X})",
+            field="name",
+        )
     if len(name) > MAX_NAME_CHARS:
         raise ValidationFailed(
             f"name is longer than {MAX_NAME_CHARS} characters ({len(name)})",

@@ -333,12 +333,21 @@ REFUSALS: list[tuple[Any, str, str]] = [
     (
         {"name": "a\x00b", "scopes": ["read"]},
         "name",
-        r"^name must not contain control characters \(found U\+0000\)$",
+        r"^name must not contain control, format or bidirectional characters "
+        r"\(found U\+0000\)$",
     ),
     ({"name": "a\nb", "scopes": ["read"]}, "name", r"found U\+000A"),
     ({"name": "a\x85b", "scopes": ["read"]}, "name", r"found U\+0085"),
     ({"name": "a\u2028b", "scopes": ["read"]}, "name", r"found U\+2028"),
     ({"name": "evil\u202egnp.exe", "scopes": ["read"]}, "name", r"found U\+202E"),
+    # every bidirectional control and invisible format character (categories, not a list)
+    ({"name": "a\u200eb", "scopes": ["read"]}, "name", r"found U\+200E"),
+    ({"name": "a\u200fb", "scopes": ["read"]}, "name", r"found U\+200F"),
+    ({"name": "a\u061cb", "scopes": ["read"]}, "name", r"found U\+061C"),
+    ({"name": "a\u200bb", "scopes": ["read"]}, "name", r"found U\+200B"),
+    ({"name": "a\ufeffb", "scopes": ["read"]}, "name", r"found U\+FEFF"),
+    ({"name": "a\u2066b", "scopes": ["read"]}, "name", r"found U\+2066"),
+    ({"name": "a\U000e0041b", "scopes": ["read"]}, "name", r"found U\+E0041"),
     (
         {"name": "a"},
         "scopes",
@@ -770,9 +779,7 @@ def test_random_strings_never_authenticate(raw: str) -> None:
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     name=st.text(
-        alphabet=st.characters(
-            blacklist_categories=("Cc", "Cs", "Zl", "Zp"), blacklist_characters="\u202e"
-        ),
+        alphabet=st.characters(blacklist_categories=("Cc", "Cf", "Cs", "Zl", "Zp")),
         min_size=1,
         max_size=100,
     ).filter(lambda s: s.strip() != ""),

@@ -16,13 +16,12 @@ import sqlite_utils
 from quart import request
 
 from lokid import audit as audit_log
-from lokid import idempotency
+from lokid import idempotency, textrules
 from lokid.actors.audit_writer import AuditWriter
 from lokid.actors.store import StoreActor
 from lokid.audit import AuditQuery
 from lokid.http.gate import Gate
 from lokid.http.surface import (
-    CONTROL,
     IDEMPOTENCY_KEY,
     SPACE,
     Link,
@@ -50,9 +49,11 @@ from lokid.tokens import (
 )
 
 FEATURES = ("tokens", "audit", "registry")
-NAME_FORBIDDEN = f"{CONTROL}\\u2028\\u2029\\u202a-\\u202e\\u2066-\\u2069"
-"""What a shown name may not hold, as a regex class body: Cc, line and paragraph
-separators, bidirectional controls (`lokid.tokens.validate_name`; registry names too)."""
+NAME_FORBIDDEN = textrules.regex_class()
+"""What a shown name may not hold, as a regex class body (`lokid.textrules`: Cc, Cf -
+the bidirectional controls among them -, surrogates, line and paragraph separators;
+`lokid.tokens.validate_name`, registry names too). The Basic Multilingual Plane only:
+the few format characters beyond it are refused by the server, not the pattern."""
 
 TOKEN_BODY: dict[str, Any] = {
     "type": "object",
