@@ -1116,7 +1116,7 @@ def cmd_token_ls(args: argparse.Namespace, config: Config) -> int:
     rows = [
         (
             token["id"],
-            _clip(token["name"], NAME_WIDTH),
+            _clip_escaped(token["name"], NAME_WIDTH),
             ",".join(token["scopes"]) or "-",
             token["created_at"],
             token["expires_at"] or "never",
@@ -1169,7 +1169,7 @@ def cmd_audit_ls(args: argparse.Namespace, config: Config) -> int:
             entry["timestamp"],
             entry["actor"],
             entry["action"],
-            _clip(entry["resource"] or "-", RESOURCE_WIDTH),
+            _clip_escaped(entry["resource"] or "-", RESOURCE_WIDTH),
             "-" if entry["status"] is None else str(entry["status"]),
         )
         for entry in answer["entries"]
@@ -1537,7 +1537,18 @@ def _option(value: Any) -> str:
 
 
 def _clip(text: str, width: int) -> str:
-    text = " ".join(text.split())
+    """`text` on one line (white space runs folded to one space), cut to `width`."""
+    return _cut(" ".join(text.split()), width)
+
+
+def _clip_escaped(text: str, width: int) -> str:
+    """`text` with control characters escaped, not folded (`\\n`, `\\t`), cut to
+    `width`: for listings that are evidence (the audit log, token names), where
+    `a\\nb` must not look like `a b`."""
+    return _cut(_shown(text), width)
+
+
+def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "\u2026"
 
 

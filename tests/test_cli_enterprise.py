@@ -221,6 +221,17 @@ def test_audit_ls_summary_and_verify_on_a_clean_log(daemon: DaemonProcess, loki:
     assert code == 0
 
 
+def test_audit_ls_shows_control_characters_escaped_not_folded(
+    daemon: DaemonProcess, loki: Cli
+) -> None:
+    """A resource is evidence: `\\n\\nevil` must not be listed as `evil`."""
+    with daemon.control() as owner:
+        for resource in ("%0A%0Aevil", "a%0Ab%09c%0D"):
+            assert owner.post(f"/api/sessions/{resource}/stop").status_code == 404
+    rows = table(loki.ok(daemon.home, "audit", "--limit", "2").out)
+    assert [row[4] for row in rows[1:]] == ["a\\nb\\tc\\r", "\\n\\nevil"]
+
+
 def stopped_log(daemon_factory: Factory, loki: Cli, tokens: int = 3) -> Path:
     """A home whose daemon wrote `tokens` token.create entries and stopped."""
     daemon = daemon_factory().start()
