@@ -158,6 +158,8 @@ def test_a_web_page_cannot_register_projects_through_discover(
         ("registry.discover", 200, "127.0.0.1"),
         ("registry.discover", 200, f"uid:{os.getuid()}"),
     ]
+    attempted = [e["details"]["action"] for e in reversed(entries) if e["status"] == 403]
+    assert attempted == ["registry.discover"] * 2  # what the admitted one is recorded as
 
 
 def read_until(lines: Iterator[str], wanted: str) -> None:

@@ -570,11 +570,11 @@ class Gate:
         method = scope.get("method", "WEBSOCKET" if scope["type"] == "websocket" else "GET")
         path = _full_path(scope)
         route = classify(method, local_path(scope))
-        action = action or route.action
+        action = action or route.action  # what the request attempted
         resource = resource or route.resource
         if auth_failure:
+            details = {**details, "action": action}
             action = "auth.unauthorized" if status == 401 else "auth.forbidden"
-            details = {**details, "action": route.action}
         elif resource is None and body and 200 <= status < 300:
             resource = _created_id(body)
         if scope.get("lokid.peer") is not None:
@@ -606,18 +606,21 @@ class Gate:
             return _audit_down(exc, None)
         return error
 
-    async def demand(self, scope: dict[str, Any], requires: str) -> None:
+    async def demand(
+        self, scope: dict[str, Any], requires: str, *, action: str | None = None
+    ) -> None:
         """For a handler whose need depends on its input (a read that may also change
         something, e.g. `GET /api/registry/discover?register=true`): raise a 403
         (recorded) unless the change is one a `POST` would be let through for. So, as
         for any change, one a web page may have sent on its own (a foreign `Origin`,
         `Sec-Fetch-Site: cross-site`: an `<img>` sends a GET) is refused with auth on
-        or off; then the caller must hold `requires`."""
+        or off; then the caller must hold `requires`. `action`: what the change is
+        recorded as when admitted (`record`), so a refusal names the same attempt."""
         principal = self._caller(scope)
         if scope.get("lokid.peer") is None:
             refusal = self._browser_guard(scope, _header_map(scope), mutating=True)
             if refusal is not None:
-                await self._forbid(scope, principal, refusal)
+                await self._forbid(scope, principal, refusal, action)
         if principal.owner:
             return
         if principal.token is not None and principal.token.grants(requires):
@@ -631,17 +634,20 @@ class Gate:
                 f"{scope.get('method', 'GET')} {_full_path(scope)} with these parameters",
                 {"required_scope": requires},
             ),
+            action,
         )
 
     async def _forbid(
-        self, scope: dict[str, Any], principal: Principal, error: ApiError
+        self, scope: dict[str, Any], principal: Principal, error: ApiError, action: str | None
     ) -> NoReturn:
         """Record a 403 a handler decided (`demand`), then raise it (a 503 instead when
         the audit log cannot record it)."""
         self._counts["forbidden"] += 1
         details = {k: v for k, v in error.details.items() if k in ("reason", "required_scope")}
         try:
-            await self._record(scope, principal, 403, None, details, auth_failure=True)
+            await self._record(
+                scope, principal, 403, None, details, auth_failure=True, action=action
+            )
         except LokiError as exc:
             raise _audit_down(exc, None) from None
         raise error

@@ -62,6 +62,7 @@ from lokid.http.surface import (
 )
 
 REGISTER_ROUTE = "POST /api/registry/projects"
+DISCOVER_ACTION = "registry.discover"  # `?register=true`, admitted or refused alike
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 MAX_OFFSET = 1_000_000
@@ -367,13 +368,13 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
         depth = _depth(params)
         register = bool_param(params, "register", False)
         if register:
-            await gate.demand(scope, "write")
+            await gate.demand(scope, "write", action=DISCOVER_ACTION)
         answer = await scanner.discover(roots, depth, register=register)
         if register:
             await gate.record(
                 scope,
                 200,
-                action="registry.discover",
+                action=DISCOVER_ACTION,
                 details={"registered": answer["registered"]},
             )
         return json_response(200, answer)
