@@ -170,3 +170,12 @@ def git(project: Path, *args: str) -> str:
         capture_output=True,
         text=True,
     ).stdout
+
+
+def make_git_project(root: Path, prd: str) -> Path:
+    """`make_project` as a git repository: everything in it committed on `main`."""
+    project = make_project(root, prd)
+    git(project, "init", "-q", "-b", "main")
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "start")
+    return project

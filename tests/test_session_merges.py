@@ -16,17 +16,14 @@ import trio
 from lokid import providers, worktree
 from lokid.sandbox import exec_failure, sandbox_problem
 
-from .sessions_kit import Lab, eventually, git, json_field, lab, make_project
+from .sessions_kit import Lab, eventually, git, json_field, lab, make_git_project, make_project
 
 
 def git_project(tmp_path: Path, prd: str) -> Path:
     """A project with `prd.md` and `shared.txt` committed on `main`."""
-    project = make_project(tmp_path, prd)
-    (project / "shared.txt").write_text("base\n")
-    git(project, "init", "-q", "-b", "main")
-    git(project, "add", "-A")
-    git(project, "commit", "-qm", "start")
-    return project
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "shared.txt").write_text("base\n")
+    return make_git_project(tmp_path, prd)
 
 
 async def start(lab_: Lab, project: Path, options: dict[str, Any]) -> str:

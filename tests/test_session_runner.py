@@ -35,6 +35,7 @@ from .sessions_kit import (
     json_field,
     lab,
     live_members,
+    make_git_project,
     make_project,
 )
 
@@ -1138,10 +1139,7 @@ async def test_parallel_tasks_run_in_worktrees_and_are_merged(
     tmp_path: Path, agent_log: Path
 ) -> None:
     prd = "# App\n\n## Features\n- Alpha\n- Beta\n- Gamma\n"
-    project = make_project(tmp_path, prd)
-    git(project, "init", "-q", "-b", "main")
-    git(project, "add", "prd.md")
-    git(project, "commit", "-qm", "start")
+    project = make_git_project(tmp_path, prd)
     script = (
         'cat >/dev/null; echo "$LOKI_TASK_ID" > "$LOKI_TASK_ID.txt"; pwd > "$LOKI_TASK_ID.cwd";'
         " sleep 0.5; echo done"
@@ -1180,10 +1178,7 @@ async def test_parallel_agents_in_worktrees_reach_the_projects_loki_folder(
         "# App\n\n## Features\n- One [mode:add-task] [task:Extra from agent]\n"
         "- Two [mode:complete]\n- Three\n"
     )
-    project = make_project(tmp_path, prd)
-    git(project, "init", "-q", "-b", "main")
-    git(project, "add", "prd.md")
-    git(project, "commit", "-qm", "start")
+    project = make_git_project(tmp_path, prd)
     options = {"parallel": True, "maxAgents": 1}
     async with lab(tmp_path / "home") as lab_:
         sid = (await lab_.create({"prd": str(project / "prd.md"), "options": options}))["id"]
@@ -1219,10 +1214,7 @@ async def test_what_a_worktree_agent_leaves_in_its_own_loki_folder_is_taken(
         "- Three [mode:add-task] [task:Same number] [loki:cwd]\n"
         "- Four [mode:complete] [loki:cwd]\n- Five\n"
     )
-    project = make_project(tmp_path, prd)
-    git(project, "init", "-q", "-b", "main")
-    git(project, "add", "prd.md")
-    git(project, "commit", "-qm", "start")
+    project = make_git_project(tmp_path, prd)
     options = {"parallel": True, "maxAgents": 1}
     async with lab(tmp_path / "home") as lab_:
         sid = (await lab_.create({"prd": str(project / "prd.md"), "options": options}))["id"]
@@ -1263,10 +1255,7 @@ async def test_a_worktree_agent_that_fails_still_has_its_tasks_taken(
         ' echo \'[{"id": "found-1", "title": "Found while failing"}, {"title": ""}]\''
         " > .loki/queue/pending.json; exit 3; fi; echo done"
     )
-    project = make_project(tmp_path, "# App\n\n## Features\n- Alpha\n")
-    git(project, "init", "-q", "-b", "main")
-    git(project, "add", "prd.md")
-    git(project, "commit", "-qm", "start")
+    project = make_git_project(tmp_path, "# App\n\n## Features\n- Alpha\n")
     options = {
         "parallel": True,
         "maxAgents": 1,
