@@ -34,6 +34,23 @@ Rules of operation (everything that decides when a child runs lives here):
   reverse order and `run` raises `RestartIntensityExceeded`: the failure
   escalates to the parent. A restart whose start fails is retried later as a
   fresh attempt, so a child that can never start escalates instead of looping.
+* Back-off (a supervisor built with ``backoff=Backoff(...)``, for children the
+  daemon can do without): it never escalates. When its restart intensity is
+  exceeded, or its children fail to start (its own first start included), it
+  stops every child in reverse order as an escalation would, calls
+  `on_down()` and stays *down* for a delay; then it calls `on_up()` and starts
+  every child from its spec again, in order, with an empty intensity window:
+  a fresh incarnation, as if its parent had restarted it. The n-th time down
+  in a row waits ``min(first * factor ** (n - 1), max)`` seconds; the count
+  starts again from 1 when the children had been up `reset_after` seconds
+  (since their last start) when they went down. Its `run` calls `started()`
+  even when its children could not start (it is up, they are down), so its
+  parent never sees it fail: it returns only when asked to stop (a stop
+  request while down ends the wait at once). While down, `start_child` and
+  `restart_child` raise `SupervisorNotRunning`. `on_down` and `on_up` must
+  not block; an exception from either is logged and ignored. `on_up` is
+  also called when the supervisor stops while down, so each `on_down` has
+  its `on_up`.
 * Structural changes (restarts, `start_child`, `terminate_child`,
   `restart_child`, start-up, shutdown) hold one `trio.Lock` and so never
   interleave. `delete_child` is synchronous and only touches children that are
@@ -95,6 +112,7 @@ Bounds ("bounded everything"):
   still queued keeps counting against `max_children` until the monitor has
   drained it, so `send_nowait` can never find the channel full;
 * the restart-intensity window keeps at most `max_restarts + 1` time stamps;
+* with a back-off policy, one time down lasts at most `Backoff.max` seconds;
 * start retries are at most one per child;
 * `statistics()` and `which_children()` are O(number of children).
 """
@@ -116,6 +134,8 @@ from lokid.errors import LokiError
 __all__ = [
     "BRUTAL_KILL",
     "INFINITY",
+    "Backoff",
+    "BackoffStatistics",
     "ChildAlreadyExists",
     "ChildCounts",
     "ChildInfo",
@@ -313,6 +333,38 @@ class ChildSpec:
     statistics: Callable[[], object] | None = None
 
 
+def _check_seconds(_instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{attribute.name} must be a finite number of seconds > 0, not {value!r}")
+
+
+@attrs.frozen
+class Backoff:
+    """How long a supervisor's children stay down instead of an escalation (module doc,
+    "Back-off"): `first` seconds, times `factor` for each further time down in a row, at
+    most `max`; counted from 1 again after `reset_after` seconds up."""
+
+    first: float = attrs.field(default=30.0, validator=_check_seconds)
+    max: float = attrs.field(default=600.0, validator=_check_seconds)
+    factor: float = 2.0
+    reset_after: float = attrs.field(default=600.0, validator=_check_seconds)
+
+    def __attrs_post_init__(self) -> None:
+        if self.max < self.first:
+            raise ValueError(f"max ({self.max!r}) must be >= first ({self.first!r})")
+        if not (math.isfinite(self.factor) and self.factor >= 1):
+            raise ValueError(f"factor must be a finite number >= 1, not {self.factor!r}")
+
+    def delay(self, times: int) -> float:
+        """Seconds down for the `times`-th time down in a row (1: the first)."""
+        delay = self.first
+        for _ in range(times - 1):  # a loop, not a power: no overflow however long it runs
+            if delay >= self.max or self.factor == 1:
+                break
+            delay *= self.factor
+        return min(delay, self.max)
+
+
 @attrs.frozen
 class ChildInfo:
     """One row of `which_children`.
@@ -352,11 +404,31 @@ class ChildStatistics:
 
 
 @attrs.frozen
+class BackoffStatistics:
+    """A back-off supervisor's downs (module doc, "Back-off"); times on trio's clock."""
+
+    down: bool
+    times_down: int
+    """Over the object's lifetime."""
+    times_in_a_row: int
+    """The count the delay grows with; 0 once the children have been up `reset_after` s."""
+    last_failure: str | None
+    """Why it went down last: the escalation or start failure it did not raise."""
+    delay_seconds: float | None
+    """How long the current (else the last) time down lasts."""
+    down_seconds: float | None
+    """Seconds since it went down (None: up)."""
+    retry_in_seconds: float | None
+    """Seconds until it starts its children again (None: up)."""
+
+
+@attrs.frozen
 class SupervisorStatistics:
     """`restarts_total` counts restart attempts over the object's lifetime;
     `restarts_in_window` those within the last `period` seconds (what the
     intensity check sees); `last_exit` is the last child exit the supervisor
-    handled, as ``"<child id>: <reason>"``."""
+    handled, as ``"<child id>: <reason>"``; `backoff` is None for a supervisor
+    that escalates."""
 
     name: str
     strategy: str
@@ -365,6 +437,7 @@ class SupervisorStatistics:
     restarts_total: int
     restarts_in_window: int
     last_exit: str | None
+    backoff: BackoffStatistics | None = None
 
 
 class ChildStatus:
@@ -402,6 +475,16 @@ class ChildStatus:
 
 class _ReturnedBeforeStarted(Exception):
     """Raised by the child wrapper so `_start` can tell this apart from a child's own error."""
+
+
+def _drain_stale_notices(receive: trio.MemoryReceiveChannel[_Child]) -> None:
+    """Take the exit notices of an incarnation whose children are all stopped (each was
+    handled by the stop already), so a fresh one starts with an empty channel."""
+    while True:
+        try:
+            receive.receive_nowait().queued = False
+        except trio.WouldBlock:
+            return
 
 
 def _running_seconds(incarnation: _Incarnation | None) -> float | None:
@@ -460,11 +543,18 @@ class Supervisor:
         period: float = 5.0,
         max_children: int = 10_000,
         forget_finished: bool = False,
+        backoff: Backoff | None = None,
+        on_down: Callable[[], None] | None = None,
+        on_up: Callable[[], None] | None = None,
     ) -> None:
         """`forget_finished`: remove the spec of a child that exited and will not be
         restarted (a transient child's normal exit), as OTP's `simple_one_for_one`
         does, so that a supervisor of many short-lived dynamic children (one per
-        session) does not keep a spec per finished child."""
+        session) does not keep a spec per finished child.
+
+        `backoff`: never escalate, take the children down for a while instead;
+        `on_down` and `on_up` are called when such a time down begins and ends
+        (module doc, "Back-off")."""
         if not isinstance(strategy, Strategy):
             raise TypeError(f"strategy must be a Strategy, not {strategy!r}")
         if max_restarts < 0:
@@ -473,12 +563,17 @@ class Supervisor:
             raise ValueError(f"period must be > 0 seconds, not {period!r}")
         if max_children < 1:
             raise ValueError(f"max_children must be >= 1, not {max_children!r}")
+        if backoff is None and (on_down is not None or on_up is not None):
+            raise ValueError("on_down and on_up need a backoff policy")
         self.name = name
         self.strategy = strategy
         self.max_restarts = max_restarts
         self.period = period
         self.max_children = max_children
         self.forget_finished = forget_finished
+        self.backoff = backoff
+        self.on_down = on_down
+        self.on_up = on_up
         if len(children) > max_children:
             raise TooManyChildren(
                 f"supervisor {name!r}: {len(children)} child specs, max_children={max_children}"
@@ -505,6 +600,15 @@ class Supervisor:
         self._restarts_total = 0
         self._last_exit: str | None = None
         self._escalation: RestartIntensityExceeded | None = None
+        # Back-off (module doc): trio-clock times of the children's last start and of
+        # the current time down; counts over the object's lifetime.
+        self._up_since: float | None = None
+        self._down_since: float | None = None
+        self._down_until: float | None = None
+        self._times_down = 0
+        self._in_a_row = 0
+        self._last_failure: str | None = None
+        self._last_delay: float | None = None
 
     def __repr__(self) -> str:
         return f"<Supervisor {self.name!r} {self.strategy.value} children={len(self._children)}>"
@@ -519,7 +623,8 @@ class Supervisor:
         Passes the supervisor itself to `task_status.started()` once every
         child has started. Returns normally after a requested stop; raises
         `SupervisorStartError` or `RestartIntensityExceeded` after having
-        stopped every child.
+        stopped every child (never with a back-off policy: then it is started
+        even if its children are not, and goes down and up instead).
         """
         if self._running:
             raise RuntimeError(f"supervisor {self.name!r} is already running")
@@ -535,11 +640,7 @@ class Supervisor:
                     self._nursery = nursery
                     if parent_stop is not None:
                         nursery.start_soon(self._relay_stop, parent_stop)
-                    failure = await self._start_all()
-                    if failure is None:
-                        self._accepting = not self._stop_requested
-                        task_status.started(self)
-                        failure = await self._supervise(receive)
+                    failure = await self._run_children(receive, task_status)
                     # Every child is stopped; what is left is the stop relay.
                     nursery.cancel_scope.cancel()
         finally:
@@ -616,6 +717,78 @@ class Supervisor:
     async def _relay_stop(self, event: trio.Event) -> None:
         await event.wait()
         self.request_stop()
+
+    async def _run_children(
+        self, receive: trio.MemoryReceiveChannel[_Child], task_status: trio.TaskStatus[Supervisor]
+    ) -> SupervisorError | None:
+        """Start the children and supervise them; with a back-off policy, again after
+        each time down instead of returning the failure."""
+        announced = False
+        while True:
+            failure: SupervisorError | None = await self._start_all()
+            if failure is None:
+                self._up_since = trio.current_time()
+                self._accepting = not self._stop_requested
+                if not announced:
+                    task_status.started(self)
+                    announced = True
+                failure = await self._supervise(receive)
+            if failure is None or self.backoff is None:
+                return failure
+            if not announced:  # the supervisor is up; its children are down
+                task_status.started(self)
+                announced = True
+            await self._stay_down(self.backoff, failure, receive)
+            if self._stopping():
+                return None
+
+    async def _stay_down(
+        self, backoff: Backoff, failure: SupervisorError, receive: trio.MemoryReceiveChannel[_Child]
+    ) -> None:
+        """Keep the (stopped) children down for the back-off delay, then reset for a fresh
+        start, unless a stop was requested meanwhile."""
+        now = trio.current_time()
+        self._in_a_row = self._times_in_a_row(now) + 1
+        self._up_since = None
+        self._times_down += 1
+        self._last_failure = str(failure)
+        self._last_delay = delay = backoff.delay(self._in_a_row)
+        self._down_since, self._down_until = now, now + delay
+        log.error(  # the failure names this supervisor
+            "%s; its children stay down for %g s (down %d time(s) in a row)",
+            failure,
+            delay,
+            self._in_a_row,
+            exc_info=failure.cause if isinstance(failure, SupervisorStartError) else None,
+        )
+        self._call_hook("on_down", self.on_down)
+        try:
+            if not self._stopping():
+                # request_stop() cancels this scope, as it does the monitor's wait.
+                with trio.CancelScope(deadline=self._down_until) as self._wait_scope:
+                    await trio.sleep_forever()
+                self._wait_scope = None
+        finally:
+            self._down_since = self._down_until = None
+            self._call_hook("on_up", self.on_up)
+        if not self._stopping():
+            _drain_stale_notices(receive)
+            self._reset()  # a fresh incarnation: the specs, an empty intensity window
+
+    def _times_in_a_row(self, now: float) -> int:
+        """Times down in a row so far: 0 once the children have been up `reset_after` s."""
+        up = self._up_since
+        if self.backoff is not None and up is not None and now - up >= self.backoff.reset_after:
+            return 0
+        return self._in_a_row
+
+    def _call_hook(self, name: str, hook: Callable[[], None] | None) -> None:
+        if hook is None:
+            return
+        try:
+            hook()
+        except Exception:
+            log.exception("supervisor %r: %s hook failed", self.name, name)
 
     async def _start_all(self) -> SupervisorStartError | None:
         async with self._lock:
@@ -973,6 +1146,25 @@ class Supervisor:
             restarts_total=self._restarts_total,
             restarts_in_window=self._restarts_in_window(),
             last_exit=self._last_exit,
+            backoff=self._backoff_statistics(),
+        )
+
+    def _backoff_statistics(self) -> BackoffStatistics | None:
+        if self.backoff is None:
+            return None
+        try:
+            now: float | None = trio.current_time()
+        except RuntimeError:  # outside trio.run: no clock to compare with
+            now = None
+        since, until = self._down_since, self._down_until
+        return BackoffStatistics(
+            down=since is not None,
+            times_down=self._times_down,
+            times_in_a_row=self._in_a_row if now is None else self._times_in_a_row(now),
+            last_failure=self._last_failure,
+            delay_seconds=self._last_delay,
+            down_seconds=None if since is None or now is None else now - since,
+            retry_in_seconds=None if until is None or now is None else max(until - now, 0.0),
         )
 
     def _restarts_in_window(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,8 @@ from lokid.actor import Actor, ActorStatistics
 from lokid.supervisor import (
     BRUTAL_KILL,
     INFINITY,
+    Backoff,
+    BackoffStatistics,
     ChildAlreadyExists,
     ChildCounts,
     ChildInfo,
@@ -502,6 +505,257 @@ async def test_nested_supervisor_escalation_restarts_it_then_escalates_the_paren
     assert running.error.supervisor == "outer"
     assert running.error.child_id == "inner"
     assert dict(h.starts) == {"a": 1, "x": 2, "y": 2, "z": 1}
+
+
+# -- back-off instead of escalation ----------------------------------------------
+
+
+@attrs.define
+class Hooks:
+    """`on_down`/`on_up` of a back-off supervisor: their calls, on the virtual clock."""
+
+    log: list[str] = attrs.Factory(list)
+    up: trio.Event = attrs.Factory(trio.Event)
+
+    def on_down(self) -> None:
+        self.log.append(f"down {trio.current_time():g}")
+
+    def on_up(self) -> None:
+        self.log.append(f"up {trio.current_time():g}")
+        self.up.set()
+
+    async def wait_up(self) -> None:
+        """Until the next `on_up` and the fresh start after it are done."""
+        await self.up.wait()
+        self.up = trio.Event()
+        await wait_all_tasks_blocked()
+
+
+BACKOFF = Backoff(first=30, factor=2, max=100, reset_after=300)
+
+
+def backed_off(h: Harness, hooks: Hooks, *child_ids: str, max_restarts: int = 0) -> Supervisor:
+    return Supervisor(
+        "opt",
+        [h.spec(child_id) for child_id in child_ids],
+        max_restarts=max_restarts,
+        period=5,
+        backoff=BACKOFF,
+        on_down=hooks.on_down,
+        on_up=hooks.on_up,
+    )
+
+
+def backoff_of(sup: Supervisor) -> BackoffStatistics:
+    stats = sup.statistics().backoff
+    assert stats is not None
+    return stats
+
+
+async def test_backoff_takes_the_children_down_instead_of_escalating(
+    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    h, hooks = Harness(), Hooks()
+    sup = backed_off(h, hooks, "a", "b", max_restarts=2)
+    with caplog.at_level(logging.ERROR, logger="lokid.supervisor"):
+        async with trio.open_nursery() as nursery:
+            running = await start(nursery, sup)
+            for _ in range(2):
+                await h.exit("a", "crash")
+            h.log.clear()
+            await h.exit("a", "crash")  # the third restart within 5 s: one too many
+            assert h.log == ["exit a crash", "stop b"]  # stopped as for an escalation
+            assert not running.finished.is_set() and running.error is None
+            assert hooks.log == ["down 0"]
+            down = backoff_of(sup)
+            assert down == BackoffStatistics(
+                down=True,
+                times_down=1,
+                times_in_a_row=1,
+                last_failure="supervisor 'opt': more than 2 restarts in 5 s "
+                "(last: child 'a' exited with Boom: a crashed)",
+                delay_seconds=30,
+                down_seconds=0,
+                retry_in_seconds=30,
+            )
+            assert [(c.running, c.last_exit) for c in sup.which_children()] == [
+                (False, "Boom: a crashed"),
+                (False, "shutdown"),
+            ]
+            with pytest.raises(SupervisorNotRunning):
+                await sup.start_child(h.spec("c"))
+            with pytest.raises(SupervisorNotRunning):
+                await sup.restart_child("a")
+            await trio.sleep(29.5)
+            assert backoff_of(sup).retry_in_seconds == 0.5
+            assert backoff_of(sup).down_seconds == 29.5
+            assert h.log == ["exit a crash", "stop b"]
+            await hooks.wait_up()
+            assert trio.current_time() == 30
+            assert h.log[2:] == ["start a", "start b"]  # a fresh incarnation, in order
+            assert hooks.log == ["down 0", "up 30"]
+            stats = sup.statistics()
+            assert (stats.running, stats.restarts_in_window) == (True, 0)
+            assert [(c.running, c.restarts) for c in stats.children] == [(True, 0), (True, 0)]
+            assert stats.backoff is not None
+            assert (stats.backoff.down, stats.backoff.times_down) == (False, 1)
+            assert (stats.backoff.down_seconds, stats.backoff.retry_in_seconds) == (None, None)
+            await sup.start_child(h.spec("c"))  # takes children again
+            sup.request_stop()
+    assert running.error is None
+    [record] = [r for r in caplog.records if "stay down" in r.getMessage()]
+    assert record.getMessage() == (
+        "supervisor 'opt': more than 2 restarts in 5 s (last: child 'a' "
+        "exited with Boom: a crashed); its children stay down for 30 s (down 1 time(s) in a row)"
+    )
+
+
+async def test_backoff_doubles_up_to_max_and_starts_over_after_stable_running(
+    autojump_clock: MockClock,
+) -> None:
+    h, hooks = Harness(), Hooks()
+    sup = backed_off(h, hooks, "a")  # max_restarts=0: every crash takes it down
+    async with trio.open_nursery() as nursery:
+        await start(nursery, sup)
+        delays = []
+        for _ in range(4):
+            await h.exit("a", "crash")
+            began = trio.current_time()
+            await hooks.wait_up()
+            delays.append(trio.current_time() - began)
+        assert delays == [30, 60, 100, 100]  # doubling, at most `max`
+        assert backoff_of(sup).times_in_a_row == 4
+        await trio.sleep(299)  # up, but not yet `reset_after`
+        assert backoff_of(sup).times_in_a_row == 4
+        await trio.sleep(1)
+        assert backoff_of(sup).times_in_a_row == 0
+        await h.exit("a", "crash")
+        began = trio.current_time()
+        await hooks.wait_up()
+        assert trio.current_time() - began == 30  # counted from the first delay again
+        stats = backoff_of(sup)
+        assert (stats.times_down, stats.times_in_a_row, stats.delay_seconds) == (5, 1, 30)
+        sup.request_stop()
+    assert h.starts["a"] == 6
+
+
+async def test_backoff_children_that_cannot_start_leave_the_supervisor_started_and_down(
+    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    h, hooks = Harness(), Hooks()
+    h.fail_start["b"] = 2  # at the first start and at the first retry
+    sup = backed_off(h, hooks, "a", "b")
+    with caplog.at_level(logging.ERROR, logger="lokid.supervisor"):
+        async with trio.open_nursery() as nursery:
+            running = await start(nursery, sup)  # started: its children are down
+            assert h.log == ["start a", "fail b", "stop a"]
+            down = backoff_of(sup)
+            assert (down.down, down.retry_in_seconds) == (True, 30)
+            assert down.last_failure == (
+                "supervisor 'opt' failed to start: child 'b' failed to start (Boom: b cannot start)"
+            )
+            await hooks.wait_up()
+            assert h.log[3:] == ["start a", "fail b", "stop a"]
+            assert backoff_of(sup).retry_in_seconds == 60  # down twice in a row
+            await hooks.wait_up()
+            assert h.log[6:] == ["start a", "start b"]
+            assert trio.current_time() == 90
+            sup.request_stop()
+    assert running.error is None
+    # the start failure's traceback is in the log: nothing else reports it
+    first = next(r for r in caplog.records if "stay down for 30 s" in r.getMessage())
+    assert first.exc_info is not None and isinstance(first.exc_info[1], Boom)
+
+
+async def test_a_stop_request_while_down_returns_at_once(autojump_clock: MockClock) -> None:
+    h, hooks = Harness(), Hooks()
+    sup = backed_off(h, hooks, "a")
+    async with trio.open_nursery() as nursery:
+        running = await start(nursery, sup)
+        await trio.sleep(7)
+        await h.exit("a", "crash")
+        await trio.sleep(10)
+        sup.request_stop()
+        await running.finished.wait()
+        assert trio.current_time() == 17
+    assert running.error is None
+    assert hooks.log == ["down 7", "up 17"]  # every on_down has its on_up
+    assert h.starts["a"] == 1
+    assert backoff_of(sup).down is False
+
+
+async def test_a_backoff_supervisor_never_reaches_its_parent(autojump_clock: MockClock) -> None:
+    """Where the daemon puts the registry: under rest_for_one, before the listeners."""
+    h, hooks = Harness(), Hooks()
+    inner = backed_off(h, hooks, "x")
+    outer = Supervisor("outer", [h.spec("a"), inner.as_child(), h.spec("z")], strategy=REST_FOR_ONE)
+    async with trio.open_nursery() as nursery:
+        running = await start(nursery, outer)
+        h.log.clear()
+        for _ in range(3):  # each crash exceeds max_restarts=0
+            await h.exit("x", "crash")
+            await hooks.wait_up()
+        assert h.log == ["exit x crash", "start x"] * 3  # z was never restarted
+        stats = outer.statistics()
+        assert stats.restarts_total == 0
+        assert [(c.id, c.running, c.restarts) for c in stats.children] == [
+            ("a", True, 0),
+            ("opt", True, 0),
+            ("z", True, 0),
+        ]
+        await h.exit("x", "crash")
+        detail = outer.statistics().children[1].detail
+        assert isinstance(detail, SupervisorStatistics) and detail.backoff is not None
+        assert (detail.backoff.down, detail.backoff.times_in_a_row) == (True, 4)
+        h.log.clear()
+        outer.request_stop()  # while down: the stop goes on in order
+    assert h.log == ["stop z", "stop a"]
+    assert running.error is None and not outer.statistics().running
+
+
+async def test_a_failing_hook_is_logged_and_ignored(
+    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> None:
+        raise RuntimeError("hook bug")
+
+    h = Harness()
+    sup = Supervisor("opt", [h.spec("a")], max_restarts=0, backoff=BACKOFF, on_down=broken)
+    with caplog.at_level(logging.ERROR, logger="lokid.supervisor"):
+        async with trio.open_nursery() as nursery:
+            running = await start(nursery, sup)
+            await h.exit("a", "crash")
+            await trio.sleep(30)
+            await wait_all_tasks_blocked()
+            assert h.starts["a"] == 2
+            sup.request_stop()
+    assert running.error is None
+    assert "supervisor 'opt': on_down hook failed" in caplog.text
+
+
+def test_backoff_delays_are_bounded_however_long_it_runs() -> None:
+    policy = Backoff()  # the defaults: 30 s doubling to 10 min
+    assert [policy.delay(n) for n in range(1, 8)] == [30, 60, 120, 240, 480, 600, 600]
+    assert policy.delay(1_000_000) == 600  # no overflow
+    assert Backoff(first=5, max=50, factor=1).delay(100) == 5
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Backoff(first=0),
+        lambda: Backoff(first=math.inf, max=math.inf),
+        lambda: Backoff(first=60, max=30),
+        lambda: Backoff(factor=0.5),
+        lambda: Backoff(factor=math.nan),
+        lambda: Backoff(reset_after=-1),
+        lambda: Supervisor("s", on_down=lambda: None),
+        lambda: Supervisor("s", on_up=lambda: None),
+    ],
+)
+def test_invalid_backoff_arguments(make: Callable[[], object]) -> None:
+    with pytest.raises(ValueError):
+        make()
 
 
 # -- the shutdown protocol -----------------------------------------------------
