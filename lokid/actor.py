@@ -18,13 +18,21 @@ Rules of operation:
   the supervisor decides what happens next.
 * On a graceful stop request the actor finishes the messages already in its
   mailbox (a bounded amount of work), then returns.
+* `refuse_messages(why)` is for an actor its supervisor keeps down for a
+  while (`lokid.supervisor`, "Back-off"): from then on `tell` and `ask` raise
+  `why()` at once instead of waiting for a task that is not coming back
+  soon, and every message already queued (those of senders waiting for room
+  included) is taken out: a `Call` is answered with `why()`, a told message
+  is dropped. `accept_messages()` takes messages again. Neither touches a
+  running task: the supervisor's hooks call them between incarnations.
+  Statistics: `refusing`, and `refused` counts every message refused so.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import attrs
@@ -77,6 +85,8 @@ class ActorStatistics:
     failed: int
     crashes: int
     last_error: str | None
+    refusing: bool
+    refused: int
 
 
 class Actor(Generic[M]):
@@ -101,6 +111,8 @@ class Actor(Generic[M]):
         self._failed = 0
         self._crashes = 0
         self._last_error: str | None = None
+        self._why_refused: Callable[[], LokiError] | None = None  # see `refuse_messages`
+        self._refused_messages = 0
 
     # -- callers --------------------------------------------------------------
 
@@ -114,9 +126,11 @@ class Actor(Generic[M]):
         if self.when_full is WhenFull.REJECT:
             self._enqueue_nowait(item)
         else:
+            self._check_refusal()
             await self._send.send(item)
 
     def _enqueue_nowait(self, item: object) -> None:
+        self._check_refusal()
         try:
             self._send.send_nowait(item)
         except trio.WouldBlock:
@@ -136,6 +150,39 @@ class Actor(Generic[M]):
         if reply.error is not None:
             raise reply.error
         return reply.value
+
+    def _check_refusal(self) -> None:
+        if self._why_refused is not None:
+            self._refused_messages += 1
+            raise self._why_refused()
+
+    # -- down for a while -------------------------------------------------------
+
+    def refuse_messages(self, why: Callable[[], LokiError]) -> None:
+        """Answer `why()` to every message, queued or to come, until `accept_messages()`.
+
+        `why` is called once per refused message, so its text can say how long
+        the actor stays down.
+        """
+        self._why_refused = why
+        while True:
+            # Each receive also moves a sender waiting for room into the buffer.
+            try:
+                item = self._receive.receive_nowait()
+            except trio.WouldBlock:
+                return
+            self._refused_messages += 1
+            if not isinstance(item, Call):
+                continue
+            with (
+                item.reply,
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+            ):
+                item.reply.send_nowait(Reply(error=why()))
+
+    def accept_messages(self) -> None:
+        """Take messages again after `refuse_messages`."""
+        self._why_refused = None
 
     # -- the task -------------------------------------------------------------
 
@@ -267,6 +314,8 @@ class Actor(Generic[M]):
             failed=self._failed,
             crashes=self._crashes,
             last_error=self._last_error,
+            refusing=self._why_refused is not None,
+            refused=self._refused_messages,
         )
 
 

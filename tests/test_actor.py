@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from lokid.actor import Actor, WhenFull
-from lokid.errors import ActorUnavailable, AskTimeout, MailboxFull, NotFound
+from lokid.errors import ActorUnavailable, AskTimeout, MailboxFull, NotFound, Unavailable
 
 from .child_status import StubChildStatus
 
@@ -246,3 +246,53 @@ async def test_a_scope_is_cancelled_when_the_actor_ends() -> None:
             await trio.sleep_forever()
         assert waiting.cancelled_caught
     assert not counter._end_scopes  # forgotten on the way out
+
+
+async def test_a_refusing_actor_answers_queued_and_new_messages_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """What the supervisor's back-off relies on: nobody waits for an actor kept down."""
+    counter = Counter()  # no task: an actor between incarnations
+    refusals = 0
+
+    def why() -> Unavailable:
+        nonlocal refusals
+        refusals += 1
+        return Unavailable(f"counter is down (refusal {refusals})")
+
+    answers: list[str] = []
+
+    async def ask_get() -> None:
+        try:
+            await counter.ask(Get(), timeout=1000)
+        except Unavailable as exc:
+            answers.append(f"{trio.current_time():g}: {exc}")
+
+    counter.tell_nowait(Add(1))
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):  # 3 fill the mailbox (with the tell), 2 wait for room
+            nursery.start_soon(ask_get)
+        await trio.testing.wait_all_tasks_blocked()
+        assert counter.statistics().senders_waiting == 2
+        counter.refuse_messages(why)
+    assert len(answers) == 5 and all(a.startswith("0: counter is down") for a in answers)
+    stats = counter.statistics()
+    assert (stats.mailbox_used, stats.senders_waiting, stats.refusing, stats.refused) == (
+        0,
+        0,
+        True,
+        6,  # 5 asks answered, 1 tell dropped
+    )
+    with pytest.raises(Unavailable, match=r"refusal 6\)"):
+        await counter.ask(Get())
+    with pytest.raises(Unavailable, match=r"refusal 7\)"):
+        counter.tell_nowait(Add(1))
+    assert counter.statistics().refused == 8
+
+    counter.accept_messages()
+    counter.tell_nowait(Add(2))  # waits for the next incarnation again
+    async with trio.open_nursery() as nursery:
+        await nursery.start(counter.run)
+        assert await counter.ask(Get()) == 2  # the tell dropped while refusing never ran
+        nursery.cancel_scope.cancel()
+    assert counter.statistics().refusing is False
