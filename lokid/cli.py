@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -749,9 +750,15 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
 
 
 def _tree_lines(stats: dict[str, Any], indent: str = "  ") -> list[str]:
-    lines = [f"{indent}{stats['name']} ({stats['strategy']}) restarts={stats['restartsTotal']}"]
+    head = f"{indent}{stats['name']} ({stats['strategy']}) restarts={stats['restartsTotal']}"
+    backoff = stats.get("backoff") or {}
+    down = bool(backoff.get("down"))
+    if down:  # a back-off supervisor keeping its children down (lokid.supervisor)
+        retry = math.ceil(backoff.get("retryInSeconds") or 0)
+        head += f" DOWN, retry in {_duration(retry)} (last failure: {backoff.get('lastFailure')})"
+    lines = [head]
     for child in stats["children"]:
-        state = "running" if child["running"] else "stopped"
+        state = "running" if child["running"] else "down" if down else "stopped"
         detail = child.get("detail") or {}
         if isinstance(detail, dict) and "strategy" in detail:
             lines.extend(_tree_lines(detail, indent + "  "))

@@ -12,7 +12,9 @@ The tree (start order; stop is the reverse):
     ├── agent_pool                  agent process cap, records, reconciliation
     ├── sessions                    session manager; its session_supervisor runs
     │                               one transient SessionActor per live session
-    ├── registry                    project registry: discovery, health, periodic sync
+    ├── optional (one_for_one,      what lokid can do without: never escalates; past
+    │   │         back-off)         its restart intensity it is down for a while
+    │   └── registry                project registry: discovery, health, periodic sync
     └── listeners (one_for_one)
         ├── api                     HTTP API, 127.0.0.1:8420
         ├── dashboard               Dashboard API, 57374 or the next free port
@@ -27,7 +29,9 @@ store, tell systemd `READY=1`, serve until SIGTERM/SIGINT or
 parallel with what follows), stop the tree in reverse order within
 `shutdown_grace` seconds, remove the socket file, release the locks.
 A restart intensity escalation at the root ends the daemon with
-`DaemonFailed`.
+`DaemonFailed`. The `optional` supervisor never escalates (`OPTIONAL_BACKOFF`,
+docs/architecture.md): a registry that keeps crashing is down for a while,
+its routes answer 503, and nothing else is touched.
 
 The stop is bounded (docs/operations.md). When `shutdown_grace` runs out,
 or at a second SIGTERM/SIGINT, the stop is hurried: every agent gets SIGKILL
@@ -42,6 +46,7 @@ from __future__ import annotations
 import enum
 import gc
 import logging
+import math
 import os
 import shutil
 import signal
@@ -65,7 +70,7 @@ from lokid.actors.session_manager import SessionManager
 from lokid.actors.store import StoreActor
 from lokid.config import PROVIDERS, Config
 from lokid.cors import CorsPolicy
-from lokid.errors import LokiError, StartupError
+from lokid.errors import LokiError, StartupError, Unavailable
 from lokid.events import Level
 from lokid.http.api import create_api_surface
 from lokid.http.board import install_board
@@ -83,6 +88,7 @@ from lokid.pidfile import DaemonLock
 from lokid.ratelimit import RateLimiter
 from lokid.sockets import SocketPathLock, bind_tcp, bind_unix, is_loopback_socket, socket_url
 from lokid.supervisor import (
+    Backoff,
     ChildSpec,
     RestartIntensityExceeded,
     Strategy,
@@ -103,6 +109,10 @@ PROVIDER_CACHE_SECONDS = 30.0
 STORE_SHUTDOWN_SECONDS = 10.0
 HURRY_SECONDS = 2.0  # a hurried stop's bound before the rest of the tree is cancelled
 GC_THRESHOLDS = (50_000, 20, 10)  # CPython's defaults are (700, 10, 10)
+OPTIONAL_BACKOFF = Backoff(first=30.0, factor=2.0, max=600.0, reset_after=600.0)
+"""How long the `optional` supervisor's children stay down once they exceeded its
+restart intensity: 30 s, doubling with each time in a row, at most 10 min; the
+doubling starts over after 10 min up (docs/architecture.md)."""
 
 
 class DaemonFailed(LokiError):
@@ -203,6 +213,7 @@ class Daemon:
         observe_requests(self.api, "api", self.metrics)
         observe_requests(self.dashboard, "dashboard", self.metrics)
         self.root = Supervisor("lokid")  # replaced by the real tree in `_build_tree`
+        self.optional = Supervisor("optional")  # likewise
         self._http_listeners: list[HttpListener] = []
         self.listeners: Listeners | None = None
         self._socket_lock: SocketPathLock | None = None  # held while we own the socket file
@@ -476,14 +487,43 @@ class Daemon:
             _actor_spec("event_bus", self.bus, STORE_SHUTDOWN_SECONDS),
             _actor_spec("agent_pool", self.pool, self.pool.grace + 15.0),
             _actor_spec("sessions", self.sessions, self.pool.grace + 30.0),
-            _actor_spec("registry", self.registry, STORE_SHUTDOWN_SECONDS),
         ]
+        # Never escalates, so its failures restart neither the listeners after it
+        # nor the root; after the store (it reads the store), so a store restart
+        # restarts it too.
+        self.optional = Supervisor(
+            "optional",
+            [_actor_spec("registry", self.registry, STORE_SHUTDOWN_SECONDS)],
+            strategy=Strategy.ONE_FOR_ONE,
+            max_restarts=5,
+            period=30.0,
+            backoff=OPTIONAL_BACKOFF,
+            on_down=self._registry_down,
+            on_up=self.registry.accept_messages,
+        )
         self.root = Supervisor(
             "lokid",
-            [*actors, servers.as_child()],
+            [*actors, self.optional.as_child(), servers.as_child()],
             strategy=Strategy.REST_FOR_ONE,
             max_restarts=5,
             period=30.0,
+        )
+
+    def _registry_down(self) -> None:
+        """The `optional` supervisor took the registry down: its callers get 503 at once."""
+        self.registry.refuse_messages(self._registry_unavailable)
+
+    def _registry_unavailable(self) -> Unavailable:
+        """The 503 of a registry route while the registry is down: why, and for how long."""
+        stats = self.optional.statistics()
+        last = next((c.last_exit for c in stats.children if c.id == "registry"), None)
+        retry = stats.backoff.retry_in_seconds if stats.backoff is not None else None
+        seconds = None if retry is None else math.ceil(retry)
+        when = "shortly" if seconds is None else f"in {seconds} s"
+        return Unavailable(
+            f"the project registry is down after repeated failures (last: {last or 'unknown'}); "
+            f"lokid starts it again {when}, the rest of lokid is not affected",
+            details={"component": "registry", "last_exit": last, "retry_in_seconds": seconds},
         )
 
     # -- what the probes and /api/status read --------------------------------------
@@ -492,6 +532,8 @@ class Daemon:
         return time.monotonic() - self._t0
 
     def core_problems(self) -> dict[str, str]:
+        """What `/health` reports down: the actors lokid cannot work without. Not the
+        registry: it only serves an optional feature, and `/api/status` shows it down."""
         problems: dict[str, str] = {}
         if not self.store.running:
             problems["store"] = "not running"

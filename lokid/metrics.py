@@ -360,9 +360,16 @@ class _DaemonCollector(Collector):
             "Connections a listener accepted",
             labels=["listener"],
         )
+        down = GaugeMetricFamily(
+            "lokid_supervisor_down",
+            "1 while a back-off supervisor keeps its children down (the registry's 'optional')",
+            labels=["supervisor"],
+        )
         for supervisor, child in _walk(daemon.root.statistics()):
             restarts.add_metric([supervisor.name, child.id], child.restarts)
             detail = child.detail
+            if isinstance(detail, SupervisorStatistics) and detail.backoff is not None:
+                down.add_metric([detail.name], 1 if detail.backoff.down else 0)
             if isinstance(detail, SessionManagerStatistics):
                 dynamic = detail.supervisor
                 restarts.add_metric([dynamic.name, DYNAMIC_CHILDREN], dynamic.restarts_total)
@@ -373,7 +380,7 @@ class _DaemonCollector(Collector):
             elif isinstance(detail, ListenerStatistics):
                 connections.add_metric([child.id], detail.connections_open)
                 accepted.add_metric([child.id], detail.connections_total)
-        yield from (restarts, mailbox, capacity, crashes, connections, accepted)
+        yield from (restarts, down, mailbox, capacity, crashes, connections, accepted)
 
     def _gate(self, daemon: Daemon) -> Iterator[Metric]:
         gate = daemon.gate.statistics()

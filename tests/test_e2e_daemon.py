@@ -64,12 +64,15 @@ def test_status_shows_the_supervisor_tree(daemon: DaemonProcess) -> None:
         "event_bus",
         "agent_pool",
         "sessions",
-        "registry",
+        "optional",
         "listeners",
     ]
     store = tree["children"][0]
     assert store["running"] is True
     assert store["detail"]["mailboxSize"] > 0
+    optional = tree["children"][5]["detail"]
+    assert [c["id"] for c in optional["children"]] == ["registry"]
+    assert optional["backoff"]["down"] is False
     listeners = tree["children"][-1]["detail"]
     assert [c["id"] for c in listeners["children"]] == ["api", "dashboard", "control"]
 

@@ -6,6 +6,8 @@ disk or a busy store never makes a liveness probe time out:
 * `/health/live`  - the event loop answered.
 * `/health/ready` - start-up finished, the store is writable, not stopping.
 * `/health`       - the core actors run (DESIGN.md §5); 503 lists what is down.
+  The registry is not one: while it is down (docs/architecture.md,
+  "Non-essential actors are isolated") both probes stay 200.
 """
 
 from __future__ import annotations
