@@ -23,18 +23,19 @@ The tree (start order; stop is the reverse):
 Life of a daemon: take the data directory lock, bind the sockets (or take
 them from systemd; a control socket we bind has a lock of its own,
 `lokid.sockets.SocketPathLock`), start the tree, record the run in the
-store, tell systemd `READY=1`, serve until SIGTERM/SIGINT or
-`request_shutdown()`, then `STOPPING=1`, tell the sessions to wind down
-(no new agent run from then on; their agents are stopped at once, in
-parallel with what follows), stop the tree in reverse order within
-`shutdown_grace` seconds, remove the socket file, release the locks.
+store, tell systemd `READY=1`, serve until a stop signal (SIGTERM, SIGINT,
+SIGHUP, SIGQUIT: `STOP_SIGNALS`) or `request_shutdown()`, then `STOPPING=1`,
+tell the sessions to wind down (no new agent run from then on; their agents
+are stopped at once, in parallel with what follows), stop the tree in
+reverse order within `shutdown_grace` seconds, remove the socket file,
+release the locks.
 A restart intensity escalation at the root ends the daemon with
 `DaemonFailed`. The `optional` supervisor never escalates (`OPTIONAL_BACKOFF`,
 docs/architecture.md): a registry that keeps crashing is down for a while,
 its routes answer 503, and nothing else is touched.
 
 The stop is bounded (docs/operations.md). When `shutdown_grace` runs out,
-or at a second SIGTERM/SIGINT, the stop is hurried: every agent gets SIGKILL
+or at a second stop signal, the stop is hurried: every agent gets SIGKILL
 at once (`AgentPool.hurry`), and the tree kills what is still running in
 reverse order (`Supervisor.hurry`), so the store is still there for the
 sessions' and agents' last rows. If the tree still runs `HURRY_SECONDS`
@@ -113,6 +114,15 @@ OPTIONAL_BACKOFF = Backoff(first=30.0, factor=2.0, max=600.0, reset_after=600.0)
 """How long the `optional` supervisor's children stay down once they exceeded its
 restart intensity: 30 s, doubling with each time in a row, at most 10 min; the
 doubling starts over after 10 min up (docs/architecture.md)."""
+
+# Signals whose default action would end the daemon at once, leaving its agents running
+# (docs/operations.md, "Signals and exit codes"). A stop signal starts the graceful stop
+# and a second one hurries it; SIGHUP is the terminal of `loki serve` going away (not a
+# reload). SIGUSR1/SIGUSR2 mean nothing to lokid: logged, not fatal. SIGABRT (systemd's
+# watchdog) and the fault signals keep their default action.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+ALWAYS_HANDLED = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
 class DaemonFailed(LokiError):
@@ -370,11 +380,20 @@ class Daemon:
             self._stop.set()
 
     async def _watch_signals(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        """Turn the stop signals into `request_shutdown()`, and keep the others we handle
+        from killing the daemon (their default action would leave the agents orphaned)."""
+        with trio.open_signal_receiver(*_signals_to_handle()) as signals:
             task_status.started()
             async for signum in signals:
-                log.info("received %s", signal.Signals(signum).name)
-                self.request_shutdown()
+                name = signal.Signals(signum).name
+                if signum not in STOP_SIGNALS:
+                    log.warning("received %s: ignored (lokid gives it no meaning)", name)
+                elif self._stop.is_set():
+                    log.info("received %s again: hurrying the stop", name)
+                    self.request_shutdown()
+                else:
+                    log.info("received %s: stopping gracefully", name)
+                    self.request_shutdown()
 
     async def _watchdog(self, interval: float) -> None:
         # Runs on the trio loop on purpose: a frozen loop stops the pings and systemd restarts us.
@@ -589,6 +608,19 @@ class Daemon:
             "gate": self.gate.statistics(),
             "websocket": self.hub.statistics(),
         }
+
+
+def _signals_to_handle() -> list[signal.Signals]:
+    """The signals `_watch_signals` receives: SIGTERM and SIGINT always; SIGHUP, SIGQUIT,
+    SIGUSR1 and SIGUSR2 unless they were ignored when we started (`nohup` ignores SIGHUP,
+    a non-interactive shell's `&` SIGQUIT): an operator's choice we keep.
+
+    Through a handler, not SIG_IGN, which agents would inherit across exec."""
+    return [
+        signum
+        for signum in (*STOP_SIGNALS, *IGNORED_SIGNALS)
+        if signum in ALWAYS_HANDLED or signal.getsignal(signum) != signal.SIG_IGN
+    ]
 
 
 def _actor_spec(name: str, actor: Actor[Any], shutdown: float) -> ChildSpec:

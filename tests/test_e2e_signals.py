@@ -1,0 +1,164 @@
+"""End to end: the signals `loki serve` handles besides SIGTERM (docs/operations.md).
+
+A foreground `loki serve` gets SIGHUP when its terminal closes; before the
+daemon handled it, the default action ended it at once and its agents ran on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from lokid.daemon import HURRY_SECONDS
+
+from . import fake_agent
+from .daemon_proc import DaemonProcess, group_members, wait_until
+
+pytestmark = pytest.mark.e2e
+
+Factory = Callable[..., DaemonProcess]
+_agents: list[int] = []
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftover_agents() -> Iterator[None]:
+    """A failing test (an old daemon that died on the signal) leaves no agent running."""
+    yield
+    while _agents:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(_agents.pop(), signal.SIGKILL)
+
+
+def _daemon_with_an_agent(
+    daemon_factory: Factory, tmp_path: Path, mode: str = "hang", **popen: Any
+) -> tuple[DaemonProcess, int]:
+    """A daemon whose session's agent never ends by itself (`hang` ends on SIGTERM,
+    `ignore-term` only on SIGKILL, after `agent_grace` 20 s); the agent's pid."""
+    bin_dir = tmp_path / "bin"
+    fake_agent.install(bin_dir, ("claude",))
+    agent_log = tmp_path / "agents.jsonl"
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "FAKE_AGENT_LOG": str(agent_log),
+        "FAKE_AGENT_LIFETIME": "60",  # a leaked agent does not outlive the test run by much
+        "LOKI_AGENT_GRACE": "20",
+    }
+    daemon = daemon_factory(extra_env=env).start(**popen)
+    project = tmp_path / "project"
+    project.mkdir()
+    body = {
+        "prdText": f"# Todo\n\n## Features\n- Add a todo item [mode:{mode}]\n",
+        "projectDir": str(project),
+        "provider": "claude",
+    }
+    created = httpx.post(f"{daemon.api_url}/api/sessions", json=body, timeout=10)
+    assert created.status_code == 201, created.text
+    wait_until(lambda: agent_log.exists() and agent_log.read_text().strip(), "the agent started")
+    agent = int(json.loads(agent_log.read_text().splitlines()[0])["pid"])
+    _agents.append(agent)
+    wait_until(lambda: agent in group_members(agent), "the agent's group")
+    return daemon, agent
+
+
+def _read_stderr_until(process: subprocess.Popen[bytes], text: str, timeout: float = 10.0) -> str:
+    """What the daemon logged until a line holding `text` (the daemon keeps running)."""
+    assert process.stderr is not None
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while text.encode() not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"timed out waiting for {text!r} in the log: {seen.decode()}"
+        readable, _, _ = select.select([process.stderr], [], [], left)
+        if readable:
+            chunk = os.read(process.stderr.fileno(), 65536)
+            assert chunk, f"the daemon's stderr ended before {text!r}: {seen.decode()}"
+            seen += chunk
+    return seen.decode()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT], ids=lambda s: s.name)
+def test_a_hangup_or_quit_is_a_graceful_stop_that_leaves_no_agent(
+    daemon_factory: Factory, tmp_path: Path, signum: signal.Signals
+) -> None:
+    """The terminal of `loki serve` went away (SIGHUP), or Ctrl-\\ (SIGQUIT): exit 0
+    within `shutdown_grace`, no agent left, the pid file and the socket removed, the
+    run recorded as clean and the session `interrupted` (resumable)."""
+    daemon, agent = _daemon_with_an_agent(daemon_factory, tmp_path)
+    assert daemon.process is not None
+    started = time.monotonic()
+    daemon.process.send_signal(signum)
+    _, err = daemon.process.communicate(timeout=30)
+    log = err.decode()
+    assert daemon.process.returncode == 0, log
+    assert time.monotonic() - started < 10.0 + HURRY_SECONDS, log
+    assert f"received {signum.name}: stopping gracefully" in log
+    assert group_members(agent) == []
+    assert not (daemon.data / "lokid.pid").exists()
+    assert not daemon.socket.exists()
+    with sqlite3.connect(daemon.data / "lokid.db") as db:
+        runs = db.execute("SELECT clean FROM daemon_runs").fetchall()
+        sessions = db.execute("SELECT status FROM sessions").fetchall()
+    assert runs == [(1,)]
+    assert sessions == [("interrupted",)]
+
+
+def test_a_second_hangup_hurries_the_stop(daemon_factory: Factory, tmp_path: Path) -> None:
+    """An agent that ignores SIGTERM holds a graceful stop for `shutdown_grace` (10 s);
+    a second SIGHUP kills it at once, as a second SIGTERM does."""
+    daemon, agent = _daemon_with_an_agent(daemon_factory, tmp_path, "ignore-term")
+    assert daemon.process is not None
+    daemon.process.send_signal(signal.SIGHUP)
+    first = _read_stderr_until(daemon.process, "received SIGHUP: stopping gracefully")
+    started = time.monotonic()
+    daemon.process.send_signal(signal.SIGHUP)
+    _, err = daemon.process.communicate(timeout=30)
+    log = first + err.decode()
+    assert daemon.process.returncode == 0, log
+    assert time.monotonic() - started < HURRY_SECONDS + 1.0, log
+    assert "received SIGHUP again: hurrying the stop" in log
+    assert group_members(agent) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGUSR2], ids=lambda s: s.name)
+def test_usr1_and_usr2_are_logged_and_change_nothing(
+    daemon_factory: Factory, signum: signal.Signals
+) -> None:
+    daemon = daemon_factory().start()
+    assert daemon.process is not None
+    daemon.process.send_signal(signum)
+    _read_stderr_until(daemon.process, f"received {signum.name}: ignored")
+    assert httpx.get(f"{daemon.api_url}/health/ready", timeout=5).status_code == 200
+    code, err = daemon.terminate()
+    assert code == 0, err
+
+
+def _ignore_sighup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def test_a_hangup_ignored_at_start_stays_ignored(daemon_factory: Factory, tmp_path: Path) -> None:
+    """`nohup loki serve`: the operator asked to outlive the terminal."""
+    daemon, agent = _daemon_with_an_agent(daemon_factory, tmp_path, preexec_fn=_ignore_sighup)
+    assert daemon.process is not None
+    daemon.process.send_signal(signal.SIGHUP)
+    # SIGUSR1 after it: once the daemon logged that one, a SIGHUP it acted on would show.
+    daemon.process.send_signal(signal.SIGUSR1)
+    log = _read_stderr_until(daemon.process, "received SIGUSR1")
+    assert "SIGHUP" not in log
+    assert httpx.get(f"{daemon.api_url}/health/ready", timeout=5).status_code == 200
+    assert group_members(agent) == [agent]
+    code, err = daemon.terminate()
+    assert code == 0, err
+    assert group_members(agent) == []
