@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 import pwd
 import shutil
@@ -32,11 +33,12 @@ import sys
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 
-from lokid.config import Config
-from lokid.errors import LokiError
+from lokid.config import PARSERS, SETTINGS, Config, find_config_file
+from lokid.errors import ConfigError, LokiError
 
 SERVICE = "lokid.service"
 API_SOCKET = "lokid.socket"
@@ -49,6 +51,13 @@ SYSTEM_LOKI_HOME = "/var/lib/lokid"  # StateDirectory=lokid
 SYSTEM_SOCKET = "/run/lokid/lokid.sock"
 MAX_SOCKET_PATH = 103  # bytes; sun_path is 108 with the terminating NUL, lokid keeps 104
 SYSTEMCTL_TIMEOUT = 120.0
+# Settings the installer places itself (system units: /run/lokid/lokid.sock and the state
+# directory, whatever the installing shell had); every other one is carried (`carried_settings`).
+PLACED_SETTINGS = frozenset({"socket_path", "data_dir"})
+# TimeoutStopSec= is shutdown_grace + this (the hurry's 2 s, and up to 10 s for agents the
+# kernel holds: docs/operations.md, "How long a stop takes"), and never below the minimum.
+STOP_ALLOWANCE = 12
+MIN_TIMEOUT_STOP = 30
 
 
 class ServiceError(LokiError):
@@ -73,6 +82,9 @@ class UnitSettings:
     run_as: str | None = None  # system units: User=
     run_as_home: str | None = None  # system units: the one home that stays writable
     documentation: str | None = None
+    # (LOKI_* variable, value as unit text): the configuration install ran with
+    environment: tuple[tuple[str, str], ...] = ()
+    timeout_stop: int = MIN_TIMEOUT_STOP  # seconds, TimeoutStopSec=
 
 
 # -- rendering -----------------------------------------------------------------
@@ -131,6 +143,12 @@ def _render_service(s: UnitSettings) -> str:
     if s.data_dir:
         lines.append(_environment("LOKI_DATA_DIR", s.data_dir))
     lines.append(_environment("LOKI_SOCKET", s.socket_path))
+    if s.environment:
+        lines += [
+            "# The settings `loki service install` ran with: from its environment, and from",
+            "# a config file this daemon does not read itself (a copy: re-install after a change).",
+        ]
+        lines += [_environment(name, value) for name, value in s.environment]
     if not s.user:
         lines += [
             "# /var/lib/lokid, created and given to User= by systemd: writable under",
@@ -148,9 +166,9 @@ def _render_service(s: UnitSettings) -> str:
         "RestartPreventExitStatus=2",
         "# SIGTERM goes to lokid alone: it stops its agents itself (process group TERM,",
         "# grace, KILL) and flushes the store. Whatever is left at TimeoutStopSec gets",
-        "# SIGKILL. Keep TimeoutStopSec above shutdown_grace (10 s by default).",
+        "# SIGKILL: shutdown_grace (10 s by default) + 12 s for a hurried stop, at least 30.",
         "KillMode=mixed",
-        "TimeoutStopSec=30",
+        f"TimeoutStopSec={s.timeout_stop}",
         "# Event streams, WebSockets and agent pipes are all file descriptors.",
         "LimitNOFILE=65536",
         "",
@@ -319,7 +337,7 @@ def _render_control_socket(s: UnitSettings) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _check_unit_text(what: str, value: str | None) -> None:
+def _check_unit_text(what: str, value: str | None, *, instead: str = "a path") -> None:
     """Refuse text a unit file cannot hold as it is: a newline would start a line of its
     own (`Environment=`, `ReadWritePaths=` injection), other control characters would be
     taken as C escapes or cut the line, and bytes that are not UTF-8 cannot be written.
@@ -329,7 +347,7 @@ def _check_unit_text(what: str, value: str | None) -> None:
     if any(unicodedata.category(c) in ("Cc", "Cs") for c in value):
         raise ServiceError(
             f"{what} {value!r} holds a control character or bytes that are not UTF-8, "
-            "which a unit file cannot hold; use a path without them"
+            f"which a unit file cannot hold; use {instead} without them"
         )
 
 
@@ -400,6 +418,80 @@ def _exec_start(argv: Sequence[str], *, user: bool) -> str:
     )
 
 
+def carried_settings(config: Config, *, unit_home: Path) -> list[tuple[str, str]]:
+    """(LOKI_* variable, value) of every setting `config` did not take from its default,
+    for `Environment=` lines: the daemon systemd starts has none of the installing
+    shell's environment, and may not find its config file (system units look in
+    /var/lib/lokid and /etc/lokid). Settings of a config file that daemon reads
+    itself are left to it, so that an edit of the file takes effect at its restart.
+
+    No setting holds a secret (tokens live in the database), so a unit file that
+    anyone may read is fine.
+    """
+    own_file = _config_file_found(unit_home)
+    carried = []
+    for name, setting in SETTINGS.items():
+        source = config.sources.get(name, "default")
+        if name in PLACED_SETTINGS or setting.env is None or source == "default":
+            continue
+        if own_file is not None and source == f"file {own_file}":
+            continue
+        text = _setting_text(getattr(config, name))
+        what = f"{name} (from {source})"
+        _check_unit_text(what, text, instead="a value")
+        if PARSERS[name](text) != getattr(config, name):
+            raise ServiceError(
+                f"{what} cannot be passed to the unit as {setting.env}={text!r}: "
+                f"it would read back as another value (a comma inside a list entry?)"
+            )
+        carried.append((setting.env, text))
+    return carried
+
+
+def _config_file_found(loki_home: Path) -> Path | None:
+    """The config file a daemon with this LOKI_HOME reads; None if it cannot be known."""
+    try:
+        return find_config_file(loki_home)
+    except ConfigError:
+        return None
+
+
+def _setting_text(value: Any) -> str:
+    """A setting's value as its environment variable says it (`lokid.config.PARSERS`)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)  # text, an integer, a RateLimit ("100/60")
+
+
+def _refuse_insecure_remote(config: Config) -> None:
+    """What the daemon refuses at start (`Daemon._refuse_insecure_remote`) is refused here,
+    before a unit that could only fail and restart is written."""
+    if config.auth_enabled or config.allow_insecure_remote:
+        return
+    for what, host in (("HTTP API", config.api_host), ("dashboard", config.dashboard_host)):
+        if not _is_loopback(host):
+            raise ServiceError(
+                f"refusing to install units serving the {what} on {host} without "
+                "authentication: lokid would refuse to start. Enable auth "
+                "(LOKI_ENTERPRISE_AUTH=true), bind to 127.0.0.1, or set "
+                "LOKI_ALLOW_INSECURE_REMOTE=true if you really mean it"
+            )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
+    except ValueError:
+        return False  # listen_address refuses it first
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
 def default_run_as() -> str:
     """The account a system unit runs lokid as: who ran `sudo`, else whoever we are."""
     sudo_user = os.environ.get("SUDO_USER")
@@ -428,21 +520,25 @@ def settings_for(
     (what the CLI of this user finds without flags). System units: LOKI_HOME
     is /var/lib/lokid (StateDirectory=lokid), the control socket
     /run/lokid/lokid.sock, unless `data_dir` / `socket_path` say otherwise.
-    Ports and addresses come from `config` in both.
+    Ports and addresses come from `config` in both, and every other setting
+    `config` did not take from its default (`carried_settings`).
     """
     argv = list(command) if command else lokid_command()
     if not os.path.isabs(argv[0]):
         raise ServiceError(f"the lokid executable must be an absolute path, not {argv[0]!r}")
     api = listen_address(config.api_host, config.api_port, what="HTTP API")
     dashboard = listen_address(config.dashboard_host, config.dashboard_port, what="dashboard")
+    _refuse_insecure_remote(config)
     if user:
         data = config.data_dir
         control = config.socket
+        unit_home = config.loki_home
         home_text = unit_path(config.loki_home, user=True)
         run_as = run_as_home = None
     else:
         data = data_dir
         control = socket_path or Path(SYSTEM_SOCKET)
+        unit_home = Path(SYSTEM_LOKI_HOME)
         home_text = SYSTEM_LOKI_HOME
         run_as = run_as or default_run_as()
         try:
@@ -467,6 +563,7 @@ def settings_for(
         raise ServiceError(f"control socket path {control} is too long (max 103 bytes)")
     if data is not None and not data.is_absolute():
         raise ServiceError(f"the data dir must be an absolute path, not {data}")
+    environment = carried_settings(config, unit_home=unit_home)
     return UnitSettings(
         user=user,
         exec_start=_exec_start(argv, user=user),
@@ -478,6 +575,8 @@ def settings_for(
         run_as=run_as,
         run_as_home=unit_path(Path(run_as_home), user=False) if run_as_home else None,
         documentation=_documentation(),
+        environment=tuple((name, value.replace("%", "%%")) for name, value in environment),
+        timeout_stop=max(MIN_TIMEOUT_STOP, math.ceil(config.shutdown_grace) + STOP_ALLOWANCE),
     )
 
 
@@ -644,6 +743,9 @@ def install_command(args: argparse.Namespace, config: Config) -> int:
     for item in planned:
         verb = {"new": "wrote", "changed": "overwrote", "unchanged": "unchanged"}[item.state]
         print(f"{verb} {item.path}")
+    if settings.environment:
+        names = ", ".join(name for name, _ in settings.environment)
+        print(f"note: {SERVICE} runs with the settings of this configuration: {names}")
     if not user:
         account = settings.run_as or "root (choose another account with --run-as)"
         print(f"note: lokid and its agents run as {account}")

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import httpx
 import pytest
 
 from lokid.config import Config
@@ -23,9 +27,11 @@ from lokid.service import (
 )
 
 from .cli_kit import Cli
+from .daemon_proc import DaemonProcess
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 MISSING_ANALYZE = (
     "systemd-analyze is not installed (Debian: apt-get install systemd); "
     "the units are not checked by systemd"
@@ -350,3 +356,220 @@ def test_systemd_analyze_catches_a_broken_unit(loki: Cli, tmp_path: Path) -> Non
     service.write_text(service.read_text().replace("ProtectSystem=strict", "ProtectSystem=bogus"))
     with pytest.raises(AssertionError, match="protect system"):
         _verify(units, user=False, runtime=runtime)
+
+
+# -- the configuration the units run with ----------------------------------------------------
+
+
+def _environment(service: str) -> dict[str, str]:
+    """The service's `Environment=` assignments as systemd reads them (quotes, `%%`)."""
+    assignments = {}
+    for value in _values(service, "Environment"):
+        for word in shlex.split(value):
+            name, _, text = word.partition("=")
+            assignments[name] = text.replace("%%", "%")
+    return assignments
+
+
+def test_the_units_carry_the_settings_of_the_environment(
+    loki: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: only the listen address was taken from the environment; the daemon of
+    the unit ran without LOKI_ENTERPRISE_AUTH, refused 0.0.0.0 and restarted in a loop."""
+    for name, value in {
+        "LOKI_API_HOST": "0.0.0.0",
+        "LOKI_ENTERPRISE_AUTH": "yes",
+        "LOKI_MAX_AGENTS": "2",
+        "LOKI_SHUTDOWN_GRACE": "40",
+        "LOKI_RATE_LIMIT": "100/1m",
+        "LOKI_REGISTRY_ROOTS": '~/my "work",/srv/100%,C:\\x',
+    }.items():
+        monkeypatch.setenv(name, value)
+    units = tmp_path / "units"
+    out = _install(loki, tmp_path / "home", "--user", "--unit-dir", str(units))
+    service = (units / "lokid.service").read_text()
+    assert _environment(service) == {
+        "LOKI_HOME": str(tmp_path / "home"),
+        "LOKI_SOCKET": str(tmp_path / "home" / "lokid" / "lokid.sock"),
+        "LOKI_API_HOST": "0.0.0.0",
+        "LOKI_ENTERPRISE_AUTH": "true",
+        "LOKI_MAX_AGENTS": "2",
+        "LOKI_SHUTDOWN_GRACE": "40.0",
+        "LOKI_RATE_LIMIT": "100/60",
+        "LOKI_REGISTRY_ROOTS": '~/my "work",/srv/100%,C:\\x',
+    }
+    assert _values((units / "lokid.socket").read_text(), "ListenStream") == ["0.0.0.0:8420"]
+    # systemd kills what still runs at TimeoutStopSec: room for shutdown_grace + 12 s.
+    assert _values(service, "TimeoutStopSec") == ["52"]
+    assert (
+        "note: lokid.service runs with the settings of this configuration: LOKI_API_HOST, "
+        "LOKI_ENTERPRISE_AUTH, LOKI_MAX_AGENTS, LOKI_SHUTDOWN_GRACE, LOKI_RATE_LIMIT, "
+        "LOKI_REGISTRY_ROOTS"
+    ) in out
+
+
+def test_a_config_file_the_daemon_reads_itself_is_left_to_it(loki: Cli, tmp_path: Path) -> None:
+    """User units: the daemon has the same LOKI_HOME, so the same lokid.toml, and an edit
+    of it takes effect at its restart. A file it would not find (--config) is copied."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "lokid.toml").write_text('max_agents = 3\nlog_level = "debug"\n')
+    units = tmp_path / "units"
+    _install(loki, home, "--user", "--unit-dir", str(units))
+    assert set(_environment((units / "lokid.service").read_text())) == {
+        "LOKI_HOME",
+        "LOKI_SOCKET",
+    }
+
+    other = tmp_path / "elsewhere.toml"
+    other.write_text("max_agents = 4\nshutdown_grace = 2.5\n")
+    loki.ok(
+        home,
+        "--config",
+        str(other),
+        "service",
+        "install",
+        "--user",
+        "--unit-dir",
+        str(units),
+        "--force",
+    )
+    carried = _environment((units / "lokid.service").read_text())
+    assert (carried["LOKI_MAX_AGENTS"], carried["LOKI_SHUTDOWN_GRACE"]) == ("4", "2.5")
+    assert "LOKI_LOG_LEVEL" not in carried
+
+
+def test_system_units_carry_the_settings_of_a_file_in_the_installers_home(
+    loki: Cli, tmp_path: Path
+) -> None:
+    """The system units' daemon has LOKI_HOME=/var/lib/lokid: it would not read this file."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "lokid.toml").write_text(
+        'cors_origins = ["https://a.example", "http://b.example:8080"]\nresume_on_start = true\n'
+    )
+    units = tmp_path / "units"
+    _install(loki, home, "--run-as", "nobody", "--unit-dir", str(units))
+    carried = _environment((units / "lokid.service").read_text())
+    assert carried["LOKI_CORS_ORIGINS"] == "http://b.example:8080,https://a.example"
+    assert carried["LOKI_RESUME_ON_START"] == "true"
+    assert carried["LOKI_HOME"] == "/var/lib/lokid"
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        (
+            'registry_roots = ["/srv/a,b"]',
+            "registry_roots (from file {file}) cannot be passed to the unit as "
+            "LOKI_REGISTRY_ROOTS='/srv/a,b': it would read back as another value",
+        ),
+        (
+            'registry_roots = ["/srv/a\\nExecStartPre=/bin/evil"]',
+            "registry_roots (from file {file}) '/srv/a\\nExecStartPre=/bin/evil' holds a "
+            "control character or bytes that are not UTF-8, which a unit file cannot hold; "
+            "use a value without them",
+        ),
+    ],
+)
+def test_a_setting_a_unit_cannot_carry_is_refused(
+    loki: Cli, tmp_path: Path, toml: str, message: str
+) -> None:
+    config = tmp_path / "lokid.toml"
+    config.write_text(toml + "\n")
+    units = tmp_path / "units"
+    result = loki(
+        tmp_path / "home", "--config", str(config), "service", "install", "--unit-dir", str(units)
+    )
+    assert result.code == 1
+    assert message.format(file=config) in result.err, result.err
+    assert not units.exists()
+
+
+def test_units_that_could_not_start_without_auth_are_refused(
+    loki: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LOKI_DASHBOARD_HOST", "::")
+    units = tmp_path / "units"
+    result = loki(tmp_path / "home", "service", "install", "--user", "--unit-dir", str(units))
+    assert result.code == 1
+    assert result.err.startswith(
+        "loki: refusing to install units serving the dashboard on :: without authentication"
+    )
+    assert not units.exists()
+    monkeypatch.setenv("LOKI_ALLOW_INSECURE_REMOTE", "true")
+    _install(loki, tmp_path / "home", "--user", "--unit-dir", str(units))
+    assert _values((units / "lokid-dashboard.socket").read_text(), "ListenStream") == ["[::]:57374"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(
+    SOCKET_ACTIVATE is None,
+    reason="systemd-socket-activate is not installed (Debian: apt-get install systemd)",
+)
+def test_the_daemon_of_units_installed_from_the_environment_starts(
+    loki: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The units' command line, its Environment= only and its three listeners (as
+    systemd would run it): it serves 0.0.0.0 with auth on and 2 agents at most."""
+    assert SOCKET_ACTIVATE is not None
+    home = Path(tempfile.mkdtemp(prefix="lokid-svc-"))  # short enough for the socket path
+    api_port, dashboard_port = _free_port(), _free_port()
+    for name, value in {
+        "LOKI_API_HOST": "0.0.0.0",
+        "LOKI_ENTERPRISE_AUTH": "true",
+        "LOKI_MAX_AGENTS": "2",
+        "LOKI_API_PORT": str(api_port),
+        "LOKI_DASHBOARD_PORT": str(dashboard_port),
+    }.items():
+        monkeypatch.setenv(name, value)
+    units = tmp_path / "units"
+    _install(loki, home, "--user", "--unit-dir", str(units))
+    service = (units / "lokid.service").read_text()
+    argv = [SOCKET_ACTIVATE, "--fdname=api:dashboard:control"]
+    for name in ("lokid.socket", "lokid-dashboard.socket", "lokid-control.socket"):
+        argv += ["-l", _values((units / name).read_text(), "ListenStream")[0]]
+    # systemd-socket-activate passes on only TERM, PATH, USER and HOME, like a service
+    # manager; PYTHONPATH makes the unit's `lokid` run this checkout.
+    environment = {**_environment(service), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    argv += [f"--setenv={name}={value}" for name, value in environment.items()]
+    argv += shlex.split(_values(service, "ExecStart")[0])
+    daemon = DaemonProcess(home)
+    daemon.process = subprocess.Popen(
+        argv,
+        env={"PATH": os.environ["PATH"]},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        status = daemon.wait_ready()
+        assert status["agents"]["total"] == 2
+        assert status["listeners"]["api"] == f"http://0.0.0.0:{api_port}"
+        answer = httpx.get(f"http://127.0.0.1:{api_port}/api/status", timeout=5)
+        assert answer.status_code == 401  # auth is on
+        code, err = daemon.terminate()
+        assert code == 0, err
+    finally:
+        daemon.kill()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason=MISSING_ANALYZE)
+def test_systemd_analyze_verifies_carried_settings_that_need_escaping(
+    loki: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LOKI_REGISTRY_ROOTS", '~/my "work",/srv/100%,C:\\x')
+    monkeypatch.setenv("LOKI_CORS_ORIGINS", "https://a.example")
+    units = tmp_path / "units"
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    _install(loki, tmp_path / "home", "--user", "--unit-dir", str(units))
+    _verify(units, user=True, runtime=runtime)
