@@ -44,6 +44,8 @@ COMMAND_TIMEOUT = 40.0  # the daemon answers a session command within 30 s
 STATUS_TIMEOUT = 5.0  # /api/status answers at once; a daemon that does not is stuck
 EVENTS_TIMEOUT = 10.0  # `loki events`: one page of history; `-f`: the stream's head
 POLL_INTERVAL = 0.1
+STOP_MARGIN = 5.0  # `loki api stop` waits the daemon's stop bound + this (its exit, slow kernels)
+HURRY_SECONDS = 2.0  # lokid.daemon.HURRY_SECONDS (not imported: that would load trio)
 
 
 class CliError(Exception):
@@ -657,6 +659,7 @@ def cmd_stop(args: argparse.Namespace, config: Config) -> int:
     daemon = running_daemon(config.pid_file)
     if daemon is None:
         raise CliError(f"lokid is not running (no live daemon recorded in {config.pid_file})")
+    bound, whose = _stop_bound(config, daemon.pid)  # asked before the stop: then it may not answer
     try:
         os.kill(daemon.pid, signal.SIGTERM)
     except PermissionError:
@@ -665,17 +668,40 @@ def cmd_stop(args: argparse.Namespace, config: Config) -> int:
             "it (Operation not permitted); stop it as that account or as root "
             "(`systemctl stop lokid` for the system units)"
         ) from None
-    deadline = time.monotonic() + config.shutdown_grace + 5.0
+    wait = bound + STOP_MARGIN
+    deadline = time.monotonic() + wait
     print(f"stopping lokid (pid {daemon.pid}) ...", end="", file=sys.stderr, flush=True)
     while running_daemon(config.pid_file) is not None and _alive(daemon.pid):
         if time.monotonic() > deadline:
             print(" still running", file=sys.stderr)
             raise CliError(
-                f"lokid (pid {daemon.pid}) did not stop within {config.shutdown_grace + 5:g}s"
+                f"lokid (pid {daemon.pid}) did not stop within {wait:g}s ({whose}); "
+                "it may still be stopping: see its log"
             )
         time.sleep(POLL_INTERVAL)
     print(" stopped", file=sys.stderr)
     return 0
+
+
+def _stop_bound(config: Config, pid: int) -> tuple[float, str]:
+    """How long the daemon `pid` may take to stop, and where that bound comes from.
+
+    The daemon's own (`stopBoundSeconds` of /api/status, from its `shutdown_grace`,
+    which this shell's settings need not share); else, when it does not say (no
+    answer within STATUS_TIMEOUT, another daemon on the socket path, an older lokid),
+    this configuration's `shutdown_grace` + HURRY_SECONDS."""
+    try:
+        status = _daemon_status(config, quiet=True)
+    except LokiError:
+        status = None
+    bound = status.get("stopBoundSeconds") if status and status.get("pid") == pid else None
+    if isinstance(bound, int | float) and not isinstance(bound, bool) and 0 < bound < math.inf:
+        return float(bound), f"its stop bound {bound:g} s + {STOP_MARGIN:g} s"
+    return (
+        config.shutdown_grace + HURRY_SECONDS,
+        f"lokid did not say its stop bound: this configuration's shutdown_grace "
+        f"{config.shutdown_grace:g} s + {HURRY_SECONDS + STOP_MARGIN:g} s",
+    )
 
 
 def _check_pid_file(path: Path) -> None:

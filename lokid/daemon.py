@@ -550,6 +550,11 @@ class Daemon:
     def uptime_seconds(self) -> float:
         return time.monotonic() - self._t0
 
+    def stop_bound_seconds(self) -> float:
+        """How long a stop may take from its first signal to the exit (a hurried stop's
+        bound); `loki api stop` waits this long, whatever its own shell's settings."""
+        return self.config.shutdown_grace + HURRY_SECONDS
+
     def core_problems(self) -> dict[str, str]:
         """What `/health` reports down: the actors lokid cannot work without. Not the
         registry: it only serves an optional feature, and `/api/status` shows it down."""
@@ -602,6 +607,7 @@ class Daemon:
             "pid": os.getpid(),
             "startedAt": iso(self.started_at),
             "uptimeSeconds": round(self.uptime_seconds(), 3),
+            "stopBoundSeconds": self.stop_bound_seconds(),
             "providers": self.providers(),
             "listeners": self.listeners.urls() if self.listeners else {},
             "supervisor": self.root.statistics(),

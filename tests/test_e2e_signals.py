@@ -1,4 +1,5 @@
-"""End to end: the signals `loki serve` handles besides SIGTERM (docs/operations.md).
+"""End to end: how `loki serve` is stopped (docs/operations.md): the signals it
+handles besides SIGTERM, and `loki api stop`.
 
 A foreground `loki serve` gets SIGHUP when its terminal closes; before the
 daemon handled it, the default action ended it at once and its agents ran on.
@@ -13,6 +14,7 @@ import select
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,9 +23,12 @@ from typing import Any
 import httpx
 import pytest
 
+from lokid import cli
 from lokid.daemon import HURRY_SECONDS
+from lokid.process import identity
 
 from . import fake_agent
+from .cli_kit import Cli
 from .daemon_proc import DaemonProcess, group_members, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -42,10 +47,16 @@ def _kill_leftover_agents() -> Iterator[None]:
 
 
 def _daemon_with_an_agent(
-    daemon_factory: Factory, tmp_path: Path, mode: str = "hang", **popen: Any
+    daemon_factory: Factory,
+    tmp_path: Path,
+    mode: str = "hang",
+    *,
+    grace: str = "20",
+    args: tuple[str, ...] = (),
+    **popen: Any,
 ) -> tuple[DaemonProcess, int]:
     """A daemon whose session's agent never ends by itself (`hang` ends on SIGTERM,
-    `ignore-term` only on SIGKILL, after `agent_grace` 20 s); the agent's pid."""
+    `ignore-term` only on SIGKILL, after `agent_grace`, `grace`); the agent's pid."""
     bin_dir = tmp_path / "bin"
     fake_agent.install(bin_dir, ("claude",))
     agent_log = tmp_path / "agents.jsonl"
@@ -53,9 +64,9 @@ def _daemon_with_an_agent(
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
         "FAKE_AGENT_LOG": str(agent_log),
         "FAKE_AGENT_LIFETIME": "60",  # a leaked agent does not outlive the test run by much
-        "LOKI_AGENT_GRACE": "20",
+        "LOKI_AGENT_GRACE": grace,
     }
-    daemon = daemon_factory(extra_env=env).start(**popen)
+    daemon = daemon_factory(extra_env=env).start(*args, **popen)
     project = tmp_path / "project"
     project.mkdir()
     body = {
@@ -162,3 +173,80 @@ def test_a_hangup_ignored_at_start_stays_ignored(daemon_factory: Factory, tmp_pa
     code, err = daemon.terminate()
     assert code == 0, err
     assert group_members(agent) == []
+
+
+# -- loki api stop ---------------------------------------------------------------------------
+
+
+def test_api_stop_waits_for_the_daemons_own_stop_bound(
+    daemon_factory: Factory, tmp_path: Path
+) -> None:
+    """Regression: `loki api stop` waited its own shell's shutdown_grace + 5 s and said
+    `did not stop` (exit 1) while the daemon, started with a longer grace, was still in
+    its normal graceful stop (an agent ignoring SIGTERM holds it for `agent_grace`)."""
+    daemon, agent = _daemon_with_an_agent(
+        daemon_factory, tmp_path, "ignore-term", grace="8", args=("--shutdown-grace", "20")
+    )
+    assert daemon.process is not None
+    with daemon.control() as client:
+        assert client.get("/api/status").json()["stopBoundSeconds"] == 20 + HURRY_SECONDS
+    env = {**os.environ, "LOKI_HOME": str(daemon.home), "LOKI_SHUTDOWN_GRACE": "0.5"}
+    started = time.monotonic()
+    stopped = subprocess.run(
+        [sys.executable, "-m", "lokid", "api", "stop"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stderr.endswith(" stopped\n")
+    assert time.monotonic() - started > 8.0  # the agent's grace: what this shell had not known
+    assert daemon.process.wait(timeout=10) == 0
+    assert group_members(agent) == []
+
+
+def test_api_stop_falls_back_on_its_own_configuration(
+    loki: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon that does not say its bound (here: nothing answers on the socket) is
+    waited for this configuration's shutdown_grace + 2 s (+ the margin)."""
+    home = tmp_path / "home"
+    (home / "lokid").mkdir(parents=True)
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(15, 1); time.sleep(60)"],
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: identity(stubborn.pid), "the process started")
+        wait_until(lambda: _ignores_sigterm(stubborn.pid), "SIGTERM ignored")
+        recorded = identity(stubborn.pid)
+        assert recorded is not None
+        (home / "lokid" / "lokid.pid").write_text(recorded.render() + "\n")
+        monkeypatch.setenv("LOKI_SHUTDOWN_GRACE", "0.1")
+        monkeypatch.setattr(cli, "STOP_MARGIN", 0.1)
+        started = time.monotonic()
+        result = loki(home, "api", "stop")
+        elapsed = time.monotonic() - started
+    finally:
+        stubborn.kill()
+        stubborn.wait(timeout=10)
+    assert result.code == 1
+    assert (
+        f"lokid (pid {stubborn.pid}) did not stop within 2.2s (lokid did not say its stop "
+        "bound: this configuration's shutdown_grace 0.1 s + 2.1 s)"
+    ) in result.err
+    assert 2.2 <= elapsed < 2.2 + 5.0
+
+
+def _ignores_sigterm(pid: int) -> bool:
+    """SigIgn of /proc/PID/status has SIGTERM's bit."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
+
+
+def test_the_cli_knows_the_daemons_hurry() -> None:
+    assert cli.HURRY_SECONDS == HURRY_SECONDS

@@ -56,6 +56,11 @@ STATUS_SCHEMA = {
         },
         "sessions": {"type": "object"},
         "uptimeSeconds": {"type": "number"},
+        "stopBoundSeconds": {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "description": "longest a stop takes: shutdown_grace + 2 s (docs/operations.md)",
+        },
         "providers": {"type": "object"},
         "listeners": {"type": "object"},
         "supervisor": {"type": "object"},
