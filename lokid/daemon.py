@@ -279,6 +279,7 @@ class Daemon:
             except SupervisorStartError as exc:
                 raise StartupError(_startup_message(exc)) from None
             self.run_id = await self.store.record_start(os.getpid(), __version__)
+            await self._warn_of_an_unclean_previous_run()
             await self.bus.publish(
                 "log",
                 None,
@@ -323,6 +324,22 @@ class Daemon:
                     log.warning("second stop request: killing agents, stopping the rest at once")
                 await self._stop_tree_now()
             nursery.cancel_scope.cancel()
+
+    async def _warn_of_an_unclean_previous_run(self) -> None:
+        """One WARNING line when the run before this one never recorded its stop: the
+        operator learns of a SIGKILL, a crash or a power loss from the log, not only from
+        its traces (agents killed at start, sessions `interrupted`)."""
+        previous = await self.store.previous_run(self.run_id)
+        if previous is None or previous.clean:
+            return
+        log.warning(
+            "the previous lokid run (pid %d, version %s, started %s) did not stop cleanly "
+            "(killed, crashed, or the machine went down); its agents and sessions were "
+            "reconciled at this start",
+            previous.pid,
+            previous.version,
+            previous.started_at,
+        )
 
     async def _stop_tree(self) -> None:
         """The graceful stop: record it, end the streams, stop the tree in reverse order."""

@@ -8,6 +8,7 @@ daemon handled it, the default action ended it at once and its agents ran on.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import select
@@ -250,3 +251,35 @@ def _ignores_sigterm(pid: int) -> bool:
 
 def test_the_cli_knows_the_daemons_hurry() -> None:
     assert cli.HURRY_SECONDS == HURRY_SECONDS
+
+
+# -- the start after a SIGKILL ---------------------------------------------------------------
+
+
+def test_the_start_after_a_sigkill_warns_of_the_unclean_run(daemon_factory: Factory) -> None:
+    """docs/operations.md, "After a crash": one WARNING line names the run that did not
+    stop (its pid and start); a start after a clean stop says nothing of the kind."""
+    killed = daemon_factory().start()
+    assert killed.process is not None
+    killed_pid = killed.process.pid
+    with killed.control() as client:
+        started_at = client.get("/api/status").json()["startedAt"]
+    killed.kill()
+
+    after_kill = daemon_factory().start()
+    code, log = after_kill.terminate()
+    assert code == 0, log
+    warnings = [line for line in log.splitlines() if "did not stop cleanly" in line]
+    assert len(warnings) == 1, log
+    assert " WARNING lokid: the previous lokid run (pid " + str(killed_pid) in warnings[0]
+    recorded = warnings[0].split("started ")[1].split(")")[0]
+    assert abs(_seconds(recorded) - _seconds(started_at)) < 5.0, (recorded, started_at)
+
+    after_clean_stop = daemon_factory().start()
+    code, log = after_clean_stop.terminate()
+    assert code == 0, log
+    assert "did not stop cleanly" not in log
+
+
+def _seconds(timestamp: str) -> float:
+    return datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()

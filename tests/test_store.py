@@ -20,7 +20,7 @@ import trio
 import trio.testing
 
 from lokid.actors import StoreActor, StoreStatistics
-from lokid.actors.store import SYNC_FOLLOWS, StoreError, StoreUnavailable
+from lokid.actors.store import SYNC_FOLLOWS, DaemonRun, StoreError, StoreUnavailable
 from lokid.errors import AskTimeout, Conflict, StoreOpenError
 from lokid.migrations import MIGRATIONS, Migration, check_sequence, latest_version
 
@@ -716,6 +716,27 @@ async def test_daemon_runs_are_recorded(tmp_path: pathlib.Path) -> None:
         {"id": first, "pid": os.getpid(), "version": "0.1.0", "clean": 0},
         {"id": second, "pid": 4242, "version": "0.1.1", "clean": 1},
     ]
+
+
+async def test_the_previous_run_is_read_with_when_it_started(tmp_path: pathlib.Path) -> None:
+    """What the daemon's start-up warning about an unclean previous run names."""
+    path = db_path(tmp_path)
+    async with running(StoreActor(path, migrations=BASE_MIGRATIONS)) as store:
+        assert await store.previous_run() is None
+        first = await store.record_start(4242, "0.1.0")
+        second = await store.record_start(4343, "0.1.1")  # the first never said stop
+        previous = await store.previous_run(second)
+        started_at = await store.read(
+            lambda db: db.execute(
+                "SELECT started_at FROM daemon_runs WHERE id = ?", (first,)
+            ).fetchone()[0]
+        )
+        assert previous == DaemonRun(first, 4242, started_at, "0.1.0", clean=False)
+        assert started_at.endswith("Z")
+        await store.record_stop(second)
+        newest = await store.previous_run()
+        assert newest is not None
+        assert (newest.id, newest.clean) == (second, True)
 
 
 async def test_every_released_migration_applies_to_a_new_database(tmp_path: pathlib.Path) -> None:

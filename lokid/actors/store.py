@@ -229,6 +229,17 @@ class StoreStatistics(ActorStatistics):
 
 
 @attrs.frozen
+class DaemonRun:
+    """One row of `daemon_runs`: a daemon's start, and whether it recorded a clean stop."""
+
+    id: int
+    pid: int
+    started_at: str  # ISO-8601, UTC
+    version: str
+    clean: bool  # False: it never said stop (killed, crashed, the machine went down)
+
+
+@attrs.frozen
 class _BatchResult:
     replies: list[Reply]
     runs: int
@@ -496,13 +507,21 @@ class StoreActor(Actor[Any]):
 
     async def previous_run_unclean(self, run_id: int | None = None) -> bool:
         """True if the newest run before `run_id` (or the newest at all) did not stop cleanly."""
+        previous = await self.previous_run(run_id)
+        return previous is not None and not previous.clean
 
-        def query(db: sqlite_utils.Database) -> bool:
+    async def previous_run(self, run_id: int | None = None) -> DaemonRun | None:
+        """The newest run before `run_id` (or the newest at all); None if there is none."""
+
+        def query(db: sqlite_utils.Database) -> DaemonRun | None:
             row = db.execute(
-                "SELECT clean FROM daemon_runs WHERE ? IS NULL OR id < ? ORDER BY id DESC LIMIT 1",
+                "SELECT id, pid, started_at, version, clean FROM daemon_runs"
+                " WHERE ? IS NULL OR id < ? ORDER BY id DESC LIMIT 1",
                 (run_id, run_id),
             ).fetchone()
-            return row is not None and row[0] != 1
+            if row is None:
+                return None
+            return DaemonRun(row[0], row[1], row[2], row[3], clean=row[4] == 1)
 
         return await self.read(query)
 
