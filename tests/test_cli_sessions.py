@@ -27,11 +27,13 @@ pytestmark = pytest.mark.e2e
 
 Factory = Callable[..., DaemonProcess]
 
+# The first task's agent outlives the test (it is stopped at the end): a shorter one
+# could finish while the test runs on a loaded machine, and the session with it.
 SLOW_PRD = """\
 # Slow app
 
 ## Features
-- First feature [mode:slow] [seconds:30]
+- First feature [mode:slow] [seconds:600]
 - Second feature
 - Third feature
 """
