@@ -205,6 +205,79 @@ async def test_retention_by_age(tmp_path: pathlib.Path) -> None:
         assert [e.id for e in await bus.history(EventFilter())] == [3]
 
 
+async def delete_session_events(bus: EventBus, session_id: str) -> None:
+    """What `DELETE /api/sessions/{id}` does to the events (`delete_session`, then the tail)."""
+    await bus.store.write(
+        lambda db: db.execute("DELETE FROM events WHERE session_id = ?", [session_id]),
+        on_commit=lambda _: bus.forget_session(session_id),
+    )
+
+
+async def test_retention_keeps_the_newest_n_stored_events_after_a_session_was_deleted(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The ids of a deleted session's events do not count against `retention_count`:
+    the other sessions keep their history (it was wiped: the bound was an id range)."""
+    async with running_bus(tmp_path, retention_count=10) as bus:
+        kept = [(await bus.publish("log", "C")).id for _ in range(6)]
+        for _ in range(20):
+            await bus.publish("log", "A")
+        await delete_session_events(bus, "A")
+        assert await bus.prune() == 0
+        assert [e.id for e in await bus.history(EventFilter())] == kept
+        newer = [(await bus.publish("log", "C")).id for _ in range(7)]
+        assert await bus.prune() == 3  # 13 stored, the newest 10 are kept
+        assert [e.id for e in await bus.history(EventFilter(), limit=50)] == [*kept, *newer][3:]
+        counts = await bus.counts()
+        assert (counts["total"], counts["firstId"], counts["latestId"]) == (10, kept[3], newer[-1])
+        assert bus.statistics().retention_deleted == 3
+
+
+async def test_stream_reset_names_only_what_retention_removed(tmp_path: pathlib.Path) -> None:
+    """Events gone with their session are skipped silently, as documented; a reset is due
+    only when retention removed an event after the client's id."""
+    async with running_bus(tmp_path, retention_count=8) as bus:
+        old = [(await bus.publish("log", "C")).id for _ in range(4)]  # 1-4
+        deleted = [(await bus.publish("log", "A")).id for _ in range(6)]  # 5-10
+        later = [(await bus.publish("log", "C")).id for _ in range(6)]  # 11-16
+        await delete_session_events(bus, "A")
+        assert await bus.prune() == 2  # 10 stored: 1 and 2 go
+        subscriber = bus.subscribe(EventFilter())
+        within_deleted = bus.plan_replay(subscriber, last_event_id=deleted[1], history=None)
+        assert within_deleted.reset is None
+        assert (
+            await collect_replay(
+                bus, EventFilter(), subscriber, last_event_id=deleted[1], history=None
+            )
+            == later
+        )
+        behind = bus.plan_replay(subscriber, last_event_id=0, history=None)
+        assert behind.reset is not None
+        assert (behind.reset["reason"], behind.reset["firstAvailableId"]) == ("expired", old[2])
+        assert await collect_replay(
+            bus, EventFilter(), subscriber, last_event_id=0, history=None
+        ) == [*old[2:], *later]
+
+
+async def test_retention_by_age_out_of_id_order_leaves_no_trace_in_the_tail(
+    tmp_path: pathlib.Path,
+) -> None:
+    """An old timestamp above newer ones (the clock was set back) goes from the store and
+    from the tail alike: a replay served from the tail must not resurrect it."""
+    async with running_bus(tmp_path) as bus:
+        for _ in range(5):
+            await bus.publish("log")
+        await bus.store.write(
+            lambda db: db.execute(
+                "UPDATE events SET timestamp = '2000-01-01T00:00:00.000Z' WHERE id = 3"
+            )
+        )
+        assert await bus.prune() == 1
+        subscriber = bus.subscribe(EventFilter())
+        ids = await collect_replay(bus, EventFilter(), subscriber, last_event_id=1, history=None)
+    assert ids == [2, 4, 5]
+
+
 async def test_history_pages_forward_with_after_and_limit(tmp_path: pathlib.Path) -> None:
     async with running_bus(tmp_path) as bus:
         for _ in range(10):

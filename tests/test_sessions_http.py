@@ -467,6 +467,38 @@ async def test_commands_and_their_conflicts(
         assert (await listing(the_lab))["total"] == 0
 
 
+async def test_a_deleted_sessions_events_do_not_push_out_the_others_history(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`DELETE /api/sessions/{id}` frees the room its events took: retention keeps the
+    newest `event_retention_count` stored events, so an older session that still exists
+    keeps its whole history (an id-range bound wiped it, `session.completed` included)."""
+    install_fake_agent(tmp_path, monkeypatch)
+    # The periodic prune runs at start (nothing stored) and then only after 60 s.
+    async with lab(tmp_path / "home", event_retention_count=100) as the_lab:
+        root = tmp_path / "projects"
+        root.mkdir()
+        kept = await the_lab.create(
+            {"prd": str(make_project(root, ONE_FEATURE, "kept") / "prd.md")}
+        )
+        await the_lab.wait_status(kept["id"], "completed")
+        history = [e["id"] for e in await the_lab.events(kept["id"])]
+        assert 0 < len(history) < 100
+        flood = "# Flood\n\n## Features\n- Many lines [mode:flood] [lines:300]\n"
+        other = await the_lab.create({"prd": str(make_project(root, flood, "flood") / "prd.md")})
+        await the_lab.wait_status(other["id"], "completed")
+        assert len(await the_lab.events(other["id"])) > 300
+        gone = await the_lab.client.delete(f"/api/sessions/{other['id']}")
+        assert gone.status_code == 204, gone.text
+        total = (await the_lab.client.get("/api/events/stats")).json()["total"]
+        assert total < 100  # the sessionless events and the kept session's
+
+        assert await the_lab.daemon.bus.prune() == 0
+        assert [e["id"] for e in await the_lab.events(kept["id"])] == history
+        stats = (await the_lab.client.get("/api/events/stats")).json()
+        assert (stats["total"], stats["bus"]["retentionDeleted"]) == (total, 0)
+
+
 async def test_unknown_session_is_404_on_every_route(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -29,7 +29,13 @@ Theory of operation:
   open until their drain times out. For the rest of this bus object's life
   (one daemon run); a restart of the bus's task does not lift it.
 * **Retention** by count and age runs every `retention_interval` seconds in
-  bounded deletes (`RETENTION_CHUNK` rows per transaction).
+  bounded deletes (`RETENTION_CHUNK` rows per transaction). The count rule
+  keeps the newest `retention_count` *stored* events: each transaction counts
+  the rows, so ids already gone (a deleted session's events, an earlier
+  prune) do not count against it; a prune with nothing due reads indexes
+  only. The tail loses the same ids in the same commit. `stream.reset`
+  (`expired`) is due only when retention removed an event after the
+  client's id: events that went with their session are skipped silently.
 * **Back-pressure in events, not messages.** `emit`/`emit_many` do not wait
   for the commit, so they are bounded by the number of emitted events not
   yet stored (`max_backlog`, `MAX_BACKLOG_EVENTS`): an emitter waits while
@@ -79,6 +85,7 @@ log = logging.getLogger("lokid.events")
 
 FANOUT_CHECKPOINT = 256  # subscribers offered between two checkpoints
 RETENTION_CHUNK = 5000  # rows deleted per retention transaction
+DELETE_IDS_PER_STATEMENT = 500  # below SQLite's oldest limit of 999 parameters
 REPLAY_PAGE = 500  # events read from the store per replay page
 
 
@@ -233,7 +240,7 @@ class EventBus(Actor[Any]):
         self._refusal: str | None = None  # set by refuse_streams: why subscribe is refused
         self._listeners: list[Callable[[EncodedEvent], None]] = []
         self._last_id = 0  # highest id assigned and committed
-        self._first_id: int | None = None  # lowest id still stored (None: table empty)
+        self._expired_upto = 0  # highest id retention removed (approximated at start)
         self._peak = 0
         self._cut_slow = 0
         self._published = 0
@@ -384,12 +391,14 @@ class EventBus(Actor[Any]):
                 "message": "this daemon has no event with that id; continuing with new events",
             }
             return ReplayPlan(reset, upto, upto, None)
-        first = self._first_id
-        if last_event_id < upto and (first is None or last_event_id + 1 < first):
+        expired = self._expired_upto
+        if last_event_id < min(upto, expired):
+            # Ids above `expired` were not removed by retention (some may have gone with
+            # their session, which a replay skips silently); None: none is left to replay.
             reset = {
                 "reason": "expired",
                 "lastEventId": last_event_id,
-                "firstAvailableId": first,
+                "firstAvailableId": expired + 1 if expired < upto else None,
                 "message": "events after that id were removed by retention; replaying what is left",
             }
             return ReplayPlan(reset, last_event_id, upto, None)
@@ -514,7 +523,8 @@ class EventBus(Actor[Any]):
 
         last, first, tail = await self.store.read(load)
         self._last_id = max(self._last_id, last)
-        self._first_id = first
+        # What retention removed is not stored: below the oldest row, or all of them.
+        self._expired_upto = max(self._expired_upto, last if first is None else first - 1)
         self._tail.clear()
         self._tail.extend(EncodedEvent.of(e) for e in tail)
 
@@ -620,8 +630,6 @@ class EventBus(Actor[Any]):
             return
         events = stored
         self._last_id = events[-1].id
-        if self._first_id is None:
-            self._first_id = events[0].id
         self._batches += 1
         self._published += len(events)
         encoded = [EncodedEvent.of(e) for e in events]
@@ -667,32 +675,29 @@ class EventBus(Actor[Any]):
     async def prune(self) -> int:
         """Delete events beyond the count and age bounds; returns how many went."""
         cutoff = iso(utc_now() - dt.timedelta(seconds=self.retention_seconds))
-        keep_from = self._last_id - self.retention_count + 1
+        keep = self.retention_count
         deleted_total = 0
         while True:
-
-            def delete(db: sqlite_utils.Database) -> int:
-                cursor = db.execute(
-                    "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE id < ? OR "
-                    "timestamp < ? ORDER BY id LIMIT ?)",
-                    [keep_from, cutoff, RETENTION_CHUNK],
-                )
-                return cursor.rowcount
-
-            deleted = await self.store.write(delete)
-            deleted_total += deleted
-            if deleted < RETENTION_CHUNK:
-                break
-        if deleted_total:
-            self._first_id = await self.store.read(
-                lambda db: db.execute("SELECT MIN(id) FROM events").fetchone()[0]
+            deleted = await self.store.write(
+                lambda db: _prune_chunk(db, keep, cutoff, RETENTION_CHUNK),
+                on_commit=self._forget_pruned,
             )
-            self._retention_deleted += deleted_total
-            # The tail is a cache of the store: it must not resurrect what retention removed.
-            first = self._first_id if self._first_id is not None else self._last_id + 1
-            while self._tail and self._tail[0].event.id < first:
-                self._tail.popleft()
-        return deleted_total
+            deleted_total += len(deleted)
+            if len(deleted) < RETENTION_CHUNK:
+                return deleted_total
+
+    def _forget_pruned(self, ids: list[int]) -> None:
+        """Right after a retention commit: the tail is a cache of the store, so it must not
+        resurrect what retention removed, and a replay from before it is told so."""
+        if not ids:
+            return
+        self._retention_deleted += len(ids)
+        self._expired_upto = max(self._expired_upto, max(ids))
+        if self._tail and self._tail[0].event.id <= self._expired_upto:
+            gone = set(ids)
+            kept = [item for item in self._tail if item.event.id not in gone]
+            self._tail.clear()
+            self._tail.extend(kept)
 
     def forget_session(self, session_id: str) -> None:
         """Drop a deleted session's events from the tail.
@@ -723,6 +728,37 @@ class EventBus(Actor[Any]):
             backlog=self._backlog,
             backlog_waits=self._backlog_waits,
         )
+
+
+def _prune_chunk(db: sqlite_utils.Database, keep: int, cutoff: str, limit: int) -> list[int]:
+    """Delete at most `limit` events: the oldest beyond the newest `keep` stored ones, then
+    those stamped before `cutoff`; the ids deleted.
+
+    The rows are counted in this transaction (the writer's), so a session deleted since
+    the last prune frees its room and no concurrent delete makes this one remove too
+    many. COUNT walks the smallest index and the selects start from the oldest id or
+    use the timestamp index, so a prune with nothing due reads no table row. Ids are
+    selected, then deleted by id lists (`DELETE ... RETURNING` needs SQLite 3.35; one
+    statement per id costs twice the time).
+    """
+    (stored,) = db.execute("SELECT COUNT(*) FROM events").fetchone()
+    excess = min(max(stored - keep, 0), limit)
+    oldest = _delete_selected(db, "SELECT id FROM events ORDER BY id LIMIT ?", [excess])
+    aged = _delete_selected(
+        db,
+        "SELECT id FROM events WHERE timestamp < ? ORDER BY timestamp LIMIT ?",
+        [cutoff, limit - len(oldest)],
+    )
+    return oldest + aged
+
+
+def _delete_selected(db: sqlite_utils.Database, select: str, params: list[Any]) -> list[int]:
+    """Delete the events whose ids `select` returns; those ids."""
+    ids = [row[0] for row in db.execute(select, params).fetchall()]
+    for start in range(0, len(ids), DELETE_IDS_PER_STATEMENT):
+        part = ids[start : start + DELETE_IDS_PER_STATEMENT]
+        db.execute(f"DELETE FROM events WHERE id IN ({', '.join('?' * len(part))})", part)
+    return ids
 
 
 def _event_count(message: Any) -> int:
