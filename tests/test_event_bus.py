@@ -395,6 +395,44 @@ async def test_publish_with_commits_the_change_and_the_event_together(
         assert await drain(subscriber, 3) == [1, 2, 3]
 
 
+async def test_publish_with_before_stores_those_events_in_the_same_transaction(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A run's end: `agent.completed` and `task.completed` with the task's change, one
+    ask and one store write; a write that raises undoes its own event only."""
+    async with running_bus(tmp_path) as bus:
+        subscriber = bus.subscribe(EventFilter())
+
+        def record(db: Any) -> int:
+            db.execute("CREATE TABLE IF NOT EXISTS marks (n INTEGER)")
+            db.execute("INSERT INTO marks (n) VALUES (7)")
+            return 7
+
+        def refuse(db: Any) -> int:
+            db.execute("INSERT INTO marks (n) VALUES (8)")
+            raise Unavailable("no, not this one")
+
+        batches = bus.statistics().batches
+        before = [
+            ("log", "s", Level.INFO, {"which": "a"}),
+            ("log", "s", Level.INFO, {"which": "b"}),
+        ]
+        event, result = await bus.publish_with(
+            record, "log", "s", Level.INFO, {"which": "c"}, before=before
+        )
+        assert (event.id, event.data, result) == (3, {"which": "c"}, 7)
+        assert bus.statistics().batches == batches + 1  # one transaction
+        with pytest.raises(Unavailable, match="not this one"):
+            await bus.publish_with(
+                refuse, "log", "s", Level.INFO, {"which": "e"}, before=[before[0]]
+            )
+        stored = await bus.history(EventFilter())
+        marks = await bus.store.read(lambda db: [r["n"] for r in db.query("SELECT n FROM marks")])
+        assert [(e.id, e.data["which"]) for e in stored] == [(1, "a"), (2, "b"), (3, "c"), (4, "a")]
+        assert marks == [7]
+        assert await drain(subscriber, 4) == [1, 2, 3, 4]
+
+
 # -- back-pressure in events (a flood of agent output) --------------------------------------
 
 

@@ -274,6 +274,7 @@ class EventBus(Actor[Any]):
         level: Level = Level.INFO,
         data: Mapping[str, Any] | None = None,
         *,
+        before: Sequence[tuple[str, str | None, Level, Mapping[str, Any]]] = (),
         timeout: float = 30.0,
     ) -> tuple[Event, T]:
         """Run `write(db)` and store the event in one transaction; deliver it after.
@@ -282,11 +283,19 @@ class EventBus(Actor[Any]):
         and no window in which one is stored without the other). If `write`
         raises, nothing of it and no event is stored and the caller gets the
         exception; the other events of the batch are not affected.
+
+        `before` ((type, session id, level, data) each) are stored in that same
+        transaction just ahead of the event (not undone by a `write` that
+        raises: they happened), and delivered with it: one ask and one commit
+        for a run's end, instead of one per event.
         """
         payload = check_publishable(type, data or {})
-        answer: tuple[Event, T] = await self.ask(
-            Publish(type, session_id, level, payload, write), timeout=timeout
-        )
+        main = Publish(type, session_id, level, payload, write)
+        message: Publish | PublishMany = main
+        if before:
+            items = [Publish(t, s, lv, check_publishable(t, d)) for t, s, lv, d in before]
+            message = PublishMany((*items, main))
+        answer: tuple[Event, T] = await self.ask(message, timeout=timeout)
         return answer
 
     async def emit(
@@ -567,6 +576,7 @@ class EventBus(Actor[Any]):
     async def _publish_batch(self, batch: list[Any]) -> None:
         # (reply channel or None for `emit`, what to publish), in mailbox order.
         pending: list[tuple[Call | None, Publish]] = []
+        asked = 0  # events without a call of their own that a caller waits for
         for message in batch:
             if isinstance(message, Publish):
                 pending.append((None, message))
@@ -574,6 +584,12 @@ class EventBus(Actor[Any]):
                 pending.extend((None, item) for item in message.items)
             elif isinstance(message, Call) and isinstance(message.message, Publish):
                 pending.append((message, message.message))
+            elif isinstance(message, Call) and isinstance(message.message, PublishMany):
+                # `publish_with(before=...)`: the call is answered with its last event.
+                *ahead, last = message.message.items
+                pending.extend((None, item) for item in ahead)
+                pending.append((message, last))
+                asked += len(ahead)
             else:
                 await self.dispatch(message)
         if not pending:
@@ -615,7 +631,7 @@ class EventBus(Actor[Any]):
             await self.store.write(insert)
         except LokiError as exc:
             # Nothing was stored: the ids are not used, callers hear why, emits are logged.
-            failed = sum(1 for call, _ in pending if call is None)
+            failed = sum(1 for call, _ in pending if call is None) - asked
             if failed:
                 log.error("%d emitted events were not stored: %s", failed, exc)
             for call, _ in pending:
@@ -763,6 +779,8 @@ def _delete_selected(db: sqlite_utils.Database, select: str, params: list[Any]) 
 
 def _event_count(message: Any) -> int:
     """Events a mailbox message carries (for the batch's `max_batch_events`)."""
+    if isinstance(message, Call):
+        message = message.message
     return len(message.items) if isinstance(message, PublishMany) else 1
 
 

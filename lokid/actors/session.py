@@ -438,8 +438,9 @@ class SessionActor(Actor[Any]):
         are committed in one transaction (`EventBus.publish_with`), under the lock.
 
         `also` runs in that transaction before the session row changes;
-        `before` are emitted just ahead of the transition's event (bootstrap:
-        the tasks, their `task.created` and `session.started`). With
+        `before` are stored in that transaction just ahead of the transition's
+        event (bootstrap: the tasks' `task.created` and `phase.completed`, then
+        `session.started`; a completion: its phase events). With
         `in_memory_if_unstored`, a transition the store refuses
         (`StoreUnavailable`, re-raised) is still applied in memory: the caller
         has it recorded later (a stop: by the final transition).
@@ -471,10 +472,10 @@ class SessionActor(Actor[Any]):
                     requeue_active_tasks(db, self.id, f"run cut off: {cut_off_by}")
                 return update_session(db, self.id, **update)
 
-            if before:
-                await self.bus.emit_many(before)
             try:
                 if transition.event is None:
+                    if before:
+                        await self.bus.emit_many(before)
                     session = await self.store.write(write)
                 else:
                     _, session = await self.bus.publish_with(
@@ -483,6 +484,7 @@ class SessionActor(Actor[Any]):
                         self.id,
                         _LEVEL_FOR_EVENT.get(transition.event, Level.INFO),
                         {"status": transition.after.value, **(data or {})},
+                        before=before,
                     )
             except StoreUnavailable:
                 if in_memory_if_unstored:
@@ -733,14 +735,24 @@ class SessionActor(Actor[Any]):
                 exit_reason="stopped",
             )
         elif ending is not None and not self._shutdown:
-            if ending.trigger is Trigger.COMPLETE:
-                await self._set_phase("completion")
+            # A completion enters its phase in the same transaction as the transition.
+            phase: dict[str, Any] = {}
+            before: list[EventArgs] = []
+            if ending.trigger is Trigger.COMPLETE and self.phase != "completion":
+                phase["phase"] = "completion"
+                if self.phase is not None:
+                    before.append(("phase.completed", self.id, Level.INFO, {"phase": self.phase}))
+                before.append(("phase.started", self.id, Level.INFO, {"phase": "completion"}))
             await self._fire(
                 ending.trigger,
                 data={"exitReason": ending.reason, "detail": ending.detail},
+                before=before,
                 exit_reason=ending.reason,
                 last_error=ending.detail if ending.trigger is Trigger.FAIL else None,
+                **phase,
             )
+            if phase:
+                self.phase = "completion"
         elif self.status in (Status.STARTING, Status.RUNNING, Status.PAUSED):
             await self._fire(Trigger.DAEMON_RESTART, data={"reason": "daemon shutdown"})
 
@@ -1398,7 +1410,7 @@ class SessionActor(Actor[Any]):
         else:
             failure = self._verdict(result, outcome, stderr, spec, seconds=seconds)
         worker.run_over = True
-        await self.bus.publish(
+        ended: EventArgs = (
             "agent.completed" if failure.ok else "agent.failed",
             self.id,
             Level.INFO if failure.ok else Level.WARNING,
@@ -1414,6 +1426,15 @@ class SessionActor(Actor[Any]):
                 **({} if failure.ok else {"code": failure.code, "error": failure.reason}),
             },
         )
+        # The agent's end and the task's in one transaction (one ask, one commit),
+        # unless the run's task is not this run's to settle, or a merge comes between.
+        if not self._ends_run_here(worker) and (tree is None or not failure.ok):
+            if failure.ok:
+                await self._task_completed(task, attempt, before=[ended])
+            else:
+                await self._task_failed(task, attempt, failure, resume_id, before=[ended])
+            return
+        await self.bus.publish(*ended)
         if self._stop_wanted or self._shutdown:
             return  # the end transition puts the task back
         if worker.cut_by_pause:
@@ -1606,7 +1627,14 @@ class SessionActor(Actor[Any]):
                 "input.applied", self.id, Level.INFO, {"inputId": input_id, "taskId": task_id}
             )
 
-    async def _task_completed(self, task: RunnerTask, attempt: int) -> None:
+    def _ends_run_here(self, worker: _Worker) -> bool:
+        """The session stops or shuts down, or a pause cut this run: its task is not
+        completed by it (put back by the end transition, or requeued)."""
+        return self._stop_wanted or self._shutdown or worker.cut_by_pause
+
+    async def _task_completed(
+        self, task: RunnerTask, attempt: int, *, before: Sequence[EventArgs] = ()
+    ) -> None:
         self._consecutive_failures = self._consecutive_rate_limits = 0
         self._not_before.pop(task.id, None)
         now = utc_now_iso()
@@ -1629,6 +1657,7 @@ class SessionActor(Actor[Any]):
             self.id,
             Level.INFO,
             {"taskId": task.id, "title": task.title, "attempts": attempt},
+            before=before,
         )
         self._mirror_dirty.set()
         if self._ending is None:  # the budget is the scheduler's (it knows what is left)
@@ -1654,6 +1683,8 @@ class SessionActor(Actor[Any]):
         attempt: int,
         failure: providers.Failure,
         resume_id: list[str] | None = None,
+        *,
+        before: Sequence[EventArgs] = (),
     ) -> None:
         # A rate limit is the provider's, not the task's or the agent's: it uses up no
         # attempt and no consecutive failure; maxIterations and the waits bound it.
@@ -1697,7 +1728,12 @@ class SessionActor(Actor[Any]):
             "retryInSeconds": None if final or delay is None or no_retry else round(delay, 3),
         }
         await self.bus.publish_with(
-            write, "task.failed", self.id, Level.ERROR if final else Level.WARNING, data
+            write,
+            "task.failed",
+            self.id,
+            Level.ERROR if final else Level.WARNING,
+            data,
+            before=before,
         )
         self._mirror_dirty.set()
         if self._ending is None:  # else the session ends already (it may have cut this run)
