@@ -126,10 +126,10 @@ async def test_a_prd_that_became_a_fifo_fails_the_bootstrap_instead_of_hanging(
     prd = project / "prd.md"
     real_prepare = session_module._prepare_project
 
-    def swapped(paths: Any, prd_path: Path, new: bool) -> Any:
+    def swapped(paths: Any, prd_path: Path, *args: Any) -> Any:
         prd_path.unlink()  # replaced after the create's checks, before the bootstrap reads it
         os.mkfifo(prd_path)
-        return real_prepare(paths, prd_path, new)
+        return real_prepare(paths, prd_path, *args)
 
     monkeypatch.setattr(session_module, "_prepare_project", swapped)
     async with lab(tmp_path / "home") as lab_:
@@ -941,6 +941,26 @@ async def test_the_mirror_reads_pending_json_again_only_when_it_changed(
     assert syncs[0] >= 3
     assert reads[0] - before >= 1
     assert reads[0] <= 5
+
+
+def test_the_bootstrap_hands_the_mirror_the_empty_queue_it_made(tmp_path: Path) -> None:
+    """`_prepare_project` of a new session looks at `pending.json` in its own thread hop:
+    a queue holding only the PRD's tasks is a view (the first ingest is a `stat`); one
+    holding more, or unreadable, is read again after the bootstrap."""
+    from lokid import lokidir
+
+    project = make_project(tmp_path, "# App\n\n## Features\n- First\n")
+    paths = lokidir.LokiPaths.for_project(project)
+    parsed, seen = session_module._prepare_project(paths, project / "prd.md", True, True)
+    assert [task.id for task in parsed.tasks] == ["prd-001"]
+    assert seen is not None and seen.replaceable
+    assert seen.stamp == lokidir.file_stamp(paths.pending)
+    assert session_module._prepare_project(paths, project / "prd.md", True, False)[1] is None
+    for text in ('[{"id": "agent-1", "title": "Added"}]', "{not json"):
+        paths.pending.write_text(text)
+        assert session_module._prepare_project(paths, project / "prd.md", False, True)[1] is None
+    paths.pending.write_text('[{"id": "prd-001", "title": "First"}]')
+    assert session_module._prepare_project(paths, project / "prd.md", False, True)[1] is not None
 
 
 def write_atomically(path: Path, data: bytes) -> None:

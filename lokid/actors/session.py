@@ -774,8 +774,12 @@ class SessionActor(Actor[Any]):
         self.phase = "bootstrap"
         await self.bus.emit("phase.started", self.id, Level.INFO, {"phase": "bootstrap"})
         try:
-            parsed = await trio.to_thread.run_sync(
-                _prepare_project, self.paths, self.prd_path, self.iteration == 0
+            parsed, seen = await trio.to_thread.run_sync(
+                _prepare_project,
+                self.paths,
+                self.prd_path,
+                self.iteration == 0,
+                self.status is Status.STARTING,
             )
         except (LokiError, OSError) as exc:
             return Ending(Trigger.FAIL, "bootstrapFailed", _bootstrap_problem(self.prd_path, exc))
@@ -821,6 +825,8 @@ class SessionActor(Actor[Any]):
             )
         else:
             await self._record_bootstrap(new, events)
+        if seen is not None and self._pending.stamp is None:
+            self._pending = seen  # the mirror's first look is a `stat`, not a read
         self._bootstrapped = True
         await self.bus.emit("phase.started", self.id, Level.INFO, {"phase": "development"})
         return None
@@ -1150,23 +1156,26 @@ class SessionActor(Actor[Any]):
             known = {task.id for task in tasks}
             if ingest and await self._ingest(known, force=False, throttle=False):
                 session, tasks = await self.store.read(self._read_state)
-            pending = self._pending
-            if not ingest:  # the session ended: a file with tasks not taken stays as it is
-                pending = await trio.to_thread.run_sync(pending_view, self.paths.pending, known)
-            try:
-                self._pending = await trio.to_thread.run_sync(
-                    lambda: write_mirror(
-                        self.paths,
-                        session,
-                        tasks,
-                        pending=pending,
-                        pid=os.getpid(),
-                        version=__version__,
-                        retries=self._retries,
-                        last_exit_code=self._last_exit_code,
-                        state=self._mirror,
-                    )
+            seen = self._pending
+
+            def write() -> PendingView:
+                # The session ended: a file with tasks not taken stays as it is (read
+                # in the write's own thread hop).
+                pending = seen if ingest else pending_view(self.paths.pending, known)
+                return write_mirror(
+                    self.paths,
+                    session,
+                    tasks,
+                    pending=pending,
+                    pid=os.getpid(),
+                    version=__version__,
+                    retries=self._retries,
+                    last_exit_code=self._last_exit_code,
+                    state=self._mirror,
                 )
+
+            try:
+                self._pending = await trio.to_thread.run_sync(write)
             except LokiError as exc:
                 await self._warn("loki_dir", exc.message)
 
@@ -1910,12 +1919,32 @@ def _bootstrap_problem(prd_path: Path, exc: LokiError | OSError) -> str:
     return f"{prd_path}: {message}"
 
 
-def _prepare_project(paths: lokidir.LokiPaths, prd_path: Path, new: bool) -> PrdParseResult:
-    """Bootstrap's file work, in one worker thread: `.loki/`, the PRD, its tasks."""
+def _prepare_project(
+    paths: lokidir.LokiPaths, prd_path: Path, new: bool, look_at_pending: bool
+) -> tuple[PrdParseResult, PendingView | None]:
+    """Bootstrap's file work, in one worker thread: `.loki/`, the PRD, its tasks.
+
+    With `look_at_pending` (a session still `starting`: its tasks in the store
+    will be the PRD's), also what the runner would read of `queue/pending.json`
+    first: a view if it holds nothing but the PRD's tasks (e.g. the empty queue
+    just made), so the first ingest needs no read while the file keeps that
+    stamp; None if it holds more, or cannot be read (read again after the bootstrap).
+    """
     lokidir.init_loki_dir(paths.project)
     if new:  # nothing of an earlier run applies
         _fresh_run_files(paths)
-    return _read_prd(prd_path)
+    parsed = _read_prd(prd_path)
+    if not look_at_pending:
+        return parsed, None
+    try:
+        found, stamp = lokidir.ingest_pending_file(
+            paths.pending, {task.id for task in parsed.tasks}
+        )
+    except lokidir.LokiDirFormatError:
+        return parsed, None
+    if found.tasks or found.deferred or found.warnings or stamp is None:
+        return parsed, None
+    return parsed, PendingView(stamp, wrapper=found.wrapper)
 
 
 def _read_prd(prd_path: Path) -> PrdParseResult:
