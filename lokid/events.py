@@ -87,6 +87,8 @@ class Event:
     session_id: str | None
     level: Level
     data: Mapping[str, Any]
+    data_json: str | None = attrs.field(default=None, eq=False, repr=False)
+    """`compact_json(data)` when the publisher computed it already (encoded once)."""
 
     def envelope(self) -> dict[str, Any]:
         return {
@@ -105,7 +107,19 @@ def compact_json(value: Any) -> str:
 
 
 def envelope_json(event: Event) -> str:
-    return compact_json(event.envelope())
+    if event.data_json is None:
+        return compact_json(event.envelope())
+    # `data` is the envelope's last key: the same text as encoding it whole.
+    head = compact_json(
+        {
+            "id": event.id,
+            "type": event.type,
+            "timestamp": event.timestamp,
+            "sessionId": event.session_id,
+            "level": event.level.label,
+        }
+    )
+    return f'{head[:-1]},"data":{event.data_json}}}'
 
 
 @attrs.frozen
@@ -263,10 +277,17 @@ def check_publishable(
     "\\ud800" escape in a stream-json line), and neither SQLite nor a UTF-8 frame can
     carry it: it crashed the event bus, and with it every actor started after it.
     """
+    return publishable(event_type, data, known)[0]
+
+
+def publishable(
+    event_type: str, data: Mapping[str, Any], known: Iterable[str] = EVENT_TYPES
+) -> tuple[dict[str, Any], str]:
+    """`check_publishable`, and the data's `compact_json` (stored and sent as is)."""
     if event_type not in known or event_type == "stream.reset":
         raise ValueError(f"cannot publish event type {event_type!r}")
-    text = json.dumps(data, ensure_ascii=False)
+    text = compact_json(data)
     if LONE_SURROGATE.search(text) is None:
-        return dict(data)
+        return dict(data), text
     cleaned: dict[str, Any] = without_lone_surrogates(dict(data))
-    return cleaned
+    return cleaned, compact_json(cleaned)

@@ -20,6 +20,7 @@ from lokid.events import (
     make_filter,
     parse_level,
     parse_types,
+    publishable,
     sse_comment,
     sse_unnumbered,
 )
@@ -143,6 +144,38 @@ def test_publishable_data_has_lone_surrogates_replaced() -> None:
         "\ufffd": {"x": "\ufffd"},
     }
     assert dirty["text"] == "a\ud800"  # the caller's value is left alone
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.text(),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+            lambda inner: (
+                st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3)
+            ),
+            max_leaves=8,
+        ),
+        max_size=5,
+    ),
+    st.sampled_from([None, "s1", 'a"\\b']),
+)
+def test_data_encoded_once_frames_as_if_encoded_whole(
+    data: dict[str, object], session: str | None
+) -> None:
+    """The bus encodes an event's data once (`publishable`) and builds the stored row and
+    the SSE envelope from that text: byte for byte what encoding the envelope whole gives."""
+    payload, text = publishable("log", data)
+    assert payload == check_publishable("log", data)
+    assert json.loads(text) == payload
+    plain = Event(7, "log", "2026-11-29T12:00:00.000Z", session, Level.WARNING, payload)
+    once = Event(7, "log", "2026-11-29T12:00:00.000Z", session, Level.WARNING, payload, text)
+    assert once == plain
+    assert EncodedEvent.of(once) == EncodedEvent.of(plain)
+    assert EncodedEvent.of(once).json == json.dumps(
+        plain.envelope(), separators=(",", ":"), ensure_ascii=False
+    )
 
 
 def test_publishing_unknown_or_reserved_types_is_a_bug() -> None:

@@ -73,9 +73,9 @@ from lokid.events import (
     Event,
     EventFilter,
     Level,
-    check_publishable,
     compact_json,
     event_from_row,
+    publishable,
 )
 from lokid.timefmt import iso, utc_now, utc_now_iso
 
@@ -97,6 +97,21 @@ class Publish:
     data: Mapping[str, Any]
     write: Callable[[sqlite_utils.Database], Any] | None = attrs.field(default=None, eq=False)
     """`publish_with`: a store write committed in the same transaction as the event."""
+    text: str | None = attrs.field(default=None, eq=False)
+    """`compact_json(data)`, computed by `publishable`: stored and sent without encoding again."""
+
+    @classmethod
+    def checked(
+        cls,
+        type: str,
+        session_id: str | None,
+        level: Level,
+        data: Mapping[str, Any],
+        write: Callable[[sqlite_utils.Database], Any] | None = None,
+    ) -> Publish:
+        """`publishable` data (a bug raises `ValueError`), encoded once."""
+        payload, text = publishable(type, data)
+        return cls(type, session_id, level, payload, write, text)
 
 
 @attrs.frozen
@@ -262,8 +277,8 @@ class EventBus(Actor[Any]):
         timeout: float = 30.0,
     ) -> Event:
         """Store and deliver one event; returns it with its id once it is durable."""
-        payload = check_publishable(type, data or {})
-        event: Event = await self.ask(Publish(type, session_id, level, payload), timeout=timeout)
+        message = Publish.checked(type, session_id, level, data or {})
+        event: Event = await self.ask(message, timeout=timeout)
         return event
 
     async def publish_with(
@@ -289,11 +304,10 @@ class EventBus(Actor[Any]):
         raises: they happened), and delivered with it: one ask and one commit
         for a run's end, instead of one per event.
         """
-        payload = check_publishable(type, data or {})
-        main = Publish(type, session_id, level, payload, write)
+        main = Publish.checked(type, session_id, level, data or {}, write)
         message: Publish | PublishMany = main
         if before:
-            items = [Publish(t, s, lv, check_publishable(t, d)) for t, s, lv, d in before]
+            items = [Publish.checked(t, s, lv, d) for t, s, lv, d in before]
             message = PublishMany((*items, main))
         answer: tuple[Event, T] = await self.ask(message, timeout=timeout)
         return answer
@@ -312,8 +326,7 @@ class EventBus(Actor[Any]):
         order with every other publish; if the store refuses the batch it is
         logged, since nobody is waiting to be told.
         """
-        payload = check_publishable(type, data or {})
-        await self._emit_message(Publish(type, session_id, level, payload), 1)
+        await self._emit_message(Publish.checked(type, session_id, level, data or {}), 1)
 
     async def emit_many(
         self, events: Sequence[tuple[str, str | None, Level, Mapping[str, Any]]]
@@ -321,10 +334,7 @@ class EventBus(Actor[Any]):
         """`emit` each of `events` ((type, session id, level, data)), in order, with one
         mailbox message per `MAX_EMIT_MANY`: a batch of agent output costs the bus one
         hop instead of one per line. Each message waits for room in the backlog."""
-        items = []
-        for type, session_id, level, data in events:
-            payload = check_publishable(type, data)
-            items.append(Publish(type, session_id, level, payload))
+        items = [Publish.checked(*event) for event in events]
         for start in range(0, len(items), MAX_EMIT_MANY):
             chunk = tuple(items[start : start + MAX_EMIT_MANY])
             await self._emit_message(PublishMany(chunk), len(chunk))
@@ -614,15 +624,16 @@ class EventBus(Actor[Any]):
                         outcomes[index] = _Failed(exc)
                         continue
                     db.execute("RELEASE lokid_publish_write")
+                text = p.text if p.text is not None else compact_json(p.data)
                 stored.append(
-                    Event(first_id + len(stored), p.type, now, p.session_id, p.level, p.data)
+                    Event(first_id + len(stored), p.type, now, p.session_id, p.level, p.data, text)
                 )
                 where.append(index)
             db.conn.executemany(
                 "INSERT INTO events (id, type, session_id, level, timestamp, data)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 [
-                    (e.id, e.type, e.session_id, int(e.level), e.timestamp, compact_json(e.data))
+                    (e.id, e.type, e.session_id, int(e.level), e.timestamp, e.data_json)
                     for e in stored
                 ],
             )
