@@ -17,6 +17,8 @@ set in its environment (else it runs `python -m lokid serve` itself):
                                       call, by function; DIR/<home>.threads.txt at exit
     BENCH_SESSIONS_TRIO_STATS=DIR     trio task steps (by task) and run-loop passes
                                       (`bench.investigate.LoopStats`); DIR/<home>.trio.txt
+    BENCH_SESSIONS_STORE_STATS=DIR    the store's counters at exit (writes, reads, commits);
+                                      DIR/<home>.store.txt
 
 They change what is measured; figures for docs/performance.md are taken
 without them.
@@ -48,6 +50,7 @@ KNOBS = (
     "BENCH_SESSIONS_THREAD_STATS",
     "BENCH_SESSIONS_TRIO_STATS",
     "BENCH_SESSIONS_NO_FSYNC",
+    "BENCH_SESSIONS_STORE_STATS",
 )
 
 
@@ -74,6 +77,26 @@ def _patch() -> None:
     }
     if settings:
         names["RunnerSettings"] = functools.partial(names["RunnerSettings"], **settings)
+    if store_dir := os.environ.get("BENCH_SESSIONS_STORE_STATS"):
+        made: list[Any] = []
+        store_actor = names["StoreActor"]
+
+        def store(*args: Any, **kwargs: Any) -> Any:
+            made.append(store_actor(*args, **kwargs))
+            return made[-1]
+
+        def report() -> None:
+            home = Path(os.environ.get("LOKI_HOME", "lokid")).name
+            lines = []
+            for actor in made:
+                stats = actor.statistics()
+                lines.append(
+                    f"writes {stats.writes} reads {stats.read_count} commits {stats.batches}"
+                )
+            (Path(store_dir) / f"{home}.store.txt").write_text("\n".join(lines) + "\n")
+
+        names["StoreActor"] = store
+        atexit.register(report)
 
 
 class ThreadStats:
