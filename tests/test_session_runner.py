@@ -103,6 +103,50 @@ async def test_a_session_runs_every_task_and_completes(tmp_path: Path, agent_log
     assert autonomy["status"] == "completion_promise_fulfilled"
 
 
+async def test_the_last_loki_write_uses_what_the_final_transition_read(
+    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end's transaction reads the session and its tasks: the last `.loki/` write
+    needs no store read of its own, and says what the store says."""
+    import functools
+
+    from lokid import daemon as daemon_module
+
+    monkeypatch.setattr(
+        daemon_module,
+        "RunnerSettings",
+        functools.partial(session_module.RunnerSettings, mirror_interval=3600),
+    )
+    reads = [0]
+    real = SessionActor._read_state
+
+    def counted(self: SessionActor, db: Any) -> Any:
+        reads[0] += 1
+        return real(self, db)
+
+    monkeypatch.setattr(SessionActor, "_read_state", counted)
+    project = make_project(tmp_path, "# App\n\n## Features\n- First\n- Second\n")
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        session = await lab_.wait_status(sid, "completed", "failed")
+        await eventually(
+            lambda: (project / ".loki" / "state" / "orchestrator.json").exists(), "the mirror"
+        )
+    assert session["status"] == "completed"
+    assert reads[0] == 0  # the mirror loop waits an hour; the end read nothing
+    loki = project / ".loki"
+    completed = json.loads((loki / "queue" / "completed.json").read_text())
+    assert [t["id"] for t in completed] == ["prd-001", "prd-002"]
+    orchestrator = json.loads((loki / "state" / "orchestrator.json").read_text())
+    assert (orchestrator["currentPhase"], orchestrator["metrics"]["tasksCompleted"]) == (
+        "COMPLETED",
+        2,
+    )
+    assert orchestrator["sessionId"] == sid and orchestrator["status"] == "completed"
+    autonomy = json.loads((loki / "autonomy-state.json").read_text())
+    assert autonomy["status"] == "completion_promise_fulfilled"
+
+
 async def test_fifos_named_like_queue_files_do_not_hang_the_bootstrap(
     tmp_path: Path, agent_log: Path
 ) -> None:

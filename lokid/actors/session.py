@@ -315,6 +315,9 @@ class SessionActor(Actor[Any]):
         self._warnings_seen: set[str] = set()
         self._mirror = MirrorState()
         self._pending = PendingView(None)  # what we last read or wrote of pending.json
+        # The session and its tasks as the final transition left them (its transaction
+        # read them): the last `.loki/` write, without a store read.
+        self._final_state: tuple[dict[str, Any], list[RunnerTask]] | None = None
         self._mirror_dirty = trio.Event()
         self._sync_lock = trio.Lock()
         self._survivors: list[int] = []
@@ -432,6 +435,7 @@ class SessionActor(Actor[Any]):
         also: Callable[[sqlite_utils.Database], object] | None = None,
         before: Sequence[EventArgs] = (),
         in_memory_if_unstored: bool = False,
+        final: bool = False,
         **fields: Any,
     ) -> dict[str, Any]:
         """Apply `trigger`: the state machine decides, then the change and its event
@@ -443,7 +447,9 @@ class SessionActor(Actor[Any]):
         `session.started`; a completion: its phase events). With
         `in_memory_if_unstored`, a transition the store refuses
         (`StoreUnavailable`, re-raised) is still applied in memory: the caller
-        has it recorded later (a stop: by the final transition).
+        has it recorded later (a stop: by the final transition). With `final`
+        (the session's end), the transaction also reads the tasks: the last
+        `.loki/` write needs no store read of its own (`_final_state`).
         """
         async with self._lock:
             transition = step(self.lifecycle.status, trigger)  # IllegalTransition: nothing changed
@@ -465,12 +471,17 @@ class SessionActor(Actor[Any]):
                 else f"the session {transition.after.value}"
             )
 
+            kept: list[tuple[dict[str, Any], list[RunnerTask]]] = []
+
             def write(db: sqlite_utils.Database) -> dict[str, Any]:
                 if also is not None:
                     also(db)
                 if requeue:  # in words, not the trigger's internal name
                     requeue_active_tasks(db, self.id, f"run cut off: {cut_off_by}")
-                return update_session(db, self.id, **update)
+                session = update_session(db, self.id, **update)
+                if final:
+                    kept[:] = [(session, runner_tasks(db, self.id))]
+                return session
 
             try:
                 if transition.event is None:
@@ -492,6 +503,8 @@ class SessionActor(Actor[Any]):
                     self._poke()
                 raise
             self.lifecycle.fire(trigger)
+            if kept:
+                self._final_state = kept[0]
         self._poke()
         self._mirror_dirty.set()
         return session
@@ -732,6 +745,7 @@ class SessionActor(Actor[Any]):
             await self._fire(
                 Trigger.AGENTS_GONE,
                 data={"survivors": self._survivors, "source": self._stop_source},
+                final=True,
                 exit_reason="stopped",
             )
         elif ending is not None and not self._shutdown:
@@ -747,6 +761,7 @@ class SessionActor(Actor[Any]):
                 ending.trigger,
                 data={"exitReason": ending.reason, "detail": ending.detail},
                 before=before,
+                final=True,
                 exit_reason=ending.reason,
                 last_error=ending.detail if ending.trigger is Trigger.FAIL else None,
                 **phase,
@@ -754,7 +769,7 @@ class SessionActor(Actor[Any]):
             if phase:
                 self.phase = "completion"
         elif self.status in (Status.STARTING, Status.RUNNING, Status.PAUSED):
-            await self._fire(Trigger.DAEMON_RESTART, data={"reason": "daemon shutdown"})
+            await self._fire(Trigger.DAEMON_RESTART, data={"reason": "daemon shutdown"}, final=True)
 
     async def _warn_undelivered_inputs(self) -> None:
         """`undelivered_inputs_warning`, before the session's end is announced."""
@@ -1152,7 +1167,10 @@ class SessionActor(Actor[Any]):
         if not self._bootstrapped and not self.paths.root.is_dir():
             return  # not bootstrapped yet
         async with self._sync_lock:
-            session, tasks = await self.store.read(self._read_state)
+            if not ingest and self._final_state is not None:
+                session, tasks = self._final_state  # read by the final transition
+            else:
+                session, tasks = await self.store.read(self._read_state)
             known = {task.id for task in tasks}
             if ingest and await self._ingest(known, force=False, throttle=False):
                 session, tasks = await self.store.read(self._read_state)
@@ -1183,6 +1201,7 @@ class SessionActor(Actor[Any]):
         return get_session_fields(db, self.id), runner_tasks(db, self.id)
 
     async def _add_agent_tasks(self, new: tuple[lokidir.AgentTask, ...]) -> None:
+        self._final_state = None  # (taken after the end: the last write reads them)
         await add_agent_tasks(self.store, self.bus, self.id, new)
         self._mirror_dirty.set()  # their files, and the next read of what a read left
         self._poke()
@@ -1251,6 +1270,7 @@ class SessionActor(Actor[Any]):
         except LokiError as exc:  # the store refused: they go with the worktree
             log.warning("%s: %s's .loki/ not taken: %s", self.name, tree.path, exc.message)
             return
+        self._final_state = None
         self._mirror_dirty.set()
         if request is not None and self._completion is None:
             self._completion = request.statement or "the agent requested completion"
