@@ -318,6 +318,9 @@ class SessionActor(Actor[Any]):
         # The session and its tasks as the final transition left them (its transaction
         # read them): the last `.loki/` write, without a store read.
         self._final_state: tuple[dict[str, Any], list[RunnerTask]] | None = None
+        # The tasks as the bootstrap's transaction left them, for the scheduler's first
+        # step; dropped by any other change of them before it (`_take_fresh_tasks`).
+        self._fresh_tasks: list[RunnerTask] | None = None
         self._mirror_dirty = trio.Event()
         self._sync_lock = trio.Lock()
         self._survivors: list[int] = []
@@ -436,6 +439,7 @@ class SessionActor(Actor[Any]):
         before: Sequence[EventArgs] = (),
         in_memory_if_unstored: bool = False,
         final: bool = False,
+        read_tasks: bool = False,
         **fields: Any,
     ) -> dict[str, Any]:
         """Apply `trigger`: the state machine decides, then the change and its event
@@ -449,7 +453,9 @@ class SessionActor(Actor[Any]):
         (`StoreUnavailable`, re-raised) is still applied in memory: the caller
         has it recorded later (a stop: by the final transition). With `final`
         (the session's end), the transaction also reads the tasks: the last
-        `.loki/` write needs no store read of its own (`_final_state`).
+        `.loki/` write needs no store read of its own (`_final_state`); with
+        `read_tasks` (the bootstrap), the scheduler's next step uses them
+        (`_fresh_tasks`).
         """
         async with self._lock:
             transition = step(self.lifecycle.status, trigger)  # IllegalTransition: nothing changed
@@ -479,7 +485,7 @@ class SessionActor(Actor[Any]):
                 if requeue:  # in words, not the trigger's internal name
                     requeue_active_tasks(db, self.id, f"run cut off: {cut_off_by}")
                 session = update_session(db, self.id, **update)
-                if final:
+                if final or read_tasks:
                     kept[:] = [(session, runner_tasks(db, self.id))]
                 return session
 
@@ -503,7 +509,8 @@ class SessionActor(Actor[Any]):
                     self._poke()
                 raise
             self.lifecycle.fire(trigger)
-            if kept:
+            self._fresh_tasks = kept[0][1] if read_tasks else None
+            if final:
                 self._final_state = kept[0]
         self._poke()
         self._mirror_dirty.set()
@@ -646,6 +653,7 @@ class SessionActor(Actor[Any]):
         """Bootstrap (a new session) and development, until an ending or a stop."""
         ending: Ending | None = None
         if requeue is not None:
+            self._fresh_tasks = None
             await self.store.write(lambda db: requeue_active_tasks(db, self.id, requeue))
         with trio.CancelScope() as self._work_scope:
             if self._stop_wanted or self._shutdown:
@@ -836,6 +844,7 @@ class SessionActor(Actor[Any]):
                 },
                 also=lambda db: insert_tasks(db, self.id, new),
                 before=events,
+                read_tasks=True,
                 phase="development",
             )
         else:
@@ -932,7 +941,12 @@ class SessionActor(Actor[Any]):
             if now < self._hold_until:
                 await self._wait_change(self._hold_until - now)
                 continue
-            tasks = await self.store.read(lambda db: runner_tasks(db, self.id))
+            fresh = self._take_fresh_tasks()
+            tasks: list[RunnerTask] = (
+                fresh
+                if fresh is not None
+                else await self.store.read(lambda db: runner_tasks(db, self.id))
+            )
             if await self._ingest({t.id for t in tasks}, force=False):
                 continue
             task = self._next_task(tasks, now)
@@ -961,6 +975,13 @@ class SessionActor(Actor[Any]):
             worker = _Worker(task.id)
             self._workers[task.id] = worker
             workers.start_soon(self._work_on, worker, task, self.iteration)
+
+    def _take_fresh_tasks(self) -> list[RunnerTask] | None:
+        """The tasks the bootstrap's transaction read, once: the scheduler's first step
+        starts no read of its own (no worker runs before it, and each other change of
+        the tasks drops them: `_fire`, `_add_agent_tasks`, `_take_worktree_loki`)."""
+        tasks, self._fresh_tasks = self._fresh_tasks, None
+        return tasks
 
     def _parallel_limit(self) -> int:
         if not self.options.get("parallel"):
@@ -1201,7 +1222,7 @@ class SessionActor(Actor[Any]):
         return get_session_fields(db, self.id), runner_tasks(db, self.id)
 
     async def _add_agent_tasks(self, new: tuple[lokidir.AgentTask, ...]) -> None:
-        self._final_state = None  # (taken after the end: the last write reads them)
+        self._final_state = self._fresh_tasks = None  # the last write and the next step read
         await add_agent_tasks(self.store, self.bus, self.id, new)
         self._mirror_dirty.set()  # their files, and the next read of what a read left
         self._poke()
@@ -1270,7 +1291,7 @@ class SessionActor(Actor[Any]):
         except LokiError as exc:  # the store refused: they go with the worktree
             log.warning("%s: %s's .loki/ not taken: %s", self.name, tree.path, exc.message)
             return
-        self._final_state = None
+        self._final_state = self._fresh_tasks = None
         self._mirror_dirty.set()
         if request is not None and self._completion is None:
             self._completion = request.statement or "the agent requested completion"
