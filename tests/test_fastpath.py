@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
+import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -427,3 +429,64 @@ async def test_a_client_that_never_reads_its_answers_is_let_go(
             await trio.sleep(SEND_SECONDS + 1)
             assert listener.statistics().connections_open == 0, inline
             client.close()
+
+
+def reset_connections(port: int, count: int) -> None:
+    """Connect and reset at once (SO_LINGER 0), as port scanners and TCP health checks do.
+
+    Blocking calls with no checkpoint: a listener in this trio run accepts them only
+    after all were reset, when reading the peer's address fails (ENOTCONN)."""
+    for _ in range(count):
+        client = socket.create_connection(("127.0.0.1", port))
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+
+
+@pytest.mark.parametrize("inline", [True, False])
+async def test_connections_reset_before_they_are_served_cost_only_themselves(
+    inline: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each crashed the listener (`getpeername()`: ENOTCONN escaped into its nursery);
+    a few dozen in a row went past the supervisor's restart intensity and stopped
+    the daemon."""
+    caplog.set_level(logging.DEBUG, logger="lokid.listener")
+    with trio.fail_after(20):
+        async with listening(inline) as (listener, port):
+            reset_connections(port, 50)
+            while listener.statistics().connections_total < 50:  # noqa: ASYNC110 - bounded
+                await trio.sleep(0.01)
+            while listener.statistics().connections_open:  # noqa: ASYNC110 - bounded
+                await trio.sleep(0.01)
+            stats = listener.statistics()
+            assert stats.running
+            assert (stats.connections_dropped, stats.connections_failed) == (50, 0)
+            answer = await exchange(port, CLOSE)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    dropped = [r for r in caplog.records if "peer went away" in r.getMessage()]
+    assert len(dropped) == 50
+    assert {r.levelno for r in dropped} == {logging.DEBUG}
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_bug_in_one_connection_is_logged_and_closes_only_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    surface = make_surface()
+
+    @surface.stream("GET", "/broken", "a bug", responses={200: "ok"}, requires="read")
+    async def broken(scope: Scope, receive: Receive, send: Send) -> None:
+        raise RuntimeError("a bug in one handler")
+
+    with trio.fail_after(20):
+        async with listening(True, surface) as (listener, port):
+            answer = await exchange(port, CLOSE.replace(b"/fast", b"/broken"))
+            assert answer == b""  # closed without an answer
+            answer = await exchange(port, CLOSE)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+            stats = listener.statistics()
+            assert stats.running
+            assert (stats.connections_failed, stats.connections_dropped) == (1, 0)
+    [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "handling failed" in record.getMessage()
+    assert record.exc_info is not None
+    assert "a bug in one handler" in str(record.exc_info[1])

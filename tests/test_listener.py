@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -438,3 +439,64 @@ async def test_a_head_hypercorn_refuses_gets_the_error_body(
     assert head.startswith(f"HTTP/1.1 {status}".encode())
     assert b"content-type: application/json" in head.lower()
     assert json.loads(body) == {"error": {"code": "BAD_REQUEST", "message": message, "details": {}}}
+
+
+async def test_a_control_peer_whose_credentials_cannot_be_read_is_dropped_not_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer gone before its SO_PEERCRED was read was a stranger (uid -1): a warning,
+    a refused peer counted. It is a dropped connection, closed without an answer."""
+
+    def gone(sock: socket.socket) -> tuple[int, int, int]:
+        raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
+
+    monkeypatch.setattr("lokid.actors.listener.peer_credentials", gone)
+    with control_socket(tmp_path / "lokid.sock") as sock:
+        listener = HttpListener("control", hello_app, [sock], check_peer=True)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(listener.run)
+                client = trio.socket.socket(socket.AF_UNIX)
+                await client.connect(str(tmp_path / "lokid.sock"))
+                await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                try:
+                    answer = await client.recv(65536)
+                except ConnectionResetError:  # closed with the request unread
+                    answer = b""
+                assert answer == b""  # closed, no answer
+                client.close()
+                stats = listener.statistics()
+                assert (stats.connections_dropped, stats.peers_refused) == (1, 0)
+                assert stats.running
+                nursery.cancel_scope.cancel()
+
+
+class ResettingListener:
+    """A `trio.SocketListener` whose first accept fails for that connection only."""
+
+    def __init__(self) -> None:
+        self.accepts = 0
+
+    async def accept(self) -> trio.SocketStream:
+        self.accepts += 1
+        if self.accepts == 1:
+            raise ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+async def test_an_accept_failing_for_one_connection_goes_on_accepting(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    listener = HttpListener("t", hello_app, [loopback_socket()])
+    fake = ResettingListener()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            accept_loop: Any = listener._accept_loop
+            nursery.start_soon(accept_loop, fake, nursery, trio.Semaphore(1), None)
+            await trio.sleep(1)
+            assert fake.accepts == 2  # the slot was given back, the loop goes on
+            assert listener.statistics().connections_dropped == 1
+            nursery.cancel_scope.cancel()
+    for sock in listener.sockets:
+        sock.close()

@@ -19,6 +19,22 @@ protocols to close idle keep-alive connections, give open requests
 including a Hypercorn write shielded from cancellation (`WriteShields`), so
 a peer that stopped reading cannot hold the stop. A listener cancelled
 before that (a hurried daemon stop) ends those writes at once.
+
+One connection's error costs that connection only, never the listener (whose
+crash would cut every other connection, SSE streams included, and whose
+restarts past the supervisor's intensity stop the daemon):
+
+* the peer gone (an `OSError` of `PEER_GONE_ERRNOS`, at accept, reading its
+  addresses or credentials, or any later read, write, shutdown or close that
+  the HTTP code did not take as the client leaving): the connection is
+  closed, counted in `connections_dropped`, logged at DEBUG - port scanners
+  and TCP health checks that close with a reset do this all day;
+* any other error escaping one connection's handling (a bug): the connection
+  is closed, counted in `connections_failed`, logged at ERROR with its
+  traceback.
+
+Only an error of the listening socket itself (an accept that fails for
+another reason than one connection or a lack of resources) ends the listener.
 """
 
 from __future__ import annotations
@@ -53,6 +69,23 @@ log = logging.getLogger("lokid.listener")
 # accept() errors that mean "out of resources, try again soon" (as trio.serve_listeners).
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 ACCEPT_BACKOFF = 0.1
+PEER_GONE_ERRNOS = frozenset(
+    {
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.ENOTCONN,  # getpeername() of a connection reset before we accepted it
+        errno.EPIPE,
+        errno.ESHUTDOWN,
+        errno.ETIMEDOUT,
+        errno.EPROTO,
+        errno.EHOSTUNREACH,
+        errno.EHOSTDOWN,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+    }
+)
+"""Errors of one connection whose peer went away; Linux's accept() reports some of the
+new connection's errors too (trio retries most of those itself)."""
 H11_MAX_HEAD_BYTES = HypercornConfig().h11_max_incomplete_size  # h11 answers 431 above it
 
 RefusalHook = Callable[[Scope, int, ApiError], Awaitable[ApiError]]
@@ -68,6 +101,11 @@ class ListenerStatistics:
     connections_total: int
     max_connections: int
     peers_refused: int
+    connections_dropped: int
+    """Connections ended by their peer going away with an error (a reset), counted
+    where it escaped the HTTP code: at accept, before the first read, or later."""
+    connections_failed: int
+    """Connections ended by an unexpected error in their handling (logged at ERROR)."""
 
 
 class WriteShields:
@@ -121,6 +159,9 @@ class _TCPServer(TCPServer):
         self.shields = shields
 
     async def run(self) -> None:
+        # Hypercorn swallows the OSError of its own getpeername(): a peer gone before
+        # it is served raises here instead, for the listener to count it as dropped.
+        self.stream.socket.getpeername()
         self._abandon = trio.CancelScope()  # cancelled when a write is cut off
         with self._abandon:
             await super().run()
@@ -266,6 +307,8 @@ class HttpListener:
         self._open = 0
         self._total = 0
         self._refused = 0
+        self._dropped = 0
+        self._failed = 0
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         stop: trio.Event | None = getattr(task_status, "shutdown_requested", None)
@@ -341,6 +384,9 @@ class HttpListener:
                 stream = await listener.accept()
             except OSError as exc:
                 slots.release()
+                if exc.errno in PEER_GONE_ERRNOS:  # that connection only
+                    self._count_dropped(exc)
+                    continue
                 if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                     raise
                 log.warning("%s: accept failed (%s); retrying", self.name, os.strerror(exc.errno))
@@ -351,45 +397,79 @@ class HttpListener:
     async def _serve_connection(
         self, stream: trio.SocketStream, slots: trio.Semaphore, context: WorkerContext
     ) -> None:
+        """Serve one connection; its errors end it alone (see the module docstring).
+
+        Only cancellation (the listener's drain or stop) goes on to the nursery.
+        """
         self._open += 1
         self._total += 1
         try:
-            app = self._wrapped
-            if self.check_peer:
-                app = wrap_app(self._peer_app(stream), self._config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
-
-            async def hypercorn(connection: trio.abc.HalfCloseableStream) -> None:
-                server = _TCPServer(
-                    app,
-                    self._config,
-                    context,
-                    ConnectionState({}),
-                    connection,
-                    shields=self._shields,
-                )
-                await server.run()
-
-            if self.inline is not None:
-                inline = InlineConnection(
-                    self.inline,
-                    stream,
-                    hypercorn,
-                    keep_alive=self._config.keep_alive_timeout,
-                    idle_scopes=self._idle_scopes,
-                    stopping=lambda: self._stopping,
-                )
-                await inline.serve()
-            else:
-                await hypercorn(stream)
+            await self._serve(stream, context)
+        except* (OSError, trio.BrokenResourceError) as errors:
+            gone, other = errors.split(_peer_gone)
+            if gone is not None:
+                self._count_dropped(gone)
+            if other is not None:
+                self._count_failed(other)
+        except* Exception as errors:
+            self._count_failed(errors)
         finally:
+            with trio.CancelScope(shield=True):
+                await _close_quietly(stream)  # the handlers close it; this is for errors
             self._open -= 1
             slots.release()
 
+    def _count_dropped(self, error: BaseException) -> None:
+        self._dropped += 1
+        log.debug("%s: connection dropped, its peer went away: %s", self.name, _describe(error))
+
+    def _count_failed(self, error: BaseException) -> None:
+        self._failed += 1
+        error = _unwrap(error)
+        log.error(
+            "%s: a connection's handling failed (%s); it is closed, the listener goes on",
+            self.name,
+            _describe(error),
+            exc_info=error,
+        )
+
+    async def _serve(self, stream: trio.SocketStream, context: WorkerContext) -> None:
+        """Hand the connection to the inline path or to Hypercorn (both close it)."""
+        app = self._wrapped
+        if self.check_peer:
+            app = wrap_app(self._peer_app(stream), self._config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
+
+        async def hypercorn(connection: trio.abc.HalfCloseableStream) -> None:
+            server = _TCPServer(
+                app,
+                self._config,
+                context,
+                ConnectionState({}),
+                connection,
+                shields=self._shields,
+            )
+            await server.run()
+
+        if self.inline is not None:
+            inline = InlineConnection(
+                self.inline,
+                stream,
+                hypercorn,
+                keep_alive=self._config.keep_alive_timeout,
+                idle_scopes=self._idle_scopes,
+                stopping=lambda: self._stopping,
+            )
+            await inline.serve()
+        else:
+            await hypercorn(stream)
+
     def _peer_app(self, stream: trio.SocketStream) -> ASGIApp:
-        try:
-            pid, uid, gid = peer_credentials(stream.socket)  # type: ignore[arg-type]
-        except OSError:
-            pid, uid, gid = 0, -1, -1
+        """The app for this control-socket peer: ours, or one refusing every request.
+
+        Credentials that cannot be read (the peer is gone) raise `OSError`: the
+        connection is dropped, not answered, and not counted as a refused peer.
+        """
+        pid, uid, gid = peer_credentials(stream.socket)  # type: ignore[arg-type]
         if uid in (os.getuid(), 0):
             peer = {"pid": pid, "uid": uid, "gid": gid}
 
@@ -422,4 +502,37 @@ class HttpListener:
             connections_total=self._total,
             max_connections=self.max_connections,
             peers_refused=self._refused,
+            connections_dropped=self._dropped,
+            connections_failed=self._failed,
         )
+
+
+def _peer_gone(error: BaseException) -> bool:
+    """Whether `error` says a connection's peer went away (not a bug of ours).
+
+    trio reports a socket's errors on a stream as `BrokenResourceError` from the
+    `OSError`; a `BrokenResourceError` of anything else (a channel) is a bug.
+    """
+    if isinstance(error, trio.BrokenResourceError):
+        error = error.__cause__ or error
+    return isinstance(error, OSError) and error.errno in PEER_GONE_ERRNOS
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    """The one error in a group of one (as `except*` wraps a lone error), else `error`."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
+def _describe(error: BaseException) -> str:
+    """A one-line account of a connection's error (a group: its first leaf)."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return f"{type(error).__name__}: {error}"
+
+
+async def _close_quietly(stream: trio.SocketStream) -> None:
+    """Close a connection's socket; an error of a peer already gone changes nothing."""
+    with contextlib.suppress(OSError):
+        await stream.aclose()

@@ -27,6 +27,10 @@ Rules:
 * Handlers are the very same as on the ASGI path (`Surface.lean_answer`,
   the raw stream handlers), so both paths give identical answers; tests
   compare them.
+* A peer that resets the connection is a client gone, at any step: a read
+  or a write that fails ends the connection quietly; only the addresses'
+  reading, before the first request, raises (`OSError`) for the listener
+  to count the connection as dropped.
 * Keep-alive between requests is bounded by `keep_alive` seconds; the
   listener cancels idle connections when it stops.
 * A streaming response is sent with chunked encoding; the connection
@@ -187,12 +191,19 @@ class InlineConnection:
         self.idle_scopes = idle_scopes
         self.stopping = stopping
         self.buffer = bytearray()
-        sock = stream.socket
-        self.client = _address(sock.getpeername())
-        self.server = _address(sock.getsockname())
+        self.client: tuple[str, int] | None = None
+        self.server: tuple[str, int] | None = None
 
     async def serve(self) -> None:
+        """Serve the connection until it ends; the stream is closed in every case.
+
+        Raises `OSError` when the peer is gone (reset) before its addresses could
+        be read: the listener counts and logs the connection as dropped.
+        """
         try:
+            sock = self.stream.socket
+            self.client = _address(sock.getpeername())
+            self.server = _address(sock.getsockname())
             while not self.stopping():  # a stopping listener takes no further request
                 got = await self._read_head()
                 if got is None:
