@@ -11,6 +11,7 @@ import signal
 import socket
 import sqlite3
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -891,3 +893,109 @@ def test_a_stop_with_stalled_stream_clients_interrupts_the_session_and_exits_0(
     assert [(end["taskId"], end["code"], end["error"]) for end in ends] == [
         ("prd-002", "stopped", "run cut off: the daemon is stopping")
     ]
+
+
+def _reset_connections(family: socket.AddressFamily, address: Any, count: int) -> None:
+    """Connect and close at once: over TCP with a reset (SO_LINGER 0), as port scanners
+    and TCP health checks do; a Unix socket has no reset, its peer is just gone."""
+    for _ in range(count):
+        with socket.socket(family, socket.SOCK_STREAM) as client:
+            client.settimeout(5)
+            client.connect(address)
+            if family == socket.AF_INET:
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def _listener_stats(daemon: DaemonProcess) -> dict[str, dict[str, Any]]:
+    """Each listener's child in /api/status's supervisor tree (restarts, detail)."""
+    with daemon.control() as client:
+        tree = client.get("/api/status").json()["supervisor"]
+    listeners = next(c for c in tree["children"] if c["id"] == "listeners")
+    return {c["id"]: c for c in listeners["detail"]["children"]}
+
+
+def test_connections_reset_at_once_cost_only_themselves(
+    daemon_factory: Factory, tmp_path: Path
+) -> None:
+    """Each connection reset before it was served crashed its listener (ENOTCONN from
+    `getpeername()`); a few dozen in a row went past the restart intensity and stopped
+    the daemon, killing the session's agent and cutting every stream. Now each is
+    dropped and counted, and the session, the listeners and an open stream go on.
+
+    The first round is sent while the daemon is stopped (SIGSTOP), so that every one of
+    those connections is reset before it is accepted; the second races the daemon."""
+    bin_dir = tmp_path / "bin"
+    fake_agent.install(bin_dir, ("claude",))
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_AGENT_LIFETIME": "90"}
+    daemon = daemon_factory(extra_env=env).start()
+    assert daemon.process is not None
+    project = tmp_path / "project"
+    project.mkdir()
+    body = {
+        "prdText": "# Resets\n\n## Features\n- One [mode:slow] [seconds:60]\n",
+        "projectDir": str(project),
+        "provider": "claude",
+    }
+    created = httpx.post(f"{daemon.api_url}/api/sessions", json=body, timeout=10)
+    assert created.status_code == 201, created.text
+    sid = created.json()["id"]
+
+    def agent_running() -> bool:
+        status = httpx.get(f"{daemon.api_url}/api/status", timeout=5).json()
+        return bool(status["agents"]["active"] == 1)
+
+    wait_until(agent_running, "the session's agent runs")
+    api, dashboard = (
+        (url.removeprefix("http://").split(":")[0], int(url.rsplit(":", 1)[1]))
+        for url in (daemon.api_url, daemon.dashboard_url)
+    )
+    stream = socket.create_connection(api, timeout=10)
+    try:
+        stream.sendall(b"GET /api/events?types=session.stopped HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        seen = b""
+        while b": connected" not in seen:
+            seen += stream.recv(65536)
+
+        os.kill(daemon.process.pid, signal.SIGSTOP)
+        try:
+            _reset_connections(socket.AF_INET, api, 100)
+            _reset_connections(socket.AF_INET, dashboard, 100)
+            _reset_connections(socket.AF_UNIX, str(daemon.socket), 100)
+        finally:
+            os.kill(daemon.process.pid, signal.SIGCONT)
+        _reset_connections(socket.AF_INET, api, 200)
+        _reset_connections(socket.AF_INET, dashboard, 200)
+        _reset_connections(socket.AF_UNIX, str(daemon.socket), 200)
+
+        def all_served() -> dict[str, dict[str, Any]] | None:
+            stats = _listener_stats(daemon)
+            wanted = {"api": 301, "dashboard": 300, "control": 300}  # the stream is the 301st
+            done = all(stats[n]["detail"]["connectionsTotal"] >= t for n, t in wanted.items())
+            return stats if done else None
+
+        stats = wait_until(all_served, "every connection was taken", timeout=20)
+        assert daemon.process.poll() is None
+        for name in ("api", "dashboard", "control"):
+            assert stats[name]["restarts"] == 0, stats[name]
+            assert stats[name]["detail"]["running"] is True
+            assert stats[name]["detail"]["connectionsFailed"] == 0
+        assert stats["api"]["detail"]["connectionsDropped"] >= 100
+        assert stats["dashboard"]["detail"]["connectionsDropped"] >= 100
+        assert agent_running()  # the session's agent was not killed
+
+        # The stream opened before is still open and gets a later event.
+        stopped = httpx.post(f"{daemon.api_url}/api/sessions/{sid}/stop", timeout=10)
+        assert stopped.status_code in (200, 202), stopped.text
+        deadline = time.monotonic() + 30
+        while b'"type":"session.stopped"' not in seen:
+            assert time.monotonic() < deadline, f"no session.stopped: {seen[-500:]!r}"
+            chunk = stream.recv(65536)
+            assert chunk, f"the stream ended: {seen[-500:]!r}"
+            seen += chunk
+        assert sid.encode() in seen
+    finally:
+        stream.close()
+    code, err = daemon.terminate()
+    assert code == 0, err
+    assert "crashed" not in err
+    assert "Traceback" not in err
