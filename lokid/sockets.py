@@ -329,7 +329,11 @@ def socket_url(sock: socket.socket) -> str:
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end of a Unix socket (SO_PEERCRED)."""
+    """(pid, uid, gid) of the process at the other end of a Unix socket (SO_PEERCRED).
+
+    Raises `OSError` when they cannot be read (the peer is gone): the listener then
+    drops the connection; it never guesses credentials (see lokid/actors/listener.py).
+    """
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     return pid, uid, gid

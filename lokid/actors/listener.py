@@ -414,8 +414,7 @@ class HttpListener:
         except* Exception as errors:
             self._count_failed(errors)
         finally:
-            with trio.CancelScope(shield=True):
-                await _close_quietly(stream)  # the handlers close it; this is for errors
+            _close_quietly(stream)  # the handlers close it; this is for the error paths
             self._open -= 1
             slots.release()
 
@@ -532,7 +531,8 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-async def _close_quietly(stream: trio.SocketStream) -> None:
-    """Close a connection's socket; an error of a peer already gone changes nothing."""
+def _close_quietly(stream: trio.SocketStream) -> None:
+    """Close a connection's socket (again: closing is idempotent), without a
+    scheduling step; an error of a peer already gone changes nothing."""
     with contextlib.suppress(OSError):
-        await stream.aclose()
+        stream.socket.close()
