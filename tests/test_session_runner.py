@@ -25,6 +25,7 @@ from lokid.actors import agent_pool as agent_pool_module
 from lokid.actors import session as session_module
 from lokid.actors.session import SessionActor
 from lokid.actors.store import StoreActor, StoreUnavailable
+from lokid.errors import Unavailable
 
 from .sessions_kit import (
     Lab,
@@ -1562,6 +1563,68 @@ async def test_a_start_beyond_max_sessions_is_a_503_and_stores_nothing(
             "the stopped session's child is gone",
         )
         assert (await lab_.post("/api/sessions", {"prd": str(other / "prd.md")})).status_code == 201
+
+
+async def test_creates_racing_at_max_sessions_store_nothing_for_the_one_refused(
+    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two creates for the last place, both past the replay lookup before either is
+    stored: the second is refused (503) before anything of it is stored, so its
+    Idempotency-Key remembers nothing and a retry later really creates the session."""
+    from lokid.session_records import parse_session_request as real_parse
+
+    parsing = threading.Event()  # the first create is validating (its place is taken)
+    gate = threading.Event()
+
+    def held_parse(*args: Any, **kwargs: Any) -> Any:
+        parsing.set()
+        gate.wait(10)
+        return real_parse(*args, **kwargs)
+
+    monkeypatch.setattr("lokid.actors.session_manager.parse_session_request", held_parse)
+    busy = make_project(tmp_path, "# App\n\n## Features\n- Long [mode:slow] [seconds:30]\n")
+    other = make_project(tmp_path, name="other")
+    async with lab(tmp_path / "home", max_sessions=1) as lab_:
+        sessions = lab_.daemon.sessions
+        outcomes: dict[str, Any] = {}
+
+        async def create(name: str, project: Path) -> None:
+            try:
+                outcomes[name] = await sessions.create(
+                    {"prd": str(project / "prd.md")}, idempotency_key=f"key-{name}"
+                )
+            except Exception as exc:
+                outcomes[name] = exc
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(create, "first", busy)
+                await eventually(parsing.is_set, "the first create validates its body")
+                parsing.clear()
+                nursery.start_soon(create, "second", other)
+                # Old code: the second passes the capacity check and validates too.
+                await eventually(
+                    lambda: "second" in outcomes or parsing.is_set(), "the second create's check"
+                )
+                gate.set()
+        assert outcomes["first"][0] == 201
+        refused = outcomes["second"]
+        assert isinstance(refused, Unavailable) and "max_sessions" in refused.message
+        listed = (await lab_.client.get("/api/sessions")).json()["sessions"]
+        assert [s["id"] for s in listed] == [outcomes["first"][1]["id"]]
+        first = outcomes["first"][1]["id"]
+        assert (await lab_.post(f"/api/sessions/{first}/stop")).status_code == 200
+        await lab_.wait_status(first, "stopped")
+        await eventually(
+            lambda: sessions.supervisor.count_children().specs == 0, "the stopped child is gone"
+        )
+        retry = await lab_.client.post(
+            "/api/sessions",
+            json={"prd": str(other / "prd.md")},
+            headers={"Idempotency-Key": "key-second"},
+        )
+        assert retry.status_code == 201 and "Idempotent-Replayed" not in retry.headers
+        assert (await lab_.session(retry.json()["id"]))["status"] != "failed"
 
 
 # -- the store refuses writes (disk full): hold, don't crash --------------------------------

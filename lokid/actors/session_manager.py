@@ -167,6 +167,7 @@ class SessionManager(Actor[Any]):
         self._initial: dict[str, dict[str, Any]] = {}
         self._session_crashes: dict[str, int] = {}
         self._finished_events: dict[str, trio.Event] = {}
+        self._reserved = 0  # places held by creates and resumes not started yet
         self._to_restore: list[str] = []
         self._to_resume: list[str] = []
         self._background: trio.Nursery | None = None  # retries of `_fail_offline`
@@ -412,8 +413,12 @@ class SessionManager(Actor[Any]):
             raise Unavailable("the session manager is not running")
         self._refuse_if_winding_down()
 
+        reserved = False
+
         async def prepare() -> SessionRequest:  # (a retry got its first answer before this)
-            self._check_capacity()
+            nonlocal reserved
+            self._reserve_slot()
+            reserved = True
             return await trio.to_thread.run_sync(
                 functools.partial(
                     parse_session_request,
@@ -432,15 +437,21 @@ class SessionManager(Actor[Any]):
                 "createdAt": session["createdAt"],
             }
 
-        outcome = await idempotency.create_once(
-            self.store, CREATE_ROUTE, body, idempotency_key, prepare, insert
-        )
-        status, answer = outcome.status, outcome.answer
-        if not outcome.created:
-            return status, answer
-        request: SessionRequest = outcome.prepared
+        try:
+            outcome = await idempotency.create_once(
+                self.store, CREATE_ROUTE, body, idempotency_key, prepare, insert
+            )
+            status, answer = outcome.status, outcome.answer
+            if outcome.created:
+                await self._start_created(outcome.prepared, answer["id"])
+        finally:
+            if reserved:  # the child holds its place now, or there is none
+                self._release_slot()
+        return status, answer
+
+    async def _start_created(self, request: SessionRequest, session_id: str) -> None:
+        """Write a created session's inline PRD and start its actor (a slot is reserved)."""
         self._created += 1
-        session_id = answer["id"]
         if request.prd_text is not None:
             try:
                 await trio.to_thread.run_sync(_write_inline_prd, request)
@@ -449,21 +460,33 @@ class SessionManager(Actor[Any]):
                 await self._fail_offline(
                     session_id, "bootstrapFailed", exc.message, in_request=True
                 )
-                return status, answer
+                return
         try:
             await self._start_actor(session_id)
         except Unavailable as exc:  # recorded, but it cannot run: say so on the session
             await self._fail_offline(session_id, "runnerUnavailable", exc.message, in_request=True)
             raise
-        return status, answer
 
     def _check_capacity(self) -> None:
-        if self.supervisor.count_children().specs >= self.max_sessions:
+        """503 unless a session may start: live children and reserved places count (a
+        child being started counts twice for those few ticks: it errs toward a 503)."""
+        if self.supervisor.count_children().specs + self._reserved >= self.max_sessions:
             raise Unavailable(
                 f"{self.max_sessions} sessions are live (max_sessions); "
                 "try again when one has ended",
                 details={"maxSessions": self.max_sessions},
             )
+
+    def _reserve_slot(self) -> None:
+        """Check the capacity and hold a place for a session about to be stored and
+        started, in one step (no checkpoint): concurrent creates each see the others'
+        places, so one over the cap is refused before anything of it is stored. The
+        caller releases it (`_release_slot`) once the child is started or not."""
+        self._check_capacity()
+        self._reserved += 1
+
+    def _release_slot(self) -> None:
+        self._reserved -= 1
 
     async def _start_actor(self, session_id: str) -> None:
         spec = ChildSpec(
@@ -579,11 +602,21 @@ class SessionManager(Actor[Any]):
         if is_active(status):
             # Active without an actor: it is being started or finishing right now.
             raise Unavailable(f"session {session_id} is changing state; retry")
-        if transition.after is Status.RUNNING:
-            self._refuse_if_winding_down()
-            self._check_capacity()
-        fields: dict[str, Any] = {"status": transition.after.value}
-        if transition.after is Status.STOPPED:
+        if transition.after is not Status.RUNNING:
+            return await self._apply_offline(session_id, trigger, status, transition.after, source)
+        self._refuse_if_winding_down()
+        self._reserve_slot()  # the resume's actor has its place before the store says running
+        try:
+            return await self._apply_offline(session_id, trigger, status, transition.after, source)
+        finally:
+            self._release_slot()
+
+    async def _apply_offline(
+        self, session_id: str, trigger: Trigger, status: Status, after: Status, source: str
+    ) -> dict[str, Any]:
+        """`_offline`'s change, once allowed: stored, announced, and a resume's actor started."""
+        fields: dict[str, Any] = {"status": after.value}
+        if after is Status.STOPPED:
             fields.update(ended_at=utc_now_iso(), exit_reason="stopped")
 
         def write(db: sqlite_utils.Database) -> dict[str, Any]:
@@ -592,14 +625,14 @@ class SessionManager(Actor[Any]):
             return update_session(db, session_id, **fields)
 
         session = await self.store.write(write)
-        event = EVENT_FOR.get((status, transition.after))
+        event = EVENT_FOR.get((status, after))
         if event is not None:
-            data: dict[str, Any] = {"status": transition.after.value, "source": source}
+            data: dict[str, Any] = {"status": after.value, "source": source}
             if event == "session.stopped":
                 data["survivors"] = []  # an interrupted session has no process left to kill
                 await self._warn_undelivered_inputs(session_id)
             await self.bus.publish(event, session_id, Level.INFO, data)
-        if transition.after is Status.RUNNING:
+        if after is Status.RUNNING:
             try:
                 await self._start_actor(session_id)
             except Unavailable as exc:  # back to where it was: the resume did not happen
