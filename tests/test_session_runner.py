@@ -23,6 +23,7 @@ import trio
 
 from lokid.actors import agent_pool as agent_pool_module
 from lokid.actors import session as session_module
+from lokid.actors.event_bus import EventBus
 from lokid.actors.session import SessionActor
 from lokid.actors.store import StoreActor, StoreUnavailable
 from lokid.errors import Unavailable
@@ -846,6 +847,48 @@ async def test_an_input_whose_run_never_started_goes_into_a_later_prompt(
     assert not [w for w in warnings if w["data"]["reason"] == "input_undelivered"]
     prompts = [call["prompt"] for call in invocations(agent_log)]
     assert len(prompts) == 2 and "COME-BACK" in prompts[1]
+
+
+async def test_an_input_marked_applied_is_announced_even_if_a_pause_now_cuts_in(
+    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a pause `?now=true` landing between the store's mark and the event
+    left the input `applied` in the store with no `input.applied` (nor undelivered)."""
+    prd = "# App\n\n## Features\n- First [mode:slow] [seconds:1]\n- Second [mode:hang]\n"
+    project = make_project(tmp_path, prd)
+    real_publish = EventBus.publish
+    reached, release = trio.Event(), trio.Event()
+
+    async def publish(bus: EventBus, type: str, *args: Any, **kwargs: Any) -> Any:
+        if type == "input.applied" and not release.is_set():
+            reached.set()  # the input is stored applied; its event is not sent yet
+            with trio.move_on_after(10):
+                await release.wait()
+        return await real_publish(bus, type, *args, **kwargs)
+
+    monkeypatch.setattr(EventBus, "publish", publish)
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        await lab_.wait_event(sid, "task.started")
+        answer = await lab_.post(f"/api/sessions/{sid}/input", {"message": "Use SQLite"})
+        input_id = answer.json()["id"]
+        with trio.fail_after(30):
+            await reached.wait()
+        paused = await lab_.client.post(f"/api/sessions/{sid}/pause", params={"now": "true"})
+        assert paused.status_code == 200
+        release.set()
+        await lab_.wait_event(sid, "agent.failed")  # the second run, cut off
+        stored = await lab_.daemon.store.read(
+            lambda db: [
+                tuple(row)
+                for row in db.execute(
+                    "SELECT id, status FROM session_inputs WHERE session_id = ?", [sid]
+                )
+            ]
+        )
+        applied = await lab_.events(sid, "input.applied")
+    assert stored == [(input_id, "applied")]
+    assert [(e["data"]["inputId"], e["data"]["taskId"]) for e in applied] == [(input_id, "prd-002")]
 
 
 async def test_control_files_of_other_tools_are_honoured(tmp_path: Path, agent_log: Path) -> None:

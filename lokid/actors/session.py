@@ -1670,12 +1670,18 @@ class SessionActor(Actor[Any]):
         )
 
     async def _inputs_applied(self, input_ids: list[str], task_id: str) -> None:
-        """Mark the inputs of a started agent's prompt applied; one event per input."""
-        applied = await self.store.write(lambda db: mark_inputs_applied(db, input_ids))
-        for input_id in applied:  # none already applied: published once
-            await self.bus.publish(
-                "input.applied", self.id, Level.INFO, {"inputId": input_id, "taskId": task_id}
-            )
+        """Mark the inputs of a started agent's prompt applied; one event per input.
+
+        Shielded as one unit (each step is bounded by its ask's timeout): a pause
+        `?now=true` or a stop cancelling the worker between the mark and the events
+        left inputs stored `applied` that no `input.applied` announced.
+        """
+        with trio.CancelScope(shield=True):
+            applied = await self.store.write(lambda db: mark_inputs_applied(db, input_ids))
+            for input_id in applied:  # none already applied: published once
+                await self.bus.publish(
+                    "input.applied", self.id, Level.INFO, {"inputId": input_id, "taskId": task_id}
+                )
 
     def _ends_run_here(self, worker: _Worker) -> bool:
         """The session stops or shuts down, or a pause cut this run: its task is not
