@@ -665,6 +665,44 @@ async def test_an_agent_a_stop_or_shutdown_cuts_off_gets_its_end_event(
     assert kinds.index("agent.failed") > kinds.index("agent.spawned")
 
 
+@pytest.mark.parametrize("how", ["stop", "pause-now"])
+async def test_an_agent_cut_off_while_announced_gets_its_spawned_before_its_end(
+    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Regression: a stop or pause `?now=true` landing while `agent.spawned` was being
+    stored dropped it, yet the process ran: its `agent.failed` named an agent never
+    announced, and the task's `agent` stayed stale."""
+    project = make_project(tmp_path, "# App\n\n## Features\n- Forever [mode:hang]\n")
+    real_publish_with = EventBus.publish_with
+    reached, release = trio.Event(), trio.Event()
+
+    async def publish_with(bus: EventBus, write: Any, type: str, *args: Any, **kw: Any) -> Any:
+        if type == "agent.spawned" and not release.is_set():
+            reached.set()  # the process runs; its event is not sent yet
+            with trio.move_on_after(10):
+                await release.wait()
+        return await real_publish_with(bus, write, type, *args, **kw)
+
+    monkeypatch.setattr(EventBus, "publish_with", publish_with)
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        with trio.fail_after(30):
+            await reached.wait()
+        if how == "stop":
+            answer = await lab_.post(f"/api/sessions/{sid}/stop")
+        else:
+            answer = await lab_.client.post(f"/api/sessions/{sid}/pause", params={"now": "true"})
+        assert answer.status_code == 200
+        release.set()
+        (ended,) = await lab_.wait_event(sid, "agent.failed")
+        spawned = await lab_.events(sid, "agent.spawned")
+        kinds = [e["type"] for e in await lab_.events(sid, "agent.*")]
+        (task,) = await lab_.tasks(sid)
+    assert [e["data"]["agentId"] for e in spawned] == [ended["data"]["agentId"]]
+    assert kinds == ["agent.spawned", "agent.failed"]
+    assert task["agent"] == ended["data"]["agentId"]
+
+
 async def test_input_goes_into_the_next_prompt(tmp_path: Path, agent_log: Path) -> None:
     prd = "# App\n\n## Features\n- First [mode:slow] [seconds:1]\n- Second\n"
     project = make_project(tmp_path, prd)

@@ -1394,7 +1394,7 @@ class SessionActor(Actor[Any]):
         stderr = providers.TailBuffer()
         resume_id: list[str] = []
         run_started = trio.current_time()
-        agent_id = ""  # set with its `agent.spawned`
+        agent_id = ""  # set once its `agent.spawned` is stored: no end without it
         cut_off = False
         try:
             with worker.scope:
@@ -1405,23 +1405,9 @@ class SessionActor(Actor[Any]):
                     await self._task_failed(task, attempt, failure)
                     return
                 self._runs += 1
-                agent_id = f"agent-{slot.row_id}"
-                await self.bus.publish_with(  # the task names its agent from now on
-                    lambda db: update_task(db, self.id, task.id, agent=agent_id),
-                    "agent.spawned",
-                    self.id,
-                    Level.INFO,
-                    {
-                        "agentId": agent_id,
-                        "kind": "process",
-                        "pid": run.identity.pid,
-                        "taskId": task.id,
-                        "provider": self.provider,
-                        "command": command.display(),
-                        "sandbox": bool(self.options.get("sandbox")),
-                        "iteration": iteration,
-                    },
-                )
+                spawned = f"agent-{slot.row_id}"
+                await self._agent_spawned(spawned, run, task.id, command, iteration)
+                agent_id = spawned  # announced: from now on its end is published too
                 if inputs:
                     await self._inputs_applied([item["id"] for item in inputs], task.id)
                 await self._read_output(run, parser, stderr, task.id, resume_id)
@@ -1496,6 +1482,38 @@ class SessionActor(Actor[Any]):
         if tree is not None and not await self._merge(task, tree, attempt):
             return
         await self._task_completed(task, attempt)
+
+    async def _agent_spawned(
+        self,
+        agent_id: str,
+        run: AgentRun,
+        task_id: str,
+        command: providers.AgentCommand,
+        iteration: int,
+    ) -> None:
+        """`agent.spawned`, with the task naming its agent in the same transaction.
+
+        Shielded (bounded by the ask's timeout): its process runs, so a stop or a
+        pause `?now=true` landing now must not drop the event, which left an end
+        (`agent.failed`) for an agent never announced and the task's `agent` stale.
+        """
+        with trio.CancelScope(shield=True):
+            await self.bus.publish_with(  # the task names its agent from now on
+                lambda db: update_task(db, self.id, task_id, agent=agent_id),
+                "agent.spawned",
+                self.id,
+                Level.INFO,
+                {
+                    "agentId": agent_id,
+                    "kind": "process",
+                    "pid": run.identity.pid,
+                    "taskId": task_id,
+                    "provider": self.provider,
+                    "command": command.display(),
+                    "sandbox": bool(self.options.get("sandbox")),
+                    "iteration": iteration,
+                },
+            )
 
     async def _agent_cut_off(
         self, agent_id: str, task_id: str, result: RunResult, outcome: providers.Outcome
