@@ -26,7 +26,7 @@ from lokid.actors import session as session_module
 from lokid.actors.event_bus import EventBus
 from lokid.actors.session import SessionActor
 from lokid.actors.store import StoreActor, StoreUnavailable
-from lokid.errors import Unavailable
+from lokid.errors import Conflict, Unavailable
 
 from .sessions_kit import (
     Lab,
@@ -1621,6 +1621,47 @@ async def test_a_run_without_a_result_is_a_transient_failure(
         assert (session["status"], session["exitReason"]) == ("failed", "tasksFailed")
         failures = await lab_.events(sid, "task.failed")
         assert [f["data"]["code"] for f in failures] == ["no_result"] * 3
+
+
+async def test_a_session_get_shows_ended_is_deleted_while_its_actor_catches_up(
+    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: between the commit of a session's end and its actor's status, DELETE
+    answered 409 "running" for a session GET already showed `completed`."""
+    real_publish_with = EventBus.publish_with
+    committed, release = trio.Event(), trio.Event()
+
+    async def publish_with(bus: EventBus, write: Any, type: str, *args: Any, **kw: Any) -> Any:
+        answer = await real_publish_with(bus, write, type, *args, **kw)
+        if type == "session.completed":
+            committed.set()  # stored; the actor has not heard back yet
+            with trio.move_on_after(10):
+                await release.wait()
+        return answer
+
+    monkeypatch.setattr(EventBus, "publish_with", publish_with)
+    project = make_project(tmp_path, "# App\n\n## Features\n- Quick\n")
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        with trio.fail_after(30):
+            await committed.wait()
+        assert (await lab_.session(sid))["status"] == "completed"
+        outcome: list[object] = []
+
+        async def delete() -> None:
+            try:
+                await lab_.daemon.sessions.delete(sid)
+                outcome.append("deleted")
+            except Conflict as exc:
+                outcome.append(exc)
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(delete)
+                await trio.sleep(0.1)  # the delete is looking while the actor waits
+                release.set()
+        assert outcome == ["deleted"]
+        assert (await lab_.client.get(f"/api/sessions/{sid}")).status_code == 404
 
 
 async def test_a_start_beyond_max_sessions_is_a_503_and_stores_nothing(

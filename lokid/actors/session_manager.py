@@ -93,6 +93,7 @@ from lokid.session_records import (
     agents_without_end,
     delete_session,
     get_session,
+    get_session_fields,
     insert_session,
     interrupted_by_last_stop,
     parse_session_request,
@@ -737,11 +738,19 @@ class SessionManager(Actor[Any]):
             await self.bus.publish("warning", session_id, Level.WARNING, warning)
 
     async def delete(self, session_id: str) -> None:
-        """`DELETE /api/sessions/{id}`: 404, 409 while active, else the record goes."""
+        """`DELETE /api/sessions/{id}`: 404, 409 while active, else the record goes.
+
+        Whether it is active is what the store says (what `GET` shows): an actor's
+        status changes only once its transition's commit is answered, so in between
+        it would contradict the store. An actor whose end is stored is waited for
+        (bounded) while it finishes.
+        """
         actor = self._live.get(session_id)
         if actor is not None:
-            if is_active(actor.status):
-                step(actor.status, Trigger.DELETE)  # raises the 409
+            stored = await self.store.read(
+                lambda db: Status(get_session_fields(db, session_id)["status"])
+            )
+            step(stored, Trigger.DELETE)  # the 409 while active, with the stored status
             event = self._finished_events.get(session_id)
             if event is not None:
                 with trio.move_on_after(FINISH_WAIT_SECONDS):
