@@ -1534,6 +1534,46 @@ async def test_a_runner_that_keeps_crashing_fails_its_session(
         assert lab_.daemon.core_problems() == {}  # the daemon itself is fine
 
 
+async def test_a_stop_that_takes_the_lock_before_the_bootstrap_ends_it_without_a_crash(
+    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the bootstrap saw `starting`, then waited for the lock a stop held;
+    `bootstrapped` was illegal by then (`stopping`) and the actor crashed."""
+    real_prepare = session_module._prepare_project
+    preparing, go = threading.Event(), threading.Event()
+
+    def held_prepare(*args: Any) -> Any:
+        preparing.set()
+        go.wait(10)
+        return real_prepare(*args)
+
+    monkeypatch.setattr(session_module, "_prepare_project", held_prepare)
+    project = make_project(tmp_path)
+    async with lab(tmp_path / "home") as lab_:
+        sessions = lab_.daemon.sessions
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        await eventually(preparing.is_set, "the bootstrap reads the PRD")
+        actor = sessions._live[sid]
+        lock = actor._lock
+
+        def waiting(count: int) -> Callable[[], bool]:
+            return lambda: lock.statistics().tasks_waiting == count
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await lock.acquire()  # the stop queues for the lock first ...
+                nursery.start_soon(lab_.post, f"/api/sessions/{sid}/stop")
+                await eventually(waiting(1), "the stop waits for the lock")
+                go.set()  # ... then the bootstrap, which still saw `starting`
+                await eventually(waiting(2), "the bootstrap waits for the lock")
+                lock.release()
+        session = await lab_.wait_status(sid, "stopped", "failed")
+        started = await lab_.events(sid, "session.started")
+    assert session["status"] == "stopped"
+    assert not started
+    assert sessions.statistics().session_crashes == 0
+
+
 async def test_a_runner_restarted_in_the_middle_of_a_stop_reports_who_asked(
     tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

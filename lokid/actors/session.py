@@ -834,19 +834,26 @@ class SessionActor(Actor[Any]):
 
         if self.status is Status.STARTING:
             self.phase = "development"
-            await self._fire(
-                Trigger.BOOTSTRAPPED,
-                data={
-                    "provider": self.provider,
-                    "projectDir": str(self.project_dir),
-                    "prd": str(self.prd_path),
-                    "tasks": len(parsed.tasks),
-                },
-                also=lambda db: insert_tasks(db, self.id, new),
-                before=events,
-                read_tasks=True,
-                phase="development",
-            )
+            try:
+                await self._fire(
+                    Trigger.BOOTSTRAPPED,
+                    data={
+                        "provider": self.provider,
+                        "projectDir": str(self.project_dir),
+                        "prd": str(self.prd_path),
+                        "tasks": len(parsed.tasks),
+                    },
+                    also=lambda db: insert_tasks(db, self.id, new),
+                    before=events,
+                    read_tasks=True,
+                    phase="development",
+                )
+            except IllegalTransition:  # judged under the lock: a stop took it first
+                if not self._stop_wanted:
+                    raise
+                self.phase = "bootstrap"  # nothing of it was stored; the stop wins
+                await trio.lowlevel.checkpoint()  # the stop cancelled this work: leave
+                return None
         else:
             await self._record_bootstrap(new, events)
         if seen is not None and self._pending.stamp is None:
