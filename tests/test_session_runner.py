@@ -1625,9 +1625,12 @@ async def test_a_session_failed_for_its_crashing_runner_reports_its_queued_input
         assert (await lab_.post(f"/api/sessions/{sid}/resume")).status_code == 200
         session = await lab_.wait_status(sid, "completed", "failed")
         assert (session["status"], session["exitReason"]) == ("failed", "runnerCrashed")
+        # Stored with the failure (there as soon as the status is), just before its event.
         (warning,) = await lab_.events(sid, "warning")
         assert warning["data"]["reason"] == "input_undelivered"
         assert warning["data"]["inputIds"] == [answer.json()["id"]]
+        (failed,) = await lab_.events(sid, "session.failed")
+        assert failed["id"] == warning["id"] + 1
 
 
 async def test_a_rate_limit_holds_the_session_until_the_reset(

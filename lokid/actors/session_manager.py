@@ -703,13 +703,18 @@ class SessionManager(Actor[Any]):
                 last_error=detail,
             )
 
-        try:  # the change and its event in one transaction: a retry repeats neither
+        # The change, its event and the warning about inputs it leaves undelivered in one
+        # transaction: a retry repeats none of them, and the warning comes before the end,
+        # as for every other end.
+        try:
+            warning = await self.store.read(lambda db: undelivered_inputs_warning(db, session_id))
             await self.bus.publish_with(
                 write,
                 "session.failed",
                 session_id,
                 Level.ERROR,
                 {"status": "failed", "exitReason": reason, "detail": detail},
+                before=[] if warning is None else [("warning", session_id, Level.WARNING, warning)],
             )
         except (Unavailable, ActorError) as exc:
             log.warning(
@@ -722,17 +727,12 @@ class SessionManager(Actor[Any]):
             return False
         except LokiError as exc:  # not the store's state: trying again would not help
             log.error("session %s: could not record it failed (%s): %s", session_id, reason, exc)
-            return True
-        try:  # after its end (a retry must not repeat it); the store just took a write
-            await self._warn_undelivered_inputs(session_id)
-        except LokiError as exc:
-            log.warning("session %s: queued inputs not reported: %s", session_id, exc)
         return True
 
     async def _warn_undelivered_inputs(self, session_id: str) -> None:
         """The `warning` `input_undelivered` of a session without an actor that ends for
-        good here (the actor says it itself otherwise): before its end is announced,
-        except a failure, whose end commits with its event."""
+        good here (the actor says it itself otherwise): before its end is announced (a
+        failure stores it in its end's transaction: `_try_fail_offline`)."""
         warning = await self.store.read(lambda db: undelivered_inputs_warning(db, session_id))
         if warning is not None:
             await self.bus.publish("warning", session_id, Level.WARNING, warning)
