@@ -559,13 +559,14 @@ def get_project(db: sqlite_utils.Database, project_id: str) -> dict[str, Any]:
 def list_projects(
     db: sqlite_utils.Database, query: ProjectQuery | None = None
 ) -> list[dict[str, Any]]:
-    """Projects newest first, each with its `taskCount`: one query (a correlated count
+    """Projects newest first (made in the same millisecond: the later first, not by
+    their random ids), each with its `taskCount`: one query (a correlated count
     per row, answered from the `board_tasks_column` index), not one per project."""
     query = query or ProjectQuery()
     where, params = ("WHERE p.status = ?", [query.status]) if query.status else ("", [])
     limit = query.limit if query.limit is not None else -1  # SQLite: -1 = no limit
     rows = db.execute(
-        f"{_PROJECT_SELECT} {where} ORDER BY p.created_at DESC, p.id DESC LIMIT ? OFFSET ?",
+        f"{_PROJECT_SELECT} {where} ORDER BY p.created_at DESC, p.rowid DESC LIMIT ? OFFSET ?",
         [*params, limit, query.offset],
     ).fetchall()
     return [_project_json(row) for row in rows]

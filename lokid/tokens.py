@@ -480,10 +480,11 @@ def list_tokens(
     limit: int | None = None,
     offset: int = 0,
 ) -> list[dict[str, Any]]:
-    """Every token, newest first, without secret or hash; `expired` is as of `now`."""
+    """Every token, newest first (created in the same millisecond: the later first),
+    without secret or hash; `expired` is as of `now`."""
     moment = _now(now)
     rows = db.query(
-        f"SELECT {_PUBLIC_COLUMNS} FROM api_tokens ORDER BY created_at DESC, id DESC"
+        f"SELECT {_PUBLIC_COLUMNS} FROM api_tokens ORDER BY created_at DESC, rowid DESC"
         " LIMIT ? OFFSET ?",
         (-1 if limit is None else limit, offset),
     )

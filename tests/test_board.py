@@ -420,6 +420,20 @@ def test_list_projects_newest_first_with_counts_in_one_query(db: sqlite_utils.Da
     assert [p["id"] for p in page] == [ids[2], ids[1]]
 
 
+def test_projects_made_in_the_same_millisecond_list_the_later_first(
+    db: sqlite_utils.Database,
+) -> None:
+    # Ids are random: ordering ties by id put two quick creates in either order.
+    same = "2026-01-01T00:00:00.000Z"
+    ids = [
+        board.insert_project(db, NewProject(f"p{i}"), project_id=f"proj-{hex_id:012x}", now=same)[
+            "id"
+        ]
+        for i, hex_id in enumerate((0xAAA, 0xFFF, 0x111, 0x555))
+    ]
+    assert [p["id"] for p in board.list_projects(db)] == ids[::-1]
+
+
 def test_update_project(db: sqlite_utils.Database) -> None:
     project_id = board.insert_project(db, NewProject("a", "/x"), now="2026-01-01T00:00:00.000Z")[
         "id"

@@ -530,6 +530,13 @@ def test_listing_shows_no_secret_and_no_hash(db: sqlite_utils.Database) -> None:
         assert set(item) == LISTED_KEYS
 
 
+def test_tokens_made_in_the_same_millisecond_list_the_later_first(
+    db: sqlite_utils.Database,
+) -> None:
+    made = [create(db, ["read"], name=f"t{i}", now=T0)["id"] for i in range(8)]  # random ids
+    assert [item["id"] for item in tk.list_tokens(db, now=T0)] == made[::-1]
+
+
 def test_listing_is_newest_first_with_flags(db: sqlite_utils.Database) -> None:
     old = create(db, ["read"], name="old", expires_days=1, now=T0)
     mid = create(db, ["write"], name="mid", now=T0 + dt.timedelta(hours=1))
