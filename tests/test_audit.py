@@ -833,6 +833,63 @@ async def test_an_anchor_changed_while_running_is_detected_not_repaired(
     assert summary["chain_valid"] is False and summary["by_action"][MISMATCH_ACTION] == 1
 
 
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "UPDATE audit_anchor SET last_hash = hex(randomblob(32))",
+        "UPDATE audit_anchor SET entries = entries + 1",
+        "UPDATE audit_anchor SET last_id = 5, entries = 5",
+        "UPDATE audit_anchor SET last_id = '4'",  # the same value: stored as an integer
+        "DELETE FROM audit_anchor",
+    ],
+    ids=["hash", "count", "id", "same-value", "deleted"],
+)
+async def test_every_column_of_the_anchor_is_checked_by_the_write(
+    tmp_path: pathlib.Path, edit: str
+) -> None:
+    """The write moves the anchor only if all of it is what the writer expects."""
+    async with running(db_path(tmp_path)) as (store, writer):
+        await append_n(writer, 4)
+        await store.write(lambda db: db.execute(edit))
+        entry = await writer.append(actor="a", action="b")
+        stats = writer.statistics()
+        anchor = await store.read(audit_writer.read_anchor)
+    assert anchor == Anchor(entry.id, entry.hash, entry.id)  # moved to the writer's head
+    if "'4'" in edit:  # nothing changed: no reload, no problem
+        assert (stats.head_loads, stats.head_ok, entry.id) == (1, True, 5)
+    else:  # refused, reloaded, the problem recorded as an entry before this one
+        assert stats.head_loads == 2 and not stats.head_ok
+
+
+async def test_an_anchor_made_behind_the_writer_of_an_empty_log_is_seen(
+    tmp_path: pathlib.Path,
+) -> None:
+    async with running(db_path(tmp_path)) as (store, writer):
+        sql = "INSERT INTO audit_anchor VALUES (1, 0, ?, 0)"
+        await store.write(lambda db: db.execute(sql, [GENESIS]))
+        entry = await writer.append(actor="a", action="b")
+        stats = writer.statistics()
+    assert stats.head_loads == 2 and stats.head_ok  # refused, reloaded: an empty log's anchor
+    assert entry.id == 1 and verify_file(db_path(tmp_path)).valid
+
+
+async def test_an_anchor_edited_to_another_kind_of_text_is_still_moved(
+    tmp_path: pathlib.Path,
+) -> None:
+    """An anchor that is not plain hex (it is compared as read, not in SQL) is moved too."""
+    path = await make_log(tmp_path, 3)
+    with raw(path) as conn:
+        conn.execute("UPDATE audit_anchor SET last_hash = 'é'")
+    async with running(path) as (store, writer):
+        entry = await writer.append(actor="a", action="b")
+        stats = writer.statistics()
+        anchor = await store.read(audit_writer.read_anchor)
+    assert stats.head_loads == 1 and not stats.head_ok  # the mismatch entry, then this one
+    assert entry.id == 5 and anchor == Anchor(5, entry.hash, 5)
+    report = verify_file(path)
+    assert not report.valid and report.first_bad_id == 4
+
+
 # -- tamper tests on the store file ---------------------------------------------------------
 
 

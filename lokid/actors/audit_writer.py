@@ -25,10 +25,11 @@ Theory of operation:
   moved back to match) is the same kind of problem, and the chain goes on
   after the writer's own last entry, so no id is used twice and the next
   entry's `prev_hash` shows the break.
-* **The head is checked in every write.** The write function reads the
-  anchor inside the transaction and refuses to append if it is not what the
-  writer last wrote or loaded (someone changed the table behind its back,
-  or an earlier write timed out and committed later). The writer then
+* **The head is checked in every write.** The write function moves the
+  anchor with one conditional `UPDATE` inside the transaction, which changes
+  it only if it is what the writer last wrote or loaded, and refuses to
+  append if no row changed (someone changed the table behind its back, or
+  an earlier write timed out and committed later). The writer then
   reloads the head and retries the batch once; if the anchor moved again,
   the batch fails.
 * **Failure is loud**: when the store refuses or cannot commit a batch,
@@ -124,9 +125,14 @@ _INSERTS = {
     for rows in (64, 16, 4, 1)
 }
 _READ_ANCHOR = "SELECT last_id, last_hash, entries FROM audit_anchor WHERE one = 1"
-_WRITE_ANCHOR = (
-    "INSERT INTO audit_anchor (one, last_id, last_hash, entries) VALUES (1, ?, ?, ?)"
-    " ON CONFLICT (one) DO UPDATE SET last_id = excluded.last_id,"
+# The anchor is checked and moved in one statement: it changes only if it is still the
+# one the writer expects (one row changed), else the batch is refused (_HeadMoved).
+_MOVE_ANCHOR = (
+    "UPDATE audit_anchor SET last_id = ?, last_hash = ?, entries = ?"
+    " WHERE one = 1 AND last_id = ? AND last_hash = ? AND entries = ?"
+)
+_FIRST_ANCHOR = "INSERT INTO audit_anchor (one, last_id, last_hash, entries) VALUES (1, ?, ?, ?)"
+_WRITE_ANCHOR = f"{_FIRST_ANCHOR} ON CONFLICT (one) DO UPDATE SET last_id = excluded.last_id," + (
     " last_hash = excluded.last_hash, entries = excluded.entries"
 )
 
@@ -543,16 +549,51 @@ def _batch_write(
     the anchor. The hashing runs here, on the store's thread, not on the trio loop."""
 
     def write(db: sqlite_utils.Database) -> list[tuple[Any, ...]]:
-        found = read_anchor(db)
-        if found != expected:
-            raise _HeadMoved(f"the anchor is {found}, expected {expected}")
         rows = chain(head, items, timestamp)
-        insert_rows(db.conn, rows)
         last_id, last_hash = rows[-1][0], rows[-1][-1]
-        db.execute(_WRITE_ANCHOR, (last_id, last_hash, last_id))
+        if not _move_anchor(db, expected, Anchor(last_id, last_hash, last_id)):
+            raise _HeadMoved(f"the anchor is {read_anchor(db)}, expected {expected}")
+        insert_rows(db.conn, rows)
         return rows
 
     return write
+
+
+def _move_anchor(db: sqlite_utils.Database, expected: Anchor | None, new: Anchor) -> bool:
+    """Replace the anchor `expected` with `new`; False (nothing changed) if the table's
+    anchor is not `expected` (None: no anchor row)."""
+    conn = db.conn
+    if expected is None:
+        try:
+            conn.execute(_FIRST_ANCHOR, (new.last_id, new.last_hash, new.entries))
+        except sqlite3.IntegrityError:  # there is an anchor row
+            return False
+        return True
+    if not _plain(expected):
+        # Loaded from an edited row (text that is not UTF-8, another type): compared as
+        # read, as `load` read it, since such a value cannot be bound as it was read.
+        if read_anchor(db) != expected:
+            return False
+        db.execute(_WRITE_ANCHOR, (new.last_id, new.last_hash, new.entries))
+        return True
+    moved = conn.execute(
+        _MOVE_ANCHOR,
+        (
+            new.last_id, new.last_hash, new.entries,
+            expected.last_id, expected.last_hash, expected.entries,
+        ),
+    )  # fmt: skip
+    return moved.rowcount == 1
+
+
+def _plain(anchor: Anchor) -> bool:
+    """The anchor's values compare in SQL exactly as in Python (ints, and UTF-8 text)."""
+    return (
+        type(anchor.last_id) is int
+        and type(anchor.entries) is int
+        and type(anchor.last_hash) is str
+        and anchor.last_hash.isascii()
+    )
 
 
 def insert_rows(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
