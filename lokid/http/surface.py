@@ -826,7 +826,10 @@ _COMMON_ERRORS = {
     405: "Method not allowed on this path",
     413: "Request body larger than 1 MiB",
     500: "Internal error (a bug; details are in the daemon log)",
-    503: "Unavailable (starting, stopping or the store is down)",
+    503: (
+        "Unavailable (starting, stopping, the store is down, or the component serving "
+        "the route is down for a while: details say which and when it is retried)"
+    ),
 }
 
 
