@@ -624,6 +624,51 @@ async def test_200_concurrent_appends_share_a_few_commits(tmp_path: pathlib.Path
     assert report.valid and report.entries_checked == 200
 
 
+async def test_a_caller_that_gives_up_leaves_its_entry_to_be_written(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller cancelled while its append waits for a batch gets `Cancelled` at once;
+    the entry is still written, the others of its batch are answered, and later appends
+    (and their wake-ups) go on as before."""
+    async with running(db_path(tmp_path)) as (store, writer):
+        gate = trio.Event()
+        write_alone = store.write_alone
+
+        async def held(fn: Any, **options: Any) -> Any:
+            await gate.wait()
+            return await write_alone(fn, **options)
+
+        monkeypatch.setattr(store, "write_alone", held)
+        ids: dict[str, int] = {}
+        given_up = trio.CancelScope()
+
+        async def one(name: str) -> None:
+            ids[name] = (await writer.append(actor=name, action="task.move")).id
+
+        async def impatient() -> None:
+            with given_up:
+                await one("impatient")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one, "first")  # commits from its own task, held at the gate
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(impatient)  # these two wait in the mailbox
+            nursery.start_soon(one, "patient")
+            await trio.testing.wait_all_tasks_blocked()
+            given_up.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            assert given_up.cancelled_caught and ids == {}
+            gate.set()
+        monkeypatch.undo()
+        later = await writer.append(actor="later", action="task.move")
+        report = await writer.verify()
+        listed = await writer.list_entries(AuditQuery.parse())
+    written = {e["actor"]: e["id"] for e in listed["entries"]}
+    assert written == {**ids, "impatient": written["impatient"], "later": 4}
+    assert ids["first"] == 1 and sorted(written.values()) == [1, 2, 3, 4]  # (mailbox order varies)
+    assert later.id == 4 and report.valid and report.entries_checked == 4
+
+
 async def test_an_acknowledged_append_is_in_the_file_after_a_reopen(
     tmp_path: pathlib.Path,
 ) -> None:
