@@ -51,7 +51,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NoReturn, NotRequired, TypedDict
+from typing import Any, NoReturn
 
 import attrs
 
@@ -340,19 +340,6 @@ def _encode_details(details: Any) -> str:
 details_json = _encode_details  # the public name (`entry_hash` has a parameter of that name)
 
 
-class EntryFields(TypedDict):
-    """What a caller says of an audit entry: `normalise`'s keywords (and the writer's)."""
-
-    actor: str
-    action: str
-    resource: NotRequired[str | None]
-    method: NotRequired[str | None]
-    path: NotRequired[str | None]
-    status: NotRequired[int | None]
-    ip: NotRequired[str | None]
-    details: NotRequired[Mapping[str, Any] | None]
-
-
 def normalise(
     *,
     actor: str,
@@ -374,24 +361,22 @@ def normalise(
     return {
         "actor": _text(actor, MAX_ACTOR),
         "action": _text(action, MAX_ACTION),
-        "resource": _optional_text(resource, MAX_RESOURCE),
+        "resource": None if resource is None else _text(resource, MAX_RESOURCE),
         "method": None if method is None else _text(method, MAX_METHOD).upper(),
-        "path": _optional_text(path, MAX_PATH),
+        "path": None if path is None else _text(path, MAX_PATH),
         "status": status,
-        "ip": _optional_text(ip, MAX_IP),
-        "details": _details(details),
+        "ip": None if ip is None else _text(ip, MAX_IP),
+        "details": _details(details) if details else {},
     }
 
 
 def _text(value: object, limit: int) -> str:
+    if type(value) is str and value.isascii() and len(value) <= limit:
+        return value  # the usual case: stored as given
     text = value if isinstance(value, str) else str(value)
     if not text.isascii():
         text = text.encode("utf-8", "replace").decode("utf-8")  # unpaired surrogates -> "?"
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _optional_text(value: object, limit: int) -> str | None:
-    return None if value is None else _text(value, limit)
 
 
 def _details(details: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -70,7 +70,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, ClassVar, Unpack
+from typing import Any, ClassVar
 
 import attrs
 import sqlite_utils
@@ -85,7 +85,6 @@ from lokid.audit import (
     AuditQuery,
     ChainReport,
     ChainVerifier,
-    EntryFields,
     Head,
     chained_hash,
     details_json,
@@ -275,23 +274,59 @@ class AuditWriter(Actor[Any]):
 
     # -- callers ----------------------------------------------------------------
 
-    async def append(self, *, timeout: float = 10.0, **fields: Unpack[EntryFields]) -> AuditEntry:
+    async def append(
+        self,
+        *,
+        actor: str,
+        action: str,
+        resource: str | None = None,
+        method: str | None = None,
+        path: str | None = None,
+        status: int | None = None,
+        ip: str | None = None,
+        details: Mapping[str, Any] | None = None,
+        timeout: float = 10.0,
+    ) -> AuditEntry:
         """Record one entry (`normalise`'s keywords); returns it once committed to disk.
 
         Raises `AuditUnavailable` or `ActorUnavailable` if it was not
         recorded, `AskTimeout` if the mailbox stayed full (or the writer
         stayed down) for `timeout` seconds. See the module for the bounds.
         """
-        pending = _Pending(normalise(**fields))
+        fields = normalise(
+            actor=actor, action=action, resource=resource, method=method, path=path,
+            status=status, ip=ip, details=details,
+        )  # fmt: skip
+        pending = _Pending(fields)
         if self._queued_nowait(pending):
             await pending.wait()
         else:
             await self._recorded(pending, timeout)
         return pending.entry()
 
-    async def record(self, *, timeout: float = 10.0, **fields: Unpack[EntryFields]) -> None:
-        """`append` for a caller that needs no answer but "on disk" (the gate)."""
-        pending = _Pending(normalise(**fields))
+    async def record(
+        self,
+        *,
+        actor: str,
+        action: str,
+        resource: str | None = None,
+        method: str | None = None,
+        path: str | None = None,
+        status: int | None = None,
+        ip: str | None = None,
+        details: Mapping[str, Any] | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        """`append` for a caller that needs no answer but "on disk" (the gate).
+
+        (`append` and `record` name `normalise`'s keywords one by one: a
+        `**fields` dict built and unpacked again cost ~0.6 µs per append here.)
+        """
+        fields = normalise(
+            actor=actor, action=action, resource=resource, method=method, path=path,
+            status=status, ip=ip, details=details,
+        )  # fmt: skip
+        pending = _Pending(fields)
         if self._queued_nowait(pending):
             await pending.wait()
         else:
