@@ -235,6 +235,40 @@ def test_the_writers_chained_hash_is_entry_hash(fields: dict[str, Any]) -> None:
     assert digest == expected == entry_hash(fields["prev_hash"], fields)
 
 
+entry_fields = hashed_fields.map(
+    lambda fields: {k: v for k, v in fields.items() if k not in ("id", "timestamp", "prev_hash")}
+)
+odd_fields = st.sampled_from(
+    [{}, {}, {"status": True}, {"status": "200"}, {"actor": 5}, {"ip": 7}, {"details": "text"}]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(entry_fields, odd_fields), min_size=1, max_size=5),
+    st.text(max_size=70) | st.text(alphabet="0123456789abcdef", min_size=64, max_size=64),
+    st.text(max_size=30) | st.just("2026-11-29T12:00:00.000Z"),
+    st.integers(min_value=0, max_value=2**62),
+)
+def test_a_batchs_rows_are_hashed_by_the_definition(
+    entries: list[tuple[dict[str, Any], dict[str, Any]]], last_hash: str, timestamp: str, last: int
+) -> None:
+    """`chain` builds each canonical JSON in one f-string; odd heads (text JSON must
+    escape), timestamps and field values take the general path: the same hashes."""
+    import hashlib
+
+    merged = [{**fields, **odd} for fields, odd in entries]
+    items = [(fields, audit.details_json(fields["details"])) for fields in merged]
+    rows = chain(Head(last, last_hash), items, timestamp)
+    prev_hash = last_hash
+    for n, ((fields, _), row) in enumerate(zip(items, rows, strict=True), start=1):
+        full = {**fields, "id": last + n, "timestamp": timestamp, "prev_hash": prev_hash}
+        text = prev_hash + definition(full)
+        assert row[-1] == hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        assert (row[0], row[1], row[10]) == (last + n, timestamp, prev_hash)
+        prev_hash = row[-1]
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.text(max_size=8), json_values, max_size=6))
 def test_details_json_is_sorted_compact_json(details: dict[str, Any]) -> None:

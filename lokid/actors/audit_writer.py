@@ -63,6 +63,7 @@ with `StoreActor.read` (one snapshot) or on a connection of their own
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -108,6 +109,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("lokid.audit")
+
+_encode_text = json.encoder.encode_basestring  # a JSON string (ensure_ascii=False), in C
+_sha256 = hashlib.sha256
 
 MISMATCH_ACTION = "audit.head_mismatch"
 """The action of the entry the writer records when it finds the head inconsistent."""
@@ -588,12 +592,47 @@ def chain(
     head: Head, items: Sequence[tuple[Mapping[str, Any], str]], timestamp: str
 ) -> list[tuple[Any, ...]]:
     """The `audit_log` rows for `items` (fields, details JSON) after `head`, hashed in
-    order. Pure and deterministic (the store may run a write twice)."""
+    order. Pure and deterministic (the store may run a write twice).
+
+    The canonical JSON of each entry (`lokid.audit.canonical_json`) is built here in
+    one f-string: the timestamp is quoted once per batch and each `prev_hash` but the
+    first is a digest of this loop (hex: quoted as is). Anything unusual - a text field
+    that is not text, a status that is not an int, a head or timestamp that JSON must
+    escape - goes through `chained_hash`, the general path.
+    """
     last_id, prev_hash = head.last_id, head.last_hash
+    quoted_time = _encode_text(timestamp) if type(timestamp) is str else None
+    if quoted_time is not None and quoted_time[1:-1] != timestamp:
+        quoted_time = None  # escaped: the general path decides
     rows = []
+    plain_prev = False  # prev_hash is a digest of this loop
     for fields, details_text in items:
         last_id += 1
-        digest = chained_hash(prev_hash, fields, last_id, timestamp, details_text)
+        text = None
+        status = fields["status"]
+        if plain_prev and quoted_time is not None and (status is None or type(status) is int):
+            resource, method, path, ip = (
+                fields["resource"], fields["method"], fields["path"], fields["ip"],
+            )  # fmt: skip
+            try:
+                text = (
+                    f'{prev_hash}{{"action":{_encode_text(fields["action"])},'
+                    f'"actor":{_encode_text(fields["actor"])},'
+                    f'"details":{details_text},"id":{last_id},'
+                    f'"ip":{"null" if ip is None else _encode_text(ip)},'
+                    f'"method":{"null" if method is None else _encode_text(method)},'
+                    f'"path":{"null" if path is None else _encode_text(path)},'
+                    f'"prev_hash":"{prev_hash}",'
+                    f'"resource":{"null" if resource is None else _encode_text(resource)},'
+                    f'"status":{"null" if status is None else status},'
+                    f'"timestamp":{quoted_time}}}'
+                )
+            except TypeError:  # a text field that is not text
+                text = None
+        if text is None:
+            digest = chained_hash(prev_hash, fields, last_id, timestamp, details_text)
+        else:
+            digest = _sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
         rows.append(
             (
                 last_id,
@@ -611,6 +650,7 @@ def chain(
             )
         )
         prev_hash = digest
+        plain_prev = True
     return rows
 
 
