@@ -840,16 +840,20 @@ async def test_a_crashing_writer_fails_what_it_did_not_record(
     assert not stats.running and stats.crashes == 1
 
 
+@pytest.mark.parametrize("linked", [False, True])
 @pytest.mark.parametrize("count", [1, 3, 4, 5, 16, 63, 64, 65, 85, 255, 1024])
-def test_a_batch_is_inserted_whole_and_in_order(count: int) -> None:
+def test_a_batch_is_inserted_whole_and_in_order(count: int, linked: bool) -> None:
+    """`insert_rows`, and the writer's own `_insert_chained` (timestamp and links bound
+    once), store exactly the rows `chain` made."""
     db = sqlite_utils.Database(sqlite3.connect(":memory:"))
     migrate(db)
     items = [(e.fields(), audit.details_json(e.details)) for e in make_chain(count)]
-    rows = chain(Head(0, GENESIS), items, "2026-11-28T12:00:00.000Z")
-    insert_rows(db.conn, rows)
+    rows = chain(Head(7, "f" * 64), items, "2026-11-28T12:00:00.000Z")
+    (audit_writer._insert_chained if linked else insert_rows)(db.conn, rows)
     stored = db.execute("SELECT * FROM audit_log ORDER BY id").fetchall()
     assert [tuple(row) for row in stored] == rows
-    assert [row[0] for row in stored] == list(range(1, count + 1))
+    assert [row[0] for row in stored] == list(range(8, count + 8))
+    assert stored[0][10] == "f" * 64
     assert [row[10] for row in stored[1:]] == [row[11] for row in stored[:-1]]  # linked
 
 
