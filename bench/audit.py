@@ -55,6 +55,7 @@ import trio
 
 from lokid.actors.audit_writer import AuditWriter, verify_store
 from lokid.actors.store import StoreActor
+from lokid.daemon import tune_collector
 from lokid.http.gate import Gate
 from lokid.http.surface import Surface
 
@@ -453,6 +454,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     folder, where = choose_folder(args.dir, args.allow_tmpfs)
+    tune_collector()  # the daemon's collector settings: what the daemon's appends run with
     rounds = []
     try:
         for number in range(args.rounds):

@@ -125,6 +125,19 @@ IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 ALWAYS_HANDLED = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
+def tune_collector() -> None:
+    """The cyclic GC as the daemon runs it, from the end of its start-up on.
+
+    Everything built so far lives as long as the daemon: keep it out of the
+    collector's scans, and collect the young generation less often. Under SSE
+    fan-out the collector took ~28 % of the loop with the defaults (full passes
+    freeing nothing); see docs/performance.md. Benchmarks of in-process parts
+    call it too, so they measure what the daemon does.
+    """
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 class DaemonFailed(LokiError):
     """The daemon stopped because its supervisor tree gave up (restart intensity)."""
 
@@ -289,12 +302,7 @@ class Daemon:
             interval = watchdog_interval()
             if interval is not None:
                 nursery.start_soon(self._watchdog, interval)
-            # Everything built so far lives as long as the daemon: keep it out of the
-            # cyclic GC's scans, and collect the young generation less often. Under
-            # SSE fan-out the collector took ~28 % of the loop with the defaults
-            # (full passes freeing nothing); see docs/performance.md.
-            gc.freeze()
-            gc.set_threshold(*GC_THRESHOLDS)
+            tune_collector()
             self.phase = Phase.RUNNING
             urls = self.listeners.urls()
             summary = f"api {urls['api']}, dashboard {urls['dashboard']}, socket {urls['socket']}"
