@@ -13,7 +13,10 @@ the same run by `bench/bare_agents.py`, also pinned to CPU 0: the same
 agent script spawned and waited for from Python, or its output read through a
 pipe. One fresh daemon per group of measures (LOKI_MAX_AGENTS raised to fit,
 LOKI_AGENT_GRACE 2 s); every project folder, the fake agents and LOKI_HOME
-live in one temporary folder, removed at the end.
+live in one temporary folder (under `$TMPDIR`, else /tmp), removed at the end.
+What a new file and a new folder cost in it (kernel CPU) is probed before and
+after the runs and printed: on ext4 without a journal it depends on the recent
+deletions near that folder (docs/performance.md, "Sessions").
 
 1. start   - `POST /api/sessions` (provider `command`, a shell agent that
              reads its prompt and prints one line), then `session.started`
@@ -77,6 +80,7 @@ from typing import Any
 import trio
 
 from bench import sessions_daemon
+from bench.audit import mount_of
 from bench.events import _fmt, percentile
 from bench.health import _wait_for_port
 from bench.publisher import raise_fd_limit
@@ -108,6 +112,38 @@ START_P99_MS = 25.0
 STARTS_PER_S = 200.0
 LINES_PER_S = 20_000.0
 HEALTH_RATIO = 2.0
+
+
+# -- the file system's price of a new inode ----------------------------------------------
+
+INODE_PROBE = 200  # files and folders made (and removed) per probe
+LOKI_INODES = 14  # new inodes of a one-task session's `.loki/` (docs/performance.md)
+
+
+def inode_cost_us(folder: Path) -> tuple[float, float]:
+    """CPU (µs, nearly all of it the kernel's) of one new file and of one new folder in
+    `folder`: the mean of `INODE_PROBE` each, by this thread's CPU clock.
+
+    A session's `.loki/` is 14 new inodes, and what one costs depends on the file
+    system and on its recent deletions: ext4 without a journal skips inodes freed in
+    the last minute(s) when it allocates, so a folder where many files were just
+    removed (test suites, earlier runs) makes each create dearer (docs/performance.md,
+    "Sessions"). Printed so a run's figures can be read against it.
+    """
+    probe = Path(tempfile.mkdtemp(prefix="inode-probe-", dir=folder))
+    try:
+        costs: dict[str, float] = {}
+        for kind, make in (
+            ("file", lambda path: os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))),
+            ("folder", os.mkdir),
+        ):
+            before = time.thread_time()
+            for i in range(INODE_PROBE):
+                make(f"{probe}/{kind}{i}")
+            costs[kind] = (time.thread_time() - before) / INODE_PROBE * 1e6
+        return costs["file"], costs["folder"]
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
 
 
 # -- the temporary folder: fake agents, projects, LOKI_HOME ----------------------------
@@ -1062,9 +1098,12 @@ def main(argv: list[str]) -> int:
     root = Path(tempfile.mkdtemp(prefix="lokid-bench-sessions-"))
     try:
         workspace = Workspace(root, lines=args.lines, slow_seconds=args.slow_seconds)
+        inodes_before = inode_cost_us(workspace.projects)
         started = time.perf_counter()
         results = run(workspace, args)
         results["total_s"] = time.perf_counter() - started
+        results["inode_us"] = {"before": inodes_before, "after": inode_cost_us(workspace.projects)}
+        results["file_system"] = mount_of(root)
     finally:
         left = leftovers(root)
         for pid, _ in left:
@@ -1094,7 +1133,17 @@ def report(results: dict[str, Any], table: list[dict[str, Any]], args: argparse.
             f"{r['label']:<46} {_fmt(r['lokid']):>10} {floor:>10} {ratio:>7}  "
             f"{r['goal']} {verdict}".rstrip()
         )
-    notes = []
+    point, device, kind = results["file_system"]
+    (file_before, folder_before), (file_after, folder_after) = (
+        results["inode_us"]["before"],
+        results["inode_us"]["after"],
+    )
+    notes = [
+        f"projects on {kind} {device} (mounted at {point}): a new file costs "
+        f"{file_before:.0f} µs of CPU there before the runs and {file_after:.0f} after, "
+        f"a new folder {folder_before:.0f} / {folder_after:.0f} µs "
+        f"(a session's .loki/ makes {LOKI_INODES}; tmpfs ~10 µs each)"
+    ]
     if timeline := results.get("start_timeline_ms"):
         notes.append(
             "a start, median ms after the session row's createdAt: "
