@@ -49,6 +49,7 @@ import datetime as dt
 import enum
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NoReturn
@@ -63,6 +64,7 @@ __all__ = [
     "GENESIS",
     "HASHED_FIELDS",
     "MAX_DETAILS_BYTES",
+    "MAX_ID",
     "MAX_LIMIT",
     "MAX_OFFSET",
     "ROUTE_ACTIONS",
@@ -77,15 +79,18 @@ __all__ = [
     "action_for",
     "action_matches",
     "action_sql",
+    "anchor_defect",
     "canonical_json",
     "chained_hash",
     "classify",
     "details_json",
     "entry_hash",
+    "json_value",
     "normalise",
     "parse_action_filter",
     "parse_timestamp",
     "resume_head",
+    "shown",
     "verify",
 ]
 
@@ -122,6 +127,11 @@ MAX_LIMIT = 1000
 MAX_OFFSET = 2**62
 MAX_FILTER_CHARS = 200
 
+MAX_ID = 2**62
+"""The highest entry id the writer goes on after. Far beyond any real log, and far
+enough below SQLite's largest integer (2^63 - 1) that an edited anchor or entry id
+can never leave the writer without a next id (`anchor_defect`, `resume_head`)."""
+
 MAX_REORDER_SEARCH = 10_000_000
 """Ids tried to find where a displaced entry was written (about 1 µs each)."""
 
@@ -151,7 +161,13 @@ class AuditEntry:
         return {name: getattr(self, name) for name in HASHED_FIELDS}
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.fields(), "hash": self.hash}
+        """As served; the values of an edited row that JSON cannot carry as they are (a
+        BLOB, an infinite real) are shown as text (`json_value`)."""
+        answer = {**self.fields(), "hash": self.hash}
+        for name, value in answer.items():
+            if not (value is None or type(value) is str or type(value) is int):
+                answer[name] = json_value(value)
+        return answer
 
 
 @attrs.frozen
@@ -163,7 +179,11 @@ class Anchor:
     entries: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"last_id": self.last_id, "last_hash": self.last_hash, "entries": self.entries}
+        return {
+            "last_id": json_value(self.last_id),
+            "last_hash": json_value(self.last_hash),
+            "entries": json_value(self.entries),
+        }
 
 
 @attrs.frozen
@@ -179,42 +199,115 @@ class Head:
     problem: str | None = None
 
 
-def resume_head(anchor: Anchor | None, newest: tuple[int, str] | None) -> Head:
+def resume_head(
+    anchor: Anchor | None, newest: tuple[int, Any] | None, *, beyond: int | None = None
+) -> Head:
     """Where to continue the chain, from the anchor and the newest entry's (id, hash).
 
     The writer never repairs: when the two disagree it continues from the
     anchor's hash (from `GENESIS` if the anchor is missing), with an id past
     both, so the break found now is still found by every later `verify`
     (as a `gap` or a `broken link`) instead of being papered over.
+
+    The values are as read from an edited file: any type. An anchor whose
+    `last_id` is not an id in 0..`MAX_ID` or whose `last_hash` is not a
+    64-digit hash (`anchor_defect`) is a problem like any other, whose hash
+    is not continued from: the chain goes on from `GENESIS` (after the
+    anchor's id if that is one), as when the anchor is missing. `newest` is
+    the newest entry with an id up to `MAX_ID`; `beyond`, the highest id
+    past that, if any: an entry the chain cannot continue after.
     """
+    head = _resume(anchor, newest)
+    if beyond is None:
+        return head
+    problem = f"entry {beyond} lies past the last id the chain can go on after ({MAX_ID})"
+    return attrs.evolve(head, problem=problem + (f"; {head.problem}" if head.problem else ""))
+
+
+def _resume(anchor: Anchor | None, newest: tuple[int, Any] | None) -> Head:
+    table = max(0, newest[0]) if newest is not None else None
     if anchor is None:
-        if newest is None:
+        if table is None:
             return Head(0, GENESIS)
         return Head(
-            newest[0],
+            table,
             GENESIS,
-            f"anchor missing while the table holds entries up to {newest[0]}: continuing at "
-            f"{newest[0] + 1} from the genesis hash",
+            f"anchor missing while the table holds entries up to {table}: continuing at "
+            f"{table + 1} from the genesis hash",
         )
-    head = Head(max(anchor.last_id, newest[0] if newest else 0), anchor.last_hash)
-    if newest is None:
+    defect = anchor_defect(anchor)
+    if defect is not None:
+        last_id = max(table or 0, anchor.last_id if _is_id(anchor.last_id) else 0)
+        return Head(
+            last_id,
+            GENESIS,
+            f"the anchor was edited: {defect}; continuing at {last_id + 1} from the genesis hash",
+        )
+    head = Head(max(anchor.last_id, table or 0), anchor.last_hash)
+    if newest is None or table is None:
         if anchor.last_id == 0:
             return head
         problem = f"truncated: the anchor's head is entry {anchor.last_id} but the table is empty"
-    elif newest[0] < anchor.last_id:
+    elif table < anchor.last_id:
         problem = (
             f"truncated: the anchor's head is entry {anchor.last_id} but the newest entry "
-            f"is {newest[0]}"
+            f"is {table}"
         )
-    elif newest[0] > anchor.last_id:
-        problem = f"entries {anchor.last_id + 1}-{newest[0]} lie beyond the anchor's head"
+    elif table > anchor.last_id:
+        problem = f"entries {anchor.last_id + 1}-{table} lie beyond the anchor's head"
     elif newest[1] != anchor.last_hash:
-        problem = f"entry {newest[0]}'s hash differs from the anchor's"
+        problem = f"entry {table}'s hash differs from the anchor's"
     elif anchor.entries != anchor.last_id:
-        problem = f"the anchor counts {anchor.entries} entries for head {anchor.last_id}"
+        problem = f"the anchor counts {shown(anchor.entries)} entries for head {anchor.last_id}"
     else:
         return head
     return attrs.evolve(head, problem=problem)
+
+
+_HASH = re.compile(r"[0-9a-f]{64}")
+
+
+def _is_id(value: object) -> bool:
+    """An entry id the writer can go on after (0: an empty log)."""
+    return type(value) is int and 0 <= value <= MAX_ID
+
+
+def anchor_defect(anchor: Anchor) -> str | None:
+    """Why the anchor, as read, cannot be continued from (None: it can).
+
+    Its `last_id` must be an integer in 0..`MAX_ID` and its `last_hash` a
+    hash as the writer writes it (64 lowercase hex digits, or `GENESIS`).
+    Anything else - text where a number belongs, a BLOB, text that is not
+    UTF-8, a real number, an id whose successor SQLite cannot store - was
+    put there by hand. Its `entries` count is not checked here: a wrong count
+    is the mismatch `resume_head` reports.
+    """
+    if not _is_id(anchor.last_id):
+        return f"its last_id {shown(anchor.last_id)} is not an entry id (0-{MAX_ID})"
+    if type(anchor.last_hash) is not str or not _HASH.fullmatch(anchor.last_hash):
+        return f"its last_hash {shown(anchor.last_hash)} is not a SHA-256 hex digest"
+    return None
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """A stored value of any type for a message: its repr, cut at `limit` characters
+    (a BLOB as `X'...'`, as SQLite writes one)."""
+    text = f"X'{value[:limit].hex().upper()}'" if isinstance(value, bytes) else repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def json_value(value: Any) -> Any:
+    """A stored column value as JSON can carry it: as is when it can (text, an integer,
+    a finite real, null), else as text - a BLOB as `X'<hex>'`, an infinite real as
+    `"inf"` - so that an edited row is shown, not a 500 (`AuditEntry.to_json`)."""
+    kind = type(value)
+    if value is None or kind is str or kind is int or kind is dict or kind is list:
+        return value
+    if kind is float:
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, bytes):
+        return f"X'{value.hex().upper()}'"
+    return str(value)
 
 
 # -- canonical form and hash ----------------------------------------------------------
@@ -493,6 +586,10 @@ class ChainVerifier:
 
     def __init__(self, anchor: Anchor | None = None) -> None:
         self._anchor = anchor
+        # The anchor's id, if it is one (an edited anchor may hold text, a BLOB, a real).
+        self._anchor_id: int | None = None
+        if anchor is not None and type(anchor.last_id) is int and anchor.last_id >= 0:
+            self._anchor_id = anchor.last_id
         self._next_id = 1
         self._prev_hash = GENESIS
         self._last_prev_hash = GENESIS  # the last good entry's prev_hash
@@ -554,7 +651,7 @@ class ChainVerifier:
         self._next_id = expected + 1
         self._last_prev_hash = entry.prev_hash
         self._prev_hash = entry.hash
-        if self._anchor is not None and entry.id == self._anchor.last_id:
+        if entry.id == self._anchor_id:
             self._anchored = (entry.prev_hash, entry.hash)
 
     def finish(self) -> ChainReport:
@@ -563,7 +660,7 @@ class ChainVerifier:
         anchor = self._anchor
         found = self._found
         if found is not None and self._displaced is not None:
-            limit = max(self._max_id, anchor.last_id if anchor is not None else 0)
+            limit = max(self._max_id, self._anchor_id or 0)
             written_as = _written_as(self._displaced, limit)
             if written_as is not None:
                 at = self._displaced.id
@@ -618,6 +715,12 @@ class ChainVerifier:
                 None,
                 f"the table holds {last} entries but the chain head (audit_anchor) is missing",
             )
+        if self._anchor_id is None:
+            return _Found(
+                Problem.ANCHOR_MISMATCH,
+                None,
+                f"the anchor's last_id {shown(anchor.last_id)} is not an entry id: it was edited",
+            )
         if anchor.last_id > last:
             return _Found(
                 Problem.TRUNCATED,
@@ -652,7 +755,7 @@ class ChainVerifier:
             return _Found(
                 Problem.ANCHOR_MISMATCH,
                 None,
-                f"the anchor counts {anchor.entries} entries for head {last}: it was edited",
+                f"the anchor counts {shown(anchor.entries)} entries for head {last}: it was edited",
             )
         return None
 

@@ -57,6 +57,7 @@ from lokid.audit import (
     verify,
 )
 from lokid.errors import ActorUnavailable, AskTimeout, InvalidQuery
+from lokid.http.convert import dumps
 from lokid.migrations import migrate
 
 from .child_status import StubChildStatus
@@ -467,6 +468,14 @@ def test_verifier_reads_no_further_than_it_needs() -> None:
         (Anchor(5, "a" * 64, 5), (7, "c" * 64), Head(7, "a" * 64, "beyond")),
         (Anchor(5, "a" * 64, 5), (5, "c" * 64), Head(5, "a" * 64, "differs")),
         (Anchor(5, "a" * 64, 4), (5, "a" * 64), Head(5, "a" * 64, "counts")),
+        # an anchor edited by hand to another type: continued from the genesis hash
+        (Anchor(5, cast(str, b"\xff"), 5), (5, "a" * 64), Head(5, GENESIS, "last_hash X'FF'")),
+        (Anchor(5, "\udcff", 5), (5, "a" * 64), Head(5, GENESIS, "last_hash")),
+        (Anchor(5, "a" * 63, 5), (5, "a" * 63), Head(5, GENESIS, "not a SHA-256")),
+        (Anchor(cast(int, "x"), "a" * 64, 5), (5, "a" * 64), Head(5, GENESIS, "last_id 'x'")),
+        (Anchor(cast(int, 9.5), "a" * 64, 5), None, Head(0, GENESIS, "last_id 9.5")),
+        (Anchor(2**63 - 1, "a" * 64, 5), (5, "a" * 64), Head(5, GENESIS, "last_id")),
+        (Anchor(7, cast(str, None), 5), (5, "a" * 64), Head(7, GENESIS, "last_hash None")),
     ],
 )
 def test_resume_head_never_repairs(
@@ -478,6 +487,15 @@ def test_resume_head_never_repairs(
         assert head.problem is None
     else:
         assert head.problem is not None and expected.problem in head.problem
+
+
+def test_an_entry_past_the_last_id_is_a_problem_the_chain_goes_on_below() -> None:
+    """An entry id past `MAX_ID` (an edited row) would leave no next id: not followed."""
+    head = resume_head(Anchor(5, "a" * 64, 5), (5, "a" * 64), beyond=2**63 - 1)
+    assert (head.last_id, head.last_hash) == (5, "a" * 64)
+    assert head.problem is not None and f"entry {2**63 - 1} lies past" in head.problem
+    head = resume_head(Anchor(7, "a" * 64, 7), (5, "a" * 64), beyond=2**62 + 1)
+    assert head.last_id == 7 and head.problem is not None and "; truncated" in head.problem
 
 
 # -- actions and queries -------------------------------------------------------------------
@@ -1103,6 +1121,176 @@ async def test_a_writer_restarted_on_a_tampered_log_keeps_the_break_visible(
             "SELECT action, details FROM audit_log WHERE id = 11"
         ).fetchone()
     assert action == MISMATCH_ACTION and json.loads(details)["problem"] == stats.head_problem
+
+
+NULLABLE_ANCHOR = (  # the anchor table rebuilt without NOT NULL, as a hand edit could
+    "CREATE TABLE anchor_copy (one INTEGER PRIMARY KEY CHECK (one = 1), last_id INTEGER,"
+    " last_hash TEXT, entries INTEGER)",
+    "INSERT INTO anchor_copy SELECT * FROM audit_anchor",
+    "DROP TABLE audit_anchor",
+    "ALTER TABLE anchor_copy RENAME TO audit_anchor",
+)
+
+# Anchor columns and the newest entry edited to values of another type or out of range:
+# (statements, what `verify` then reports first: problem, first bad entry).
+ODD_HEADS: dict[str, tuple[tuple[str, ...], Problem, int | None]] = {
+    "hash-blob": (("UPDATE audit_anchor SET last_hash = X'ff00'",), Problem.ANCHOR_MISMATCH, 10),
+    "hash-not-utf8": (
+        ("UPDATE audit_anchor SET last_hash = CAST(X'ff00' AS TEXT)",),
+        Problem.ANCHOR_MISMATCH,
+        10,
+    ),
+    "hash-ascii-blob": (
+        ("UPDATE audit_anchor SET last_hash = X'6162'",),
+        Problem.ANCHOR_MISMATCH,
+        10,
+    ),
+    "hash-null": (
+        (*NULLABLE_ANCHOR, "UPDATE audit_anchor SET last_hash = NULL"),
+        Problem.ANCHOR_MISMATCH,
+        10,
+    ),
+    "id-text": (("UPDATE audit_anchor SET last_id = 'abc'",), Problem.ANCHOR_MISMATCH, None),
+    "id-blob": (("UPDATE audit_anchor SET last_id = X'ff00'",), Problem.ANCHOR_MISMATCH, None),
+    "id-not-utf8": (
+        ("UPDATE audit_anchor SET last_id = CAST(X'ff00' AS TEXT)",),
+        Problem.ANCHOR_MISMATCH,
+        None,
+    ),
+    "id-real": (("UPDATE audit_anchor SET last_id = 9.5",), Problem.ANCHOR_MISMATCH, None),
+    "id-infinite": (("UPDATE audit_anchor SET last_id = 1e999",), Problem.ANCHOR_MISMATCH, None),
+    "id-negative": (("UPDATE audit_anchor SET last_id = -5",), Problem.ANCHOR_MISMATCH, None),
+    "id-null": (
+        (*NULLABLE_ANCHOR, "UPDATE audit_anchor SET last_id = NULL"),
+        Problem.ANCHOR_MISMATCH,
+        None,
+    ),
+    "id-largest": (
+        ("UPDATE audit_anchor SET last_id = 9223372036854775807",),
+        Problem.TRUNCATED,
+        11,
+    ),
+    "newest-hash-not-utf8": (
+        ("UPDATE audit_log SET hash = CAST(X'ff00' AS TEXT) WHERE id = 10",),
+        Problem.EDITED,
+        10,
+    ),
+    "newest-id-largest": (
+        ("UPDATE audit_log SET id = 9223372036854775807 WHERE id = 10",),
+        Problem.GAP,
+        10,
+    ),
+}
+
+
+# The ones `verify` and the answers had trouble with (the others were reported already).
+VERIFY_ODD = ("hash-blob", "hash-ascii-blob", "id-text", "id-blob", "id-not-utf8", "id-real",
+              "id-infinite", "id-negative", "id-null")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(ODD_HEADS))
+async def test_a_head_edited_to_another_type_is_a_mismatch_not_an_outage(
+    tmp_path: pathlib.Path, name: str
+) -> None:
+    """Found at start: recorded as `audit.head_mismatch`, appends go on, and the chain
+    goes on so that `verify` still shows a break (not one 503 per audited request)."""
+    path = await make_log(tmp_path)
+    tamper(path, *ODD_HEADS[name][0])
+    async with running(path) as (_, writer):
+        stats = writer.statistics()
+        entries = [await writer.append(actor="a", action="session.create") for _ in range(2)]
+        summary = await writer.summary()
+    assert stats.running and not stats.head_ok and stats.head_problem
+    assert [e.id for e in entries] == [12, 13]  # 11 is the writer's audit.head_mismatch
+    assert summary["chain_valid"] is False and summary["by_action"][MISMATCH_ACTION] == 1
+    dumps(summary)  # servable
+    assert not verify_file(path).valid  # the break stays visible
+    with raw(path) as conn:
+        action, details = conn.execute(
+            "SELECT action, details FROM audit_log WHERE id = 11"
+        ).fetchone()
+    assert action == MISMATCH_ACTION and json.loads(details)["problem"] == stats.head_problem
+    assert len(stats.head_problem) < 400  # an edited value is quoted, cut
+
+
+@pytest.mark.parametrize(
+    "statements",
+    [
+        ("UPDATE audit_anchor SET last_id = 'abc'",),
+        ("UPDATE audit_anchor SET last_id = X'ff00'",),
+        ("UPDATE audit_anchor SET last_id = CAST(X'ff00' AS TEXT)",),
+        ("UPDATE audit_anchor SET last_id = 1e300",),
+        ("UPDATE audit_anchor SET last_id = 9223372036854775807",),
+        (  # an entry past any next id, and the anchor moved back to the entry before it
+            "UPDATE audit_log SET id = 9223372036854775807 WHERE id = 10",
+            "UPDATE audit_anchor SET last_id = 9, entries = 9,"
+            " last_hash = (SELECT hash FROM audit_log WHERE id = 9)",
+        ),
+    ],
+    ids=["id-text", "id-blob", "id-not-utf8", "id-real", "id-largest", "newest-id-largest"],
+)
+async def test_a_head_edited_to_another_type_while_running_is_a_mismatch(
+    tmp_path: pathlib.Path, statements: tuple[str, ...]
+) -> None:
+    """The same found by a reload (the write saw the anchor move): appends go on after
+    the writer's own head."""
+    async with running(db_path(tmp_path)) as (store, writer):
+        await append_n(writer, 10)
+
+        def edit(db: sqlite_utils.Database) -> None:
+            for statement in statements:
+                db.execute(statement)
+
+        await store.write(edit)
+        entries = [await writer.append(actor="a", action="session.create") for _ in range(2)]
+        stats = writer.statistics()
+        summary = await writer.summary()
+    assert [e.id for e in entries] == [12, 13]
+    assert not stats.head_ok and stats.head_loads == 2
+    assert summary["chain_valid"] is False and summary["by_action"][MISMATCH_ACTION] == 1
+
+
+@pytest.mark.parametrize(
+    ("statements", "problem", "first_bad"),
+    [
+        *(ODD_HEADS[name] for name in VERIFY_ODD),
+        (("UPDATE audit_anchor SET entries = X'ff00'",), Problem.ANCHOR_MISMATCH, None),
+        (("UPDATE audit_anchor SET entries = 1e999",), Problem.ANCHOR_MISMATCH, None),
+        (("UPDATE audit_log SET hash = X'ff00' WHERE id = 10",), Problem.EDITED, 10),
+        (("UPDATE audit_log SET actor = X'ff00' WHERE id = 3",), Problem.EDITED, 3),
+        (("UPDATE audit_log SET timestamp = X'ff00' WHERE id = 3",), Problem.EDITED, 3),
+        (("UPDATE audit_log SET status = 1e999 WHERE id = 3",), Problem.EDITED, 3),
+    ],
+    ids=[
+        *VERIFY_ODD,
+        "count-blob",
+        "count-infinite",
+        "newest-hash-blob",
+        "actor-blob",
+        "timestamp-blob",
+        "status-infinite",
+    ],
+)
+async def test_values_of_another_type_are_reported_and_served_never_raised(
+    tmp_path: pathlib.Path, statements: tuple[str, ...], problem: Problem, first_bad: int | None
+) -> None:
+    """`verify`, the list and the summary of a file edited with BLOBs, text that is not
+    UTF-8, reals: the first bad entry named, and every answer encodable as a response."""
+    path = await make_log(tmp_path)
+    tamper(path, *statements)
+    report = verify_file(path)
+    assert (report.valid, report.problem, report.first_bad_id) == (False, problem, first_bad)
+    assert len(report.message) < 300
+    with raw(path) as conn:
+        db = sqlite_utils.Database(conn)
+        answers = [report.to_json(), list_audit(db), audit_summary(db)]
+    for answer in answers:
+        json.loads(dumps(answer))
+    if "status = 1e999" in statements[0]:
+        [listed] = answers[1]["entries"][7:8]
+        assert listed["status"] == "inf"
+    if "actor = X'ff00'" in statements[0]:
+        assert answers[1]["entries"][7]["actor"] == "X'FF00'"
 
 
 @pytest.mark.parametrize(

@@ -354,6 +354,32 @@ def test_the_running_daemon_reports_an_edited_entry(daemon_factory: Factory, lok
     assert loki.json(home, "audit", "summary")["chain_valid"] is False
 
 
+def test_a_daemon_on_an_anchor_edited_to_a_blob_serves_and_verify_reports_it(
+    daemon_factory: Factory, loki: Cli
+) -> None:
+    """`last_hash` edited to bytes that are not UTF-8: the daemon records the mismatch
+    and goes on serving audited requests (not 503 each), and `loki audit verify`, by
+    the daemon and from the file, names the break and exits 1, without a traceback."""
+    home = stopped_log(daemon_factory, loki)
+    tamper(home, "UPDATE audit_anchor SET last_hash = X'ff00'")
+    offline = loki.fails(home, "audit", "verify", "--offline")
+    assert fields("\n".join(offline.out.splitlines()[1:]))["problem"] == "anchor mismatch"
+    report = json.loads(loki.fails(home, "audit", "verify", "--offline", "--json").out)
+    assert (report["first_bad_id"], report["anchor"]["last_hash"]) == (3, "X'FF00'")
+
+    daemon_factory(home).start()
+    loki.ok(home, "token", "create", "--name", "after", "--scopes", "read")  # audited
+    result = loki.fails(home, "audit", "verify")
+    shown = fields("\n".join(result.out.splitlines()[1:]))
+    assert (shown["problem"], shown["first bad"]) == ("broken link", "entry 4")
+    assert result.err == ""
+    entries = loki.json(home, "audit", "ls")["entries"]
+    assert [e["action"] for e in entries] == ["token.create", "audit.head_mismatch"] + [
+        "token.create"
+    ] * 3
+    assert loki.json(home, "audit", "summary")["chain_valid"] is False
+
+
 def test_a_copied_database_is_verified_read_only(
     daemon_factory: Factory, loki: Cli, tmp_path: Path
 ) -> None:

@@ -19,7 +19,9 @@ Theory of operation:
   a disagreement is logged at ERROR, shown in `statistics()` (`head_ok`,
   `head_problem`) and in the summary's `chain_valid`, and recorded as an
   `audit.head_mismatch` entry - never a crash. The chain then continues
-  from the anchor so the break stays visible to `verify`. A reload while
+  from the anchor so the break stays visible to `verify` (from `GENESIS`
+  when the anchor's id or hash was edited to something that is none - a
+  BLOB, text that is not UTF-8 -: `lokid.audit.anchor_defect`). A reload while
   running is checked against the writer's own head too: a log rewound
   behind its back (entries it committed deleted or replaced, the anchor
   moved back to match) is the same kind of problem, and the chain goes on
@@ -81,6 +83,7 @@ from lokid.actor import Actor, ActorStatistics, Call, WhenFull
 from lokid.actors.store import StoreActor
 from lokid.audit import (
     GENESIS,
+    MAX_ID,
     Anchor,
     AuditEntry,
     AuditQuery,
@@ -89,8 +92,10 @@ from lokid.audit import (
     Head,
     chained_hash,
     details_json,
+    json_value,
     normalise,
     resume_head,
+    shown,
 )
 from lokid.errors import ActorUnavailable, AskTimeout, LokiError, Unavailable
 from lokid.timefmt import utc_now_iso
@@ -155,6 +160,9 @@ _MOVE_ANCHOR = (
     "UPDATE audit_anchor SET last_id = ?, last_hash = ?, entries = ?"
     " WHERE one = 1 AND last_id = ? AND last_hash = ? AND entries = ?"
 )
+# The newest entry the chain can go on after, and any id past those (an edited row).
+_NEWEST = "SELECT id, hash FROM audit_log WHERE id <= ? ORDER BY id DESC LIMIT 1"
+_BEYOND = "SELECT max(id) FROM audit_log WHERE id > ?"
 _FIRST_ANCHOR = "INSERT INTO audit_anchor (one, last_id, last_hash, entries) VALUES (1, ?, ?, ?)"
 _WRITE_ANCHOR = f"{_FIRST_ANCHOR} ON CONFLICT (one) DO UPDATE SET last_id = excluded.last_id," + (
     " last_hash = excluded.last_hash, entries = excluded.entries"
@@ -571,13 +579,15 @@ class AuditWriter(Actor[Any]):
     async def _load_head(self) -> str | None:
         """Read the anchor and the newest entry; set the head. Returns a new problem, if any."""
 
-        def load(db: sqlite_utils.Database) -> tuple[Anchor | None, tuple[int, str] | None]:
-            newest = db.execute("SELECT id, hash FROM audit_log ORDER BY id DESC LIMIT 1")
-            row = newest.fetchone()
-            return read_anchor(db), (None if row is None else (int(row[0]), str(row[1])))
+        def load(db: sqlite_utils.Database) -> tuple[Anchor | None, Any, int | None]:
+            # The hash as stored (any type, text that is not UTF-8 decoded apart):
+            # only compared with the anchor's.
+            rows = _fetch(db, _NEWEST, [MAX_ID], errors="surrogateescape")
+            beyond = db.execute(_BEYOND, [MAX_ID]).fetchone()[0]
+            return read_anchor(db), (tuple(rows[0]) if rows else None), beyond
 
-        anchor, newest = await self.store.read(load)
-        head = resume_head(anchor, newest)
+        anchor, newest, beyond = await self.store.read(load)
+        head = resume_head(anchor, newest, beyond=beyond)
         known = self._head if self._head_loads else None  # what this writer wrote or read last
         if known is not None and _rewound(known, head):
             head = _continue_after(known, head)
@@ -703,7 +713,9 @@ def _batch_write(
         rows = chain(head, items, timestamp)
         last_id, last_hash = rows[-1][0], rows[-1][-1]
         if not _move_anchor(db, expected, Anchor(last_id, last_hash, last_id)):
-            raise _HeadMoved(f"the anchor is {read_anchor(db)}, expected {expected}")
+            raise _HeadMoved(
+                f"the anchor is {shown(read_anchor(db), 300)}, expected {shown(expected, 300)}"
+            )
         _insert_chained(db.conn, rows)
         return rows
 
@@ -902,18 +914,25 @@ def audit_summary(
     (`"none"` for entries without one). `chain_valid` comes from a full
     `verify_store` in pages (constant memory, time linear in the log).
     """
-    total, first, last = db.execute(
-        "SELECT COUNT(*), MIN(timestamp), MAX(timestamp) FROM audit_log"
-    ).fetchone()
-    answer: dict[str, Any] = {"total": total, "first_timestamp": first, "last_timestamp": last}
+    # Values of edited rows: text that is not UTF-8 decoded with U+FFFD, any type shown.
+    [(total, first, last)] = _fetch(
+        db, "SELECT COUNT(*), MIN(timestamp), MAX(timestamp) FROM audit_log", [], errors="replace"
+    )
+    answer: dict[str, Any] = {
+        "total": total,
+        "first_timestamp": json_value(first),
+        "last_timestamp": json_value(last),
+    }
     omitted: dict[str, int] = {}
     for column in ("action", "actor", "status"):
-        rows = db.execute(
+        rows = _fetch(
+            db,
             f"SELECT {column}, COUNT(*) AS n FROM audit_log GROUP BY {column}"
             f" ORDER BY n DESC, {column} LIMIT ?",
             [breakdown_limit],
-        ).fetchall()
-        answer[f"by_{column}"] = {("none" if k is None else str(k)): n for k, n in rows}
+            errors="replace",
+        )
+        answer[f"by_{column}"] = {("none" if k is None else str(json_value(k))): n for k, n in rows}
         keys = db.execute(f"SELECT COUNT(DISTINCT {column}) FROM audit_log").fetchone()[0]
         if column == "status":
             keys += db.execute(
