@@ -516,6 +516,32 @@ async def test_a_401_names_the_bearer_scheme(audited: tuple[StoreActor, AuditWri
     assert wrong.headers["www-authenticate"] == 'Bearer realm="lokid", error="invalid_token"'
 
 
+async def test_several_authorization_headers_are_malformed_whichever_comes_first(
+    audited: tuple[StoreActor, AuditWriter],
+) -> None:
+    """Authorization is a singleton: of two, neither is used (which one did a proxy in
+    front check?), not the first as a dict of headers would."""
+    store, writer = audited
+    made = await store.write(lambda db: create_token(db, {"name": "r", "scopes": ["read"]}))
+    gate = Gate(auth_enabled=True, store=store, audit=writer)
+    valid, other = f"Bearer {made['token']}".encode(), f"Bearer {TOKEN}".encode()
+    for first, second in [(valid, other), (other, valid), (valid, valid)]:
+        scope: Scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/things",
+            "query_string": b"",
+            "headers": [(b"host", b"test"), (b"authorization", first), (b"Authorization", second)],
+            "client": ("127.0.0.1", 5),
+        }
+        admission = await gate.admit(scope, "read")
+        assert admission.answer is not None and admission.answer[0] == 401
+        body = admission.answer[2]
+        assert b'"reason":"malformed"' in body and b"one Authorization header" in body
+    scope["headers"] = [(b"host", b"test"), (b"authorization", valid)]
+    assert (await gate.admit(scope, "read")).answer is None
+
+
 async def test_demand_and_record_for_a_read_that_changes_something(
     audited: tuple[StoreActor, AuditWriter],
 ) -> None:

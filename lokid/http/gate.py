@@ -750,6 +750,11 @@ def _is_loopback_host(host: str) -> bool:
         return False
 
 
+def _header_count(scope: dict[str, Any], name: bytes) -> int:
+    """How many lines of the header `name` (lower case) the request has."""
+    return sum(1 for key, _ in scope.get("headers", ()) if key.lower() == name)
+
+
 def _presented_token(scope: dict[str, Any], headers: dict[str, str]) -> str | ApiError | None:
     """The raw token of a request, None when none was sent, or why the header is unusable."""
     value = headers.get("authorization")
@@ -758,6 +763,14 @@ def _presented_token(scope: dict[str, Any], headers: dict[str, str]) -> str | Ap
             tokens = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token")
             return tokens[-1] if tokens else None
         return None
+    if _header_count(scope, b"authorization") > 1:
+        # A singleton field (RFC 9110 §11.6.2): with two, which one a proxy in front
+        # checked or replaced is unknowable, so neither is trusted.
+        return ApiError(
+            "UNAUTHORIZED",
+            "Send one Authorization header, not several",
+            {"reason": "malformed"},
+        )
     scheme, _, credentials = value.strip().partition(" ")
     if scheme.lower() != "bearer" or not credentials.strip():
         return ApiError(
