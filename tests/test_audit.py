@@ -1226,8 +1226,20 @@ async def test_a_head_edited_to_another_type_is_a_mismatch_not_an_outage(
             "UPDATE audit_anchor SET last_id = 9, entries = 9,"
             " last_hash = (SELECT hash FROM audit_log WHERE id = 9)",
         ),
+        (  # the newest entry's hash made text that is not UTF-8, the anchor moved: reloaded
+            "UPDATE audit_log SET hash = CAST(X'ff00' AS TEXT) WHERE id = 10",
+            "UPDATE audit_anchor SET entries = 11",
+        ),
     ],
-    ids=["id-text", "id-blob", "id-not-utf8", "id-real", "id-largest", "newest-id-largest"],
+    ids=[
+        "id-text",
+        "id-blob",
+        "id-not-utf8",
+        "id-real",
+        "id-largest",
+        "newest-id-largest",
+        "newest-hash-not-utf8",
+    ],
 )
 async def test_a_head_edited_to_another_type_while_running_is_a_mismatch(
     tmp_path: pathlib.Path, statements: tuple[str, ...]
