@@ -16,21 +16,42 @@ fail later, wherever they are encoded or walked (a 500, a crashed task)."""
 
 
 class UnusableJson(ValueError):
-    """Valid JSON that lokid does not take: nested past `MAX_JSON_DEPTH`, or an integer
-    with more digits than Python converts (`sys.get_int_max_str_digits`, 4300)."""
+    """Valid JSON that lokid does not take: nested past `MAX_JSON_DEPTH`, an integer
+    with more digits than Python converts (`sys.get_int_max_str_digits`, 4300), or
+    (where asked for) an object with the same key twice."""
 
 
-def loads_bounded(text: str | bytes, **options: Any) -> Any:
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's pairs as a dict; `UnusableJson` when a key comes twice."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise UnusableJson(f"the key {json.dumps(key[:80])} appears twice in one object")
+            seen.add(key)
+    return value
+
+
+def loads_bounded(text: str | bytes, *, unique_keys: bool = False, **options: Any) -> Any:
     """`json.loads` for untrusted text: `json.JSONDecodeError` for malformed text,
     `UnusableJson` for text it parses but lokid refuses (see there).
+
+    `unique_keys`: refuse an object with a key twice. JSON leaves its meaning open
+    (RFC 8259 §4) and `json.loads` keeps the last, so `{"scopes": ["read"],
+    "scopes": ["admin"]}` would be read one way by a proxy or log in front and
+    another by lokid; requests and WebSocket messages ask for it, files written by
+    other tools (which the reference reads last-wins) do not.
 
     As cheap as `json.loads` for ordinary text: the integer bound is Python's own
     (its `ValueError` is translated), and the depth is walked only when the text
     has more brackets than the bound allows.
     """
+    if unique_keys:
+        options["object_pairs_hook"] = _unique_keys
     try:
         value = json.loads(text, **options)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnusableJson):
         raise
     except RecursionError:
         raise UnusableJson(f"nested more than {MAX_JSON_DEPTH} levels deep") from None

@@ -142,6 +142,11 @@ async def test_head_on_lean_route_has_no_body() -> None:
         (b"[" * 100000 + b"]" * 100000, "Request body is not usable JSON: nested more than 100"),
         (b'{"a":' * 990 + b"1" + b"}" * 990, "Request body is not usable JSON: nested more than"),
         (b'{"n": ' + b"9" * 5000 + b"}", "Request body is not usable JSON: an integer has more"),
+        # ambiguous: a proxy or a log may read the first, `json.loads` keeps the last
+        (
+            b'{"name": "a", "name": "b"}',
+            'Request body is not usable JSON: the key "name" appears twice in one object',
+        ),
     ],
 )
 async def test_malformed_json_is_400(body: bytes, message: str) -> None:

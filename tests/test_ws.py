@@ -101,6 +101,7 @@ async def test_topics_ping_and_bad_messages(tmp_path: pathlib.Path) -> None:
         ("[" * 30000 + "]" * 30000, "not usable JSON: nested more than 100 levels deep"),
         ('{"a":' * 990 + "1" + "}" * 990, "not usable JSON: nested more than 100 levels deep"),
         ('{"type": "ping", "n": ' + "9" * 5000 + "}", "not usable JSON: an integer has more"),
+        ('{"type": "ping", "type": "subscribe"}', 'not usable JSON: the key "type" appears twice'),
     ],
 )
 async def test_json_too_deep_or_too_long_is_an_error_message(

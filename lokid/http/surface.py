@@ -1085,7 +1085,7 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        value = loads_bounded(raw.decode("utf-8"))
+        value = loads_bounded(raw.decode("utf-8"), unique_keys=True)
     except UnicodeDecodeError:
         raise ApiError("BAD_REQUEST", "Request body is not UTF-8 text") from None
     except json.JSONDecodeError as exc:

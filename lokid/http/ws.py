@@ -280,8 +280,8 @@ async def _receiver(client: WsClient) -> None:
 def _handle(client: WsClient, raw: str | bytes) -> dict[str, Any] | None:
     """The answer to one client message (None: none)."""
     try:
-        message = loads_bounded(raw)
-    except UnusableJson as exc:  # parsed, but too deep or a number of thousands of digits
+        message = loads_bounded(raw, unique_keys=True)
+    except UnusableJson as exc:  # parsed: too deep, an integer too long, a key twice
         return _error(f"not usable JSON: {exc}")
     except (ValueError, UnicodeDecodeError):
         return _error('not JSON: send {"type": "subscribe", "topics": [...]} or ping')
