@@ -9,6 +9,17 @@ lane keeps its threads waiting on one queue and answers by rescheduling the
 caller directly: ~50 us for the same no-op (docs/performance.md, "Thread
 hops").
 
+How the answer comes back: the thread writes to an eventfd the caller waits
+on with `trio.lowlevel.wait_readable`, so trio's I/O wait resumes the caller
+itself. Answering with `TrioToken.run_sync_soon(reschedule, ...)` instead
+takes two task steps and two turns of the run loop (trio's system task that
+runs the callbacks wakes first, then it reschedules the caller): ~20 us more
+per no-op here, ~45 us more after a blocking fsync (docs/performance.md,
+"Audit appends", sixth session). `run_ordered` keeps that older path for a
+job that itself hands callbacks to `run_sync_soon` and whose caller must
+resume after them (the store's commit hooks): the callbacks run first in,
+first out, so the caller's wake-up, queued last, runs after them.
+
 Rules:
 
 * `run(fn, *args)` queues a job and waits for its outcome, which it returns
@@ -18,6 +29,11 @@ Rules:
   withdrawn (it never runs, `run` raises `Cancelled`); a job that started
   runs to its end and `run` returns its outcome (the cancellation is seen
   at the caller's next checkpoint).
+* Each waiting caller holds an eventfd from the lane's pool (at most
+  `WAKE_FDS` are made per lane; a caller that finds none free is answered
+  through `run_sync_soon`, like `run_ordered`). `close()` closes the free
+  ones; the rest are closed when the lane is garbage-collected. Where
+  `os.eventfd` does not exist (not Linux), every answer takes that path.
 * Threads start on the first job and stay until `close()`, which lets them
   finish what is queued and end; the next `run` starts new ones. They are
   daemon threads, so a blocked call never keeps the process alive.
@@ -30,8 +46,10 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -42,6 +60,9 @@ import trio
 T = TypeVar("T")
 
 _QUEUED, _RUNNING, _WITHDRAWN = 0, 1, 2
+
+WAKE_FDS = 64  # eventfds a lane makes at most: callers waiting at once with the fast answer
+_HAS_EVENTFD = hasattr(os, "eventfd")
 
 
 @attrs.frozen
@@ -55,20 +76,28 @@ class ThreadLaneStatistics:
 
 
 class _Job:
-    __slots__ = ("args", "fn", "state", "task", "token")
+    __slots__ = ("args", "fn", "result", "state", "task", "token", "wake")
 
     def __init__(
         self,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
-        task: trio.lowlevel.Task,
-        token: trio.lowlevel.TrioToken,
+        task: trio.lowlevel.Task | None,
+        token: trio.lowlevel.TrioToken | None,
+        wake: int | None,
     ) -> None:
         self.fn = fn
         self.args = args
         self.task = task
         self.token = token
+        self.wake = wake  # the eventfd its caller waits on; None: reschedule `task` via `token`
+        self.result: outcome.Outcome[Any] | None = None
         self.state = _QUEUED
+
+
+def _close_fds(fds: list[int]) -> None:
+    while fds:
+        os.close(fds.pop())
 
 
 class ThreadLane:
@@ -86,6 +115,9 @@ class ThreadLane:
         self._running = 0
         self._done = 0
         self._withdrawn = 0
+        self._wake_fds: list[int] = []  # free eventfds (trio thread only)
+        self._wake_made = 0  # eventfds made and not closed
+        weakref.finalize(self, _close_fds, self._wake_fds)
 
     @property
     def busy(self) -> bool:
@@ -95,12 +127,45 @@ class ThreadLane:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` on one of the lane's threads; its value, or its exception."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        job = _Job(fn, args, trio.lowlevel.current_task(), trio.lowlevel.current_trio_token())
-        with self._lock:
-            self._queued += 1
-        if len(self._workers) < self.threads:
-            self._start_workers()
-        self._jobs.put(job)
+        wake = self._take_wake_fd()
+        if wake is None:
+            return await self._run_rescheduled(fn, args)
+        job = _Job(fn, args, None, None, wake)
+        self._queue(job)
+        try:
+            await trio.lowlevel.wait_readable(wake)
+        except BaseException as exc:
+            with self._lock:
+                withdrawn = job.state == _QUEUED
+                if withdrawn:
+                    job.state = _WITHDRAWN
+                    self._queued -= 1
+                    self._withdrawn += 1
+            if withdrawn:
+                self._wake_fds.append(wake)  # never written to
+                raise
+            # It runs: wait for its outcome, as `run_ordered` does (a cancellation is
+            # seen at the caller's next checkpoint; anything else is raised after).
+            with trio.CancelScope(shield=True):
+                await trio.lowlevel.wait_readable(wake)
+            os.eventfd_read(wake)
+            self._wake_fds.append(wake)
+            if not isinstance(exc, trio.Cancelled):
+                raise
+        else:
+            os.eventfd_read(wake)
+            self._wake_fds.append(wake)
+        return cast(outcome.Outcome[T], job.result).unwrap()
+
+    async def run_ordered(self, fn: Callable[..., T], *args: Any) -> T:
+        """`run`, answered through `TrioToken.run_sync_soon`: the caller resumes after
+        every callback `fn` queued there (module docstring)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        return await self._run_rescheduled(fn, args)
+
+    async def _run_rescheduled(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        job = _Job(fn, args, trio.lowlevel.current_task(), trio.lowlevel.current_trio_token(), None)
+        self._queue(job)
 
         def abort(_: Any) -> trio.lowlevel.Abort:
             with self._lock:
@@ -114,11 +179,29 @@ class ThreadLane:
         # The job's outcome is sent in with `reschedule`, which unwraps it here.
         return cast(T, await trio.lowlevel.wait_task_rescheduled(abort))
 
+    def _queue(self, job: _Job) -> None:
+        with self._lock:
+            self._queued += 1
+        if len(self._workers) < self.threads:
+            self._start_workers()
+        self._jobs.put(job)
+
+    def _take_wake_fd(self) -> int | None:
+        if self._wake_fds:
+            return self._wake_fds.pop()
+        if not _HAS_EVENTFD or self._wake_made >= WAKE_FDS:
+            return None
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._wake_made += 1
+        return fd
+
     def close(self) -> None:
         """Let the threads finish the queued jobs and end (call it from the trio thread)."""
         workers, self._workers = self._workers, []
         for _ in workers:
             self._jobs.put(None)
+        self._wake_made -= len(self._wake_fds)
+        _close_fds(self._wake_fds)  # (the ones in use come back to the pool)
 
     def statistics(self) -> ThreadLaneStatistics:
         return ThreadLaneStatistics(
@@ -150,5 +233,10 @@ class ThreadLane:
             with self._lock:
                 self._running -= 1
                 self._done += 1
+            if job.wake is not None:
+                job.result = result
+                os.eventfd_write(job.wake, 1)
+                continue
+            assert job.token is not None and job.task is not None
             with contextlib.suppress(trio.RunFinishedError):  # the caller's run ended
                 job.token.run_sync_soon(trio.lowlevel.reschedule, job.task, result)

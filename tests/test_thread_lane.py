@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 
 import pytest
 import trio
 import trio.testing
 
+from lokid import thread_lane
 from lokid.thread_lane import ThreadLane
 
 WAIT = 10.0  # real seconds any thread-side wait may take at most
@@ -161,3 +164,83 @@ async def test_busy_is_true_while_a_job_is_queued_or_running() -> None:
 def test_a_lane_needs_a_thread() -> None:
     with pytest.raises(ValueError, match="at least one thread"):
         ThreadLane("t", threads=0)
+
+
+def eventfds() -> int:
+    """The eventfds this process has open."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    return count
+
+
+async def test_a_caller_waits_on_an_eventfd_of_the_lane_and_close_closes_them() -> None:
+    lane = ThreadLane("t")
+    hold = Hold("held")
+    before = eventfds()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lane.run, hold)
+            await hold.entered()
+            assert eventfds() == before + 1  # the waiting caller's
+            hold.release.set()
+        assert [await lane.run(lambda n=n: n) for n in range(20)] == list(range(20))
+        assert eventfds() == before + 1  # one caller at a time: one eventfd, reused
+    finally:
+        lane.close()
+    assert eventfds() == before
+
+
+async def test_callers_beyond_the_eventfd_pool_are_answered_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(thread_lane, "WAKE_FDS", 3)
+    lane = ThreadLane("t", threads=2)
+    before = eventfds()
+    most = 0
+    got: list[int] = []
+
+    def job(n: int) -> int:
+        nonlocal most
+        most = max(most, eventfds() - before)
+        return n
+
+    async def caller(n: int) -> None:
+        got.append(await lane.run(job, n))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for n in range(40):
+                nursery.start_soon(caller, n)
+        assert sorted(got) == list(range(40))
+        assert most == 3  # the pool's bound; the others were answered through the token
+    finally:
+        lane.close()
+    assert eventfds() == before
+
+
+async def test_run_ordered_resumes_the_caller_after_the_callbacks_its_job_queued() -> None:
+    lane = ThreadLane("t")
+    token = trio.lowlevel.current_trio_token()
+    seen: list[int] = []
+
+    def job(n: int) -> int:
+        token.run_sync_soon(seen.append, n)
+        return n
+
+    try:
+        for n in range(50):
+            assert await lane.run_ordered(job, n) == n
+            assert seen[-1:] == [n]
+    finally:
+        lane.close()
+
+
+def test_a_lane_serves_one_trio_run_after_another() -> None:
+    lane = ThreadLane("t")
+    try:
+        for n in range(3):  # each run has its own epoll: the reused eventfd is added again
+            assert trio.run(lane.run, lambda n=n: n * 2) == n * 2
+    finally:
+        lane.close()

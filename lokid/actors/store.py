@@ -391,14 +391,16 @@ class StoreActor(Actor[Any]):
             raise StoreUnavailable(f"{self.name}: the database {self.path} is not open")
         generation = self._generation
         job = (self._execute_alone, fn, generation, sync_follows, on_commit)
+        # A hook must run before this returns: the ordered answer (`ThreadLane.run_ordered`).
+        run = self._writer.run if on_commit is None else self._writer.run_ordered
         if not self._writer.busy:
             # The writer thread takes it at once, and a started job is never withdrawn:
             # the deadline could not end the wait, and a cancel scope costs ~30 Python
             # calls (about 10 us here: docs/performance.md, "Audit appends").
-            result = await self._writer.run(*job)
+            result = await run(*job)
         else:
             with trio.move_on_after(timeout) as waited:
-                result = await self._writer.run(*job)
+                result = await run(*job)
             if waited.cancelled_caught:
                 raise AskTimeout(f"{self.name}: the writer stayed busy for {timeout:g} s")
         if result is None:
@@ -693,12 +695,12 @@ class StoreActor(Actor[Any]):
                     durable = durable or not payload.sync_follows
             if not jobs:
                 return
+            hooks = [write.on_commit for write, _ in jobs]
+            # Hooks run before their writes' callers resume: the ordered answer.
+            run = self._writer.run if hooks.count(None) == len(hooks) else self._writer.run_ordered
             try:
-                result = await self._writer.run(
-                    self._execute_batch,
-                    [write.fn for write, _ in jobs],
-                    durable,
-                    [write.on_commit for write, _ in jobs],
+                result = await run(
+                    self._execute_batch, [write.fn for write, _ in jobs], durable, hooks
                 )
             except BaseException:
                 # A bug in the store: the actor crashes. Closing the reply
