@@ -296,3 +296,16 @@ async def test_a_refusing_actor_answers_queued_and_new_messages_at_once(
         assert await counter.ask(Get()) == 2  # the tell dropped while refusing never ran
         nursery.cancel_scope.cancel()
     assert counter.statistics().refusing is False
+
+
+async def test_mailbox_empty_follows_the_mailbox() -> None:
+    counter = Counter()
+    fallback = Counter()
+    fallback._mailbox_buffer = None  # trio's buffer not found: asks `statistics()`
+    for actor in (counter, fallback):
+        assert actor.mailbox_empty()
+        await actor.tell(Add(1))
+        assert not actor.mailbox_empty()
+        assert actor.statistics().mailbox_used == 1
+        assert actor.next_message_nowait() == Add(1)
+        assert actor.mailbox_empty()

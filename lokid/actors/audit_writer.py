@@ -381,10 +381,10 @@ class AuditWriter(Actor[Any]):
     async def _recorded(self, pending: _Pending, timeout: float) -> None:
         """The append, committed or failed (the caller asks it which)."""
         if (
-            self.running
+            self._running
             and self._last_batch_size <= 1
             and not self._commit_lock.locked()
-            and self._send.statistics().current_buffer_used == 0
+            and self.mailbox_empty()
         ):
             # Appends come one at a time, nothing is queued and nothing commits: commit
             # it from this task (two task wake-ups fewer than through the writer's
@@ -511,7 +511,7 @@ class AuditWriter(Actor[Any]):
                     problem = await self._load_head()
                     if problem is not None:
                         items.append(_mismatch_item(problem))
-                items.extend((p.fields, p.details_json) for p in pending)
+                items += [(p.fields, p.details_json) for p in pending]
                 rows = await self._commit(items)
             except LokiError as exc:
                 error = (

@@ -361,7 +361,7 @@ class StoreActor(Actor[Any]):
             self.direct_when_idle
             and self.running
             and not self._writer.busy
-            and self._send.statistics().current_buffer_used == 0
+            and self.mailbox_empty()
         ):
             return await self.write_alone(
                 fn, timeout=timeout, sync_follows=follows, on_commit=on_commit
