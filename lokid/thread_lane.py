@@ -191,7 +191,10 @@ class ThreadLane:
             return self._wake_fds.pop()
         if not _HAS_EVENTFD or self._wake_made >= WAKE_FDS:
             return None
-        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except OSError:  # e.g. out of file descriptors: the answer through the token still works
+            return None
         self._wake_made += 1
         return fd
 

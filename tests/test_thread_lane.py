@@ -244,3 +244,19 @@ def test_a_lane_serves_one_trio_run_after_another() -> None:
             assert trio.run(lane.run, lambda n=n: n * 2) == n * 2
     finally:
         lane.close()
+
+
+async def test_without_an_eventfd_the_caller_is_answered_through_the_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_fds(*args: object) -> int:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(os, "eventfd", no_fds)
+    lane = ThreadLane("t")
+    try:
+        assert await lane.run(lambda: "answered") == "answered"
+        with pytest.raises(ZeroDivisionError):
+            await lane.run(lambda: 1 / 0)
+    finally:
+        lane.close()
