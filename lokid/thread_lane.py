@@ -13,8 +13,8 @@ How the answer comes back: the thread writes to an eventfd the caller waits
 on with `trio.lowlevel.wait_readable`, so trio's I/O wait resumes the caller
 itself. Answering with `TrioToken.run_sync_soon(reschedule, ...)` instead
 takes two task steps and two turns of the run loop (trio's system task that
-runs the callbacks wakes first, then it reschedules the caller): ~20 us more
-per no-op here, ~45 us more after a blocking fsync (docs/performance.md,
+runs the callbacks wakes first, then it reschedules the caller): 10-30 us
+more per round trip here, most after a blocking fsync (docs/performance.md,
 "Audit appends", sixth session). `run_ordered` keeps that older path for a
 job that itself hands callbacks to `run_sync_soon` and whose caller must
 resume after them (the store's commit hooks): the callbacks run first in,
