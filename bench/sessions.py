@@ -42,7 +42,8 @@ deletions near that folder (docs/performance.md, "Sessions").
              of wall time), VmRSS per session (minus idle), `/health` p99 at
              100 req/s on one keep-alive connection, each against the same
              daemon idle just before. The window is `--window` s (cut
-             short if the agents would end within it).
+             short if the agents would end within it); the idle probing
+             as long, so both p99s are read from as many probes.
 
 Also printed: where a sequential start's time goes (median ms from the
 session row's `createdAt` to its first events, from `/api/events/history`),
@@ -1082,7 +1083,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sessions", type=int, default=500, help="slow concurrent sessions")
     parser.add_argument("--slow-seconds", type=int, default=30, help="how long a slow agent runs")
     parser.add_argument("--window", type=float, default=10.0, help="seconds measured under load")
-    parser.add_argument("--idle-seconds", type=float, default=5.0, help="idle /health probing")
+    parser.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=None,
+        help="idle /health probing (default: --window, so both p99s come from as many probes)",
+    )
     parser.add_argument("--health-rate", type=float, default=100.0, help="/health req/s")
     parser.add_argument("--no-pin", dest="pin_off", action="store_true", help="no CPU pinning")
     parser.add_argument("--json", action="store_true")
@@ -1091,6 +1097,8 @@ def main(argv: list[str]) -> int:
         for key, value in QUICK.items():
             if getattr(args, key) == parser.get_default(key):
                 setattr(args, key, value)
+    if args.idle_seconds is None:
+        args.idle_seconds = args.window
     raise_fd_limit()
     if TWO_CPUS and not args.pin_off:
         os.sched_setaffinity(0, {DRIVER_CPU})
