@@ -527,3 +527,34 @@ async def test_a_refused_batch_leaves_the_backlog_too(tmp_path: pathlib.Path) ->
         with pytest.raises(StoreUnavailable):
             await bus.publish("log")
         assert bus.statistics().backlog == 0
+
+
+async def test_emitted_events_are_paced_and_a_waiting_publish_ends_the_pacing(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A batch of emitted events only waits `emit_interval` after the previous batch began,
+    gathering what arrives (one commit for many agent lines); a lone emit after a quiet
+    spell is stored at once, and a publish someone waits for ends the wait at once (here
+    the interval is a minute: waiting it out would hit `fail_after`)."""
+    async with running_bus(tmp_path, emit_interval=60.0) as bus:
+        subscriber = bus.subscribe(EventFilter())
+        with trio.fail_after(10):
+            await bus.emit("agent.output", "s", Level.DEBUG, {"n": 0})
+            assert await drain(subscriber, 1) == [1]  # not held back: nothing came before
+            for n in range(1, 30):
+                await bus.emit("agent.output", "s", Level.DEBUG, {"n": n})
+            last = await bus.publish("log")
+        stats = bus.statistics()
+        assert last.id == 31
+        assert (stats.batches, stats.paced_batches) == (2, 1)  # the 29 and the publish: one
+        assert await drain(subscriber, 30) == list(range(2, 32))
+        stored = await bus.history(make_filter(types="agent.output"), limit=100)
+    assert [e.data["n"] for e in stored] == list(range(30))
+
+
+async def test_no_pacing_with_an_emit_interval_of_zero(tmp_path: pathlib.Path) -> None:
+    async with running_bus(tmp_path, emit_interval=0.0) as bus:
+        for n in range(5):
+            await bus.emit("agent.output", "s", Level.DEBUG, {"n": n})
+        await bus.publish("log")
+        assert bus.statistics().paced_batches == 0

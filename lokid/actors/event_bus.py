@@ -46,6 +46,14 @@ Theory of operation:
   gathering once it holds `max_batch_events` (`MAX_BATCH_EVENTS`) events,
   so storing, encoding and fanning out one batch holds the trio loop only
   briefly.
+* **Emitted events are paced, nothing else.** A batch that holds only
+  emitted events (nobody waits for their commit) is not stored sooner than
+  `emit_interval` (`EMIT_INTERVAL`, 10 ms) after the previous batch began;
+  until then it gathers what arrives. A message someone waits for (a
+  publish, a call) or a full batch ends the wait at once, and a lone event
+  after a quiet spell is stored at once. So 500 agents printing a line a
+  second each cost at most 100 commits (and fsyncs) a second instead of
+  500, and a line reaches the streams at most 10 ms later.
 
 Mailbox: 4096 messages, BLOCK: a publisher burst back-pressures the
 publishers (internal actors) instead of growing memory or dropping events;
@@ -132,6 +140,10 @@ MAX_BATCH_EVENTS = 2048
 fanning out one batch stays short, and one batch (at most this + `MAX_EMIT_MANY` - 1 events)
 never fills a subscriber's queue (4096 frames) on its own."""
 
+EMIT_INTERVAL = 0.010
+"""Seconds between the starts of two batches when the later holds only emitted events
+(module docstring, "paced"): at most 100 such commits a second."""
+
 BACKLOG_WAIT = 30.0
 """Seconds an emitter waits for room in the backlog before it gives up (`AskTimeout`)."""
 
@@ -207,6 +219,8 @@ class EventBusStatistics(ActorStatistics):
     """Emitted events not yet stored (at most `max_backlog` plus one message per emitter)."""
     backlog_waits: int
     """Times an emitter waited for room in the backlog (back-pressure)."""
+    paced_batches: int
+    """Batches of emitted events held back to gather more (`emit_interval`)."""
 
 
 @attrs.frozen
@@ -234,6 +248,7 @@ class EventBus(Actor[Any]):
         max_batch_events: int = MAX_BATCH_EVENTS,
         max_backlog: int = MAX_BACKLOG_EVENTS,
         backlog_wait: float = BACKLOG_WAIT,
+        emit_interval: float = EMIT_INTERVAL,
         retention_count: int = 100_000,
         retention_seconds: float = 7 * 86400,
         retention_interval: float = 60.0,
@@ -247,6 +262,7 @@ class EventBus(Actor[Any]):
         self.max_batch_events = max_batch_events
         self.max_backlog = max_backlog
         self.backlog_wait = backlog_wait
+        self.emit_interval = emit_interval
         self.retention_count = retention_count
         self.retention_seconds = retention_seconds
         self.retention_interval = retention_interval
@@ -264,6 +280,8 @@ class EventBus(Actor[Any]):
         self._backlog = 0  # emitted events in the mailbox or in the batch being stored
         self._room = trio.Event()  # set (and replaced) whenever the backlog shrinks
         self._backlog_waits = 0
+        self._batch_started = -float("inf")  # trio time the last batch began storing
+        self._paced_batches = 0
 
     # -- publishing ---------------------------------------------------------------
 
@@ -576,12 +594,30 @@ class EventBus(Actor[Any]):
                 ):
                     batch.append(more)
                     events += _event_count(more)
+                paced_until = self._batch_started + self.emit_interval
+                if paced_until > trio.current_time() and _only_emitted(batch):
+                    self._paced_batches += 1
+                    await self._gather(batch, events, paced_until)
+                self._batch_started = trio.current_time()
                 emitted = sum(_emitted_count(m) for m in batch)
                 try:
                     await self._publish_batch(batch)
                 finally:  # stored, refused or crashed: no longer in the backlog
                     self._unbacklog(emitted)
             nursery.cancel_scope.cancel()
+
+    async def _gather(self, batch: list[Any], events: int, until: float) -> None:
+        """Add what arrives to `batch` until `until`, a message someone waits for, a full
+        batch, or a stop request (module docstring, "paced")."""
+        with trio.move_on_at(until):
+            while len(batch) < self.max_batch and events < self.max_batch_events:
+                message = await self.next_message()
+                if message is None:  # stopping: store what was gathered now
+                    return
+                batch.append(message)
+                events += _event_count(message)
+                if _emitted_count(message) != _event_count(message):
+                    return  # its sender waits: no pacing for this batch
 
     async def _publish_batch(self, batch: list[Any]) -> None:
         # (reply channel or None for `emit`, what to publish), in mailbox order.
@@ -754,6 +790,7 @@ class EventBus(Actor[Any]):
             retention_deleted=self._retention_deleted,
             backlog=self._backlog,
             backlog_waits=self._backlog_waits,
+            paced_batches=self._paced_batches,
         )
 
 
@@ -793,6 +830,11 @@ def _event_count(message: Any) -> int:
     if isinstance(message, Call):
         message = message.message
     return len(message.items) if isinstance(message, PublishMany) else 1
+
+
+def _only_emitted(batch: list[Any]) -> bool:
+    """Nobody waits for the commit of `batch` (every message is an `emit`)."""
+    return all(isinstance(message, Publish | PublishMany) for message in batch)
 
 
 def _emitted_count(message: Any) -> int:
