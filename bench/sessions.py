@@ -309,11 +309,11 @@ class CpuMeter:
         self.wall = time.perf_counter()
         self.profiling = bool(os.environ.get("BENCH_SESSIONS_PROFILE"))
         if self.profiling:  # bench/sessions_daemon.py: profile from here to `close`
-            daemon.process.send_signal(signal.SIGUSR1)
+            daemon.process.send_signal(sessions_daemon.PROFILE_ON)
 
     def close(self) -> None:
         if self.profiling:
-            self.daemon.process.send_signal(signal.SIGUSR2)
+            self.daemon.process.send_signal(sessions_daemon.PROFILE_OFF)
             self.profiling = False
 
     def read(self) -> tuple[float, float, float]:

@@ -6,7 +6,7 @@ The benchmark starts the daemon through this module only when one of these is
 set in its environment (else it runs `python -m lokid serve` itself):
 
     BENCH_SESSIONS_PROFILE=DIR        cProfile the daemon's trio thread during the measured parts
-                                      only (SIGUSR1 .. SIGUSR2); DIR/<home>.prof at exit
+                                      only (PROFILE_ON .. PROFILE_OFF); DIR/<home>.prof at exit
     BENCH_SESSIONS_GROUP_WINDOW=S     the store's group-commit window (default 0: no window)
     BENCH_SESSIONS_MIRROR_INTERVAL=S  `RunnerSettings.mirror_interval` (default 0.25 s)
     BENCH_SESSIONS_CONTROL_POLL=S     `RunnerSettings.control_poll` (default 1 s): how often
@@ -41,6 +41,9 @@ from typing import Any
 import trio
 
 from bench.investigate import LoopStats
+
+PROFILE_ON = signal.SIGRTMIN  # real-time signals: lokid leaves them alone
+PROFILE_OFF = signal.SIGRTMIN + 1
 
 KNOBS = (
     "BENCH_SESSIONS_PROFILE",
@@ -166,10 +169,12 @@ def main(argv: list[str]) -> int:
             lambda: (Path(stats_dir) / f"{home}.threads.txt").write_text(stats.report())
         )
     if profile_dir := os.environ.get("BENCH_SESSIONS_PROFILE"):
-        # Only the measured parts: the benchmark sends SIGUSR1 before and SIGUSR2 after each.
+        # Only the measured parts: the benchmark sends PROFILE_ON before and PROFILE_OFF after
+        # each. (Not SIGUSR1/2: lokid logs and ignores those itself, which replaced these
+        # handlers and left the profile empty.)
         profiler = cProfile.Profile()
-        signal.signal(signal.SIGUSR1, lambda signum, frame: profiler.enable())
-        signal.signal(signal.SIGUSR2, lambda signum, frame: profiler.disable())
+        signal.signal(PROFILE_ON, lambda signum, frame: profiler.enable())
+        signal.signal(PROFILE_OFF, lambda signum, frame: profiler.disable())
 
         def dump() -> None:
             profiler.disable()
