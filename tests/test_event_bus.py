@@ -558,3 +558,20 @@ async def test_no_pacing_with_an_emit_interval_of_zero(tmp_path: pathlib.Path) -
             await bus.emit("agent.output", "s", Level.DEBUG, {"n": n})
         await bus.publish("log")
         assert bus.statistics().paced_batches == 0
+
+
+async def test_output_after_a_publish_is_not_held_back(tmp_path: pathlib.Path) -> None:
+    """Pacing is for streams of output only: the first emitted batch after a batch with a
+    publish in it is stored at once (a burst of session starts mixes both), the next
+    one of a stream is held back."""
+    async with running_bus(tmp_path, emit_interval=60.0) as bus:
+        subscriber = bus.subscribe(EventFilter())
+        with trio.fail_after(10):
+            await bus.publish("log")
+            await bus.emit("agent.output", "s", Level.DEBUG, {"n": 0})
+            assert await drain(subscriber, 2) == [1, 2]  # not held back
+            await bus.emit("agent.output", "s", Level.DEBUG, {"n": 1})
+            await trio.testing.wait_all_tasks_blocked()  # the bus took it and waits
+            assert bus.statistics().paced_batches == 1  # a stream of output: held back
+            await bus.publish("log")  # ends the wait
+            assert await drain(subscriber, 2) == [3, 4]
