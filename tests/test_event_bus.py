@@ -575,3 +575,19 @@ async def test_output_after_a_publish_is_not_held_back(tmp_path: pathlib.Path) -
             assert bus.statistics().paced_batches == 1  # a stream of output: held back
             await bus.publish("log")  # ends the wait
             assert await drain(subscriber, 2) == [3, 4]
+
+
+async def test_a_bus_cancelled_while_it_holds_output_back_leaves_no_backlog(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The events a held-back batch gathered leave the backlog when the bus's task ends
+    (else emitters of a restarted bus would wait for room that never comes)."""
+    async with running_bus(tmp_path, emit_interval=60.0) as bus:
+        subscriber = bus.subscribe(EventFilter())
+        with trio.fail_after(10):
+            await bus.emit("agent.output", "s", Level.DEBUG, {"n": 0})
+            assert await drain(subscriber, 1) == [1]
+            await bus.emit("agent.output", "s", Level.DEBUG, {"n": 1})
+            await trio.testing.wait_all_tasks_blocked()
+            assert bus.statistics().paced_batches == 1
+    assert bus.statistics().backlog == 0

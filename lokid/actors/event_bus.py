@@ -143,8 +143,8 @@ fanning out one batch stays short, and one batch (at most this + `MAX_EMIT_MANY`
 never fills a subscriber's queue (4096 frames) on its own."""
 
 EMIT_INTERVAL = 0.010
-"""Seconds between the starts of two batches when the later holds only emitted events
-(module docstring, "paced"): at most 100 such commits a second."""
+"""Seconds between the starts of two batches of output alone (module docstring, "Streams
+of output are paced"): at most 100 such commits a second."""
 
 BACKLOG_WAIT = 30.0
 """Seconds an emitter waits for room in the backlog before it gives up (`AskTimeout`)."""
@@ -597,19 +597,18 @@ class EventBus(Actor[Any]):
                 ):
                     batch.append(more)
                     events += _event_count(more)
-                only_emitted = _only_emitted(batch)
-                paced_until = self._batch_started + self.emit_interval
-                if self._output_only and only_emitted and paced_until > trio.current_time():
-                    self._paced_batches += 1
-                    await self._gather(batch, events, paced_until)
-                    only_emitted = _only_emitted(batch)
-                self._batch_started = trio.current_time()
-                self._output_only = only_emitted
-                emitted = sum(_emitted_count(m) for m in batch)
                 try:
+                    only_emitted = _only_emitted(batch)
+                    paced_until = self._batch_started + self.emit_interval
+                    if self._output_only and only_emitted and paced_until > trio.current_time():
+                        self._paced_batches += 1
+                        await self._gather(batch, events, paced_until)
+                        only_emitted = _only_emitted(batch)
+                    self._batch_started = trio.current_time()
+                    self._output_only = only_emitted
                     await self._publish_batch(batch)
                 finally:  # stored, refused or crashed: no longer in the backlog
-                    self._unbacklog(emitted)
+                    self._unbacklog(sum(_emitted_count(m) for m in batch))
             nursery.cancel_scope.cancel()
 
     async def _gather(self, batch: list[Any], events: int, until: float) -> None:
