@@ -136,7 +136,8 @@ def test_scan_groups_finds_the_members_of_a_group_and_their_states() -> None:
     try:
         found = scan_groups({child.pid, os.getpgrp()})
         [(pid, state)] = found[child.pid]
-        assert pid == child.pid and state in ("R", "S")
+        # D too: a process still paging in its executable from a busy disk (seen in CI).
+        assert pid == child.pid and state in ("R", "S", "D")
         assert (os.getpid(), "R") in found[os.getpgrp()]
         assert scan_groups(set()) == {}
     finally:
