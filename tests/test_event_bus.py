@@ -362,26 +362,30 @@ async def test_a_lone_surrogate_in_event_data_is_replaced_not_fatal(tmp_path: pa
         assert (bus.running, bus.statistics().crashes) == (True, 0)
 
 
+def mark_seven(db: Any) -> int:
+    """A `publish_with` write that succeeds: a row 7 in `marks`."""
+    db.execute("CREATE TABLE IF NOT EXISTS marks (n INTEGER)")
+    db.execute("INSERT INTO marks (n) VALUES (7)")
+    return 7
+
+
+def refuse_eight(db: Any) -> int:
+    """A `publish_with` write that raises after writing a row 8 (to be undone)."""
+    db.execute("INSERT INTO marks (n) VALUES (8)")
+    raise Unavailable("no, not this one")
+
+
 async def test_publish_with_commits_the_change_and_the_event_together(
     tmp_path: pathlib.Path,
 ) -> None:
     async with running_bus(tmp_path) as bus:
         subscriber = bus.subscribe(EventFilter())
 
-        def record(db: Any) -> int:
-            db.execute("CREATE TABLE IF NOT EXISTS marks (n INTEGER)")
-            db.execute("INSERT INTO marks (n) VALUES (7)")
-            return 7
-
-        def refuse(db: Any) -> int:
-            db.execute("INSERT INTO marks (n) VALUES (8)")
-            raise Unavailable("no, not this one")
-
         async def refused() -> None:
             with pytest.raises(Unavailable, match="not this one"):
-                await bus.publish_with(refuse, "log", None, Level.INFO, {"which": "refused"})
+                await bus.publish_with(refuse_eight, "log", None, Level.INFO, {"which": "refused"})
 
-        event, result = await bus.publish_with(record, "log", None, Level.INFO, {"which": "ok"})
+        event, result = await bus.publish_with(mark_seven, "log", None, Level.INFO, {"which": "ok"})
         assert (event.id, result) == (1, 7)
         async with trio.open_nursery() as nursery:  # one batch: a refused write, an emit
             nursery.start_soon(refused)
@@ -403,28 +407,19 @@ async def test_publish_with_before_stores_those_events_in_the_same_transaction(
     async with running_bus(tmp_path) as bus:
         subscriber = bus.subscribe(EventFilter())
 
-        def record(db: Any) -> int:
-            db.execute("CREATE TABLE IF NOT EXISTS marks (n INTEGER)")
-            db.execute("INSERT INTO marks (n) VALUES (7)")
-            return 7
-
-        def refuse(db: Any) -> int:
-            db.execute("INSERT INTO marks (n) VALUES (8)")
-            raise Unavailable("no, not this one")
-
         batches = bus.statistics().batches
         before = [
             ("log", "s", Level.INFO, {"which": "a"}),
             ("log", "s", Level.INFO, {"which": "b"}),
         ]
         event, result = await bus.publish_with(
-            record, "log", "s", Level.INFO, {"which": "c"}, before=before
+            mark_seven, "log", "s", Level.INFO, {"which": "c"}, before=before
         )
         assert (event.id, event.data, result) == (3, {"which": "c"}, 7)
         assert bus.statistics().batches == batches + 1  # one transaction
         with pytest.raises(Unavailable, match="not this one"):
             await bus.publish_with(
-                refuse, "log", "s", Level.INFO, {"which": "e"}, before=[before[0]]
+                refuse_eight, "log", "s", Level.INFO, {"which": "e"}, before=[before[0]]
             )
         stored = await bus.history(EventFilter())
         marks = await bus.store.read(lambda db: [r["n"] for r in db.query("SELECT n FROM marks")])
