@@ -12,12 +12,17 @@ Rules:
   would lose one of them.
 * Keys are scoped by route (`POST /api/sessions` and a future create route
   may share a key; a session's input route is scoped to that session, so one
-  key serves one input per session) and kept for `RETENTION_SECONDS` (24 h); older rows are
+  key serves one input per session) and by caller (`Key.caller`: the token
+  that sent it, so a second caller who happens to send the same key and body
+  creates its own resource instead of getting the first caller's answer, and
+  a 409 never tells one caller about another's keys; callers that need no
+  token - the control socket's peer, anyone while auth is off - are one
+  caller, `OWNER`). Keys are kept for `RETENTION_SECONDS` (24 h); older rows are
   pruned by the writer that checks them, at most `PRUNE_BATCH` at a time.
 * Only successful answers are stored: a 4xx is not "the first response" a
   retry must repeat (the client may fix the PRD and retry with the same key).
-* A key is 1-255 printable ASCII characters; anything else is a 400 naming
-  the header.
+* A key is 1-255 printable ASCII characters, sent in one header; anything
+  else is a 400 naming the header.
 * A replay is told apart: a remembered object answer comes back as a
   `Replayed` dict, whose route answers it with `Idempotent-Replayed: true`
   (`replay_headers`); the gate records that answer's audit entry with
@@ -48,9 +53,11 @@ T = TypeVar("T")
 __all__ = [
     "HEADER",
     "MAX_KEY_CHARS",
+    "OWNER",
     "REPLAYED_HEADER",
     "RETENTION_SECONDS",
     "CreateOutcome",
+    "Key",
     "Once",
     "Remembered",
     "Replayed",
@@ -68,6 +75,7 @@ REPLAYED_HEADER = "Idempotent-Replayed"  # "true" on an answer given again for a
 MAX_KEY_CHARS = 255
 RETENTION_SECONDS = 24 * 3600
 PRUNE_BATCH = 100
+OWNER = ""  # the caller of every request that needs no token (`Key.caller`)
 
 
 class Replayed(dict[str, Any]):
@@ -89,16 +97,24 @@ class Remembered:
 
 
 @attrs.frozen
+class Key:
+    """An `Idempotency-Key` as one caller sent it (see the module's rules)."""
+
+    value: str
+    caller: str = OWNER  # the token id; `OWNER` for a caller that needs no token
+
+
+@attrs.frozen
 class Once:
     """A keyed request, for a create that an actor commits (its write remembers the answer):
     a session's input, a registry register."""
 
     route: str
-    key: str
+    key: Key
     digest: str
 
     @classmethod
-    def of(cls, route: str, key: str | None, body: Any) -> Once | None:
+    def of(cls, route: str, key: Key | None, body: Any) -> Once | None:
         """None without a key: the request is not idempotent."""
         return None if key is None else cls(route, key, body_digest(body))
 
@@ -131,7 +147,7 @@ def _prune(db: sqlite_utils.Database, now: float) -> None:
 
 
 def lookup(
-    db: sqlite_utils.Database, route: str, key: str, digest: str, *, now: float | None = None
+    db: sqlite_utils.Database, route: str, key: Key, digest: str, *, now: float | None = None
 ) -> Remembered | None:
     """The first answer for (`route`, `key`), or None; `Conflict` if the body differs.
 
@@ -143,15 +159,15 @@ def lookup(
 
 
 def lookup_only(
-    db: sqlite_utils.Database, route: str, key: str, digest: str, *, now: float | None = None
+    db: sqlite_utils.Database, route: str, key: Key, digest: str, *, now: float | None = None
 ) -> Remembered | None:
     """`lookup` without pruning: for a read-only connection (a retry answered early)."""
     now = time.time() if now is None else now
     rows = list(
         db.query(
             "SELECT body_sha256, status, response FROM idempotency_keys"
-            " WHERE route = ? AND key = ? AND created_at >= ?",
-            (route, key, now - RETENTION_SECONDS),
+            " WHERE route = ? AND caller = ? AND key = ? AND created_at >= ?",
+            (route, key.caller, key.value, now - RETENTION_SECONDS),
         )
     )
     if not rows:
@@ -159,9 +175,9 @@ def lookup_only(
     row = rows[0]
     if row["body_sha256"] != digest:
         raise Conflict(
-            f"{HEADER} {key!r} was used for a different request body in the last 24 h; "
+            f"{HEADER} {key.value!r} was used for a different request body in the last 24 h; "
             "use a new key for a new request",
-            details={"idempotencyKey": key},
+            details={"idempotencyKey": key.value},
         )
     body = json.loads(row["response"])
     return Remembered(int(row["status"]), Replayed(body) if isinstance(body, dict) else body)
@@ -170,7 +186,7 @@ def lookup_only(
 def remember(
     db: sqlite_utils.Database,
     route: str,
-    key: str,
+    key: Key,
     digest: str,
     status: int,
     body: Any,
@@ -180,8 +196,17 @@ def remember(
     """Store the first answer (call in the transaction that created the thing)."""
     db.execute(
         "INSERT OR REPLACE INTO idempotency_keys"
-        " (route, key, body_sha256, status, response, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-        (route, key, digest, status, json.dumps(body), time.time() if now is None else now),
+        " (route, caller, key, body_sha256, status, response, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            route,
+            key.caller,
+            key.value,
+            digest,
+            status,
+            json.dumps(body),
+            time.time() if now is None else now,
+        ),
     )
 
 
@@ -199,7 +224,7 @@ async def create_once(
     store: StoreActor,
     route: str,
     body: Mapping[str, Any],
-    key: str | None,
+    key: Key | None,
     prepare: Callable[[], Awaitable[T]],
     insert: Callable[[sqlite_utils.Database, T], dict[str, Any]],
     *,
@@ -213,20 +238,20 @@ async def create_once(
     its answer (201); a retry that raced this one gets the answer it stored.
     `on_commit` is the write's commit hook (`StoreActor.write`).
     """
-    digest = body_digest(body) if key else ""
-    if key:
+    digest = body_digest(body) if key is not None else ""
+    if key is not None:
         first = await store.read(lambda db: lookup_only(db, route, key, digest))
         if first is not None:
             return CreateOutcome(False, first.status, first.body)
     value = await prepare()
 
     def write(db: sqlite_utils.Database) -> CreateOutcome:
-        if key:
+        if key is not None:
             remembered = lookup(db, route, key, digest)
             if remembered is not None:
                 return CreateOutcome(False, remembered.status, remembered.body)
         created = insert(db, value)
-        if key:
+        if key is not None:
             remember(db, route, key, digest, 201, created)
         return CreateOutcome(True, 201, created, value)
 

@@ -332,6 +332,33 @@ def _m0010_stop_source(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE sessions ADD COLUMN stop_source TEXT")
 
 
+def _m0011_idempotency_caller(db: sqlite_utils.Database) -> None:
+    # `Idempotency-Key`s are scoped by caller too (lokid/idempotency.py): the token
+    # that sent the key, '' for callers that need none. Rows written before say
+    # nobody: they go to '' (the owner's scope), so a retry across the upgrade by a
+    # caller without a token still finds its first answer (one with a token, within
+    # the 24 h the rows are kept, creates anew: the row cannot say whose it was).
+    db.execute(
+        "CREATE TABLE idempotency_keys_by_caller ("
+        " route TEXT NOT NULL,"
+        " caller TEXT NOT NULL,"
+        " key TEXT NOT NULL,"
+        " body_sha256 TEXT NOT NULL,"
+        " status INTEGER NOT NULL,"
+        " response TEXT NOT NULL,"
+        " created_at REAL NOT NULL,"  # unix seconds
+        " PRIMARY KEY (route, caller, key)"
+        ")"
+    )
+    db.execute(
+        "INSERT INTO idempotency_keys_by_caller"
+        " SELECT route, '', key, body_sha256, status, response, created_at FROM idempotency_keys"
+    )
+    db.execute("DROP TABLE idempotency_keys")
+    db.execute("ALTER TABLE idempotency_keys_by_caller RENAME TO idempotency_keys")
+    db.execute("CREATE INDEX idempotency_keys_age ON idempotency_keys (created_at)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "meta and daemon_runs", _m0001_meta_and_daemon_runs),
     Migration(2, "events", _m0002_events),
@@ -343,6 +370,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(8, "cheaper board shifts", _m0008_cheaper_board_shifts),
     Migration(9, "sparse board ranks", _m0009_sparse_board_ranks),
     Migration(10, "stop source", _m0010_stop_source),
+    Migration(11, "idempotency keys by caller", _m0011_idempotency_caller),
 )
 
 

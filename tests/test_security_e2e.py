@@ -11,6 +11,7 @@ import os
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -292,3 +293,67 @@ def test_a_flood_of_refused_web_page_requests_is_rate_limited(
     with daemon.control() as owner:
         refusals = owner.get("/dashboard/api/enterprise/audit?action=auth.*").json()["total"]
     assert refusals == 4
+
+
+def test_idempotency_keys_are_each_callers_own(
+    daemon_factory: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    """Two tokens that send the same key and body make two things: neither gets the
+    other's answer (a token's secret, a project's id) or learns of the other's key."""
+    daemon = daemon_factory(extra_env={"LOKI_ENTERPRISE_AUTH": "true"}).start()
+    with daemon.control() as owner:
+        made = [
+            owner.post(
+                "/dashboard/api/enterprise/tokens", json={"name": name, "scopes": ["admin"]}
+            ).json()
+            for name in ("alice", "bob")
+        ]
+    alice, bob = ({"Authorization": f"Bearer {m['token']}"} for m in made)
+    dashboard = daemon.dashboard_url
+    key = {"Idempotency-Key": "shared-key"}
+    with httpx.Client(timeout=5) as client:
+
+        def post(path: str, who: dict[str, str], body: dict[str, Any]) -> httpx.Response:
+            return client.post(f"{dashboard}{path}", json=body, headers={**who, **key})
+
+        for path, body in (
+            ("/api/projects", {"name": "p"}),
+            ("/api/enterprise/tokens", {"name": "ci", "scopes": ["read"]}),
+        ):
+            first, other = post(path, alice, body), post(path, bob, body)
+            again = post(path, alice, body)
+            assert [a.status_code for a in (first, other, again)] == [201, 201, 201], path
+            assert "idempotent-replayed" not in other.headers
+            assert other.json()["id"] != first.json()["id"]
+            assert again.headers["idempotent-replayed"] == "true"
+            assert again.json()["id"] == first.json()["id"]
+            # Each caller's own key with another body: a 409 for the key's owner only.
+            changed = {**body, "name": "changed"}
+            assert post(path, alice, changed).status_code == 409
+            assert post(path, bob, changed).status_code == 409
+        assert first.json()["token"] and other.json()["token"]  # a secret of each one's own
+        project = client.post(f"{dashboard}/api/projects", json={"name": "q"}, headers=alice).json()
+        task = {"project_id": project["id"], "title": "t"}
+        tasks = [post("/api/tasks", who, task).json()["id"] for who in (alice, bob, alice)]
+        assert tasks[0] == tasks[2] != tasks[1]
+        (tmp_path / "reg").mkdir()
+        place = {"path": str(tmp_path / "reg")}
+        assert post("/api/registry/projects", alice, place).status_code == 201
+        taken = post("/api/registry/projects", bob, place)  # not alice's answer: a new try
+        assert taken.status_code == 409 and "idempotent-replayed" not in taken.headers
+
+
+def test_repeated_idempotency_key_or_origin_headers_are_refused(daemon: DaemonProcess) -> None:
+    """A singleton header sent twice: which one a proxy in front read is unknowable."""
+    url = f"{daemon.dashboard_url}/api/projects"
+    with httpx.Client(timeout=5) as client:
+        keys = [("Idempotency-Key", "a"), ("Idempotency-Key", "b")]
+        answer = client.post(url, json={"name": "p"}, headers=keys)
+        assert answer.status_code == 400
+        assert answer.json()["error"]["details"]["field"] == "Idempotency-Key"
+        origins = [("Origin", daemon.dashboard_url), ("Origin", "http://evil.example")]
+        refused = client.post(url, json={"name": "p"}, headers=origins)
+        assert refused.status_code == 403
+        assert refused.json()["error"]["details"]["reason"] == "cross_origin"
+        listed = client.get(f"{daemon.dashboard_url}/api/projects").json()
+    assert listed == []  # neither made a project

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import pytest
 import trio
 
+from lokid import idempotency
 from lokid.actors import agent_pool as agent_pool_module
 from lokid.actors import session as session_module
 from lokid.actors.event_bus import EventBus
@@ -1756,7 +1757,7 @@ async def test_creates_racing_at_max_sessions_store_nothing_for_the_one_refused(
         async def create(name: str, project: Path) -> None:
             try:
                 outcomes[name] = await sessions.create(
-                    {"prd": str(project / "prd.md")}, idempotency_key=f"key-{name}"
+                    {"prd": str(project / "prd.md")}, idempotency_key=idempotency.Key(f"key-{name}")
                 )
             except Exception as exc:
                 outcomes[name] = exc

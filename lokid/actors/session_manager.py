@@ -407,7 +407,7 @@ class SessionManager(Actor[Any]):
     # -- create --------------------------------------------------------------------------
 
     async def create(
-        self, body: Mapping[str, Any], *, idempotency_key: str | None = None
+        self, body: Mapping[str, Any], *, idempotency_key: idempotency.Key | None = None
     ) -> tuple[int, dict[str, Any]]:
         """`POST /api/sessions`: (201, `{id, status, createdAt}`), or a remembered answer."""
         if not self.running:
@@ -576,7 +576,7 @@ class SessionManager(Actor[Any]):
         return await self._offline(session_id, message, source="api")
 
     async def add_input(
-        self, session_id: str, message: str, *, idempotency_key: str | None = None
+        self, session_id: str, message: str, *, idempotency_key: idempotency.Key | None = None
     ) -> dict[str, Any]:
         """`POST /api/sessions/{id}/input`: the queued input, or the remembered answer.
 

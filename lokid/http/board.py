@@ -41,7 +41,7 @@ from lokid.http.surface import (
     Param,
     Scope,
     Surface,
-    header,
+    idempotency_key,
     json_response,
     lean_json,
     path_param,
@@ -329,7 +329,7 @@ def _install_projects(surface: Surface, store: StoreActor, notify: Notify) -> No
         requires="write",
     )
     async def project_create(scope: Scope) -> LeanResponse:
-        key = idempotency.validate_key(header(scope, idempotency.HEADER))
+        key = idempotency_key(scope)
         body = lean_json(scope)
 
         async def prepare() -> board.NewProject:
@@ -450,7 +450,7 @@ def _install_tasks(surface: Surface, store: StoreActor, notify: Notify) -> None:
         requires="write",
     )
     async def task_create(scope: Scope) -> LeanResponse:
-        key = idempotency.validate_key(header(scope, idempotency.HEADER))
+        key = idempotency_key(scope)
         body = lean_json(scope)
 
         async def prepare() -> board.NewTask:

@@ -27,6 +27,7 @@ from lokid.http.surface import (
     Link,
     Param,
     Surface,
+    idempotency_key,
     json_body,
     query_params,
     stripped_text,
@@ -201,7 +202,7 @@ def install_enterprise(
         requires="admin",
     )
     async def token_create() -> tuple[dict[str, Any], int, dict[str, str]]:
-        key = idempotency.validate_key(request.headers.get(idempotency.HEADER))
+        key = idempotency_key(request.scope)
         body = await json_body()
         if key is None:
             return await store.write(lambda db: create_token(db, body)), 201, {}
@@ -291,7 +292,7 @@ def install_enterprise(
 
 
 async def create_token_once(
-    store: StoreActor, body: Mapping[str, Any], key: str
+    store: StoreActor, body: Mapping[str, Any], key: idempotency.Key
 ) -> tuple[dict[str, Any], int]:
     """`POST /api/enterprise/tokens` with an `Idempotency-Key` (`lokid.idempotency`).
 

@@ -378,6 +378,12 @@ class Gate:
                     {"reason": "cross_origin"},
                 )
             return None
+        if _header_count(scope, b"origin") > 1:  # a browser sends one: which one counts is a guess
+            return ApiError(
+                "FORBIDDEN",
+                "Cross-origin request refused: send one Origin header, not several",
+                {"reason": "cross_origin"},
+            )
         scheme = _PAGE_SCHEME.get(scope.get("scheme", "http"), "http")  # a page's WS: ws://
         if host is not None and origin.lower() == f"{scheme}://{host}".lower():
             return None  # same origin: this listener's own page

@@ -53,6 +53,7 @@ from lokid.http.surface import (
     Scope,
     Surface,
     bool_param,
+    idempotency_key,
     int_param,
     json_body,
     json_response,
@@ -285,7 +286,7 @@ def install_registry(surface: Surface, scanner: RegistryScanner, gate: Gate) -> 
         requires="write",
     )
     async def project_register() -> tuple[dict[str, Any], int, dict[str, str]]:
-        key = idempotency.validate_key(request.headers.get(idempotency.HEADER))
+        key = idempotency_key(request.scope)
         body = await json_body()
         path, name = parse_register_body(body)
         once = idempotency.Once.of(REGISTER_ROUTE, key, body)

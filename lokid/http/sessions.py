@@ -25,7 +25,7 @@ from lokid.http.surface import (
     Scope,
     Surface,
     bool_param,
-    header,
+    idempotency_key,
     json_response,
     lean_json,
     path_param,
@@ -350,7 +350,7 @@ def install_session_writes(surface: Surface, manager: SessionManager) -> None:
         requires="write",
     )
     async def session_create(scope: Scope) -> LeanResponse:
-        key = idempotency.validate_key(header(scope, idempotency.HEADER))
+        key = idempotency_key(scope)
         status, answer = await manager.create(lean_json(scope), idempotency_key=key)
         return json_response(status, answer)
 
@@ -403,7 +403,7 @@ def install_session_writes(surface: Surface, manager: SessionManager) -> None:
     )
     async def session_input(scope: Scope) -> LeanResponse:
         id = path_param(scope, "id")
-        key = idempotency.validate_key(header(scope, idempotency.HEADER))
+        key = idempotency_key(scope)
         message = validate_input_message(lean_json(scope))
         return json_response(202, await manager.add_input(id, message, idempotency_key=key))
 

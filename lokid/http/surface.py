@@ -1027,6 +1027,26 @@ def header(scope: Scope, name: str) -> str | None:
     return None
 
 
+def idempotency_key(scope: Mapping[str, Any]) -> idempotency.Key | None:
+    """The request's `Idempotency-Key`, scoped to its caller (`lokid.idempotency`): the
+    token the gate admitted it with, or `OWNER` for a caller that needs none. None
+    without the header; 400 when it is unusable or sent more than once (which of two
+    keys a proxy or the client meant is unknowable, and guessing could create twice)."""
+    wanted = idempotency.HEADER.lower().encode("latin-1")
+    values = [value for key, value in scope.get("headers", ()) if key.lower() == wanted]
+    if len(values) > 1:
+        raise InvalidQuery(
+            f"Send one {idempotency.HEADER} header, not several", field=idempotency.HEADER
+        )
+    raw = values[0].decode("latin-1") if values else None
+    value = idempotency.validate_key(raw)
+    if value is None:
+        return None
+    principal = scope.get(PRINCIPAL)
+    token = principal.token if principal is not None else None
+    return idempotency.Key(value, token.id if token is not None else idempotency.OWNER)
+
+
 _STARTS = frozenset({"http.response.start", "websocket.accept", "websocket.http.response.start"})
 
 
