@@ -999,3 +999,66 @@ def test_connections_reset_at_once_cost_only_themselves(
     assert code == 0, err
     assert "crashed" not in err
     assert "Traceback" not in err
+
+
+def _one_exchange(family: socket.AddressFamily, address: Any, data: bytes) -> bytes:
+    """Send `data` at once, read until the daemon closes the connection."""
+    with socket.socket(family) as client:
+        client.settimeout(10)
+        client.connect(address)
+        client.sendall(data)
+        raw = b""
+        while chunk := client.recv(65536):
+            raw += chunk
+    return raw
+
+
+def test_bytes_after_an_http_1_0_request_are_ignored_on_every_listener(
+    daemon: DaemonProcess,
+) -> None:
+    """A request that is the client's last (HTTP/1.0, or Connection: close) followed by
+    more bytes gets its whole answer, and the connection is closed; h11's "Got data when
+    expecting EOF" made it a 400, or cut the answer after its head. Nothing is logged
+    above INFO; no connection counts as failed."""
+    api, dashboard = (
+        (url.removeprefix("http://").split(":")[0], int(url.rsplit(":", 1)[1]))
+        for url in (daemon.api_url, daemon.dashboard_url)
+    )
+    junk = b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\nJUNK\r\n\r\n"
+    cases = [
+        (socket.AF_INET, api, b"GET /health HTTP/1.0\r\n\r\n", b'"status":"healthy"'),
+        (
+            socket.AF_INET,
+            api,
+            b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",  # inline
+            b'"status":"healthy"',
+        ),
+        # Quart (Hypercorn) routes, on the dashboard and on the control socket
+        (socket.AF_INET, dashboard, b"GET /api/enterprise/tokens HTTP/1.0\r\n\r\n", b'"tokens"'),
+        (
+            socket.AF_INET,
+            dashboard,
+            b"GET /api/enterprise/tokens HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            b'"tokens"',
+        ),
+        (socket.AF_UNIX, str(daemon.socket), b"GET /api/status HTTP/1.0\r\n\r\n", b'"version"'),
+    ]
+    for family, address, request, expected in cases:
+        raw = _one_exchange(family, address, request + junk)
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), (request, raw[:300])
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        assert len(body) == length, (request, raw[:300])  # whole, and only one answer
+        assert expected in body
+    stats = _listener_stats(daemon)
+    for name in ("api", "dashboard", "control"):
+        assert stats[name]["detail"]["connectionsFailed"] == 0, stats[name]
+        assert stats[name]["restarts"] == 0
+    code, err = daemon.terminate()
+    assert code == 0
+    assert not [line for line in err.splitlines() if " WARNING " in line or " ERROR " in line], err
+    assert "Traceback" not in err

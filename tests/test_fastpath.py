@@ -490,3 +490,105 @@ async def test_a_bug_in_one_connection_is_logged_and_closes_only_it(
     assert "handling failed" in record.getMessage()
     assert record.exc_info is not None
     assert "a bug in one handler" in str(record.exc_info[1])
+
+
+def one_answer(raw: bytes) -> tuple[str, bytes]:
+    """(status, body) of the only response in `raw`: its whole body, nothing after it."""
+    head, sep, rest = raw.partition(b"\r\n\r\n")
+    assert sep, raw[:200]
+    lines = head.split(b"\r\n")
+    fields = {k.lower(): v for k, _, v in (line.partition(b": ") for line in lines[1:])}
+    length = int(fields[b"content-length"])
+    assert len(rest) == length, (raw[:300], len(rest), length)  # whole, and nothing more
+    assert fields.get(b"connection", b"").lower() == b"close", head
+    return lines[0].decode().split(" ", 2)[1], rest
+
+
+AFTER_THE_LAST = [
+    b"JUNK\r\n\r\n",
+    b"GET /fast?q=2 HTTP/1.1\r\nHost: x\r\n\r\n",  # a second request: not served
+    bytes(range(256)) * 64,  # 16 KiB of binary
+]
+LAST_REQUESTS = [
+    b"GET /fast HTTP/1.0\r\n\r\n",  # HTTP/1.0: always Hypercorn
+    b'POST /things/t-1/echo HTTP/1.0\r\nContent-Length: 8\r\n\r\n{"a": 1}',
+    b"POST /slow HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}",  # a Quart route
+    CLOSE,  # HTTP/1.1 with Connection: close: inline when the listener has the path
+    b"POST /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}",
+]
+LAST_REQUEST_IDS = ["1.0-lean", "1.0-lean-body", "1.0-quart", "close-lean", "close-quart"]
+
+
+@pytest.mark.parametrize("after", AFTER_THE_LAST, ids=["junk", "second-request", "binary"])
+@pytest.mark.parametrize("request_", LAST_REQUESTS, ids=LAST_REQUEST_IDS)
+async def test_bytes_after_the_last_request_are_ignored_on_both_paths(
+    request_: bytes, after: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After an HTTP/1.0 request (or Connection: close) a client must send nothing more.
+    If it does, its request still gets its whole answer and the connection is closed:
+    h11 raised "Got data when expecting EOF", and Hypercorn wrote a 400 instead of the
+    answer, or cut the answer after its head."""
+    caplog.set_level(logging.DEBUG, logger="lokid.listener")
+    for inline in (True, False):
+        with trio.fail_after(10):
+            alone = one_answer(await with_listener(inline, request_))
+            followed = one_answer(await with_listener(inline, request_ + after))
+        assert alone[0] == "200", alone
+        assert followed == alone
+    assert not [r for r in caplog.records if r.levelno > logging.INFO]
+
+
+async def test_bytes_that_come_while_the_last_request_is_answered_are_read_and_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Bytes arriving after the request, while its answer is being made, are read (a
+    client's EOF or reset stays visible; unread bytes would reset the close) and dropped,
+    noted once at DEBUG; then the answer is written whole and the connection closed."""
+    caplog.set_level(logging.DEBUG, logger="lokid.listener")
+    surface = make_surface()
+    release = trio.Event()
+
+    @surface.lean("GET", "/wait", "answers when released", responses={200: "ok"}, requires="read")
+    async def wait(scope: Scope) -> LeanResponse:
+        await release.wait()
+        return json_response(200, {"waited": True})
+
+    def noted() -> int:
+        return sum("after its last request" in r.getMessage() for r in caplog.records)
+
+    with trio.fail_after(10):
+        async with listening(True, surface) as (listener, port):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(b"GET /wait HTTP/1.0\r\n\r\n")
+                await trio.testing.wait_all_tasks_blocked()  # the request is parsed
+                for _ in range(4):
+                    await stream.send_all(b"X" * 65536)
+                while not noted():  # noqa: ASYNC110 - bounded by fail_after
+                    await trio.sleep(0.01)
+                release.set()
+                raw = b""
+                while chunk := await stream.receive_some():
+                    raw += chunk
+            assert one_answer(raw) == ("200", b'{"waited":true}')
+            assert listener.statistics().connections_failed == 0
+    assert noted() == 1
+    assert not [r for r in caplog.records if r.levelno > logging.INFO]
+
+
+async def test_bytes_then_eof_after_the_last_request_still_get_the_answer() -> None:
+    """A client that sends junk after its HTTP/1.0 request and then shuts its side
+    gets the answer, as one that shuts its side right after the request does."""
+    for inline in (True, False):
+        async with listening(inline) as (_, port):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(b"GET /fast HTTP/1.0\r\n\r\nJUNK")
+                await stream.send_eof()
+                raw = b""
+                with trio.fail_after(10):
+                    while chunk := await stream.receive_some():
+                        raw += chunk
+        status, body = one_answer(raw)
+        assert status == "200"
+        assert json.loads(body) == {"path": "/fast", "query": ""}

@@ -167,6 +167,7 @@ class _TCPServer(TCPServer):
             await super().run()
 
     async def _read_data(self) -> None:
+        _ignore_bytes_after_the_last_request(self.protocol.protocol)
         _answer_protocol_errors_with_a_body(self.protocol.protocol)
         await super()._read_data()
         # The client is gone (EOF, reset). Hypercorn's idle timer would hold the
@@ -216,6 +217,61 @@ class _TCPServer(TCPServer):
                     self.send_lock.release()
         finally:
             await self.stream.aclose()
+
+
+def _ignore_bytes_after_the_last_request(protocol: object) -> None:
+    """Bytes a client sends after its last request are dropped, not a protocol error.
+
+    After an HTTP/1.0 request (without keep-alive) or one with `Connection:
+    close`, the client has said that request is its last: h11 then expects
+    EOF (`their_state` MUST_CLOSE), and raised "Got data when expecting EOF"
+    for anything more (pipelined junk, a second request). Hypercorn took that
+    as a malformed request: it wrote a 400 before the app's answer, or cut
+    the answer after its head, and closed. RFC 9112 §9.6 says a server must
+    not process requests after the one that asked to close; it need not
+    refuse the one it got. So the extra bytes are read and dropped (reading
+    on keeps a client's EOF or reset visible, and unread bytes in the kernel
+    at close would reset the connection): h11 is told there is nothing yet
+    (NEED_DATA) while the answer is written, and that the client is gone
+    (ConnectionClosed) once it is, and Hypercorn closes the connection as it
+    does after every last request. Dropping is logged once, at DEBUG. Bounded:
+    what h11 holds is at most the one read that brought the request; later
+    reads are dropped as they come.
+    """
+    if not isinstance(protocol, H11Protocol) or not isinstance(protocol.connection, h11.Connection):
+        return
+    connection = protocol.connection
+    parse = connection.next_event
+    receive = connection.receive_data
+    noted = [False]
+
+    def note() -> None:
+        if not noted[0]:
+            noted[0] = True
+            log.debug(
+                "client %s sent bytes after its last request (HTTP/1.0 or Connection: close);"
+                " they are ignored",
+                protocol.client or "(Unix socket)",
+            )
+
+    def receive_data(data: bytes) -> None:
+        if data and connection.their_state is h11.MUST_CLOSE:
+            note()
+            return
+        receive(data)
+
+    def next_event() -> Any:
+        if connection.their_state is h11.MUST_CLOSE:
+            data, closed = connection.trailing_data  # a copy: only on this rare path
+            if data:
+                note()
+                if closed or connection.our_state not in (h11.SEND_RESPONSE, h11.SEND_BODY):
+                    return h11.ConnectionClosed()
+                return h11.NEED_DATA
+        return parse()
+
+    connection.receive_data = receive_data  # type: ignore[method-assign]
+    connection.next_event = next_event  # type: ignore[method-assign]
 
 
 def _answer_protocol_errors_with_a_body(protocol: object) -> None:
