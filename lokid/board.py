@@ -471,10 +471,12 @@ class TaskQuery:
 
 @attrs.frozen
 class ProjectQuery:
-    """`GET /api/projects`: `limit` None means every project (the answer is a bare array)."""
+    """`GET /api/projects`: the filter (None: any) and the page. The answer is the seed's
+    bare array, so it cannot say its `total`; it is bounded like every list (a page of
+    `limit` projects may have more after it)."""
 
     status: str | None = None
-    limit: int | None = None
+    limit: int = DEFAULT_LIMIT
     offset: int = 0
 
 
@@ -512,11 +514,10 @@ def parse_task_query(params: Mapping[str, Any]) -> TaskQuery:
 
 
 def parse_project_query(params: Mapping[str, Any]) -> ProjectQuery:
-    """`status`, optional `limit` (1..1000; absent: all), `offset`; 400 if bad."""
-    limit = params.get("limit")
+    """`status`, `limit` (1..1000, default 100), `offset`; 400 if bad."""
     return ProjectQuery(
         status=_query_choice(params, "status", PROJECT_STATUSES),
-        limit=query_int(params, "limit", 0, 1, MAX_LIMIT) if limit is not None else None,
+        limit=query_int(params, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT),
         offset=query_int(params, "offset", 0, 0, MAX_OFFSET),
     )
 
@@ -564,10 +565,9 @@ def list_projects(
     per row, answered from the `board_tasks_column` index), not one per project."""
     query = query or ProjectQuery()
     where, params = ("WHERE p.status = ?", [query.status]) if query.status else ("", [])
-    limit = query.limit if query.limit is not None else -1  # SQLite: -1 = no limit
     rows = db.execute(
         f"{_PROJECT_SELECT} {where} ORDER BY p.created_at DESC, p.rowid DESC LIMIT ? OFFSET ?",
-        [*params, limit, query.offset],
+        [*params, query.limit, query.offset],
     ).fetchall()
     return [_project_json(row) for row in rows]
 

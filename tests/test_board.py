@@ -363,11 +363,16 @@ def test_task_query_defaults_and_values() -> None:
 
 
 def test_project_query() -> None:
-    assert board.parse_project_query({}) == board.ProjectQuery()
+    assert board.parse_project_query({}) == board.ProjectQuery(None, 100, 0)  # bounded
+    assert board.parse_project_query({"limit": "1000"}).limit == 1000
     assert board.parse_project_query({"status": "archived", "limit": "2", "offset": "1"}) == (
         board.ProjectQuery("archived", 2, 1)
     )
-    for params, field in (({"status": "gone"}, "status"), ({"limit": "0"}, "limit")):
+    for params, field in (
+        ({"status": "gone"}, "status"),
+        ({"limit": "0"}, "limit"),
+        ({"limit": "1001"}, "limit"),
+    ):
         with pytest.raises(InvalidQuery) as exc:
             board.parse_project_query(params)
         assert field_of(exc) == field

@@ -218,6 +218,30 @@ async def test_project_lifecycle_and_notifications(the_board: Board, tmp_path: P
     }
 
 
+async def test_the_project_list_is_bounded_like_every_list(the_board: Board) -> None:
+    """`GET /api/projects` without `limit` answered every project (no bound); now a page
+    of at most 100 (DESIGN.md §4), up to 1000 on request, still the seed's bare array;
+    the rest is reached with offset."""
+    await the_board.store.write(
+        lambda db: [
+            board.insert_project(
+                db, board.NewProject(f"p{i:04}"), now=f"2026-01-01T00:{i // 60:02}:{i % 60:02}.000Z"
+            )
+            for i in range(1001)
+        ]
+    )
+    first = await the_board.ok("GET", "/api/projects")
+    assert isinstance(first, list) and len(first) == 100
+    assert [p["name"] for p in first[:2]] == ["p1000", "p0999"]  # newest first
+    most = await the_board.ok("GET", "/api/projects?limit=1000")
+    assert len(most) == 1000 and most[:100] == first
+    rest = await the_board.ok("GET", "/api/projects?limit=1000&offset=1000")
+    assert [p["name"] for p in rest] == ["p0000"]
+    answer = await the_board.send("GET", "/api/projects?limit=1001")
+    error = error_of(answer, 400, "BAD_REQUEST")
+    assert error["details"]["field"] == "limit"
+
+
 async def test_project_message_is_the_seed_s(the_board: Board) -> None:
     error = error_of(
         await the_board.send("GET", f"/api/projects/{MISSING_PROJECT}"), 404, "NOT_FOUND"

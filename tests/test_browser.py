@@ -756,6 +756,35 @@ def test_projects_and_cards_are_created_edited_and_deleted_from_the_page(
     )
 
 
+def test_the_board_lists_the_newest_1000_projects_and_the_one_its_address_names(
+    context: BrowserContext, root: Path
+) -> None:
+    """`GET /api/projects` answers a page (100 by default, at most 1000): the board asks
+    for the largest page, says when the list is cut, and still opens an older project
+    named in its address. Its own daemon: 1,001 projects would crowd the other tests."""
+    with running_daemon(root / "many-projects") as daemon:
+        api = Api(daemon)
+        try:
+            oldest = api.create_project("The oldest")
+            newest = ""
+            for n in range(1000):
+                newest = api.create_project(f"Project {n:04}")
+            tab = Tab(context)
+            page = open_view(tab, daemon, f"/board/{oldest}")
+            select = page.get_by_test_id("project-select")
+            expect(select).to_have_value(oldest)
+            expect(select.locator("option")).to_have_count(1001)  # the page, and the named one
+            expect(page.get_by_test_id("board-subtitle")).to_contain_text(
+                "the newest 1000 projects are listed"
+            )
+            page.goto(f"{daemon.dashboard_url}/#/board/{newest}")
+            expect(select).to_have_value(newest)
+            expect(select.locator("option")).to_have_count(1000)
+            assert tab.problems == []
+        finally:
+            api.close()
+
+
 # -- auth, audit, tokens ------------------------------------------------------------------
 
 

@@ -219,7 +219,16 @@ IDEMPOTENCY = Param(
     description="the same key and body within 24 h: the first answer",
 )
 PAGE_PARAMS = (
-    Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": board.MAX_LIMIT}),
+    Param(
+        "limit",
+        "query",
+        {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": board.MAX_LIMIT,
+            "default": board.DEFAULT_LIMIT,
+        },
+    ),
     Param("offset", "query", {"type": "integer", "minimum": 0, "maximum": board.MAX_OFFSET}),
 )
 TASK_LIST_PARAMS = (
@@ -230,13 +239,7 @@ TASK_LIST_PARAMS = (
 )
 PROJECT_LIST_PARAMS = (
     Param("status", "query", {"type": "string", "enum": list(board.PROJECT_STATUSES)}),
-    Param(
-        "limit",
-        "query",
-        {"type": "integer", "minimum": 1, "maximum": board.MAX_LIMIT},
-        description="at most this many (absent: every project)",
-    ),
-    Param("offset", "query", {"type": "integer", "minimum": 0, "maximum": board.MAX_OFFSET}),
+    *PAGE_PARAMS,
 )
 ID = "$response.body#/id"
 PROJECT_LINKS: dict[str, Link] = {
@@ -300,7 +303,8 @@ def _install_projects(surface: Surface, store: StoreActor, notify: Notify) -> No
     @surface.lean(
         "GET",
         "/api/projects",
-        "Projects, newest first, with their board task counts (a bare array)",
+        "Projects, newest first, with their board task counts (a bare array: one page, "
+        "100 by default; a full page may have more after it)",
         responses={200: "The projects", 400: "Bad query value (details.field)"},
         params=PROJECT_LIST_PARAMS,
         response_schema={"type": "array", "items": PROJECT_SCHEMA},

@@ -33,6 +33,7 @@ from lokid.http.surface import (
     stripped_text,
 )
 from lokid.session_records import (
+    DEFAULT_LIMIT,
     MAX_LIMIT,
     MAX_OFFSET,
     parse_list_query,
@@ -81,7 +82,11 @@ TOKEN_BODY: dict[str, Any] = {
     },
 }
 PAGE_PARAMS = (
-    Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
+    Param(
+        "limit",
+        "query",
+        {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
+    ),
     Param("offset", "query", {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET}),
 )
 _YEAR = "(?:[1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])"

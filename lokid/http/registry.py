@@ -151,7 +151,11 @@ REGISTER_BODY = {
     },
 }
 PAGE_PARAMS = (
-    Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
+    Param(
+        "limit",
+        "query",
+        {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
+    ),
     Param("offset", "query", {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET}),
 )
 IDEMPOTENCY = Param(

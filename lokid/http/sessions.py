@@ -37,6 +37,7 @@ from lokid.providers import (
     MAX_MODEL_CHARS,
 )
 from lokid.session_records import (
+    DEFAULT_LIMIT,
     MAX_AGENTS,
     MAX_DURATION_SECONDS,
     MAX_INPUT_BYTES,
@@ -61,8 +62,7 @@ PAGE_PARAMS = (
     Param(
         "limit",
         "query",
-        {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
-        description="default 100",
+        {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
     ),
     Param("offset", "query", {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET}),
 )

@@ -23,11 +23,14 @@ export const COLUMNS = [
 const PRIORITIES = ["low", "medium", "high", "critical"];
 const LAST_PROJECT = "lokid.board.project";
 const MAX_TASKS = 1000;
+/** The largest page `GET /api/projects` gives (its default is 100). */
+const MAX_PROJECTS = 1000;
 
 /** Mount the board view. */
 export function mount(root, params) {
   let stopped = false;
   let projects = [];
+  let projectsCut = false; // a full page: there may be more active projects than listed
   let projectId = params.projectId || null;
   let tasks = [];
   let total = 0;
@@ -57,7 +60,16 @@ export function mount(root, params) {
 
   async function loadProjects() {
     try {
-      projects = await get("/api/projects", { status: "active" });
+      // local until complete: two loads at once (a WebSocket message) must not mix
+      const page = await get("/api/projects", { status: "active", limit: MAX_PROJECTS });
+      const cut = page.length >= MAX_PROJECTS;
+      if (cut && projectId && !page.some((p) => p.id === projectId)) {
+        // the project this address names is older than the page: fetch it alone
+        const named = await get(`/api/projects/${encodeURIComponent(projectId)}`).catch(() => null);
+        if (named && named.status === "active") page.push(named);
+      }
+      projects = page;
+      projectsCut = cut;
     } catch (err) {
       if (!stopped) replace(content, errorBox(err, "Could not load the projects"));
       return;
@@ -120,7 +132,7 @@ export function mount(root, params) {
 
   function render() {
     const project = projects.find((p) => p.id === projectId);
-    subtitle.textContent = `${project ? project.name : ""} · ${total} card${total === 1 ? "" : "s"}${total > tasks.length ? ` (showing the first ${tasks.length})` : ""}`;
+    subtitle.textContent = `${project ? project.name : ""} · ${total} card${total === 1 ? "" : "s"}${total > tasks.length ? ` (showing the first ${tasks.length})` : ""}${projectsCut ? ` · the newest ${MAX_PROJECTS} projects are listed` : ""}`;
     keepFocus(content, () => {
       const board = h("div", { class: "board", dataset: { testid: "board" } }, COLUMNS.map(([column, label]) => renderColumn(column, label)));
       replace(
