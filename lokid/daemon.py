@@ -85,7 +85,7 @@ from lokid.http.registry import install_registry
 from lokid.http.surface import Surface
 from lokid.http.ws import DashboardHub, install_ws
 from lokid.metrics import DaemonMetrics
-from lokid.pidfile import DaemonLock
+from lokid.pidfile import DaemonLock, prepare_data_dir
 from lokid.ratelimit import RateLimiter
 from lokid.sockets import SocketPathLock, bind_tcp, bind_unix, is_loopback_socket, socket_url
 from lokid.supervisor import (
@@ -259,11 +259,7 @@ class Daemon:
     async def run(
         self, *, handle_signals: bool = False, task_status: Any = trio.TASK_STATUS_IGNORED
     ) -> None:
-        data = self.config.data_path
-        try:
-            data.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StartupError(f"cannot create data dir {data}: {exc.strerror}") from None
+        prepare_data_dir(self.config.data_path)  # 0700, before anything is written in it
         lock = DaemonLock(self.config.lock_file, self.config.pid_file)
         lock.acquire()
         try:

@@ -73,9 +73,11 @@ def _bind_one(host: str, port: int) -> socket.socket:
 def bind_unix(path: Path) -> tuple[socket.socket, SocketPathLock]:
     """The control socket, mode 0600: only lokid's account (and root) can connect.
 
-    Its folder must belong to us. A missing folder is created with mode 0700; an
-    existing one is used as it is, never chmod-ed: it may be shared (`/tmp`, `/run`),
-    and the socket's own mode is what keeps other users out. A socket file already
+    Its folder must belong to us. By default it is the data dir, which
+    `lokid.pidfile.prepare_data_dir` has made 0700 (DESIGN.md §2). A folder given
+    with `--socket` is created with mode 0700 when missing; an existing one is used
+    as it is, never chmod-ed: it may be shared (`/tmp`, `/run`), and the socket's
+    own mode is what keeps other users out. A socket file already
     at `path` is replaced only when nothing listens on it (left by a daemon that
     crashed): `socket_path` is independent of the data directory, so the data
     directory lock does not say that no other lokid serves on it. That check and

@@ -102,6 +102,40 @@ def test_control_socket_is_private(daemon: DaemonProcess) -> None:
     assert stat.S_IMODE(daemon.socket.parent.stat().st_mode) == 0o700
 
 
+def test_a_data_dir_others_could_enter_is_made_0700_at_start(
+    daemon_factory: Factory, tmp_path: Path
+) -> None:
+    """DESIGN.md §2: the control socket is "mode 0600 in a 0700 folder". A data dir that
+    existed with mode 0755 (say, restored with `cp -r`) was kept so, and with it the
+    database, 0644, was readable by every local user."""
+    data = tmp_path / "home" / "lokid"
+    data.mkdir(parents=True)
+    data.chmod(0o755)
+    daemon = daemon_factory().start()
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert stat.S_IMODE(daemon.socket.stat().st_mode) == 0o600
+    code, err = daemon.terminate()
+    assert code == 0
+    assert f"the data dir {data} had mode 0755" in err
+    assert "made it 0700" in err
+
+
+def test_a_data_dir_holding_other_files_is_refused_and_left_alone(
+    daemon_factory: Factory, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir(mode=0o755)
+    (home / "notes.txt").write_text("mine")
+    daemon = daemon_factory(extra_env={"LOKI_DATA_DIR": str(home)}).start(wait=False)
+    assert daemon.process is not None
+    _, err = daemon.process.communicate(timeout=20)
+    assert daemon.process.returncode == 1
+    assert "holds files that are not lokid's ('notes.txt')" in err.decode()
+    assert "Traceback" not in err.decode()
+    assert stat.S_IMODE(home.stat().st_mode) == 0o755
+    assert sorted(p.name for p in home.iterdir()) == ["notes.txt"]
+
+
 def test_control_socket_connections_whose_client_hung_up_are_let_go(
     daemon: DaemonProcess,
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import stat
@@ -21,7 +22,7 @@ import trio.testing
 from lokid.actors.listener import HttpListener, _TCPServer
 from lokid.errors import StartupError
 from lokid.http.surface import Scope
-from lokid.pidfile import DaemonLock, read_pid_file, running_daemon
+from lokid.pidfile import DaemonLock, prepare_data_dir, read_pid_file, running_daemon
 from lokid.process import ProcessIdentity, identity, is_same_process
 from lokid.sockets import SocketPathLock, bind_tcp, bind_unix
 from lokid.supervisor import ChildStatus
@@ -190,6 +191,86 @@ def test_lock_excludes_a_second_holder_and_release_removes_pid_file(tmp_path: Pa
     second.release()
 
 
+# -- the data directory (lokid.pidfile.prepare_data_dir) ------------------------------
+
+ANOTHER_UID = 65534  # nobody
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a folder away")
+
+
+def test_a_missing_data_dir_is_made_0700_whatever_the_umask(tmp_path: Path) -> None:
+    data = tmp_path / "home" / "lokid"
+    old_umask = os.umask(0)
+    try:
+        prepare_data_dir(data)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize("loose", [0o755, 0o750, 0o777, 0o2775], ids=lambda m: f"{m:04o}")
+def test_a_data_dir_of_ours_that_others_can_enter_is_made_0700_and_said(
+    tmp_path: Path, loose: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DESIGN.md §2: the control socket is "mode 0600 in a 0700 folder", by default the
+    data dir, which also holds the database (0644 by the umask). A data dir that existed
+    with another mode (restored with `cp -r`, made by `mkdir -p`) was used as it was:
+    every local user could read the database."""
+    data = tmp_path / "lokid"
+    data.mkdir()
+    (data / "lokid.db").write_bytes(b"")
+    (data / "lokid.log").write_bytes(b"")
+    data.chmod(loose)
+    prepare_data_dir(data)
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    [record] = [r for r in caplog.records if r.name == "lokid"]
+    assert record.levelno == logging.WARNING
+    assert f"had mode {loose:04o}" in record.getMessage()
+    caplog.clear()
+    prepare_data_dir(data)  # 0700 already: nothing to say
+    assert [r for r in caplog.records if r.name == "lokid"] == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "files", "words"),
+    [
+        (0o755, ["lokid.db", "notes.txt"], "holds files that are not lokid's ('notes.txt')"),
+        (0o1777, [], "is a shared folder (sticky bit)"),
+    ],
+    ids=["other-files", "sticky"],
+)
+def test_a_loose_data_dir_that_is_not_only_lokid_s_is_refused_and_kept(
+    tmp_path: Path, mode: int, files: list[str], words: str
+) -> None:
+    """A data dir pointed at $HOME, /var/lib or /tmp must not be made private."""
+    data = tmp_path / "shared"
+    data.mkdir()
+    for name in files:
+        (data / name).write_text("x")
+    data.chmod(mode)
+    with pytest.raises(StartupError, match="has mode") as refused:
+        prepare_data_dir(data)
+    assert words in str(refused.value)
+    assert stat.S_IMODE(data.stat().st_mode) == mode
+    assert sorted(p.name for p in data.iterdir()) == files
+
+
+@as_root
+def test_a_data_dir_of_another_account_is_refused_and_kept(tmp_path: Path) -> None:
+    data = tmp_path / "theirs"
+    data.mkdir(mode=0o755)
+    os.chown(data, ANOTHER_UID, ANOTHER_UID)
+    with pytest.raises(StartupError, match=f"belongs to uid {ANOTHER_UID}, not to lokid's"):
+        prepare_data_dir(data)
+    info = data.stat()
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (ANOTHER_UID, 0o755)
+
+
+def test_a_data_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StartupError, match="is not a folder"):
+        prepare_data_dir(tmp_path / "file")
+
+
 # -- the control socket (lokid.sockets.bind_unix) ------------------------------------
 
 
@@ -240,6 +321,32 @@ def test_an_existing_shared_folder_keeps_its_mode(tmp_path: Path) -> None:
     with control_socket(shared / "l.sock"):
         assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
         assert mode(shared / "l.sock") == 0o600
+
+
+def test_a_socket_folder_others_may_write_is_kept_and_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A folder given with --socket is the user's: its mode is not changed (it may be
+    shared on purpose); the socket's 0600 and the peer check keep others out, and
+    a folder where others could replace the socket is warned about."""
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o777)
+    with control_socket(loose / "l.sock"):
+        assert stat.S_IMODE(loose.stat().st_mode) == 0o777
+        assert mode(loose / "l.sock") == 0o600
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "is writable by other users" in warning.getMessage()
+
+
+@as_root
+def test_a_socket_folder_of_another_account_is_refused(tmp_path: Path) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, ANOTHER_UID, ANOTHER_UID)
+    with pytest.raises(StartupError, match=f"belongs to uid {ANOTHER_UID}, not to us"):
+        bind_unix(theirs / "l.sock")
+    assert list(theirs.iterdir()) == []
 
 
 def test_a_refusal_changes_nothing_on_disk(tmp_path: Path) -> None:
