@@ -18,10 +18,13 @@ Rules of the local implementation:
   which waits for one line on its stdin before it execs the agent. The
   caller records the identity (the same pid and start time before and after
   the exec), then calls `release()`. A daemon killed between spawn and
-  record leaves a shell that sees end-of-file and exits without ever running
-  the agent, instead of an agent nobody knows about. The executable is
-  looked up before the spawn, so a missing one still fails `start`; the
-  timeouts count from the release.
+  release leaves a shell that sees end-of-file and exits without ever running
+  the agent, instead of an agent nobody knows about; with a `held_dir` it
+  first creates `<held_dir>/<its pid>`, so that the next start knows this
+  agent never ran (what its prompt carried was not delivered; `still_held`
+  tells the same of a shell not yet gone). The executable is looked up
+  before the spawn, so a missing one still fails `start`; the timeouts
+  count from the release.
 * **Signals only go to a group whose leader we have not reaped.** The
   leader's exit is detected through a pidfd without reaping it, so its pid -
   the group id - cannot be reused while we may still signal the group. The
@@ -66,6 +69,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
+from lokid.crashpoints import crash_point
 from lokid.process import ProcessIdentity, group_scanner, start_ticks
 
 MAX_LINE_BYTES = 1024 * 1024
@@ -74,8 +78,24 @@ READ_BYTES = 65536
 GROUP_POLL_SECONDS = 0.02
 KILL_WAIT_SECONDS = 5.0  # after SIGKILL, how long members may take to disappear
 # A held start: wait for one line on stdin (the release), then become the agent; EOF
-# first (the daemon died before it recorded the agent) and the agent never runs.
-HOLD_ARGV = ("/bin/sh", "-c", 'IFS= read -r _ || exit 125; exec "$@"', "lokid-agent")
+# first (the daemon died before it released the agent) and the agent never runs, and
+# says so in `<held dir>/<pid>` (its first argument; empty: nowhere) for the next start.
+HOLD_SCRIPT = (
+    'm=$1; shift; IFS= read -r _ || { [ -z "$m" ] || : >"$m/$$" 2>/dev/null; exit 125; }; exec "$@"'
+)
+HOLD_ARGV = ("/bin/sh", "-c", HOLD_SCRIPT, "lokid-agent")
+"""Followed by the held dir (or ``""``) and the agent's argv."""
+
+
+def still_held(pid: int) -> bool:
+    """Whether process `pid` is a held start that was never released: still the
+    launcher shell of `HOLD_ARGV`, not yet the agent it execs (`/proc/<pid>/cmdline`)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            words = file.read().split(b"\0")
+    except OSError:
+        return False
+    return tuple(word.decode(errors="replace") for word in words[:4]) == HOLD_ARGV
 
 
 class Stream(enum.Enum):
@@ -139,20 +159,25 @@ class AgentHost(Protocol):
 class LocalAgentHost:
     """Agents as trio subprocesses on this machine. Construct runs inside a nursery."""
 
-    def __init__(self, nursery: trio.Nursery) -> None:
+    def __init__(self, nursery: trio.Nursery, *, held_dir: Path | None = None) -> None:
         self._nursery = nursery
+        self.held_dir = held_dir
+        """Where a held start whose daemon died before releasing it writes `<pid>`."""
 
     async def start(self, spec: AgentSpec, *, held: bool = False) -> LocalAgentRun:
         """Spawn the agent; `held`: it waits for `release()` before it runs (module rules)."""
-        run = LocalAgentRun(spec, held=held)
+        run = LocalAgentRun(spec, held=held, held_dir=self.held_dir)
         await self._nursery.start(run._run)
         return run
 
 
 class LocalAgentRun:
-    def __init__(self, spec: AgentSpec, *, held: bool = False) -> None:
+    def __init__(
+        self, spec: AgentSpec, *, held: bool = False, held_dir: Path | None = None
+    ) -> None:
         self.spec = spec
         self.held = held
+        self.held_dir = held_dir
         self.identity = ProcessIdentity(0, 0)
         self._released = trio.Event()
         if not held:
@@ -253,7 +278,7 @@ class LocalAgentRun:
         argv = list(spec.argv)
         if self.held:
             _check_executable(argv[0], (env or os.environ).get("PATH"), spec.cwd)
-            argv = [*HOLD_ARGV, *argv]
+            argv = [*HOLD_ARGV, os.fspath(self.held_dir or ""), *argv]
         process = await trio.lowlevel.open_process(
             argv,
             cwd=os.fspath(spec.cwd),
@@ -397,6 +422,7 @@ class LocalAgentRun:
     async def _feed_when_released(self, stdin: trio.abc.SendStream, data: bytes) -> None:
         await self._released.wait()
         await _feed(stdin, data)
+        crash_point("agent.released")  # the agent runs now, whatever becomes of us
 
     def _output_waiting(self) -> bool:
         """Whether an output pipe holds bytes not read yet (a zero-time poll).

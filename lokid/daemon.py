@@ -191,7 +191,12 @@ class Daemon:
             retention_count=config.event_retention_count,
             retention_seconds=config.event_retention_days * 86400,
         )
-        self.pool = AgentPool(self.store, max_agents=config.max_agents, grace=config.agent_grace)
+        self.pool = AgentPool(
+            self.store,
+            max_agents=config.max_agents,
+            grace=config.agent_grace,
+            held_dir=config.data_path / "held",
+        )
         self.sessions = SessionManager(
             self.store,
             self.bus,

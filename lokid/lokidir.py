@@ -32,9 +32,12 @@ Rules (docs/loki-dir.md has every file, its writer and an example):
 * **Control files** `PAUSE`, `STOP`, `HUMAN_INPUT.md`,
   `signals/COMPLETION_REQUESTED`, `signals/TASK_COMPLETION_CLAIMED`: their
   presence is the signal (`read_controls`). `HUMAN_INPUT.md` is consumed by
-  renaming it into `logs/human-input-<timestamp>.md` first and reading the
-  renamed file, so text another tool appends after the rename lands in a
-  fresh `HUMAN_INPUT.md` for the next read instead of being lost. Symbolic
+  renaming it into a claim `logs/human-input-<timestamp>.<input id>.claimed`
+  first and reading the renamed file, so text another tool appends after the
+  rename lands in a fresh `HUMAN_INPUT.md` for the next read instead of being
+  lost. Once the input is stored the claim becomes the record
+  `logs/human-input-<timestamp>.md`; a claim left behind (a crash between the
+  rename and the store) is found and stored under its id, once. Symbolic
   links, non-regular files, binary or over-64-KiB inputs are moved to
   `logs/human-input-REJECTED-<timestamp>.md` and reported, never read.
   Completion signals are read and deleted.
@@ -1288,12 +1291,21 @@ def clear_stale_controls(paths: LokiPaths) -> tuple[str, ...]:
     return tuple(removed)
 
 
+CLAIM_SUFFIX = ".claimed"
+_CLAIM_NAME = re.compile(
+    r"human-input-(?P<stamp>[0-9TZ.\-]+)\.(?P<id>input-[0-9A-Za-z]{1,64})\.claimed"
+)
+
+
 @attrs.frozen
 class HumanInput:
     text: str
     """The input, surrounding whitespace stripped; never empty."""
     processed_path: Path
-    """Where `HUMAN_INPUT.md` was moved (`logs/human-input-<timestamp>.md`)."""
+    """The claim: `logs/human-input-<timestamp>.<input id>.claimed`, until it is stored."""
+    input_id: str
+    """The id its input is stored under: the claim's name holds it, so a claim a crash
+    left is stored once, whether or not its first store committed."""
 
 
 def _file_time(moment: dt.datetime) -> str:
@@ -1311,14 +1323,31 @@ def _unused(folder: Path, stem: str, suffix: str) -> Path:
     return candidate
 
 
-def consume_human_input(paths: LokiPaths, *, now: dt.datetime | None = None) -> HumanInput | None:
-    """Take `HUMAN_INPUT.md`: `None` if absent or blank, else its text.
+def _reject(paths: LokiPaths, current: Path, stamp: str, reason: str) -> LokiDirFormatError:
+    """Move a file that is never read to `logs/human-input-REJECTED-<stamp>.md`."""
+    source = paths.human_input
+    target = _unused(paths.logs_dir, f"human-input-REJECTED-{stamp}", ".md")
+    try:
+        os.rename(current, target)
+    except OSError as exc:
+        return LokiDirFormatError(source, f"{reason}; could not move it aside: {_why(exc)}")
+    return LokiDirFormatError(source, f"{reason}; moved to {target}")
 
-    The file is renamed to `logs/human-input-<timestamp>.md` before it is read
-    (see the module docstring). A symbolic link or other non-regular file, a
-    file over `MAX_HUMAN_INPUT_BYTES`, binary or non-UTF-8 content is renamed
-    to `logs/human-input-REJECTED-<timestamp>.md` instead and reported with
-    `LokiDirFormatError`; it is not offered again.
+
+def consume_human_input(
+    paths: LokiPaths, *, input_id: str, now: dt.datetime | None = None
+) -> HumanInput | None:
+    """Claim `HUMAN_INPUT.md` for the input `input_id`: `None` if absent or blank, else
+    its text.
+
+    The file is renamed to the claim `logs/human-input-<timestamp>.<input_id>.claimed`
+    before it is read (see the module docstring); once its input is stored the caller
+    renames the claim to the record `logs/human-input-<timestamp>.md`
+    (`settle_human_input`). A claim still there was never known stored: a crash came
+    in between, and `pending_human_inputs` finds it. A symbolic link or other
+    non-regular file, a file over `MAX_HUMAN_INPUT_BYTES`, binary or non-UTF-8
+    content is renamed to `logs/human-input-REJECTED-<timestamp>.md` instead and
+    reported with `LokiDirFormatError`; it is not offered again.
     """
     source = paths.human_input
     stamp = _file_time(now or utc_now())
@@ -1332,58 +1361,83 @@ def consume_human_input(paths: LokiPaths, *, now: dt.datetime | None = None) -> 
         paths.logs_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     except OSError as exc:
         raise LokiDirFormatError(source, f"cannot create {paths.logs_dir}: {_why(exc)}") from None
-
-    def reject(current: Path, reason: str) -> LokiDirFormatError:
-        target = _unused(paths.logs_dir, f"human-input-REJECTED-{stamp}", ".md")
-        try:
-            os.rename(current, target)
-        except OSError as exc:
-            return LokiDirFormatError(source, f"{reason}; could not move it aside: {_why(exc)}")
-        return LokiDirFormatError(source, f"{reason}; moved to {target}")
-
     if not stat.S_ISREG(st.st_mode):
         kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
-        raise reject(source, f"is {kind}; it is not read")
-    claimed = _unused(paths.logs_dir, f"human-input-{stamp}", ".md")
+        raise _reject(paths, source, stamp, f"is {kind}; it is not read")
+    claimed = paths.logs_dir / f"human-input-{stamp}.{input_id}{CLAIM_SUFFIX}"
     try:
         os.rename(source, claimed)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise LokiDirFormatError(source, f"cannot move to {claimed}: {_why(exc)}") from None
+    return _read_claim(paths, claimed, stamp, input_id)
+
+
+def _read_claim(paths: LokiPaths, claimed: Path, stamp: str, input_id: str) -> HumanInput | None:
     try:
         content = read_file(claimed, limit=MAX_HUMAN_INPUT_BYTES, follow_symlinks=False)
     except LokiDirFormatError as exc:
-        raise reject(claimed, exc.reason) from None
+        raise _reject(paths, claimed, stamp, exc.reason) from None
     if content is None:
         return None
     data = content.data
     if b"\x00" in data:
-        raise reject(claimed, "is binary (NUL bytes)")
+        raise _reject(paths, claimed, stamp, "is binary (NUL bytes)")
     try:
         text = data.decode("utf-8").removeprefix("\ufeff").strip()
     except UnicodeDecodeError as exc:
-        raise reject(claimed, f"is not UTF-8 (invalid byte at offset {exc.start})") from None
-    if not text:
+        raise _reject(
+            paths, claimed, stamp, f"is not UTF-8 (invalid byte at offset {exc.start})"
+        ) from None
+    note = HumanInput(text=text, processed_path=claimed, input_id=input_id)
+    if not text:  # nothing to store: the claim is the record at once (or at the next look)
+        with contextlib.suppress(OSError):
+            settle_human_input(paths, note)
         return None
-    return HumanInput(text=text, processed_path=claimed)
+    return note
 
 
-def return_human_input(paths: LokiPaths, note: HumanInput) -> bool:
-    """Put a claimed `HUMAN_INPUT.md` back where it was; False if it cannot be.
+def settle_human_input(paths: LokiPaths, note: HumanInput) -> Path:
+    """Its input is stored: rename the claim to `logs/human-input-<timestamp>.md`, the
+    record of what was taken (`-2`, `-3`... if taken). `OSError` if it cannot be
+    renamed: the claim stays, and storing it again finds its id stored."""
+    name = note.processed_path.name
+    stamp = name.removeprefix("human-input-").removesuffix(f".{note.input_id}{CLAIM_SUFFIX}")
+    record = _unused(paths.logs_dir, f"human-input-{stamp}", ".md")
+    os.rename(note.processed_path, record)
+    return record
 
-    For an input the store refused (`StoreUnavailable`: nothing of it was
-    stored): back in place, it is noticed again once the store takes writes,
-    even after a daemon restart. A hard link never replaces a `HUMAN_INPUT.md`
-    written meanwhile (False: the caller keeps the note itself).
-    """
+
+def pending_human_inputs(paths: LokiPaths) -> tuple[list[HumanInput], list[LokiDirFormatError]]:
+    """The claims in `logs/` not known stored (a daemon died between the rename and
+    the commit of the input, or the store refused it), oldest first, and the
+    problems of those that cannot be read (each moved aside as `REJECTED`).
+
+    One `listdir` of `logs/`: the session looks once when its actor starts, and
+    again after the store refused a write."""
     try:
-        os.link(note.processed_path, paths.human_input)
-    except OSError:
-        return False
-    with contextlib.suppress(OSError):  # a copy left in logs/ is never read again
-        os.unlink(note.processed_path)
-    return True
+        names = os.listdir(paths.logs_dir)
+    except FileNotFoundError:
+        return [], []
+    except OSError as exc:
+        return [], [LokiDirFormatError(paths.logs_dir, f"cannot list: {_why(exc)}")]
+    notes: list[HumanInput] = []
+    problems: list[LokiDirFormatError] = []
+    for name in sorted(names):
+        match = _CLAIM_NAME.fullmatch(name)
+        if match is None:
+            continue
+        try:
+            note = _read_claim(
+                paths, paths.logs_dir / name, match.group("stamp"), match.group("id")
+            )
+        except LokiDirFormatError as exc:
+            problems.append(exc)
+            continue
+        if note is not None:
+            notes.append(note)
+    return notes, problems
 
 
 @attrs.frozen

@@ -359,6 +359,17 @@ def _m0011_idempotency_caller(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX idempotency_keys_age ON idempotency_keys (created_at)")
 
 
+def _m0012_input_agent(db: sqlite_utils.Database) -> None:
+    # The agent (its `agents` row) whose prompt carried an applied input: marked in the
+    # transaction that records the agent's start. The next start puts the input back
+    # in the queue if that agent never ran (the daemon died before letting it start).
+    db.execute("ALTER TABLE session_inputs ADD COLUMN agent_row INTEGER")
+    db.execute(
+        "CREATE INDEX session_inputs_agent ON session_inputs (agent_row)"
+        " WHERE agent_row IS NOT NULL"
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "meta and daemon_runs", _m0001_meta_and_daemon_runs),
     Migration(2, "events", _m0002_events),
@@ -371,6 +382,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(9, "sparse board ranks", _m0009_sparse_board_ranks),
     Migration(10, "stop source", _m0010_stop_source),
     Migration(11, "idempotency keys by caller", _m0011_idempotency_caller),
+    Migration(12, "input agent", _m0012_input_agent),
 )
 
 

@@ -95,6 +95,7 @@ __all__ = [
     "queued_tasks",
     "refuse_unknown",
     "requeue_active_tasks",
+    "requeue_inputs_of_agents",
     "runner_tasks",
     "session_counts",
     "session_iteration",
@@ -1083,17 +1084,23 @@ def validate_input_message(body: Mapping[str, Any]) -> str:
 
 
 def add_input(
-    db: sqlite_utils.Database, session_id: str, message: str, *, now: str | None = None
+    db: sqlite_utils.Database,
+    session_id: str,
+    message: str,
+    *,
+    now: str | None = None,
+    input_id: str | None = None,
 ) -> dict[str, Any]:
     """Queue a message for the session's next agent prompt: `{id, sessionId, status}`.
 
     `NotFound` for no such session; `IllegalTransition` (409) unless it is
     running or paused. The message is validated (`validate_input_message` rules).
+    `input_id`: the id chosen before (a claimed `HUMAN_INPUT.md` names it), else a new one.
     """
     message = validate_input_message({"message": message})
     row = _session_row(db, session_id)
     next_status(Status(row["status"]), Trigger.INPUT)
-    input_id = new_input_id()
+    input_id = input_id or new_input_id()
     db.execute(
         "INSERT INTO session_inputs (id, session_id, message, status, created_at, applied_at)"
         " VALUES (?, ?, ?, 'queued', ?, NULL)",
@@ -1120,9 +1127,14 @@ def pending_inputs(db: sqlite_utils.Database, session_id: str) -> list[dict[str,
 
 
 def mark_inputs_applied(
-    db: sqlite_utils.Database, input_ids: Sequence[str], *, now: str | None = None
+    db: sqlite_utils.Database,
+    input_ids: Sequence[str],
+    *,
+    now: str | None = None,
+    agent_row: int | None = None,
 ) -> list[str]:
-    """Mark queued inputs delivered (`applied`); return the ids this changed.
+    """Mark queued inputs delivered (`applied`) to the agent of row `agent_row` (in
+    `agents`); return the ids this changed.
 
     An id already applied is left as it is and not returned: the caller
     publishes `input.applied` for the returned ids only, so an input is
@@ -1132,13 +1144,36 @@ def mark_inputs_applied(
     changed: list[str] = []
     for input_id in input_ids:
         cursor = db.execute(
-            "UPDATE session_inputs SET status = 'applied', applied_at = ?"
+            "UPDATE session_inputs SET status = 'applied', applied_at = ?, agent_row = ?"
             " WHERE id = ? AND status = 'queued'",
-            (now, input_id),
+            (now, agent_row, input_id),
         )
         if cursor.rowcount:
             changed.append(input_id)
     return changed
+
+
+def requeue_inputs_of_agents(db: sqlite_utils.Database, agent_rows: Sequence[int]) -> list[str]:
+    """Put back in the queue the inputs applied to agents that never ran (a daemon died
+    after recording their start and before letting them run); the ids, oldest first.
+    They keep their `created_at`, so they go into the next prompt first."""
+    requeued: list[str] = []
+    for row in agent_rows:
+        ids = [
+            r["id"]
+            for r in db.query(
+                "SELECT id FROM session_inputs WHERE agent_row = ? AND status = 'applied'"
+                " ORDER BY created_at, id",
+                (row,),
+            )
+        ]
+        db.execute(
+            "UPDATE session_inputs SET status = 'queued', applied_at = NULL, agent_row = NULL"
+            " WHERE agent_row = ? AND status = 'applied'",
+            (row,),
+        )
+        requeued.extend(ids)
+    return requeued
 
 
 # -- records: what the runner reads -----------------------------------------------

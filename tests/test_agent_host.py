@@ -21,6 +21,7 @@ from lokid.agent_host import (
     LocalAgentHost,
     OutputLine,
     Stream,
+    still_held,
 )
 from lokid.process import group_members, group_scanner, is_same_process, scan_groups
 
@@ -295,14 +296,57 @@ async def test_a_held_agents_timeouts_count_from_the_release(tmp_path: pathlib.P
     assert trio.current_time() - released >= 0.4
 
 
-def test_a_held_agent_whose_daemon_died_never_runs(tmp_path: pathlib.Path) -> None:
-    """The launcher alone: end-of-file instead of the release line (the daemon is gone)."""
+@pytest.mark.parametrize("with_held_dir", [True, False])
+def test_a_held_agent_whose_daemon_died_never_runs(
+    tmp_path: pathlib.Path, with_held_dir: bool
+) -> None:
+    """The launcher alone: end-of-file instead of the release line (the daemon is gone).
+    It says so in `<held dir>/<its pid>`, for the next start; a released one does not."""
     marker = tmp_path / "ran"
-    argv = [*HOLD_ARGV, "touch", str(marker)]
-    died = subprocess.run(argv, stdin=subprocess.DEVNULL, timeout=10, check=False)
-    assert died.returncode == 125 and not marker.exists()
+    held_dir = tmp_path / "held"
+    held_dir.mkdir()
+    argv = [*HOLD_ARGV, str(held_dir) if with_held_dir else "", "touch", str(marker)]
+    died = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    assert died.wait(timeout=10) == 125 and not marker.exists()
+    assert os.listdir(held_dir) == ([str(died.pid)] if with_held_dir else [])
+    (held_dir / str(died.pid)).unlink(missing_ok=True)
     released = subprocess.run(argv, input=b"\n", timeout=10, check=False)
     assert released.returncode == 0 and marker.exists()
+    assert os.listdir(held_dir) == []
+
+
+def running(pid: int, argv: list[str], timeout: float = 10.0) -> bool:
+    """Whether `pid` runs `argv`, waited for (bounded): right after an exec its
+    `/proc/<pid>/cmdline` reads empty for a moment."""
+    want = "\0".join(argv).encode() + b"\0"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            found = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            found = b""
+        if found == want or time.monotonic() > deadline:
+            return found == want
+        time.sleep(0.005)
+
+
+def test_still_held_tells_the_launcher_from_the_agent(tmp_path: pathlib.Path) -> None:
+    launcher = subprocess.Popen(
+        [*HOLD_ARGV, "", "sleep", "30"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL
+    )
+    try:
+        assert running(launcher.pid, [*HOLD_ARGV, "", "sleep", "30"])
+        assert still_held(launcher.pid)
+        assert launcher.stdin is not None
+        launcher.stdin.write(b"\n")
+        launcher.stdin.flush()
+        assert running(launcher.pid, ["sleep", "30"])
+        assert not still_held(launcher.pid)  # exec'd: `sleep 30` now
+        assert launcher.poll() is None
+    finally:
+        launcher.kill()
+        launcher.wait()
+    assert not still_held(launcher.pid)  # reaped: no such process
 
 
 async def test_a_held_start_of_a_missing_executable_fails_at_start(

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -29,9 +30,10 @@ from lokid.actors.agent_pool import (
     AgentPoolStatistics,
     PoolBusy,
     PoolClosed,
+    _boot_id,
 )
 from lokid.actors.store import StoreActor, StoreError, StoreUnavailable
-from lokid.agent_host import AgentSpec, EndReason, RunResult
+from lokid.agent_host import HOLD_ARGV, AgentSpec, EndReason, RunResult, still_held
 from lokid.process import ProcessIdentity, group_members, is_same_process, start_ticks
 
 from .child_status import StubChildStatus
@@ -799,6 +801,108 @@ async def test_reconcile_kills_what_a_crashed_daemon_left_and_nothing_else(
     assert isinstance(stats, AgentPoolStatistics)
     assert (stats.reconciled_killed, stats.reconciled_processes, stats.reconciled_gone) == (2, 3, 3)
     assert stats.survivors_total == 0
+
+
+def running(pid: int, argv: list[str]) -> bool:
+    """Whether `pid` runs `argv`, waited for (bounded): right after an exec its
+    `/proc/<pid>/cmdline` reads empty for a moment."""
+    want = "\0".join(argv).encode() + b"\0"
+    deadline = time.monotonic() + WAIT
+    while True:
+        try:
+            found = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            found = b""
+        if found == want or time.monotonic() > deadline:
+            return found == want
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def launchers(tmp_path: pathlib.Path) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+    """Held launchers (`HOLD_ARGV`) as a daemon killed at each point leaves them: one
+    still waiting for its release, one released (now `sleep`), one that saw end-of-file
+    and left `<tmp_path>/held/<pid>`."""
+    held = tmp_path / "held"
+    held.mkdir()
+    waiting = subprocess.Popen(  # stdin kept open: it waits for a release that never comes
+        [*HOLD_ARGV, "", "sleep", "20"], stdin=subprocess.PIPE, start_new_session=True
+    )
+    released = subprocess.Popen(
+        [*HOLD_ARGV, "", "sleep", "20"], stdin=subprocess.PIPE, start_new_session=True
+    )
+    died = subprocess.Popen([*HOLD_ARGV, str(held), "true"], stdin=subprocess.DEVNULL)
+    try:
+        assert died.wait(timeout=WAIT) == 125
+        assert running(released.pid, [*HOLD_ARGV, "", "sleep", "20"])
+        assert released.stdin is not None
+        released.stdin.write(b"\n")
+        released.stdin.flush()
+        assert running(released.pid, ["sleep", "20"])  # exec'd
+        assert running(waiting.pid, [*HOLD_ARGV, "", "sleep", "20"])
+        assert still_held(waiting.pid) and not still_held(released.pid)
+        yield {"waiting": waiting, "released": released, "died": died}
+    finally:
+        for process in (waiting, released):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            assert process.stdin is not None
+            process.stdin.close()
+
+
+async def test_reconcile_queues_again_the_inputs_of_agents_that_never_ran(
+    tmp_path: pathlib.Path, launchers: dict[str, subprocess.Popen[bytes]]
+) -> None:
+    """A daemon that died after recording an agent's start (and marking the inputs its
+    prompt carried applied) and before releasing it: the agent never ran. The launcher
+    either still waits (a restart faster than its end-of-file) or left `<held>/<pid>`;
+    their inputs are queued again with the rows' close, and the markers go. A released
+    agent's inputs stay applied."""
+    boot_id = await trio.to_thread.run_sync(_boot_id)
+    held = tmp_path / "held"
+    with trio.fail_after(WAIT):
+        async with running_store(tmp_path) as store:
+            rows = {}
+            for name, process in launchers.items():
+                ticks = start_ticks(process.pid) or 1  # `died` is gone: any value
+                rows[name] = await insert_open_row(
+                    store, Leftover("s-1", process.pid, ticks, boot_id)
+                )
+
+            def add_inputs(db: sqlite_utils.Database) -> None:
+                for name, row_id in rows.items():
+                    db.execute(
+                        "INSERT INTO session_inputs (id, session_id, message, status,"
+                        " created_at, applied_at, agent_row) VALUES"
+                        " (?, 's-1', 'm', 'applied', '2025-01-01T00:00:00.000Z',"
+                        " '2025-01-01T00:00:01.000Z', ?)",
+                        (f"input-{name}", row_id),
+                    )
+
+            await store.write(add_inputs)
+            async with running_pool(store, grace=0.5, held_dir=held) as pool:
+                outcomes = {o.row_id: o for o in pool.last_reconcile}
+            inputs = await store.read(
+                lambda db: {
+                    r["id"]: (r["status"], r["agent_row"])
+                    for r in db.query("SELECT * FROM session_inputs")
+                }
+            )
+    assert {name: outcomes[row].never_ran for name, row in rows.items()} == {
+        "waiting": True,
+        "released": False,
+        "died": True,
+    }
+    assert outcomes[rows["waiting"]].requeued_inputs == ("input-waiting",)
+    assert outcomes[rows["died"]].requeued_inputs == ("input-died",)
+    assert outcomes[rows["released"]].requeued_inputs == ()
+    assert inputs == {
+        "input-waiting": ("queued", None),
+        "input-died": ("queued", None),
+        "input-released": ("applied", rows["released"]),
+    }
+    assert os.listdir(held) == []
 
 
 async def test_reconcile_leaves_this_daemons_agents_alone(tmp_path: pathlib.Path) -> None:

@@ -428,6 +428,34 @@ async def test_publish_with_before_stores_those_events_in_the_same_transaction(
         assert await drain(subscriber, 4) == [1, 2, 3, 4]
 
 
+async def test_publish_with_along_stores_those_events_only_with_the_write(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Several events announcing one change (an `input.applied` per input of a started
+    agent's prompt): a write that raises undoes them with its own event, and `before`
+    events stay; the ids stay consecutive."""
+    async with running_bus(tmp_path) as bus:
+        subscriber = bus.subscribe(EventFilter())
+        along = [("log", "s", Level.INFO, {"which": "x"}), ("log", "s", Level.INFO, {"which": "y"})]
+        event, result = await bus.publish_with(
+            mark_seven, "log", "s", Level.INFO, {"which": "z"}, along=along
+        )
+        assert (event.id, result) == (3, 7)
+        with pytest.raises(Unavailable, match="not this one"):
+            await bus.publish_with(
+                refuse_eight,
+                "log",
+                "s",
+                Level.INFO,
+                {"which": "z"},
+                before=[("log", "s", Level.INFO, {"which": "a"})],
+                along=along,
+            )
+        stored = await bus.history(EventFilter())
+        assert [(e.id, e.data["which"]) for e in stored] == [(1, "x"), (2, "y"), (3, "z"), (4, "a")]
+        assert await drain(subscriber, 4) == [1, 2, 3, 4]
+
+
 # -- back-pressure in events (a flood of agent output) --------------------------------------
 
 

@@ -750,44 +750,53 @@ def test_read_controls(paths: LokiPaths) -> None:
 
 
 def test_human_input_is_claimed_by_rename_then_read(paths: LokiPaths) -> None:
-    assert consume_human_input(paths) is None
+    assert consume_human_input(paths, input_id="input-A") is None
     paths.human_input.write_text("\n  Please use PostgreSQL, not SQLite.\n\n")
-    taken = consume_human_input(paths, now=T0)
+    taken = consume_human_input(paths, input_id="input-A", now=T0)
+    claim = paths.logs_dir / "human-input-20260301T123045.123Z.input-A.claimed"
     assert taken == lokidir.HumanInput(
-        text="Please use PostgreSQL, not SQLite.",
-        processed_path=paths.logs_dir / "human-input-20260301T123045.123Z.md",
+        text="Please use PostgreSQL, not SQLite.", processed_path=claim, input_id="input-A"
     )
     assert not paths.human_input.exists()
-    assert taken.processed_path.read_text() == "\n  Please use PostgreSQL, not SQLite.\n\n"
-    assert consume_human_input(paths, now=T0) is None  # consumed: not delivered twice
-    # A second input within the same millisecond gets its own file.
+    assert claim.read_text() == "\n  Please use PostgreSQL, not SQLite.\n\n"
+    assert consume_human_input(paths, input_id="input-B", now=T0) is None  # not twice
+    # Stored: the claim becomes the record; a second one within the same millisecond
+    # gets its own record.
+    record = lokidir.settle_human_input(paths, taken)
+    assert record == paths.logs_dir / "human-input-20260301T123045.123Z.md"
+    assert files_in(paths.logs_dir) == [record.name]
     paths.human_input.write_text("And add tests.")
-    again = consume_human_input(paths, now=T0)
+    again = consume_human_input(paths, input_id="input-B", now=T0)
     assert again is not None
-    assert again.processed_path.name == "human-input-20260301T123045.123Z-2.md"
+    assert lokidir.settle_human_input(paths, again).name == "human-input-20260301T123045.123Z-2.md"
 
 
-def test_a_refused_human_input_is_put_back_unless_a_new_one_took_its_place(
-    paths: LokiPaths,
-) -> None:
-    paths.human_input.write_text("First.")
-    taken = consume_human_input(paths, now=T0)
-    assert taken is not None
-    assert lokidir.return_human_input(paths, taken)
-    assert paths.human_input.read_text() == "First."
-    assert not taken.processed_path.exists()
-    again = consume_human_input(paths, now=T0)
-    assert again is not None and again.text == "First."
-    paths.human_input.write_text("Second.")  # written while the first was out
-    assert not lokidir.return_human_input(paths, again)
-    assert paths.human_input.read_text() == "Second."  # never replaced
-    assert again.processed_path.read_text() == "First."
+def test_claims_left_in_logs_are_found_oldest_first(paths: LokiPaths) -> None:
+    """A claim not settled (a crash before its input was stored) is offered again under
+    its own id; records, rejects and other files in logs/ are not."""
+    assert lokidir.pending_human_inputs(paths) == ([], [])
+    later = T0 + dt.timedelta(seconds=1)
+    for when, input_id, text in ((later, "input-2", "Second."), (T0, "input-1", "First.")):
+        paths.human_input.write_text(text)
+        assert consume_human_input(paths, input_id=input_id, now=when) is not None
+    (paths.logs_dir / "human-input-20260101T000000.000Z.md").write_text("delivered long ago")
+    (paths.logs_dir / "human-input-20260301T123047.000Z.input-3.claimed").write_bytes(b"\xff")
+    (paths.logs_dir / "human-input-20260301T123048.000Z.input-4.claimed").write_text("  \n")
+    notes, problems = lokidir.pending_human_inputs(paths)
+    assert [(n.input_id, n.text) for n in notes] == [("input-1", "First."), ("input-2", "Second.")]
+    (problem,) = problems
+    assert "is not UTF-8" in problem.reason and "REJECTED" in problem.reason
+    assert "human-input-20260301T123048.000Z.md" in files_in(paths.logs_dir)  # blank: a record
+    for note in notes:
+        lokidir.settle_human_input(paths, note)
+    assert lokidir.pending_human_inputs(paths) == ([], [])
 
 
 def test_blank_human_input_is_consumed_and_ignored(paths: LokiPaths) -> None:
     paths.human_input.write_text(" \n\t")
-    assert consume_human_input(paths, now=T0) is None
+    assert consume_human_input(paths, input_id="input-A", now=T0) is None
     assert not paths.human_input.exists()
+    assert files_in(paths.logs_dir) == ["human-input-20260301T123045.123Z.md"]
 
 
 @pytest.mark.parametrize(
@@ -803,13 +812,13 @@ def test_bad_human_input_is_moved_aside_and_reported(
 ) -> None:
     paths.human_input.write_bytes(content)
     with pytest.raises(LokiDirFormatError, match=reason) as info:
-        consume_human_input(paths, now=T0)
+        consume_human_input(paths, input_id="input-A", now=T0)
     rejected = paths.logs_dir / "human-input-REJECTED-20260301T123045.123Z.md"
     assert str(rejected) in info.value.reason
     assert rejected.read_bytes() == content
     assert not paths.human_input.exists()
     assert files_in(paths.logs_dir) == [rejected.name]
-    assert consume_human_input(paths, now=T0) is None  # not offered again
+    assert consume_human_input(paths, input_id="input-B", now=T0) is None  # not offered again
 
 
 def test_a_symlinked_human_input_is_never_read(paths: LokiPaths, tmp_path: Path) -> None:
@@ -817,7 +826,7 @@ def test_a_symlinked_human_input_is_never_read(paths: LokiPaths, tmp_path: Path)
     secret.write_text("PRIVATE KEY")
     os.symlink(secret, paths.human_input)
     with pytest.raises(LokiDirFormatError, match="is a symbolic link; it is not read"):
-        consume_human_input(paths, now=T0)
+        consume_human_input(paths, input_id="input-A", now=T0)
     rejected = paths.logs_dir / "human-input-REJECTED-20260301T123045.123Z.md"
     assert rejected.is_symlink()  # the link itself was moved; its target untouched
     assert secret.read_text() == "PRIVATE KEY"

@@ -455,3 +455,99 @@ def test_sigkill_then_restart_takes_what_cut_off_agents_left_in_their_worktrees(
 
 def loki_branches(project: Path) -> list[str]:
     return git(project, "branch", "--list", "--format=%(refname:short)", "loki/*").split()
+
+
+def wait_killed(daemon: DaemonProcess) -> str:
+    """Wait for a daemon a crash point SIGKILLed; its stderr."""
+    assert daemon.process is not None
+    _, err = daemon.process.communicate(timeout=WAIT)
+    assert daemon.process.returncode == -9, err.decode()
+    return err.decode()
+
+
+@pytest.mark.parametrize("point", ["human_input.claimed", "human_input.stored"])
+def test_human_input_claimed_just_before_a_crash_is_delivered_after_the_restart(
+    tmp_path: Path, daemon_factory: Callable[..., DaemonProcess], point: str
+) -> None:
+    """SIGKILL between the rename of HUMAN_INPUT.md into logs/ and the commit of its
+    input (the crash point `human_input.claimed`): the text was in logs/ only, and
+    no restart delivered it. Now the claim in logs/ is stored by the next daemon's
+    session and reaches exactly one prompt; a claim whose input was stored just
+    before the crash (`human_input.stored`) is not stored again (its id is in its name)."""
+    env, log = agent_env(tmp_path)
+    project = make_project(tmp_path, "# App\n\n## Features\n- Job [mode:slow] [seconds:5]\n")
+    human_input = project / ".loki" / "HUMAN_INPUT.md"
+    logs = project / ".loki" / "logs"
+    home = tmp_path / "home"
+    first = daemon_factory(home, extra_env={**env, "LOKI_CRASH_AT": point}).start()
+    session_id, _ = start_hanging_session(first, project, log)
+    human_input.write_text("Use PostgreSQL, not SQLite.\n")
+    assert f"crash point {point}" in wait_killed(first)
+    assert not human_input.exists()  # claimed: only logs/ has the text now
+    assert len(list(logs.iterdir())) == 1
+
+    second = daemon_factory(home, extra_env={**env, "LOKI_RESUME_ON_START": "true"}).start()
+    with httpx.Client(base_url=second.api_url, timeout=10) as client:
+        wait_until(
+            lambda: client.get(f"/api/sessions/{session_id}").json()["status"] == "completed",
+            "the resumed session completed",
+        )
+        (received,) = events(client, session_id, "input.received")
+        assert received["data"]["source"] == ".loki/HUMAN_INPUT.md"
+        (applied,) = events(client, session_id, "input.applied")
+        assert applied["data"]["inputId"] == received["data"]["inputId"]
+    code, _ = second.terminate()
+    assert code == 0
+    prompts = [c["prompt"] for c in invocations(log) if c["cwd"] == str(project)]
+    assert [("Use PostgreSQL, not SQLite." in p) for p in prompts] == [False, True]
+    (record,) = logs.iterdir()  # the claim became the record of what was delivered
+    assert record.name.startswith("human-input-") and record.name.endswith(".md")
+    assert record.read_text() == "Use PostgreSQL, not SQLite.\n"
+
+
+@pytest.mark.parametrize("point", ["agent.recorded", "agent.released"])
+def test_an_input_reaches_one_prompt_when_the_daemon_dies_as_its_agent_starts(
+    tmp_path: Path, daemon_factory: Callable[..., DaemonProcess], point: str
+) -> None:
+    """SIGKILL while the agent that carries an input starts: after its row, the input's
+    mark and its `input.applied` committed and before the agent was released (it never
+    runs: the next start queues the input again, says so, and the next prompt takes
+    it), or right after the release (it ran with the input: not again)."""
+    env, log = agent_env(tmp_path)
+    project = make_project(
+        tmp_path,
+        "# App\n\n## Features\n- First [mode:slow] [seconds:3]\n- Second [mode:slow] [seconds:1]\n",
+    )
+    home = tmp_path / "home"
+    first = daemon_factory(home, extra_env={**env, "LOKI_CRASH_AT": f"{point}#2"}).start()
+    session_id, _ = start_hanging_session(first, project, log)
+    with httpx.Client(base_url=first.api_url, timeout=10) as client:
+        answer = client.post(f"/api/sessions/{session_id}/input", json={"message": "Use SQLite"})
+        assert answer.status_code == 202, answer.text
+    assert f"crash point {point}" in wait_killed(first)
+    if point == "agent.released":  # it execs the agent, which logs its start
+        wait_until(lambda: len(invocations(log)) == 2, "the released agent started")
+
+    second = daemon_factory(home, extra_env={**env, "LOKI_RESUME_ON_START": "true"}).start()
+    with httpx.Client(base_url=second.api_url, timeout=10) as client:
+        wait_until(
+            lambda: client.get(f"/api/sessions/{session_id}").json()["status"] == "completed",
+            "the resumed session completed",
+        )
+        input_id = answer.json()["id"]
+        applied = events(client, session_id, "input.applied")
+        warnings = events(client, session_id, "warning")
+        if point == "agent.released":
+            assert [e["data"]["inputId"] for e in applied] == [input_id]
+            assert warnings == []
+        else:
+            # The dead daemon's `input.applied`, then the warning, then the one that counts.
+            assert [e["data"]["inputId"] for e in applied] == [input_id, input_id]
+            (requeued,) = warnings
+            assert requeued["data"]["reason"] == "input_requeued"
+            assert requeued["data"]["inputIds"] == [input_id]
+            assert applied[0]["id"] < requeued["id"] < applied[1]["id"]
+    code, _ = second.terminate()
+    assert code == 0
+    prompts = [c["prompt"] for c in invocations(log) if c["cwd"] == str(project)]
+    assert sum("Use SQLite" in p for p in prompts) == 1, prompts

@@ -815,7 +815,7 @@ async def test_parallel_runs_starting_together_share_no_input(
     real_start = agent_pool_module.Slot.start
     armed, arrived, together = False, 0, trio.Event()
 
-    async def start(slot: Any, spec: Any, task_id: str | None = None) -> Any:
+    async def start(slot: Any, spec: Any, task_id: str | None = None, **kwargs: Any) -> Any:
         nonlocal arrived
         if armed and not together.is_set():  # the first two starts after the resume
             arrived += 1
@@ -823,7 +823,7 @@ async def test_parallel_runs_starting_together_share_no_input(
                 together.set()
             with trio.move_on_after(10):
                 await together.wait()
-        return await real_start(slot, spec, task_id)
+        return await real_start(slot, spec, task_id, **kwargs)
 
     monkeypatch.setattr(agent_pool_module.Slot, "start", start)
     async with lab(tmp_path / "home") as lab_:
@@ -858,13 +858,13 @@ async def test_an_input_whose_run_never_started_goes_into_a_later_prompt(
     held = trio.Event()
     starts = 0
 
-    async def start(slot: Any, spec: Any, task_id: str | None = None) -> Any:
+    async def start(slot: Any, spec: Any, task_id: str | None = None, **kwargs: Any) -> Any:
         nonlocal starts
         starts += 1
         if starts == 2:  # the run that took the input never gets its agent
             held.set()
             await trio.sleep_forever()
-        return await real_start(slot, spec, task_id)
+        return await real_start(slot, spec, task_id, **kwargs)
 
     monkeypatch.setattr(agent_pool_module.Slot, "start", start)
     async with lab(tmp_path / "home") as lab_:
@@ -892,20 +892,22 @@ async def test_an_input_marked_applied_is_announced_even_if_a_pause_now_cuts_in(
     tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Regression: a pause `?now=true` landing between the store's mark and the event
-    left the input `applied` in the store with no `input.applied` (nor undelivered)."""
+    left the input `applied` in the store with no `input.applied` (nor undelivered).
+    Now the mark, its event and the agent's row are one transaction, before the agent
+    runs; a pause arriving while it commits cuts the run after it."""
     prd = "# App\n\n## Features\n- First [mode:slow] [seconds:1]\n- Second [mode:hang]\n"
     project = make_project(tmp_path, prd)
-    real_publish = EventBus.publish
+    real_publish_with = EventBus.publish_with
     reached, release = trio.Event(), trio.Event()
 
-    async def publish(bus: EventBus, type: str, *args: Any, **kwargs: Any) -> Any:
+    async def publish_with(bus: EventBus, write: Any, type: str, *args: Any, **kwargs: Any) -> Any:
         if type == "input.applied" and not release.is_set():
-            reached.set()  # the input is stored applied; its event is not sent yet
+            reached.set()  # the agent is spawned and held; its start is not recorded yet
             with trio.move_on_after(10):
                 await release.wait()
-        return await real_publish(bus, type, *args, **kwargs)
+        return await real_publish_with(bus, write, type, *args, **kwargs)
 
-    monkeypatch.setattr(EventBus, "publish", publish)
+    monkeypatch.setattr(EventBus, "publish_with", publish_with)
     async with lab(tmp_path / "home") as lab_:
         sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
         await lab_.wait_event(sid, "task.started")
@@ -1921,11 +1923,12 @@ async def test_a_stop_the_store_refuses_still_stops_the_agent_and_is_recorded_la
     assert len(invocations(agent_log)) == 1
 
 
-async def test_human_input_the_store_refuses_is_put_back_and_taken_after_the_hold(
+async def test_human_input_the_store_refuses_waits_in_its_claim_and_is_taken_after_the_hold(
     tmp_path: Path, agent_log: Path, full_disk_store: None
 ) -> None:
     """The file was moved into logs/ before its input was stored: a refused store lost it
-    (never stored, delivered or reported). Now it is put back and taken after the hold."""
+    (never stored, delivered or reported). Now its claim stays in logs/ (named with the
+    input's id) and is stored after the hold, once."""
     project = make_project(tmp_path, "# App\n\n## Features\n- Forever [mode:hang]\n")
     human_input = project / ".loki" / "HUMAN_INPUT.md"
     logs = project / ".loki" / "logs"
@@ -1938,15 +1941,18 @@ async def test_human_input_the_store_refuses_is_put_back_and_taken_after_the_hol
         disk_of(lab_).full = True
         human_input.write_text("Use PostgreSQL, not SQLite.\n")
         await eventually(lambda: actor.statistics().held, "the session holds")
-        assert human_input.read_text() == "Use PostgreSQL, not SQLite.\n"  # put back
+        (claim,) = logs.glob("human-input-*.claimed")  # kept, with its input's id
+        assert claim.read_text() == "Use PostgreSQL, not SQLite.\n"
+        assert not human_input.exists()
         assert sorted(logs.glob("human-input-*.md")) == []
 
         disk_of(lab_).full = False
         (received,) = await lab_.wait_event(sid, "input.received")
+        assert claim.name.endswith(f".{received['data']['inputId']}.claimed")
         assert received["data"]["source"] == ".loki/HUMAN_INPUT.md"
         await eventually(lambda: len(invocations(agent_log)) == 2, "the cut run again")
         assert "Use PostgreSQL, not SQLite." in invocations(agent_log)[1]["prompt"]
-        assert not human_input.exists()
+        assert not human_input.exists() and not claim.exists()
         assert len(list(logs.glob("human-input-*.md"))) == 1
         assert len(await lab_.events(sid, "input.received")) == 1  # stored once
         assert (await lab_.post(f"/api/sessions/{sid}/stop")).status_code == 200

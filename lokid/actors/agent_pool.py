@@ -60,7 +60,13 @@ Theory of operation:
   group gets SIGTERM, `grace` seconds, SIGKILL, then a bounded wait until it
   is empty. The row becomes `reconciled` when live processes were killed,
   `gone` when nothing of it was alive or it cannot be verified (pid reused,
-  recorded before a reboot). Nothing is raised for a row.
+  recorded before a reboot). Nothing is raised for a row. A row whose agent
+  **never ran** - its held launcher is still waiting, or wrote
+  `<held_dir>/<pid>` when it saw the dead daemon's end-of-file instead of
+  the release (lokid.agent_host) - gets back, in the transaction that closes
+  it, the inputs its start marked applied: they are `queued` again
+  (`ReconcileOutcome.requeued_inputs`), for the next prompt. The files in
+  `held_dir` are removed once the rows are closed.
 * **Stop everything** (`stop_all`, run by the task on its way out): no new
   slot or agent, every waiting request gets `PoolClosed`, every live agent
   is stopped (group TERM, grace, KILL), and it returns once every row is
@@ -99,7 +105,7 @@ import logging
 import os
 import pathlib
 import signal
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, ClassVar, cast
 
 import attrs
@@ -108,9 +114,18 @@ import trio
 
 from lokid.actor import Actor, ActorStatistics, WhenFull
 from lokid.actors.store import StoreActor
-from lokid.agent_host import AgentRun, AgentSpec, LocalAgentHost, LocalAgentRun, RunResult
+from lokid.agent_host import (
+    AgentRun,
+    AgentSpec,
+    LocalAgentHost,
+    LocalAgentRun,
+    RunResult,
+    still_held,
+)
+from lokid.crashpoints import crash_point
 from lokid.errors import BadRequest, LokiError, Unavailable
 from lokid.process import ProcessIdentity, scan_groups, start_ticks
+from lokid.session_records import requeue_inputs_of_agents
 from lokid.timefmt import utc_now_iso
 
 log = logging.getLogger("lokid.agents")
@@ -120,6 +135,8 @@ DEFAULT_GRACE = 5.0
 KILL_WAIT_SECONDS = 5.0  # after SIGKILL, how long reconciled groups may take to disappear
 POLL_SECONDS = 0.05  # /proc polling while waiting for a group to empty
 ROW_WRITE_TIMEOUT = 10.0
+RecordWith = Callable[[Callable[[sqlite_utils.Database], int]], Awaitable[int]]
+"""`Slot.start(record_with=...)`: commits the agent row's insert with the caller's records."""
 # A row close the store refused (disk full, database locked) is tried again after
 # CLOSE_RETRY_FIRST s, doubling up to CLOSE_RETRY_CAP, for CLOSE_RETRY_FOR s at most;
 # then (or when the pool or the store stops) the next start's reconciliation closes it.
@@ -163,6 +180,8 @@ class ReconcileOutcome:
     killed: tuple[int, ...] = ()  # pids of the group seen alive while it was being killed
     survivors: tuple[int, ...] = ()  # pids still alive after SIGKILL (should be none)
     escalated: bool = False  # SIGKILL was needed
+    never_ran: bool = False  # its held start was never released: the agent never ran
+    requeued_inputs: tuple[str, ...] = ()  # inputs its start marked applied, queued again
 
 
 @attrs.frozen
@@ -247,8 +266,17 @@ class Slot:
         self._starting = False
         self._released = False
 
-    async def start(self, spec: AgentSpec, task_id: str | None = None) -> AgentRun:
+    async def start(
+        self, spec: AgentSpec, task_id: str | None = None, *, record_with: RecordWith | None = None
+    ) -> AgentRun:
         """Spawn the agent and commit its row; return the run once the row is durable.
+
+        `record_with(insert)`, if given, commits `insert` (the row's write, which
+        returns the row id) in one transaction with what the caller records
+        with the agent's start (the session: the inputs its prompt carries,
+        marked applied, and their `input.applied`), and returns the row id. The
+        agent runs only after that commit: a daemon killed before it leaves
+        neither the row nor the caller's records, and an agent that never ran.
 
         Raises `PoolClosed` when the pool is stopping, the store's errors
         (`StoreUnavailable`, `AskTimeout`, ...) when the row could not be
@@ -262,7 +290,7 @@ class Slot:
             raise RuntimeError("a slot runs one agent; take another slot for the next one")
         self._starting = True
         try:
-            self._agent = await self.pool._start_agent(self.session_id, spec, task_id)
+            self._agent = await self.pool._start_agent(self.session_id, spec, task_id, record_with)
         finally:
             self._starting = False
         return self._agent.run
@@ -311,6 +339,7 @@ class AgentPool(Actor[Any]):
         grace: float = DEFAULT_GRACE,
         max_waiters_per_session: int = 64,
         max_waiting_sessions: int = 1024,
+        held_dir: pathlib.Path | None = None,
         name: str = "agent_pool",
     ) -> None:
         if max_agents < 1:
@@ -325,6 +354,10 @@ class AgentPool(Actor[Any]):
         self.grace = grace
         self.max_waiters_per_session = max_waiters_per_session
         self.max_waiting_sessions = max_waiting_sessions
+        self.held_dir = held_dir
+        """Where a held start whose daemon died writes `<pid>` (lokid.agent_host); None:
+        nowhere, and only a launcher still waiting tells an agent that never ran."""
+        self._held_dir_ok = False  # created: given to the host
         # slots
         self._open = False  # slots are granted and agents started
         self._closed = False  # stop_all ran: requests are refused until the next setup
@@ -500,7 +533,13 @@ class AgentPool(Actor[Any]):
 
     # -- agents ---------------------------------------------------------------------
 
-    async def _start_agent(self, session_id: str, spec: AgentSpec, task_id: str | None) -> _Agent:
+    async def _start_agent(
+        self,
+        session_id: str,
+        spec: AgentSpec,
+        task_id: str | None,
+        record_with: RecordWith | None = None,
+    ) -> _Agent:
         if not self._open or self._host is None or self._nursery is None:
             raise PoolClosed(f"{self.name} is not running: no new agents")
         host, nursery = self._host, self._nursery
@@ -518,7 +557,8 @@ class AgentPool(Actor[Any]):
                 try:
                     if not self._open:
                         raise PoolClosed(f"{self.name} is stopping: no new agents")
-                    agent.row_id = await self._insert_row(agent, spec)
+                    agent.row_id = await self._insert_row(agent, spec, record_with)
+                    crash_point("agent.recorded")
                     run.release()
                 except BaseException:
                     self._start_failures += 1
@@ -535,7 +575,9 @@ class AgentPool(Actor[Any]):
             self._spawning -= 1
         return agent
 
-    async def _insert_row(self, agent: _Agent, spec: AgentSpec) -> int:
+    async def _insert_row(
+        self, agent: _Agent, spec: AgentSpec, record_with: RecordWith | None = None
+    ) -> int:
         identity = agent.run.identity
         values = (
             agent.session_id,
@@ -555,6 +597,8 @@ class AgentPool(Actor[Any]):
             )
             return int(cast(int, cursor.lastrowid))
 
+        if record_with is not None:
+            return await record_with(insert)
         return await self.store.write(insert, timeout=ROW_WRITE_TIMEOUT)
 
     async def _watch(self, agent: _Agent) -> None:
@@ -699,6 +743,7 @@ class AgentPool(Actor[Any]):
         store's errors (reading or closing the rows).
         """
         outcomes: list[ReconcileOutcome] = []
+        markers = await trio.to_thread.run_sync(_held_markers, self.held_dir)
         after = 0
         while True:
             rows = await self.store.read(functools.partial(_read_open_rows, after=after))
@@ -708,13 +753,18 @@ class AgentPool(Actor[Any]):
             foreign = [
                 row for row in rows if ProcessIdentity(row.pid, row.start_ticks) not in self._live
             ]
-            page = await self._reconcile_rows(foreign)
+            page = await self._reconcile_rows(foreign, set(markers))
             if page:
-                await self.store.write(
+                requeued = await self.store.write(
                     functools.partial(_close_reconciled, outcomes=page, ended_at=utc_now_iso()),
                     timeout=ROW_WRITE_TIMEOUT,
                 )
+                page = [
+                    attrs.evolve(o, requeued_inputs=tuple(requeued.get(o.row_id, ()))) for o in page
+                ]
             outcomes.extend(page)
+        if markers:  # the rows they speak of are closed (and their inputs queued)
+            await trio.to_thread.run_sync(_remove_markers, self.held_dir, markers)
         for outcome in outcomes:
             if outcome.end_reason == RECONCILED:
                 self._reconciled_killed += 1
@@ -739,19 +789,38 @@ class AgentPool(Actor[Any]):
                     outcome.detail,
                 )
             self._survivors_total += len(outcome.survivors)
+            if outcome.requeued_inputs:
+                log.warning(
+                    "agent %d (session %s, row %d) of a previous daemon never ran (it died "
+                    "before letting it start): its inputs %s are queued again",
+                    outcome.pid,
+                    outcome.session_id,
+                    outcome.row_id,
+                    list(outcome.requeued_inputs),
+                )
         self._last_reconcile = tuple(outcomes)
         return outcomes
 
-    async def _reconcile_rows(self, rows: Sequence[_OpenRow]) -> list[ReconcileOutcome]:
+    async def _reconcile_rows(
+        self, rows: Sequence[_OpenRow], markers: set[int]
+    ) -> list[ReconcileOutcome]:
         boot = _boot_id()
         members = _scan_groups({row.pid for row in rows})
         targets: list[_Target] = []
         gone: list[tuple[_OpenRow, str]] = []
+        never_ran: set[int] = set()  # row ids
         for row in rows:
+            # A file exists only since the last reconciliation: that launcher's, whatever
+            # the boot it ran in.
+            if row.pid in markers:
+                never_ran.add(row.row_id)
             if row.boot_id is not None and boot is not None and row.boot_id != boot:
                 gone.append((row, "recorded before a reboot"))
                 continue
             ticks = start_ticks(row.pid)
+            # Before any kill: a launcher still waiting is not the agent yet.
+            if ticks == row.start_ticks and still_held(row.pid):
+                never_ran.add(row.row_id)
             alive = members.get(row.pid, [])
             if ticks == row.start_ticks:
                 if alive:
@@ -787,6 +856,9 @@ class AgentPool(Actor[Any]):
                     target.escalated,
                 )
             )
+        outcomes = [
+            attrs.evolve(o, never_ran=True) if o.row_id in never_ran else o for o in outcomes
+        ]
         outcomes.sort(key=lambda outcome: outcome.row_id)
         return outcomes
 
@@ -827,6 +899,14 @@ class AgentPool(Actor[Any]):
         self._closed = False
         self._hurried = False
         self._open = False
+        if self.held_dir is not None and not self._held_dir_ok:
+            try:
+                await trio.to_thread.run_sync(
+                    functools.partial(self.held_dir.mkdir, mode=0o700, exist_ok=True)
+                )
+                self._held_dir_ok = True
+            except OSError as exc:  # then only a launcher still waiting is recognised
+                log.warning("cannot create %s: %s", self.held_dir, exc)
         await self.reconcile()
 
     async def serve(self) -> None:
@@ -863,7 +943,8 @@ class AgentPool(Actor[Any]):
             with scope:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
-                    self._host = LocalAgentHost(nursery)
+                    held_dir = self.held_dir if self._held_dir_ok else None
+                    self._host = LocalAgentHost(nursery, held_dir=held_dir)
                     ready.set()
                     await trio.sleep_forever()
         finally:
@@ -954,12 +1035,40 @@ def _read_open_rows(db: sqlite_utils.Database, *, after: int) -> list[_OpenRow]:
 
 def _close_reconciled(
     db: sqlite_utils.Database, *, outcomes: Sequence[ReconcileOutcome], ended_at: str
-) -> None:
+) -> dict[int, list[str]]:
+    """Close the rows; queue again the inputs of those whose agent never ran (one
+    transaction: a crash now leaves both for the next start). Row id -> input ids."""
     db.conn.executemany(
         "UPDATE agents SET ended_at = ?, exit_code = NULL, end_reason = ?"
         " WHERE id = ? AND ended_at IS NULL",
         [(ended_at, outcome.end_reason, outcome.row_id) for outcome in outcomes],
     )
+    requeued: dict[int, list[str]] = {}
+    for outcome in outcomes:
+        if outcome.never_ran:
+            ids = requeue_inputs_of_agents(db, [outcome.row_id])
+            if ids:
+                requeued[outcome.row_id] = ids
+    return requeued
+
+
+def _held_markers(held_dir: pathlib.Path | None) -> list[int]:
+    """The pids of held launchers that saw their daemon die before the release."""
+    if held_dir is None:
+        return []
+    try:
+        names = os.listdir(held_dir)
+    except OSError:
+        return []
+    return [int(name) for name in names if name.isdigit()]
+
+
+def _remove_markers(held_dir: pathlib.Path | None, pids: Sequence[int]) -> None:
+    if held_dir is None:
+        return
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.unlink(held_dir / str(pid))
 
 
 def _scan_groups(pgids: set[int]) -> dict[int, list[int]]:

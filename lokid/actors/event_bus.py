@@ -109,6 +109,8 @@ class Publish:
     """`publish_with`: a store write committed in the same transaction as the event."""
     text: str | None = attrs.field(default=None, eq=False)
     """`compact_json(data)`, computed by `publishable`: stored and sent without encoding again."""
+    bound: bool = attrs.field(default=False, eq=False)
+    """`publish_with(along=...)`: stored only if the write of the item after it succeeds."""
 
     @classmethod
     def checked(
@@ -118,10 +120,12 @@ class Publish:
         level: Level,
         data: Mapping[str, Any],
         write: Callable[[sqlite_utils.Database], Any] | None = None,
+        *,
+        bound: bool = False,
     ) -> Publish:
         """`publishable` data (a bug raises `ValueError`), encoded once."""
         payload, text = publishable(type, data)
-        return cls(type, session_id, level, payload, write, text)
+        return cls(type, session_id, level, payload, write, text, bound)
 
 
 @attrs.frozen
@@ -311,6 +315,7 @@ class EventBus(Actor[Any]):
         data: Mapping[str, Any] | None = None,
         *,
         before: Sequence[tuple[str, str | None, Level, Mapping[str, Any]]] = (),
+        along: Sequence[tuple[str, str | None, Level, Mapping[str, Any]]] = (),
         timeout: float = 30.0,
     ) -> tuple[Event, T]:
         """Run `write(db)` and store the event in one transaction; deliver it after.
@@ -324,11 +329,16 @@ class EventBus(Actor[Any]):
         transaction just ahead of the event (not undone by a `write` that
         raises: they happened), and delivered with it: one ask and one commit
         for a run's end, instead of one per event.
+
+        `along` are stored after `before` and just ahead of the event, and only
+        with the write: a `write` that raises undoes them too (several events
+        that announce the one change, e.g. an `input.applied` per input).
         """
         main = Publish.checked(type, session_id, level, data or {}, write)
         message: Publish | PublishMany = main
-        if before:
+        if before or along:
             items = [Publish.checked(t, s, lv, d) for t, s, lv, d in before]
+            items += [Publish.checked(t, s, lv, d, bound=True) for t, s, lv, d in along]
             message = PublishMany((*items, main))
         answer: tuple[Event, T] = await self.ask(message, timeout=timeout)
         return answer
@@ -663,6 +673,13 @@ class EventBus(Actor[Any]):
                         db.execute("ROLLBACK TO lokid_publish_write")
                         db.execute("RELEASE lokid_publish_write")
                         outcomes[index] = _Failed(exc)
+                        # Its `along` events, just stored ahead of it, go with it (the
+                        # last ids handed out: the ids stay consecutive).
+                        ahead = index - 1
+                        while where and where[-1] == ahead and pending[ahead][1].bound:
+                            stored.pop()
+                            where.pop()
+                            ahead -= 1
                         continue
                     db.execute("RELEASE lokid_publish_write")
                 text = p.text if p.text is not None else compact_json(p.data)

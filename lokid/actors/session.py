@@ -114,10 +114,18 @@ import trio
 
 from lokid import __version__, idempotency, lokidir, providers, sandbox, worktree
 from lokid.actor import Actor, ActorStatistics, WhenFull
-from lokid.actors.agent_pool import AgentPool, PoolBusy, PoolClosed, Slot
+from lokid.actors.agent_pool import (
+    ROW_WRITE_TIMEOUT,
+    AgentPool,
+    PoolBusy,
+    PoolClosed,
+    RecordWith,
+    Slot,
+)
 from lokid.actors.event_bus import EventBus
 from lokid.actors.store import StoreActor, StoreUnavailable
 from lokid.agent_host import AgentRun, AgentSpec, EndReason, RunResult, Stream
+from lokid.crashpoints import crash_point
 from lokid.errors import LokiError
 from lokid.events import Level
 from lokid.loki_mirror import MirrorState, PendingView, pending_view, write_mirror
@@ -135,6 +143,7 @@ from lokid.session_records import (
     get_session_fields,
     insert_tasks,
     mark_inputs_applied,
+    new_input_id,
     pending_inputs,
     requeue_active_tasks,
     runner_tasks,
@@ -172,6 +181,12 @@ _LEVEL_FOR_EVENT = {
 
 
 # -- settings and messages ------------------------------------------------------------
+
+
+class _AlreadyStored(Exception):
+    """A claimed `HUMAN_INPUT.md` whose input id is stored already (its first commit
+    landed before a crash or a refusal): raised inside the write, so that neither a
+    second input nor a second `input.received` is stored."""
 
 
 @attrs.frozen
@@ -331,9 +346,9 @@ class SessionActor(Actor[Any]):
         self._last_exit_code = 0
         self._held_since: float | None = None  # trio time the current hold began
         self._held_cause = ""
-        # A HUMAN_INPUT.md the store refused that could not be put back (a new one
-        # was written meanwhile): stored before the next file is taken.
-        self._unstored_human_input: lokidir.HumanInput | None = None
+        # Claims of HUMAN_INPUT.md in logs/ may wait (a crash, a refused store): look once,
+        # and again after a hold.
+        self._claims_unknown = True
         self._holds = 0
         # Resumed (or restarted) past its deadline, e.g. after the daemon was down: the
         # first look at the limit fails it before any run, and its detail says why.
@@ -1081,7 +1096,7 @@ class SessionActor(Actor[Any]):
         except StoreUnavailable:
             self._pause_file_seen = not controls.pause  # not taken: noticed again after the hold
             raise
-        human_input = controls.human_input or self._unstored_human_input is not None
+        human_input = controls.human_input or self._claims_unknown
         if human_input and self.status in (Status.RUNNING, Status.PAUSED):
             await self._take_human_input()
         if controls.completion_requested and self._completion is None:
@@ -1096,36 +1111,73 @@ class SessionActor(Actor[Any]):
                     self._completion = request.statement or "the agent requested completion"
 
     async def _take_human_input(self) -> None:
-        """Queue the text of `HUMAN_INPUT.md` (claimed by moving it into `logs/`).
+        """Queue the text of `HUMAN_INPUT.md`, claimed by moving it into `logs/`.
 
-        An input the store refuses is put back as `HUMAN_INPUT.md`, to be taken
-        again after the hold (nothing of it was stored, so it is never stored
-        twice); if a new file took its place meanwhile, the note waits here.
+        The claim's name holds the id its input is stored under, and the claim
+        becomes the record `logs/human-input-<ts>.md` only once the input is
+        stored. Claims left from before (a crash between the rename and the
+        commit, or a store that refused the input) are stored first, oldest
+        first: each once, even if its first commit landed after all. A claim the
+        store refuses stays in `logs/` and is taken again after the hold.
         """
-        note = self._unstored_human_input
-        if note is None:
-            try:
-                note = await trio.to_thread.run_sync(lokidir.consume_human_input, self.paths)
-            except lokidir.LokiDirFormatError as exc:
-                await self._warn("malformed_file", exc.message, file="HUMAN_INPUT.md")
-                return
-            if note is None:
-                return
+        if self._claims_unknown:
+            notes, problems = await trio.to_thread.run_sync(
+                lokidir.pending_human_inputs, self.paths
+            )
+            for problem in problems:
+                await self._warn("malformed_file", problem.message, file="HUMAN_INPUT.md")
+            for note in notes:
+                if not await self._store_human_input(note):
+                    return
+            self._claims_unknown = False
         try:
-            answer, _ = await self._store_input(note.text)
+            claimed = await trio.to_thread.run_sync(
+                lambda: lokidir.consume_human_input(self.paths, input_id=new_input_id())
+            )
+        except lokidir.LokiDirFormatError as exc:
+            await self._warn("malformed_file", exc.message, file="HUMAN_INPUT.md")
+            return
+        if claimed is not None:
+            crash_point("human_input.claimed")
+            await self._store_human_input(claimed)
+
+    async def _store_human_input(self, note: lokidir.HumanInput) -> bool:
+        """Store a claimed input with its `input.received` (one transaction), unless its
+        id is stored already; then make the claim the record. False: the session
+        no longer takes input (its claim became the record, and a warning says so)."""
+
+        def write(db: sqlite_utils.Database) -> None:
+            if db.execute("SELECT 1 FROM session_inputs WHERE id = ?", (note.input_id,)).fetchone():
+                raise _AlreadyStored
+            add_input(db, self.id, note.text, input_id=note.input_id)
+
+        data = {"inputId": note.input_id, "source": ".loki/HUMAN_INPUT.md", "chars": len(note.text)}
+        refused: IllegalTransition | None = None
+        try:
+            step(self.lifecycle.status, Trigger.INPUT)  # 409 unless running or paused
+            self._inputs_maybe = True  # before the write: a refused one may still have landed
+            await self.bus.publish_with(write, "input.received", self.id, Level.INFO, data)
+            crash_point("human_input.stored")
+        except _AlreadyStored:
+            pass
         except IllegalTransition as exc:
-            self._unstored_human_input = None
+            refused = exc
+        except StoreUnavailable:
+            self._claims_unknown = True  # the claim stays in logs/: taken after the hold
+            raise
+        try:
+            record = await trio.to_thread.run_sync(lokidir.settle_human_input, self.paths, note)
+        except OSError as exc:  # the claim stays; storing it again finds its id
+            record = note.processed_path
+            log.warning("%s: could not rename %s: %s", self.name, record, exc)
+        if refused is not None:
             await self._warn(
                 "input_refused",
-                f"HUMAN_INPUT.md not delivered: {exc.message}; it is kept in {note.processed_path}",
+                f"HUMAN_INPUT.md not delivered: {refused.message}; it is kept in {record}",
             )
-            return
-        except StoreUnavailable:
-            returned = await trio.to_thread.run_sync(lokidir.return_human_input, self.paths, note)
-            self._unstored_human_input = None if returned else note
-            raise
-        self._unstored_human_input = None
-        await self._announce_input(answer, ".loki/HUMAN_INPUT.md", note.text)
+            return False
+        self._poke()
+        return True
 
     async def _control_file(self, path: Path, *, present: bool) -> None:
         try:
@@ -1406,7 +1458,9 @@ class SessionActor(Actor[Any]):
         try:
             with worker.scope:
                 try:
-                    run = await slot.start(spec, task.id)
+                    run = await slot.start(
+                        spec, task.id, record_with=self._recorder(inputs, task.id)
+                    )
                 except OSError as exc:  # by errno: the CLI, the folder or a shortage
                     failure = providers.spawn_failure(exc, argv[0], os.fspath(spec.cwd))
                     await self._task_failed(task, attempt, failure)
@@ -1415,8 +1469,6 @@ class SessionActor(Actor[Any]):
                 spawned = f"agent-{slot.row_id}"
                 await self._agent_spawned(spawned, run, task.id, command, iteration)
                 agent_id = spawned  # announced: from now on its end is published too
-                if inputs:
-                    await self._inputs_applied([item["id"] for item in inputs], task.id)
                 await self._read_output(run, parser, stderr, task.id, resume_id)
                 result = await run.wait()
         except BaseException:  # a stop, a shutdown (or a crash): no end publish below
@@ -1694,19 +1746,40 @@ class SessionActor(Actor[Any]):
             lambda db: update_task(db, self.id, task_id, resume_id=provider_session)
         )
 
-    async def _inputs_applied(self, input_ids: list[str], task_id: str) -> None:
-        """Mark the inputs of a started agent's prompt applied; one event per input.
+    def _recorder(self, inputs: list[dict[str, Any]], task_id: str) -> RecordWith | None:
+        """How the agent pool records the start of an agent whose prompt holds `inputs`:
+        its row, the inputs marked applied and one `input.applied` each, in one
+        transaction, committed before the agent is let run (docs/sessions.md).
 
-        Shielded as one unit (each step is bounded by its ask's timeout): a pause
-        `?now=true` or a stop cancelling the worker between the mark and the events
-        left inputs stored `applied` that no `input.applied` announced.
+        A crash before that commit leaves the inputs `queued`, and the agent never
+        ran (a held start, lokid/agent_host.py): they go into a later prompt. After
+        it, they were delivered and are never delivered again. A pause `?now=true`
+        or a stop cannot split the marks from their events either (the pool's
+        start is shielded).
         """
-        with trio.CancelScope(shield=True):
-            applied = await self.store.write(lambda db: mark_inputs_applied(db, input_ids))
-            for input_id in applied:  # none already applied: published once
-                await self.bus.publish(
-                    "input.applied", self.id, Level.INFO, {"inputId": input_id, "taskId": task_id}
-                )
+        if not inputs:
+            return None
+        input_ids = [item["id"] for item in inputs]
+        applied: list[EventArgs] = [
+            ("input.applied", self.id, Level.INFO, {"inputId": input_id, "taskId": task_id})
+            for input_id in input_ids
+        ]
+        *along, (type, session_id, level, data) = applied
+
+        async def record(insert: Callable[[sqlite_utils.Database], int]) -> int:
+            def write(db: sqlite_utils.Database) -> int:
+                row_id = insert(db)
+                # All `queued` (this prompt claimed them); the row is how the next start
+                # finds them if this agent never runs (the daemon dies before the release).
+                mark_inputs_applied(db, input_ids, agent_row=row_id)
+                return row_id
+
+            _, row_id = await self.bus.publish_with(
+                write, type, session_id, level, data, along=along, timeout=ROW_WRITE_TIMEOUT
+            )
+            return row_id
+
+        return record
 
     def _ends_run_here(self, worker: _Worker) -> bool:
         """The session stops or shuts down, or a pause cut this run: its task is not

@@ -219,6 +219,7 @@ class SessionManager(Actor[Any]):
                 update_session(db, sid, **values)
 
             await self._end_cut_off_agents(session_id)
+            await self._warn_requeued_inputs(session_id)
             await self._take_leftover_worktrees(session_id, transition.after)
             await self.store.write(write)
             self._reconciled += 1
@@ -272,6 +273,30 @@ class SessionManager(Actor[Any]):
                     "survivors": survivors.get(str(agent_id), []),
                     "code": "stopped",
                     "error": CUT_OFF_BY_RESTART,
+                },
+            )
+
+    async def _warn_requeued_inputs(self, session_id: str) -> None:
+        """A `warning` `input_requeued` for inputs whose `input.applied` the dead daemon
+        published for an agent that never ran (it died between recording the agent's
+        start and letting it run): the pool's reconciliation queued them again, and
+        the `input.applied` of the prompt that takes them next is the one that counts."""
+        requeued = [
+            input_id
+            for outcome in self.pool.last_reconcile
+            if outcome.session_id == session_id
+            for input_id in outcome.requeued_inputs
+        ]
+        if requeued:
+            await self.bus.publish(
+                "warning",
+                session_id,
+                Level.WARNING,
+                {
+                    "reason": "input_requeued",
+                    "message": f"{len(requeued)} input(s) announced applied reached no agent:"
+                    " the daemon stopped before the agent started; they go into the next prompt",
+                    "inputIds": requeued,
                 },
             )
 
