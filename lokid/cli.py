@@ -33,9 +33,11 @@ from lokid.client import (
     DaemonNotRunning,
 )
 from lokid.config import Config, expand_user, load_config, shown_text
+from lokid.crashpoints import crash_point
 from lokid.errors import ConfigError, LokiError, StartupError
 from lokid.pidfile import running_daemon
 from lokid.session_state import Status
+from lokid.startsignals import EarlySignals
 from lokid.textrules import unshown
 from lokid.timefmt import utc_now_iso
 
@@ -510,17 +512,20 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
-    import trio
-
-    from lokid.daemon import DaemonFailed, serve
-
+    # Noted from `run` on (before the configuration is read); `lokid.startsignals`.
+    early: EarlySignals = getattr(args, "early_signals", None) or EarlySignals.install()
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    crash_point("serve.begin")
+    import trio
+
+    from lokid.daemon import DaemonFailed, serve
+
     try:
-        trio.run(lambda: serve(config, handle_signals=True))
+        trio.run(lambda: serve(config, handle_signals=True, early=early))
     except StartupError as exc:
         raise CliError(f"lokid: {exc.message}") from None
     except DaemonFailed as exc:
@@ -1610,6 +1615,17 @@ def _print_error(message: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the command `args` name; an error is one line on stderr and its exit code."""
+    # `serve`: before anything else, so that a stop signal now is an orderly stop.
+    early = EarlySignals.install() if args.handler is cmd_serve else None
+    args.early_signals = early
+    try:
+        return _run(args)
+    finally:
+        if early is not None:  # an in-process caller (the tests) gets its handlers back
+            early.restore()
+
+
+def _run(args: argparse.Namespace) -> int:
     handler: Callable[[argparse.Namespace, Config], int] = args.handler
     try:
         check_arguments(args)

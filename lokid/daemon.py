@@ -28,7 +28,9 @@ SIGHUP, SIGQUIT: `STOP_SIGNALS`) or `request_shutdown()`, then `STOPPING=1`,
 tell the sessions to wind down (no new agent run from then on; their agents
 are stopped at once, in parallel with what follows), stop the tree in
 reverse order within `shutdown_grace` seconds, remove the socket file,
-release the locks.
+release the locks. A stop signal during the start (noted by `loki serve`
+from its first step, `lokid.startsignals`) ends it at the next step, with
+what was done so far undone the same way.
 A restart intensity escalation at the root ends the daemon with
 `DaemonFailed`. The `optional` supervisor never escalates (`OPTIONAL_BACKOFF`,
 docs/architecture.md): a registry that keeps crashing is down for a while,
@@ -71,6 +73,7 @@ from lokid.actors.session_manager import SessionManager
 from lokid.actors.store import StoreActor
 from lokid.config import PROVIDERS, Config
 from lokid.cors import CorsPolicy
+from lokid.crashpoints import crash_point
 from lokid.errors import LokiError, StartupError, Unavailable
 from lokid.events import Level
 from lokid.http.api import create_api_surface
@@ -88,6 +91,7 @@ from lokid.metrics import DaemonMetrics
 from lokid.pidfile import DaemonLock, prepare_data_dir
 from lokid.ratelimit import RateLimiter
 from lokid.sockets import SocketPathLock, bind_tcp, bind_unix, is_loopback_socket, socket_url
+from lokid.startsignals import STOP_SIGNALS, EarlySignals, signals_to_handle
 from lokid.supervisor import (
     Backoff,
     ChildSpec,
@@ -114,15 +118,6 @@ OPTIONAL_BACKOFF = Backoff(first=30.0, factor=2.0, max=600.0, reset_after=600.0)
 """How long the `optional` supervisor's children stay down once they exceeded its
 restart intensity: 30 s, doubling with each time in a row, at most 10 min; the
 doubling starts over after 10 min up (docs/architecture.md)."""
-
-# Signals whose default action would end the daemon at once, leaving its agents running
-# (docs/operations.md, "Signals and exit codes"). A stop signal starts the graceful stop
-# and a second one hurries it; SIGHUP is the terminal of `loki serve` going away (not a
-# reload). SIGUSR1/SIGUSR2 mean nothing to lokid: logged, not fatal. SIGABRT (systemd's
-# watchdog) and the fault signals keep their default action.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
-IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
-ALWAYS_HANDLED = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
 def tune_collector() -> None:
@@ -170,6 +165,7 @@ class Listeners:
 class Daemon:
     def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
         self.config = config
+        self._early: EarlySignals | None = None
         self.phase = Phase.STARTING
         self.started_at = utc_now()
         self._t0 = time.monotonic()
@@ -262,14 +258,34 @@ class Daemon:
         self._stop.set()
 
     async def run(
-        self, *, handle_signals: bool = False, task_status: Any = trio.TASK_STATUS_IGNORED
+        self,
+        *,
+        handle_signals: bool = False,
+        early: EarlySignals | None = None,
+        task_status: Any = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        """Start, serve until asked to stop, stop (module docstring).
+
+        `early` (with `handle_signals`): the signals `loki serve` noted before the
+        watcher is up (`lokid.startsignals`). A stop signal among them ends the
+        start at the next step: what was done so far is undone as by a stop (the
+        pid file, the socket, the store when it was opened) and `run` returns.
+        """
+        self._early = early if handle_signals else None
+        if self._stopped_early("before the data dir was opened"):
+            return
         prepare_data_dir(self.config.data_path)  # 0700, before anything is written in it
         lock = DaemonLock(self.config.lock_file, self.config.pid_file)
         lock.acquire()
         try:
+            crash_point("daemon.locked")
+            if self._stopped_early("after the pid file was written"):
+                return
             self.listeners = self._open_listeners()
+            crash_point("daemon.listening")
             try:
+                if self._stopped_early("after the listeners were bound"):
+                    return
                 await self._serve(handle_signals, task_status)
             finally:
                 self.listeners.close()
@@ -281,6 +297,14 @@ class Daemon:
         if self.failure is not None:
             raise DaemonFailed(f"the supervisor tree gave up: {self.failure}")
 
+    def _stopped_early(self, when: str) -> bool:
+        """Whether a stop signal came during the start, before the watcher was up."""
+        signum = None if self._early is None else self._early.stop_requested()
+        if signum is None:
+            return False
+        log.info("received %s during the start (%s): stopping", signum.name, when)
+        return True
+
     async def _serve(self, handle_signals: bool, task_status: Any) -> None:
         assert self.listeners is not None
         self._build_tree(self.listeners)
@@ -288,10 +312,16 @@ class Daemon:
             if handle_signals:
                 await nursery.start(self._watch_signals)
             self.notifier.status("starting")
+            crash_point("daemon.tree_starting")
+            if self._stop.is_set():  # a stop signal already: no tree to start and stop
+                log.info("stopping before the supervisor tree started")
+                nursery.cancel_scope.cancel()
+                return
             try:
                 await nursery.start(self._run_root)
             except SupervisorStartError as exc:
                 raise StartupError(_startup_message(exc)) from None
+            crash_point("daemon.started")
             self.run_id = await self.store.record_start(os.getpid(), __version__)
             await self._warn_of_an_unclean_previous_run()
             await self.bus.publish(
@@ -304,11 +334,14 @@ class Daemon:
             if interval is not None:
                 nursery.start_soon(self._watchdog, interval)
             tune_collector()
-            self.phase = Phase.RUNNING
-            urls = self.listeners.urls()
-            summary = f"api {urls['api']}, dashboard {urls['dashboard']}, socket {urls['socket']}"
-            log.info("lokid %s ready: %s", __version__, summary)
-            self.notifier.ready(f"serving {summary}")
+            if not self._stop.is_set():  # a stop signal during the tree's start: not ready
+                self.phase = Phase.RUNNING
+                urls = self.listeners.urls()
+                summary = (
+                    f"api {urls['api']}, dashboard {urls['dashboard']}, socket {urls['socket']}"
+                )
+                log.info("lokid %s ready: %s", __version__, summary)
+                self.notifier.ready(f"serving {summary}")
             task_status.started(self)
 
             await self._stop.wait()
@@ -408,18 +441,27 @@ class Daemon:
     async def _watch_signals(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Turn the stop signals into `request_shutdown()`, and keep the others we handle
         from killing the daemon (their default action would leave the agents orphaned)."""
-        with trio.open_signal_receiver(*_signals_to_handle()) as signals:
+        handled = signals_to_handle() if self._early is None else self._early.signals
+        with trio.open_signal_receiver(*handled) as signals:
+            # From here on the receiver has them. What came before (noted by `loki
+            # serve`'s own handler, back in place when the receiver goes) is taken
+            # now: nothing falls between the two.
+            for noted in [] if self._early is None else self._early.take():
+                self._on_signal(noted)
             task_status.started()
             async for signum in signals:
-                name = signal.Signals(signum).name
-                if signum not in STOP_SIGNALS:
-                    log.warning("received %s: ignored (lokid gives it no meaning)", name)
-                elif self._stop.is_set():
-                    log.info("received %s again: hurrying the stop", name)
-                    self.request_shutdown()
-                else:
-                    log.info("received %s: stopping gracefully", name)
-                    self.request_shutdown()
+                self._on_signal(signum)
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if signum not in STOP_SIGNALS:
+            log.warning("received %s: ignored (lokid gives it no meaning)", name)
+        elif self._stop.is_set():
+            log.info("received %s again: hurrying the stop", name)
+            self.request_shutdown()
+        else:
+            log.info("received %s: stopping gracefully", name)
+            self.request_shutdown()
 
     async def _watchdog(self, interval: float) -> None:
         # Runs on the trio loop on purpose: a frozen loop stops the pings and systemd restarts us.
@@ -642,19 +684,6 @@ class Daemon:
         }
 
 
-def _signals_to_handle() -> list[signal.Signals]:
-    """The signals `_watch_signals` receives: SIGTERM and SIGINT always; SIGHUP, SIGQUIT,
-    SIGUSR1 and SIGUSR2 unless they were ignored when we started (`nohup` ignores SIGHUP,
-    a non-interactive shell's `&` SIGQUIT): an operator's choice we keep.
-
-    Through a handler, not SIG_IGN, which agents would inherit across exec."""
-    return [
-        signum
-        for signum in (*STOP_SIGNALS, *IGNORED_SIGNALS)
-        if signum in ALWAYS_HANDLED or signal.getsignal(signum) != signal.SIG_IGN
-    ]
-
-
 def _actor_spec(name: str, actor: Actor[Any], shutdown: float) -> ChildSpec:
     """Actors trap shutdown: they finish what is in their mailbox, then return."""
     return ChildSpec(
@@ -677,16 +706,23 @@ def _startup_message(exc: SupervisorStartError) -> str:
 
 
 async def serve(
-    config: Config, *, handle_signals: bool = False, task_status: Any = trio.TASK_STATUS_IGNORED
+    config: Config,
+    *,
+    handle_signals: bool = False,
+    early: EarlySignals | None = None,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a daemon until it is asked to stop; `task_status.started(daemon)` once ready.
 
     Raises `StartupError` (with the operator's message) when it cannot start
     and `DaemonFailed` when the tree gave up; trio's exception groups around
     a single such error are unwrapped so callers can catch them plainly.
+    `early`: see `Daemon.run`.
     """
     try:
-        await Daemon(config).run(handle_signals=handle_signals, task_status=task_status)
+        await Daemon(config).run(
+            handle_signals=handle_signals, early=early, task_status=task_status
+        )
     except BaseExceptionGroup as group:
         leaves = list(exception_leaves(group))
         if len(leaves) == 1 and isinstance(leaves[0], LokiError):

@@ -283,3 +283,95 @@ def test_the_start_after_a_sigkill_warns_of_the_unclean_run(daemon_factory: Fact
 
 def _seconds(timestamp: str) -> float:
     return datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+
+
+# -- a stop signal during the start ----------------------------------------------------------
+
+START_POINTS = [
+    "serve.begin",  # the configuration read, nothing opened yet
+    "daemon.locked",  # the lock taken, the pid file written
+    "daemon.listening",  # the listeners bound, the control socket's file made
+    "daemon.tree_starting",  # the signal watcher up, the supervisor tree not started
+    "daemon.started",  # the tree started (store open, sessions reconciled), not ready yet
+]
+
+
+def _assert_stopped_cleanly(daemon: DaemonProcess, err: str) -> None:
+    """Nothing of the daemon left: no traceback, pid file, socket or process of its
+    group, and a store (if it was opened) whose every run was recorded stopped."""
+    assert daemon.process is not None
+    assert "Traceback" not in err, err
+    assert not (daemon.data / "lokid.pid").exists(), err
+    assert not daemon.socket.exists(), err
+    assert group_members(daemon.process.pid) == []
+    database = daemon.data / "lokid.db"
+    if database.exists():
+        assert not (daemon.data / "lokid.db-wal").exists()  # closed: checkpointed and removed
+        with contextlib.closing(sqlite3.connect(database)) as db:
+            runs = db.execute("SELECT clean FROM daemon_runs").fetchall()
+        assert all(clean == 1 for (clean,) in runs), runs
+
+
+@pytest.mark.parametrize("point", START_POINTS)
+def test_sigterm_at_any_point_of_the_start_is_an_orderly_stop(
+    daemon_factory: Factory, point: str
+) -> None:
+    """Regression: before the supervisor tree's signal watcher was up, SIGTERM had its
+    default action - the daemon died at once, leaving its pid file and socket."""
+    daemon = daemon_factory(extra_env={"LOKI_CRASH_AT": f"{point}:SIGTERM"})
+    daemon.start(wait=False)
+    assert daemon.process is not None
+    _, raw = daemon.process.communicate(timeout=30)
+    err = raw.decode()
+    assert f"crash point {point}: sending SIGTERM" in err
+    assert daemon.process.returncode == 0, err
+    assert "received SIGTERM" in err, err
+    if point != "daemon.started":  # there the watcher may take it just after "ready"
+        assert "ready:" not in err
+    _assert_stopped_cleanly(daemon, err)
+
+
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGHUP, signal.SIGQUIT], ids=lambda s: s.name
+)
+def test_every_stop_signal_during_the_start_is_an_orderly_stop(
+    daemon_factory: Factory, signum: signal.Signals
+) -> None:
+    """SIGINT was worse than SIGTERM: Python's KeyboardInterrupt, with a traceback."""
+    daemon = daemon_factory(extra_env={"LOKI_CRASH_AT": f"daemon.locked:{signum.name}"})
+    daemon.start(wait=False)
+    assert daemon.process is not None
+    _, raw = daemon.process.communicate(timeout=30)
+    err = raw.decode()
+    assert daemon.process.returncode == 0, err
+    assert f"received {signum.name}" in err, err
+    _assert_stopped_cleanly(daemon, err)
+
+
+def test_sigusr1_during_the_start_is_ignored(daemon_factory: Factory) -> None:
+    daemon = daemon_factory(extra_env={"LOKI_CRASH_AT": "daemon.listening:SIGUSR1"})
+    daemon.start()  # ready: the signal did not end it
+    code, err = daemon.terminate()
+    assert code == 0, err
+    assert "received SIGUSR1" in err and "ignored" in err
+
+
+@pytest.mark.parametrize("milestone", [None, "lokid.pid", "lokid.sock", "lokid.db"])
+def test_sigterm_from_outside_early_in_the_start_leaves_nothing(
+    daemon_factory: Factory, tmp_path: Path, milestone: str | None
+) -> None:
+    """Without a crash point: SIGTERM right after the spawn lands while Python itself
+    starts (before lokid's first line runs: the default action, exit -15, nothing
+    made yet) or early in lokid's start (exit 0); or as soon as the pid file, the
+    socket or the database appears. Either way nothing is left behind."""
+    daemon = daemon_factory(tmp_path / "home")
+    daemon.start(wait=False)
+    assert daemon.process is not None
+    if milestone is not None:
+        wait_until(lambda: (daemon.data / milestone).exists(), f"{milestone} exists")
+    daemon.process.send_signal(signal.SIGTERM)
+    _, raw = daemon.process.communicate(timeout=30)
+    err = raw.decode()
+    allowed = (0, -signal.SIGTERM) if milestone is None else (0,)
+    assert daemon.process.returncode in allowed, err
+    _assert_stopped_cleanly(daemon, err)

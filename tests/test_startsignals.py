@@ -1,0 +1,69 @@
+"""`lokid.startsignals`: what `loki serve` does with a signal before its watcher is up.
+
+End to end (a real `loki serve` signalled at each step of its start): tests/test_e2e_signals.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from lokid.startsignals import MAX_NOTED, EarlySignals
+
+
+def _until(check: Callable[[], object], what: str) -> None:
+    """A signal sent to ourselves is handled at the main thread's next bytecode: at
+    once in practice; bounded all the same."""
+    deadline = time.monotonic() + 5
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert check(), what
+
+
+@pytest.fixture
+def hangup_ignored() -> Iterator[None]:
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGHUP, before)
+
+
+def test_signals_are_noted_handed_over_once_and_the_handlers_restored() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    early = EarlySignals.install()
+    try:
+        assert early.stop_requested() is None
+        os.kill(os.getpid(), signal.SIGUSR1)  # not a stop
+        _until(lambda: early._noted, "SIGUSR1 noted")
+        assert early.stop_requested() is None
+        os.kill(os.getpid(), signal.SIGTERM)  # noted, not the default action (our death)
+        _until(lambda: early.stop_requested() is not None, "SIGTERM noted")
+        assert early.stop_requested() is signal.SIGTERM
+        assert early.take() == [signal.SIGUSR1, signal.SIGTERM]
+        assert early.take() == [] and early.stop_requested() is None
+    finally:
+        early.restore()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_storm_is_counted_not_kept() -> None:
+    early = EarlySignals([signal.SIGUSR2])  # not installed: the handler called directly
+    for _ in range(MAX_NOTED + 3):
+        early._note(signal.SIGUSR2, None)
+    assert (len(early.take()), early.dropped) == (MAX_NOTED, 3)
+
+
+@pytest.mark.usefixtures("hangup_ignored")
+def test_a_signal_ignored_at_start_stays_ignored() -> None:
+    """`nohup loki serve`: SIGHUP ignored by the operator is neither noted nor handled
+    later by the watcher (which takes `early.signals`, decided before our handlers)."""
+    early = EarlySignals.install()
+    try:
+        assert signal.SIGHUP not in early.signals
+        assert signal.SIGTERM in early.signals and signal.SIGINT in early.signals
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        early.restore()
