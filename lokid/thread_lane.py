@@ -28,7 +28,8 @@ Rules:
 * Cancellation, as in `trio.to_thread.run_sync`: a job still in the queue is
   withdrawn (it never runs, `run` raises `Cancelled`); a job that started
   runs to its end and `run` returns its outcome (the cancellation is seen
-  at the caller's next checkpoint).
+  at the caller's next checkpoint). `run_to_end` never withdraws its job:
+  queued or started, it runs, and its outcome is returned the same way.
 * Each waiting caller holds an eventfd from the lane's pool (at most
   `WAKE_FDS` are made per lane; a caller that finds none free is answered
   through `run_sync_soon`, like `run_ordered`). `close()` closes the free
@@ -157,19 +158,51 @@ class ThreadLane:
             self._wake_fds.append(wake)
         return cast(outcome.Outcome[T], job.result).unwrap()
 
+    async def run_to_end(self, fn: Callable[..., T], *args: Any) -> T:
+        """`run`, but the job is never withdrawn: once queued it runs, and `run_to_end`
+        returns its outcome even to a caller cancelled meanwhile (who sees the
+        cancellation at its next checkpoint; module rules).
+
+        For a caller whose job must not be lost to its own cancellation and which
+        cannot afford a shielded cancel scope per call (the audit writer's lone
+        append, ~10 us each). The wait is bounded by the jobs queued ahead of it
+        and its own run time, so a caller should use it on an idle lane only."""
+        wake = self._take_wake_fd()
+        if wake is None:
+            return await self._run_rescheduled(fn, args, withdraw=False)
+        job = _Job(fn, args, None, None, wake)
+        self._queue(job)
+        try:
+            await trio.lowlevel.wait_readable(wake)
+        except BaseException as exc:
+            # Queued or running: wait for its outcome (shielded, as `run` does for a
+            # started job); anything but a cancellation is raised after.
+            with trio.CancelScope(shield=True):
+                await trio.lowlevel.wait_readable(wake)
+            os.eventfd_read(wake)
+            self._wake_fds.append(wake)
+            if not isinstance(exc, trio.Cancelled):
+                raise
+        else:
+            os.eventfd_read(wake)
+            self._wake_fds.append(wake)
+        return cast(outcome.Outcome[T], job.result).unwrap()
+
     async def run_ordered(self, fn: Callable[..., T], *args: Any) -> T:
         """`run`, answered through `TrioToken.run_sync_soon`: the caller resumes after
         every callback `fn` queued there (module docstring)."""
         await trio.lowlevel.checkpoint_if_cancelled()
         return await self._run_rescheduled(fn, args)
 
-    async def _run_rescheduled(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    async def _run_rescheduled(
+        self, fn: Callable[..., T], args: tuple[Any, ...], *, withdraw: bool = True
+    ) -> T:
         job = _Job(fn, args, trio.lowlevel.current_task(), trio.lowlevel.current_trio_token(), None)
         self._queue(job)
 
         def abort(_: Any) -> trio.lowlevel.Abort:
             with self._lock:
-                if job.state != _QUEUED:
+                if not withdraw or job.state != _QUEUED:
                     return trio.lowlevel.Abort.FAILED  # it runs; its outcome will come
                 job.state = _WITHDRAWN
                 self._queued -= 1

@@ -878,6 +878,10 @@ def test_a_batch_is_inserted_whole_and_in_order(count: int, linked: bool) -> Non
 class HangingStore:
     """A store whose reads work (an empty log) and whose writes never finish."""
 
+    # Its writes hang in trio, not as a job on an idle writer thread: appends take the
+    # scoped path (`AuditWriter._append_batch`), as against a busy store.
+    writer_idle = False
+
     def __init__(self) -> None:
         self.db = sqlite_utils.Database(sqlite3.connect(":memory:"))
         migrate(self.db)

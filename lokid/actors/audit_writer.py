@@ -392,7 +392,10 @@ class AuditWriter(Actor[Any]):
             # mailbox instead, where they share a commit.
             self._commit_lock.acquire_nowait()
             try:
-                await self._append_batch([pending], track=False)
+                if not self._stale and self.store.writer_idle:
+                    await self._append_alone(pending)
+                else:
+                    await self._append_batch([pending], track=False)
             except Exception as exc:  # a bug: in the writer's task it would crash the actor
                 log.exception("audit append failed")
                 self._stale = True
@@ -483,12 +486,53 @@ class AuditWriter(Actor[Any]):
             async with self._commit_lock:
                 await self._append_batch(batch)
 
-    async def _append_batch(self, batch: list[Any], *, track: bool = True) -> None:
+    async def _append_alone(self, pending: _Pending) -> None:
+        """Commit one append from its caller's task, the head loaded and the store's writer
+        thread idle: one `write_alone(to_end=True)`, no cancel scope.
+
+        The scope of `_append_batch` (~10 us here) guards its awaits against the
+        caller's cancellation and bounds them by `batch_timeout`. Here the only
+        await is a job on the idle writer thread, which is never withdrawn
+        (`to_end`): the caller's cancellation is seen after the bookkeeping, at
+        its next checkpoint, and the entry is written. A deadline could not
+        end that wait either (a started job runs to its end), so the bound is
+        the same: the job's own time. A moved anchor goes on in `_append_batch`
+        (reload, one more attempt), under its scope.
+        """
+        write = _batch_write(
+            self._anchor, self._head, ((pending.fields, pending.details_json),), utc_now_iso()
+        )
+        started = time.perf_counter()
+        try:
+            rows = await self.store.write_alone(write, timeout=self.write_timeout, to_end=True)
+        except _HeadMoved as moved:
+            log.error("audit chain head moved behind the writer's back: %s; reloading", moved)
+            self._stale = True
+            await self._append_batch([pending], track=False, retry=True)
+            return
+        except LokiError as exc:
+            # Committed or not (a timeout): the next batch reloads the head first.
+            self._stale = True
+            log.error("audit batch of 1 not recorded: %s", exc)
+            error = AuditUnavailable(f"the audit entry was not recorded: {exc}")
+            self._failed += 1
+            self._last_error = f"{type(error).__name__}: {error}"
+            pending.fail(error)
+            return
+        self._committed(rows, started)
+        pending.succeed(rows[0])
+        self._handled += 1
+
+    async def _append_batch(
+        self, batch: list[Any], *, track: bool = True, retry: bool = False
+    ) -> None:
         """Commit the appends of `batch` (other messages are dispatched).
 
         `track`: the appends came from the mailbox, so `teardown` must fail them
         if this incarnation ends mid-batch; an append committed by its own
         caller's task (`track=False`) is answered by this call in every case.
+        `retry`: the batch's first attempt found the anchor moved (`_append_alone`):
+        this is its one more.
         """
         pending: list[_Pending] = []
         for message in batch:
@@ -512,7 +556,7 @@ class AuditWriter(Actor[Any]):
                     if problem is not None:
                         items.append(_mismatch_item(problem))
                 items += [(p.fields, p.details_json) for p in pending]
-                rows = await self._commit(items)
+                rows = await self._commit(items, attempts=(2,) if retry else (1, 2))
             except LokiError as exc:
                 error = (
                     exc
@@ -538,12 +582,15 @@ class AuditWriter(Actor[Any]):
         self._handled += len(pending)
 
     async def _commit(
-        self, items: Sequence[tuple[Mapping[str, Any], str]]
+        self,
+        items: Sequence[tuple[Mapping[str, Any], str]],
+        attempts: tuple[int, ...] = (1, 2),
     ) -> list[tuple[Any, ...]]:
         """Chain `items` (fields, details JSON) after the head and write them with the
-        anchor; retry once if the anchor moved. Raises a `LokiError` when nothing was
-        written (or, after a timeout, when that is unknown)."""
-        for attempt in (1, 2):
+        anchor; retry once if the anchor moved (`attempts`: (2,) when this is already
+        the retry). Raises a `LokiError` when nothing was written (or, after a timeout,
+        when that is unknown)."""
+        for attempt in attempts:
             items = list(items)
             write = _batch_write(self._anchor, self._head, items, utc_now_iso())
             started = time.perf_counter()
@@ -565,16 +612,22 @@ class AuditWriter(Actor[Any]):
                 self._stale = True
                 log.error("audit batch of %d not recorded: %s", len(items), exc)
                 raise
-            self._commit_ms_last = (time.perf_counter() - started) * 1000
-            last_id, last_hash = rows[-1][0], rows[-1][-1]
-            self._head = Head(last_id, last_hash, None)
-            self._anchor = Anchor(last_id, last_hash, last_id)
-            self._appended += len(rows)
-            self._batches += 1
-            self._last_batch_size = len(rows)
-            self._max_batch_seen = max(self._max_batch_seen, len(rows))
+            self._committed(rows, started)
             return rows
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _committed(self, rows: list[tuple[Any, ...]], started: float) -> None:
+        """The head and the counters after a batch's `rows` were committed."""
+        self._commit_ms_last = (time.perf_counter() - started) * 1000
+        last_id, last_hash = rows[-1][0], rows[-1][-1]
+        self._head = Head(last_id, last_hash, None)
+        self._anchor = Anchor(last_id, last_hash, last_id)
+        size = len(rows)
+        self._appended += size
+        self._batches += 1
+        self._last_batch_size = size
+        if size > self._max_batch_seen:
+            self._max_batch_seen = size
 
     async def _load_head(self) -> str | None:
         """Read the anchor and the newest entry; set the head. Returns a new problem, if any."""

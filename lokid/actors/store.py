@@ -375,6 +375,7 @@ class StoreActor(Actor[Any]):
         timeout: float = 10.0,
         sync_follows: bool = False,
         on_commit: Callable[[T], None] | None = None,
+        to_end: bool = False,
     ) -> T:
         """Run `fn(db)` in a transaction of its own, from the caller's task; once committed,
         its return value.
@@ -386,6 +387,13 @@ class StoreActor(Actor[Any]):
         writer. Same answers as `write`; `AskTimeout` when
         the writer stayed busy for `timeout` seconds (then `fn` did not run).
         Always durable on return unless `sync_follows` (see `SYNC_FOLLOWS`).
+
+        `to_end` (no `on_commit`), on a writer that is `writer_idle`: the write
+        is never withdrawn, so it runs and commits even if the caller is
+        cancelled while it waits; the caller gets its answer and sees the
+        cancellation at its next checkpoint (`ThreadLane.run_to_end`). What a
+        shielded cancel scope would give, without one (the audit writer's
+        lone appends). On a busy writer it is ignored.
         """
         if self._db is None or not self.running:
             raise StoreUnavailable(f"{self.name}: the database {self.path} is not open")
@@ -393,7 +401,9 @@ class StoreActor(Actor[Any]):
         job = (self._execute_alone, fn, generation, sync_follows, on_commit)
         # A hook must run before this returns: the ordered answer (`ThreadLane.run_ordered`).
         run = self._writer.run if on_commit is None else self._writer.run_ordered
-        if not self._writer.busy:
+        if to_end and on_commit is None and not self._writer.busy:
+            result = await self._writer.run_to_end(*job)
+        elif not self._writer.busy:
             # The writer thread takes it at once, and a started job is never withdrawn:
             # the deadline could not end the wait, and a cancel scope costs ~30 Python
             # calls (about 10 us here: docs/performance.md, "Audit appends").
@@ -422,6 +432,12 @@ class StoreActor(Actor[Any]):
         if self._db is None or generation != self._generation:
             return None  # closed (or reopened) while this write waited for the writer
         return self._execute_batch([fn], durable=not sync_follows, hooks=[on_commit])
+
+    @property
+    def writer_idle(self) -> bool:
+        """Open and running, and nothing queued or running on the writer thread: a
+        `write_alone` now starts at once (with `to_end`, it cannot be withdrawn)."""
+        return self._db is not None and self._running and not self._writer.busy
 
     async def read(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
         """Run `fn(db)` on a read-only connection in a worker thread; return its result.
