@@ -449,16 +449,33 @@ def normalise(
     Raises `TypeError` for a `status` that is not an integer or None (a bug
     in the caller: statuses come from the HTTP layer).
     """
-    if status is not None and (isinstance(status, bool) or not isinstance(status, int)):
+    if (
+        status is not None
+        and type(status) is not int
+        and (isinstance(status, bool) or not isinstance(status, int))
+    ):
         raise TypeError(f"status must be an int or None, got {status!r}")
+    # The usual field (short ASCII text) is kept as given without a call to `_text`:
+    # six calls fewer per append (~0.5 us here, on the path of every mutating request).
     return {
-        "actor": _text(actor, MAX_ACTOR),
-        "action": _text(action, MAX_ACTION),
-        "resource": None if resource is None else _text(resource, MAX_RESOURCE),
+        "actor": actor
+        if type(actor) is str and len(actor) <= MAX_ACTOR and actor.isascii()
+        else _text(actor, MAX_ACTOR),
+        "action": action
+        if type(action) is str and len(action) <= MAX_ACTION and action.isascii()
+        else _text(action, MAX_ACTION),
+        "resource": resource
+        if resource is None
+        or (type(resource) is str and len(resource) <= MAX_RESOURCE and resource.isascii())
+        else _text(resource, MAX_RESOURCE),
         "method": None if method is None else _text(method, MAX_METHOD).upper(),
-        "path": None if path is None else _text(path, MAX_PATH),
+        "path": path
+        if path is None or (type(path) is str and len(path) <= MAX_PATH and path.isascii())
+        else _text(path, MAX_PATH),
         "status": status,
-        "ip": None if ip is None else _text(ip, MAX_IP),
+        "ip": ip
+        if ip is None or (type(ip) is str and len(ip) <= MAX_IP and ip.isascii())
+        else _text(ip, MAX_IP),
         "details": _details(details) if details else {},
     }
 

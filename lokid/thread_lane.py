@@ -156,7 +156,7 @@ class ThreadLane:
         else:
             os.eventfd_read(wake)
             self._wake_fds.append(wake)
-        return cast(outcome.Outcome[T], job.result).unwrap()
+        return cast("outcome.Outcome[T]", job.result).unwrap()
 
     async def run_to_end(self, fn: Callable[..., T], *args: Any) -> T:
         """`run`, but the job is never withdrawn: once queued it runs, and `run_to_end`
@@ -186,7 +186,7 @@ class ThreadLane:
         else:
             os.eventfd_read(wake)
             self._wake_fds.append(wake)
-        return cast(outcome.Outcome[T], job.result).unwrap()
+        return cast("outcome.Outcome[T]", job.result).unwrap()
 
     async def run_ordered(self, fn: Callable[..., T], *args: Any) -> T:
         """`run`, answered through `TrioToken.run_sync_soon`: the caller resumes after

@@ -431,7 +431,9 @@ class StoreActor(Actor[Any]):
     ) -> _BatchResult | None:
         if self._db is None or generation != self._generation:
             return None  # closed (or reopened) while this write waited for the writer
-        return self._execute_batch([fn], durable=not sync_follows, hooks=[on_commit])
+        return self._execute_batch(
+            [fn], durable=not sync_follows, hooks=() if on_commit is None else [on_commit]
+        )
 
     @property
     def writer_idle(self) -> bool:
@@ -820,12 +822,15 @@ class StoreActor(Actor[Any]):
                     conn.execute(_COMMIT)
                     commit_seconds = time.perf_counter() - started
                     replies = [answers.get(i) or Reply(error=failed[i]) for i in range(len(fns))]
-                    self._hand_over_hooks(hooks, replies)
+                    if hooks:
+                        self._hand_over_hooks(hooks, replies)
                     if not durable:
                         self._commits_deferred += 1
                     # A write that failed for the disk (not for its SQL) says the disk is bad.
-                    disk = next(
-                        (e for e in failed.values() if isinstance(e, StoreUnavailable)), None
+                    disk = (
+                        next((e for e in failed.values() if isinstance(e, StoreUnavailable)), None)
+                        if failed
+                        else None
                     )
                     failure = None if disk is None else str(disk)
                     return _BatchResult(
