@@ -12,6 +12,7 @@ import functools
 import json
 import pathlib
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, cast
 
@@ -732,6 +733,154 @@ async def test_a_caller_that_gives_up_leaves_its_entry_to_be_written(
     }
     assert ids["first"] - before == 1 and sorted(written.values()) == [1, 2, 3, 4]  # (order varies)
     assert later.id - before == 4 and report.valid and report.entries_checked == before + 4
+
+
+class HeldWrites:
+    """Wraps `store.write_alone`: records the options of each call and holds the write
+    function on the store's writer thread until `release` is set."""
+
+    def __init__(self, store: StoreActor) -> None:
+        self.write_alone = store.write_alone
+        self.options: list[dict[str, Any]] = []
+        self.inside = threading.Event()
+        self.release = threading.Event()
+
+    async def __call__(self, fn: Any, **options: Any) -> Any:
+        self.options.append(options)
+
+        def held(db: sqlite_utils.Database) -> Any:
+            self.inside.set()
+            assert self.release.wait(WAIT)
+            return fn(db)
+
+        return await self.write_alone(held, **options)
+
+    async def entered(self) -> None:
+        assert await trio.to_thread.run_sync(self.inside.wait, WAIT)
+
+
+async def test_a_lone_append_cancelled_while_it_commits_is_written_and_the_head_holds(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One append at a time on an idle store is committed from its caller's task with
+    no cancel scope (`write_alone(to_end=True)`). Cancelled while its write runs on the
+    store's thread, the caller still gets its entry written and answered, sees the
+    cancellation at its next checkpoint, and the head and the chain stay consistent."""
+    async with running(db_path(tmp_path)) as (store, writer):
+        before = await append_n(writer, 2)
+        held = HeldWrites(store)
+        monkeypatch.setattr(store, "write_alone", held)
+        got: list[Any] = []
+        scope = trio.CancelScope()
+
+        async def impatient() -> None:
+            with scope:
+                got.append(await writer.append(actor="impatient", action="task.move"))
+                await trio.lowlevel.checkpoint()  # where the cancellation is seen
+                got.append("not cancelled")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(impatient)
+            await held.entered()
+            scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []  # waits for the write it started
+            held.release.set()
+        monkeypatch.undo()
+        assert held.options == [{"timeout": writer.write_timeout, "to_end": True}]
+        assert scope.cancelled_caught
+        [entry] = got
+        assert entry.id == 3 and entry.prev_hash == before[-1].hash
+        assert writer.last_id == 3 and writer.head_ok
+        assert writer.statistics().handled == 3 and writer.statistics().head_loads == 1
+        later = await writer.append(actor="later", action="task.move")
+        report = await writer.verify()
+    assert later.id == 4 and later.prev_hash == entry.hash
+    assert report.valid and report.entries_checked == 4
+
+
+async def test_a_lone_append_of_a_cancelled_caller_is_written(tmp_path: pathlib.Path) -> None:
+    async with running(db_path(tmp_path)) as (_, writer):
+        await append_n(writer, 1)
+        got: list[AuditEntry] = []
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            got.append(await writer.append(actor="cancelled", action="task.move"))
+        later = await writer.append(actor="later", action="task.move")
+        report = await writer.verify()
+    assert [e.id for e in got] == [2] and later.id == 3 and report.valid
+
+
+async def test_an_append_that_finds_the_store_busy_waits_at_most_write_timeout(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The scope-less path is only for an idle store: with the store's writer thread
+    held by another write, an append waits under its deadline (`write_timeout`), fails
+    with `AuditUnavailable`, and records nothing; the next append goes on."""
+    async with running(db_path(tmp_path), write_timeout=0.2, batch_timeout=0.5) as (
+        store,
+        writer,
+    ):
+        await append_n(writer, 1)
+        hold = threading.Event()
+        inside = threading.Event()
+
+        def blocking(db: sqlite_utils.Database) -> None:
+            inside.set()
+            assert hold.wait(WAIT)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(store.write_alone, blocking))
+            assert await trio.to_thread.run_sync(inside.wait, WAIT)
+            assert not store.writer_idle
+            started = trio.current_time()
+            with pytest.raises(AuditUnavailable, match="not recorded"):
+                await writer.append(actor="late", action="task.move")
+            waited = trio.current_time() - started
+            hold.set()
+        assert 0.2 <= waited < 0.5
+        entry = await writer.append(actor="next", action="task.move")
+        listed = await writer.list_entries(AuditQuery.parse())
+        report = await writer.verify()
+    assert [e["actor"] for e in listed["entries"]] == ["next", "uid:1000"]
+    assert entry.id == 2 and report.valid
+
+
+class SmallMailboxWriter(AuditWriter):
+    mailbox_size = 4
+
+
+async def test_appends_that_wait_for_room_in_a_full_mailbox_are_all_written_in_order(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the mailbox full (senders blocked for room, `WhenFull.BLOCK`) the writer's
+    batches take the buffer and then the blocked senders' entries, in their order."""
+    path = db_path(tmp_path)
+    store = StoreActor(path)
+    writer = SmallMailboxWriter(store, max_batch=3)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        await nursery.start(writer.run)
+        held = HeldWrites(store)
+        monkeypatch.setattr(store, "write_alone", held)
+        async with trio.open_nursery() as appends:
+            appends.start_soon(functools.partial(writer.append, actor="a0", action="b"))
+            await held.entered()  # a0 commits from its task; the lock is held
+            for n in range(1, 10):
+                appends.start_soon(functools.partial(writer.append, actor=f"a{n}", action="b"))
+                await trio.testing.wait_all_tasks_blocked()
+            # a1 is with the writer's task (waiting for the lock), a2-a5 in the mailbox,
+            # a6-a9 wait for room in it.
+            assert writer.statistics().mailbox_used == 4
+            assert writer.statistics().senders_waiting == 4
+            held.release.set()
+        monkeypatch.undo()
+        listed = await writer.list_entries(AuditQuery.parse())
+        report = await writer.verify()
+        stats = writer.statistics()
+        nursery.cancel_scope.cancel()
+    assert [e["actor"] for e in reversed(listed["entries"])] == [f"a{n}" for n in range(10)]
+    assert report.valid and stats.max_batch_seen <= 3 and stats.handled == 10
 
 
 async def test_an_acknowledged_append_is_in_the_file_after_a_reopen(

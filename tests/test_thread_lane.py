@@ -260,3 +260,65 @@ async def test_without_an_eventfd_the_caller_is_answered_through_the_token(
             await lane.run(lambda: 1 / 0)
     finally:
         lane.close()
+
+
+@pytest.mark.parametrize("eventfd", [True, False], ids=["eventfd", "token"])
+async def test_run_to_end_never_withdraws_a_queued_job(
+    monkeypatch: pytest.MonkeyPatch, eventfd: bool
+) -> None:
+    """Cancelled while its job waits behind another, `run_to_end` still runs the job and
+    returns its value; the cancellation is seen at the caller's next checkpoint. (Both
+    answers: the eventfd, and the token's where no eventfd can be made.)"""
+    if not eventfd:
+
+        def no_fds(*args: object) -> int:
+            raise OSError(24, "Too many open files")
+
+        monkeypatch.setattr(os, "eventfd", no_fds)
+    lane = ThreadLane("t")
+    hold = Hold()
+    ran: list[str] = []
+    got: list[str] = []
+
+    def job() -> str:
+        ran.append("job")
+        return "value"
+
+    async def caller(scope: trio.CancelScope) -> None:
+        with scope:
+            got.append(await lane.run_to_end(job))
+            await trio.lowlevel.checkpoint()  # where the cancellation is seen
+            got.append("not cancelled")
+
+    try:
+        scope = trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lane.run, hold)
+            await hold.entered()
+            nursery.start_soon(caller, scope)
+            await trio.testing.wait_all_tasks_blocked()
+            assert lane.statistics().queued == 1
+            scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == [] and lane.statistics().queued == 1  # still queued, still waited for
+            hold.release.set()
+        assert ran == ["job"] and got == ["value"]
+        assert scope.cancelled_caught
+        assert lane.statistics().withdrawn == 0
+    finally:
+        lane.close()
+
+
+async def test_run_to_end_of_an_already_cancelled_caller_runs_the_job() -> None:
+    lane = ThreadLane("t")
+    got: list[str] = []
+    try:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            got.append(await lane.run_to_end(lambda: "ran"))
+            await trio.lowlevel.checkpoint()
+        assert scope.cancelled_caught and got == ["ran"]
+        with pytest.raises(ZeroDivisionError):
+            await lane.run_to_end(lambda: 1 / 0)
+    finally:
+        lane.close()

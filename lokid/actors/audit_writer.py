@@ -65,6 +65,7 @@ with `StoreActor.read` (one snapshot) or on a connection of their own
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import json
@@ -476,8 +477,19 @@ class AuditWriter(Actor[Any]):
 
     async def serve(self) -> None:
         receive_nowait = self._receive.receive_nowait  # (`next_message_nowait`, one call less)
+        # The mailbox's buffer and its blocked senders (trio's, private, as `mailbox_empty`).
+        state = getattr(self._send, "_state", None)
+        buffer = getattr(state, "data", None)
+        senders = getattr(state, "send_tasks", None)
+        if not isinstance(buffer, collections.deque) or not isinstance(senders, dict):
+            buffer = senders = None
         while (message := await self.next_message()) is not None:
             batch = [message]
+            if buffer is not None and not senders and len(buffer) < self.max_batch:
+                # All of it at once (nobody waits for room, so taking it wakes nobody):
+                # ~0.25 us per entry less than a `receive_nowait` each.
+                batch += buffer
+                buffer.clear()
             try:
                 while len(batch) < self.max_batch:
                     batch.append(receive_nowait())
