@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import http
 import json
 import pathlib
 import sqlite3
@@ -327,6 +328,42 @@ def test_normalise_bounds_and_cleans_fields() -> None:
     json.dumps(fields, ensure_ascii=False).encode("utf-8")  # storable as is
     with pytest.raises(TypeError):
         normalise(actor="a", action="b", status=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "limit"),
+    [
+        ("actor", audit.MAX_ACTOR),
+        ("action", audit.MAX_ACTION),
+        ("resource", audit.MAX_RESOURCE),
+        ("path", audit.MAX_PATH),
+        ("ip", audit.MAX_IP),
+    ],
+)
+def test_normalise_keeps_short_ascii_text_and_cleans_every_other_value(
+    name: str, limit: int
+) -> None:
+    """Each text field: short ASCII text as given; longer text cut to the limit; text
+    that is not UTF-8-encodable cleaned; other types as `str`."""
+
+    def field(value: Any) -> Any:
+        given = {"actor": "a", "action": "b", name: value}
+        return normalise(**given)[name]
+
+    short = "x" * limit
+    assert field(short) is short
+    assert field(short + "y") == "x" * (limit - 1) + "…"
+    assert field("caf\u00e9") == "caf\u00e9"
+    assert field("bad\udcff") == "bad?"
+    assert field(12345) == "12345"
+
+
+def test_normalise_takes_int_subclasses_as_status_but_not_bools() -> None:
+    assert normalise(actor="a", action="b", status=http.HTTPStatus.CREATED)["status"] == 201
+    assert normalise(actor="a", action="b", status=None)["status"] is None
+    for bad in (True, 201.0, "201"):
+        with pytest.raises(TypeError, match="status must be an int or None"):
+            normalise(actor="a", action="b", status=bad)
 
 
 def test_normalise_replaces_details_it_cannot_store() -> None:

@@ -44,12 +44,19 @@ Theory of operation:
   whole per-append budget of 20 µs at the throughput goal of 50,000/s). The
   wait is still bounded: the writer answers every append it took within
   `batch_timeout` (the whole batch runs under that deadline, shielded from
-  outside cancellation); when an incarnation ends (crash or stop),
+  outside cancellation). A lone append committed from its caller's task
+  while the head is loaded and the store's writer thread is idle has no
+  scope (~10 µs each): its one await is a job on that idle thread which is
+  never withdrawn (`StoreActor.write_alone(to_end=True)`), so its caller's
+  cancellation is seen after the commit and the bookkeeping, and the bound
+  is the job's own time, which a deadline could not cut short either (a
+  started job runs to its end). When an incarnation ends (crash or stop),
   `teardown` fails what it took and everything still in the mailbox with
   `ActorUnavailable`. Only while the writer is not running (starting,
   restarting) does `append` wait under its own `timeout`, for the next
-  incarnation. A caller cancelled while it waits stops waiting; its entry is
-  still written.
+  incarnation. A caller cancelled while it waits stops waiting (one that
+  commits its own lone append waits for that commit); its entry is still
+  written.
 
 Mailbox: `mailbox_size = 4096`, `when_full = WhenFull.BLOCK`: a burst of
 requests waits for room (back-pressure, at most `append`'s `timeout`, then
@@ -487,7 +494,7 @@ class AuditWriter(Actor[Any]):
             batch = [message]
             if buffer is not None and not senders and len(buffer) < self.max_batch:
                 # All of it at once (nobody waits for room, so taking it wakes nobody):
-                # ~0.25 us per entry less than a `receive_nowait` each.
+                # ~0.25 µs per entry less than a `receive_nowait` each.
                 batch += buffer
                 buffer.clear()
             try:
@@ -502,7 +509,7 @@ class AuditWriter(Actor[Any]):
         """Commit one append from its caller's task, the head loaded and the store's writer
         thread idle: one `write_alone(to_end=True)`, no cancel scope.
 
-        The scope of `_append_batch` (~10 us here) guards its awaits against the
+        The scope of `_append_batch` (~10 µs here) guards its awaits against the
         caller's cancellation and bounds them by `batch_timeout`. Here the only
         await is a job on the idle writer thread, which is never withdrawn
         (`to_end`): the caller's cancellation is seen after the bookkeeping, at
