@@ -1825,10 +1825,11 @@ class FullDiskStore(StoreActor):
         timeout: float = 10.0,
         sync_follows: bool = False,
         on_commit: Callable[[T], None] | None = None,
+        to_end: bool = False,
     ) -> T:
         self._refuse()
         return await super().write_alone(
-            fn, timeout=timeout, sync_follows=sync_follows, on_commit=on_commit
+            fn, timeout=timeout, sync_follows=sync_follows, on_commit=on_commit, to_end=to_end
         )
 
     @property
