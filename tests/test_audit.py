@@ -361,6 +361,7 @@ def test_normalise_keeps_short_ascii_text_and_cleans_every_other_value(
 def test_normalise_takes_int_subclasses_as_status_but_not_bools() -> None:
     assert normalise(actor="a", action="b", status=http.HTTPStatus.CREATED)["status"] == 201
     assert normalise(actor="a", action="b", status=None)["status"] is None
+    bad: Any
     for bad in (True, 201.0, "201"):
         with pytest.raises(TypeError, match="status must be an int or None"):
             normalise(actor="a", action="b", status=bad)
