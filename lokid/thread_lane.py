@@ -145,14 +145,8 @@ class ThreadLane:
             if withdrawn:
                 self._wake_fds.append(wake)  # never written to
                 raise
-            # It runs: wait for its outcome, as `run_ordered` does (a cancellation is
-            # seen at the caller's next checkpoint; anything else is raised after).
-            with trio.CancelScope(shield=True):
-                await trio.lowlevel.wait_readable(wake)
-            os.eventfd_read(wake)
-            self._wake_fds.append(wake)
-            if not isinstance(exc, trio.Cancelled):
-                raise
+            # It runs: wait for its outcome, as `run_ordered` does.
+            await self._outcome_after(wake, exc)
         else:
             os.eventfd_read(wake)
             self._wake_fds.append(wake)
@@ -175,18 +169,22 @@ class ThreadLane:
         try:
             await trio.lowlevel.wait_readable(wake)
         except BaseException as exc:
-            # Queued or running: wait for its outcome (shielded, as `run` does for a
-            # started job); anything but a cancellation is raised after.
-            with trio.CancelScope(shield=True):
-                await trio.lowlevel.wait_readable(wake)
-            os.eventfd_read(wake)
-            self._wake_fds.append(wake)
-            if not isinstance(exc, trio.Cancelled):
-                raise
+            await self._outcome_after(wake, exc)  # queued or running: it runs
         else:
             os.eventfd_read(wake)
             self._wake_fds.append(wake)
         return cast("outcome.Outcome[T]", job.result).unwrap()
+
+    async def _outcome_after(self, wake: int, exc: BaseException) -> None:
+        """The caller's wait on `wake` ended with `exc` while its job runs (or will):
+        wait for the outcome, shielded, and give `wake` back. A cancellation is then
+        seen at the caller's next checkpoint; anything else is raised here."""
+        with trio.CancelScope(shield=True):
+            await trio.lowlevel.wait_readable(wake)
+        os.eventfd_read(wake)
+        self._wake_fds.append(wake)
+        if not isinstance(exc, trio.Cancelled):
+            raise exc
 
     async def run_ordered(self, fn: Callable[..., T], *args: Any) -> T:
         """`run`, answered through `TrioToken.run_sync_soon`: the caller resumes after

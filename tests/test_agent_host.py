@@ -25,6 +25,8 @@ from lokid.agent_host import (
 )
 from lokid.process import group_members, group_scanner, is_same_process, scan_groups
 
+from .proc_kit import running
+
 PY = sys.executable
 
 # A process that ignores SIGTERM and leaves a grandchild (same group) that ignores it too.
@@ -313,21 +315,6 @@ def test_a_held_agent_whose_daemon_died_never_runs(
     released = subprocess.run(argv, input=b"\n", timeout=10, check=False)
     assert released.returncode == 0 and marker.exists()
     assert os.listdir(held_dir) == []
-
-
-def running(pid: int, argv: list[str], timeout: float = 10.0) -> bool:
-    """Whether `pid` runs `argv`, waited for (bounded): right after an exec its
-    `/proc/<pid>/cmdline` reads empty for a moment."""
-    want = "\0".join(argv).encode() + b"\0"
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            found = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            found = b""
-        if found == want or time.monotonic() > deadline:
-            return found == want
-        time.sleep(0.005)
 
 
 def test_still_held_tells_the_launcher_from_the_agent(tmp_path: pathlib.Path) -> None:

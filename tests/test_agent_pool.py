@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -37,6 +36,7 @@ from lokid.agent_host import HOLD_ARGV, AgentSpec, EndReason, RunResult, still_h
 from lokid.process import ProcessIdentity, group_members, is_same_process, start_ticks
 
 from .child_status import StubChildStatus
+from .proc_kit import running
 
 PY = sys.executable
 WAIT = 30
@@ -801,21 +801,6 @@ async def test_reconcile_kills_what_a_crashed_daemon_left_and_nothing_else(
     assert isinstance(stats, AgentPoolStatistics)
     assert (stats.reconciled_killed, stats.reconciled_processes, stats.reconciled_gone) == (2, 3, 3)
     assert stats.survivors_total == 0
-
-
-def running(pid: int, argv: list[str]) -> bool:
-    """Whether `pid` runs `argv`, waited for (bounded): right after an exec its
-    `/proc/<pid>/cmdline` reads empty for a moment."""
-    want = "\0".join(argv).encode() + b"\0"
-    deadline = time.monotonic() + WAIT
-    while True:
-        try:
-            found = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            found = b""
-        if found == want or time.monotonic() > deadline:
-            return found == want
-        time.sleep(0.005)
 
 
 @pytest.fixture
