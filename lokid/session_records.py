@@ -96,6 +96,7 @@ __all__ = [
     "refuse_unknown",
     "requeue_active_tasks",
     "requeue_inputs_of_agents",
+    "requeue_inputs_of_unreleased",
     "runner_tasks",
     "session_counts",
     "session_iteration",
@@ -1174,6 +1175,32 @@ def requeue_inputs_of_agents(db: sqlite_utils.Database, agent_rows: Sequence[int
         )
         requeued.extend(ids)
     return requeued
+
+
+def requeue_inputs_of_unreleased(
+    db: sqlite_utils.Database, input_ids: Sequence[str], *, ended_at: str
+) -> list[str]:
+    """Undo a recorded start whose agent was never let run: the pool stopped it held
+    because the record's write did not answer in time, and the write committed after
+    all. Its inputs (those of `input_ids` marked applied) are `queued` again and its
+    `agents` row is closed (`stopped`); the ids queued again (none: it never landed)."""
+    marks = ",".join("?" * len(input_ids))
+    rows = sorted(
+        {
+            int(r["agent_row"])
+            for r in db.query(
+                f"SELECT agent_row FROM session_inputs WHERE id IN ({marks})"
+                " AND status = 'applied' AND agent_row IS NOT NULL",
+                list(input_ids),
+            )
+        }
+    )
+    db.conn.executemany(
+        "UPDATE agents SET ended_at = ?, exit_code = NULL, end_reason = 'stopped'"
+        " WHERE id = ? AND ended_at IS NULL",
+        [(ended_at, row) for row in rows],
+    )
+    return requeue_inputs_of_agents(db, rows)
 
 
 # -- records: what the runner reads -----------------------------------------------

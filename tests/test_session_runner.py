@@ -27,7 +27,7 @@ from lokid.actors import session as session_module
 from lokid.actors.event_bus import EventBus
 from lokid.actors.session import SessionActor
 from lokid.actors.store import StoreActor, StoreUnavailable
-from lokid.errors import Conflict, Unavailable
+from lokid.errors import AskTimeout, Conflict, Unavailable
 
 from .sessions_kit import (
     Lab,
@@ -886,6 +886,56 @@ async def test_an_input_whose_run_never_started_goes_into_a_later_prompt(
     assert not [w for w in warnings if w["data"]["reason"] == "input_undelivered"]
     prompts = [call["prompt"] for call in invocations(agent_log)]
     assert len(prompts) == 2 and "COME-BACK" in prompts[1]
+
+
+async def test_an_input_whose_recorded_start_timed_out_but_landed_goes_into_a_later_prompt(
+    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the event bus runs a message whose caller gave up (`AskTimeout`), so
+    the agent's row, its inputs marked applied and their `input.applied` could commit
+    after the pool had stopped the held agent, which never ran: the input was never
+    delivered. Now the session queues such inputs again (a `warning` says why) and a
+    later prompt carries them."""
+    prd = "# App\n\n## Features\n- First [mode:slow] [seconds:1]\n- Second\n"
+    project = make_project(tmp_path, prd)
+    real_publish_with = EventBus.publish_with
+    timed_out = False
+
+    async def publish_with(bus: EventBus, write: Any, type: str, *args: Any, **kwargs: Any) -> Any:
+        nonlocal timed_out
+        answer = await real_publish_with(bus, write, type, *args, **kwargs)
+        if type == "input.applied" and not timed_out:
+            timed_out = True  # the bus stored it, but only after its caller gave up
+            raise AskTimeout("event_bus did not answer within 10 s")
+        return answer
+
+    monkeypatch.setattr(EventBus, "publish_with", publish_with)
+    async with lab(tmp_path / "home") as lab_:
+        sid = (await lab_.create({"prd": str(project / "prd.md")}))["id"]
+        await lab_.wait_event(sid, "task.started")
+        answer = await lab_.post(f"/api/sessions/{sid}/input", {"message": "COME-BACK"})
+        input_id = answer.json()["id"]
+        session = await lab_.wait_status(sid, "completed", "failed")
+        applied = await lab_.events(sid, "input.applied")
+        warnings = await lab_.events(sid, "warning")
+        stored = await lab_.daemon.store.read(
+            lambda db: [
+                tuple(row)
+                for row in db.execute(
+                    "SELECT status, agent_row FROM session_inputs WHERE session_id = ?", [sid]
+                )
+            ]
+        )
+    assert timed_out
+    assert session["status"] == "completed"
+    requeued = [w for w in warnings if w["data"]["reason"] == "input_requeued"]
+    assert [w["data"]["inputIds"] for w in requeued] == [[input_id]]
+    assert [e["data"]["inputId"] for e in applied] == [input_id, input_id]
+    assert applied[0]["id"] < requeued[0]["id"] < applied[1]["id"]
+    prompts = [call["prompt"] for call in invocations(agent_log)]
+    assert sum("COME-BACK" in prompt for prompt in prompts) == 1
+    ((status, agent_row),) = stored
+    assert status == "applied" and agent_row is not None
 
 
 async def test_an_input_marked_applied_is_announced_even_if_a_pause_now_cuts_in(

@@ -126,7 +126,7 @@ from lokid.actors.event_bus import EventBus
 from lokid.actors.store import StoreActor, StoreUnavailable
 from lokid.agent_host import AgentRun, AgentSpec, EndReason, RunResult, Stream
 from lokid.crashpoints import crash_point
-from lokid.errors import LokiError
+from lokid.errors import AskTimeout, LokiError
 from lokid.events import Level
 from lokid.loki_mirror import MirrorState, PendingView, pending_view, write_mirror
 from lokid.prd import (
@@ -146,6 +146,7 @@ from lokid.session_records import (
     new_input_id,
     pending_inputs,
     requeue_active_tasks,
+    requeue_inputs_of_unreleased,
     runner_tasks,
     session_iteration,
     set_session_fields,
@@ -181,6 +182,10 @@ _LEVEL_FOR_EVENT = {
 
 
 # -- settings and messages ------------------------------------------------------------
+
+
+class _NothingLanded(Exception):
+    """`_requeue_unreleased` found no mark to undo: the timed-out write never landed."""
 
 
 class _AlreadyStored(Exception):
@@ -1774,12 +1779,48 @@ class SessionActor(Actor[Any]):
                 mark_inputs_applied(db, input_ids, agent_row=row_id)
                 return row_id
 
-            _, row_id = await self.bus.publish_with(
-                write, type, session_id, level, data, along=along, timeout=ROW_WRITE_TIMEOUT
-            )
+            try:
+                _, row_id = await self.bus.publish_with(
+                    write, type, session_id, level, data, along=along, timeout=ROW_WRITE_TIMEOUT
+                )
+            except AskTimeout:
+                # The pool stops the held agent (it never runs), but the bus still runs a
+                # message whose caller gave up: the marks may commit after all.
+                await self._requeue_unreleased(input_ids)
+                raise
             return row_id
 
         return record
+
+    async def _requeue_unreleased(self, input_ids: list[str]) -> None:
+        """Queue again the inputs of a recorded start that timed out, if its write lands
+        after all, with a `warning` `input_requeued` after their `input.applied`.
+
+        Sent through the bus, which keeps its mailbox's order: this runs after the
+        timed-out write, in the same transaction or a later one. If it times out too,
+        the bus still runs it; if the store refuses it, the inputs stay `applied` (the
+        next start's reconciliation closes the row as `gone`; docs/sessions.md)."""
+
+        def write(db: sqlite_utils.Database) -> list[str]:
+            ids = requeue_inputs_of_unreleased(db, input_ids, ended_at=utc_now_iso())
+            if not ids:  # the timed-out write never landed: nothing to say
+                raise _NothingLanded
+            return ids
+
+        data = {
+            "reason": "input_requeued",
+            "message": f"{len(input_ids)} input(s) announced applied reached no agent: its start"
+            " was not recorded in time and the agent never ran; they go into a later prompt",
+            "inputIds": input_ids,
+        }
+        try:
+            await self.bus.publish_with(
+                write, "warning", self.id, Level.WARNING, data, timeout=ROW_WRITE_TIMEOUT
+            )
+        except _NothingLanded:
+            pass
+        except LokiError as exc:
+            log.warning("%s: inputs %s may stay applied: %s", self.name, input_ids, exc)
 
     def _ends_run_here(self, worker: _Worker) -> bool:
         """The session stops or shuts down, or a pause cut this run: its task is not
