@@ -20,7 +20,7 @@ Rules of the local implementation:
   the exec), then calls `release()`. A daemon killed between spawn and
   release leaves a shell that sees end-of-file and exits without ever running
   the agent, instead of an agent nobody knows about; with a `held_dir` it
-  first creates `<held_dir>/<its pid>`, so that the next start knows this
+  first creates `<held_dir>/<its pid>.<its start ticks>`, so that the next start knows this
   agent never ran (what its prompt carried was not delivered; `still_held`
   tells the same of a shell not yet gone). The executable is looked up
   before the spawn, so a missing one still fails `start`; the timeouts
@@ -79,9 +79,12 @@ GROUP_POLL_SECONDS = 0.02
 KILL_WAIT_SECONDS = 5.0  # after SIGKILL, how long members may take to disappear
 # A held start: wait for one line on stdin (the release), then become the agent; EOF
 # first (the daemon died before it released the agent) and the agent never runs, and
-# says so in `<held dir>/<pid>` (its first argument; empty: nowhere) for the next start.
+# says so in `<held dir>/<pid>.<start ticks>` (its first argument; empty: nowhere) for
+# the next start. The start time (field 22 of /proc/$$/stat; the command name is `sh`,
+# no spaces) tells this launcher from a later process given the same pid.
 HOLD_SCRIPT = (
-    'm=$1; shift; IFS= read -r _ || { [ -z "$m" ] || : >"$m/$$" 2>/dev/null; exit 125; }; exec "$@"'
+    'm=$1; shift; IFS= read -r _ || { [ -z "$m" ] || { set -f; read -r s </proc/$$/stat'
+    ' && set -- $s && : >"$m/$$.${22}"; } 2>/dev/null; exit 125; }; exec "$@"'
 )
 HOLD_ARGV = ("/bin/sh", "-c", HOLD_SCRIPT, "lokid-agent")
 """Followed by the held dir (or ``""``) and the agent's argv."""
@@ -162,7 +165,8 @@ class LocalAgentHost:
     def __init__(self, nursery: trio.Nursery, *, held_dir: Path | None = None) -> None:
         self._nursery = nursery
         self.held_dir = held_dir
-        """Where a held start whose daemon died before releasing it writes `<pid>`."""
+        """Where a held start whose daemon died before releasing it writes
+        `<pid>.<start ticks>`."""
 
     async def start(self, spec: AgentSpec, *, held: bool = False) -> LocalAgentRun:
         """Spawn the agent; `held`: it waits for `release()` before it runs (module rules)."""

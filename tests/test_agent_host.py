@@ -303,15 +303,22 @@ def test_a_held_agent_whose_daemon_died_never_runs(
     tmp_path: pathlib.Path, with_held_dir: bool
 ) -> None:
     """The launcher alone: end-of-file instead of the release line (the daemon is gone).
-    It says so in `<held dir>/<its pid>`, for the next start; a released one does not."""
+    It says so in `<held dir>/<its pid>.<its start ticks>`, for the next start; a released
+    one does not."""
     marker = tmp_path / "ran"
     held_dir = tmp_path / "held"
     held_dir.mkdir()
     argv = [*HOLD_ARGV, str(held_dir) if with_held_dir else "", "touch", str(marker)]
     died = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
     assert died.wait(timeout=10) == 125 and not marker.exists()
-    assert os.listdir(held_dir) == ([str(died.pid)] if with_held_dir else [])
-    (held_dir / str(died.pid)).unlink(missing_ok=True)
+    names = os.listdir(held_dir)
+    if with_held_dir:  # `<pid>.<start ticks>`: the launcher, not a later holder of its pid
+        (name,) = names
+        pid, ticks = name.split(".")
+        assert int(pid) == died.pid and int(ticks) > 0
+        (held_dir / name).unlink()
+    else:
+        assert names == []
     released = subprocess.run(argv, input=b"\n", timeout=10, check=False)
     assert released.returncode == 0 and marker.exists()
     assert os.listdir(held_dir) == []

@@ -807,7 +807,7 @@ async def test_reconcile_kills_what_a_crashed_daemon_left_and_nothing_else(
 def launchers(tmp_path: pathlib.Path) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
     """Held launchers (`HOLD_ARGV`) as a daemon killed at each point leaves them: one
     still waiting for its release, one released (now `sleep`), one that saw end-of-file
-    and left `<tmp_path>/held/<pid>`."""
+    and left `<tmp_path>/held/<pid>.<start ticks>`."""
     held = tmp_path / "held"
     held.mkdir()
     waiting = subprocess.Popen(  # stdin kept open: it waits for a release that never comes
@@ -849,8 +849,10 @@ async def test_reconcile_queues_again_the_inputs_of_agents_that_never_ran(
     with trio.fail_after(WAIT):
         async with running_store(tmp_path) as store:
             rows = {}
+            (marker,) = os.listdir(held)  # `died` is gone: its file has its start ticks
+            died_ticks = int(marker.split(".")[1])
             for name, process in launchers.items():
-                ticks = start_ticks(process.pid) or 1  # `died` is gone: any value
+                ticks = died_ticks if name == "died" else start_ticks(process.pid) or 1
                 rows[name] = await insert_open_row(
                     store, Leftover("s-1", process.pid, ticks, boot_id)
                 )
@@ -887,6 +889,56 @@ async def test_reconcile_queues_again_the_inputs_of_agents_that_never_ran(
         "input-died": ("queued", None),
         "input-released": ("applied", rows["released"]),
     }
+    assert os.listdir(held) == []
+
+
+def _held_launcher_that_saw_eof(held: pathlib.Path) -> int:
+    """Run a held launcher whose daemon is gone (end-of-file at once); its pid."""
+    died = subprocess.Popen([*HOLD_ARGV, str(held), "true"], stdin=subprocess.DEVNULL)
+    assert died.wait(timeout=WAIT) == 125
+    return died.pid
+
+
+async def test_a_held_marker_speaks_only_of_its_own_launcher_not_a_later_process_with_its_pid(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Regression: `held/<pid>` named the pid only, so an open row of another process
+    that had the same pid (an agent that ran, its row left open by a refused close)
+    was taken for the launcher that never ran, and its inputs were delivered again.
+    The file names the launcher's start time too: that row's inputs stay applied."""
+    boot_id = await trio.to_thread.run_sync(_boot_id)
+    held = tmp_path / "held"
+    held.mkdir()
+    died = await trio.to_thread.run_sync(_held_launcher_that_saw_eof, held)
+    (name,) = os.listdir(held)
+    pid, ticks = (int(part) for part in name.split("."))
+    assert pid == died
+    with trio.fail_after(WAIT):
+        async with running_store(tmp_path) as store:
+            ran = await insert_open_row(store, Leftover("s-1", pid, ticks - 1, boot_id))
+            never = await insert_open_row(store, Leftover("s-1", pid, ticks, boot_id))
+
+            def add_inputs(db: sqlite_utils.Database) -> None:
+                for input_id, row_id in (("input-ran", ran), ("input-never", never)):
+                    db.execute(
+                        "INSERT INTO session_inputs (id, session_id, message, status,"
+                        " created_at, applied_at, agent_row) VALUES"
+                        " (?, 's-1', 'm', 'applied', '2025-01-01T00:00:00.000Z',"
+                        " '2025-01-01T00:00:01.000Z', ?)",
+                        (input_id, row_id),
+                    )
+
+            await store.write(add_inputs)
+            async with running_pool(store, grace=0.5, held_dir=held) as pool:
+                outcomes = {o.row_id: o for o in pool.last_reconcile}
+            inputs = await store.read(
+                lambda db: {
+                    r["id"]: (r["status"], r["agent_row"])
+                    for r in db.query("SELECT * FROM session_inputs")
+                }
+            )
+    assert (outcomes[ran].never_ran, outcomes[never].never_ran) == (False, True)
+    assert inputs == {"input-ran": ("applied", ran), "input-never": ("queued", None)}
     assert os.listdir(held) == []
 
 

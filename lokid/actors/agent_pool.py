@@ -62,7 +62,7 @@ Theory of operation:
   `gone` when nothing of it was alive or it cannot be verified (pid reused,
   recorded before a reboot). Nothing is raised for a row. A row whose agent
   **never ran** - its held launcher is still waiting, or wrote
-  `<held_dir>/<pid>` when it saw the dead daemon's end-of-file instead of
+  `<held_dir>/<pid>.<start ticks>` when it saw the dead daemon's end-of-file instead of
   the release (lokid.agent_host) - gets back, in the transaction that closes
   it, the inputs its start marked applied: they are `queued` again
   (`ReconcileOutcome.requeued_inputs`), for the next prompt. The files in
@@ -355,8 +355,9 @@ class AgentPool(Actor[Any]):
         self.max_waiters_per_session = max_waiters_per_session
         self.max_waiting_sessions = max_waiting_sessions
         self.held_dir = held_dir
-        """Where a held start whose daemon died writes `<pid>` (lokid.agent_host); None:
-        nowhere, and only a launcher still waiting tells an agent that never ran."""
+        """Where a held start whose daemon died writes `<pid>.<start ticks>`
+        (lokid.agent_host); None: nowhere, and only a launcher still waiting tells an
+        agent that never ran."""
         self._held_dir_ok = False  # created: given to the host
         # slots
         self._open = False  # slots are granted and agents started
@@ -753,7 +754,7 @@ class AgentPool(Actor[Any]):
             foreign = [
                 row for row in rows if ProcessIdentity(row.pid, row.start_ticks) not in self._live
             ]
-            page = await self._reconcile_rows(foreign, set(markers))
+            page = await self._reconcile_rows(foreign, set(markers.values()))
             if page:
                 requeued = await self.store.write(
                     functools.partial(_close_reconciled, outcomes=page, ended_at=utc_now_iso()),
@@ -764,7 +765,7 @@ class AgentPool(Actor[Any]):
                 ]
             outcomes.extend(page)
         if markers:  # the rows they speak of are closed (and their inputs queued)
-            await trio.to_thread.run_sync(_remove_markers, self.held_dir, markers)
+            await trio.to_thread.run_sync(_remove_markers, self.held_dir, list(markers))
         for outcome in outcomes:
             if outcome.end_reason == RECONCILED:
                 self._reconciled_killed += 1
@@ -802,7 +803,7 @@ class AgentPool(Actor[Any]):
         return outcomes
 
     async def _reconcile_rows(
-        self, rows: Sequence[_OpenRow], markers: set[int]
+        self, rows: Sequence[_OpenRow], markers: set[ProcessIdentity | None]
     ) -> list[ReconcileOutcome]:
         boot = _boot_id()
         members = _scan_groups({row.pid for row in rows})
@@ -810,9 +811,9 @@ class AgentPool(Actor[Any]):
         gone: list[tuple[_OpenRow, str]] = []
         never_ran: set[int] = set()  # row ids
         for row in rows:
-            # A file exists only since the last reconciliation: that launcher's, whatever
-            # the boot it ran in.
-            if row.pid in markers:
+            # A file names its launcher (pid and start ticks), whatever the boot it ran
+            # in: not a later process given the same pid.
+            if ProcessIdentity(row.pid, row.start_ticks) in markers:
                 never_ran.add(row.row_id)
             if row.boot_id is not None and boot is not None and row.boot_id != boot:
                 gone.append((row, "recorded before a reboot"))
@@ -1052,23 +1053,33 @@ def _close_reconciled(
     return requeued
 
 
-def _held_markers(held_dir: pathlib.Path | None) -> list[int]:
-    """The pids of held launchers that saw their daemon die before the release."""
+def _held_markers(held_dir: pathlib.Path | None) -> dict[str, ProcessIdentity | None]:
+    """The files of held launchers that saw their daemon die before the release: name
+    -> the launcher (pid and start ticks), which no later process given that pid
+    matches. A bare `<pid>` (the first format, the pid alone) maps to None: removed
+    with the others, never trusted."""
     if held_dir is None:
-        return []
+        return {}
     try:
         names = os.listdir(held_dir)
     except OSError:
-        return []
-    return [int(name) for name in names if name.isdigit()]
+        return {}
+    markers: dict[str, ProcessIdentity | None] = {}
+    for name in names:
+        pid, dot, ticks = name.partition(".")
+        if pid.isdigit() and dot and ticks.isdigit():
+            markers[name] = ProcessIdentity(int(pid), int(ticks))
+        elif name.isdigit():
+            markers[name] = None
+    return markers
 
 
-def _remove_markers(held_dir: pathlib.Path | None, pids: Sequence[int]) -> None:
+def _remove_markers(held_dir: pathlib.Path | None, names: Sequence[str]) -> None:
     if held_dir is None:
         return
-    for pid in pids:
+    for name in names:
         with contextlib.suppress(OSError):
-            os.unlink(held_dir / str(pid))
+            os.unlink(held_dir / name)
 
 
 def _scan_groups(pgids: set[int]) -> dict[int, list[int]]:
