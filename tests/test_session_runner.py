@@ -888,14 +888,15 @@ async def test_an_input_whose_run_never_started_goes_into_a_later_prompt(
     assert len(prompts) == 2 and "COME-BACK" in prompts[1]
 
 
-async def test_an_input_whose_recorded_start_timed_out_but_landed_goes_into_a_later_prompt(
-    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("landed", [True, False])
+async def test_an_input_whose_recorded_start_timed_out_goes_into_a_later_prompt(
+    tmp_path: Path, agent_log: Path, monkeypatch: pytest.MonkeyPatch, landed: bool
 ) -> None:
     """Regression: the event bus runs a message whose caller gave up (`AskTimeout`), so
     the agent's row, its inputs marked applied and their `input.applied` could commit
     after the pool had stopped the held agent, which never ran: the input was never
     delivered. Now the session queues such inputs again (a `warning` says why) and a
-    later prompt carries them."""
+    later prompt carries them; a write that never landed leaves nothing to undo."""
     prd = "# App\n\n## Features\n- First [mode:slow] [seconds:1]\n- Second\n"
     project = make_project(tmp_path, prd)
     real_publish_with = EventBus.publish_with
@@ -903,11 +904,12 @@ async def test_an_input_whose_recorded_start_timed_out_but_landed_goes_into_a_la
 
     async def publish_with(bus: EventBus, write: Any, type: str, *args: Any, **kwargs: Any) -> Any:
         nonlocal timed_out
-        answer = await real_publish_with(bus, write, type, *args, **kwargs)
         if type == "input.applied" and not timed_out:
-            timed_out = True  # the bus stored it, but only after its caller gave up
+            timed_out = True
+            if landed:  # the bus stored it, but only after its caller gave up
+                await real_publish_with(bus, write, type, *args, **kwargs)
             raise AskTimeout("event_bus did not answer within 10 s")
-        return answer
+        return await real_publish_with(bus, write, type, *args, **kwargs)
 
     monkeypatch.setattr(EventBus, "publish_with", publish_with)
     async with lab(tmp_path / "home") as lab_:
@@ -926,16 +928,26 @@ async def test_an_input_whose_recorded_start_timed_out_but_landed_goes_into_a_la
                 )
             ]
         )
+        open_rows = await lab_.daemon.store.read(
+            lambda db: db.execute("SELECT COUNT(*) FROM agents WHERE ended_at IS NULL").fetchone()[
+                0
+            ]
+        )
     assert timed_out
     assert session["status"] == "completed"
     requeued = [w for w in warnings if w["data"]["reason"] == "input_requeued"]
-    assert [w["data"]["inputIds"] for w in requeued] == [[input_id]]
-    assert [e["data"]["inputId"] for e in applied] == [input_id, input_id]
-    assert applied[0]["id"] < requeued[0]["id"] < applied[1]["id"]
+    if landed:
+        assert [w["data"]["inputIds"] for w in requeued] == [[input_id]]
+        assert [e["data"]["inputId"] for e in applied] == [input_id, input_id]
+        assert applied[0]["id"] < requeued[0]["id"] < applied[1]["id"]
+    else:
+        assert requeued == []
+        assert [e["data"]["inputId"] for e in applied] == [input_id]
     prompts = [call["prompt"] for call in invocations(agent_log)]
     assert sum("COME-BACK" in prompt for prompt in prompts) == 1
     ((status, agent_row),) = stored
     assert status == "applied" and agent_row is not None
+    assert open_rows == 0  # the row of the agent that never ran is closed too
 
 
 async def test_an_input_marked_applied_is_announced_even_if_a_pause_now_cuts_in(
