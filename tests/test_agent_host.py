@@ -23,7 +23,13 @@ from lokid.agent_host import (
     Stream,
     still_held,
 )
-from lokid.process import group_members, group_scanner, is_same_process, scan_groups
+from lokid.process import (
+    group_members,
+    group_scanner,
+    is_same_process,
+    scan_groups,
+    start_ticks,
+)
 
 from .proc_kit import running
 
@@ -309,14 +315,16 @@ def test_a_held_agent_whose_daemon_died_never_runs(
     held_dir = tmp_path / "held"
     held_dir.mkdir()
     argv = [*HOLD_ARGV, str(held_dir) if with_held_dir else "", "touch", str(marker)]
-    died = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    died = subprocess.Popen(argv, stdin=subprocess.PIPE)
+    assert running(died.pid, argv)  # held: waiting for its release
+    ticks = start_ticks(died.pid)
+    assert died.stdin is not None
+    died.stdin.close()  # the daemon is gone: end-of-file
     assert died.wait(timeout=10) == 125 and not marker.exists()
     names = os.listdir(held_dir)
     if with_held_dir:  # `<pid>.<start ticks>`: the launcher, not a later holder of its pid
-        (name,) = names
-        pid, ticks = name.split(".")
-        assert int(pid) == died.pid and int(ticks) > 0
-        (held_dir / name).unlink()
+        assert names == [f"{died.pid}.{ticks}"]
+        (held_dir / names[0]).unlink()
     else:
         assert names == []
     released = subprocess.run(argv, input=b"\n", timeout=10, check=False)
