@@ -332,6 +332,14 @@ class Config:
         return self.data_path / "lokid.lock"
 
     @property
+    def held_dir(self) -> Path:
+        """The agent pool's markers of agents a killed daemon never let run
+        (docs/agent-pool.md). Named like every entry lokid makes in the data dir,
+        `lokid*`: the data dir check (`pidfile.prepare_data_dir`) takes any other
+        name for a file of someone else's and refuses to make the folder 0700."""
+        return self.data_path / "lokid.held"
+
+    @property
     def log_file(self) -> Path:
         """Where `loki api start` sends the output of a background daemon."""
         return self.data_path / "lokid.log"

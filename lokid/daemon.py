@@ -191,7 +191,7 @@ class Daemon:
             self.store,
             max_agents=config.max_agents,
             grace=config.agent_grace,
-            held_dir=config.data_path / "held",
+            held_dir=config.held_dir,
         )
         self.sessions = SessionManager(
             self.store,

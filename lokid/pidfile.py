@@ -31,7 +31,8 @@ log = logging.getLogger("lokid")
 DATA_DIR_MODE = 0o700
 OURS = "lokid"
 """What lokid names its files in the data directory starts with this (`lokid.db`,
-`lokid.db-wal`, `lokid.lock`, `lokid.sock`, `lokid.log`, ...)."""
+`lokid.db-wal`, `lokid.lock`, `lokid.sock`, `lokid.log`, the folder `lokid.held`, ...):
+`prepare_data_dir` takes any other name for someone else's file."""
 
 
 def prepare_data_dir(path: Path) -> None:

@@ -120,6 +120,26 @@ def test_a_data_dir_others_could_enter_is_made_0700_at_start(
     assert "made it 0700" in err
 
 
+def test_a_used_data_dir_made_loose_is_made_0700_not_refused(
+    daemon_factory: Factory, tmp_path: Path
+) -> None:
+    """Regression: a data dir a daemon has run in holds what that daemon made there (its
+    agents' held-marker folder among them). Restored with mode 0755, the next start
+    called that folder "files that are not lokid's" and refused to start, so the
+    restore the 0700 rule was written for could not start at all."""
+    first = daemon_factory().start()
+    assert first.terminate()[0] == 0
+    data = first.data
+    made = sorted(p.name for p in data.iterdir())
+    assert all(name.startswith("lokid") for name in made), made
+    data.chmod(0o755)
+    second = daemon_factory().start()
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    code, err = second.terminate()
+    assert code == 0, err
+    assert f"the data dir {data} had mode 0755" in err
+
+
 def test_a_data_dir_holding_other_files_is_refused_and_left_alone(
     daemon_factory: Factory, tmp_path: Path
 ) -> None:

@@ -1056,8 +1056,8 @@ def _close_reconciled(
 def _held_markers(held_dir: pathlib.Path | None) -> dict[str, ProcessIdentity | None]:
     """The files of held launchers that saw their daemon die before the release: name
     -> the launcher (pid and start ticks), which no later process given that pid
-    matches. A bare `<pid>` (the first format, the pid alone) maps to None: removed
-    with the others, never trusted."""
+    matches. A bare `<pid>` (no start time: it cannot tell its launcher from a later
+    process) maps to None: removed with the others, never trusted."""
     if held_dir is None:
         return {}
     try:
