@@ -52,8 +52,10 @@ def prepare_data_dir(path: Path) -> None:
     check and the change use one open file descriptor, so they are about the
     same folder.
     """
+    created = False
     try:
         path.mkdir(mode=DATA_DIR_MODE, parents=True)
+        created = True
     except FileExistsError:
         pass
     except OSError as exc:
@@ -73,6 +75,9 @@ def prepare_data_dir(path: Path) -> None:
                 f"(uid {os.getuid()}); run lokid as its owner, or choose a folder of this "
                 "account (--data-dir, LOKI_DATA_DIR)"
             )
+        if created and mode != DATA_DIR_MODE:  # the umask took owner bits off too (0277: 0500)
+            os.fchmod(fd, DATA_DIR_MODE)
+            return
         if not mode & 0o077:
             return
         strangers = sorted(name for name in os.listdir(fd) if not name.startswith(OURS))

@@ -197,9 +197,14 @@ ANOTHER_UID = 65534  # nobody
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a folder away")
 
 
-def test_a_missing_data_dir_is_made_0700_whatever_the_umask(tmp_path: Path) -> None:
+@pytest.mark.parametrize("umask", [0, 0o077, 0o277, 0o700], ids=lambda m: f"{m:04o}")
+def test_a_missing_data_dir_is_made_0700_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    """docs/security.md: "created 0700, whatever the umask". `mkdir(0o700)` takes the
+    umask's owner bits off too: under 0277 the folder was made 0500 and under 0700 made
+    0000, which lokid's own account (not root) cannot write its database in."""
     data = tmp_path / "home" / "lokid"
-    old_umask = os.umask(0)
+    (tmp_path / "home").mkdir()
+    old_umask = os.umask(umask)
     try:
         prepare_data_dir(data)
     finally:
