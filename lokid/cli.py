@@ -1599,12 +1599,14 @@ def _quote(segment: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    """`loki ...`; without `argv` (the process's own: the `loki` script, `python -m
+    lokid`) the process exits when this returns (`run`'s `in_process`)."""
+    return run(build_parser().parse_args(argv), in_process=argv is not None)
 
 
 def lokid_main(argv: Sequence[str] | None = None) -> int:
     """`lokid [options]` is `loki [global options] serve [options]`."""
-    return run(build_lokid_parser().parse_args(argv))
+    return run(build_lokid_parser().parse_args(argv), in_process=argv is not None)
 
 
 def _print_error(message: str) -> None:
@@ -1613,16 +1615,24 @@ def _print_error(message: str) -> None:
     print("\n".join(_shown(line) for line in message.split("\n")), file=sys.stderr)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the command `args` name; an error is one line on stderr and its exit code."""
+def run(args: argparse.Namespace, *, in_process: bool = True) -> int:
+    """Run the command `args` name; an error is one line on stderr and its exit code.
+
+    `serve` notes the stop signals from here on (`lokid.startsignals`). An in-process
+    caller (the tests) gets its own handlers back when it returns; a process that exits
+    next (`in_process=False`) keeps the noting ones: Python's would make a second
+    signal in the last moments of the exit end an orderly stop with status 143 or 130
+    (docs/operations.md)."""
     # `serve`: before anything else, so that a stop signal now is an orderly stop.
     early = EarlySignals.install() if args.handler is cmd_serve else None
     args.early_signals = early
     try:
         return _run(args)
     finally:
-        if early is not None:  # an in-process caller (the tests) gets its handlers back
-            early.restore()
+        if early is not None:
+            if in_process:
+                early.restore()
+            crash_point("serve.returned")
 
 
 def _run(args: argparse.Namespace) -> int:

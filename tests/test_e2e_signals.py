@@ -356,6 +356,24 @@ def test_sigusr1_during_the_start_is_ignored(daemon_factory: Factory) -> None:
     assert "received SIGUSR1" in err and "ignored" in err
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_second_signal_as_the_stopped_daemon_exits_changes_nothing(
+    daemon_factory: Factory, signum: signal.Signals
+) -> None:
+    """Regression: once `loki serve` returned, `cli.run` put back the handlers it found
+    (Python's), so a second signal in the last moments of the process's exit - an
+    impatient operator's, a supervisor's second TERM - ended an orderly stop with status
+    143 (SIGTERM) or 130 (SIGINT) instead of 0. Found by sending a start a stop signal
+    and a SIGINT within 0.3 s: 3 runs in 16."""
+    daemon = daemon_factory(extra_env={"LOKI_CRASH_AT": f"serve.returned:{signum.name}"})
+    daemon.start()
+    code, err = daemon.terminate()
+    assert f"crash point serve.returned: sending {signum.name}" in err
+    assert code == 0, err
+    assert "Traceback" not in err, err
+    _assert_stopped_cleanly(daemon, err)
+
+
 @pytest.mark.parametrize("milestone", [None, "lokid.pid", "lokid.sock", "lokid.db"])
 def test_sigterm_from_outside_early_in_the_start_leaves_nothing(
     daemon_factory: Factory, tmp_path: Path, milestone: str | None
