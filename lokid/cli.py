@@ -1620,9 +1620,9 @@ def run(args: argparse.Namespace, *, in_process: bool = True) -> int:
 
     `serve` notes the stop signals from here on (`lokid.startsignals`). An in-process
     caller (the tests) gets its own handlers back when it returns; a process that exits
-    next (`in_process=False`) keeps the noting ones: Python's would make a second
-    signal in the last moments of the exit end an orderly stop with status 143 or 130
-    (docs/operations.md)."""
+    next (`in_process=False`) ignores them from then on (`EarlySignals.settle`): with
+    Python's, a second signal in the last moments of the exit ended an orderly stop
+    with status 143 or 130 (docs/operations.md)."""
     # `serve`: before anything else, so that a stop signal now is an orderly stop.
     early = EarlySignals.install() if args.handler is cmd_serve else None
     args.early_signals = early
@@ -1632,6 +1632,8 @@ def run(args: argparse.Namespace, *, in_process: bool = True) -> int:
         if early is not None:
             if in_process:
                 early.restore()
+            else:
+                early.settle()
             crash_point("serve.returned")
 
 

@@ -13,7 +13,8 @@ imports only `signal`): a plain handler notes each signal. The daemon looks
 at the notes between the steps of its start (`stop_requested`) and undoes
 what it did so far, as a stop does; once its watcher is up it takes them over
 (`take`), and the handler is back in place after the watcher is gone, so a
-signal in the last moments of the exit is noted, not fatal. A start that a
+signal in the last moments of the exit is noted, not fatal; when `loki serve`
+returned in a process that exits next, `settle` ignores them until the end. A start that a
 stop signal ended exits 0, as any graceful stop (docs/operations.md).
 
 Only from the interpreter's start until `install` (the import of
@@ -73,6 +74,17 @@ class EarlySignals:
         for signum in early.signals:
             early._previous[signum] = signal.signal(signum, early._note)
         return early
+
+    def settle(self) -> None:
+        """The process exits next (`loki serve` returned): ignore every signal lokid
+        handles from now on, so none changes the exit status. A handler of ours is not
+        enough: Python's finalization puts the default action back for each signal it
+        had a Python handler for, and a SIGTERM in those last milliseconds ended an
+        orderly stop with status 143 (SIGINT: 130). SIG_IGN it keeps; no child is
+        started after this to inherit it."""
+        for signum in self.signals:
+            signal.signal(signum, signal.SIG_IGN)
+        self._previous.clear()
 
     def restore(self) -> None:
         """Put back the handlers `install` replaced (`loki serve` returning in-process)."""

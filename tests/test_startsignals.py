@@ -67,3 +67,48 @@ def test_a_signal_ignored_at_start_stays_ignored() -> None:
         assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
     finally:
         early.restore()
+
+
+EXITING = """
+import signal, sys, trio, httpx  # a finalization with modules to tear down
+from lokid.startsignals import EarlySignals
+early = EarlySignals.install()
+print("noting", flush=True)
+sys.stdin.readline()  # the test signals us from now on
+early.settle()
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_settled_process_exits_0_whatever_signals_come_as_python_finalizes(
+    signum: signal.Signals,
+) -> None:
+    """Regression: Python's finalization puts SIG_DFL back for every signal it had a
+    Python handler for, so a stop signal in the last milliseconds of an orderly exit
+    killed the daemon (status 143 or 130). `settle` ignores them for good. The signal
+    is sent without pause until the process is gone, so it lands in that window."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", EXITING],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline() == b"noting\n"
+        child.stdin.write(b"go\n")
+        child.stdin.close()
+        deadline = time.monotonic() + 20
+        while child.poll() is None and time.monotonic() < deadline:
+            os.kill(child.pid, signum)
+        child.wait(timeout=5)
+        err = child.stderr.read() if child.stderr is not None else b""
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0, err.decode()
