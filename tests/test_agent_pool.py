@@ -836,6 +836,31 @@ def launchers(tmp_path: pathlib.Path) -> Iterator[dict[str, subprocess.Popen[byt
             process.stdin.close()
 
 
+async def add_applied_inputs(store: StoreActor, rows: dict[str, int]) -> None:
+    """Inputs of session `s-1` marked applied, each naming its agent row (input id -> row)."""
+
+    def add(db: sqlite_utils.Database) -> None:
+        for input_id, row_id in rows.items():
+            db.execute(
+                "INSERT INTO session_inputs (id, session_id, message, status,"
+                " created_at, applied_at, agent_row) VALUES"
+                " (?, 's-1', 'm', 'applied', '2025-01-01T00:00:00.000Z',"
+                " '2025-01-01T00:00:01.000Z', ?)",
+                (input_id, row_id),
+            )
+
+    await store.write(add)
+
+
+async def input_states(store: StoreActor) -> dict[str, tuple[str, int | None]]:
+    """Every stored input: id -> (status, agent row)."""
+    return await store.read(
+        lambda db: {
+            r["id"]: (r["status"], r["agent_row"]) for r in db.query("SELECT * FROM session_inputs")
+        }
+    )
+
+
 async def test_reconcile_queues_again_the_inputs_of_agents_that_never_ran(
     tmp_path: pathlib.Path, launchers: dict[str, subprocess.Popen[bytes]]
 ) -> None:
@@ -857,25 +882,10 @@ async def test_reconcile_queues_again_the_inputs_of_agents_that_never_ran(
                     store, Leftover("s-1", process.pid, ticks, boot_id)
                 )
 
-            def add_inputs(db: sqlite_utils.Database) -> None:
-                for name, row_id in rows.items():
-                    db.execute(
-                        "INSERT INTO session_inputs (id, session_id, message, status,"
-                        " created_at, applied_at, agent_row) VALUES"
-                        " (?, 's-1', 'm', 'applied', '2025-01-01T00:00:00.000Z',"
-                        " '2025-01-01T00:00:01.000Z', ?)",
-                        (f"input-{name}", row_id),
-                    )
-
-            await store.write(add_inputs)
+            await add_applied_inputs(store, {f"input-{name}": row for name, row in rows.items()})
             async with running_pool(store, grace=0.5, held_dir=held) as pool:
                 outcomes = {o.row_id: o for o in pool.last_reconcile}
-            inputs = await store.read(
-                lambda db: {
-                    r["id"]: (r["status"], r["agent_row"])
-                    for r in db.query("SELECT * FROM session_inputs")
-                }
-            )
+            inputs = await input_states(store)
     assert {name: outcomes[row].never_ran for name, row in rows.items()} == {
         "waiting": True,
         "released": False,
@@ -918,25 +928,10 @@ async def test_a_held_marker_speaks_only_of_its_own_launcher_not_a_later_process
             ran = await insert_open_row(store, Leftover("s-1", pid, ticks - 1, boot_id))
             never = await insert_open_row(store, Leftover("s-1", pid, ticks, boot_id))
 
-            def add_inputs(db: sqlite_utils.Database) -> None:
-                for input_id, row_id in (("input-ran", ran), ("input-never", never)):
-                    db.execute(
-                        "INSERT INTO session_inputs (id, session_id, message, status,"
-                        " created_at, applied_at, agent_row) VALUES"
-                        " (?, 's-1', 'm', 'applied', '2025-01-01T00:00:00.000Z',"
-                        " '2025-01-01T00:00:01.000Z', ?)",
-                        (input_id, row_id),
-                    )
-
-            await store.write(add_inputs)
+            await add_applied_inputs(store, {"input-ran": ran, "input-never": never})
             async with running_pool(store, grace=0.5, held_dir=held) as pool:
                 outcomes = {o.row_id: o for o in pool.last_reconcile}
-            inputs = await store.read(
-                lambda db: {
-                    r["id"]: (r["status"], r["agent_row"])
-                    for r in db.query("SELECT * FROM session_inputs")
-                }
-            )
+            inputs = await input_states(store)
     assert (outcomes[ran].never_ran, outcomes[never].never_ran) == (False, True)
     assert inputs == {"input-ran": ("applied", ran), "input-never": ("queued", None)}
     assert os.listdir(held) == []

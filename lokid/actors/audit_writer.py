@@ -533,10 +533,7 @@ class AuditWriter(Actor[Any]):
             # Committed or not (a timeout): the next batch reloads the head first.
             self._stale = True
             log.error("audit batch of 1 not recorded: %s", exc)
-            error = AuditUnavailable(f"the audit entry was not recorded: {exc}")
-            self._failed += 1
-            self._last_error = f"{type(error).__name__}: {error}"
-            pending.fail(error)
+            self._fail([pending], AuditUnavailable(f"the audit entry was not recorded: {exc}"))
             return
         self._committed(rows, started)
         pending.succeed(rows[0])
@@ -590,15 +587,19 @@ class AuditWriter(Actor[Any]):
         if track:
             self._in_flight = []
         if error is not None:
-            self._failed += len(pending)
-            self._last_error = f"{type(error).__name__}: {error}"
-            for p in pending:
-                p.fail(error)
+            self._fail(pending, error)
             return
         # `_commit` may have put an `audit.head_mismatch` entry in front.
         for p, row in zip(pending, rows[len(rows) - len(pending) :], strict=True):
             p.succeed(row)
         self._handled += len(pending)
+
+    def _fail(self, pending: Sequence[_Pending], error: LokiError) -> None:
+        """Answer `pending` with `error` (nothing of them was recorded, or that is unknown)."""
+        self._failed += len(pending)
+        self._last_error = f"{type(error).__name__}: {error}"
+        for p in pending:
+            p.fail(error)
 
     async def _commit(
         self,
